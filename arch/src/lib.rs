@@ -1,0 +1,14 @@
+//! Architecture knowledge as data: what a guest of each architecture expects to find in memory and in its
+//! registers when it starts. Nothing here knows about KVM, file descriptors or threads, so all of it is
+//! testable natively and under qemu-user.
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        pub mod x86_64;
+    }
+}
+
+/// One MiB, for sizes written the way people think about guest memory.
+pub const MIB: u64 = 1 << 20;
+/// One GiB.
+pub const GIB: u64 = 1 << 30;

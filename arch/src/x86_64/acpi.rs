@@ -1,0 +1,1 @@
+//! TODO(arch helper): see the brief.

@@ -1,0 +1,110 @@
+//! The x86_64 guest physical address map and the platform's fixed I/O ports.
+//!
+//! Low memory follows the PC conventions Linux expects (real-mode IVT/BDA below 0x500, the BIOS area
+//! 0xA0000-0xFFFFF where it scans for the RSDP and MP floating pointer); RAM that would overlap the 32-bit MMIO gap
+//! continues above 4 GiB.
+
+/// Boot GDT (four 8-byte descriptors: null, code64, data, tss).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Empty boot IDT, right after the GDT.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// `hvm_start_info` for the PVH entry, followed by its memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// The Linux zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Boot page tables: PML4, one PDPT, four page directories of 2 MiB pages identity-mapping the first 4 GiB.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xA000;
+pub const PDE_START: u64 = 0xB000;
+/// Initial stack pointer for 64-bit entries: the top of the free page between the zero page and the page tables.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Longest command line accepted, terminating NUL included (Linux's x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// MP floating pointer and configuration table, in the last KiB of base memory (where Linux scans: EBDA).
+pub const MPTABLE_START: u64 = 0x9fc00;
+/// End of conventional RAM; 0xA0000-0xFFFFF is the legacy video/BIOS hole.
+pub const EBDA_END: u64 = 0xa0000;
+/// ACPI tables live in the BIOS read-only area, where Linux scans for the RSDP (0xE0000-0xFFFFF).
+pub const RSDP_START: u64 = 0xe0000;
+pub const ACPI_TABLES_START: u64 = 0xe0100;
+pub const ACPI_TABLES_END: u64 = 0x100000;
+/// Where protected-mode kernels are loaded (bzImage) and where RAM above the BIOS hole starts.
+pub const HIMEM_START: u64 = 0x100000;
+
+/// The 32-bit MMIO gap: no RAM here, devices only. Its size keeps room for a PCI ECAM and BARs later.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Window inside the gap handed out to platform MMIO devices (virtio-mmio etc.), below the fixed chipset pages.
+pub const PLATFORM_MMIO_START: u64 = 0xd000_0000;
+pub const PLATFORM_MMIO_SIZE: u64 = 0x1000_0000;
+/// KVM's TSS region (three pages, must not overlap RAM or devices).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// RAM that does not fit below the gap continues here.
+pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
+
+/// 16550 UART (COM1) and its ISA interrupt.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// i8042 keyboard controller: data and command/status ports.
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// CMOS RTC/NVRAM index and data ports, and the RTC interrupt.
+pub const CMOS_PORT: u16 = 0x70;
+pub const RTC_IRQ: u32 = 8;
+/// ACPI fixed-hardware PM block (see the FADT): PM1a event block (status, enable) and PM1a control.
+pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
+pub const ACPI_PM1_EVT_LEN: u8 = 4;
+pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+pub const ACPI_PM1_CNT_LEN: u8 = 2;
+/// ACPI reset register (FADT RESET_REG) and the value that resets.
+pub const ACPI_RESET_PORT: u16 = 0xcf9;
+pub const ACPI_RESET_VALUE: u8 = 0x06;
+/// System control interrupt.
+pub const ACPI_SCI_IRQ: u32 = 9;
+/// SLP_TYP value for S5 in the DSDT's `\_S5` package (0, as on QEMU's PIIX4, so payloads run on both); the guest
+/// writes `SLP_TYP << 10 | SLP_EN` to PM1a_CNT.
+pub const ACPI_S5_SLEEP_TYPE: u16 = 0;
+pub const ACPI_SLP_EN: u16 = 1 << 13;
+
+/// Guest RAM regions for `mem_size` bytes: below the MMIO gap, then above 4 GiB.
+pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
+    if mem_size <= MMIO_GAP_START {
+        vec![(0, mem_size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (HIGH_RAM_START, mem_size - MMIO_GAP_START)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let regions = ram_regions(6 << 30);
+        assert_eq!(regions, vec![(0, MMIO_GAP_START), (1 << 32, (6 << 30) - MMIO_GAP_START)]);
+        let total: u64 = regions.iter().map(|r| r.1).sum();
+        assert_eq!(total, 6 << 30);
+        assert!(regions.iter().all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
+    }
+
+    #[test]
+    fn fixed_pages_do_not_overlap() {
+        let pages = [BOOT_GDT_START, PVH_INFO_START, ZERO_PAGE_START, PML4_START, PDPTE_START, PDE_START];
+        for w in pages.windows(2) {
+            assert!(w[0] < w[1]);
+        }
+        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
+        assert!(ACPI_TABLES_END <= HIMEM_START);
+    }
+}
