@@ -78,7 +78,10 @@ pub struct FpuState {
 impl Default for FpuState {
     /// The architectural reset values (FNINIT, and MXCSR with all exceptions masked).
     fn default() -> Self {
-        FpuState { fcw: 0x37f, mxcsr: 0x1f80 }
+        FpuState {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+        }
     }
 }
 

@@ -4,10 +4,11 @@
 //! 0xA0000-0xFFFFF where it scans for the RSDP and MP floating pointer); RAM that would overlap the 32-bit MMIO gap
 //! continues above 4 GiB.
 
-/// Boot GDT (four 8-byte descriptors: null, code64, data, tss).
+/// Boot GDT: null, null, code at 0x10 and data at 0x18 (the Linux boot protocol's `__BOOT_CS`/`__BOOT_DS`), then
+/// the 16-byte long-mode TSS descriptor at 0x20 (see `gdt.rs`): six 8-byte slots.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Empty boot IDT, right after the GDT.
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x530;
 /// `hvm_start_info` for the PVH entry, followed by its memory map.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// The Linux zero page (`struct boot_params`).
@@ -75,7 +76,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(0, mem_size)]
     } else {
-        vec![(0, MMIO_GAP_START), (HIGH_RAM_START, mem_size - MMIO_GAP_START)]
+        vec![
+            (0, MMIO_GAP_START),
+            (HIGH_RAM_START, mem_size - MMIO_GAP_START),
+        ]
     }
 }
 
@@ -91,20 +95,34 @@ mod tests {
     #[test]
     fn large_guest_skips_the_mmio_gap() {
         let regions = ram_regions(6 << 30);
-        assert_eq!(regions, vec![(0, MMIO_GAP_START), (1 << 32, (6 << 30) - MMIO_GAP_START)]);
+        assert_eq!(
+            regions,
+            vec![(0, MMIO_GAP_START), (1 << 32, (6 << 30) - MMIO_GAP_START)]
+        );
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 6 << 30);
-        assert!(regions.iter().all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
+        assert!(regions
+            .iter()
+            .all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
     }
 
     #[test]
     fn fixed_pages_do_not_overlap() {
-        let pages = [BOOT_GDT_START, PVH_INFO_START, ZERO_PAGE_START, PML4_START, PDPTE_START, PDE_START];
+        let pages = [
+            BOOT_GDT_START,
+            PVH_INFO_START,
+            ZERO_PAGE_START,
+            PML4_START,
+            PDPTE_START,
+            PDE_START,
+        ];
         for w in pages.windows(2) {
             assert!(w[0] < w[1]);
         }
-        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
-        assert!(ACPI_TABLES_END <= HIMEM_START);
+        const {
+            assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+            assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
+            assert!(ACPI_TABLES_END <= HIMEM_START);
+        }
     }
 }
