@@ -1,1 +1,122 @@
-//! placeholder
+//! The hypervisor as Kestrel sees it: three small traits (`Hypervisor`, `Vm`, `Vcpu`) that every architecture
+//! shares, extension traits per architecture (`x86_64::VcpuX86_64` ...), and backends behind them. KVM is
+//! the first backend; the rest of Kestrel talks only to these traits.
+
+use std::fmt;
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        pub mod kvm;
+        pub mod x86_64;
+    }
+}
+
+/// A failed hypervisor operation: which one, and the OS error behind it.
+#[derive(Debug)]
+pub struct Error {
+    pub operation: &'static str,
+    pub source: io::Error,
+}
+
+impl Error {
+    pub fn new(operation: &'static str, source: impl Into<io::Error>) -> Self {
+        Error { operation, source: source.into() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed: {}", self.operation, self.source)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A hypervisor able to create virtual machines.
+pub trait Hypervisor: Send + Sync {
+    type Vm: Vm;
+
+    /// Creates an empty VM (no memory, no vCPUs). Failing here is how a caller learns it cannot run guests:
+    /// opening the device node is not enough (under qemu-user it opens and every ioctl then fails).
+    fn create_vm(&self) -> Result<Self::Vm>;
+
+    /// How many vCPUs one VM may have.
+    fn max_vcpus(&self) -> u32;
+}
+
+/// A virtual machine: guest memory, interrupt routing, vCPUs.
+pub trait Vm: Send + Sync {
+    type Vcpu: Vcpu;
+
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`, in memory slot `slot`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped, and must not be reused for anything else, for as long as this VM exists:
+    /// the guest reads and writes it behind the compiler's back.
+    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()>;
+
+    fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu>;
+
+    /// Raises interrupt line `gsi` whenever `event` is written.
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
+}
+
+/// Why `Vcpu::run` returned. I/O exits lend the vCPU's data buffer: a read is completed by filling `data`
+/// before the next `run`.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    IoIn {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    IoOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
+    /// The guest halted with no in-kernel irqchip to wait for interrupts.
+    Hlt,
+    /// x86 triple fault, or an equivalent unrecoverable CPU shutdown.
+    Shutdown,
+    /// The guest asked the platform firmware (PSCI and the like) to reset or power off.
+    SystemReset,
+    SystemPoweroff,
+    /// The run was interrupted by a signal or by `set_immediate_exit`.
+    Interrupted,
+    /// The hypervisor could not handle something the guest did (details in `Vcpu::dump_state`).
+    InternalError,
+    /// The hypervisor refused to enter the guest (invalid state).
+    FailEntry {
+        reason: u64,
+    },
+    /// Anything else, with the backend's description.
+    Unhandled(String),
+}
+
+/// One virtual CPU. Owned by the thread that runs it.
+pub trait Vcpu: Send {
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+
+    /// While set, `run` returns `Interrupted` without entering the guest; a signal handler or another thread
+    /// sets it to stop a vCPU that might be just about to enter.
+    fn set_immediate_exit(&mut self, exit: bool);
+
+    /// A human-readable dump of the vCPU's registers for error reports.
+    fn dump_state(&mut self) -> String;
+}

@@ -1,0 +1,151 @@
+//! The i8042 keyboard controller, reduced to what guests use on a VM without a keyboard: its reset line
+//! (command 0xFE), the controller configuration byte and the self-tests Linux runs while probing.
+
+use crate::{BusDevice, PlatformEvents, PlatformRequest};
+
+/// Offsets within the two-port range this device is inserted at: data port 0x60, command/status port 0x64.
+pub const DATA_OFFSET: u64 = 0;
+pub const COMMAND_OFFSET: u64 = 4;
+
+const STATUS_OUTPUT_FULL: u8 = 0x01;
+/// "System flag": set after a successful self-test, as firmware leaves it.
+const STATUS_SYSTEM: u8 = 0x04;
+/// Last write was a command (0x64), not data.
+const STATUS_COMMAND: u8 = 0x08;
+
+const CMD_READ_CONFIG: u8 = 0x20;
+const CMD_WRITE_CONFIG: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_TEST_KEYBOARD: u8 = 0xab;
+const CMD_DISABLE_KEYBOARD: u8 = 0xad;
+const CMD_ENABLE_KEYBOARD: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+const SELF_TEST_PASSED: u8 = 0x55;
+const INTERFACE_TEST_PASSED: u8 = 0x00;
+/// Output port bit 0 low holds the CPU in reset.
+const OUTPUT_PORT_RESET_LINE: u8 = 0x01;
+
+pub struct I8042 {
+    events: PlatformEvents,
+    status: u8,
+    config: u8,
+    output: Option<u8>,
+    /// The command waiting for its data byte on port 0x60.
+    pending_command: Option<u8>,
+}
+
+impl I8042 {
+    pub fn new(events: PlatformEvents) -> Self {
+        I8042 { events, status: STATUS_SYSTEM, config: 0, output: None, pending_command: None }
+    }
+
+    fn respond(&mut self, value: u8) {
+        self.output = Some(value);
+    }
+
+    fn command(&mut self, command: u8) {
+        self.status |= STATUS_COMMAND;
+        match command {
+            CMD_READ_CONFIG => self.respond(self.config),
+            CMD_WRITE_CONFIG | CMD_WRITE_OUTPUT_PORT => self.pending_command = Some(command),
+            CMD_SELF_TEST => self.respond(SELF_TEST_PASSED),
+            CMD_TEST_KEYBOARD | CMD_TEST_AUX => self.respond(INTERFACE_TEST_PASSED),
+            CMD_READ_OUTPUT_PORT => self.respond(OUTPUT_PORT_RESET_LINE),
+            CMD_PULSE_RESET => self.events.request(PlatformRequest::Reset),
+            CMD_DISABLE_AUX | CMD_ENABLE_AUX | CMD_DISABLE_KEYBOARD | CMD_ENABLE_KEYBOARD => {}
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        self.status &= !STATUS_COMMAND;
+        match self.pending_command.take() {
+            Some(CMD_WRITE_CONFIG) => self.config = value,
+            Some(CMD_WRITE_OUTPUT_PORT) if value & OUTPUT_PORT_RESET_LINE == 0 => {
+                self.events.request(PlatformRequest::Reset)
+            }
+            // No keyboard is attached: bytes meant for it go nowhere.
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match offset {
+            DATA_OFFSET => {
+                let value = self.output.take().unwrap_or(0);
+                self.status &= !STATUS_OUTPUT_FULL;
+                value
+            }
+            COMMAND_OFFSET => self.status | if self.output.is_some() { STATUS_OUTPUT_FULL } else { 0 },
+            _ => 0xff,
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        match offset {
+            DATA_OFFSET => self.data(value),
+            COMMAND_OFFSET => self.command(value),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver};
+
+    use super::*;
+
+    fn device() -> (I8042, Receiver<PlatformRequest>) {
+        let (tx, rx) = channel();
+        (I8042::new(PlatformEvents::new(tx)), rx)
+    }
+
+    fn read(dev: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn pulse_reset_command_resets_the_platform() {
+        let (mut dev, rx) = device();
+        dev.write(COMMAND_OFFSET, &[CMD_PULSE_RESET]);
+        assert_eq!(rx.try_recv(), Ok(PlatformRequest::Reset));
+    }
+
+    #[test]
+    fn output_port_reset_line_resets_the_platform() {
+        let (mut dev, rx) = device();
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
+        dev.write(DATA_OFFSET, &[0xfe]);
+        assert_eq!(rx.try_recv(), Ok(PlatformRequest::Reset));
+    }
+
+    #[test]
+    fn self_test_and_config_byte_answer_like_a_controller() {
+        let (mut dev, rx) = device();
+        dev.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        assert_ne!(read(&mut dev, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
+        assert_eq!(read(&mut dev, DATA_OFFSET), SELF_TEST_PASSED);
+        assert_eq!(read(&mut dev, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CONFIG]);
+        dev.write(DATA_OFFSET, &[0x45]);
+        dev.write(COMMAND_OFFSET, &[CMD_READ_CONFIG]);
+        assert_eq!(read(&mut dev, DATA_OFFSET), 0x45);
+        assert!(rx.try_recv().is_err(), "none of this resets");
+    }
+}

@@ -1,0 +1,114 @@
+//! The KVM backend.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        mod x86_64;
+    }
+}
+
+/// An open `/dev/kvm`.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| Error::new("opening /dev/kvm", e))?;
+        Ok(KvmHypervisor { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    type Vm = KvmVm;
+
+    fn create_vm(&self) -> Result<KvmVm> {
+        let fd = self.kvm.create_vm().map_err(|e| Error::new("KVM_CREATE_VM", e))?;
+        Ok(KvmVm { fd: Arc::new(fd) })
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        self.kvm.get_max_vcpus() as u32
+    }
+}
+
+pub struct KvmVm {
+    fd: Arc<VmFd>,
+}
+
+impl Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM and is used for nothing else.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| Error::new("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
+        let fd = self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::new("KVM_CREATE_VCPU", e))?;
+        Ok(KvmVcpu { fd })
+    }
+
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        self.fd.register_irqfd(event, gsi).map_err(|e| Error::new("KVM_IRQFD", e))
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+impl Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(VcpuExit::Interrupted),
+            Err(e) => return Err(Error::new("KVM_RUN", e)),
+        };
+        Ok(match exit {
+            KvmExit::IoIn(port, data) => VcpuExit::IoIn { port, data },
+            KvmExit::IoOut(port, data) => VcpuExit::IoOut { port, data },
+            KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
+            KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
+            KvmExit::Hlt => VcpuExit::Hlt,
+            KvmExit::Shutdown => VcpuExit::Shutdown,
+            KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuExit::SystemReset,
+            KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => VcpuExit::SystemPoweroff,
+            KvmExit::InternalError => VcpuExit::InternalError,
+            KvmExit::FailEntry(reason, _cpu) => VcpuExit::FailEntry { reason },
+            other => VcpuExit::Unhandled(format!("{other:?}")),
+        })
+    }
+
+    fn set_immediate_exit(&mut self, exit: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(exit));
+    }
+
+    fn dump_state(&mut self) -> String {
+        let mut dump = String::new();
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: the exit reason says the `internal` member of the union is the valid one.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let count = (internal.ndata as usize).min(internal.data.len());
+            dump +=
+                &format!("KVM internal error: suberror {}, data {:x?}\n", internal.suberror, &internal.data[..count]);
+        }
+        dump + &self.describe_state()
+    }
+}
