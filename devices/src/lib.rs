@@ -9,7 +9,8 @@ pub mod legacy;
 pub use bus::{Bus, BusDevice};
 pub use interrupt::{EventFdLine, InterruptLine};
 
-use std::sync::mpsc::Sender;
+use std::fmt;
+use std::sync::Arc;
 
 /// Something a device asks of the whole platform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,19 +21,38 @@ pub enum PlatformRequest {
     Poweroff,
 }
 
-/// Where devices send `PlatformRequest`s; the VMM's main loop receives them.
-#[derive(Clone, Debug)]
+/// Where devices send `PlatformRequest`s; the VMM decides what they mean for the run state.
+#[derive(Clone)]
 pub struct PlatformEvents {
-    sender: Sender<PlatformRequest>,
+    handler: Arc<dyn Fn(PlatformRequest) + Send + Sync>,
 }
 
 impl PlatformEvents {
-    pub fn new(sender: Sender<PlatformRequest>) -> Self {
-        PlatformEvents { sender }
+    pub fn new(handler: impl Fn(PlatformRequest) + Send + Sync + 'static) -> Self {
+        PlatformEvents { handler: Arc::new(handler) }
     }
 
     pub fn request(&self, request: PlatformRequest) {
-        // The receiver only goes away while the VMM is exiting, when the request no longer matters.
-        let _ = self.sender.send(request);
+        (self.handler)(request)
+    }
+}
+
+impl fmt::Debug for PlatformEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PlatformEvents")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use std::sync::mpsc::{channel, Receiver};
+
+    use super::*;
+
+    /// Platform events that land in a channel the test can inspect.
+    pub fn recorded_events() -> (PlatformEvents, Receiver<PlatformRequest>) {
+        let (tx, rx) = channel();
+        let tx = std::sync::Mutex::new(tx);
+        (PlatformEvents::new(move |r| tx.lock().unwrap().send(r).unwrap()), rx)
     }
 }

@@ -83,13 +83,14 @@ impl BusDevice for AcpiPmBlock {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::mpsc::Receiver;
 
     use super::*;
+    use crate::test_utils::recorded_events;
 
     fn block() -> (AcpiPmBlock, Receiver<PlatformRequest>) {
-        let (tx, rx) = channel();
-        (AcpiPmBlock::new(PlatformEvents::new(tx), 0), rx)
+        let (events, rx) = recorded_events();
+        (AcpiPmBlock::new(events, 0), rx)
     }
 
     fn read16(pm: &mut AcpiPmBlock, offset: u64) -> u16 {

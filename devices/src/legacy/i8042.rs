@@ -105,13 +105,14 @@ impl BusDevice for I8042 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::mpsc::Receiver;
 
     use super::*;
+    use crate::test_utils::recorded_events;
 
     fn device() -> (I8042, Receiver<PlatformRequest>) {
-        let (tx, rx) = channel();
-        (I8042::new(PlatformEvents::new(tx)), rx)
+        let (events, rx) = recorded_events();
+        (I8042::new(events), rx)
     }
 
     fn read(dev: &mut I8042, offset: u64) -> u8 {

@@ -6,7 +6,7 @@ mod i8042;
 mod reset_port;
 mod serial;
 
-pub use acpi_pm::AcpiPmBlock;
+pub use acpi_pm::{AcpiPmBlock, BLOCK_LEN as ACPI_PM_BLOCK_LEN};
 pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use reset_port::ResetPort;

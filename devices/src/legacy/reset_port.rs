@@ -37,14 +37,13 @@ impl BusDevice for ResetPort {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::channel;
-
     use super::*;
+    use crate::test_utils::recorded_events;
 
     #[test]
     fn only_the_reset_bit_resets() {
-        let (tx, rx) = channel();
-        let mut port = ResetPort::new(PlatformEvents::new(tx));
+        let (events, rx) = recorded_events();
+        let mut port = ResetPort::new(events);
         port.write(0, &[0x02]);
         assert!(rx.try_recv().is_err());
         port.write(0, &[0x06]);
