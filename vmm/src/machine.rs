@@ -17,18 +17,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::arch_platform::{BootFiles, Platform};
 use crate::config::{VmConfig, MIN_MEMORY_BYTES};
-use crate::{console, signals, Error};
-
-/// How a run ended without an error.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest powered off.
-    Poweroff,
-    /// The guest rebooted and `--no-reboot` was given.
-    Rebooted,
-    /// Kestrel was told to stop by a signal.
-    Signal(i32),
-}
+use crate::{console, signals, Error, Outcome};
 
 enum VmEvent {
     Platform(PlatformRequest),
@@ -42,7 +31,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     let mut initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
 
     let hypervisor = KvmHypervisor::new()?;
-    let max_vcpus = hypervisor.max_vcpus();
+    let max_vcpus = hypervisor.max_vcpus().min(Platform::MAX_VCPUS);
     if u32::from(config.vcpus) > max_vcpus {
         return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
     }

@@ -30,6 +30,9 @@ pub struct Platform {
 }
 
 impl Platform {
+    /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
+    pub const MAX_VCPUS: u32 = 254;
+
     pub fn new(
         serial: Arc<Mutex<Serial>>,
         serial_irq: Arc<EventFdLine>,

@@ -1,0 +1,63 @@
+//! Kestrel's VMM: the command line, the console backends and the machine runner behind the `kestrel` binary.
+
+use std::path::PathBuf;
+
+pub mod cli;
+pub mod config;
+pub mod console;
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        mod machine;
+        mod signals;
+        mod x86_64;
+        use x86_64 as arch_platform;
+        pub use machine::run as run_vm;
+    } else {
+        /// Kestrel builds here so its generic parts are tested on every target, but it cannot run guests yet.
+        pub fn run_vm(_config: &config::VmConfig) -> Result<Outcome, Error> {
+            Err(Error::UnsupportedHostArchitecture(std::env::consts::ARCH))
+        }
+    }
+}
+
+/// How a run ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    Poweroff,
+    /// The guest rebooted and `--no-reboot` was given.
+    Rebooted,
+    /// Kestrel was told to stop by a signal.
+    Signal(i32),
+}
+
+/// Everything that can stop Kestrel, each with a message that stands on its own as one line (plus, for a vCPU
+/// failure, the register dump that explains it).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unsupported host architecture: {0} (Kestrel runs guests on x86_64 hosts so far)")]
+    UnsupportedHostArchitecture(&'static str),
+    #[error("cannot open {what} '{}': {source}", path.display())]
+    Open { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error("cannot boot the kernel: {0}")]
+    Boot(String),
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    #[error("memory size of {requested} bytes is too small: at least {} MiB are needed", min >> 20)]
+    MemoryTooSmall { requested: u64, min: u64 },
+    #[error("memory size of {} MiB is more than this host's {} MiB of RAM", requested >> 20, host >> 20)]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("{requested} vCPUs requested but the hypervisor allows at most {max}")]
+    TooManyCpus { requested: u8, max: u32 },
+    #[error("console: {0}")]
+    Console(std::io::Error),
+    #[error("device layout: {0}")]
+    Bus(#[from] devices::bus::Error),
+    #[error("{0}: {1}")]
+    Host(&'static str, std::io::Error),
+    #[error("vCPU {id} stopped: {reason}\n{state}")]
+    VcpuFailed { id: u32, reason: String, state: String },
+}
