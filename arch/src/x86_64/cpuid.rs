@@ -1,8 +1,281 @@
 //! CPUID as the guest sees it: the host's supported leaves, normalised per vendor and per vCPU.
+//!
+//! The hypervisor reports what it can virtualise, with the host's topology in it (APIC IDs, core counts, cache
+//! sharing). Each vCPU instead must see the guest's topology: `vcpu_count` cores of one thread each in one socket,
+//! its own APIC ID `vcpu_id`, and the hypervisor bit. Everything else (features, cache sizes, leaf 6, the
+//! 0x4000_0000 hypervisor leaves) passes through untouched.
 
+use super::cpu_state::CPUID_FLAG_SIGNIFICANT_INDEX;
 use super::CpuidEntry;
 
+/// The CPU vendor, from leaf 0's vendor string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    Intel,
+    /// AMD and Hygon (same topology leaves).
+    Amd,
+    Other,
+}
+
+impl Vendor {
+    /// The vendor named by leaf 0 (EBX, EDX, ECX spell the string).
+    pub fn of(entries: &[CpuidEntry]) -> Vendor {
+        let Some(leaf0) = find(entries, 0, 0) else {
+            return Vendor::Other;
+        };
+        let mut id = [0u8; 12];
+        id[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+        id[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+        id[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+        match &id {
+            b"GenuineIntel" => Vendor::Intel,
+            b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
+            _ => Vendor::Other,
+        }
+    }
+}
+
+/// The guest topology one vCPU is part of.
+#[derive(Clone, Copy, Debug)]
+struct Topology {
+    vcpu_id: u32,
+    vcpu_count: u32,
+}
+
+impl Topology {
+    /// APIC ID bits that number the cores: the smallest `n` with `vcpu_count <= 1 << n`.
+    fn core_bits(&self) -> u32 {
+        bits_for(self.vcpu_count)
+    }
+}
+
+fn bits_for(count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        u32::BITS - (count - 1).leading_zeros()
+    }
+}
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+/// V2 extended topology (Intel); Linux prefers it over 0xB when present, so it must say the same.
+const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
+const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+
+const LEAF1_EBX_APIC_ID_SHIFT: u32 = 24;
+const LEAF1_EBX_LOGICAL_COUNT_SHIFT: u32 = 16;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+const EXT_FEATURES_ECX_CMP_LEGACY: u32 = 1 << 1;
+
+/// Topology level types in leaf 0xB/0x1F ECX[15:8].
+const LEVEL_TYPE_INVALID: u32 = 0;
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
 /// The CPUID table for vCPU `vcpu_id` of `vcpu_count`, derived from the hypervisor's supported leaves.
-pub fn normalise(_supported: &[CpuidEntry], _vcpu_id: u8, _vcpu_count: u8) -> Vec<CpuidEntry> {
-    todo!("arch helper")
+///
+/// A `vcpu_count` of 0 is treated as 1. Duplicate (function, index) entries keep their first occurrence.
+/// TSC-deadline (leaf 1 ECX bit 24) is left as `supported` reports it: it is never added.
+pub fn normalise(supported: &[CpuidEntry], vcpu_id: u8, vcpu_count: u8) -> Vec<CpuidEntry> {
+    let topo = Topology { vcpu_id: vcpu_id.into(), vcpu_count: u32::from(vcpu_count.max(1)) };
+    let mut entries = dedup(supported);
+    fix_features(&mut entries, topo);
+    match Vendor::of(&entries) {
+        Vendor::Intel => {
+            fix_intel_cache_params(&mut entries, topo);
+            if max_basic_leaf(&entries) >= LEAF_EXT_TOPOLOGY {
+                set_ext_topology(&mut entries, LEAF_EXT_TOPOLOGY, topo);
+            }
+            if find(&entries, LEAF_EXT_TOPOLOGY_V2, 0).is_some() {
+                set_ext_topology(&mut entries, LEAF_EXT_TOPOLOGY_V2, topo);
+            }
+        }
+        Vendor::Amd => {
+            if find(&entries, LEAF_EXT_TOPOLOGY, 0).is_some() {
+                set_ext_topology(&mut entries, LEAF_EXT_TOPOLOGY, topo);
+            }
+            fix_amd_cmp_legacy(&mut entries, topo);
+            fix_amd_core_count(&mut entries, topo);
+            fix_amd_cache_topology(&mut entries, topo);
+            fix_amd_ext_apic_id(&mut entries, topo);
+        }
+        Vendor::Other => {
+            if find(&entries, LEAF_EXT_TOPOLOGY, 0).is_some() {
+                set_ext_topology(&mut entries, LEAF_EXT_TOPOLOGY, topo);
+            }
+        }
+    }
+    entries
+}
+
+fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<&CpuidEntry> {
+    entries.iter().find(|e| e.function == function && e.index == index)
+}
+
+fn for_each_leaf(entries: &mut [CpuidEntry], function: u32, mut f: impl FnMut(&mut CpuidEntry)) {
+    entries.iter_mut().filter(|e| e.function == function).for_each(&mut f);
+}
+
+fn max_basic_leaf(entries: &[CpuidEntry]) -> u32 {
+    find(entries, 0, 0).map_or(0, |e| e.eax)
+}
+
+fn dedup(supported: &[CpuidEntry]) -> Vec<CpuidEntry> {
+    let mut out: Vec<CpuidEntry> = Vec::with_capacity(supported.len());
+    for e in supported {
+        if find(&out, e.function, e.index).is_none() {
+            out.push(*e);
+        }
+    }
+    out
+}
+
+/// Leaf 1, all vendors: initial APIC ID, logical processor count with a matching HTT bit, hypervisor present.
+fn fix_features(entries: &mut [CpuidEntry], topo: Topology) {
+    for_each_leaf(entries, LEAF_FEATURES, |e| {
+        e.ebx = (e.ebx & 0x0000_ffff)
+            | topo.vcpu_id << LEAF1_EBX_APIC_ID_SHIFT
+            | topo.vcpu_count.min(0xff) << LEAF1_EBX_LOGICAL_COUNT_SHIFT;
+        e.ecx |= LEAF1_ECX_HYPERVISOR;
+        if topo.vcpu_count > 1 {
+            e.edx |= LEAF1_EDX_HTT;
+        } else {
+            e.edx &= !LEAF1_EDX_HTT;
+        }
+    });
+}
+
+/// Leaf 0xB or 0x1F: exactly three subleaves, SMT (one thread per core), core (`vcpu_count` cores) and the
+/// terminating invalid level, each carrying the vCPU's x2APIC ID in EDX.
+fn set_ext_topology(entries: &mut Vec<CpuidEntry>, function: u32, topo: Topology) {
+    let levels =
+        [(0, 1, LEVEL_TYPE_SMT), (topo.core_bits(), topo.vcpu_count, LEVEL_TYPE_CORE), (0, 0, LEVEL_TYPE_INVALID)];
+    let new = levels.iter().enumerate().map(|(index, &(shift, count, level_type))| CpuidEntry {
+        function,
+        index: index as u32,
+        flags: CPUID_FLAG_SIGNIFICANT_INDEX,
+        eax: shift,
+        ebx: count,
+        ecx: level_type << 8 | index as u32,
+        edx: topo.vcpu_id,
+    });
+    let at = entries.iter().position(|e| e.function == function).unwrap_or_else(|| {
+        // Keep the table sorted by function if the leaf was missing.
+        entries.iter().position(|e| e.function > function && e.function < 0x4000_0000).unwrap_or(entries.len())
+    });
+    entries.retain(|e| e.function != function);
+    let at = at.min(entries.len());
+    entries.splice(at..at, new);
+}
+
+/// Intel leaf 4: cores per package in EAX[31:26], and threads sharing each cache in EAX[25:14] (one core for L1
+/// and L2, the whole package for L3).
+fn fix_intel_cache_params(entries: &mut [CpuidEntry], topo: Topology) {
+    let cores_minus_1 = topo.vcpu_count.min(64) - 1;
+    let package_sharing_minus_1 = topo.vcpu_count.min(1 << 12) - 1;
+    for_each_leaf(entries, LEAF_CACHE_PARAMS, |e| {
+        let cache_type = e.eax & 0x1f;
+        if cache_type == 0 {
+            return;
+        }
+        let level = (e.eax >> 5) & 0x7;
+        let sharing_minus_1 = if level >= 3 { package_sharing_minus_1 } else { 0 };
+        e.eax = (e.eax & 0x3fff) | sharing_minus_1 << 14 | cores_minus_1 << 26;
+    });
+}
+
+/// AMD 0x8000_0001 ECX CmpLegacy: "HTT means cores, not threads", set iff there is more than one core.
+fn fix_amd_cmp_legacy(entries: &mut [CpuidEntry], topo: Topology) {
+    for_each_leaf(entries, LEAF_EXT_FEATURES, |e| {
+        if topo.vcpu_count > 1 {
+            e.ecx |= EXT_FEATURES_ECX_CMP_LEGACY;
+        } else {
+            e.ecx &= !EXT_FEATURES_ECX_CMP_LEGACY;
+        }
+    });
+}
+
+/// AMD 0x8000_0008 ECX: NC (cores - 1) in [7:0] and ApicIdCoreIdSize in [15:12]; PerfTscSize above stays.
+fn fix_amd_core_count(entries: &mut [CpuidEntry], topo: Topology) {
+    for_each_leaf(entries, LEAF_ADDRESS_SIZES, |e| {
+        e.ecx = (e.ecx & !0xf0ff) | topo.core_bits() << 12 | (topo.vcpu_count.min(256) - 1);
+    });
+}
+
+/// AMD 0x8000_001D: like Intel leaf 4, NumSharingCache - 1 in EAX[25:14].
+fn fix_amd_cache_topology(entries: &mut [CpuidEntry], topo: Topology) {
+    for_each_leaf(entries, LEAF_AMD_CACHE_TOPOLOGY, |e| {
+        if e.eax & 0x1f == 0 {
+            return;
+        }
+        let level = (e.eax >> 5) & 0x7;
+        let sharing_minus_1 = if level >= 3 { topo.vcpu_count.min(1 << 12) - 1 } else { 0 };
+        e.eax = (e.eax & !(0xfff << 14)) | sharing_minus_1 << 14;
+    });
+}
+
+/// AMD 0x8000_001E: extended APIC ID, core ID with one thread per core, one node.
+fn fix_amd_ext_apic_id(entries: &mut [CpuidEntry], topo: Topology) {
+    for_each_leaf(entries, LEAF_AMD_EXT_APIC_ID, |e| {
+        e.eax = topo.vcpu_id;
+        e.ebx = topo.vcpu_id & 0xff; // threads per compute unit - 1 = 0 in [15:8]
+        e.ecx = 0; // node 0, one node per processor
+        e.edx = 0;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
+        CpuidEntry { function, index, flags: 0, eax, ebx, ecx, edx }
+    }
+
+    fn intel_leaf0(max: u32) -> CpuidEntry {
+        // "Genu" "ntel" "ineI" in EBX, ECX, EDX.
+        entry(0, 0, max, 0x756e_6547, 0x6c65_746e, 0x4965_6e69)
+    }
+
+    #[test]
+    fn vendor_detection() {
+        assert_eq!(Vendor::of(&[intel_leaf0(0xd)]), Vendor::Intel);
+        assert_eq!(Vendor::of(&[entry(0, 0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65)]), Vendor::Amd);
+        assert_eq!(Vendor::of(&[]), Vendor::Other);
+    }
+
+    #[test]
+    fn bits_for_counts() {
+        assert_eq!([1, 2, 3, 4, 5, 8, 9, 255].map(bits_for), [0, 1, 2, 2, 3, 3, 4, 8]);
+    }
+
+    #[test]
+    fn intel_topology_leaf_is_added_when_in_range() {
+        let supported = [intel_leaf0(0xd), entry(1, 0, 0, 0, 0, 0), entry(0xd, 0, 0, 0, 0, 0)];
+        let out = normalise(&supported, 2, 3);
+        let b: Vec<_> = out.iter().filter(|e| e.function == 0xb).collect();
+        assert_eq!(b.len(), 3);
+        assert_eq!((b[1].eax, b[1].ebx, b[1].ecx, b[1].edx), (2, 3, 0x201, 2));
+        // Sorted position: after leaf 1, before leaf 0xd.
+        let functions: Vec<u32> = out.iter().map(|e| e.function).collect();
+        assert_eq!(functions, [0, 1, 0xb, 0xb, 0xb, 0xd]);
+    }
+
+    #[test]
+    fn zero_vcpus_does_not_panic() {
+        let out = normalise(&[intel_leaf0(0xb), entry(1, 0, 0, 0, 0, 0), entry(4, 0, 0x121, 0, 0, 0)], 0, 0);
+        assert_eq!(out[1].ebx >> 16 & 0xff, 1);
+    }
+
+    #[test]
+    fn duplicates_are_dropped() {
+        let out = normalise(&[intel_leaf0(1), intel_leaf0(1), entry(1, 0, 0, 0, 0, 0)], 0, 1);
+        assert_eq!(out.len(), 2);
+    }
 }
