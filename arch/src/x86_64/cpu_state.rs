@@ -78,10 +78,7 @@ pub struct FpuState {
 impl Default for FpuState {
     /// The architectural reset values (FNINIT, and MXCSR with all exceptions masked).
     fn default() -> Self {
-        FpuState {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-        }
+        FpuState { fcw: 0x37f, mxcsr: 0x1f80 }
     }
 }
 

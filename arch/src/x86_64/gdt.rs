@@ -41,23 +41,12 @@ pub enum SegmentMode {
 /// A flat 4 GiB code segment for `mode`, with the boot CS selector.
 pub fn code_segment(mode: SegmentMode) -> Segment {
     let long = mode == SegmentMode::Long;
-    Segment {
-        selector: BOOT_CS_SELECTOR,
-        type_: TYPE_CODE,
-        l: long,
-        db: !long,
-        ..flat(0)
-    }
+    Segment { selector: BOOT_CS_SELECTOR, type_: TYPE_CODE, l: long, db: !long, ..flat(0) }
 }
 
 /// A flat 4 GiB read/write data segment with the boot DS selector.
 pub fn data_segment() -> Segment {
-    Segment {
-        selector: BOOT_DS_SELECTOR,
-        type_: TYPE_DATA,
-        db: true,
-        ..flat(0)
-    }
+    Segment { selector: BOOT_DS_SELECTOR, type_: TYPE_DATA, db: true, ..flat(0) }
 }
 
 /// The boot TSS: never used for a task switch (the kernel loads its own), but TR must hold a valid busy TSS.
@@ -73,15 +62,7 @@ pub fn tss_segment() -> Segment {
 }
 
 fn flat(selector: u16) -> Segment {
-    Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        present: true,
-        s: true,
-        g: true,
-        ..Segment::default()
-    }
+    Segment { base: 0, limit: 0xffff_ffff, selector, present: true, s: true, g: true, ..Segment::default() }
 }
 
 /// Packs `seg` into an 8-byte descriptor.
@@ -92,10 +73,8 @@ fn flat(selector: u16) -> Segment {
 pub fn encode(seg: &Segment) -> u64 {
     let limit = if seg.g { seg.limit >> 12 } else { seg.limit } as u64;
     let base = seg.base & 0xffff_ffff;
-    let access = (seg.type_ as u64 & 0xf)
-        | (seg.s as u64) << 4
-        | (seg.dpl as u64 & 0x3) << 5
-        | (seg.present as u64) << 7;
+    let access =
+        (seg.type_ as u64 & 0xf) | (seg.s as u64) << 4 | (seg.dpl as u64 & 0x3) << 5 | (seg.present as u64) << 7;
     let flags = (seg.avl as u64) | (seg.l as u64) << 1 | (seg.db as u64) << 2 | (seg.g as u64) << 3;
     (limit & 0xffff)
         | (base & 0xff_ffff) << 16
@@ -113,11 +92,7 @@ pub fn decode(entry: u64, selector: u16) -> Segment {
     let present = entry >> 47 & 1 == 1;
     Segment {
         base: (entry >> 16 & 0xff_ffff) | (entry >> 56 & 0xff) << 24,
-        limit: if g {
-            raw_limit << 12 | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if g { raw_limit << 12 | 0xfff } else { raw_limit },
         selector,
         type_: (entry >> 40 & 0xf) as u8,
         present,
@@ -134,31 +109,18 @@ pub fn decode(entry: u64, selector: u16) -> Segment {
 /// The boot GDT's slots for `mode`.
 pub fn boot_gdt(mode: SegmentMode) -> [u64; BOOT_GDT_ENTRIES] {
     let tss = tss_segment();
-    [
-        0,
-        0,
-        encode(&code_segment(mode)),
-        encode(&data_segment()),
-        encode(&tss),
-        tss.base >> 32,
-    ]
+    [0, 0, encode(&code_segment(mode)), encode(&data_segment()), encode(&tss), tss.base >> 32]
 }
 
 /// The GDTR value for the boot GDT.
 pub fn boot_gdtr() -> DescriptorTable {
-    DescriptorTable {
-        base: BOOT_GDT_START,
-        limit: (BOOT_GDT_ENTRIES * 8 - 1) as u16,
-    }
+    DescriptorTable { base: BOOT_GDT_START, limit: (BOOT_GDT_ENTRIES * 8 - 1) as u16 }
 }
 
 /// The IDTR value for the boot IDT: one empty gate, so any exception before the kernel installs its own IDT is a
 /// clean triple fault instead of a jump through garbage.
 pub fn boot_idtr() -> DescriptorTable {
-    DescriptorTable {
-        base: BOOT_IDT_START,
-        limit: 7,
-    }
+    DescriptorTable { base: BOOT_IDT_START, limit: 7 }
 }
 
 /// Writes the boot GDT for `mode` and the empty boot IDT into guest memory.
@@ -169,11 +131,7 @@ pub fn write_boot_tables<M: GuestMemory + ?Sized>(mem: &M, mode: SegmentMode) ->
     }
     mem.write_slice(&bytes, GuestAddress(BOOT_GDT_START))
         .and_then(|()| mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)))
-        .map_err(|e| {
-            Error::Memory(format!(
-                "cannot write the boot GDT/IDT at {BOOT_GDT_START:#x}: {e}"
-            ))
-        })
+        .map_err(|e| Error::Memory(format!("cannot write the boot GDT/IDT at {BOOT_GDT_START:#x}: {e}")))
 }
 
 #[cfg(test)]
@@ -183,14 +141,8 @@ mod tests {
     #[test]
     fn known_descriptors() {
         // The values every x86 VMM and Linux's own boot GDT use for flat segments.
-        assert_eq!(
-            encode(&code_segment(SegmentMode::Long)),
-            0x00af_9b00_0000_ffff
-        );
-        assert_eq!(
-            encode(&code_segment(SegmentMode::Protected32)),
-            0x00cf_9b00_0000_ffff
-        );
+        assert_eq!(encode(&code_segment(SegmentMode::Long)), 0x00af_9b00_0000_ffff);
+        assert_eq!(encode(&code_segment(SegmentMode::Protected32)), 0x00cf_9b00_0000_ffff);
         assert_eq!(encode(&data_segment()), 0x00cf_9300_0000_ffff);
         assert_eq!(encode(&tss_segment()), 0x0000_8b00_0000_0067);
     }
@@ -232,16 +184,10 @@ mod tests {
     #[test]
     fn selectors_index_the_table() {
         let gdt = boot_gdt(SegmentMode::Long);
-        assert_eq!(
-            gdt[BOOT_CS_SELECTOR as usize / 8],
-            encode(&code_segment(SegmentMode::Long))
-        );
+        assert_eq!(gdt[BOOT_CS_SELECTOR as usize / 8], encode(&code_segment(SegmentMode::Long)));
         assert_eq!(gdt[BOOT_DS_SELECTOR as usize / 8], encode(&data_segment()));
         assert_eq!(gdt[BOOT_TSS_SELECTOR as usize / 8], encode(&tss_segment()));
         assert_eq!(gdt[0], 0);
-        assert_eq!(
-            boot_gdtr().base + boot_gdtr().limit as u64 + 1,
-            BOOT_IDT_START
-        );
+        assert_eq!(boot_gdtr().base + boot_gdtr().limit as u64 + 1, BOOT_IDT_START);
     }
 }

@@ -76,10 +76,7 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, MMIO_GAP_START),
-            (HIGH_RAM_START, mem_size - MMIO_GAP_START),
-        ]
+        vec![(0, MMIO_GAP_START), (HIGH_RAM_START, mem_size - MMIO_GAP_START)]
     }
 }
 
@@ -95,27 +92,15 @@ mod tests {
     #[test]
     fn large_guest_skips_the_mmio_gap() {
         let regions = ram_regions(6 << 30);
-        assert_eq!(
-            regions,
-            vec![(0, MMIO_GAP_START), (1 << 32, (6 << 30) - MMIO_GAP_START)]
-        );
+        assert_eq!(regions, vec![(0, MMIO_GAP_START), (1 << 32, (6 << 30) - MMIO_GAP_START)]);
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 6 << 30);
-        assert!(regions
-            .iter()
-            .all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
+        assert!(regions.iter().all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
     }
 
     #[test]
     fn fixed_pages_do_not_overlap() {
-        let pages = [
-            BOOT_GDT_START,
-            PVH_INFO_START,
-            ZERO_PAGE_START,
-            PML4_START,
-            PDPTE_START,
-            PDE_START,
-        ];
+        let pages = [BOOT_GDT_START, PVH_INFO_START, ZERO_PAGE_START, PML4_START, PDPTE_START, PDE_START];
         for w in pages.windows(2) {
             assert!(w[0] < w[1]);
         }

@@ -55,10 +55,7 @@ mod tests {
         let msrs = boot_msrs();
         let def = msrs.iter().find(|m| m.index == MSR_MTRR_DEF_TYPE).unwrap();
         assert_eq!(def.value, 0x806);
-        let misc = msrs
-            .iter()
-            .find(|m| m.index == MSR_IA32_MISC_ENABLE)
-            .unwrap();
+        let misc = msrs.iter().find(|m| m.index == MSR_IA32_MISC_ENABLE).unwrap();
         assert_eq!(misc.value & MISC_ENABLE_FAST_STRING, 1);
     }
 

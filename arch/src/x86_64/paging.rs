@@ -23,9 +23,7 @@ pub const IDENTITY_MAPPED_GIB: u64 = 4;
 /// The PML4, PDPT and page directories, as (guest address, table contents) pairs.
 pub fn identity_tables() -> Vec<(u64, Vec<u64>)> {
     let pml4 = vec![PDPTE_START | PRESENT | WRITABLE];
-    let pdpt = (0..IDENTITY_MAPPED_GIB)
-        .map(|i| (PDE_START + i * PAGE_SIZE) | PRESENT | WRITABLE)
-        .collect();
+    let pdpt = (0..IDENTITY_MAPPED_GIB).map(|i| (PDE_START + i * PAGE_SIZE) | PRESENT | WRITABLE).collect();
     let pds = (0..IDENTITY_MAPPED_GIB * ENTRIES_PER_TABLE)
         .map(|i| (i * HUGE_PAGE_SIZE) | PRESENT | WRITABLE | HUGE_PAGE)
         .collect();
@@ -36,9 +34,8 @@ pub fn identity_tables() -> Vec<(u64, Vec<u64>)> {
 pub fn setup_identity_page_tables<M: GuestMemory + ?Sized>(mem: &M) -> Result<u64> {
     for (addr, entries) in identity_tables() {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        mem.write_slice(&bytes, GuestAddress(addr)).map_err(|e| {
-            Error::Memory(format!("cannot write boot page tables at {addr:#x}: {e}"))
-        })?;
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("cannot write boot page tables at {addr:#x}: {e}")))?;
     }
     Ok(PML4_START)
 }
@@ -73,16 +70,7 @@ mod tests {
     #[test]
     fn maps_low_4gib_identically() {
         let tables = identity_tables();
-        for va in [
-            0u64,
-            0x1000,
-            0x100_0000,
-            0x7fff_ffff,
-            0xc000_0000,
-            0xfec0_0000,
-            0xfee0_0000,
-            0xffff_ffff,
-        ] {
+        for va in [0u64, 0x1000, 0x100_0000, 0x7fff_ffff, 0xc000_0000, 0xfec0_0000, 0xfee0_0000, 0xffff_ffff] {
             assert_eq!(translate(&tables, PML4_START, va), Some(va), "{va:#x}");
         }
         assert_eq!(translate(&tables, PML4_START, 0x1_0000_0000), None);
