@@ -68,6 +68,12 @@ fn four_vcpus_come_up_through_init_sipi_bzimage() {
 }
 
 #[test]
+fn sixty_four_vcpus_come_up_with_only_the_madt_to_describe_them() {
+    // More vCPUs than the MP table holds: the ACPI MADT alone announces them.
+    every_vcpu_checks_in(PVH, 64);
+}
+
+#[test]
 fn guest_reset_reboots_in_place() {
     if !kvm_available() {
         return;

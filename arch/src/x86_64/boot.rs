@@ -172,7 +172,11 @@ pub fn setup_guest_with_acpi<M: GuestMemoryBackend>(
         None => None,
     };
 
-    mptable::setup_mptable(mem, config.vcpu_count)?;
+    // The MP table only serves kernels without ACPI; above what fits in the EBDA, the MADT alone describes the
+    // CPUs, as Linux prefers anyway.
+    if usize::from(config.vcpu_count) <= mptable::MAX_VCPUS {
+        mptable::setup_mptable(mem, config.vcpu_count)?;
+    }
     let acpi_config = AcpiConfig { vcpu_count: config.vcpu_count, extra_dsdt_aml };
     let rsdp = acpi::create_acpi_tables(mem, &acpi_config)?.rsdp;
     let e820 = e820_map(ram.size);
