@@ -416,9 +416,21 @@ fn initrd_bigger_than_ram_is_rejected() {
 }
 
 #[test]
-fn vcpu_counts_the_tables_cannot_hold() {
+fn zero_vcpus_is_an_error() {
     let mem = memory(32 * MIB);
     let kernel = elf(0x100_0000, 0x100_0000, 0x1000, None, 2);
     assert!(matches!(boot(&mem, &kernel, None, "", 0), Err(Error::Tables(_))));
-    assert!(matches!(boot(&mem, &kernel, None, "", 200), Err(Error::Tables(_))));
+}
+
+#[test]
+fn more_vcpus_than_the_mp_table_holds_are_described_by_acpi_alone() {
+    let mem = memory(32 * MIB);
+    let kernel = elf(0x100_0000, 0x100_0000, 0x1000, None, 2);
+    boot(&mem, &kernel, None, "", 200).unwrap();
+    let mut signature = [0u8; 4];
+    mem.read_slice(&mut signature, GuestAddress(arch::x86_64::layout::MPTABLE_START)).unwrap();
+    assert_ne!(&signature, b"_MP_", "no MP table for 200 vCPUs");
+    boot(&mem, &kernel, None, "", 4).unwrap();
+    mem.read_slice(&mut signature, GuestAddress(arch::x86_64::layout::MPTABLE_START)).unwrap();
+    assert_eq!(&signature, b"_MP_", "an MP table for 4 vCPUs");
 }
