@@ -80,6 +80,14 @@ impl Bus {
     }
 }
 
+/// Completes a read of a byte-wide register: the value in the first byte, zeros in any wider part of the access.
+pub fn reply_byte(data: &mut [u8], value: u8) {
+    data.fill(0);
+    if let Some(first) = data.first_mut() {
+        *first = value;
+    }
+}
+
 /// A device whose lock was poisoned by a panicking vCPU thread is still the best state we have; keep serving it.
 fn lock<'a>(device: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

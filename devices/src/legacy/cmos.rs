@@ -3,6 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::bus::reply_byte;
 use crate::BusDevice;
 
 /// Offsets within the range: index register (0x70; bit 7 is the NMI mask) and data register (0x71).
@@ -174,10 +175,7 @@ impl BusDevice for Cmos {
             DATA_OFFSET => self.read_register(self.index),
             _ => 0xff,
         };
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        reply_byte(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

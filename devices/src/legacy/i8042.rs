@@ -1,6 +1,7 @@
 //! The i8042 keyboard controller, reduced to what guests use on a VM without a keyboard: its reset line
 //! (command 0xFE), the controller configuration byte and the self-tests Linux runs while probing.
 
+use crate::bus::reply_byte;
 use crate::{BusDevice, PlatformEvents, PlatformRequest};
 
 /// Offsets within the two-port range this device is inserted at: data port 0x60, command/status port 0x64.
@@ -87,10 +88,7 @@ impl BusDevice for I8042 {
             COMMAND_OFFSET => self.status | if self.output.is_some() { STATUS_OUTPUT_FULL } else { 0 },
             _ => 0xff,
         };
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        reply_byte(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

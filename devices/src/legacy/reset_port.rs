@@ -1,5 +1,6 @@
 //! The PC reset control register (port 0xCF9), also the FADT's ACPI reset register.
 
+use crate::bus::reply_byte;
 use crate::{BusDevice, PlatformEvents, PlatformRequest};
 
 /// Bit 2 starts the reset; bit 1 selects a hard reset. Either kind resets the whole VM.
@@ -18,10 +19,7 @@ impl ResetPort {
 
 impl BusDevice for ResetPort {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = self.value;
-        }
+        reply_byte(data, self.value);
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use vm_superio::Trigger;
 
+use crate::bus::reply_byte;
 use crate::{BusDevice, InterruptLine};
 
 /// Adapts an `InterruptLine` to vm-superio's trigger.
@@ -73,10 +74,7 @@ impl BusDevice for Serial {
             data.fill(0xff);
             return;
         };
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = self.uart.read(register);
-        }
+        reply_byte(data, self.uart.read(register));
         self.fill_fifo();
     }
 
