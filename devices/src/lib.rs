@@ -45,9 +45,27 @@ impl fmt::Debug for PlatformEvents {
 
 #[cfg(test)]
 pub(crate) mod test_utils {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc::{channel, Receiver};
 
     use super::*;
+
+    /// An interrupt line that counts how often it was raised.
+    #[derive(Default)]
+    pub struct CountingLine(AtomicUsize);
+
+    impl CountingLine {
+        pub fn count(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl InterruptLine for CountingLine {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
 
     /// Platform events that land in a channel the test can inspect.
     pub fn recorded_events() -> (PlatformEvents, Receiver<PlatformRequest>) {

@@ -66,8 +66,13 @@ pub trait Vm: Send + Sync {
 
     fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu>;
 
-    /// Raises interrupt line `gsi` whenever `event` is written.
+    /// Raises interrupt line `gsi` whenever `event` is written (an edge).
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Asserts level-triggered line `gsi` whenever `event` is written and keeps it asserted until the guest
+    /// acknowledges the interrupt; then de-asserts it and writes `resample`, so the device can assert it again
+    /// if its condition still holds.
+    fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()>;
 }
 
 /// Why `Vcpu::run` returned. I/O exits lend the vCPU's data buffer: a read is completed by filling `data`

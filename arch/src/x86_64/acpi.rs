@@ -142,8 +142,8 @@ pub fn build_fadt(dsdt: u64, facs: u64) -> Result<Vec<u8>> {
     let io = |port: u16, len: u8, access: AccessSize| GAS::new(AddressSpace::SystemIo, len * 8, 0, access, port.into());
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
-        // No fixed power/sleep buttons in PM1: a power button comes later as a DSDT device.
-        .flag(Flags::PwrButton)
+        // The power button is the PM1 fixed-feature one (PWRBTN_STS/EN, signalled by the SCI): the flag stays
+        // clear. There is no sleep button.
         .flag(Flags::SlpButton)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)

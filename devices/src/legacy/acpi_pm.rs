@@ -1,7 +1,9 @@
 //! The ACPI fixed-hardware PM1 register block: PM1a event (status, enable) and PM1a control. Writing SLP_EN with
-//! the S5 sleep type from the DSDT powers the machine off.
+//! the S5 sleep type from the DSDT powers the machine off; the fixed-feature power button raises the SCI.
 
-use crate::{BusDevice, PlatformEvents, PlatformRequest};
+use std::sync::Arc;
+
+use crate::{BusDevice, InterruptLine, PlatformEvents, PlatformRequest};
 
 /// Layout of the block from its base: PM1a_STS (2 bytes), PM1a_EN (2 bytes), PM1a_CNT (2 bytes).
 pub const STATUS_OFFSET: u64 = 0;
@@ -14,9 +16,14 @@ const SCI_EN: u16 = 1 << 0;
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
 const SLP_EN: u16 = 1 << 13;
+/// PM1_STS / PM1_EN: the fixed-feature power button.
+const PWRBTN: u16 = 1 << 8;
 
 pub struct AcpiPmBlock {
     events: PlatformEvents,
+    /// The SCI: level-triggered, so it is raised again after each guest acknowledgement (see `resample`) for as
+    /// long as an enabled status bit is set.
+    sci: Arc<dyn InterruptLine>,
     s5_sleep_type: u16,
     status: u16,
     enable: u16,
@@ -25,8 +32,27 @@ pub struct AcpiPmBlock {
 
 impl AcpiPmBlock {
     /// `s5_sleep_type` is the SLP_TYP value the DSDT's `\_S5` package announces.
-    pub fn new(events: PlatformEvents, s5_sleep_type: u16) -> Self {
-        AcpiPmBlock { events, s5_sleep_type, status: 0, enable: 0, control: SCI_EN }
+    pub fn new(events: PlatformEvents, s5_sleep_type: u16, sci: Arc<dyn InterruptLine>) -> Self {
+        AcpiPmBlock { events, sci, s5_sleep_type, status: 0, enable: 0, control: SCI_EN }
+    }
+
+    /// A press of the power button: the guest's OSPM sees PWRBTN_STS and decides what to do (Linux: power off
+    /// when userspace asks it to, as with a real button).
+    pub fn press_power_button(&mut self) {
+        self.status |= PWRBTN;
+        self.raise_sci_if_pending();
+    }
+
+    /// The guest acknowledged the SCI (end of interrupt): raise it again if an enabled event is still pending.
+    pub fn resample(&mut self) {
+        self.raise_sci_if_pending();
+    }
+
+    fn raise_sci_if_pending(&self) {
+        if self.status & self.enable != 0 {
+            // A failed trigger means the interrupt plumbing is gone (VM being torn down); nothing to deliver to.
+            let _ = self.sci.trigger();
+        }
     }
 
     fn register(&mut self, offset: u64) -> Option<(&mut u16, u64)> {
@@ -46,7 +72,10 @@ impl AcpiPmBlock {
         match offset {
             // Status bits are cleared by writing ones.
             STATUS_OFFSET..ENABLE_OFFSET => self.status &= !bits,
-            ENABLE_OFFSET..CONTROL_OFFSET => self.enable = (self.enable & !lane) | bits,
+            ENABLE_OFFSET..CONTROL_OFFSET => {
+                self.enable = (self.enable & !lane) | bits;
+                self.raise_sci_if_pending();
+            }
             _ => {
                 let control = (self.control & !lane) | bits;
                 if control & SLP_EN != 0 {
@@ -86,11 +115,35 @@ mod tests {
     use std::sync::mpsc::Receiver;
 
     use super::*;
-    use crate::test_utils::recorded_events;
+    use crate::test_utils::{recorded_events, CountingLine};
+
+    fn block_with_sci() -> (AcpiPmBlock, Receiver<PlatformRequest>, Arc<CountingLine>) {
+        let (events, rx) = recorded_events();
+        let sci = Arc::new(CountingLine::default());
+        (AcpiPmBlock::new(events, 0, sci.clone()), rx, sci)
+    }
 
     fn block() -> (AcpiPmBlock, Receiver<PlatformRequest>) {
-        let (events, rx) = recorded_events();
-        (AcpiPmBlock::new(events, 0), rx)
+        let (pm, rx, _) = block_with_sci();
+        (pm, rx)
+    }
+
+    #[test]
+    fn power_button_raises_the_sci_until_the_guest_clears_it() {
+        let (mut pm, rx, sci) = block_with_sci();
+        pm.press_power_button();
+        assert_eq!(sci.count(), 0, "no SCI until the OSPM enables the power button event");
+        pm.write(ENABLE_OFFSET, &PWRBTN.to_le_bytes());
+        assert_eq!(sci.count(), 1, "enabling a pending event raises the SCI");
+        assert_eq!(read16(&mut pm, STATUS_OFFSET) & PWRBTN, PWRBTN);
+        pm.resample();
+        assert_eq!(sci.count(), 2, "still pending after the EOI: raised again");
+        pm.write(STATUS_OFFSET, &PWRBTN.to_le_bytes());
+        pm.resample();
+        assert_eq!(sci.count(), 2, "cleared: quiet");
+        pm.press_power_button();
+        assert_eq!(sci.count(), 3);
+        assert!(rx.try_recv().is_err(), "a button press is the guest's to act on, not a power-off by itself");
     }
 
     fn read16(pm: &mut AcpiPmBlock, offset: u64) -> u16 {

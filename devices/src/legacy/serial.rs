@@ -89,19 +89,10 @@ impl BusDevice for Serial {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     use super::*;
-
-    #[derive(Default)]
-    struct CountingLine(AtomicUsize);
-    impl InterruptLine for CountingLine {
-        fn trigger(&self) -> io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
+    use crate::test_utils::CountingLine;
 
     #[derive(Clone, Default)]
     struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
@@ -149,7 +140,7 @@ mod tests {
             received.push(read(&mut serial, RBR));
         }
         assert_eq!(received, input);
-        assert!(line.0.load(Ordering::SeqCst) > 0, "input must raise the interrupt");
+        assert!(line.count() > 0, "input must raise the interrupt");
     }
 
     #[test]

@@ -66,6 +66,10 @@ impl Vm for KvmVm {
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(event, gsi).map_err(|e| Error::new("KVM_IRQFD", e))
     }
+
+    fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {
+        self.fd.register_irqfd_with_resample(event, resample, gsi).map_err(|e| Error::new("KVM_IRQFD (resample)", e))
+    }
 }
 
 pub struct KvmVcpu {

@@ -4,8 +4,8 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use arch::x86_64::layout::{
-    ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT,
-    KVM_TSS_ADDRESS,
+    ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, CMOS_PORT, COM1_IRQ, COM1_PORT,
+    I8042_DATA_PORT, KVM_TSS_ADDRESS,
 };
 use arch::x86_64::{cpuid, layout, msrs, setup_guest, GuestConfig};
 use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
@@ -13,6 +13,7 @@ use devices::{Bus, EventFdLine, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::Error;
 
@@ -27,6 +28,9 @@ pub struct Platform {
     pub mmio: Bus,
     serial: Arc<Mutex<Serial>>,
     serial_irq: Arc<EventFdLine>,
+    sci: Arc<EventFdLine>,
+    /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
+    sci_resample: Arc<EventFd>,
 }
 
 impl Platform {
@@ -42,13 +46,13 @@ impl Platform {
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
         pio.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), u64::from(I8042_DATA_PORT), I8042_PORTS)?;
         pio.insert(Arc::new(Mutex::new(Cmos::new())), u64::from(CMOS_PORT), CMOS_PORTS)?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE))),
-            u64::from(ACPI_PM1A_EVT_PORT),
-            ACPI_PM_PORTS,
-        )?;
+        let sci = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let sci_resample = Arc::new(EventFd::new(0).map_err(|e| Error::Host("creating an eventfd", e))?);
+        let acpi_pm = Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE, sci.clone())));
+        pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
         pio.insert(Arc::new(Mutex::new(ResetPort::new(events))), u64::from(ACPI_RESET_PORT), 1)?;
-        Ok(Platform { pio, mmio: Bus::new(), serial, serial_irq })
+        forward_sci_acknowledgements(sci_resample.clone(), acpi_pm)?;
+        Ok(Platform { pio, mmio: Bus::new(), serial, serial_irq, sci, sci_resample })
     }
 
     /// Guest RAM as (start, length) regions for `memory_bytes` of RAM.
@@ -71,6 +75,7 @@ impl Platform {
     {
         vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
         vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
+        vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
 
         let mut guest = GuestConfig {
             kernel: boot.kernel,
@@ -102,6 +107,20 @@ impl Platform {
     pub fn reset(&self) {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
     }
+}
+
+/// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The
+/// thread lives as long as the process; the eventfd outlives every VM it is registered with.
+fn forward_sci_acknowledgements(resample: Arc<EventFd>, acpi_pm: Arc<Mutex<AcpiPmBlock>>) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("sci-resample".into())
+        .spawn(move || {
+            while resample.read().is_ok() {
+                acpi_pm.lock().unwrap_or_else(|p| p.into_inner()).resample();
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::Host("starting the SCI thread", e))
 }
 
 /// What the kernel loader needs from the configuration, with the files already open.
