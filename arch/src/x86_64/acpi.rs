@@ -17,9 +17,9 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout::{
-    ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_RESET_PORT, ACPI_RESET_VALUE,
-    ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, ACPI_TABLES_END, ACPI_TABLES_START, CMOS_PORT, COM1_IRQ, COM1_PORT, IOAPIC_START,
-    LAPIC_START, RSDP_START, RTC_IRQ,
+    isa_irq_ioapic_pin, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_RESET_PORT,
+    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, ACPI_TABLES_END, ACPI_TABLES_START, CMOS_PORT, COM1_IRQ,
+    COM1_PORT, IOAPIC_START, LAPIC_START, RSDP_START, RTC_IRQ,
 };
 use super::{Error, Result};
 
@@ -181,7 +181,9 @@ pub fn build_madt(vcpu_count: u8) -> Vec<u8> {
         ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).to_aml_bytes(&mut entries);
     }
     IoApic::new(vcpu_count, IOAPIC_START as u32, 0).to_aml_bytes(&mut entries);
-    entries.extend_from_slice(&interrupt_source_override(0, 2, 0));
+    if let Some(pit_pin) = isa_irq_ioapic_pin(0) {
+        entries.extend_from_slice(&interrupt_source_override(0, pit_pin.into(), 0));
+    }
     let sci = ACPI_SCI_IRQ as u8;
     entries.extend_from_slice(&interrupt_source_override(sci, sci.into(), MPS_ACTIVE_HIGH_LEVEL));
     entries.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);

@@ -71,6 +71,47 @@ pub const ACPI_SCI_IRQ: u32 = 9;
 pub const ACPI_S5_SLEEP_TYPE: u16 = 0;
 pub const ACPI_SLP_EN: u16 = 1 << 13;
 
+/// Number of IOAPIC input pins (GSIs 0-23).
+pub const IOAPIC_PINS: u32 = 24;
+
+/// The IOAPIC pin an ISA IRQ arrives on, as on PC hardware and QEMU: the PIT's IRQ0 on pin 2 (announced by an
+/// interrupt source override in the MADT and an I/O interrupt entry in the MP table), IRQ2 (the 8259 cascade) on
+/// none, every other IRQ on the pin of its own number.
+pub fn isa_irq_ioapic_pin(irq: u8) -> Option<u8> {
+    match irq {
+        0 => Some(2),
+        2 => None,
+        n => Some(n),
+    }
+}
+
+/// An interrupt controller input a GSI is wired to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqChipPin {
+    PicPrimary(u8),
+    PicSecondary(u8),
+    Ioapic(u8),
+}
+
+/// The PC's GSI wiring: which controller inputs each global system interrupt drives. Devices raise GSIs by their
+/// ISA IRQ number (0-15) or IOAPIC pin (16-23).
+pub fn pc_irq_routes() -> Vec<(u32, IrqChipPin)> {
+    let mut routes = Vec::new();
+    for irq in 0..16u8 {
+        if irq != 2 {
+            let pic = if irq < 8 { IrqChipPin::PicPrimary(irq) } else { IrqChipPin::PicSecondary(irq - 8) };
+            routes.push((u32::from(irq), pic));
+        }
+        if let Some(pin) = isa_irq_ioapic_pin(irq) {
+            routes.push((u32::from(irq), IrqChipPin::Ioapic(pin)));
+        }
+    }
+    for pin in 16..IOAPIC_PINS as u8 {
+        routes.push((u32::from(pin), IrqChipPin::Ioapic(pin)));
+    }
+    routes
+}
+
 /// Guest RAM regions for `mem_size` bytes: below the MMIO gap, then above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
@@ -83,6 +124,22 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pit_reaches_ioapic_pin_2_and_nothing_else_does() {
+        let routes = pc_irq_routes();
+        let ioapic_sources = |pin: u8| -> Vec<u32> {
+            routes.iter().filter(|(_, r)| *r == IrqChipPin::Ioapic(pin)).map(|(gsi, _)| *gsi).collect()
+        };
+        assert_eq!(ioapic_sources(2), vec![0]);
+        assert_eq!(ioapic_sources(0), Vec::<u32>::new());
+        assert_eq!(ioapic_sources(4), vec![4], "COM1");
+        assert_eq!(ioapic_sources(9), vec![9], "SCI");
+        assert_eq!(ioapic_sources(23), vec![23]);
+        assert!(routes.contains(&(4, IrqChipPin::PicPrimary(4))));
+        assert!(routes.contains(&(9, IrqChipPin::PicSecondary(1))));
+        assert!(!routes.iter().any(|(gsi, _)| *gsi == 2), "IRQ2 is the cascade");
+    }
 
     #[test]
     fn small_guest_is_one_region() {

@@ -6,7 +6,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::layout::{EBDA_END, IOAPIC_START, LAPIC_START, MPTABLE_START};
+use super::layout::{isa_irq_ioapic_pin, EBDA_END, IOAPIC_START, LAPIC_START, MPTABLE_START};
 use super::{Error, Result};
 
 const FLOATING_POINTER_LEN: usize = 16;
@@ -78,13 +78,7 @@ pub fn build_mptable(vcpu_count: u8) -> Result<Vec<u8>> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     entry_count += 2;
     for irq in 0..ISA_IRQS {
-        // The PC routing QEMU/SeaBIOS use: the PIT's IRQ0 arrives on IOAPIC pin 2, and pin 2's usual owner (the
-        // cascade IRQ2) has no entry; every other ISA IRQ goes to the pin of its own number.
-        let pin = match irq {
-            0 => 2,
-            2 => continue,
-            n => n,
-        };
+        let Some(pin) = isa_irq_ioapic_pin(irq) else { continue };
         entries.push(ENTRY_IO_INTERRUPT);
         entries.push(INT_TYPE_INT);
         entries.extend_from_slice(&INT_FLAGS_CONFORMING.to_le_bytes());

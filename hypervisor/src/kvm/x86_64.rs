@@ -3,10 +3,12 @@
 use std::fmt::Write;
 
 use arch::x86_64::cpu_state::{DescriptorTable, Segment};
+use arch::x86_64::layout::{pc_irq_routes, IrqChipPin};
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_dtable, kvm_msr_entry, kvm_pit_config, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_dtable, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_msr_entry, kvm_pit_config, kvm_segment, CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 
 use super::{KvmHypervisor, KvmVcpu, KvmVm};
@@ -35,6 +37,8 @@ impl VmX86_64 for KvmVm {
             .map_err(|_| Error::new("KVM_SET_TSS_ADDR", std::io::ErrorKind::InvalidInput))?;
         self.fd.set_tss_address(tss).map_err(|e| Error::new("KVM_SET_TSS_ADDR", e))?;
         self.fd.create_irq_chip().map_err(|e| Error::new("KVM_CREATE_IRQCHIP", e))?;
+        // KVM's default routing puts GSI 0 on IOAPIC pin 0; a PC (and the MADT we build) has the PIT on pin 2.
+        self.fd.set_gsi_routing(&pc_irq_routing()?).map_err(|e| Error::new("KVM_SET_GSI_ROUTING", e))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.fd.create_pit2(pit).map_err(|e| Error::new("KVM_CREATE_PIT2", e))
     }
@@ -168,6 +172,30 @@ impl KvmVcpu {
         }
         out
     }
+}
+
+/// The PC's GSI wiring as KVM irqchip routes.
+fn pc_irq_routing() -> Result<KvmIrqRouting> {
+    let entries: Vec<kvm_irq_routing_entry> = pc_irq_routes()
+        .into_iter()
+        .map(|(gsi, input)| {
+            let (irqchip, pin) = match input {
+                IrqChipPin::PicPrimary(pin) => (KVM_IRQCHIP_PIC_MASTER, pin),
+                IrqChipPin::PicSecondary(pin) => (KVM_IRQCHIP_PIC_SLAVE, pin),
+                IrqChipPin::Ioapic(pin) => (KVM_IRQCHIP_IOAPIC, pin),
+            };
+            kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    irqchip: kvm_irq_routing_irqchip { irqchip, pin: u32::from(pin) },
+                },
+                ..Default::default()
+            }
+        })
+        .collect();
+    KvmIrqRouting::from_entries(&entries)
+        .map_err(|_| Error::new("KVM_SET_GSI_ROUTING", std::io::ErrorKind::InvalidInput))
 }
 
 fn from_kvm_cpuid(e: &kvm_cpuid_entry2) -> CpuidEntry {
