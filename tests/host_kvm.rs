@@ -128,6 +128,17 @@ fn parse_utc(text: &str) -> Option<i64> {
 }
 
 #[test]
+fn pit_ticks_arrive_on_the_ioapic_pin_the_madt_announces() {
+    if !kvm_available() {
+        return;
+    }
+    // Linux's timer depends on this: without the PC routing (IRQ0 on IOAPIC pin 2) no tick ever arrives.
+    let run = boot(BZIMAGE, "pit", &[]);
+    run.assert_success();
+    run.assert_stdout_has("probe: pit ticks 10");
+}
+
+#[test]
 fn serial_input_reaches_the_guest_by_interrupt_and_echoes() {
     if !kvm_available() {
         return;

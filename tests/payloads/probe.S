@@ -69,6 +69,7 @@
 #define TRAMPOLINE_BASE 0x3000
 
 #define ECHO_VECTOR     0x30
+#define PIT_VECTOR      0x31
 #define SPURIOUS_VECTOR 0xff
 
 /* CMOS NVRAM bytes used by the reset command: a boot counter and a check byte (counter ^ 0xa5). */
@@ -81,6 +82,7 @@
 #define INIT_DELAY_CYCLES   20000000    /* >= 10 ms between INIT and the first SIPI at <= 2 GHz */
 #define SIPI_DELAY_CYCLES   1000000     /* >= 200 us between the SIPIs */
 #define GRACE_CYCLES        2000000000  /* after poweroff/reset: how long to wait before complaining */
+#define PIT_WAIT_CYCLES     3000000000  /* 10 ticks at 100 Hz take 0.1 s; give up after ~1-3 s */
 
 #if defined(SHAPE_BZIMAGE)
 #define ENTRY_KIND_64 kind_bzimage
@@ -820,6 +822,50 @@ cmd_echo:
         hlt
         jmp     3b
 
+/* pit: the 8254's IRQ0 must arrive through the IOAPIC pin the MADT's interrupt source override names (pin 2 on a
+ * PC): "probe: pit ticks N" once 10 ticks at 100 Hz arrived, or however many came before the time-out. */
+cmd_pit:
+        call    setup_idt
+        movb    $0xff, %al                      /* mask the legacy 8259s: IRQ0 must come via the IOAPIC */
+        outb    %al, $PIC1_DATA
+        outb    %al, $PIC2_DATA
+        movl    $LAPIC_BASE, %ebx
+        movl    $0, LAPIC_TPR(%rbx)
+        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rbx)
+        movl    $IOAPIC_BASE, %ebx
+        movl    $0x15, (%rbx)                   /* redirection entry 2, high: destination APIC 0 (the BSP) */
+        movl    $0, 0x10(%rbx)
+        movl    $0x14, (%rbx)                   /* low: vector, fixed, physical, active high, edge, unmasked */
+        movl    $PIT_VECTOR, 0x10(%rbx)
+        movb    $0x34, %al                      /* channel 0, lobyte/hibyte, mode 2 (rate generator) */
+        outb    %al, $0x43
+        movw    $11932, %ax                     /* 1193182 Hz / 11932 = 100 Hz */
+        outb    %al, $0x40
+        movb    %ah, %al
+        outb    %al, $0x40
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rax, %rdx
+        movq    $PIT_WAIT_CYCLES, %rax
+        leaq    (%rdx, %rax), %r15              /* r15 = deadline */
+        sti
+1:      cmpl    $10, pit_ticks(%rip)
+        jae     2f
+        pause
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rax, %rdx
+        cmpq    %r15, %rdx
+        jb      1b
+2:      cli
+        leaq    msg_pit(%rip), %rsi
+        call    puts
+        movl    pit_ticks(%rip), %eax
+        call    putdec
+        leaq    msg_crlf(%rip), %rsi
+        call    puts
+        jmp     poweroff
+
 /* serial_rx: called from the interrupt handler: echo every received byte; 'q' ends the test. */
 serial_rx:
 1:      movw    $COM1_LSR, %dx
@@ -882,7 +928,11 @@ isr_common:
         jb      3f
         cmpq    $SPURIOUS_VECTOR, %rax
         je      2f                              /* spurious: no EOI */
-        cmpq    $ECHO_VECTOR, %rax
+        cmpq    $PIT_VECTOR, %rax
+        jne     4f
+        incl    pit_ticks(%rip)
+        jmp     1f
+4:      cmpq    $ECHO_VECTOR, %rax
         jne     1f
         call    serial_rx
 1:      movl    $(LAPIC_BASE + LAPIC_EOI), %eax
@@ -1096,6 +1146,7 @@ msg_boot:               .asciz "probe: boot "
 msg_reset_done:         .asciz "probe: reset done\r\n"
 msg_reset_failed:       .asciz "probe: reset failed\r\n"
 msg_rtc:                .asciz "probe: rtc 20"
+msg_pit:                .asciz "probe: pit ticks "
 msg_no_madt:            .asciz "probe: smp no madt\r\n"
 msg_cpu:                .asciz "probe: cpu "
 msg_up:                 .asciz " up\r\n"
@@ -1112,6 +1163,7 @@ str_poweroff:           .asciz "poweroff"
 str_reset:              .asciz "reset"
 str_smp:                .asciz "smp"
 str_rtc:                .asciz "rtc"
+str_pit:                .asciz "pit"
 str_echo:               .asciz "echo"
 str_mmio:               .asciz "mmio"
 str_triplefault:        .asciz "triplefault"
@@ -1123,6 +1175,7 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_reset, cmd_reset
         .quad str_smp, cmd_smp
         .quad str_rtc, cmd_rtc
+        .quad str_pit, cmd_pit
         .quad str_echo, cmd_echo
         .quad str_mmio, cmd_mmio
         .quad str_triplefault, cmd_triplefault
@@ -1165,5 +1218,7 @@ print_lock:     .long 0
 ap_count:       .long 0
 ap_cr3:         .long 0
 echo_quit:      .byte 0
+        .balign 4
+pit_ticks:      .long 0
 rtc_a:          .skip 6
 rtc_b:          .skip 6
