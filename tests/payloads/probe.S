@@ -78,7 +78,7 @@
 #define BOOT_CHECK_XOR  0xa5
 
 /* Time-outs in TSC cycles (the TSC runs at >= 1 GHz on anything we care about, so these are upper bounds). */
-#define SMP_WAIT_CYCLES     1500000000  /* BSP waits for the APs: ~0.5 s at 3 GHz, 1.5 s at 1 GHz */
+#define SMP_WAIT_CYCLES     10000000000 /* BSP waits for the APs: ~3 s at 3 GHz; many vCPUs on a few busy host cores are slow */
 #define INIT_DELAY_CYCLES   20000000    /* >= 10 ms between INIT and the first SIPI at <= 2 GHz */
 #define SIPI_DELAY_CYCLES   1000000     /* >= 200 us between the SIPIs */
 #define GRACE_CYCLES        2000000000  /* after poweroff/reset: how long to wait before complaining */
