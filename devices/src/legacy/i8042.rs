@@ -13,6 +13,12 @@ const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM: u8 = 0x04;
 /// Last write was a command (0x64), not data.
 const STATUS_COMMAND: u8 = 0x08;
+/// Keyboard not inhibited by the (absent) key lock; clear, Linux warns "Keylock active".
+const STATUS_UNLOCKED: u8 = 0x10;
+
+/// Controller configuration byte: the keyboard and AUX (mouse) interfaces' disable bits.
+const CONFIG_KEYBOARD_DISABLED: u8 = 0x10;
+const CONFIG_AUX_DISABLED: u8 = 0x20;
 
 const CMD_READ_CONFIG: u8 = 0x20;
 const CMD_WRITE_CONFIG: u8 = 0x60;
@@ -29,6 +35,9 @@ const CMD_PULSE_RESET: u8 = 0xfe;
 
 const SELF_TEST_PASSED: u8 = 0x55;
 const INTERFACE_TEST_PASSED: u8 = 0x00;
+/// Interface test result "clock line stuck low": what a controller without a mouse port answers, so guests
+/// skip probing for one.
+const INTERFACE_ABSENT: u8 = 0x01;
 /// Output port bit 0 low holds the CPU in reset.
 const OUTPUT_PORT_RESET_LINE: u8 = 0x01;
 
@@ -43,7 +52,13 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn new(events: PlatformEvents) -> Self {
-        I8042 { events, status: STATUS_SYSTEM, config: 0, output: None, pending_command: None }
+        I8042 {
+            events,
+            status: STATUS_SYSTEM | STATUS_UNLOCKED,
+            config: CONFIG_AUX_DISABLED,
+            output: None,
+            pending_command: None,
+        }
     }
 
     fn respond(&mut self, value: u8) {
@@ -56,10 +71,14 @@ impl I8042 {
             CMD_READ_CONFIG => self.respond(self.config),
             CMD_WRITE_CONFIG | CMD_WRITE_OUTPUT_PORT => self.pending_command = Some(command),
             CMD_SELF_TEST => self.respond(SELF_TEST_PASSED),
-            CMD_TEST_KEYBOARD | CMD_TEST_AUX => self.respond(INTERFACE_TEST_PASSED),
+            CMD_TEST_KEYBOARD => self.respond(INTERFACE_TEST_PASSED),
+            CMD_TEST_AUX => self.respond(INTERFACE_ABSENT),
             CMD_READ_OUTPUT_PORT => self.respond(OUTPUT_PORT_RESET_LINE),
             CMD_PULSE_RESET => self.events.request(PlatformRequest::Reset),
-            CMD_DISABLE_AUX | CMD_ENABLE_AUX | CMD_DISABLE_KEYBOARD | CMD_ENABLE_KEYBOARD => {}
+            CMD_DISABLE_AUX => self.config |= CONFIG_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.config &= !CONFIG_AUX_DISABLED,
+            CMD_DISABLE_KEYBOARD => self.config |= CONFIG_KEYBOARD_DISABLED,
+            CMD_ENABLE_KEYBOARD => self.config &= !CONFIG_KEYBOARD_DISABLED,
             _ => {}
         }
     }
@@ -146,5 +165,23 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[CMD_READ_CONFIG]);
         assert_eq!(read(&mut dev, DATA_OFFSET), 0x45);
         assert!(rx.try_recv().is_err(), "none of this resets");
+    }
+
+    #[test]
+    fn interface_enables_show_in_the_config_byte_and_there_is_no_mouse() {
+        let (mut dev, _rx) = device();
+        assert_ne!(read(&mut dev, COMMAND_OFFSET) & STATUS_UNLOCKED, 0, "no key lock");
+        for (command, expected) in [
+            (CMD_ENABLE_AUX, 0),
+            (CMD_DISABLE_AUX, CONFIG_AUX_DISABLED),
+            (CMD_DISABLE_KEYBOARD, CONFIG_AUX_DISABLED | CONFIG_KEYBOARD_DISABLED),
+            (CMD_ENABLE_KEYBOARD, CONFIG_AUX_DISABLED),
+        ] {
+            dev.write(COMMAND_OFFSET, &[command]);
+            dev.write(COMMAND_OFFSET, &[CMD_READ_CONFIG]);
+            assert_eq!(read(&mut dev, DATA_OFFSET), expected, "after command {command:#x}");
+        }
+        dev.write(COMMAND_OFFSET, &[CMD_TEST_AUX]);
+        assert_eq!(read(&mut dev, DATA_OFFSET), INTERFACE_ABSENT);
     }
 }
