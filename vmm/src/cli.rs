@@ -1,29 +1,41 @@
-//! Kestrel's native command line.
+//! Kestrel's command line: native options (`--kernel ...`) and the QEMU spellings management tools already use
+//! (`-kernel`, `-qmp`, `-chardev` + `-mon`, `-S`, ...), both parsed into one `VmConfig`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, SerialConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES};
+use crate::config::{parse_memory_size, parse_uuid, QmpSocket, SerialConfig, VmConfig};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
 
 Boots a virtual machine on KVM.
 
-Options:
-  --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry (required)
-  --initrd PATH         initial ramdisk
-  --cmdline STR         kernel command line (default: \"console=ttyS0\")
-  --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M)
-  --cpus N              number of vCPUs (default: 1)
-  --serial MODE         first serial port: stdio (default), pty, file:PATH, none
-  --no-reboot           exit when the guest reboots instead of resetting it
+Options (QEMU's spelling in brackets, where it has one):
+  --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry (required) [-kernel]
+  --initrd PATH         initial ramdisk [-initrd]
+  --cmdline STR         kernel command line (default: \"console=ttyS0\") [-append]
+  --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
+  --cpus N              number of vCPUs (default: 1) [-smp]
+  --serial MODE         first serial port: stdio (default), pty, file:PATH, none [-serial]
+  --qmp unix:PATH,server=on,wait=off
+                        QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
+                        with -mon chardev=ID,mode=control]
+  --paused              start with the vCPUs stopped until QMP `cont` [-S]
+  --no-reboot           exit when the guest reboots instead of resetting it [-no-reboot]
+  --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
+  --name NAME           VM name shown over QMP [-name NAME or -name guest=NAME]
+  --uuid UUID           VM UUID shown over QMP [-uuid]
   -h, --help            print this help
   -V, --version         print the version
+
+Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
+-accel kvm, -display none.
 ";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(VmConfig),
+    Run(Box<VmConfig>),
     Help,
     Version,
 }
@@ -44,19 +56,201 @@ pub enum CliError {
     Cpus(String),
     #[error("invalid serial mode '{0}': use stdio, pty, file:PATH or none")]
     Serial(String),
+    #[error("invalid UUID '{0}': use the form 01234567-89ab-cdef-0123-456789abcdef")]
+    Uuid(String),
+    #[error("invalid {option} '{value}': {reason}")]
+    Invalid { option: String, value: String, reason: String },
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
 }
 
-#[derive(Default)]
-struct Seen {
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    cmdline: Option<String>,
-    memory: Option<u64>,
-    cpus: Option<u8>,
-    serial: Option<SerialConfig>,
-    no_reboot: bool,
+fn invalid(option: &str, value: &str, reason: impl Into<String>) -> CliError {
+    CliError::Invalid { option: option.to_string(), value: value.to_string(), reason: reason.into() }
+}
+
+/// What an option means, whatever its spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opt {
+    Help,
+    Version,
+    Kernel,
+    Initrd,
+    Cmdline,
+    Memory,
+    Cpus,
+    Serial,
+    Qmp,
+    Chardev,
+    Mon,
+    Paused,
+    NoReboot,
+    NoShutdown,
+    Name,
+    Uuid,
+    /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
+    Ignored,
+}
+
+/// (spellings, meaning, takes a value)
+const OPTIONS: &[(&[&str], Opt, bool)] = &[
+    (&["-h", "--help", "-help"], Opt::Help, false),
+    (&["-V", "--version", "-version"], Opt::Version, false),
+    (&["--kernel", "-kernel"], Opt::Kernel, true),
+    (&["--initrd", "-initrd"], Opt::Initrd, true),
+    (&["--cmdline", "-append"], Opt::Cmdline, true),
+    (&["--memory", "-m"], Opt::Memory, true),
+    (&["--cpus", "-smp"], Opt::Cpus, true),
+    (&["--serial", "-serial"], Opt::Serial, true),
+    (&["--qmp", "-qmp"], Opt::Qmp, true),
+    (&["-chardev"], Opt::Chardev, true),
+    (&["-mon"], Opt::Mon, true),
+    (&["--paused", "-S"], Opt::Paused, false),
+    (&["--no-reboot", "-no-reboot"], Opt::NoReboot, false),
+    (&["--no-shutdown", "-no-shutdown"], Opt::NoShutdown, false),
+    (&["--name", "-name"], Opt::Name, true),
+    (&["--uuid", "-uuid"], Opt::Uuid, true),
+    (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
+    (&["-accel", "-display"], Opt::Ignored, true),
+];
+
+/// A QEMU option value: `first,key=value,key=value` where `,,` is a literal comma. Returns the leading item
+/// without `=` (if any) and the key/value pairs; a bare `key` is `key=on`.
+fn split_qemu_opts(text: &str) -> (Option<String>, Vec<(String, String)>) {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    let mut first = None;
+    let mut pairs = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) => pairs.push((k.to_string(), v.to_string())),
+            None if i == 0 => first = Some(item),
+            None => pairs.push((item, "on".to_string())),
+        }
+    }
+    (first, pairs)
+}
+
+fn on_off(option: &str, value: &str, key: &str, setting: &str) -> Result<bool, CliError> {
+    match setting {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(invalid(option, value, format!("{key} must be on or off"))),
+    }
+}
+
+/// `unix:PATH,server=on,wait=off` (also QEMU's older `server,nowait`).
+fn parse_qmp_socket(option: &str, value: &str) -> Result<QmpSocket, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let path = first
+        .as_deref()
+        .and_then(|f| f.strip_prefix("unix:"))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| invalid(option, value, "only unix:PATH sockets are supported"))?;
+    socket_settings(option, value, PathBuf::from(path), &pairs)
+}
+
+fn socket_settings(
+    option: &str,
+    value: &str,
+    path: PathBuf,
+    pairs: &[(String, String)],
+) -> Result<QmpSocket, CliError> {
+    let mut server = false;
+    // QEMU waits for the first client unless told not to.
+    let mut wait = true;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "server" => server = on_off(option, value, key, setting)?,
+            "wait" => wait = on_off(option, value, key, setting)?,
+            "nowait" => wait = !on_off(option, value, key, setting)?,
+            "id" | "path" => {}
+            _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    if !server {
+        return Err(invalid(option, value, "Kestrel only listens: add server=on"));
+    }
+    Ok(QmpSocket { path, wait })
+}
+
+/// `-chardev socket,id=ID,path=PATH,server=on,wait=off`: only sockets, which `-mon` may then use for QMP.
+fn parse_chardev(value: &str) -> Result<(String, QmpSocket), CliError> {
+    let (backend, pairs) = split_qemu_opts(value);
+    if backend.as_deref() != Some("socket") {
+        return Err(invalid("-chardev", value, "only socket chardevs are supported"));
+    }
+    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let id = get("id").filter(|id| !id.is_empty()).ok_or_else(|| invalid("-chardev", value, "id= is required"))?;
+    let path = get("path").filter(|p| !p.is_empty()).ok_or_else(|| invalid("-chardev", value, "path= is required"))?;
+    Ok((id, socket_settings("-chardev", value, PathBuf::from(path), &pairs)?))
+}
+
+/// `-mon chardev=ID,mode=control`: returns the chardev id.
+fn parse_mon(value: &str) -> Result<String, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    if first.is_some() {
+        return Err(invalid("-mon", value, "use chardev=ID,mode=control"));
+    }
+    let mut chardev = None;
+    let mut mode = None;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "chardev" => chardev = Some(setting),
+            "mode" => mode = Some(setting),
+            "id" | "pretty" => {}
+            _ => return Err(invalid("-mon", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    if mode.as_deref() != Some("control") {
+        return Err(invalid("-mon", value, "only mode=control (QMP) monitors are supported"));
+    }
+    chardev.ok_or_else(|| invalid("-mon", value, "chardev= is required"))
+}
+
+/// `-m 512`, `-m 2G`, `-m size=2G,...`
+fn parse_memory(value: &str) -> Result<u64, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let size = first.or_else(|| pairs.iter().find(|(k, _)| k == "size").map(|(_, v)| v.clone()));
+    size.as_deref().and_then(parse_memory_size).ok_or_else(|| CliError::MemorySize(value.to_string()))
+}
+
+/// `-smp 4`, `-smp cpus=4,...`
+fn parse_cpus(value: &str) -> Result<u8, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let count = first.or_else(|| pairs.iter().find(|(k, _)| k == "cpus").map(|(_, v)| v.clone()));
+    count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0).ok_or_else(|| CliError::Cpus(value.to_string()))
+}
+
+/// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
+fn parse_name(value: &str) -> String {
+    let (first, pairs) = split_qemu_opts(value);
+    first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
+}
+
+fn parse_serial(value: &str) -> Result<SerialConfig, CliError> {
+    match value {
+        "stdio" => Ok(SerialConfig::Stdio),
+        "pty" => Ok(SerialConfig::Pty),
+        "none" | "null" => Ok(SerialConfig::None),
+        _ => match value.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(CliError::Serial(value.to_string())),
+        },
+    }
 }
 
 fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), CliError> {
@@ -67,102 +261,171 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), CliErro
     Ok(())
 }
 
-fn parse_serial(value: &str) -> Result<SerialConfig, CliError> {
-    match value {
-        "stdio" => Ok(SerialConfig::Stdio),
-        "pty" => Ok(SerialConfig::Pty),
-        "none" => Ok(SerialConfig::None),
-        _ => match value.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
-            _ => Err(CliError::Serial(value.to_string())),
-        },
-    }
-}
-
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError> {
-    let mut seen = Seen::default();
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = None;
+    let mut memory = None;
+    let mut cpus = None;
+    let mut serial = None;
+    let mut name = None;
+    let mut uuid = None;
+    let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
+    let mut qmp = Vec::new();
+    let mut chardevs: HashMap<String, QmpSocket> = HashMap::new();
+    let mut monitors = Vec::new();
+
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        let (name, inline_value) = match arg.split_once('=') {
+        let (spelling, inline_value) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
             _ => (arg.clone(), None),
         };
-        let takes_value =
-            matches!(name.as_str(), "--kernel" | "--initrd" | "--cmdline" | "--memory" | "--cpus" | "--serial");
-        let value = if takes_value {
-            match inline_value {
-                Some(v) => v,
-                None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
-            }
-        } else {
-            if inline_value.is_some() {
-                return Err(CliError::UnexpectedValue(name));
-            }
-            String::new()
+        let &(_, opt, takes_value) = OPTIONS
+            .iter()
+            .find(|(names, _, _)| names.contains(&spelling.as_str()))
+            .ok_or_else(|| CliError::UnknownOption(spelling.clone()))?;
+        let value = match (takes_value, inline_value) {
+            (true, Some(v)) => v,
+            (true, None) => args.next().ok_or_else(|| CliError::MissingValue(spelling.clone()))?,
+            (false, Some(_)) => return Err(CliError::UnexpectedValue(spelling)),
+            (false, None) => String::new(),
         };
-        match name.as_str() {
-            "-h" | "--help" => return Ok(Command::Help),
-            "-V" | "--version" => return Ok(Command::Version),
-            "--kernel" => set_once(&mut seen.kernel, &name, PathBuf::from(value))?,
-            "--initrd" => set_once(&mut seen.initrd, &name, PathBuf::from(value))?,
-            "--cmdline" => set_once(&mut seen.cmdline, &name, value)?,
-            "--memory" => {
-                let bytes = parse_memory_size(&value).ok_or(CliError::MemorySize(value))?;
-                set_once(&mut seen.memory, &name, bytes)?
+        match opt {
+            Opt::Help => return Ok(Command::Help),
+            Opt::Version => return Ok(Command::Version),
+            Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(value))?,
+            Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(value))?,
+            Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
+            Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
+            Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(&value)?)?,
+            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&value)?)?,
+            Opt::Qmp => qmp.push(parse_qmp_socket(&spelling, &value)?),
+            Opt::Chardev => {
+                let (id, socket) = parse_chardev(&value)?;
+                if chardevs.insert(id.clone(), socket).is_some() {
+                    return Err(invalid("-chardev", &value, format!("id '{id}' is used twice")));
+                }
             }
-            "--cpus" => {
-                let cpus = value.parse::<u8>().ok().filter(|&n| n > 0).ok_or(CliError::Cpus(value))?;
-                set_once(&mut seen.cpus, &name, cpus)?
-            }
-            "--serial" => set_once(&mut seen.serial, &name, parse_serial(&value)?)?,
-            "--no-reboot" => seen.no_reboot = true,
-            _ => return Err(CliError::UnknownOption(name)),
+            Opt::Mon => monitors.push((parse_mon(&value)?, value)),
+            Opt::Paused => flags.2 = true,
+            Opt::NoReboot => flags.0 = true,
+            Opt::NoShutdown => flags.1 = true,
+            Opt::Name => set_once(&mut name, &spelling, parse_name(&value))?,
+            Opt::Uuid => set_once(&mut uuid, &spelling, parse_uuid(&value).ok_or(CliError::Uuid(value))?)?,
+            Opt::Ignored => match (spelling.as_str(), value.as_str()) {
+                ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
+                ("-display", "none") => {}
+                ("-accel" | "-display", v) => return Err(invalid(&spelling, v, "Kestrel only supports kvm / none")),
+                _ => {}
+            },
         }
     }
-    Ok(Command::Run(VmConfig {
-        kernel: seen.kernel.ok_or(CliError::NoKernel)?,
-        initrd: seen.initrd,
-        cmdline: seen.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-        memory_bytes: seen.memory.unwrap_or(DEFAULT_MEMORY_BYTES),
-        vcpus: seen.cpus.unwrap_or(1),
-        serial: seen.serial.unwrap_or(SerialConfig::Stdio),
-        no_reboot: seen.no_reboot,
-    }))
+    for (id, value) in monitors {
+        let socket =
+            chardevs.remove(&id).ok_or_else(|| invalid("-mon", &value, format!("no -chardev with id '{id}'")))?;
+        qmp.push(socket);
+    }
+
+    let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
+    config.initrd = initrd;
+    if let Some(cmdline) = cmdline {
+        config.cmdline = cmdline;
+    }
+    if let Some(memory) = memory {
+        config.memory_bytes = memory;
+    }
+    if let Some(cpus) = cpus {
+        config.vcpus = cpus;
+    }
+    if let Some(serial) = serial {
+        config.serial = serial;
+    }
+    (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
+    config.qmp = qmp;
+    config.name = name;
+    config.uuid = uuid;
+    Ok(Command::Run(Box::new(config)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES};
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
         parse(args.split_whitespace().map(String::from))
     }
 
+    fn config(args: &str) -> VmConfig {
+        match parse_str(args) {
+            Ok(Command::Run(config)) => *config,
+            other => panic!("expected a run command from {args:?}, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn full_command_line() {
-        let Command::Run(config) =
-            parse_str("--kernel vmlinux --initrd initrd.img --memory 2G --cpus 4 --serial file:/tmp/out --no-reboot")
-                .unwrap()
-        else {
-            panic!("expected a run command")
-        };
+    fn full_native_command_line() {
+        let config = config(
+            "--kernel vmlinux --initrd initrd.img --memory 2G --cpus 4 --serial file:/tmp/out --no-reboot \
+             --qmp unix:/tmp/q.sock,server=on,wait=off --paused --no-shutdown --name web1 \
+             --uuid 3A0F5C9E-1B2C-4D5E-8F90-A1B2C3D4E5F6",
+        );
         assert_eq!(config.kernel, PathBuf::from("vmlinux"));
         assert_eq!(config.initrd, Some(PathBuf::from("initrd.img")));
         assert_eq!(config.memory_bytes, 2 << 30);
         assert_eq!(config.vcpus, 4);
         assert_eq!(config.serial, SerialConfig::File(PathBuf::from("/tmp/out")));
-        assert!(config.no_reboot);
+        assert!(config.no_reboot && config.no_shutdown && config.start_paused);
+        assert_eq!(config.qmp, vec![QmpSocket { path: "/tmp/q.sock".into(), wait: false }]);
+        assert_eq!(config.name.as_deref(), Some("web1"));
+        assert_eq!(config.uuid.as_deref(), Some("3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn qemu_spellings_mean_the_same() {
+        let config = config(
+            "-kernel bzImage -append console=ttyS0 -m size=1G -smp cpus=2,sockets=1 -nographic -nodefaults \
+             -enable-kvm -accel kvm -display none -S -no-shutdown -name guest=db,debug-threads=on \
+             -chardev socket,id=charmonitor,path=/run/mon.sock,server=on,wait=off \
+             -mon chardev=charmonitor,id=monitor,mode=control -qmp unix:/run/q2.sock,server,nowait",
+        );
+        assert_eq!(config.kernel, PathBuf::from("bzImage"));
+        assert_eq!(config.memory_bytes, 1 << 30);
+        assert_eq!(config.vcpus, 2);
+        assert!(config.start_paused && config.no_shutdown);
+        assert_eq!(config.name.as_deref(), Some("db"));
+        assert_eq!(
+            config.qmp,
+            vec![
+                QmpSocket { path: "/run/q2.sock".into(), wait: false },
+                QmpSocket { path: "/run/mon.sock".into(), wait: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn qemu_waits_for_the_first_client_unless_told_not_to() {
+        assert!(config("-kernel k -qmp unix:/q,server").qmp[0].wait);
+        assert!(config("-kernel k -qmp unix:/q,server=on,wait=on").qmp[0].wait);
     }
 
     #[test]
     fn inline_values_and_spaces_in_the_command_line() {
         let args = ["--kernel=k", "--cmdline", "console=ttyS0 quiet", "--serial=none"].map(String::from);
-        let Command::Run(config) = parse(args).unwrap() else { panic!("expected a run command") };
+        let Ok(Command::Run(config)) = parse(args) else { panic!("expected a run command") };
         assert_eq!(config.cmdline, "console=ttyS0 quiet");
         assert_eq!(config.serial, SerialConfig::None);
         assert_eq!(config.memory_bytes, DEFAULT_MEMORY_BYTES);
         assert_eq!(config.vcpus, 1);
+    }
+
+    #[test]
+    fn qemu_option_lists_escape_commas() {
+        let (first, pairs) = split_qemu_opts("socket,id=a,,b,path=/x");
+        assert_eq!(first.as_deref(), Some("socket"));
+        assert_eq!(pairs, vec![("id".into(), "a,b".into()), ("path".into(), "/x".into())]);
     }
 
     #[test]
@@ -177,7 +440,9 @@ mod tests {
             ("", CliError::NoKernel),
             ("--kernel", CliError::MissingValue("--kernel".into())),
             ("--kernel k --frobnicate", CliError::UnknownOption("--frobnicate".into())),
+            ("--kernel k -machine pc", CliError::UnknownOption("-machine".into())),
             ("--kernel k --memory lots", CliError::MemorySize("lots".into())),
+            ("--kernel k -m slots=2", CliError::MemorySize("slots=2".into())),
             ("--kernel k --cpus 0", CliError::Cpus("0".into())),
             ("--kernel k --cpus 256", CliError::Cpus("256".into())),
             ("--kernel k --cpus -1", CliError::Cpus("-1".into())),
@@ -185,9 +450,26 @@ mod tests {
             ("--kernel k --serial file:", CliError::Serial("file:".into())),
             ("--kernel k --kernel j", CliError::Repeated("--kernel".into())),
             ("--kernel k --no-reboot=yes", CliError::UnexpectedValue("--no-reboot".into())),
+            ("--kernel k --uuid 1234", CliError::Uuid("1234".into())),
         ];
         for (args, expected) in cases {
             assert_eq!(parse_str(args), Err(expected), "{args:?}");
+        }
+        let invalid_cases = [
+            "--kernel k --qmp tcp:localhost:4444,server=on",
+            "--kernel k --qmp unix:/q",
+            "--kernel k --qmp unix:/q,server=maybe",
+            "--kernel k --qmp unix:/q,server=on,telnet=on",
+            "--kernel k -chardev file,id=a,path=/x",
+            "--kernel k -chardev socket,path=/x,server=on",
+            "--kernel k -mon chardev=missing,mode=control",
+            "--kernel k -chardev socket,id=a,path=/x,server=on -mon chardev=a,mode=readline",
+            "--kernel k -chardev socket,id=a,path=/x,server=on -chardev socket,id=a,path=/y,server=on",
+            "--kernel k -accel tcg",
+            "--kernel k -display gtk",
+        ];
+        for args in invalid_cases {
+            assert!(matches!(parse_str(args), Err(CliError::Invalid { .. })), "{args:?}: {:?}", parse_str(args));
         }
     }
 }

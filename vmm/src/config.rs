@@ -15,6 +15,14 @@ pub enum SerialConfig {
     None,
 }
 
+/// A QMP control socket Kestrel listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpSocket {
+    pub path: PathBuf,
+    /// Wait for a client to connect before starting the guest (QEMU's `wait=on`).
+    pub wait: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -25,6 +33,42 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Exit instead of resetting when the guest reboots.
     pub no_reboot: bool,
+    /// Stay alive, stopped, when the guest powers off (QEMU's `-no-shutdown`).
+    pub no_shutdown: bool,
+    /// Start with the vCPUs stopped until `cont` (QEMU's `-S`).
+    pub start_paused: bool,
+    pub qmp: Vec<QmpSocket>,
+    pub name: Option<String>,
+    /// Canonical lower-case 8-4-4-4-12 form.
+    pub uuid: Option<String>,
+}
+
+impl VmConfig {
+    /// A configuration with every optional setting at its default.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            vcpus: 1,
+            serial: SerialConfig::Stdio,
+            no_reboot: false,
+            no_shutdown: false,
+            start_paused: false,
+            qmp: Vec::new(),
+            name: None,
+            uuid: None,
+        }
+    }
+}
+
+/// Accepts a UUID in the 8-4-4-4-12 hex form QEMU takes, returning it in lower case.
+pub fn parse_uuid(text: &str) -> Option<String> {
+    let groups: Vec<&str> = text.split('-').collect();
+    let lengths_match = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    let all_hex = groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()));
+    (lengths_match && all_hex).then(|| text.to_ascii_lowercase())
 }
 
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
@@ -66,6 +110,22 @@ mod tests {
         assert_eq!(parse_memory_size("6GiB"), Some(6 << 30));
         assert_eq!(parse_memory_size("65536K"), Some(64 << 20));
         assert_eq!(parse_memory_size("1T"), Some(1 << 40));
+    }
+
+    #[test]
+    fn uuids_in_qemus_form() {
+        assert_eq!(
+            parse_uuid("3A0F5C9E-1B2C-4D5E-8F90-A1B2C3D4E5F6").as_deref(),
+            Some("3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6")
+        );
+        for bad in [
+            "",
+            "3a0f5c9e1b2c4d5e8f90a1b2c3d4e5f6",
+            "3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f",
+            "zz0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum Outcome {
 /// failure, the register dump that explains it).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{0} are parsed but not supported yet")]
+    NotYetSupported(&'static str),
     #[error("unsupported host architecture: {0} (Kestrel runs guests on x86_64 hosts so far)")]
     UnsupportedHostArchitecture(&'static str),
     #[error("cannot open {what} '{}': {source}", path.display())]

@@ -26,6 +26,9 @@ enum VmEvent {
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    if !config.qmp.is_empty() || config.start_paused || config.no_shutdown {
+        return Err(Error::NotYetSupported("QMP sockets, -S and -no-shutdown"));
+    }
     check_memory_size(config.memory_bytes)?;
     let mut kernel = open_input("kernel", &config.kernel)?;
     let mut initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
