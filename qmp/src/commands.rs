@@ -1,0 +1,439 @@
+//! The command table: every command Kestrel implements is defined once here (name, argument type, return type,
+//! handler). The dispatcher, `query-commands` and `query-qmp-schema` are all generated from it.
+
+use serde_json::{json, Map, Value};
+
+use crate::machine::{CpuInfo, CpuProps, Event, EventKind, Machine, QmpError, RunState, ShutdownCause, Target};
+use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
+use crate::session::ServerInfo;
+
+/// What a handler may use.
+pub(crate) struct Ctx<'a> {
+    pub machine: &'a mut dyn Machine,
+    pub events: &'a mut Vec<Event>,
+    pub info: &'a ServerInfo,
+    /// Whether capabilities negotiation is over; `qmp_capabilities` ends it.
+    pub negotiated: &'a mut bool,
+}
+
+type Handler = fn(&Map<String, Value>, &mut Ctx) -> Result<Value, QmpError>;
+
+/// One QMP command.
+pub struct Command {
+    pub name: &'static str,
+    /// Always an object type (`T_EMPTY` for commands without arguments).
+    pub args: &'static Type,
+    pub ret: &'static Type,
+    pub(crate) handler: Handler,
+}
+
+/// One QMP event and the type of its `data` (`T_EMPTY`: the event has no `data` member).
+pub struct EventDef {
+    pub name: &'static str,
+    pub data: &'static Type,
+}
+
+// ---- types (QEMU's QAPI definitions, reduced to the members Kestrel fills or accepts) ----
+
+static STR: Type = Type::Str;
+static INT: Type = Type::Int;
+static BOOL: Type = Type::Bool;
+static ANY: Type = Type::Any;
+
+static EMPTY: ObjectType = ObjectType { members: &[], tag: None };
+pub(crate) static T_EMPTY: Type = Type::Object(&EMPTY);
+
+static QMP_CAPABILITY: Type = Type::Enum(&["oob"]);
+static QMP_CAPABILITY_LIST: Type = Type::Array(&QMP_CAPABILITY);
+static QMP_CAPABILITIES_ARGS: Type =
+    Type::Object(&ObjectType { members: &[opt("enable", &QMP_CAPABILITY_LIST)], tag: None });
+
+static VERSION_TRIPLE: Type =
+    Type::Object(&ObjectType { members: &[req("major", &INT), req("minor", &INT), req("micro", &INT)], tag: None });
+static VERSION_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("qemu", &VERSION_TRIPLE), req("package", &STR)], tag: None });
+
+static COMMAND_INFO: Type = Type::Object(&ObjectType { members: &[req("name", &STR)], tag: None });
+static COMMAND_INFO_LIST: Type = Type::Array(&COMMAND_INFO);
+
+/// SchemaInfo is described as an object with the common members; its per-meta-type variants are not spelled out.
+static META_TYPE: Type = Type::Enum(&["builtin", "enum", "array", "object", "alternate", "command", "event"]);
+static STR_LIST: Type = Type::Array(&STR);
+static SCHEMA_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("name", &STR), req("meta-type", &META_TYPE), opt("features", &STR_LIST)],
+    tag: None,
+});
+static SCHEMA_INFO_LIST: Type = Type::Array(&SCHEMA_INFO);
+
+static RUN_STATE: Type = Type::Enum(RunState::NAMES);
+static STATUS_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("running", &BOOL), req("singlestep", &BOOL), req("status", &RUN_STATE)],
+    tag: None,
+});
+
+static TARGET: Type = Type::Enum(Target::NAMES);
+static CPU_PROPS: Type = Type::Object(&ObjectType {
+    members: &[
+        opt("node-id", &INT),
+        opt("socket-id", &INT),
+        opt("die-id", &INT),
+        opt("cluster-id", &INT),
+        opt("core-id", &INT),
+        opt("thread-id", &INT),
+    ],
+    tag: None,
+});
+static CPU_INFO_FAST: Type = Type::Object(&ObjectType {
+    members: &[
+        req("cpu-index", &INT),
+        req("qom-path", &STR),
+        req("thread-id", &INT),
+        opt("props", &CPU_PROPS),
+        req("target", &TARGET),
+    ],
+    tag: Some("target"),
+});
+static CPU_INFO_FAST_LIST: Type = Type::Array(&CPU_INFO_FAST);
+static HOTPLUGGABLE_CPU: Type = Type::Object(&ObjectType {
+    members: &[req("type", &STR), req("vcpus-count", &INT), req("props", &CPU_PROPS), opt("qom-path", &STR)],
+    tag: None,
+});
+static HOTPLUGGABLE_CPU_LIST: Type = Type::Array(&HOTPLUGGABLE_CPU);
+
+static KVM_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("enabled", &BOOL), req("present", &BOOL)], tag: None });
+static NAME_INFO: Type = Type::Object(&ObjectType { members: &[opt("name", &STR)], tag: None });
+static UUID_INFO: Type = Type::Object(&ObjectType { members: &[req("UUID", &STR)], tag: None });
+static TARGET_INFO: Type = Type::Object(&ObjectType { members: &[req("arch", &TARGET)], tag: None });
+static MACHINE_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("name", &STR),
+        opt("alias", &STR),
+        opt("is-default", &BOOL),
+        req("cpu-max", &INT),
+        req("hotpluggable-cpus", &BOOL),
+        req("numa-mem-supported", &BOOL),
+        req("deprecated", &BOOL),
+        opt("default-cpu-type", &STR),
+        opt("default-ram-id", &STR),
+    ],
+    tag: None,
+});
+static MACHINE_INFO_LIST: Type = Type::Array(&MACHINE_INFO);
+static MEMORY_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("base-memory", &INT), opt("plugged-memory", &INT)], tag: None });
+static CHARDEV_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("label", &STR), req("filename", &STR), req("frontend-open", &BOOL)],
+    tag: None,
+});
+static CHARDEV_INFO_LIST: Type = Type::Array(&CHARDEV_INFO);
+
+static HMP_ARGS: Type =
+    Type::Object(&ObjectType { members: &[req("command-line", &STR), opt("cpu-index", &INT)], tag: None });
+static QOM_LIST_ARGS: Type = Type::Object(&ObjectType { members: &[req("path", &STR)], tag: None });
+static QOM_GET_ARGS: Type =
+    Type::Object(&ObjectType { members: &[req("path", &STR), req("property", &STR)], tag: None });
+static OBJECT_PROPERTY_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("name", &STR), req("type", &STR), opt("description", &STR), opt("default-value", &ANY)],
+    tag: None,
+});
+static OBJECT_PROPERTY_INFO_LIST: Type = Type::Array(&OBJECT_PROPERTY_INFO);
+
+static SHUTDOWN_CAUSE: Type = Type::Enum(ShutdownCause::NAMES);
+static SHUTDOWN_DATA: Type =
+    Type::Object(&ObjectType { members: &[req("guest", &BOOL), req("reason", &SHUTDOWN_CAUSE)], tag: None });
+static RESET_DATA: Type =
+    Type::Object(&ObjectType { members: &[req("guest", &BOOL), req("reason", &SHUTDOWN_CAUSE)], tag: None });
+
+macro_rules! cmd {
+    ($name:literal, $args:expr, $ret:expr, $handler:expr) => {
+        Command { name: $name, args: &$args, ret: &$ret, handler: $handler }
+    };
+}
+
+/// Every command, once. Order is the order of `query-qmp-schema`; `query-commands` lists them in reverse, as QEMU
+/// (which prepends while walking its registration list) does.
+pub static COMMANDS: &[Command] = &[
+    cmd!("qmp_capabilities", QMP_CAPABILITIES_ARGS, T_EMPTY, qmp_capabilities),
+    cmd!("query-version", T_EMPTY, VERSION_INFO, query_version),
+    cmd!("query-commands", T_EMPTY, COMMAND_INFO_LIST, query_commands),
+    cmd!("query-qmp-schema", T_EMPTY, SCHEMA_INFO_LIST, query_qmp_schema),
+    cmd!("query-status", T_EMPTY, STATUS_INFO, query_status),
+    cmd!("stop", T_EMPTY, T_EMPTY, |_, c| c.machine.stop(c.events).map(|()| json!({}))),
+    cmd!("cont", T_EMPTY, T_EMPTY, cont),
+    cmd!("system_reset", T_EMPTY, T_EMPTY, |_, c| c.machine.system_reset(c.events).map(|()| json!({}))),
+    cmd!("system_powerdown", T_EMPTY, T_EMPTY, |_, c| c.machine.system_powerdown(c.events).map(|()| json!({}))),
+    cmd!("quit", T_EMPTY, T_EMPTY, |_, c| c.machine.quit(c.events).map(|()| json!({}))),
+    cmd!("query-cpus-fast", T_EMPTY, CPU_INFO_FAST_LIST, query_cpus_fast),
+    cmd!("query-hotpluggable-cpus", T_EMPTY, HOTPLUGGABLE_CPU_LIST, query_hotpluggable_cpus),
+    cmd!("query-kvm", T_EMPTY, KVM_INFO, |_, c| {
+        let (enabled, present) = c.machine.kvm();
+        Ok(json!({"enabled": enabled, "present": present}))
+    }),
+    cmd!("query-name", T_EMPTY, NAME_INFO, |_, c| Ok(match c.machine.name() {
+        Some(n) => json!({"name": n}),
+        None => json!({}),
+    })),
+    cmd!("query-uuid", T_EMPTY, UUID_INFO, |_, c| Ok(json!({"UUID": format_uuid(&c.machine.uuid())}))),
+    cmd!("query-target", T_EMPTY, TARGET_INFO, |_, c| Ok(json!({"arch": c.machine.target().as_str()}))),
+    cmd!("query-machines", T_EMPTY, MACHINE_INFO_LIST, query_machines),
+    cmd!("query-memory-size-summary", T_EMPTY, MEMORY_INFO, |_, c| {
+        let mut m = Map::new();
+        m.insert("base-memory".into(), json!(c.machine.memory_size()));
+        if let Some(p) = c.machine.plugged_memory() {
+            m.insert("plugged-memory".into(), json!(p));
+        }
+        Ok(Value::Object(m))
+    }),
+    cmd!("query-chardev", T_EMPTY, CHARDEV_INFO_LIST, |_, c| {
+        let list = c.machine.chardevs().into_iter();
+        Ok(list.map(|d| json!({"label": d.label, "filename": d.filename, "frontend-open": d.frontend_open})).collect())
+    }),
+    cmd!("human-monitor-command", HMP_ARGS, STR, human_monitor_command),
+    cmd!("qom-list", QOM_LIST_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list),
+    cmd!("qom-get", QOM_GET_ARGS, ANY, qom_get),
+];
+
+/// Every event Kestrel emits.
+pub static EVENTS: &[EventDef] = &[
+    EventDef { name: "SHUTDOWN", data: &SHUTDOWN_DATA },
+    EventDef { name: "POWERDOWN", data: &T_EMPTY },
+    EventDef { name: "RESET", data: &RESET_DATA },
+    EventDef { name: "STOP", data: &T_EMPTY },
+    EventDef { name: "RESUME", data: &T_EMPTY },
+];
+
+pub fn find(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// The `data` member of an event, or `None` when it has none.
+pub(crate) fn event_data(kind: &EventKind) -> Option<Value> {
+    match kind {
+        EventKind::Stop | EventKind::Resume | EventKind::Powerdown => None,
+        EventKind::Reset { guest, reason } | EventKind::Shutdown { guest, reason } => {
+            Some(json!({"guest": guest, "reason": reason.as_str()}))
+        }
+    }
+}
+
+/// `query-qmp-schema`'s answer.
+pub fn schema() -> Value {
+    let mut b = SchemaBuilder::new();
+    for c in COMMANDS {
+        b.command(c.name, c.args, c.ret);
+    }
+    for e in EVENTS {
+        b.event(e.name, e.data);
+    }
+    b.finish()
+}
+
+fn qmp_capabilities(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    if *c.negotiated {
+        return Err(QmpError::new(
+            crate::ErrorClass::CommandNotFound,
+            "Capabilities negotiation is already complete, command ignored",
+        ));
+    }
+    // Kestrel offers no capability (no out-of-band execution), so any requested one is unavailable.
+    let requested: Vec<&str> = args
+        .get("enable")
+        .and_then(Value::as_array)
+        .map(|l| l.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !requested.is_empty() {
+        return Err(QmpError::generic(format!("Capability {} not available", requested.join(", "))));
+    }
+    *c.negotiated = true;
+    Ok(json!({}))
+}
+
+fn query_version(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    Ok(c.info.version_value())
+}
+
+fn query_commands(_: &Map<String, Value>, _: &mut Ctx) -> Result<Value, QmpError> {
+    Ok(COMMANDS.iter().rev().map(|c| json!({"name": c.name})).collect())
+}
+
+fn query_qmp_schema(_: &Map<String, Value>, _: &mut Ctx) -> Result<Value, QmpError> {
+    Ok(schema())
+}
+
+fn query_status(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let state = c.machine.run_state();
+    Ok(json!({"running": state == RunState::Running, "singlestep": false, "status": state.as_str()}))
+}
+
+fn cont(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    match c.machine.run_state() {
+        s if s.needs_reset() => Err(QmpError::generic("Resetting the Virtual Machine is required")),
+        RunState::Suspended => Ok(json!({})),
+        RunState::FinishMigrate => Err(QmpError::generic("Migration is not finalized yet")),
+        _ => c.machine.cont(c.events).map(|()| json!({})),
+    }
+}
+
+fn props_value(p: &CpuProps) -> Value {
+    let mut m = Map::new();
+    for (k, v) in [
+        ("node-id", p.node_id),
+        ("socket-id", p.socket_id),
+        ("die-id", p.die_id),
+        ("cluster-id", p.cluster_id),
+        ("core-id", p.core_id),
+        ("thread-id", p.thread_id),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), json!(v));
+        }
+    }
+    Value::Object(m)
+}
+
+fn query_cpus_fast(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let target = c.machine.target().as_str();
+    let cpus = c.machine.cpus();
+    Ok(cpus
+        .iter()
+        .map(|cpu: &CpuInfo| {
+            json!({"cpu-index": cpu.cpu_index, "qom-path": cpu.qom_path, "thread-id": cpu.thread_id,
+                   "props": props_value(&cpu.props), "target": target})
+        })
+        .collect())
+}
+
+fn query_hotpluggable_cpus(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    // QEMU lists the slots last to first. Kestrel has no hot-plug, so every slot is occupied.
+    let cpus = c.machine.cpus();
+    Ok(cpus
+        .iter()
+        .rev()
+        .map(|cpu| {
+            json!({"type": cpu.type_name, "vcpus-count": 1, "props": props_value(&cpu.props),
+                   "qom-path": cpu.qom_path})
+        })
+        .collect())
+}
+
+fn query_machines(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let list = c.machine.machines();
+    Ok(list
+        .into_iter()
+        .map(|m| {
+            let mut o = Map::new();
+            o.insert("name".into(), json!(m.name));
+            if let Some(a) = m.alias {
+                o.insert("alias".into(), json!(a));
+            }
+            if m.is_default {
+                o.insert("is-default".into(), json!(true));
+            }
+            o.insert("cpu-max".into(), json!(m.cpu_max));
+            o.insert("hotpluggable-cpus".into(), json!(m.hotpluggable_cpus));
+            o.insert("numa-mem-supported".into(), json!(m.numa_mem_supported));
+            o.insert("deprecated".into(), json!(m.deprecated));
+            if let Some(t) = m.default_cpu_type {
+                o.insert("default-cpu-type".into(), json!(t));
+            }
+            if let Some(r) = m.default_ram_id {
+                o.insert("default-ram-id".into(), json!(r));
+            }
+            Value::Object(o)
+        })
+        .collect())
+}
+
+fn format_uuid(u: &[u8; 16]) -> String {
+    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", h[0..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..].concat())
+}
+
+fn qom_list(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let path = args["path"].as_str().unwrap_or_default();
+    let obj = c.machine.qom_object(path).ok_or_else(|| QmpError::device_not_found(path))?;
+    Ok(obj.properties.iter().map(|p| json!({"name": p.name, "type": p.type_name})).collect())
+}
+
+fn qom_get(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let path = args["path"].as_str().unwrap_or_default();
+    let name = args["property"].as_str().unwrap_or_default();
+    let obj = c.machine.qom_object(path).ok_or_else(|| QmpError::device_not_found(path))?;
+    let prop = obj
+        .properties
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| QmpError::property_not_found(&obj.type_name, name))?;
+    prop.value.clone().ok_or_else(|| QmpError::generic(format!("Property '{}.{name}' is not readable", obj.type_name)))
+}
+
+/// The HMP subset: `info status`, `info cpus`, `info version`, `info kvm`, `info name`, `info uuid`, with QEMU's
+/// text; anything else gets QEMU's `unknown command` line. HMP output lines end in `\r\n` (QEMU's monitor turns
+/// every `\n` into `\r\n`).
+fn human_monitor_command(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let line = args["command-line"].as_str().unwrap_or_default();
+    let cpus = c.machine.cpus();
+    let current = match args.get("cpu-index").and_then(Value::as_i64) {
+        Some(i) => {
+            if !cpus.iter().any(|cpu| cpu.cpu_index == i) {
+                return Err(QmpError::generic("Parameter 'cpu-index' expects a CPU number"));
+            }
+            Some(i)
+        }
+        None => cpus.first().map(|cpu| cpu.cpu_index),
+    };
+    // QEMU's command names end at whitespace or '/'.
+    let word = |s: &str| s.find(|ch: char| ch.is_ascii_whitespace() || ch == '/').unwrap_or(s.len());
+    let start = line.trim_start();
+    let offset = line.len() - start.len();
+    if start.is_empty() {
+        return Ok(json!(""));
+    }
+    let cmd_end = word(start);
+    let unknown = |end: usize| Ok(json!(format!("unknown command: '{}'\r\n", &line[offset..offset + end])));
+    if &start[..cmd_end] != "info" {
+        return unknown(cmd_end);
+    }
+    let rest = &start[cmd_end..];
+    let sub_start = rest.trim_start();
+    let sub_offset = cmd_end + (rest.len() - sub_start.len());
+    let sub_end = word(sub_start);
+    let text = match &sub_start[..sub_end] {
+        "" => INFO_HELP.to_string(),
+        "status" => {
+            let state = c.machine.run_state();
+            let running = state == RunState::Running;
+            let mut s = format!("VM status: {}", if running { "running" } else { "paused" });
+            if !running && state != RunState::Paused {
+                s += &format!(" ({})", state.as_str());
+            }
+            s + "\n"
+        }
+        "cpus" => cpus
+            .iter()
+            .map(|cpu| {
+                let mark = if Some(cpu.cpu_index) == current { '*' } else { ' ' };
+                format!("{mark} CPU #{}: thread_id={}\n", cpu.cpu_index, cpu.thread_id)
+            })
+            .collect(),
+        "version" => {
+            let v = &c.info;
+            format!("{}.{}.{}{}\n", v.major, v.minor, v.micro, v.package)
+        }
+        "kvm" => format!("kvm support: {}\n", if c.machine.kvm().0 { "enabled" } else { "disabled" }),
+        "name" => c.machine.name().map(|n| format!("{n}\n")).unwrap_or_default(),
+        "uuid" => format!("{}\n", format_uuid(&c.machine.uuid())),
+        _ => return unknown(sub_offset + sub_end),
+    };
+    Ok(json!(text.replace('\n', "\r\n")))
+}
+
+const INFO_HELP: &str = "\
+info cpus  -- show infos for each CPU
+info kvm  -- show KVM information
+info name  -- show the current VM name
+info status  -- show the current VM status (running|paused)
+info uuid  -- show the current VM UUID
+info version  -- show the version of QEMU
+";

@@ -1,0 +1,35 @@
+//! The QEMU Machine Protocol as Kestrel speaks it: byte-compatible with QEMU 7.2 on every command it implements.
+//!
+//! Pure: no sockets, threads or clocks. The VMM owns the sockets and the clock and implements [`Machine`].
+//!
+//! # How the VMM drives it
+//!
+//! * On accept: `let (mut session, greeting) = Session::new(ServerInfo::kestrel());` and write `greeting`.
+//!   One session per connection; a new connection gets a new session (fresh negotiation), as QEMU does.
+//! * On readable: read whatever is there and write back `session.feed(&bytes, &mut machine)` in full, in order.
+//!   The input is a JSON stream: requests may arrive split at any byte or several per read, with or without
+//!   newlines. For each completed request the output holds the events its command raised (pushed by the
+//!   [`Machine`] method into its `events` vector), then the reply; each object is one line ending in `\r\n`.
+//! * Events not raised by this session's own command (guest reset/shutdown, SIGTERM's `SHUTDOWN host-signal`, a
+//!   `stop` issued on another monitor): for every session, write `session.event_bytes(&event)` if it is `Some`
+//!   (it is `None` while that session is still negotiating). Events raised by a command on session A are written
+//!   to A by `feed`, and must be passed to every other session through `event_bytes` by the VMM.
+//! * After `quit` (the `Machine::quit` call), write the bytes `feed` returned, then close and exit.
+//! * Hostile input never panics and never wedges the session: errors are answered and the stream resynchronises.
+//!   Memory per session is bounded by [`Limits`] (QEMU's limits by default).
+
+pub mod commands;
+pub mod json;
+pub mod machine;
+pub mod schema;
+pub mod session;
+
+pub use json::{to_qemu_json, Limits};
+pub use machine::{
+    ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo, QmpError, QomObject,
+    QomProperty, RunState, ShutdownCause, Target, Timestamp,
+};
+pub use session::{encode_event, ServerInfo, Session};
+
+#[doc(hidden)]
+pub mod testing;

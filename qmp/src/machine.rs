@@ -1,0 +1,310 @@
+//! What the protocol needs from a VM: `trait Machine`, implemented by `vmm`, and the plain data it returns.
+
+use serde_json::Value;
+
+/// Classes of QMP errors, named as QEMU names them on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+    KVMMissingCap,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::KVMMissingCap => "KVMMissingCap",
+        }
+    }
+}
+
+/// An error reply: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{desc}")]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
+        QmpError { class, desc: desc.into() }
+    }
+
+    pub fn generic(desc: impl Into<String>) -> Self {
+        Self::new(ErrorClass::GenericError, desc)
+    }
+
+    /// QEMU's text for a QOM path that resolves to nothing (`qom-get`, `qom-list`).
+    pub fn device_not_found(path: &str) -> Self {
+        Self::new(ErrorClass::DeviceNotFound, format!("Device '{path}' not found"))
+    }
+
+    /// QEMU's text for a missing QOM property: `Property '<type>.<name>' not found`.
+    pub fn property_not_found(type_name: &str, property: &str) -> Self {
+        Self::generic(format!("Property '{type_name}.{property}' not found"))
+    }
+}
+
+/// Generates an enum with QEMU's wire names, `as_str`, and the list of all names (used by the schema).
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant,)* }
+        impl $name {
+            /// Every name, in QEMU's declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($s,)*];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s,)* }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// QEMU's `RunState`: what `query-status` reports.
+    RunState {
+        Debug = "debug",
+        InMigrate = "inmigrate",
+        InternalError = "internal-error",
+        IoError = "io-error",
+        Paused = "paused",
+        PostMigrate = "postmigrate",
+        /// Created with `-S`, never started.
+        Prelaunch = "prelaunch",
+        FinishMigrate = "finish-migrate",
+        RestoreVm = "restore-vm",
+        Running = "running",
+        SaveVm = "save-vm",
+        /// The guest shut down and `-no-shutdown` kept the process alive.
+        Shutdown = "shutdown",
+        Suspended = "suspended",
+        Watchdog = "watchdog",
+        GuestPanicked = "guest-panicked",
+        Colo = "colo",
+    }
+}
+
+impl RunState {
+    /// QEMU's `runstate_needs_reset`: `cont` is refused in these states.
+    pub fn needs_reset(self) -> bool {
+        matches!(self, RunState::InternalError | RunState::Shutdown | RunState::GuestPanicked)
+    }
+}
+
+wire_enum! {
+    /// QEMU's `ShutdownCause`: the `reason` of SHUTDOWN and RESET events.
+    ShutdownCause {
+        None = "none",
+        HostError = "host-error",
+        HostQmpQuit = "host-qmp-quit",
+        HostQmpSystemReset = "host-qmp-system-reset",
+        HostSignal = "host-signal",
+        HostUi = "host-ui",
+        GuestShutdown = "guest-shutdown",
+        GuestReset = "guest-reset",
+        GuestPanic = "guest-panic",
+        SubsystemReset = "subsystem-reset",
+        SnapshotLoad = "snapshot-load",
+    }
+}
+
+impl ShutdownCause {
+    /// QEMU's rule for the `guest` member: the guest caused it.
+    pub fn is_guest(self) -> bool {
+        matches!(self, ShutdownCause::GuestShutdown | ShutdownCause::GuestReset | ShutdownCause::GuestPanic)
+    }
+}
+
+wire_enum! {
+    /// QEMU's `SysEmuTarget`: what `query-target` and `query-cpus-fast` report.
+    Target {
+        Aarch64 = "aarch64", Alpha = "alpha", Arm = "arm", Avr = "avr", Cris = "cris", Hppa = "hppa", I386 = "i386",
+        Loongarch64 = "loongarch64", M68k = "m68k", Microblaze = "microblaze", Microblazeel = "microblazeel",
+        Mips = "mips", Mips64 = "mips64", Mips64el = "mips64el", Mipsel = "mipsel", Nios2 = "nios2", Or1k = "or1k",
+        Ppc = "ppc", Ppc64 = "ppc64", Riscv32 = "riscv32", Riscv64 = "riscv64", Rx = "rx", S390x = "s390x",
+        Sh4 = "sh4", Sh4eb = "sh4eb", Sparc = "sparc", Sparc64 = "sparc64", Tricore = "tricore", X86_64 = "x86_64",
+        Xtensa = "xtensa", Xtensaeb = "xtensaeb",
+    }
+}
+
+/// Wall-clock time of an event, as the QMP `timestamp` member (seconds and microseconds since the Unix epoch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+/// The events Kestrel emits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Stop,
+    Resume,
+    Powerdown,
+    /// `guest` is normally `reason.is_guest()`; it is separate because QEMU reports it separately.
+    Reset {
+        guest: bool,
+        reason: ShutdownCause,
+    },
+    Shutdown {
+        guest: bool,
+        reason: ShutdownCause,
+    },
+}
+
+impl EventKind {
+    pub fn reset(reason: ShutdownCause) -> Self {
+        EventKind::Reset { guest: reason.is_guest(), reason }
+    }
+
+    pub fn shutdown(reason: ShutdownCause) -> Self {
+        EventKind::Shutdown { guest: reason.is_guest(), reason }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Stop => "STOP",
+            EventKind::Resume => "RESUME",
+            EventKind::Powerdown => "POWERDOWN",
+            EventKind::Reset { .. } => "RESET",
+            EventKind::Shutdown { .. } => "SHUTDOWN",
+        }
+    }
+}
+
+/// An event with the time it happened, taken from the VMM's clock when it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub timestamp: Timestamp,
+}
+
+/// `CpuInstanceProperties`: where a vCPU sits in the topology. `None` members are omitted, as QEMU does (x86
+/// reports socket, core and thread; arm64 `virt` reports thread only, etc.).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuProps {
+    pub node_id: Option<i64>,
+    pub socket_id: Option<i64>,
+    pub die_id: Option<i64>,
+    pub cluster_id: Option<i64>,
+    pub core_id: Option<i64>,
+    pub thread_id: Option<i64>,
+}
+
+/// One vCPU, for `query-cpus-fast`, `query-hotpluggable-cpus` and `info cpus`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuInfo {
+    pub cpu_index: i64,
+    /// The vCPU's QOM path, e.g. `/machine/unattached/device[0]`; the same object should exist in the QOM tree.
+    pub qom_path: String,
+    /// The host thread id (gettid) of the thread running this vCPU.
+    pub thread_id: i64,
+    pub props: CpuProps,
+    /// QOM type name, e.g. `host-x86_64-cpu`.
+    pub type_name: String,
+}
+
+/// One entry of `query-machines`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineInfo {
+    pub name: String,
+    pub alias: Option<String>,
+    pub is_default: bool,
+    pub cpu_max: i64,
+    pub hotpluggable_cpus: bool,
+    pub numa_mem_supported: bool,
+    pub deprecated: bool,
+    pub default_cpu_type: Option<String>,
+    pub default_ram_id: Option<String>,
+}
+
+/// One entry of `query-chardev`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChardevInfo {
+    pub label: String,
+    pub filename: String,
+    pub frontend_open: bool,
+}
+
+/// One QOM property as `qom-list` shows it and `qom-get` reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QomProperty {
+    pub name: String,
+    /// QOM type of the property: `string`, `bool`, `int`, `child<container>`, `link<...>`...
+    pub type_name: String,
+    /// What `qom-get` returns; `None` if the property cannot be read. For `child<>`/`link<>` properties QEMU
+    /// returns the target's canonical path as a string.
+    pub value: Option<Value>,
+}
+
+/// One QOM object: its type and its properties in the order `qom-list` shows them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QomObject {
+    pub type_name: String,
+    pub properties: Vec<QomProperty>,
+}
+
+/// The VM as QMP sees it. Implemented by `vmm`; the `qmp` crate never knows how the VM is built.
+///
+/// Command methods (`stop`, `cont`, ...) run synchronously inside [`crate::Session::feed`]. Each pushes the events
+/// it raised onto `events` (timestamped with the VMM's clock at the moment they happened); the session writes them
+/// to its own connection *before* the reply, as QEMU does. The implementation is also responsible for delivering
+/// the same events to every *other* connected, negotiated session (through [`crate::Session::event_bytes`]); the
+/// issuing session gets them only through `events`.
+pub trait Machine {
+    /// Current run state (`query-status`, `info status`).
+    fn run_state(&self) -> RunState;
+
+    /// `stop`: if the VM is running, pause every vCPU, enter `paused` and push `STOP`. In any other state do
+    /// nothing and push nothing (QEMU: `stop` in `prelaunch` stays in `prelaunch`, `stop` when paused is silent).
+    fn stop(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// `cont`: if not running, start or resume the vCPUs, enter `running` and push `RESUME`; if running, do
+    /// nothing. The session has already refused `cont` in states that need a reset.
+    fn cont(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// `system_reset`: reset the VM and push `RESET {guest: false, reason: host-qmp-system-reset}`.
+    fn system_reset(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// `system_powerdown`: press the ACPI power button and push `POWERDOWN`.
+    fn system_powerdown(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// `quit`: push `SHUTDOWN {guest: false, reason: host-qmp-quit}` and arrange for the process to exit once the
+    /// reply bytes returned by `feed` have been written.
+    fn quit(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// vCPUs in cpu-index order.
+    fn cpus(&self) -> Vec<CpuInfo>;
+
+    /// `-name`.
+    fn name(&self) -> Option<String>;
+
+    /// `-uuid`; QEMU reports all zeros when none was given.
+    fn uuid(&self) -> [u8; 16];
+
+    /// Guest RAM in bytes given at start-up (`base-memory`).
+    fn memory_size(&self) -> u64;
+
+    /// Hot-plugged RAM in bytes; `None` when the machine cannot hot-plug memory (the member is then omitted).
+    fn plugged_memory(&self) -> Option<u64>;
+
+    fn chardevs(&self) -> Vec<ChardevInfo>;
+
+    fn target(&self) -> Target;
+
+    /// `query-kvm`: (enabled, present).
+    fn kvm(&self) -> (bool, bool);
+
+    /// Machine types this binary can build (`query-machines`).
+    fn machines(&self) -> Vec<MachineInfo>;
+
+    /// Resolves a QOM path (`/machine`, `/machine/unattached/device[0]`...) to an object, or `None`.
+    fn qom_object(&self, path: &str) -> Option<QomObject>;
+}
