@@ -64,6 +64,10 @@ macro_rules! wire_enum {
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $s,)* }
             }
+            /// The variant with this wire name.
+            pub fn from_name(s: &str) -> Option<Self> {
+                match s { $($s => Some($name::$variant),)* _ => None }
+            }
         }
     };
 }
