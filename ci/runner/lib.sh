@@ -1,0 +1,262 @@
+# Shared part of the emulated runners (sourced by ci/runner/<arch>). An architecture's script sets:
+#   RUNNER_ARCH      x86_64, aarch64, ...
+#   RUST_TRIPLE      the target kestrel is built for (statically)
+#   L2_CONSOLE       the guest's console= argument
+#   kernel_file()    maps a case's "kernel" kind (image, vmlinux) to a file in the guest artifact directory
+#   boot_l1()        boots L1 (kernel "$guest/kernel/...", initramfs "$1"), its console on stdout
+# and calls runner_main "$@".
+
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+rlog() { printf 'ci/runner: %s\n' "$*" >&2; }
+rdie() { printf 'ci/runner: error: %s\n' "$*" >&2; exit 2; }
+
+# Installs missing Debian packages: "command:package" pairs.
+runner_need() {
+  local need=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+  done
+  [ ${#need[@]} -eq 0 ] && return
+  rlog "installing ${need[*]}"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq -o DPkg::Lock::Timeout=300 || true
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+    --no-install-recommends "${need[@]}" >&2
+}
+
+# Parses the cases file into case directories for L1 ($1/NN-name/) and spec files for checking
+# ($2/name.spec: the case's key lines). Prints the names of the cases that apply to this arch.
+runner_parse_cases() {
+  local file="$1" l1dir="$2" specdir="$3"
+  mkdir -p "$l1dir" "$specdir"
+  local n=0 name="" line key value
+  local -a names=()
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line%%$'\r'}"
+    [[ "$line" =~ ^[[:space:]]*(#.*)?$ ]] && continue
+    if [[ "$line" =~ ^case[[:space:]]+([A-Za-z0-9_.-]+)[[:space:]]*$ ]]; then
+      name="${BASH_REMATCH[1]}"
+      [ -e "$specdir/$name.spec" ] && rdie "case $name is defined twice in $file"
+      : >"$specdir/$name.spec"
+      names+=("$name")
+      continue
+    fi
+    [[ "$line" =~ ^[[:space:]]+([a-z-]+)([[:space:]]+(.*))?$ ]] || rdie "$file: cannot parse: $line"
+    [ -n "$name" ] || rdie "$file: key outside a case: $line"
+    key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
+    value="${value%"${value##*[![:space:]]}"}"
+    case "$key" in
+      arch|kernel|guest|cmdline|args|timeout|prompt|input|until|expect-exit|expect|expect-count|expect-value|expect-epoch) ;;
+      *) rdie "$file: case $name: unknown key $key" ;;
+    esac
+    printf '%s\t%s\n' "$key" "$value" >>"$specdir/$name.spec"
+  done <"$file"
+
+  for name in "${names[@]}"; do
+    local spec="$specdir/$name.spec"
+    local archs kind guest_action cmdline args timeout
+    archs="$(spec_get "$spec" arch)"
+    if [ -n "$archs" ] && ! grep -qw -- "$RUNNER_ARCH" <<<"$archs"; then
+      rm -f "$spec"
+      continue
+    fi
+    kind="$(spec_get "$spec" kernel)"; kind="${kind:-image}"
+    guest_action="$(spec_get "$spec" guest)"
+    cmdline="$L2_CONSOLE${guest_action:+ kestrel.case=$guest_action}"
+    [ -n "$(spec_get "$spec" cmdline)" ] && cmdline+=" $(spec_get "$spec" cmdline)"
+    args="$(spec_get "$spec" args)"
+    timeout="$(spec_get "$spec" timeout)"; timeout="${timeout:-60}"
+    n=$((n + 1))
+    local d
+    d="$l1dir/$(printf '%02d' "$n")-$name"
+    mkdir -p "$d"
+    echo "$name" >"$d/name"
+    echo "$timeout" >"$d/timeout"
+    {
+      printf '%s\n' --kernel "/guest/$(kernel_file "$kind")" --initrd /guest/initrd.gz --cmdline "$cmdline"
+      # shellcheck disable=SC2086
+      [ -n "$args" ] && printf '%s\n' $args
+    } >"$d/args"
+    if [ -n "$(spec_get "$spec" input)" ]; then
+      spec_get "$spec" input >"$d/input"
+      spec_get "$spec" prompt >"$d/prompt"
+      [ -s "$d/prompt" ] || rdie "case $name: input needs a prompt"
+    fi
+    [ -n "$(spec_get "$spec" until)" ] && spec_get "$spec" until >"$d/until"
+    echo "$name"
+  done
+}
+
+spec_get() { awk -F'\t' -v k="$2" '$1 == k { print $2; exit }' "$1"; }
+
+# The L2 initramfs: busybox + ci/guest/init.
+runner_l2_initrd() {
+  local out="$1" stage
+  stage="$(mktemp -d)"
+  mkdir -p "$stage/bin" "$stage/dev" "$stage/proc" "$stage/sys" "$stage/tmp"
+  cp "$guest/busybox" "$stage/bin/busybox"
+  cp "$repo/ci/guest/init" "$stage/init"
+  chmod 755 "$stage/init" "$stage/bin/busybox"
+  mknod -m 600 "$stage/dev/console" c 5 1
+  mknod -m 666 "$stage/dev/null" c 1 3
+  (cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1) >"$out"
+  rm -rf "$stage"
+}
+
+# The static kestrel.
+runner_kestrel() {
+  if [ -n "${KESTREL_STATIC_BIN:-}" ]; then
+    echo "$KESTREL_STATIC_BIN"
+    return
+  fi
+  rlog "building a static kestrel for $RUST_TRIPLE"
+  (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release --locked -p vmm \
+    --target "$RUST_TRIPLE" >&2) || rdie "building the static kestrel failed"
+  echo "$repo/target/$RUST_TRIPLE/release/kestrel"
+}
+
+# The L1 initramfs: busybox, the runner's init, the KVM modules, kestrel, the guest's kernels and initramfs,
+# and the cases. Uncompressed: L1 runs under TCG, where decompressing ~80 MB would cost seconds.
+runner_l1_initrd() {
+  local out="$1" kestrel_bin="$2" cases="$3" stage
+  stage="$(mktemp -d)"
+  mkdir -p "$stage/bin" "$stage/dev" "$stage/proc" "$stage/sys" "$stage/tmp" "$stage/guest" "$stage/modules"
+  cp "$guest/busybox" "$stage/bin/busybox"
+  cp "$repo/ci/runner/init-l1" "$stage/init"
+  cp "$kestrel_bin" "$stage/bin/kestrel"
+  chmod 755 "$stage/init" "$stage/bin/busybox" "$stage/bin/kestrel"
+  cp "$guest/modules/"* "$stage/modules/"
+  cp -r "$cases" "$stage/cases"
+  echo "KESTREL-GUEST-UP" >"$stage/cases/marker"
+  local f
+  for f in "$guest/kernel/"*; do ln "$f" "$stage/guest/" 2>/dev/null || cp "$f" "$stage/guest/"; done
+  runner_l2_initrd "$stage/guest/initrd.gz"
+  mknod -m 600 "$stage/dev/console" c 5 1
+  mknod -m 666 "$stage/dev/null" c 1 3
+  (cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out"
+  rm -rf "$stage"
+}
+
+# case_section LOG NAME PART: the case's console (PART=out), stderr (err) or END line (end), \r removed.
+case_section() {
+  awk -v name="$2" -v part="$3" '
+    { gsub(/\r/, "") }
+    $0 == "=== CASE " name " BEGIN" { s = "out"; next }
+    $0 == "=== CASE " name " STDERR" { s = "err"; next }
+    index($0, "=== CASE " name " END ") == 1 { if (part == "end") print; s = ""; next }
+    s == part { print }
+  ' "$1"
+}
+
+end_field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
+
+# Checks every case against its expectations; prints PASS/FAIL lines (and the tail of the console on
+# failure). Returns non-zero when a case failed.
+runner_check() {
+  local log="$1" specdir="$2" failed=0 name spec
+  shift 2
+  for name in "$@"; do
+    spec="$specdir/$name.spec"
+    local out end problems=() key value code reason
+    out="$(case_section "$log" "$name" out)"
+    end="$(case_section "$log" "$name" end)"
+    if [ -z "$end" ]; then
+      problems+=("no result (L1 did not finish the case)")
+    else
+      code="$(end_field "$end" exit)" reason="$(end_field "$end" reason)"
+      if [ -n "$(spec_get "$spec" until)" ]; then
+        [ "$reason" = until ] || problems+=("kestrel was not stopped by 'until' (reason=$reason exit=$code)")
+      elif [ "$reason" != exit ]; then
+        problems+=("kestrel did not exit by itself (reason=$reason)")
+      fi
+      while IFS=$'\t' read -r key value; do
+        case "$key" in
+          expect-exit)
+            [ "$reason" = exit ] && [ "$code" = "$value" ] || problems+=("exit=$code reason=$reason, expected exit $value") ;;
+          expect)
+            grep -Eq -- "$value" <<<"$out" || problems+=("no console line matches /$value/") ;;
+          expect-count)
+            local want="${value%% *}" re="${value#* }" got
+            got="$(grep -Ec -- "$re" <<<"$out" || true)"
+            [ "$got" = "$want" ] || problems+=("$got lines match /$re/, expected $want") ;;
+          expect-value)
+            local k min max v
+            read -r k min max <<<"$value"
+            v="$(sed -n "s/^$k=\([0-9][0-9]*\)\$/\1/p" <<<"$out" | head -n1)"
+            { [ -n "$v" ] && [ "$v" -ge "$min" ] && [ "$v" -le "$max" ]; } \
+              || problems+=("$k=${v:-missing}, expected $min..$max") ;;
+          expect-epoch)
+            local k tol v s e
+            read -r k tol <<<"$value"
+            v="$(sed -n "s/^$k=\([0-9][0-9]*\)\$/\1/p" <<<"$out" | head -n1)"
+            s="$(end_field "$end" l1_epoch_start)" e="$(end_field "$end" l1_epoch_end)"
+            { [ -n "$v" ] && [ "$v" -ge $((s - tol)) ] && [ "$v" -le $((e + tol)) ]; } \
+              || problems+=("$k=${v:-missing}, expected within ${tol}s of L1's clock $s..$e") ;;
+        esac
+      done <"$spec"
+    fi
+    local ms marker_ms
+    ms="$(end_field "$end" ms)" marker_ms="$(end_field "$end" marker_ms)"
+    if [ ${#problems[@]} -eq 0 ]; then
+      printf 'PASS %-14s %6s ms (marker at %s ms)\n' "$name" "${ms:-?}" "${marker_ms:-?}"
+    else
+      failed=1
+      printf 'FAIL %-14s %6s ms (marker at %s ms)\n' "$name" "${ms:-?}" "${marker_ms:-?}"
+      printf '     - %s\n' "${problems[@]}"
+      printf '     guest console (last 20 lines):\n'
+      tail -n 20 <<<"$out" | sed 's/^/     | /'
+      printf '     kestrel stderr (last 20 lines):\n'
+      case_section "$log" "$name" err | tail -n 20 | sed 's/^/     | /'
+    fi
+  done
+  return $failed
+}
+
+# runner_main [CASES_FILE] : builds what is missing, boots L1 once for all cases, checks them.
+# Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console.log),
+# KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run; default: the cases' timeouts + 120),
+# KESTREL_STATIC_BIN (use this static kestrel instead of building one).
+runner_main() {
+  local cases_file="${1:-$repo/ci/runner/linux.cases}"
+  [ -f "$cases_file" ] || rdie "no cases file $cases_file"
+  local t_start
+  t_start="$(date +%s%N)"
+  local work="$repo/target/runner/$RUNNER_ARCH"
+  mkdir -p "$work"
+  local log="${KESTREL_RUNNER_LOG:-$work/console.log}"
+
+  guest="$("$repo/ci/guest/fetch" "$RUNNER_ARCH")"
+  local kestrel_bin
+  kestrel_bin="$(runner_kestrel)" || exit 2
+  rlog "kestrel built from $(cd "$repo" && git rev-parse --short HEAD)$(cd "$repo" && git diff --quiet HEAD -- arch hypervisor devices vmm Cargo.toml Cargo.lock || echo ' + uncommitted changes in the work tree')"
+  [ -x "$kestrel_bin" ] || rdie "no kestrel binary at $kestrel_bin"
+
+  rm -rf "$work/cases" "$work/specs"
+  local names
+  names="$(runner_parse_cases "$cases_file" "$work/cases" "$work/specs")"
+  [ -n "$names" ] || rdie "no cases for $RUNNER_ARCH in $cases_file"
+  local total=120 d
+  for d in "$work/cases"/*/; do total=$((total + $(cat "$d/timeout"))); done
+  total="${KESTREL_RUNNER_TIMEOUT:-$total}"
+
+  runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases"
+  local t_built
+  t_built="$(date +%s%N)"
+  rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s), console: $log"
+
+  local qemu_rc=0
+  boot_l1 "$work/l1-initrd.cpio" "$total" >"$log" 2>&1 </dev/null || qemu_rc=$?
+  local t_end
+  t_end="$(date +%s%N)"
+  local l1_up done_line
+  l1_up="$(grep -ao '=== RUNNER L1-UP uptime_ms=[0-9]*' "$log" | sed 's/.*=//' || true)"
+  done_line="$(grep -a '=== RUNNER DONE' "$log" | tr -d '\r' || true)"
+  printf 'runner %s: L1 userspace at %s ms of L1 uptime; QEMU ran %d ms (exit %d); whole run %d ms\n' \
+    "$RUNNER_ARCH" "${l1_up:-?}" $(( (t_end - t_built) / 1000000 )) "$qemu_rc" $(( (t_end - t_start) / 1000000 ))
+  grep -aq '^=== RUNNER NO-KVM' "$log" && { rlog "L1 has no /dev/kvm; see $log"; }
+  [ -n "$done_line" ] || rlog "L1 did not finish (no '=== RUNNER DONE'; QEMU exit $qemu_rc): see $log"
+  # shellcheck disable=SC2086
+  runner_check "$log" "$work/specs" $names
+}
