@@ -91,6 +91,9 @@ SESSIONS = [
         deep(1024), b'{"execute":"query-status","id":"d1"}', deep(1025), b'{"execute":"query-status","id":"d2"}',
         b'{"id": abc}', b'{"id": "x", 1: 2}', b'[1,]', b'{"id":tru}', b'%d', b'{"execute":"query-status","id":"\xed\xa0\x80"}',
         b'{"execute":"query-status","id":"\xc0\x80"}', b'{"execute":"query-status","id":"\xef\xbf\xbf"}',
+        b'{"a":1, @ "b" , "c"}', b'- ', b'@\xff', b'{"execute":"query-status","id":"\\uFFFF"}', b'True ',
+        b'{"execute":"query-status","id":"\\u0041\\uDC00"}', b'{"execute":"query-status","id":"\\uD800\\u0041"}',
+        b'{"execute":"query-status","exec-oob":"x","id":"both"}', b'{"execute":"query-status","foo":1,"bar":2}',
     ]),
     ("arguments", [
         b'{"execute":"qmp_capabilities"}',
