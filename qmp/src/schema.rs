@@ -70,6 +70,11 @@ fn check_members(map: &Map<String, Value>, ty: &ObjectType, prefix: &str) -> Res
     Ok(())
 }
 
+/// Checks any value against a type (used by the tests to hold every command's return value to its declared type).
+pub fn check_value_type(v: &Value, ty: &Type) -> Result<(), String> {
+    check_value(v, ty, None, "<anonymous>")
+}
+
 fn check_value(v: &Value, ty: &Type, name: Option<&str>, path: &str) -> Result<(), String> {
     let ok = match ty {
         Type::Any => true,

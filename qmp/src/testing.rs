@@ -178,7 +178,7 @@ impl Machine for FakeMachine {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -201,7 +201,7 @@ pub fn fuzz_one(data: &[u8]) {
     let mut out = Vec::new();
     let mut rest = input;
     while !rest.is_empty() {
-        let n = (rng.next() as usize % (rest.len() + 1)).max(1);
+        let n = (rng.next_u64() as usize % (rest.len() + 1)).max(1);
         out.extend(s.feed(&rest[..n], &mut m));
         rest = &rest[n..];
     }

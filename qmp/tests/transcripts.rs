@@ -7,6 +7,7 @@
 //! * the fake machine is configured with the recorded run's *data* where it is not protocol: the version numbers
 //!   and package string from the greeting, the vCPU thread id from `query-cpus-fast`, and the property list of
 //!   `/machine` from `qom-list` (QEMU's machine object has dozens of properties Kestrel's will not have).
+//!
 //! Events that QEMU sent after a reply (the guest's own RESET after `system_reset`) are fed to the session as
 //! asynchronous events through `event_bytes`, which must print them identically.
 
@@ -129,7 +130,10 @@ fn replay(name: &str) {
         assert!(out.is_empty() || out.ends_with("\r\n"), "{name}: output must end in CRLF");
         let ours: Vec<String> = out.split_terminator("\r\n").map(normalise).collect();
         let sent = String::from_utf8_lossy(bytes);
-        assert!(ours.len() <= expected.len(), "{name}: after sending {sent:?} we wrote more: {ours:#?} vs {expected:#?}");
+        assert!(
+            ours.len() <= expected.len(),
+            "{name}: after sending {sent:?} we wrote more: {ours:#?} vs {expected:#?}"
+        );
         for (k, want) in expected.iter().enumerate() {
             let got = match ours.get(k) {
                 Some(l) => l.clone(),

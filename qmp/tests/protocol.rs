@@ -1,0 +1,415 @@
+//! Every protocol rule, against a fake machine: negotiation, ids, errors, events before replies, commands,
+//! introspection generated from the command table, and hostile input.
+
+use qmp::testing::{fuzz_one, FakeMachine, Rng};
+use qmp::{Event, EventKind, Limits, RunState, ServerInfo, Session, ShutdownCause, Timestamp};
+use serde_json::Value;
+
+fn negotiated() -> (Session, FakeMachine) {
+    let (mut s, _) = Session::new(ServerInfo::kestrel());
+    let mut m = FakeMachine::default();
+    assert_eq!(s.feed(b"{\"execute\":\"qmp_capabilities\"}", &mut m), b"{\"return\": {}}\r\n");
+    (s, m)
+}
+
+fn text(b: Vec<u8>) -> String {
+    String::from_utf8(b).unwrap()
+}
+
+fn ask(s: &mut Session, m: &mut FakeMachine, req: &str) -> String {
+    text(s.feed(req.as_bytes(), m))
+}
+
+fn ret(s: &mut Session, m: &mut FakeMachine, cmd: &str) -> Value {
+    let out = ask(s, m, &format!("{{\"execute\":\"{cmd}\"}}"));
+    let v: Value = serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("{cmd}: {e}: {out}"));
+    v.get("return").cloned().unwrap_or_else(|| panic!("{cmd}: {out}"))
+}
+
+#[test]
+fn greeting_is_qemu_shaped() {
+    let (_, g) = Session::new(ServerInfo::kestrel());
+    let want = format!(
+        "{{\"QMP\": {{\"version\": {{\"qemu\": {{\"micro\": 0, \"minor\": 2, \"major\": 7}}, \"package\": \"kestrel {}\"}}, \"capabilities\": []}}}}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(text(g), want);
+}
+
+#[test]
+fn negotiation_mode() {
+    let (mut s, _) = Session::new(ServerInfo::kestrel());
+    let mut m = FakeMachine::default();
+    let expecting = "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}\r\n";
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-status\"}"), expecting);
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"nonexistent\"}"), expecting);
+    // Commands do not run: stop before negotiation does not reach the machine.
+    m.state = RunState::Running;
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"stop\"}"), expecting);
+    assert_eq!(m.state, RunState::Running);
+    // No events while negotiating.
+    let ev = Event { kind: EventKind::Stop, timestamp: Timestamp { seconds: 1, microseconds: 2 } };
+    assert_eq!(s.event_bytes(&ev), None);
+    // Only capabilities Kestrel offers (none) may be enabled; a refused request leaves negotiation mode on.
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]}}"),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Capability oob not available\"}}\r\n"
+    );
+    assert!(!s.is_negotiated());
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[]},\"id\":\"n\"}"),
+        "{\"return\": {}, \"id\": \"n\"}\r\n"
+    );
+    assert_eq!(
+        text(s.event_bytes(&ev).unwrap()),
+        "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"STOP\"}\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qmp_capabilities\"}"),
+        "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Capabilities negotiation is already complete, command ignored\"}}\r\n"
+    );
+    // A new connection starts over.
+    let (s2, _) = Session::new(ServerInfo::kestrel());
+    assert!(!s2.is_negotiated());
+}
+
+#[test]
+fn id_is_echoed_verbatim_and_only_for_objects() {
+    let (mut s, mut m) = negotiated();
+    for id in ["\"x\"", "1", "-1", "1.5", "null", "true", "[1, {\"a\": []}]", "{\"a\": 2, \"b\": 1}", "\"\\u00FC\""] {
+        let ok = ask(&mut s, &mut m, &format!("{{\"execute\":\"query-name\",\"id\":{id}}}"));
+        assert!(ok.ends_with(&format!(", \"id\": {id}}}\r\n")) || ok.contains(&format!("\"id\": {id}")), "{ok}");
+        let err = ask(&mut s, &mut m, &format!("{{\"execute\":\"nope\",\"id\":{id}}}"));
+        assert!(err.starts_with(&format!("{{\"id\": {id}, \"error\"")), "{err}");
+    }
+    for bad in ["[\"id\", 1]", "\"id\" ", "{\"id\": 1,}", "@"] {
+        let out = ask(&mut s, &mut m, bad);
+        assert!(!out.contains("\"id\""), "{bad}: {out}");
+        assert!(out.starts_with("{\"error\": {\"class\": \"GenericError\""), "{bad}: {out}");
+    }
+}
+
+#[test]
+fn request_members_are_checked() {
+    let (mut s, mut m) = negotiated();
+    let desc = |out: String| -> String {
+        let v: Value = serde_json::from_str(out.trim_end()).unwrap();
+        v["error"]["desc"].as_str().unwrap().to_string()
+    };
+    assert_eq!(desc(ask(&mut s, &mut m, "{\"id\":1}")), "QMP input lacks member 'execute'");
+    assert_eq!(desc(ask(&mut s, &mut m, "{\"execute\":[]}")), "QMP input member 'execute' must be a string");
+    assert_eq!(
+        desc(ask(&mut s, &mut m, "{\"execute\":\"stop\",\"arguments\":1}")),
+        "QMP input member 'arguments' must be an object"
+    );
+    assert_eq!(desc(ask(&mut s, &mut m, "{\"exec-oob\":\"stop\"}")), "QMP input member 'exec-oob' is unexpected");
+    assert_eq!(desc(ask(&mut s, &mut m, "{\"execute\":\"stop\",\"x\":1}")), "QMP input member 'x' is unexpected");
+    assert_eq!(desc(ask(&mut s, &mut m, "{\"execute\":\"x-nope\"}")), "The command x-nope has not been found");
+    assert_eq!(
+        desc(ask(&mut s, &mut m, "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\"}}")),
+        "Parameter 'property' is missing"
+    );
+    assert_eq!(
+        desc(ask(&mut s, &mut m, "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":[]}}")),
+        "Invalid parameter type for 'command-line', expected: string"
+    );
+    assert_eq!(
+        desc(ask(&mut s, &mut m, "{\"execute\":\"stop\",\"arguments\":{\"now\":1}}")),
+        "Parameter 'now' is unexpected"
+    );
+}
+
+#[test]
+fn events_come_before_the_reply_that_caused_them() {
+    let (mut s, mut m) = negotiated();
+    let lines = |o: String| o.split_terminator("\r\n").map(str::to_string).collect::<Vec<_>>();
+    let out = lines(ask(&mut s, &mut m, "{\"execute\":\"cont\",\"id\":1}"));
+    assert_eq!(out.len(), 2);
+    assert!(out[0].starts_with("{\"timestamp\": {\"seconds\": ") && out[0].ends_with(", \"event\": \"RESUME\"}"));
+    assert_eq!(out[1], "{\"return\": {}, \"id\": 1}");
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"cont\"}"), "{\"return\": {}}\r\n", "already running: no event");
+    let out = lines(ask(&mut s, &mut m, "{\"execute\":\"stop\"}{\"execute\":\"stop\"}{\"execute\":\"system_reset\"}"));
+    assert!(out[0].ends_with("\"event\": \"STOP\"}"));
+    assert_eq!(out[1], "{\"return\": {}}");
+    assert_eq!(out[2], "{\"return\": {}}");
+    assert!(
+        out[3].ends_with("\"event\": \"RESET\", \"data\": {\"guest\": false, \"reason\": \"host-qmp-system-reset\"}}")
+    );
+    let out = lines(ask(&mut s, &mut m, "{\"execute\":\"system_powerdown\"}"));
+    assert!(out[0].ends_with("\"event\": \"POWERDOWN\"}"));
+    let out = lines(ask(&mut s, &mut m, "{\"execute\":\"quit\"}"));
+    assert!(out[0].ends_with("\"event\": \"SHUTDOWN\", \"data\": {\"guest\": false, \"reason\": \"host-qmp-quit\"}}"));
+    assert_eq!(out[1], "{\"return\": {}}");
+    assert!(m.quit_requested);
+    let ev = Event { kind: EventKind::shutdown(ShutdownCause::GuestShutdown), timestamp: Timestamp::default() };
+    assert_eq!(
+        text(s.event_bytes(&ev).unwrap()),
+        "{\"timestamp\": {\"seconds\": 0, \"microseconds\": 0}, \"event\": \"SHUTDOWN\", \"data\": {\"guest\": true, \"reason\": \"guest-shutdown\"}}\r\n"
+    );
+}
+
+#[test]
+fn cont_needs_reset_after_shutdown_or_internal_error() {
+    let (mut s, mut m) = negotiated();
+    for st in [RunState::Shutdown, RunState::InternalError, RunState::GuestPanicked] {
+        m.state = st;
+        assert_eq!(
+            ask(&mut s, &mut m, "{\"execute\":\"cont\"}"),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Resetting the Virtual Machine is required\"}}\r\n"
+        );
+        let st_name = st.as_str();
+        assert_eq!(ret(&mut s, &mut m, "query-status")["status"], st_name);
+    }
+}
+
+#[test]
+fn queries() {
+    let (mut s, mut m) = negotiated();
+    m.name = Some("vm\u{fc}".into());
+    m.uuid = *b"\x12\x34\x56\x78\x9a\xbc\xde\xf0\x01\x02\x03\x04\x05\x06\x07\x08";
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-name\"}"), "{\"return\": {\"name\": \"vm\\u00FC\"}}\r\n");
+    assert_eq!(ret(&mut s, &mut m, "query-uuid")["UUID"], "12345678-9abc-def0-0102-030405060708");
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"query-status\"}"),
+        "{\"return\": {\"status\": \"prelaunch\", \"singlestep\": false, \"running\": false}}\r\n"
+    );
+    assert_eq!(ret(&mut s, &mut m, "query-target")["arch"], "x86_64");
+    assert_eq!(ret(&mut s, &mut m, "query-machines")[0]["is-default"], true);
+    let cmds = ret(&mut s, &mut m, "query-commands");
+    let names: Vec<&str> = cmds.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), qmp::commands::COMMANDS.len());
+    for c in qmp::commands::COMMANDS {
+        assert!(names.contains(&c.name));
+    }
+}
+
+#[test]
+fn human_monitor_command() {
+    let (mut s, mut m) = negotiated();
+    m.cpus.push(qmp::CpuInfo {
+        cpu_index: 1,
+        thread_id: 77,
+        qom_path: "/machine/unattached/device[1]".into(),
+        ..m.cpus[0].clone()
+    });
+    let hmp = |s: &mut Session, m: &mut FakeMachine, line: &str, extra: &str| {
+        let out = ask(
+            s,
+            m,
+            &format!("{{\"execute\":\"human-monitor-command\",\"arguments\":{{\"command-line\":\"{line}\"{extra}}}}}"),
+        );
+        let v: Value = serde_json::from_str(out.trim_end()).unwrap();
+        v.get("return")
+            .map(|r| r.as_str().unwrap().to_string())
+            .unwrap_or_else(|| v["error"]["desc"].as_str().unwrap().to_string())
+    };
+    assert_eq!(hmp(&mut s, &mut m, "info status", ""), "VM status: paused (prelaunch)\r\n");
+    m.state = RunState::Running;
+    assert_eq!(hmp(&mut s, &mut m, "  info   status ", ""), "VM status: running\r\n");
+    m.state = RunState::Paused;
+    assert_eq!(hmp(&mut s, &mut m, "info status", ""), "VM status: paused\r\n");
+    assert_eq!(hmp(&mut s, &mut m, "info cpus", ""), "* CPU #0: thread_id=4242\r\n  CPU #1: thread_id=77\r\n");
+    assert_eq!(
+        hmp(&mut s, &mut m, "info cpus", ",\"cpu-index\":1"),
+        "  CPU #0: thread_id=4242\r\n* CPU #1: thread_id=77\r\n"
+    );
+    assert_eq!(hmp(&mut s, &mut m, "info cpus", ",\"cpu-index\":9"), "Parameter 'cpu-index' expects a CPU number");
+    assert_eq!(hmp(&mut s, &mut m, "info version", ""), format!("7.2.0kestrel {}\r\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(hmp(&mut s, &mut m, "info bogus x", ""), "unknown command: 'info bogus'\r\n");
+    assert_eq!(hmp(&mut s, &mut m, "bogus x", ""), "unknown command: 'bogus'\r\n");
+    assert_eq!(hmp(&mut s, &mut m, "", ""), "");
+}
+
+#[test]
+fn qom() {
+    let (mut s, mut m) = negotiated();
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/nope\",\"property\":\"type\"}}"),
+        "{\"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"Device '/nope' not found\"}}\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/machine\",\"property\":\"x\"}}"),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Property 'pc-i440fx-7.2-machine.x' not found\"}}\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qom-list\",\"arguments\":{\"path\":\"/\"}}"),
+        "{\"return\": [{\"name\": \"type\", \"type\": \"string\"}, {\"name\": \"objects\", \"type\": \"child<container>\"}, {\"name\": \"machine\", \"type\": \"child<pc-i440fx-7.2-machine>\"}, {\"name\": \"chardevs\", \"type\": \"child<container>\"}]}\r\n"
+    );
+}
+
+/// Every command's return value conforms to the return type it declares in the schema, so `query-qmp-schema`
+/// describes what is actually sent.
+#[test]
+fn returns_match_declared_types() {
+    let (mut s, mut m) = negotiated();
+    m.state = RunState::Running;
+    m.name = Some("n".into());
+    for c in qmp::commands::COMMANDS {
+        let req = match c.name {
+            // SchemaInfo is declared with its common members only (its per-meta-type variants are not spelled
+            // out), so its entries carry members the check does not know; the schema test covers them.
+            "qmp_capabilities" | "quit" | "query-qmp-schema" => continue,
+            "human-monitor-command" => {
+                "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info cpus\"}}".to_string()
+            }
+            "qom-list" => "{\"execute\":\"qom-list\",\"arguments\":{\"path\":\"/\"}}".to_string(),
+            "qom-get" => "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\",\"property\":\"type\"}}".to_string(),
+            n => format!("{{\"execute\":\"{n}\"}}"),
+        };
+        let out = ask(&mut s, &mut m, &req);
+        let last = out.trim_end().rsplit("\r\n").next().unwrap();
+        let v: Value = serde_json::from_str(last).unwrap();
+        let r = v.get("return").unwrap_or_else(|| panic!("{}: {out}", c.name));
+        qmp::schema::check_value_type(r, c.ret).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+}
+
+#[test]
+fn schema_is_self_consistent_and_generated_from_the_table() {
+    let (mut s, mut m) = negotiated();
+    let schema = ret(&mut s, &mut m, "query-qmp-schema");
+    let list = schema.as_array().unwrap();
+    let mut names = std::collections::HashSet::new();
+    for e in list {
+        assert!(names.insert(e["name"].as_str().unwrap().to_string()), "duplicate {}", e["name"]);
+    }
+    let defined = |n: &Value| names.contains(n.as_str().unwrap());
+    for e in list {
+        match e["meta-type"].as_str().unwrap() {
+            "command" => assert!(defined(&e["arg-type"]) && defined(&e["ret-type"])),
+            "event" => assert!(defined(&e["arg-type"])),
+            "array" => assert!(defined(&e["element-type"])),
+            "object" => {
+                for mem in e["members"].as_array().unwrap() {
+                    assert!(defined(&mem["type"]), "{mem}");
+                }
+            }
+            "enum" | "builtin" => {}
+            t => panic!("unexpected meta-type {t}"),
+        }
+    }
+    for c in qmp::commands::COMMANDS {
+        assert!(list.iter().any(|e| e["name"] == c.name && e["meta-type"] == "command"));
+    }
+    let commands = list.iter().filter(|e| e["meta-type"] == "command").count();
+    assert_eq!(commands, qmp::commands::COMMANDS.len());
+    for ev in ["STOP", "RESUME", "RESET", "POWERDOWN", "SHUTDOWN"] {
+        assert!(list.iter().any(|e| e["name"] == ev && e["meta-type"] == "event"));
+    }
+    // The shape QEMU uses: query-status takes the empty object and returns StatusInfo.
+    let qs = list.iter().find(|e| e["name"] == "query-status").unwrap();
+    let ret_t = list.iter().find(|e| e["name"] == qs["ret-type"]).unwrap();
+    assert_eq!(ret_t["members"][2], serde_json::json!({"name": "status", "type": ret_t["members"][2]["type"]}));
+    let out = ask(&mut s, &mut m, "{\"execute\":\"query-qmp-schema\"}");
+    assert!(out.starts_with("{\"return\": [{\"name\": \"qmp_capabilities\", \"ret-type\": \"") && out.is_ascii());
+}
+
+#[test]
+fn hostile_input_keeps_the_session_usable() {
+    let (mut s, mut m) = negotiated();
+    let probe = "{\"execute\":\"query-status\",\"id\":\"probe\"}";
+    let usable = |s: &mut Session, m: &mut FakeMachine| {
+        let out = ask(s, m, probe);
+        assert!(out.ends_with("\"id\": \"probe\"}\r\n"), "{out}");
+    };
+    // Truncated JSON waits for more; the client finishes it (or resyncs with a newline inside a string).
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-st"), "");
+    assert!(ask(&mut s, &mut m, "\n}").contains("JSON parse error"));
+    usable(&mut s, &mut m);
+    // Deep nesting: 1024 is fine, 1025 is an error, and each unmatched closer is one more error.
+    let deep = |n| "[".repeat(n) + &"]".repeat(n);
+    assert_eq!(
+        ask(&mut s, &mut m, &deep(1024)),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input must be a JSON object\"}}\r\n"
+    );
+    let out = ask(&mut s, &mut m, &deep(1025));
+    assert!(out.starts_with(
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON nesting depth limit exceeded\"}}\r\n"
+    ));
+    assert_eq!(out.matches("expecting value").count(), 1025);
+    usable(&mut s, &mut m);
+    // A 1 MiB string id is echoed whole.
+    let big = "x".repeat(1 << 20);
+    let out = ask(&mut s, &mut m, &format!("{{\"execute\":\"query-name\",\"id\":\"{big}\"}}"));
+    assert_eq!(out, format!("{{\"return\": {{}}, \"id\": \"{big}\"}}\r\n"));
+    // Over the size limit: an error, then the rest of the string lexes as garbage until a resync point.
+    let (mut s2, _) = Session::with_limits(ServerInfo::kestrel(), Limits { max_bytes: 4096, ..Limits::default() });
+    s2.feed(b"{\"execute\":\"qmp_capabilities\"}", &mut m);
+    let out = text(s2.feed(format!("{{\"id\":\"{}\"}}\n", "y".repeat(10_000)).as_bytes(), &mut m));
+    assert!(
+        out.starts_with("{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON token size limit exceeded\"}}\r\n")
+    );
+    usable(&mut s2, &mut m);
+    // Non-objects, unknown members, random bytes.
+    for junk in ["42 ", "\"s\"", "[]", "null ", "{\"foo\":1}", "\u{0}\u{1}\u{ff}", "{'execute':'stop','x':{}}"] {
+        assert!(ask(&mut s, &mut m, junk).contains("\"error\""), "{junk}");
+        usable(&mut s, &mut m);
+    }
+}
+
+/// The fuzz target's body over a deterministic corpus: random bytes, and random splices of protocol fragments
+/// (which reach far deeper than random bytes do).
+#[test]
+fn fuzz_smoke_corpus() {
+    const PIECES: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ",",
+        "\"execute\"",
+        "\"arguments\"",
+        "\"id\"",
+        "'id'",
+        "\"qmp_capabilities\"",
+        "\"query-status\"",
+        "\"stop\"",
+        "\"cont\"",
+        "\"quit\"",
+        "\"system_reset\"",
+        "\"human-monitor-command\"",
+        "\"command-line\"",
+        "\"info cpus\"",
+        "\"qom-get\"",
+        "\"path\"",
+        "\"/machine\"",
+        "\"enable\"",
+        "\"oob\"",
+        "1",
+        "-0",
+        "1.5e3",
+        "18446744073709551616",
+        "true",
+        "null",
+        "nul",
+        "\"\\u00fc\\uD83D\\uDE00\"",
+        "\"\\uD800\"",
+        "\"\\x\"",
+        " ",
+        "\n",
+        "\r\n",
+        "\t",
+        "\u{ff}",
+        "\u{0}",
+        "@",
+        "\"",
+        "'",
+        "{\"execute\":\"qmp_capabilities\"}",
+        "{\"execute\":\"query-qmp-schema\"}",
+        "{\"execute\":\"query-commands\"}",
+    ];
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    for i in 0..10_000 {
+        let mut input = vec![rng.next_u64() as u8];
+        let len = (rng.next_u64() % 64) as usize;
+        if i % 2 == 0 {
+            input.extend((0..len * 4).map(|_| rng.next_u64() as u8));
+        } else {
+            for _ in 0..len {
+                input.extend_from_slice(PIECES[(rng.next_u64() % PIECES.len() as u64) as usize].as_bytes());
+            }
+        }
+        fuzz_one(&input);
+    }
+}
