@@ -365,7 +365,8 @@ fn qom_get(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
         .iter()
         .find(|p| p.name == name)
         .ok_or_else(|| QmpError::property_not_found(&obj.type_name, name))?;
-    prop.value.clone().ok_or_else(|| QmpError::generic(format!("Property '{}.{name}' is not readable", obj.type_name)))
+    // QEMU's answer for a property without a getter (QERR_PERMISSION_DENIED).
+    prop.value.clone().ok_or_else(|| QmpError::generic("Insufficient permission to perform this operation"))
 }
 
 /// The HMP subset: `info status`, `info cpus`, `info version`, `info kvm`, `info name`, `info uuid`, with QEMU's

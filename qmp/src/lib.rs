@@ -17,6 +17,21 @@
 //! * After `quit` (the `Machine::quit` call), write the bytes `feed` returned, then close and exit.
 //! * Hostile input never panics and never wedges the session: errors are answered and the stream resynchronises.
 //!   Memory per session is bounded by [`Limits`] (QEMU's limits by default).
+//!
+//! ```
+//! use qmp::{ServerInfo, Session};
+//! let mut machine = qmp::testing::FakeMachine::default(); // the VMM passes its own `impl Machine`
+//! let (mut session, greeting) = Session::new(ServerInfo::kestrel());
+//! assert!(greeting.starts_with(b"{\"QMP\": {\"version\": "));
+//! // Split anywhere, no terminator needed, several per read:
+//! assert_eq!(session.feed(b"{\"execute\":\"qmp_capa", &mut machine), b"");
+//! let out = session.feed(b"bilities\"}{\"execute\":\"cont\",\"id\":1}", &mut machine);
+//! let text = String::from_utf8(out).unwrap();
+//! let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+//! assert_eq!(lines[0], "{\"return\": {}}");
+//! assert!(lines[1].ends_with("\"event\": \"RESUME\"}")); // the event cont raised, before its reply
+//! assert_eq!(lines[2], "{\"return\": {}, \"id\": 1}");
+//! ```
 
 pub mod commands;
 pub mod json;

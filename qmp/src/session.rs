@@ -72,7 +72,7 @@ impl Session {
         for msg in messages {
             let mut events = Vec::new();
             let reply = match msg {
-                Message::Error(desc) => error_reply(&QmpError::generic(desc), None),
+                Message::Error(desc) => error_reply(&QmpError::generic(desc)),
                 Message::Value(v) => self.dispatch(v, machine, &mut events),
             };
             for e in &events {
@@ -92,7 +92,7 @@ impl Session {
 
     fn dispatch(&mut self, request: Value, machine: &mut dyn Machine, events: &mut Vec<Event>) -> Value {
         let Value::Object(req) = request else {
-            return error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
+            return error_reply(&QmpError::generic("QMP input must be a JSON object"));
         };
         let id = req.get("id").cloned();
         let result = self.execute(&req, machine, events);
@@ -106,7 +106,7 @@ impl Session {
                 if !self.negotiated && e.class == ErrorClass::CommandNotFound {
                     e.desc = "Expecting capabilities negotiation with 'qmp_capabilities'".into();
                 }
-                error_reply(&e, None)
+                error_reply(&e)
             }
         };
         if let Some(id) = id {
@@ -153,13 +153,9 @@ impl Session {
     }
 }
 
-fn error_reply(e: &QmpError, id: Option<Value>) -> Value {
-    let mut m = Map::new();
-    m.insert("error".into(), json!({"class": e.class.as_str(), "desc": e.desc}));
-    if let Some(id) = id {
-        m.insert("id".into(), id);
-    }
-    Value::Object(m)
+/// `{"error": {...}}`; the caller adds `id` when the request had one.
+fn error_reply(e: &QmpError) -> Value {
+    json!({"error": {"class": e.class.as_str(), "desc": e.desc}})
 }
 
 fn line(v: &Value) -> Vec<u8> {
