@@ -230,7 +230,11 @@ runner_main() {
   guest="$("$repo/ci/guest/fetch" "$RUNNER_ARCH")"
   local kestrel_bin
   kestrel_bin="$(runner_kestrel)" || exit 2
-  rlog "kestrel built from $(cd "$repo" && git rev-parse --short HEAD)$(cd "$repo" && git diff --quiet HEAD -- arch hypervisor devices vmm Cargo.toml Cargo.lock || echo ' + uncommitted changes in the work tree')"
+  if [ -n "${KESTREL_STATIC_BIN:-}" ]; then
+    rlog "kestrel: $KESTREL_STATIC_BIN (KESTREL_STATIC_BIN)"
+  else
+    rlog "kestrel built from $(cd "$repo" && git rev-parse --short HEAD)$(cd "$repo" && git diff --quiet HEAD -- arch hypervisor devices vmm Cargo.toml Cargo.lock || echo ' + uncommitted changes in the work tree')"
+  fi
   [ -x "$kestrel_bin" ] || rdie "no kestrel binary at $kestrel_bin"
 
   rm -rf "$work/cases" "$work/specs"

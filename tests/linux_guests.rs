@@ -1,0 +1,313 @@
+//! Real Linux guests: Debian's cloud kernel with a busybox initramfs, booted by Kestrel inside the emulated
+//! x86_64 runner (`ci/runner/x86_64`: QEMU TCG with AMD SVM as L1, nested KVM, a static kestrel inside).
+//!
+//! The runner boots L1 once for every case of `ci/runner/linux.cases`; each test here checks one case's framed
+//! result from L1's console. Where the runner cannot run (no QEMU, no Debian archive), the tests fail under CI
+//! or with KESTREL_REQUIRE_RUNNER=1, and otherwise print SKIPPED with the reason.
+#![cfg(target_arch = "x86_64")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// One case's result as L1 printed it.
+#[derive(Debug, Default)]
+struct Case {
+    /// The guest's serial console (kestrel's stdout), \r removed.
+    console: String,
+    stderr: String,
+    /// The END line's fields: exit, reason, ms, marker_ms, l1_epoch_start, l1_epoch_end.
+    end: HashMap<String, String>,
+}
+
+struct Runner {
+    log: PathBuf,
+    cases: HashMap<String, Case>,
+    /// The runner's own summary (PASS/FAIL lines, timings).
+    summary: String,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs the runner once for all cases. `None`: it could not run here (and that is allowed).
+fn runner() -> Option<&'static Runner> {
+    static RUNNER: OnceLock<Result<Runner, String>> = OnceLock::new();
+    let result = RUNNER.get_or_init(run_runner);
+    match result {
+        Ok(runner) => Some(runner),
+        Err(reason) => {
+            let required = std::env::var_os("CI").is_some() || std::env::var_os("KESTREL_REQUIRE_RUNNER").is_some();
+            assert!(!required, "the emulated runner is required here (CI or KESTREL_REQUIRE_RUNNER is set) but {reason}");
+            eprintln!("SKIPPED: {reason}; set KESTREL_REQUIRE_RUNNER=1 to make this a failure");
+            None
+        }
+    }
+}
+
+fn run_runner() -> Result<Runner, String> {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-guests-console.log");
+    let _ = std::fs::remove_file(&log);
+    let script = repo().join("ci/runner/x86_64");
+    let start = Instant::now();
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(repo().join("ci/runner/linux.cases"))
+        .env("KESTREL_RUNNER_LOG", &log)
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", script.display()))?;
+    let summary = format!(
+        "{}{}(runner exit status {}, {:.1} s)",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        output.status,
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!("{summary}");
+    let console = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    // Exit status 2 is the runner's "could not set up" (no QEMU, no artifacts, no build); without L1 coming up
+    // there is nothing to judge either.
+    if output.status.code() == Some(2) || !console.contains("=== RUNNER L1-UP") {
+        return Err(format!("the runner could not run:\n{summary}"));
+    }
+    Ok(Runner { cases: parse(&console), log, summary })
+}
+
+/// Splits L1's console into cases by the runner's frames.
+fn parse(console: &str) -> HashMap<String, Case> {
+    enum Part {
+        None,
+        Out,
+        Err,
+    }
+    let mut cases: HashMap<String, Case> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut part = Part::None;
+    for raw in console.lines() {
+        let line = raw.replace('\r', "");
+        if let Some(rest) = frame(&line) {
+            if let Some(name) = rest.strip_suffix(" BEGIN") {
+                current = Some(name.to_string());
+                cases.insert(name.to_string(), Case::default());
+                part = Part::Out;
+                continue;
+            }
+            if let Some(name) = rest.strip_suffix(" STDERR") {
+                current = Some(name.to_string());
+                part = Part::Err;
+                continue;
+            }
+            if let Some((name, fields)) = rest.split_once(" END ") {
+                if let Some(case) = cases.get_mut(name) {
+                    case.end = fields
+                        .split_whitespace()
+                        .filter_map(|f| f.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                }
+                current = None;
+                part = Part::None;
+                continue;
+            }
+        }
+        if let Some(case) = current.as_ref().and_then(|n| cases.get_mut(n)) {
+            let text = match part {
+                Part::Out => &mut case.console,
+                Part::Err => &mut case.stderr,
+                Part::None => continue,
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    cases
+}
+
+/// "=== CASE <rest>" anywhere in the line (L1's console may prefix terminal escapes).
+fn frame(line: &str) -> Option<&str> {
+    line.find("=== CASE ").map(|i| &line[i + "=== CASE ".len()..])
+}
+
+/// A case that finished, or the test fails saying why.
+struct Checked<'a> {
+    name: &'static str,
+    case: &'a Case,
+    runner: &'a Runner,
+}
+
+impl Checked<'_> {
+    fn describe(&self) -> String {
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "case {}: {:?}\n--- guest console (last 40 lines) ---\n{}\n--- kestrel stderr (last 40 lines) ---\n{}\n\
+             --- runner ---\n{}\nfull L1 console: {}",
+            self.name,
+            self.case.end,
+            tail(&self.case.console),
+            tail(&self.case.stderr),
+            self.runner.summary,
+            self.runner.log.display()
+        )
+    }
+
+    fn field(&self, key: &str) -> &str {
+        self.case.end.get(key).map(String::as_str).unwrap_or("?")
+    }
+
+    #[track_caller]
+    fn assert(&self, ok: bool, what: &str) {
+        assert!(ok, "{what}\n{}", self.describe());
+    }
+
+    #[track_caller]
+    fn assert_exited(&self, code: i32) {
+        self.assert(
+            self.field("reason") == "exit" && self.field("exit") == code.to_string(),
+            &format!("kestrel should exit {code} by itself; it ended with reason={} exit={}", self.field("reason"), self.field("exit")),
+        );
+    }
+
+    fn marker_count(&self) -> usize {
+        self.case.console.lines().filter(|l| l.starts_with("KESTREL-GUEST-UP")).count()
+    }
+
+    #[track_caller]
+    fn assert_marker(&self) {
+        self.assert(self.marker_count() >= 1, "the guest never printed KESTREL-GUEST-UP");
+    }
+
+    /// The integer the guest printed as KEY=<n>.
+    #[track_caller]
+    fn value(&self, key: &str) -> u64 {
+        let prefix = format!("{key}=");
+        let found = self.case.console.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok());
+        match found {
+            Some(v) => v,
+            None => panic!("the guest did not print {key}=<number>\n{}", self.describe()),
+        }
+    }
+}
+
+/// The result of case `name`, or None when the runner could not run here.
+#[track_caller]
+fn case(name: &'static str) -> Option<Checked<'static>> {
+    let runner = runner()?;
+    let Some(case) = runner.cases.get(name) else {
+        panic!("the runner has no result for case {name}: L1 did not get to it\n{}\nfull L1 console: {}", runner.summary, runner.log.display());
+    };
+    let checked = Checked { name, case, runner };
+    checked.assert(!case.end.is_empty(), "the case has no END line: L1 stopped during it");
+    Some(checked)
+}
+
+#[test]
+fn bzimage_boots_and_prints_the_marker() {
+    let Some(c) = case("bzimage") else { return };
+    c.assert_marker();
+    c.assert_exited(0);
+}
+
+#[test]
+fn pvh_elf_vmlinux_boots() {
+    let Some(c) = case("pvh-vmlinux") else { return };
+    c.assert_marker();
+    c.assert_exited(0);
+}
+
+#[test]
+fn nproc_is_1_with_one_vcpu() {
+    let Some(c) = case("nproc-1") else { return };
+    c.assert_marker();
+    let n = c.value("NPROC");
+    c.assert(n == 1, &format!("nproc {n}, expected 1"));
+}
+
+#[test]
+fn nproc_is_4_with_four_vcpus() {
+    let Some(c) = case("nproc-4") else { return };
+    c.assert_marker();
+    let n = c.value("NPROC");
+    c.assert(n == 4, &format!("nproc {n}, expected 4 (the cloud kernel finds APs only in the ACPI MADT)"));
+}
+
+/// MemTotal excludes what the kernel keeps for itself (its image, the memmap, reservations), so it is a bit
+/// below the RAM size, but never above it.
+#[track_caller]
+fn assert_memtotal(c: &Checked, ram_kib: u64, min_fraction: f64) {
+    let kib = c.value("MEMTOTAL_KB");
+    c.assert(
+        kib <= ram_kib && kib as f64 >= ram_kib as f64 * min_fraction,
+        &format!("MemTotal {kib} kB, expected between {:.0} and {ram_kib} kB", ram_kib as f64 * min_fraction),
+    );
+}
+
+#[test]
+fn memtotal_matches_512m() {
+    let Some(c) = case("memory-512m") else { return };
+    assert_memtotal(&c, 512 * 1024, 0.84);
+}
+
+#[test]
+fn memtotal_matches_5g_above_the_4g_boundary() {
+    let Some(c) = case("memory-5g") else { return };
+    // More than 4 GiB: the RAM above the 32-bit PCI hole must be there.
+    assert_memtotal(&c, 5 * 1024 * 1024, 0.915);
+}
+
+#[test]
+fn rtc_reads_within_seconds_of_the_l1_clock() {
+    let Some(c) = case("rtc") else { return };
+    let start: u64 = c.field("l1_epoch_start").parse().unwrap_or(0);
+    let end: u64 = c.field("l1_epoch_end").parse().unwrap_or(0);
+    for key in ["RTC_EPOCH", "DATE_EPOCH"] {
+        let t = c.value(key);
+        c.assert(
+            t + 5 >= start && t <= end + 5,
+            &format!("{key}={t}, but L1's clock read {start}..{end} during the case (5 s allowed)"),
+        );
+    }
+}
+
+#[test]
+fn serial_input_is_echoed() {
+    let Some(c) = case("serial-echo") else { return };
+    c.assert(c.case.console.lines().any(|l| l == "ECHO-READY"), "the guest never got to its prompt");
+    c.assert(
+        c.case.console.lines().any(|l| l == "ECHO:hello-kestrel"),
+        "the line typed on kestrel's stdin did not come back from the guest",
+    );
+    // "q" ends the guest's loop and powers it off.
+    c.assert_exited(0);
+}
+
+#[test]
+fn poweroff_exits_0() {
+    let Some(c) = case("poweroff") else { return };
+    c.assert_marker();
+    c.assert_exited(0);
+    c.assert(c.marker_count() == 1, "the guest booted more than once");
+}
+
+#[test]
+fn reboot_comes_back_up() {
+    let Some(c) = case("reboot") else { return };
+    // The guest reboots forever; the runner stops kestrel once the second boot printed its marker.
+    c.assert(
+        c.field("reason") == "until" && c.marker_count() >= 2,
+        &format!("expected a second boot; saw {} marker(s), reason={}", c.marker_count(), c.field("reason")),
+    );
+}
+
+#[test]
+fn reboot_with_no_reboot_ends_the_process() {
+    let Some(c) = case("no-reboot") else { return };
+    c.assert_marker();
+    c.assert_exited(0);
+    c.assert(c.marker_count() == 1, "with --no-reboot the guest must not boot again");
+}
