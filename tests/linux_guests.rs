@@ -41,7 +41,10 @@ fn runner() -> Option<&'static Runner> {
         Ok(runner) => Some(runner),
         Err(reason) => {
             let required = std::env::var_os("CI").is_some() || std::env::var_os("KESTREL_REQUIRE_RUNNER").is_some();
-            assert!(!required, "the emulated runner is required here (CI or KESTREL_REQUIRE_RUNNER is set) but {reason}");
+            assert!(
+                !required,
+                "the emulated runner is required here (CI or KESTREL_REQUIRE_RUNNER is set) but {reason}"
+            );
             eprintln!("SKIPPED: {reason}; set KESTREL_REQUIRE_RUNNER=1 to make this a failure");
             None
         }
@@ -169,7 +172,11 @@ impl Checked<'_> {
     fn assert_exited(&self, code: i32) {
         self.assert(
             self.field("reason") == "exit" && self.field("exit") == code.to_string(),
-            &format!("kestrel should exit {code} by itself; it ended with reason={} exit={}", self.field("reason"), self.field("exit")),
+            &format!(
+                "kestrel should exit {code} by itself; it ended with reason={} exit={}",
+                self.field("reason"),
+                self.field("exit")
+            ),
         );
     }
 
@@ -199,7 +206,11 @@ impl Checked<'_> {
 fn case(name: &'static str) -> Option<Checked<'static>> {
     let runner = runner()?;
     let Some(case) = runner.cases.get(name) else {
-        panic!("the runner has no result for case {name}: L1 did not get to it\n{}\nfull L1 console: {}", runner.summary, runner.log.display());
+        panic!(
+            "the runner has no result for case {name}: L1 did not get to it\n{}\nfull L1 console: {}",
+            runner.summary,
+            runner.log.display()
+        );
     };
     let checked = Checked { name, case, runner };
     checked.assert(!case.end.is_empty(), "the case has no END line: L1 stopped during it");
