@@ -114,7 +114,7 @@ runner_kestrel() {
   rlog "building a static kestrel for $RUST_TRIPLE"
   (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release --locked -p vmm \
     --target "$RUST_TRIPLE" >&2) || rdie "building the static kestrel failed"
-  echo "$repo/target/$RUST_TRIPLE/release/kestrel"
+  echo "${CARGO_TARGET_DIR:-$repo/target}/$RUST_TRIPLE/release/kestrel"
 }
 
 # The L1 initramfs: busybox, the runner's init, the KVM modules, kestrel, the guest's kernels and initramfs,
@@ -215,7 +215,8 @@ runner_check() {
 }
 
 # runner_main [CASES_FILE] : builds what is missing, boots L1 once for all cases, checks them.
-# Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console.log),
+# Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console-<pid>.log, with
+# console.log linking to the latest),
 # KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run; default: the cases' timeouts + 120),
 # KESTREL_STATIC_BIN (use this static kestrel instead of building one).
 runner_main() {
@@ -223,9 +224,15 @@ runner_main() {
   [ -f "$cases_file" ] || rdie "no cases file $cases_file"
   local t_start
   t_start="$(date +%s%N)"
-  local work="$repo/target/runner/$RUNNER_ARCH"
-  mkdir -p "$work"
-  local log="${KESTREL_RUNNER_LOG:-$work/console.log}"
+  # A private work directory per run: runs may overlap (a test run and a manual one).
+  local top="${CARGO_TARGET_DIR:-$repo/target}/runner/$RUNNER_ARCH"
+  mkdir -p "$top"
+  local work
+  work="$(mktemp -d "$top/run.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$work'" EXIT
+  local log="${KESTREL_RUNNER_LOG:-$top/console-$$.log}"
+  [ -n "${KESTREL_RUNNER_LOG:-}" ] || ln -sfn "$(basename "$log")" "$top/console.log"
 
   guest="$("$repo/ci/guest/fetch" "$RUNNER_ARCH")"
   local kestrel_bin
@@ -237,7 +244,6 @@ runner_main() {
   fi
   [ -x "$kestrel_bin" ] || rdie "no kestrel binary at $kestrel_bin"
 
-  rm -rf "$work/cases" "$work/specs"
   local names
   names="$(runner_parse_cases "$cases_file" "$work/cases" "$work/specs")"
   [ -n "$names" ] || rdie "no cases for $RUNNER_ARCH in $cases_file"
