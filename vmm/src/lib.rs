@@ -9,7 +9,9 @@ pub mod console;
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         mod machine;
+        mod qmp_server;
         mod signals;
+        mod vcpu;
         mod x86_64;
         use x86_64 as arch_platform;
         pub use machine::run as run_vm;
@@ -30,14 +32,14 @@ pub enum Outcome {
     Rebooted,
     /// Kestrel was told to stop by a signal.
     Signal(i32),
+    /// A QMP client asked Kestrel to quit.
+    Quit,
 }
 
 /// Everything that can stop Kestrel, each with a message that stands on its own as one line (plus, for a vCPU
 /// failure, the register dump that explains it).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0} are parsed but not supported yet")]
-    NotYetSupported(&'static str),
     #[error("unsupported host architecture: {0} (Kestrel runs guests on x86_64 hosts so far)")]
     UnsupportedHostArchitecture(&'static str),
     #[error("cannot open {what} '{}': {source}", path.display())]

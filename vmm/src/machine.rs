@@ -1,101 +1,481 @@
-//! Runs a VM: guest memory, one thread per vCPU, and the loop that turns device requests and vCPU failures into
-//! the machine's fate (power off, reset in place, or an error exit).
+//! Runs a VM: guest memory, the vCPU threads, and the event loop that turns device requests, vCPU failures,
+//! host signals and control commands into the machine's run state (running, paused, reset in place, shut down).
 
 use std::fs::File;
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::thread;
 
 use devices::legacy::Serial;
-use devices::{Bus, EventFdLine, PlatformEvents, PlatformRequest};
-use hypervisor::kvm::KvmHypervisor;
-use hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm};
+use devices::{EventFdLine, PlatformEvents, PlatformRequest};
+use hypervisor::kvm::{KvmHypervisor, KvmVm};
+use hypervisor::{Hypervisor, Vm};
+use mio::{Events, Poll, Token, Waker};
+use qmp::{
+    ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, QmpError, QomObject, QomProperty, RunState,
+    ServerInfo, Session, ShutdownCause, Target, Timestamp,
+};
+use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch_platform::{BootFiles, Platform};
-use crate::config::{VmConfig, MIN_MEMORY_BYTES};
+use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
+use crate::qmp_server::{Handlers, QmpServer};
+use crate::vcpu::{VcpuEvent, VcpuThreads};
 use crate::{console, signals, Error, Outcome};
 
-enum VmEvent {
+/// Something the event loop must act on.
+pub enum VmEvent {
     Platform(PlatformRequest),
     VcpuFailed { id: u32, reason: String, state: String },
     Signal(i32),
 }
 
-pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
-    if !config.qmp.is_empty() || config.start_paused || config.no_shutdown {
-        return Err(Error::NotYetSupported("QMP sockets, -S and -no-shutdown"));
-    }
-    check_memory_size(config.memory_bytes)?;
-    let mut kernel = open_input("kernel", &config.kernel)?;
-    let mut initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
+/// Sends events to the loop from any thread, waking it.
+#[derive(Clone)]
+pub struct EventSender {
+    sender: Arc<Mutex<Sender<VmEvent>>>,
+    waker: Arc<Waker>,
+}
 
-    let hypervisor = KvmHypervisor::new()?;
-    let max_vcpus = hypervisor.max_vcpus().min(Platform::MAX_VCPUS);
-    if u32::from(config.vcpus) > max_vcpus {
-        return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
-    }
-
-    signals::install_kick_handler()?;
-    let (sender, events) = channel();
-    signals::forward_termination_signals({
-        let sender = Mutex::new(sender.clone());
-        move |signal| {
-            let _ = sender.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Signal(signal));
-        }
-    })?;
-
-    let backend = console::open(&config.serial).map_err(Error::Console)?;
-    let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), backend.output)));
-    if let Some(input) = backend.input {
-        forward_console_input(input, serial.clone());
-    }
-    let platform_events = PlatformEvents::new({
-        let sender = Mutex::new(sender.clone());
-        move |request| {
-            let _ = sender.lock().unwrap_or_else(|p| p.into_inner()).send(VmEvent::Platform(request));
-        }
-    });
-    let platform = Platform::new(serial, serial_irq, platform_events)?;
-
-    loop {
-        let vm = hypervisor.create_vm()?;
-        let memory = create_guest_memory(&vm, config.memory_bytes)?;
-        let boot = BootFiles {
-            kernel: &mut kernel,
-            initrd: initrd.as_mut(),
-            cmdline: &config.cmdline,
-            vcpu_count: config.vcpus,
-        };
-        let vcpus = platform.boot(&hypervisor, &vm, &memory, boot)?;
-        let running = RunningVcpus::start(vcpus, &platform.pio, &platform.mmio, &sender)?;
-
-        let event = wait_for_decisive_event(&events);
-        running.stop();
-        match event {
-            VmEvent::Platform(PlatformRequest::Poweroff) => return Ok(Outcome::Poweroff),
-            VmEvent::Platform(PlatformRequest::Reset) if config.no_reboot => return Ok(Outcome::Rebooted),
-            VmEvent::Platform(PlatformRequest::Reset) => {
-                // Requests raised by vCPUs of the boot that just ended are moot now.
-                while events.try_recv().is_ok() {}
-                platform.reset();
-            }
-            VmEvent::Signal(signal) => return Ok(Outcome::Signal(signal)),
-            VmEvent::VcpuFailed { id, reason, state } => return Err(Error::VcpuFailed { id, reason, state }),
-        }
-        // Drop order matters: the VM (and with it every mapping of guest memory) goes before the memory.
-        drop(vm);
-        drop(memory);
+impl EventSender {
+    pub fn send(&self, event: VmEvent) {
+        // Both fail only while the VMM is exiting, when the event no longer matters.
+        let _ = self.sender.lock().unwrap_or_else(|p| p.into_inner()).send(event);
+        let _ = self.waker.wake();
     }
 }
 
-fn wait_for_decisive_event(events: &Receiver<VmEvent>) -> VmEvent {
-    // Every sender lives as long as `run`, so the channel cannot disconnect while we wait.
-    events.recv().expect("event senders outlive the event loop")
+const WAKER: Token = Token(0);
+
+/// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes, and the VM (with its
+/// mappings of guest memory) before the memory.
+struct Guest {
+    vcpus: VcpuThreads,
+    _vm: KvmVm,
+    _memory: GuestMemoryMmap,
+}
+
+/// The machine itself: what QMP commands act on.
+pub struct Vmm<'a> {
+    config: &'a VmConfig,
+    hypervisor: KvmHypervisor,
+    platform: Platform,
+    kernel: File,
+    initrd: Option<File>,
+    events: Receiver<VmEvent>,
+    sender: EventSender,
+    guest: Option<Guest>,
+    state: RunState,
+    /// Events raised by the QMP command being handled, for the other clients.
+    raised: Vec<Event>,
+    quit: bool,
+}
+
+pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
+    let vmm = Vmm::new(config, &poll)?;
+    let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
+    EventLoop { vmm, poll, qmp }.run()
+}
+
+/// Wall-clock time for event timestamps.
+fn now() -> Timestamp {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp { seconds: since_epoch.as_secs() as i64, microseconds: i64::from(since_epoch.subsec_micros()) }
+}
+
+fn qmp_event(kind: EventKind) -> Event {
+    Event { kind, timestamp: now() }
+}
+
+impl<'a> Vmm<'a> {
+    fn new(config: &'a VmConfig, poll: &Poll) -> Result<Self, Error> {
+        check_memory_size(config.memory_bytes)?;
+        let kernel = open_input("kernel", &config.kernel)?;
+        let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
+
+        let hypervisor = KvmHypervisor::new()?;
+        let max_vcpus = hypervisor.max_vcpus().min(Platform::MAX_VCPUS);
+        if u32::from(config.vcpus) > max_vcpus {
+            return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
+        }
+
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Error::Host("creating the event loop", e))?;
+        let (sender, events) = channel();
+        let sender = EventSender { sender: Arc::new(Mutex::new(sender)), waker: Arc::new(waker) };
+
+        signals::install_kick_handler()?;
+        signals::forward_termination_signals({
+            let sender = sender.clone();
+            move |signal| sender.send(VmEvent::Signal(signal))
+        })?;
+
+        let backend = console::open(&config.serial).map_err(Error::Console)?;
+        let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), backend.output)));
+        if let Some(input) = backend.input {
+            forward_console_input(input, serial.clone());
+        }
+        let platform_events = PlatformEvents::new({
+            let sender = sender.clone();
+            move |request| sender.send(VmEvent::Platform(request))
+        });
+        let platform = Platform::new(serial, serial_irq, platform_events)?;
+        let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
+        Ok(Vmm {
+            config,
+            hypervisor,
+            platform,
+            kernel,
+            initrd,
+            events,
+            sender,
+            guest: None,
+            state,
+            raised: Vec::new(),
+            quit: false,
+        })
+    }
+
+    /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
+    fn boot(&mut self) -> Result<(), Error> {
+        let vm = self.hypervisor.create_vm()?;
+        let memory = create_guest_memory(&vm, self.config.memory_bytes)?;
+        let boot = BootFiles {
+            kernel: &mut self.kernel,
+            initrd: self.initrd.as_mut(),
+            cmdline: &self.config.cmdline,
+            vcpu_count: self.config.vcpus,
+        };
+        let vcpus = self.platform.boot(&self.hypervisor, &vm, &memory, boot)?;
+        let sender = self.sender.clone();
+        let report = move |event| match event {
+            VcpuEvent::Platform(request) => sender.send(VmEvent::Platform(request)),
+            VcpuEvent::Failed { id, reason, state } => sender.send(VmEvent::VcpuFailed { id, reason, state }),
+        };
+        let paused = self.state != RunState::Running;
+        let vcpus = VcpuThreads::start(vcpus, &self.platform.pio, &self.platform.mmio, paused, report)?;
+        self.guest = Some(Guest { vcpus, _vm: vm, _memory: memory });
+        Ok(())
+    }
+
+    /// Resets the machine in place: a fresh VM with the same devices, as a PC's reset line does.
+    fn reset(&mut self) -> Result<(), Error> {
+        self.guest = None;
+        // Requests raised by vCPUs of the boot that just ended are moot now.
+        while self.events.try_recv().is_ok() {}
+        self.platform.reset();
+        if matches!(self.state, RunState::Shutdown | RunState::InternalError) {
+            self.state = RunState::Prelaunch;
+        }
+        self.boot()
+    }
+
+    /// Holds every vCPU outside the guest.
+    fn pause(&mut self, state: RunState) {
+        if let Some(guest) = &self.guest {
+            guest.vcpus.pause();
+        }
+        self.state = state;
+    }
+
+    /// Lets the vCPUs run again.
+    fn resume(&mut self) {
+        if let Some(guest) = &self.guest {
+            guest.vcpus.resume();
+        }
+        self.state = RunState::Running;
+    }
+
+    /// Host thread ids of the vCPUs, in vCPU order.
+    fn vcpu_thread_ids(&self) -> Vec<i32> {
+        self.guest.as_ref().map(|g| g.vcpus.thread_ids()).unwrap_or_default()
+    }
+
+    /// Acts on one event from the guest or the host; `Some` ends the run. `emit` sends QMP events.
+    fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error> {
+        match event {
+            VmEvent::Platform(PlatformRequest::Poweroff) => {
+                emit(shutdown_event(ShutdownCause::GuestShutdown));
+                if self.config.no_shutdown {
+                    self.pause(RunState::Shutdown);
+                    emit(qmp_event(EventKind::Stop));
+                    return Ok(None);
+                }
+                Ok(Some(Outcome::Poweroff))
+            }
+            VmEvent::Platform(PlatformRequest::Reset) => {
+                emit(qmp_event(EventKind::Reset { guest: true, reason: ShutdownCause::GuestReset }));
+                if self.config.no_reboot {
+                    emit(shutdown_event(ShutdownCause::GuestReset));
+                    return Ok(Some(Outcome::Rebooted));
+                }
+                self.reset()?;
+                Ok(None)
+            }
+            VmEvent::Signal(signal) => {
+                emit(shutdown_event(ShutdownCause::HostSignal));
+                Ok(Some(Outcome::Signal(signal)))
+            }
+            VmEvent::VcpuFailed { id, reason, state } => {
+                let error = Error::VcpuFailed { id, reason, state };
+                if self.config.qmp.is_empty() {
+                    return Err(error);
+                }
+                // With a control socket the machine stays for inspection, as QEMU's does.
+                eprintln!("kestrel: {error}");
+                if self.state == RunState::Running {
+                    emit(qmp_event(EventKind::Stop));
+                }
+                self.pause(RunState::InternalError);
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn shutdown_event(reason: ShutdownCause) -> Event {
+    qmp_event(EventKind::Shutdown { guest: reason.is_guest(), reason })
+}
+
+impl Machine for Vmm<'_> {
+    fn run_state(&self) -> RunState {
+        self.state
+    }
+
+    fn stop(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state == RunState::Running {
+            self.pause(RunState::Paused);
+            self.raise(events, qmp_event(EventKind::Stop));
+        }
+        Ok(())
+    }
+
+    fn cont(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state != RunState::Running {
+            self.resume();
+            self.raise(events, qmp_event(EventKind::Resume));
+        }
+        Ok(())
+    }
+
+    fn system_reset(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.config.no_reboot {
+            // QEMU with -no-reboot turns every reset request, the host's too, into a shutdown.
+            self.raise(events, shutdown_event(ShutdownCause::HostQmpSystemReset));
+            self.quit = true;
+            return Ok(());
+        }
+        self.raise(events, qmp_event(EventKind::Reset { guest: false, reason: ShutdownCause::HostQmpSystemReset }));
+        self.reset().map_err(|e| QmpError::generic(e.to_string()))
+    }
+
+    fn system_powerdown(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.raise(events, qmp_event(EventKind::Powerdown));
+        self.platform.press_power_button();
+        Ok(())
+    }
+
+    fn quit(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.raise(events, shutdown_event(ShutdownCause::HostQmpQuit));
+        self.quit = true;
+        Ok(())
+    }
+
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.vcpu_thread_ids()
+            .into_iter()
+            .enumerate()
+            .map(|(index, thread_id)| CpuInfo {
+                cpu_index: index as i64,
+                qom_path: cpu_qom_path(index),
+                thread_id: i64::from(thread_id),
+                props: Platform::cpu_props(index as u32),
+                type_name: Platform::CPU_TYPE.to_string(),
+            })
+            .collect()
+    }
+
+    fn name(&self) -> Option<String> {
+        self.config.name.clone()
+    }
+
+    fn uuid(&self) -> [u8; 16] {
+        let hex: String = self.config.uuid.as_deref().unwrap_or_default().chars().filter(|c| *c != '-').collect();
+        let mut bytes = [0u8; 16];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+        }
+        bytes
+    }
+
+    fn memory_size(&self) -> u64 {
+        self.config.memory_bytes
+    }
+
+    fn plugged_memory(&self) -> Option<u64> {
+        None
+    }
+
+    fn chardevs(&self) -> Vec<ChardevInfo> {
+        let serial = match &self.config.serial {
+            SerialConfig::Stdio => Some("stdio".to_string()),
+            SerialConfig::Pty => Some("pty".to_string()),
+            SerialConfig::File(path) => Some(format!("file:{}", path.display())),
+            SerialConfig::None => None,
+        };
+        let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
+        let monitors = self.config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {
+            label: format!("compat_monitor{i}"),
+            filename: format!("unix:{},server=on", socket.path.display()),
+            frontend_open: true,
+        });
+        serial.into_iter().chain(monitors).collect()
+    }
+
+    fn target(&self) -> Target {
+        Platform::QMP_TARGET
+    }
+
+    fn kvm(&self) -> (bool, bool) {
+        (true, true)
+    }
+
+    fn machines(&self) -> Vec<MachineInfo> {
+        vec![MachineInfo {
+            name: Platform::MACHINE_TYPE.into(),
+            alias: None,
+            is_default: true,
+            cpu_max: i64::from(Platform::MAX_VCPUS),
+            hotpluggable_cpus: false,
+            numa_mem_supported: false,
+            deprecated: false,
+            default_cpu_type: Some(Platform::CPU_TYPE.into()),
+            default_ram_id: None,
+        }]
+    }
+
+    /// A small tree that tells the truth: the machine, its unattached container and one object per vCPU.
+    fn qom_object(&self, path: &str) -> Option<QomObject> {
+        let prop = |name: &str, type_name: &str, value| QomProperty {
+            name: name.into(),
+            type_name: type_name.into(),
+            value: Some(value),
+        };
+        let vcpus = usize::from(self.config.vcpus);
+        match path.trim_end_matches('/') {
+            "" => Some(QomObject {
+                type_name: "container".into(),
+                properties: vec![
+                    prop("type", "string", json!("container")),
+                    prop("machine", &format!("child<{}>", Platform::MACHINE_QOM_TYPE), json!("/machine")),
+                ],
+            }),
+            "/machine" => Some(QomObject {
+                type_name: Platform::MACHINE_QOM_TYPE.into(),
+                properties: vec![
+                    prop("type", "string", json!(Platform::MACHINE_QOM_TYPE)),
+                    prop("unattached", "child<container>", json!("/machine/unattached")),
+                    prop("kernel", "string", json!(self.config.kernel.display().to_string())),
+                    prop("append", "string", json!(self.config.cmdline)),
+                ],
+            }),
+            "/machine/unattached" => {
+                let mut properties = vec![prop("type", "string", json!("container"))];
+                properties.extend((0..vcpus).map(|i| {
+                    prop(&format!("device[{i}]"), &format!("child<{}>", Platform::CPU_TYPE), json!(cpu_qom_path(i)))
+                }));
+                Some(QomObject { type_name: "container".into(), properties })
+            }
+            other => {
+                let index: usize =
+                    other.strip_prefix("/machine/unattached/device[")?.strip_suffix(']')?.parse().ok()?;
+                (index < vcpus).then(|| QomObject {
+                    type_name: Platform::CPU_TYPE.into(),
+                    properties: vec![
+                        prop("type", "string", json!(Platform::CPU_TYPE)),
+                        prop("realized", "bool", json!(true)),
+                        prop("start-powered-off", "bool", json!(index != 0)),
+                    ],
+                })
+            }
+        }
+    }
+}
+
+fn cpu_qom_path(index: usize) -> String {
+    format!("/machine/unattached/device[{index}]")
+}
+
+impl Vmm<'_> {
+    /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
+    /// session through `raised`.
+    fn raise(&mut self, events: &mut Vec<Event>, event: Event) {
+        self.raised.push(event);
+        events.push(event);
+    }
+}
+
+/// The VMM's main loop: guest and host events, and the QMP sockets.
+struct EventLoop<'a> {
+    vmm: Vmm<'a>,
+    poll: Poll,
+    qmp: QmpServer<Session>,
+}
+
+impl EventLoop<'_> {
+    fn run(mut self) -> Result<Outcome, Error> {
+        let outcome = self.serve();
+        self.qmp.remove_files();
+        outcome
+    }
+
+    fn serve(&mut self) -> Result<Outcome, Error> {
+        let EventLoop { vmm, poll, qmp } = self;
+        let waits: Vec<bool> = vmm.config.qmp.iter().map(|s| s.wait).collect();
+        if waits.contains(&true) {
+            let mut connect = || Session::new(ServerInfo::kestrel());
+            let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+            qmp.wait_for_clients(&waits, poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+        }
+        vmm.boot()?;
+        let mut events = Events::with_capacity(64);
+        loop {
+            match poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Host("waiting for events", e)),
+            }
+            for ready in events.iter() {
+                let token = ready.token();
+                if !qmp.owns(token) {
+                    continue;
+                }
+                {
+                    let mut connect = || Session::new(ServerInfo::kestrel());
+                    let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+                    let mut handlers = Handlers { connect: &mut connect, input: &mut input };
+                    qmp.ready(token, poll.registry(), &mut handlers);
+                }
+                let raised = std::mem::take(&mut vmm.raised);
+                for event in &raised {
+                    qmp.broadcast_except(Some(token), poll.registry(), |session| session.event_bytes(event));
+                }
+                if vmm.quit {
+                    return Ok(Outcome::Quit);
+                }
+            }
+            while let Ok(event) = vmm.events.try_recv() {
+                let registry = poll.registry();
+                let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));
+                if let Some(outcome) = vmm.handle(event, &mut emit)? {
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
 }
 
 fn open_input(what: &'static str, path: &std::path::Path) -> Result<File, Error> {
@@ -127,8 +507,8 @@ fn create_guest_memory<V: Vm>(vm: &V, memory_bytes: u64) -> Result<GuestMemoryMm
     let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))?;
     for (slot, region) in memory.iter().enumerate() {
         let host_addr = region.as_ptr() as u64;
-        // SAFETY: the mapping belongs to `memory`, which the caller drops only after the VM is gone, and it is
-        // used for nothing but this guest's RAM.
+        // SAFETY: the mapping belongs to `memory`, which `Guest` drops only after the VM, and it is used for
+        // nothing but this guest's RAM.
         unsafe { vm.map_memory(slot as u32, region.start_addr().0, region.len(), host_addr) }?;
     }
     Ok(memory)
@@ -151,112 +531,4 @@ fn forward_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<Seri
         })
         .map(drop)
         .unwrap_or_else(|e| eprintln!("kestrel: console input disabled: {e}"));
-}
-
-struct RunningVcpus {
-    threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl RunningVcpus {
-    fn start<C: Vcpu + 'static>(vcpus: Vec<C>, pio: &Bus, mmio: &Bus, events: &Sender<VmEvent>) -> Result<Self, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut running = RunningVcpus { threads: Vec::with_capacity(vcpus.len()), stop: stop.clone() };
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone(), stop: stop.clone() };
-            let events = events.clone();
-            let thread = thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || exits.run(vcpu, events))
-                .map_err(|e| Error::Host("starting a vCPU thread", e));
-            match thread {
-                Ok(thread) => running.threads.push(thread),
-                Err(e) => {
-                    running.stop();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(running)
-    }
-
-    /// Stops every vCPU thread and waits for it. A vCPU may be inside the guest (halted or running), so it is
-    /// kicked out with a signal until it notices the stop flag.
-    fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for thread in self.threads {
-            while !thread.is_finished() {
-                signals::kick(&thread);
-                thread::sleep(Duration::from_micros(100));
-            }
-            let _ = thread.join();
-        }
-    }
-}
-
-struct ExitHandler {
-    id: u32,
-    pio: Bus,
-    mmio: Bus,
-    stop: Arc<AtomicBool>,
-}
-
-/// Unmapped MMIO accesses are reported, but only the first few: a guest probing for hardware must not flood the
-/// terminal.
-static UNMAPPED_MMIO_REPORTS: AtomicU32 = AtomicU32::new(0);
-const MAX_UNMAPPED_MMIO_REPORTS: u32 = 10;
-
-fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
-    let n = UNMAPPED_MMIO_REPORTS.fetch_add(1, Ordering::Relaxed);
-    if n < MAX_UNMAPPED_MMIO_REPORTS {
-        eprintln!("kestrel: guest {kind} of {len} bytes at unmapped MMIO address {addr:#x} ignored");
-    } else if n == MAX_UNMAPPED_MMIO_REPORTS {
-        eprintln!("kestrel: further unmapped MMIO accesses will not be reported");
-    }
-}
-
-impl ExitHandler {
-    fn run<C: Vcpu>(self, mut vcpu: C, events: Sender<VmEvent>) {
-        let failure = loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            match vcpu.run() {
-                Ok(VcpuExit::IoIn { port, data }) => {
-                    self.pio.read(u64::from(port), data);
-                }
-                Ok(VcpuExit::IoOut { port, data }) => {
-                    self.pio.write(u64::from(port), data);
-                }
-                Ok(VcpuExit::MmioRead { addr, data }) => {
-                    if !self.mmio.read(addr, data) {
-                        report_unmapped_mmio("read", addr, data.len());
-                    }
-                }
-                Ok(VcpuExit::MmioWrite { addr, data }) => {
-                    if !self.mmio.write(addr, data) {
-                        report_unmapped_mmio("write", addr, data.len());
-                    }
-                }
-                Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::SystemReset) => {
-                    let _ = events.send(VmEvent::Platform(PlatformRequest::Reset));
-                    return;
-                }
-                Ok(VcpuExit::SystemPoweroff) => {
-                    let _ = events.send(VmEvent::Platform(PlatformRequest::Poweroff));
-                    return;
-                }
-                Ok(VcpuExit::Shutdown) => break "triple fault (the guest's CPU shut down)".to_string(),
-                Ok(VcpuExit::InternalError) => break "KVM internal error".to_string(),
-                Ok(VcpuExit::FailEntry { reason }) => {
-                    break format!("the hypervisor refused to enter the guest (hardware reason {reason:#x})")
-                }
-                Ok(VcpuExit::Unhandled(what)) => break format!("unhandled exit {what}"),
-                Err(e) => break e.to_string(),
-            }
-        };
-        let state = vcpu.dump_state();
-        let _ = events.send(VmEvent::VcpuFailed { id: self.id, reason: failure, state });
-    }
 }

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
                 eprintln!("kestrel: terminating on signal {signal}");
                 ExitCode::SUCCESS
             }
-            Ok(Outcome::Poweroff | Outcome::Rebooted) => ExitCode::SUCCESS,
+            Ok(Outcome::Poweroff | Outcome::Rebooted | Outcome::Quit) => ExitCode::SUCCESS,
             Err(e) => {
                 console::restore_terminal();
                 eprintln!("kestrel: {e}");

@@ -12,6 +12,7 @@ use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
 use devices::{Bus, EventFdLine, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
+use qmp::{CpuProps, Target};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,12 +29,19 @@ pub struct Platform {
     pub mmio: Bus,
     serial: Arc<Mutex<Serial>>,
     serial_irq: Arc<EventFdLine>,
+    acpi_pm: Arc<Mutex<AcpiPmBlock>>,
     sci: Arc<EventFdLine>,
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
     sci_resample: Arc<EventFd>,
 }
 
 impl Platform {
+    /// What QMP reports: the target, the machine type and QOM type, and the vCPUs' QOM type (host CPUID).
+    pub const QMP_TARGET: Target = Target::X86_64;
+    pub const MACHINE_TYPE: &'static str = "kestrel-pc";
+    pub const MACHINE_QOM_TYPE: &'static str = "kestrel-pc-machine";
+    pub const CPU_TYPE: &'static str = "host-x86_64-cpu";
+
     /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
     pub const MAX_VCPUS: u32 = 254;
 
@@ -51,8 +59,25 @@ impl Platform {
         let acpi_pm = Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE, sci.clone())));
         pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
         pio.insert(Arc::new(Mutex::new(ResetPort::new(events))), u64::from(ACPI_RESET_PORT), 1)?;
-        forward_sci_acknowledgements(sci_resample.clone(), acpi_pm)?;
-        Ok(Platform { pio, mmio: Bus::new(), serial, serial_irq, sci, sci_resample })
+        forward_sci_acknowledgements(sci_resample.clone(), acpi_pm.clone())?;
+        Ok(Platform { pio, mmio: Bus::new(), serial, serial_irq, acpi_pm, sci, sci_resample })
+    }
+
+    /// Presses the ACPI power button; the guest decides whether and how to shut down.
+    pub fn press_power_button(&self) {
+        self.acpi_pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
+    }
+
+    /// Where vCPU `index` sits in the topology the CPUID leaves describe: one socket, one thread per core.
+    pub fn cpu_props(index: u32) -> CpuProps {
+        CpuProps {
+            node_id: None,
+            socket_id: Some(0),
+            die_id: Some(0),
+            cluster_id: None,
+            core_id: Some(i64::from(index)),
+            thread_id: Some(0),
+        }
     }
 
     /// Guest RAM as (start, length) regions for `memory_bytes` of RAM.

@@ -1,0 +1,224 @@
+//! QMP control sockets: unix listeners created mode 0600, one client per socket at a time (as QEMU: a second
+//! client waits in the listen queue until the first leaves), non-blocking reads and buffered writes, all driven by
+//! the VMM's event loop. The protocol itself is the `qmp` crate's.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+
+use crate::config::QmpSocket;
+use crate::Error;
+
+/// Tokens from here up belong to QMP sockets: two per socket (listener, client).
+pub const FIRST_TOKEN: usize = 16;
+
+/// What the event loop supplies for each connection: its protocol state `P` with the greeting to send when a
+/// client connects, and the handling of input (returning what to send back).
+pub struct Handlers<'h, P> {
+    pub connect: &'h mut dyn FnMut() -> (P, Vec<u8>),
+    pub input: &'h mut dyn FnMut(&mut P, &[u8]) -> Vec<u8>,
+}
+
+struct Client<P> {
+    stream: UnixStream,
+    protocol: P,
+    outgoing: Vec<u8>,
+}
+
+struct Socket<P> {
+    path: PathBuf,
+    listener: UnixListener,
+    client: Option<Client<P>>,
+}
+
+pub struct QmpServer<P> {
+    sockets: Vec<Socket<P>>,
+}
+
+fn listener_token(index: usize) -> Token {
+    Token(FIRST_TOKEN + 2 * index)
+}
+
+fn client_token(index: usize) -> Token {
+    Token(FIRST_TOKEN + 2 * index + 1)
+}
+
+/// Binds `path` with no access for anyone but the owner, replacing a stale socket as QEMU does.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    // The umask makes the socket 0600 from its creation; no window where others could connect.
+    // SAFETY: umask only changes this process's file creation mask, restored right after.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+impl<P> QmpServer<P> {
+    pub fn bind(sockets: &[QmpSocket], registry: &Registry) -> Result<Self, Error> {
+        let mut server = QmpServer { sockets: Vec::with_capacity(sockets.len()) };
+        for (index, socket) in sockets.iter().enumerate() {
+            let mut listener = bind_private(&socket.path).map_err(|source| Error::Open {
+                what: "QMP socket",
+                path: socket.path.clone(),
+                source,
+            })?;
+            registry
+                .register(&mut listener, listener_token(index), Interest::READABLE)
+                .map_err(|e| Error::Host("watching a QMP socket", e))?;
+            server.sockets.push(Socket { path: socket.path.clone(), listener, client: None });
+        }
+        Ok(server)
+    }
+
+    /// Whether `token` is one of this server's.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= FIRST_TOKEN && token.0 < FIRST_TOKEN + 2 * self.sockets.len()
+    }
+
+    /// Handles readiness on one of this server's tokens.
+    pub fn ready(&mut self, token: Token, registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        let index = (token.0 - FIRST_TOKEN) / 2;
+        let Some(socket) = self.sockets.get_mut(index) else { return };
+        if token == client_token(index) {
+            socket.service_client(index, registry, handlers);
+        }
+        // Accept when the listener is ready, and also after a client left: a waiting connection raised no new
+        // readiness while we were not accepting.
+        socket.accept(index, registry, handlers);
+    }
+
+    /// Blocks until a client connects to every socket configured with `wait=on` (QEMU's behaviour: the guest
+    /// does not start before its management tool is there).
+    pub fn wait_for_clients(&mut self, waits: &[bool], registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        for (index, socket) in self.sockets.iter_mut().enumerate() {
+            if !waits.get(index).copied().unwrap_or(false) {
+                continue;
+            }
+            eprintln!("kestrel: waiting for connection on: disconnected:unix:{},server=on", socket.path.display());
+            while socket.client.is_none() {
+                let mut fds = [libc::pollfd { fd: socket.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+                // SAFETY: polls one valid descriptor we own, with a correctly sized array.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+                socket.accept(index, registry, handlers);
+            }
+        }
+    }
+
+    /// Sends `bytes_for` each connected client's protocol (events), except the client behind `except`; `None`
+    /// sends nothing to that client.
+    pub fn broadcast_except(
+        &mut self,
+        except: Option<Token>,
+        registry: &Registry,
+        mut bytes_for: impl FnMut(&mut P) -> Option<Vec<u8>>,
+    ) {
+        for (index, socket) in self.sockets.iter_mut().enumerate() {
+            if Some(client_token(index)) == except || Some(listener_token(index)) == except {
+                continue;
+            }
+            if let Some(client) = &mut socket.client {
+                if let Some(bytes) = bytes_for(&mut client.protocol) {
+                    client.outgoing.extend_from_slice(&bytes);
+                    socket.flush(index, registry);
+                }
+            }
+        }
+    }
+
+    /// Removes the socket files.
+    pub fn remove_files(&self) {
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(&socket.path);
+        }
+    }
+}
+
+impl<P> Socket<P> {
+    fn accept(&mut self, index: usize, registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        if self.client.is_some() {
+            return;
+        }
+        match self.listener.accept() {
+            Ok((mut stream, _)) => {
+                if registry.register(&mut stream, client_token(index), Interest::READABLE).is_err() {
+                    return;
+                }
+                let (protocol, outgoing) = (handlers.connect)();
+                self.client = Some(Client { stream, protocol, outgoing });
+                self.flush(index, registry);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => eprintln!("kestrel: accepting a QMP client on {}: {e}", self.path.display()),
+        }
+    }
+
+    fn service_client(&mut self, index: usize, registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        let Some(client) = &mut self.client else { return };
+        let mut buf = [0u8; 4096];
+        let mut closed = false;
+        loop {
+            match client.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    let reply = (handlers.input)(&mut client.protocol, &buf[..n]);
+                    client.outgoing.extend_from_slice(&reply);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // Replies to the last requests go out even if the client already closed its writing side.
+        self.flush(index, registry);
+        if closed {
+            self.disconnect(registry);
+        }
+    }
+
+    /// Writes what the socket takes now; waits for writability for the rest.
+    fn flush(&mut self, index: usize, registry: &Registry) {
+        let Some(client) = &mut self.client else { return };
+        while !client.outgoing.is_empty() {
+            match client.stream.write(&client.outgoing) {
+                Ok(0) => break,
+                Ok(n) => {
+                    client.outgoing.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.disconnect(registry);
+                    return;
+                }
+            }
+        }
+        let interest =
+            if client.outgoing.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+        let _ = registry.reregister(&mut client.stream, client_token(index), interest);
+    }
+
+    fn disconnect(&mut self, registry: &Registry) {
+        if let Some(mut client) = self.client.take() {
+            let _ = registry.deregister(&mut client.stream);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! One thread per vCPU: runs the guest, completes I/O exits on the buses, and can be paused, resumed and stopped
+//! from the VMM's main thread.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use devices::{Bus, PlatformRequest};
+use hypervisor::{Vcpu, VcpuExit};
+
+use crate::signals;
+use crate::Error;
+
+/// What a vCPU thread reports to the VMM.
+pub enum VcpuEvent {
+    /// A firmware-level request (PSCI and the like) the hypervisor turned into an exit.
+    Platform(PlatformRequest),
+    /// The vCPU cannot go on: the reason, and its register state for the report.
+    Failed { id: u32, reason: String, state: String },
+}
+
+#[derive(Default)]
+struct Control {
+    paused: bool,
+    stop: bool,
+    /// Threads currently waiting in the paused state.
+    parked: usize,
+}
+
+/// Shared between the VMM and its vCPU threads.
+#[derive(Default)]
+struct Shared {
+    /// Set whenever `control` asks something of the vCPUs, so the hot path checks one atomic, not a lock.
+    attention: AtomicBool,
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running vCPU threads of one boot.
+pub struct VcpuThreads {
+    threads: Vec<JoinHandle<()>>,
+    thread_ids: Arc<Vec<AtomicI32>>,
+    shared: Arc<Shared>,
+}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU; with `paused`, none enters the guest until `resume`.
+    pub fn start<C: Vcpu + 'static>(
+        vcpus: Vec<C>,
+        pio: &Bus,
+        mmio: &Bus,
+        paused: bool,
+        report: impl Fn(VcpuEvent) + Clone + Send + 'static,
+    ) -> Result<Self, Error> {
+        let shared = Arc::new(Shared::default());
+        shared.lock().paused = paused;
+        shared.attention.store(paused, Ordering::SeqCst);
+        let thread_ids: Arc<Vec<AtomicI32>> = Arc::new(vcpus.iter().map(|_| AtomicI32::new(0)).collect());
+        let mut running = VcpuThreads { threads: Vec::with_capacity(vcpus.len()), thread_ids, shared };
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone() };
+            let shared = running.shared.clone();
+            let thread_ids = running.thread_ids.clone();
+            let report = report.clone();
+            let thread = thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+                // The raw system call: glibc's gettid() wrapper is a weak symbol that a static link leaves
+                // unresolved.
+                // SAFETY: gettid takes no arguments and cannot fail.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+                thread_ids[id].store(tid, Ordering::SeqCst);
+                exits.run(vcpu, &shared, report)
+            });
+            match thread {
+                Ok(thread) => running.threads.push(thread),
+                Err(e) => {
+                    running.stop();
+                    return Err(Error::Host("starting a vCPU thread", e));
+                }
+            }
+        }
+        Ok(running)
+    }
+
+    /// The host thread id of each vCPU (0 until the thread has started).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.thread_ids.iter().map(|t| t.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Takes every vCPU out of the guest and holds it there; returns once all of them are held.
+    pub fn pause(&self) {
+        self.shared.lock().paused = true;
+        self.shared.attention.store(true, Ordering::SeqCst);
+        loop {
+            let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+            if self.shared.lock().parked >= live {
+                return;
+            }
+            // A vCPU inside the guest (halted or running) only notices once kicked out.
+            self.kick_all();
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut control = self.shared.lock();
+        control.paused = false;
+        self.shared.attention.store(control.stop, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+
+    /// Stops every vCPU thread and waits for it.
+    pub fn stop(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        {
+            let mut control = self.shared.lock();
+            control.stop = true;
+            self.shared.attention.store(true, Ordering::SeqCst);
+            self.shared.changed.notify_all();
+        }
+        for thread in self.threads.drain(..) {
+            // A vCPU may be inside the guest (halted or running): kick it out until it notices.
+            while !thread.is_finished() {
+                signals::kick(&thread);
+                thread::sleep(Duration::from_micros(100));
+            }
+            let _ = thread.join();
+        }
+    }
+
+    fn kick_all(&self) {
+        for thread in self.threads.iter().filter(|t| !t.is_finished()) {
+            signals::kick(thread);
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+struct ExitHandler {
+    id: u32,
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// Unmapped MMIO accesses are reported, but only the first few: a guest probing for hardware must not flood the
+/// terminal.
+static UNMAPPED_MMIO_REPORTS: AtomicU32 = AtomicU32::new(0);
+const MAX_UNMAPPED_MMIO_REPORTS: u32 = 10;
+
+fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
+    let n = UNMAPPED_MMIO_REPORTS.fetch_add(1, Ordering::Relaxed);
+    if n < MAX_UNMAPPED_MMIO_REPORTS {
+        eprintln!("kestrel: guest {kind} of {len} bytes at unmapped MMIO address {addr:#x} ignored");
+    } else if n == MAX_UNMAPPED_MMIO_REPORTS {
+        eprintln!("kestrel: further unmapped MMIO accesses will not be reported");
+    }
+}
+
+impl ExitHandler {
+    fn failed<C: Vcpu>(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
+        VcpuEvent::Failed { id: self.id, reason: reason.to_string(), state: vcpu.dump_state() }
+    }
+
+    /// Whether the thread should go on running the guest, after honouring any pause request.
+    fn may_run(shared: &Shared) -> bool {
+        if !shared.attention.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut control = shared.lock();
+        if control.paused && !control.stop {
+            control.parked += 1;
+            shared.changed.notify_all();
+            while control.paused && !control.stop {
+                control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+            }
+            control.parked -= 1;
+        }
+        !control.stop
+    }
+
+    fn run<C: Vcpu>(self, mut vcpu: C, shared: &Shared, report: impl Fn(VcpuEvent)) {
+        let event = loop {
+            if !Self::may_run(shared) {
+                return;
+            }
+            match vcpu.run() {
+                Ok(VcpuExit::IoIn { port, data }) => {
+                    self.pio.read(u64::from(port), data);
+                }
+                Ok(VcpuExit::IoOut { port, data }) => {
+                    self.pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioRead { addr, data }) => {
+                    if !self.mmio.read(addr, data) {
+                        report_unmapped_mmio("read", addr, data.len());
+                    }
+                }
+                Ok(VcpuExit::MmioWrite { addr, data }) => {
+                    if !self.mmio.write(addr, data) {
+                        report_unmapped_mmio("write", addr, data.len());
+                    }
+                }
+                Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Hlt) => {}
+                Ok(VcpuExit::SystemReset) => break VcpuEvent::Platform(PlatformRequest::Reset),
+                Ok(VcpuExit::SystemPoweroff) => break VcpuEvent::Platform(PlatformRequest::Poweroff),
+                Ok(VcpuExit::Shutdown) => break self.failed(&mut vcpu, "triple fault (the guest's CPU shut down)"),
+                Ok(VcpuExit::InternalError) => break self.failed(&mut vcpu, "KVM internal error"),
+                Ok(VcpuExit::FailEntry { reason }) => {
+                    let reason = format!("the hypervisor refused to enter the guest (hardware reason {reason:#x})");
+                    break self.failed(&mut vcpu, &reason);
+                }
+                Ok(VcpuExit::Unhandled(what)) => break self.failed(&mut vcpu, &format!("unhandled exit {what}")),
+                Err(e) => break self.failed(&mut vcpu, &e.to_string()),
+            }
+        };
+        report(event);
+        // After a platform request or a failure the vCPU stays out of the guest until the VMM decides (reset,
+        // power off, stop), still honouring pause and stop.
+        while Self::may_run(shared) {
+            let mut control = shared.lock();
+            while !control.stop && !control.paused {
+                control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
