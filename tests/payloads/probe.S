@@ -70,6 +70,10 @@
 
 #define ECHO_VECTOR     0x30
 #define PIT_VECTOR      0x31
+#define ACPI_VECTOR     0x32
+#define ACPI_PM1_STS    0x600
+#define ACPI_PM1_EN     0x602
+#define ACPI_PWRBTN     0x0100
 #define SPURIOUS_VECTOR 0xff
 
 /* CMOS NVRAM bytes used by the reset command: a boot counter and a check byte (counter ^ 0xa5). */
@@ -866,6 +870,47 @@ cmd_pit:
         call    puts
         jmp     poweroff
 
+/* acpi: wait for the ACPI fixed-feature power button: enable PWRBTN_EN, take the SCI (IRQ 9, level-triggered,
+ * active high as the MADT's override says) through the IOAPIC, and power off once PM1_STS shows the button. */
+cmd_acpi:
+        call    setup_idt
+        movb    $0xff, %al                      /* mask the legacy 8259s: the SCI must come via the IOAPIC */
+        outb    %al, $PIC1_DATA
+        outb    %al, $PIC2_DATA
+        movl    $LAPIC_BASE, %ebx
+        movl    $0, LAPIC_TPR(%rbx)
+        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rbx)
+        movl    $IOAPIC_BASE, %ebx
+        movl    $0x23, (%rbx)                   /* redirection entry 9, high: destination APIC 0 (the BSP) */
+        movl    $0, 0x10(%rbx)
+        movl    $0x22, (%rbx)                   /* low: vector, fixed, physical, active high, level, unmasked */
+        movl    $(0x8000 | ACPI_VECTOR), 0x10(%rbx)
+        movw    $ACPI_PM1_EN, %dx               /* PWRBTN_EN */
+        movw    $ACPI_PWRBTN, %ax
+        outw    %ax, %dx
+        leaq    msg_acpi_ready(%rip), %rsi
+        call    puts
+1:      sti
+        hlt
+        cli
+        cmpb    $0, acpi_button(%rip)
+        je      1b
+        leaq    msg_acpi_button(%rip), %rsi
+        call    puts
+        jmp     poweroff
+
+/* acpi_sci: called from the interrupt handler: acknowledge the power button in PM1_STS (write 1 to clear) before
+ * the EOI, so the level-triggered SCI is not raised again. */
+acpi_sci:
+        movw    $ACPI_PM1_STS, %dx
+        inw     %dx, %ax
+        testw   $ACPI_PWRBTN, %ax
+        jz      1f
+        movw    $ACPI_PWRBTN, %ax
+        outw    %ax, %dx
+        movb    $1, acpi_button(%rip)
+1:      ret
+
 /* serial_rx: called from the interrupt handler: echo every received byte; 'q' ends the test. */
 serial_rx:
 1:      movw    $COM1_LSR, %dx
@@ -932,7 +977,11 @@ isr_common:
         jne     4f
         incl    pit_ticks(%rip)
         jmp     1f
-4:      cmpq    $ECHO_VECTOR, %rax
+4:      cmpq    $ACPI_VECTOR, %rax
+        jne     5f
+        call    acpi_sci
+        jmp     1f
+5:      cmpq    $ECHO_VECTOR, %rax
         jne     1f
         call    serial_rx
 1:      movl    $(LAPIC_BASE + LAPIC_EOI), %eax
@@ -1147,6 +1196,8 @@ msg_reset_done:         .asciz "probe: reset done\r\n"
 msg_reset_failed:       .asciz "probe: reset failed\r\n"
 msg_rtc:                .asciz "probe: rtc 20"
 msg_pit:                .asciz "probe: pit ticks "
+msg_acpi_ready:         .asciz "probe: acpi ready\r\n"
+msg_acpi_button:        .asciz "probe: power button\r\n"
 msg_no_madt:            .asciz "probe: smp no madt\r\n"
 msg_cpu:                .asciz "probe: cpu "
 msg_up:                 .asciz " up\r\n"
@@ -1164,6 +1215,7 @@ str_reset:              .asciz "reset"
 str_smp:                .asciz "smp"
 str_rtc:                .asciz "rtc"
 str_pit:                .asciz "pit"
+str_acpi:               .asciz "acpi"
 str_echo:               .asciz "echo"
 str_mmio:               .asciz "mmio"
 str_triplefault:        .asciz "triplefault"
@@ -1176,6 +1228,7 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_smp, cmd_smp
         .quad str_rtc, cmd_rtc
         .quad str_pit, cmd_pit
+        .quad str_acpi, cmd_acpi
         .quad str_echo, cmd_echo
         .quad str_mmio, cmd_mmio
         .quad str_triplefault, cmd_triplefault
@@ -1220,5 +1273,6 @@ ap_cr3:         .long 0
 echo_quit:      .byte 0
         .balign 4
 pit_ticks:      .long 0
+acpi_button:    .byte 0
 rtc_a:          .skip 6
 rtc_b:          .skip 6
