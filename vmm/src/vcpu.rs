@@ -97,6 +97,8 @@ impl VcpuThreads {
     pub fn pause(&self) {
         self.shared.lock().paused = true;
         self.shared.attention.store(true, Ordering::SeqCst);
+        // Threads held after a failure wait on the condition variable, not in the guest: wake them to park.
+        self.shared.changed.notify_all();
         loop {
             let live = self.threads.iter().filter(|t| !t.is_finished()).count();
             if self.shared.lock().parked >= live {
