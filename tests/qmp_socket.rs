@@ -453,3 +453,38 @@ fn hostile_input_leaves_the_connection_usable() {
     client.execute(r#"{"execute": "quit"}"#);
     assert!(vm.wait().0);
 }
+
+#[test]
+fn qmp_over_tcp_on_loopback() {
+    if !kvm_available() {
+        return;
+    }
+    // A port nobody uses right now (the small window before kestrel binds it is harmless here).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let vm = Vm::start("spin", &[], &["-qmp", &format!("tcp:127.0.0.1:{port},server=on,wait=off")]);
+    let deadline = Instant::now() + TIMEOUT;
+    let stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "kestrel never listened on port {port}: {e}");
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("{\"QMP\": "), "{line}");
+    writer.write_all(b"{\"execute\": \"qmp_capabilities\"}{\"execute\": \"query-status\"}").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "{\"return\": {}}\r\n");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"status\": \"running\""), "{line}");
+    writer.write_all(b"{\"execute\": \"quit\"}").unwrap();
+    assert!(vm.wait().0);
+}

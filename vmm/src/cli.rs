@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, parse_uuid, QmpSocket, SerialConfig, VmConfig};
+use crate::config::{parse_memory_size, parse_uuid, QmpSocket, SerialConfig, SocketAddress, VmConfig};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -18,7 +18,7 @@ Options (QEMU's spelling in brackets, where it has one):
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
   --cpus N              number of vCPUs (default: 1) [-smp]
   --serial MODE         first serial port: stdio (default), pty, file:PATH, none [-serial]
-  --qmp unix:PATH,server=on,wait=off
+  --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
                         QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
                         with -mon chardev=ID,mode=control]
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
@@ -152,21 +152,30 @@ fn on_off(option: &str, value: &str, key: &str, setting: &str) -> Result<bool, C
     }
 }
 
-/// `unix:PATH,server=on,wait=off` (also QEMU's older `server,nowait`).
+fn parse_port(option: &str, value: &str, port: &str) -> Result<u16, CliError> {
+    port.parse().ok().filter(|&p| p > 0).ok_or_else(|| invalid(option, value, format!("invalid port '{port}'")))
+}
+
+/// `unix:PATH,server=on,wait=off` or `tcp:HOST:PORT,server=on,wait=off` (also QEMU's older `server,nowait`).
 fn parse_qmp_socket(option: &str, value: &str) -> Result<QmpSocket, CliError> {
     let (first, pairs) = split_qemu_opts(value);
-    let path = first
-        .as_deref()
-        .and_then(|f| f.strip_prefix("unix:"))
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| invalid(option, value, "only unix:PATH sockets are supported"))?;
-    socket_settings(option, value, PathBuf::from(path), &pairs)
+    let first = first.unwrap_or_default();
+    let address = if let Some(path) = first.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        SocketAddress::Unix(PathBuf::from(path))
+    } else if let Some(host_port) = first.strip_prefix("tcp:") {
+        let (host, port) = host_port.rsplit_once(':').ok_or_else(|| invalid(option, value, "use tcp:HOST:PORT"))?;
+        let host = if host.is_empty() { "0.0.0.0" } else { host.trim_start_matches('[').trim_end_matches(']') };
+        SocketAddress::Tcp(host.to_string(), parse_port(option, value, port)?)
+    } else {
+        return Err(invalid(option, value, "use unix:PATH or tcp:HOST:PORT"));
+    };
+    socket_settings(option, value, address, &pairs)
 }
 
 fn socket_settings(
     option: &str,
     value: &str,
-    path: PathBuf,
+    address: SocketAddress,
     pairs: &[(String, String)],
 ) -> Result<QmpSocket, CliError> {
     let mut server = false;
@@ -177,17 +186,18 @@ fn socket_settings(
             "server" => server = on_off(option, value, key, setting)?,
             "wait" => wait = on_off(option, value, key, setting)?,
             "nowait" => wait = !on_off(option, value, key, setting)?,
-            "id" | "path" => {}
+            "id" | "path" | "host" | "port" => {}
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
     if !server {
         return Err(invalid(option, value, "Kestrel only listens: add server=on"));
     }
-    Ok(QmpSocket { path, wait })
+    Ok(QmpSocket { address, wait })
 }
 
-/// `-chardev socket,id=ID,path=PATH,server=on,wait=off`: only sockets, which `-mon` may then use for QMP.
+/// `-chardev socket,id=ID,path=PATH|host=HOST,port=PORT,server=on,wait=off`: only sockets, which `-mon` may then
+/// use for QMP.
 fn parse_chardev(value: &str) -> Result<(String, QmpSocket), CliError> {
     let (backend, pairs) = split_qemu_opts(value);
     if backend.as_deref() != Some("socket") {
@@ -195,8 +205,15 @@ fn parse_chardev(value: &str) -> Result<(String, QmpSocket), CliError> {
     }
     let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let id = get("id").filter(|id| !id.is_empty()).ok_or_else(|| invalid("-chardev", value, "id= is required"))?;
-    let path = get("path").filter(|p| !p.is_empty()).ok_or_else(|| invalid("-chardev", value, "path= is required"))?;
-    Ok((id, socket_settings("-chardev", value, PathBuf::from(path), &pairs)?))
+    let address = match (get("path").filter(|p| !p.is_empty()), get("port")) {
+        (Some(path), None) => SocketAddress::Unix(PathBuf::from(path)),
+        (None, Some(port)) => {
+            let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
+            SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
+        }
+        _ => return Err(invalid("-chardev", value, "give path= (unix) or host= and port= (tcp)")),
+    };
+    Ok((id, socket_settings("-chardev", value, address, &pairs)?))
 }
 
 /// `-mon chardev=ID,mode=control`: returns the chardev id.
@@ -377,7 +394,7 @@ mod tests {
         assert_eq!(config.vcpus, 4);
         assert_eq!(config.serial, SerialConfig::File(PathBuf::from("/tmp/out")));
         assert!(config.no_reboot && config.no_shutdown && config.start_paused);
-        assert_eq!(config.qmp, vec![QmpSocket { path: "/tmp/q.sock".into(), wait: false }]);
+        assert_eq!(config.qmp, vec![QmpSocket { address: SocketAddress::Unix("/tmp/q.sock".into()), wait: false }]);
         assert_eq!(config.name.as_deref(), Some("web1"));
         assert_eq!(config.uuid.as_deref(), Some("3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
@@ -399,8 +416,26 @@ mod tests {
         assert_eq!(
             config.qmp,
             vec![
-                QmpSocket { path: "/run/q2.sock".into(), wait: false },
-                QmpSocket { path: "/run/mon.sock".into(), wait: false },
+                QmpSocket { address: SocketAddress::Unix("/run/q2.sock".into()), wait: false },
+                QmpSocket { address: SocketAddress::Unix("/run/mon.sock".into()), wait: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_sockets_in_both_spellings() {
+        let config = config(
+            "-kernel k -qmp tcp:127.0.0.1:4444,server=on,wait=off \
+             -chardev socket,id=m,host=localhost,port=4445,server=on,wait=off -mon chardev=m,mode=control \
+             -qmp tcp::4446,server,nowait",
+        );
+        let addresses: Vec<SocketAddress> = config.qmp.into_iter().map(|s| s.address).collect();
+        assert_eq!(
+            addresses,
+            vec![
+                SocketAddress::Tcp("127.0.0.1".into(), 4444),
+                SocketAddress::Tcp("0.0.0.0".into(), 4446),
+                SocketAddress::Tcp("localhost".into(), 4445),
             ]
         );
     }
@@ -456,7 +491,10 @@ mod tests {
             assert_eq!(parse_str(args), Err(expected), "{args:?}");
         }
         let invalid_cases = [
-            "--kernel k --qmp tcp:localhost:4444,server=on",
+            "--kernel k --qmp tcp:localhost,server=on",
+            "--kernel k --qmp tcp:localhost:0,server=on",
+            "--kernel k --qmp tcp:localhost:http,server=on",
+            "--kernel k --qmp telnet:localhost:4444,server=on",
             "--kernel k --qmp unix:/q",
             "--kernel k --qmp unix:/q,server=maybe",
             "--kernel k --qmp unix:/q,server=on,telnet=on",

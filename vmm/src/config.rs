@@ -15,10 +15,28 @@ pub enum SerialConfig {
     None,
 }
 
+/// Where a control socket listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketAddress {
+    Unix(PathBuf),
+    /// Host name or address, and port; QEMU's `tcp:HOST:PORT`.
+    Tcp(String, u16),
+}
+
+impl std::fmt::Display for SocketAddress {
+    /// QEMU's spelling, as `query-chardev` reports it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            SocketAddress::Tcp(host, port) => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
 /// A QMP control socket Kestrel listens on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QmpSocket {
-    pub path: PathBuf,
+    pub address: SocketAddress,
     /// Wait for a client to connect before starting the guest (QEMU's `wait=on`).
     pub wait: bool,
 }

@@ -329,7 +329,7 @@ impl Machine for Vmm<'_> {
         let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
         let monitors = self.config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {
             label: format!("compat_monitor{i}"),
-            filename: format!("unix:{},server=on", socket.path.display()),
+            filename: format!("{},server=on", socket.address),
             frontend_open: true,
         });
         serial.into_iter().chain(monitors).collect()

@@ -1,4 +1,4 @@
-//! QMP control sockets: unix listeners created mode 0600, one client per socket at a time (as QEMU: a second
+//! QMP control sockets: unix listeners created mode 0600 (or TCP, as QEMU allows), one client per socket at a time (as QEMU: a second
 //! client waits in the listen queue until the first leaves), non-blocking reads and buffered writes, all driven by
 //! the VMM's event loop. The protocol itself is the `qmp` crate's.
 
@@ -7,11 +7,90 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use mio::net::{UnixListener, UnixStream};
+use std::net::ToSocketAddrs;
+
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 
-use crate::config::QmpSocket;
+use crate::config::{QmpSocket, SocketAddress};
 use crate::Error;
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Listener {
+    fn bind(address: &SocketAddress) -> io::Result<Listener> {
+        match address {
+            SocketAddress::Unix(path) => Ok(Listener::Unix(bind_private(path)?, path.clone())),
+            SocketAddress::Tcp(host, port) => {
+                let addr = (host.as_str(), *port).to_socket_addrs()?.next().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("'{host}' resolves to no address"))
+                })?;
+                Ok(Listener::Tcp(TcpListener::bind(addr)?))
+            }
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix(listener, _) => listener.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(listener) => listener.accept().map(|(s, _)| Stream::Tcp(s)),
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Listener::Unix(listener, _) => listener,
+            Listener::Tcp(listener) => listener,
+        }
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Listener::Unix(listener, _) => listener.as_raw_fd(),
+            Listener::Tcp(listener) => listener.as_raw_fd(),
+        }
+    }
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Stream::Unix(stream) => stream,
+            Stream::Tcp(stream) => stream,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.read(buf),
+            Stream::Tcp(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.write(buf),
+            Stream::Tcp(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Tokens from here up belong to QMP sockets: two per socket (listener, client).
 pub const FIRST_TOKEN: usize = 16;
@@ -24,14 +103,14 @@ pub struct Handlers<'h, P> {
 }
 
 struct Client<P> {
-    stream: UnixStream,
+    stream: Stream,
     protocol: P,
     outgoing: Vec<u8>,
 }
 
 struct Socket<P> {
-    path: PathBuf,
-    listener: UnixListener,
+    address: SocketAddress,
+    listener: Listener,
     client: Option<Client<P>>,
 }
 
@@ -70,15 +149,15 @@ impl<P> QmpServer<P> {
     pub fn bind(sockets: &[QmpSocket], registry: &Registry) -> Result<Self, Error> {
         let mut server = QmpServer { sockets: Vec::with_capacity(sockets.len()) };
         for (index, socket) in sockets.iter().enumerate() {
-            let mut listener = bind_private(&socket.path).map_err(|source| Error::Open {
+            let mut listener = Listener::bind(&socket.address).map_err(|source| Error::Open {
                 what: "QMP socket",
-                path: socket.path.clone(),
+                path: PathBuf::from(socket.address.to_string()),
                 source,
             })?;
             registry
-                .register(&mut listener, listener_token(index), Interest::READABLE)
+                .register(listener.source(), listener_token(index), Interest::READABLE)
                 .map_err(|e| Error::Host("watching a QMP socket", e))?;
-            server.sockets.push(Socket { path: socket.path.clone(), listener, client: None });
+            server.sockets.push(Socket { address: socket.address.clone(), listener, client: None });
         }
         Ok(server)
     }
@@ -107,9 +186,9 @@ impl<P> QmpServer<P> {
             if !waits.get(index).copied().unwrap_or(false) {
                 continue;
             }
-            eprintln!("kestrel: waiting for connection on: disconnected:unix:{},server=on", socket.path.display());
+            eprintln!("kestrel: waiting for connection on: disconnected:{},server=on", socket.address);
             while socket.client.is_none() {
-                let mut fds = [libc::pollfd { fd: socket.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+                let mut fds = [libc::pollfd { fd: socket.listener.raw_fd(), events: libc::POLLIN, revents: 0 }];
                 // SAFETY: polls one valid descriptor we own, with a correctly sized array.
                 unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
                 socket.accept(index, registry, handlers);
@@ -138,10 +217,12 @@ impl<P> QmpServer<P> {
         }
     }
 
-    /// Removes the socket files.
+    /// Removes the unix socket files.
     pub fn remove_files(&self) {
         for socket in &self.sockets {
-            let _ = std::fs::remove_file(&socket.path);
+            if let Listener::Unix(_, path) = &socket.listener {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -152,8 +233,8 @@ impl<P> Socket<P> {
             return;
         }
         match self.listener.accept() {
-            Ok((mut stream, _)) => {
-                if registry.register(&mut stream, client_token(index), Interest::READABLE).is_err() {
+            Ok(mut stream) => {
+                if registry.register(stream.source(), client_token(index), Interest::READABLE).is_err() {
                     return;
                 }
                 let (protocol, outgoing) = (handlers.connect)();
@@ -161,7 +242,7 @@ impl<P> Socket<P> {
                 self.flush(index, registry);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => eprintln!("kestrel: accepting a QMP client on {}: {e}", self.path.display()),
+            Err(e) => eprintln!("kestrel: accepting a QMP client on {}: {e}", self.address),
         }
     }
 
@@ -213,12 +294,12 @@ impl<P> Socket<P> {
         }
         let interest =
             if client.outgoing.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
-        let _ = registry.reregister(&mut client.stream, client_token(index), interest);
+        let _ = registry.reregister(client.stream.source(), client_token(index), interest);
     }
 
     fn disconnect(&mut self, registry: &Registry) {
         if let Some(mut client) = self.client.take() {
-            let _ = registry.deregister(&mut client.stream);
+            let _ = registry.deregister(client.stream.source());
         }
     }
 }
