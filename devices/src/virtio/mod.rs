@@ -1,0 +1,380 @@
+//! Virtio 1.x (modern only, split virtqueues): the device trait, the interrupt/status state a transport shares with
+//! its device, descriptor-chain parsing that trusts nothing, and the devices.
+//!
+//! # Threading
+//!
+//! A transport sits on an MMIO (or, later, PCI) bus behind the bus's `Mutex` and is driven by vCPU threads. It
+//! owns its device as an `Arc<Mutex<dyn VirtioDevice>>` and hands a clone of that `Arc` (inside a
+//! [`QueueHandler`]) to whoever does the device work: the VMM's event loop, woken by the per-queue notification
+//! eventfds. Lock order is always transport → device; a device never reaches back into its transport, so the two
+//! threads cannot deadlock. A reset (driver writes 0 to the status register) takes the device lock, so it waits for
+//! queue work in progress and the device has dropped guest memory and queues before the vCPU returns to the guest.
+//!
+//! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
+//! uses comes from a descriptor and is checked against it (see [`chain`]).
+
+pub mod chain;
+pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::InterruptLine;
+
+pub use virtio_queue::{Queue, QueueT};
+
+/// The guest memory type devices work on.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Device types (virtio 1.2, 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Feature bits shared by all devices (virtio 1.2, 6).
+pub mod features {
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Interrupt status bits (virtio-mmio's InterruptStatus; PCI's ISR has the same two).
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver made {got} queues ready, the device needs {need}")]
+    QueueCount { got: usize, need: usize },
+    #[error("virtio queue {0} is not usable")]
+    BadQueue(usize),
+    #[error("{0}")]
+    Host(#[from] std::io::Error),
+}
+
+/// A virtio device as its transport sees it. Everything here runs with the device's `Mutex` held, either on a
+/// vCPU thread (register accesses through the transport) or on the thread doing queue work ([`QueueHandler`]).
+pub trait VirtioDevice: Send {
+    /// The virtio device type ([`TYPE_BLOCK`], ...).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers (including [`features::VERSION_1`]).
+    fn avail_features(&self) -> u64;
+
+    /// The features the driver accepted, a subset of [`avail_features`](Self::avail_features) (the transport
+    /// refuses FEATURES_OK otherwise). Called once per negotiation, before `activate`.
+    fn ack_features(&mut self, features: u64);
+
+    /// Reads the device-specific configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device-specific configuration space; read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK: start working on `queues` (one per [`queue_max_sizes`](Self::queue_max_sizes)
+    /// entry, those the driver did not enable are not `ready()`). Ready queues have been checked to lie inside
+    /// `mem`. `interrupt` is how the device asks for the guest's attention outside of
+    /// [`process_queue`](Self::process_queue) (configuration changes, NEEDS_RESET).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+
+    /// Back to the state before `activate`: drop guest memory, queues and negotiated features.
+    fn reset(&mut self);
+
+    /// The driver notified queue `index`: consume what it made available. Returns whether used buffers were
+    /// added and the driver wants to hear about it (the caller then raises [`INT_VRING`]). A broken queue is
+    /// reported through [`VirtioInterrupt::set_needs_reset`], never by panicking. Does nothing before
+    /// `activate` or for an unknown or disabled queue.
+    fn process_queue(&mut self, index: usize) -> bool;
+}
+
+/// The interrupt and error state a transport shares with its device and queue handler: the interrupt status
+/// register (what InterruptStatus/ISR read), the configuration generation, the device's NEEDS_RESET request,
+/// and the line into the guest.
+///
+/// The line is edge-triggered (an irqfd without resample). Level semantics are emulated: a bit is set in the
+/// status *before* the line is pulsed, and the transport pulses again when the driver acknowledges some bits
+/// while others are still pending. A pulse the guest misses while it is already in its handler is harmless:
+/// the handler reads the status and processes the used rings after acknowledging, and the used ring was updated
+/// before the bit was set.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    needs_reset: AtomicBool,
+    line: Arc<dyn InterruptLine>,
+}
+
+impl VirtioInterrupt {
+    pub fn new(line: Arc<dyn InterruptLine>) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            line,
+        }
+    }
+
+    /// Used buffers were added to a queue.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_VRING);
+    }
+
+    /// The device configuration changed: bump the generation and tell the driver.
+    pub fn signal_config_change(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+
+    /// The device hit an error it cannot recover from without a reset (virtio 1.2, 2.1.2): DEVICE_NEEDS_RESET
+    /// appears in the status register and the driver gets a configuration change interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.raise(INT_CONFIG);
+        }
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged `bits`; pulse the line again if other bits are still pending.
+    pub fn ack(&self, bits: u32) {
+        let before = self.status.fetch_and(!bits, Ordering::SeqCst);
+        if before & !bits != 0 {
+            self.trigger();
+        }
+    }
+
+    /// Device reset: nothing pending, no error.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.trigger();
+    }
+
+    fn trigger(&self) {
+        // A failed trigger means the interrupt plumbing is gone (VM being torn down); nothing to deliver to.
+        let _ = self.line.trigger();
+    }
+}
+
+impl fmt::Debug for VirtioInterrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtioInterrupt")
+            .field("status", &self.status())
+            .field("config_generation", &self.config_generation())
+            .field("needs_reset", &self.needs_reset())
+            .finish()
+    }
+}
+
+/// What the thread doing device work calls when queue `index`'s notification eventfd fires (after reading the
+/// eventfd): process the queue, then interrupt the guest if it wants to hear about it. Cheap to clone, `Send`.
+#[derive(Clone)]
+pub struct QueueHandler {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl QueueHandler {
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, interrupt: Arc<VirtioInterrupt>) -> Self {
+        QueueHandler { device, interrupt }
+    }
+
+    /// Processes queue `index`. Returns whether the guest was interrupted.
+    pub fn handle(&self, index: usize) -> bool {
+        let notify = lock_device(&self.device).process_queue(index);
+        if notify {
+            self.interrupt.signal_used_queue();
+        }
+        notify
+    }
+}
+
+/// A device's state between `activate` and `reset`: guest memory, its queues and the shared interrupt state.
+pub(crate) struct ActiveQueues {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queues: Vec<Queue>,
+    /// Queues the driver broke (see [`ActiveQueues::process`]); they stay dead until the device is reset.
+    broken: Vec<bool>,
+    pub(crate) interrupt: Arc<VirtioInterrupt>,
+}
+
+impl ActiveQueues {
+    /// Takes the queues as the transport handed them over, with EVENT_IDX as negotiated.
+    pub(crate) fn new(
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+        acked_features: u64,
+    ) -> Self {
+        for q in &mut queues {
+            q.set_event_idx(acked_features & features::RING_EVENT_IDX != 0);
+        }
+        let broken = vec![false; queues.len()];
+        ActiveQueues { mem, queues, broken, interrupt }
+    }
+
+    /// Hands every chain the driver made available on queue `index` to `handle`, which returns the number of
+    /// bytes it wrote into the chain's device-writable part, and puts it on the used ring. Returns whether the
+    /// driver wants an interrupt.
+    ///
+    /// A driver that corrupts the rings themselves (an available index running more than a queue's worth ahead,
+    /// a head index outside the table, rings that stop being accessible) breaks the queue: the device asks for a
+    /// reset and ignores the queue until then. Bad chains are `handle`'s business.
+    pub(crate) fn process(
+        &mut self,
+        index: usize,
+        log: &GuestErrorLog,
+        mut handle: impl FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) -> bool {
+        let (Some(queue), Some(false)) = (self.queues.get_mut(index), self.broken.get(index).copied()) else {
+            return false;
+        };
+        if !queue.ready() {
+            return false;
+        }
+        match drain(queue, &self.mem, &mut handle) {
+            Ok(notify) => notify,
+            Err(why) => {
+                log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
+                self.broken[index] = true;
+                self.interrupt.set_needs_reset();
+                // Whatever was used before the breakage is there for the driver to see.
+                true
+            }
+        }
+    }
+}
+
+fn drain(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    handle: &mut impl FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> Result<bool, String> {
+    use std::num::Wrapping;
+    let err = |e: virtio_queue::Error| e.to_string();
+    let mut used = false;
+    loop {
+        if queue.event_idx_enabled() {
+            queue.disable_notification(mem).map_err(err)?;
+        }
+        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
+        let pending = (avail - Wrapping(queue.next_avail())).0;
+        if pending > queue.size() {
+            return Err(format!("available index {} is {pending} entries ahead", avail.0));
+        }
+        for _ in 0..pending {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Err("available ring unreadable".into());
+            };
+            let head = chain.head_index();
+            if head >= queue.size() {
+                return Err(format!("head index {head} is outside the descriptor table"));
+            }
+            let len = handle(mem, chain);
+            queue.add_used(mem, head, len).map_err(err)?;
+            used = true;
+        }
+        if !queue.event_idx_enabled() || !queue.enable_notification(mem).map_err(err)? {
+            break;
+        }
+    }
+    Ok(used && queue.needs_notification(mem).map_err(err)?)
+}
+
+/// A device whose lock was poisoned by a panicking thread is still the best state we have; keep serving it.
+pub(crate) fn lock_device(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reports guest mistakes on stderr, the first few only: a hostile guest must not be able to flood the host log.
+#[derive(Debug)]
+pub(crate) struct GuestErrorLog {
+    device: &'static str,
+    reported: AtomicUsize,
+}
+
+const GUEST_ERRORS_REPORTED: usize = 10;
+
+impl GuestErrorLog {
+    pub(crate) const fn new(device: &'static str) -> Self {
+        GuestErrorLog { device, reported: AtomicUsize::new(0) }
+    }
+
+    pub(crate) fn report(&self, what: fmt::Arguments<'_>) {
+        let n = self.reported.fetch_add(1, Ordering::Relaxed);
+        if n < GUEST_ERRORS_REPORTED {
+            eprintln!("kestrel: {}: {what}", self.device);
+        } else if n == GUEST_ERRORS_REPORTED {
+            eprintln!("kestrel: {}: further guest errors will not be reported", self.device);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::CountingLine;
+
+    #[test]
+    fn ack_retriggers_while_bits_stay_pending() {
+        let line = Arc::new(CountingLine::default());
+        let irq = VirtioInterrupt::new(line.clone());
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!((irq.status(), line.count(), irq.config_generation()), (INT_VRING | INT_CONFIG, 2, 1));
+        irq.ack(INT_VRING);
+        assert_eq!((irq.status(), line.count()), (INT_CONFIG, 3));
+        irq.ack(INT_CONFIG);
+        assert_eq!((irq.status(), line.count()), (0, 3));
+    }
+
+    #[test]
+    fn needs_reset_interrupts_once() {
+        let line = Arc::new(CountingLine::default());
+        let irq = VirtioInterrupt::new(line.clone());
+        irq.set_needs_reset();
+        irq.set_needs_reset();
+        assert!(irq.needs_reset());
+        assert_eq!((irq.status(), line.count()), (INT_CONFIG, 1));
+        irq.reset();
+        assert!(!irq.needs_reset());
+        assert_eq!(irq.status(), 0);
+    }
+}
