@@ -9,8 +9,8 @@
 
 use std::ops::Deref;
 
-use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 use virtio_queue::DescriptorChain;
+use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 /// A piece of guest memory named by one descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,7 +141,11 @@ pub fn last_byte(segments: &[Segment]) -> Option<GuestAddress> {
 }
 
 /// Reads exactly `buf.len()` bytes from the start of the stream formed by `segments`.
-pub fn read_stream<M: GuestMemory + ?Sized>(mem: &M, segments: &[Segment], buf: &mut [u8]) -> Result<(), OutsideMemory> {
+pub fn read_stream<M: GuestMemory + ?Sized>(
+    mem: &M,
+    segments: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), OutsideMemory> {
     let mut done = 0usize;
     for s in segments {
         if done == buf.len() {
@@ -159,7 +163,11 @@ pub fn read_stream<M: GuestMemory + ?Sized>(mem: &M, segments: &[Segment], buf: 
 }
 
 /// Writes `data` at the start of the stream formed by `segments`; returns how many bytes fit.
-pub fn write_stream<M: GuestMemory + ?Sized>(mem: &M, segments: &[Segment], data: &[u8]) -> Result<usize, OutsideMemory> {
+pub fn write_stream<M: GuestMemory + ?Sized>(
+    mem: &M,
+    segments: &[Segment],
+    data: &[u8],
+) -> Result<usize, OutsideMemory> {
     let mut done = 0usize;
     for s in segments {
         if done == data.len() {
@@ -173,7 +181,11 @@ pub fn write_stream<M: GuestMemory + ?Sized>(mem: &M, segments: &[Segment], data
 }
 
 /// Copies guest memory into `buf`, across memory regions; fails unless every byte was there.
-pub fn copy_from_guest<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, buf: &mut [u8]) -> Result<(), OutsideMemory> {
+pub fn copy_from_guest<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    buf: &mut [u8],
+) -> Result<(), OutsideMemory> {
     let slices = mem.get_slices(addr, buf.len(), Permissions::Read).map_err(|_| OutsideMemory)?;
     let mut done = 0;
     for slice in slices {
@@ -218,7 +230,10 @@ mod tests {
     fn split_at_cuts_inside_and_between_segments() {
         let segs = [seg(0x1000, 16), seg(0x2000, 512), seg(0x3000, 1)];
         assert_eq!(split_at(&segs, 16), (vec![seg(0x1000, 16)], vec![seg(0x2000, 512), seg(0x3000, 1)]));
-        assert_eq!(split_at(&segs, 20), (vec![seg(0x1000, 16), seg(0x2000, 4)], vec![seg(0x2004, 508), seg(0x3000, 1)]));
+        assert_eq!(
+            split_at(&segs, 20),
+            (vec![seg(0x1000, 16), seg(0x2000, 4)], vec![seg(0x2004, 508), seg(0x3000, 1)])
+        );
         assert_eq!(split_at(&segs, 529), (segs.to_vec(), vec![]));
         assert_eq!(split_at(&segs, 10_000), (segs.to_vec(), vec![]));
         assert_eq!(split_at(&segs, 0), (vec![], segs.to_vec()));

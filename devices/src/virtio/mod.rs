@@ -1,5 +1,5 @@
 //! Virtio 1.x (modern only, split virtqueues): the device trait, the interrupt/status state a transport shares with
-//! its device, descriptor-chain parsing that trusts nothing, and the devices.
+//! its device, descriptor-chain parsing that trusts nothing, the virtio-mmio transport and the devices.
 //!
 //! # Threading
 //!
@@ -14,6 +14,7 @@
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
 
 pub mod chain;
+pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

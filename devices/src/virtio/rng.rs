@@ -6,7 +6,9 @@ use std::io;
 use std::sync::Arc;
 
 use super::chain::{self, Segment};
-use super::{features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt};
+use super::{
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt,
+};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of entropy handed out per request at most.
