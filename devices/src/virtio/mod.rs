@@ -13,6 +13,7 @@
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
 
+pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod rng;

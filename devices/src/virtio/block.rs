@@ -1,0 +1,1059 @@
+//! virtio-blk (virtio 1.2, 5.2) on a raw image: a host file or block device accessed with positional I/O
+//! (pread/pwrite straight into and out of guest memory, no bounce buffer).
+//!
+//! # Requests
+//!
+//! A request is a descriptor chain whose device-readable bytes start with the 16-byte header (type, reserved,
+//! sector) and whose device-writable bytes end with the status byte. The data is what lies between: the rest
+//! of the readable bytes for writes, discards and write-zeroes, the writable bytes before the status for reads
+//! and GET_ID. Framing is free (virtio 1.x: the header may be split, the status may share a descriptor with
+//! read data). Everything is checked before the host file is touched:
+//!
+//! * a chain that is not a chain (loops, leaves the table, too long), or has no device-writable byte in guest
+//!   memory for the status, is returned with nothing written (used length 0): the device cannot know where the
+//!   status would go;
+//! * otherwise the status says what happened: IOERR for a short header, descriptors outside guest memory, data
+//!   not a multiple of 512 bytes, sectors past the end of the disk (or overflowing), any write to a read-only
+//!   disk, and any host I/O error (including short reads and writes); UNSUPP for unknown request types and
+//!   malformed discard/write-zeroes segments.
+//!
+//! # O_DIRECT
+//!
+//! With `direct`, the image is opened O_DIRECT and the device announces a 4096-byte logical block
+//! (VIRTIO_BLK_F_BLK_SIZE) so a Linux guest only issues 4 KiB-aligned offsets and lengths. The buffers are the
+//! guest's own pages, so their alignment is the guest's: requests the host kernel refuses (EINVAL) fail with
+//! IOERR, never silently. Without `direct`, the host page cache is used and FLUSH (fsync) makes writes durable.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
+
+use super::chain::{self, Chain, Segment};
+use super::{
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt,
+};
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const SECTOR_SIZE: u64 = 512;
+/// Data descriptors per request the driver may use (VIRTIO_BLK_F_SEG_MAX): a queue's worth minus header and
+/// status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Descriptors the device looks at per chain (indirect tables can be longer than the queue).
+const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+/// Largest single discard/write-zeroes range, in sectors (as QEMU: just under 2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = MAX_DISCARD_SECTORS;
+/// Ranges per discard/write-zeroes request.
+pub const MAX_DISCARD_SEG: u32 = 1;
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+/// GET_ID answers with up to this many bytes of serial.
+pub const ID_BYTES: usize = 20;
+
+/// Request types (virtio 1.2, 5.2.6).
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+/// Status values.
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+/// Feature bits (virtio 1.2, 5.2.3).
+pub mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Length of the configuration space we fill in (through `write_zeroes_may_unmap` and its padding).
+const CONFIG_LEN: usize = 60;
+
+static LOG: GuestErrorLog = GuestErrorLog::new("virtio-blk");
+
+/// How to open an image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockOptions {
+    pub read_only: bool,
+    /// Up to 20 bytes, returned by GET_ID (Linux: /sys/block/vdX/serial).
+    pub serial: String,
+    /// Open with O_DIRECT (see the module documentation for alignment).
+    pub direct: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening disk image {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("finding the size of the disk image: {0}")]
+    Size(io::Error),
+    #[error("disk serial {0:?} is longer than 20 bytes")]
+    Serial(String),
+}
+
+/// I/O counters, for `query-blockstats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub discard_operations: u64,
+    pub failed_operations: u64,
+    pub invalid_operations: u64,
+}
+
+/// The request the driver asked for, once its chain was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Read {
+        offset: u64,
+        data: Vec<Segment>,
+    },
+    Write {
+        offset: u64,
+        data: Vec<Segment>,
+    },
+    Flush,
+    GetId {
+        data: Vec<Segment>,
+    },
+    /// Byte ranges (offset, length); `zeroes` for WRITE_ZEROES (with `unmap` if the driver allows a hole).
+    Discard {
+        ranges: Vec<(u64, u64)>,
+        zeroes: bool,
+        unmap: bool,
+    },
+}
+
+/// A chain parsed into a request, or the status to answer it with, and where that status goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub request: Result<Request, u8>,
+    pub status: GuestAddress,
+}
+
+/// The disk the requests go to.
+struct Disk {
+    file: File,
+    size: u64,
+    read_only: bool,
+    features: u64,
+    serial: [u8; ID_BYTES],
+    stats: BlockStats,
+    /// 64 KiB of zeros, 4 KiB aligned (O_DIRECT), for write-zeroes where fallocate cannot.
+    zeros: Vec<u8>,
+}
+
+pub struct Block {
+    disk: Disk,
+    avail_features: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<ActiveQueues>,
+}
+
+impl Block {
+    /// Opens the image at `path`.
+    pub fn open(path: &Path, options: &BlockOptions) -> Result<Self, Error> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(|source| Error::Open { path: path.display().to_string(), source })?;
+        Block::with_file(file, options)
+    }
+
+    /// A disk on an already open image (opened for writing unless `options.read_only`). `options.direct` only
+    /// changes the block size announced; the caller chose the open flags.
+    pub fn with_file(mut file: File, options: &BlockOptions) -> Result<Self, Error> {
+        if options.serial.len() > ID_BYTES {
+            return Err(Error::Serial(options.serial.clone()));
+        }
+        let mut serial = [0u8; ID_BYTES];
+        serial[..options.serial.len()].copy_from_slice(options.serial.as_bytes());
+        // Block devices have no st_size; seeking to the end works for both. A partial last sector is not exposed.
+        let bytes = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
+        let size = bytes - bytes % SECTOR_SIZE;
+        let block_size: u32 = if options.direct { 4096 } else { 512 };
+
+        let mut avail_features = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH;
+        if options.read_only {
+            avail_features |= feature::RO;
+        } else {
+            avail_features |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
+        put(12, &SEG_MAX.to_le_bytes());
+        put(20, &block_size.to_le_bytes());
+        put(34, &1u16.to_le_bytes()); // num_queues
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(44, &(block_size / 512).to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        put(52, &MAX_WRITE_ZEROES_SEG.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+
+        let zeros = vec![0u8; (64 << 10) + 4096];
+        Ok(Block {
+            disk: Disk {
+                file,
+                size,
+                read_only: options.read_only,
+                features: 0,
+                serial,
+                stats: BlockStats::default(),
+                zeros,
+            },
+            avail_features,
+            config,
+            active: None,
+        })
+    }
+
+    /// The disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size / SECTOR_SIZE
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.disk.stats
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        super::TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.disk.features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else { return };
+        if start < CONFIG_LEN {
+            let n = data.len().min(CONFIG_LEN - start);
+            data[..n].copy_from_slice(&self.config[start..start + n]);
+        }
+    }
+
+    /// The only writable field, `writeback`, needs VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount { got: queues.len(), need: 1 });
+        }
+        self.active = Some(ActiveQueues::new(mem, queues, interrupt, self.disk.features));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.disk.features = 0;
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        let Some(active) = self.active.as_mut() else { return false };
+        let disk = &mut self.disk;
+        active.process(index, &LOG, |mem, chain| disk.handle(mem, chain::parse(chain, MAX_DESCRIPTORS)))
+    }
+}
+
+/// Checks a parsed chain and turns it into a request (see the module documentation for the rules). `disk_size`
+/// is in bytes; `features` are the negotiated ones. `Err` when there is nowhere to put a status.
+pub fn parse_request<M: GuestMemory + ?Sized>(
+    mem: &M,
+    chain: &Chain,
+    disk_size: u64,
+    read_only: bool,
+    features: u64,
+) -> Result<Parsed, chain::ChainError> {
+    let status = chain::last_byte(&chain.writable)
+        .filter(|&at| mem.check_range(at, 1, Permissions::Write))
+        .ok_or(chain::ChainError::Empty(chain.head))?;
+    Ok(Parsed { request: request(mem, chain, disk_size, read_only, features), status })
+}
+
+fn request<M: GuestMemory + ?Sized>(
+    mem: &M,
+    chain: &Chain,
+    disk_size: u64,
+    read_only: bool,
+    features: u64,
+) -> Result<Request, u8> {
+    if let Some(bad) = chain.bad_segment {
+        LOG.report(format_args!("chain {} names {:#x}+{:#x} outside guest memory", chain.head, bad.addr.0, bad.len));
+        return Err(S_IOERR);
+    }
+    let mut header = [0u8; 16];
+    if chain::read_stream(mem, &chain.readable, &mut header).is_err() {
+        LOG.report(format_args!("chain {} has no 16-byte device-readable header", chain.head));
+        return Err(S_IOERR);
+    }
+    let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let (_, out_data) = chain::split_at(&chain.readable, 16);
+    let writable_len = chain::total_len(&chain.writable);
+    let (in_data, _) = chain::split_at(&chain.writable, writable_len - 1);
+
+    // The byte range a read or write of `len` bytes at `sector` covers, if it is on the disk.
+    let range = |len: u64| -> Result<u64, u8> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            LOG.report(format_args!("request of {len} bytes is not a multiple of 512"));
+            return Err(S_IOERR);
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).filter(|o| o.checked_add(len).is_some_and(|end| end <= disk_size));
+        offset.ok_or_else(|| {
+            LOG.report(format_args!("request of {len} bytes at sector {sector} is past the end of the disk"));
+            S_IOERR
+        })
+    };
+
+    match kind {
+        T_IN => Ok(Request::Read { offset: range(chain::total_len(&in_data))?, data: in_data }),
+        T_OUT if read_only => Err(S_IOERR),
+        T_OUT => Ok(Request::Write { offset: range(chain::total_len(&out_data))?, data: out_data }),
+        T_FLUSH => Ok(Request::Flush),
+        T_GET_ID => Ok(Request::GetId { data: in_data }),
+        T_DISCARD | T_WRITE_ZEROES => {
+            let zeroes = kind == T_WRITE_ZEROES;
+            let (feature, max_seg, max_sectors) = if zeroes {
+                (feature::WRITE_ZEROES, MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
+            } else {
+                (feature::DISCARD, MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
+            };
+            if read_only {
+                return Err(S_IOERR);
+            }
+            if features & feature == 0 {
+                return Err(S_UNSUPP);
+            }
+            let len = chain::total_len(&out_data);
+            let count = len / 16;
+            if !len.is_multiple_of(16) || count == 0 || count > u64::from(max_seg) {
+                LOG.report(format_args!("discard/write-zeroes with {len} bytes of segments"));
+                return Err(S_UNSUPP);
+            }
+            let mut raw = vec![0u8; len as usize];
+            chain::read_stream(mem, &out_data, &mut raw).map_err(|_| S_IOERR)?;
+            let mut ranges = Vec::new();
+            let mut unmap = true;
+            for seg in raw.chunks_exact(16) {
+                let start = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+                let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+                // Discard must not set UNMAP; no other flag exists.
+                let allowed = if zeroes { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+                if flags & !allowed != 0 {
+                    return Err(S_UNSUPP);
+                }
+                unmap &= flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+                if sectors > max_sectors {
+                    return Err(S_IOERR);
+                }
+                let bytes = u64::from(sectors) * SECTOR_SIZE;
+                let offset = start
+                    .checked_mul(SECTOR_SIZE)
+                    .filter(|o| o.checked_add(bytes).is_some_and(|end| end <= disk_size))
+                    .ok_or(S_IOERR)?;
+                ranges.push((offset, bytes));
+            }
+            Ok(Request::Discard { ranges, zeroes, unmap: zeroes && unmap })
+        }
+        _ => {
+            LOG.report(format_args!("request type {kind} is not supported"));
+            Err(S_UNSUPP)
+        }
+    }
+}
+
+impl Disk {
+    /// Serves one chain; returns the bytes written into its device-writable part.
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: Result<Chain, chain::ChainError>) -> u32 {
+        let parsed = match chain.and_then(|c| parse_request(mem, &c, self.size, self.read_only, self.features)) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                LOG.report(format_args!("{e}; returned with no status"));
+                self.stats.invalid_operations += 1;
+                return 0;
+            }
+        };
+        let (status, written) = match parsed.request {
+            Ok(request) => match self.execute(mem, &request) {
+                Ok(written) => (S_OK, written),
+                Err(e) => {
+                    LOG.report(format_args!("host I/O error: {e}"));
+                    self.stats.failed_operations += 1;
+                    (S_IOERR, 0)
+                }
+            },
+            Err(status) => {
+                self.stats.invalid_operations += 1;
+                (status, 0)
+            }
+        };
+        if chain::copy_to_guest(mem, parsed.status, &[status]).is_err() {
+            // Checked by `parse_request`: guest memory does not shrink.
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Does the I/O; returns the data bytes written into guest memory.
+    fn execute(&mut self, mem: &GuestMemoryMmap, request: &Request) -> io::Result<u32> {
+        match request {
+            Request::Read { offset, data } => {
+                let n = self.transfer(mem, data, *offset, false)?;
+                self.stats.rd_operations += 1;
+                self.stats.rd_bytes += n;
+                Ok(n as u32)
+            }
+            Request::Write { offset, data } => {
+                let n = self.transfer(mem, data, *offset, true)?;
+                self.stats.wr_operations += 1;
+                self.stats.wr_bytes += n;
+                Ok(0)
+            }
+            Request::Flush => {
+                self.stats.flush_operations += 1;
+                if !self.read_only {
+                    self.file.sync_all()?;
+                }
+                Ok(0)
+            }
+            Request::GetId { data } => {
+                let n = chain::write_stream(mem, data, &self.serial)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                Ok(n as u32)
+            }
+            Request::Discard { ranges, zeroes, unmap } => {
+                self.stats.discard_operations += 1;
+                for &(offset, len) in ranges {
+                    self.discard(offset, len, *zeroes, *unmap)?;
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// pread/pwrite between the file at `offset` and the guest segments, all or nothing (a short transfer is an
+    /// error). Returns the bytes moved.
+    fn transfer(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64, write: bool) -> io::Result<u64> {
+        let fd = self.file.as_raw_fd();
+        let start = offset;
+        let bad = || io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory");
+        for s in data {
+            let access = if write { Permissions::Read } else { Permissions::Write };
+            for slice in mem.get_slices(s.addr, s.len as usize, access).map_err(|_| bad())? {
+                let slice = slice.map_err(|_| bad())?;
+                let guard = slice.ptr_guard_mut();
+                let (mut ptr, mut left) = (guard.as_ptr(), slice.len());
+                while left > 0 {
+                    let off = libc::off_t::try_from(offset).map_err(|_| bad())?;
+                    // SAFETY: `ptr..ptr+left` lies inside a mapping of guest memory that `guard` keeps alive
+                    // (checked by `get_slices`); the kernel reads or writes only within it. Guest memory may
+                    // change under us, which is the guest's problem, not a memory-safety one for the host.
+                    let n = unsafe {
+                        if write {
+                            libc::pwrite(fd, ptr as *const libc::c_void, left, off)
+                        } else {
+                            libc::pread(fd, ptr as *mut libc::c_void, left, off)
+                        }
+                    };
+                    if n < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    if n == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended early"));
+                    }
+                    let n = n as usize;
+                    // SAFETY: n <= left, so the pointer stays inside the slice.
+                    ptr = unsafe { ptr.add(n) };
+                    left -= n;
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(offset - start)
+    }
+
+    /// Deallocates (`zeroes` false) or zeroes a byte range: fallocate where the file system can, else writes
+    /// zeros so the range reads back as zeros either way.
+    fn discard(&self, offset: u64, len: u64, zeroes: bool, unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if zeroes && !unmap {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        let (off, n) = (
+            libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?,
+            libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
+        );
+        // SAFETY: fallocate only takes integers.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
+                self.write_zeros(offset, len)
+            }
+            _ => Err(e),
+        }
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let skip = self.zeros.as_ptr().align_offset(4096);
+        let zeros = &self.zeros[skip..skip + (64 << 10)];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+    use crate::virtio::testing::{guest_memory, write_desc_at, CountingLine, Desc, TestQueue};
+    use crate::virtio::testing::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+
+    const DISK: u64 = 64 << 10;
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x30000;
+    const MEM: usize = 1 << 20;
+
+    struct Fixture {
+        blk: Block,
+        mem: GuestMemoryMmap,
+        tq: TestQueue,
+        irq: Arc<VirtioInterrupt>,
+        image: TempFile,
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 512) as u8).collect()
+    }
+
+    fn image() -> TempFile {
+        let image = TempFile::new_with_prefix("/tmp/kestrel-blk-test").unwrap();
+        image.as_file().write_all_at(&pattern(DISK as usize), 0).unwrap();
+        image
+    }
+
+    fn fixture_with(options: BlockOptions, extra_features: u64) -> Fixture {
+        let image = image();
+        let mut blk = Block::open(image.as_path(), &options).unwrap();
+        let mem = guest_memory(MEM);
+        let tq = TestQueue::new(GuestAddress(0x1000), 16);
+        let irq = Arc::new(VirtioInterrupt::new(CountingLine::new()));
+        let wanted = features::VERSION_1 | feature::FLUSH | feature::DISCARD | feature::WRITE_ZEROES | extra_features;
+        blk.ack_features(wanted & blk.avail_features());
+        blk.activate(mem.clone(), vec![tq.queue()], irq.clone()).unwrap();
+        Fixture { blk, mem, tq, irq, image }
+    }
+
+    fn fixture() -> Fixture {
+        fixture_with(BlockOptions { serial: "kestrel-disk-0".into(), ..Default::default() }, 0)
+    }
+
+    fn file_bytes(f: &Fixture) -> Vec<u8> {
+        std::fs::read(f.image.as_path()).unwrap()
+    }
+
+    fn digest(bytes: &[u8]) -> u64 {
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        h.finish()
+    }
+
+    impl Fixture {
+        fn header(&self, kind: u32, sector: u64) {
+            self.header_at(HDR, kind, sector);
+        }
+        fn header_at(&self, at: u64, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(at)).unwrap();
+        }
+        /// Submits a chain, runs the device, returns (status byte at STATUS, used length).
+        fn submit(&mut self, descs: &[Desc]) -> (u8, u32) {
+            self.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
+            let head = self.tq.add_chain(&self.mem, descs);
+            self.run(head)
+        }
+        fn run(&mut self, head: u16) -> (u8, u32) {
+            self.blk.process_queue(0);
+            let (id, len) = self.tq.pop_used(&self.mem).expect("a used entry");
+            assert_eq!(id, u32::from(head));
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+        fn read_guest(&self, at: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+            v
+        }
+        /// A well-behaved read of sector 0 still works.
+        fn assert_healthy(&mut self) {
+            self.header(T_IN, 0);
+            let r = self.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]);
+            assert_eq!(r, (S_OK, 513));
+            assert_eq!(self.read_guest(DATA, 512), file_bytes(self)[..512]);
+            assert!(!self.irq.needs_reset());
+        }
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let f = fixture();
+        let mut cfg = [0u8; 8];
+        f.blk.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), DISK / 512);
+        let mut seg_max = [0u8; 4];
+        f.blk.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+        let mut beyond = [0xffu8; 8];
+        f.blk.read_config(CONFIG_LEN as u64 - 2, &mut beyond);
+        assert_eq!(beyond, [0; 8]);
+        f.blk.read_config(u64::MAX, &mut beyond);
+        assert_eq!(beyond, [0; 8]);
+        let feats = f.blk.avail_features();
+        assert_eq!(feats & feature::RO, 0);
+        assert_ne!(feats & (feature::FLUSH | feature::DISCARD | feature::WRITE_ZEROES), 0);
+
+        let ro = fixture_with(BlockOptions { read_only: true, ..Default::default() }, 0);
+        assert_ne!(ro.blk.avail_features() & feature::RO, 0);
+        assert_eq!(ro.blk.avail_features() & (feature::DISCARD | feature::WRITE_ZEROES), 0);
+        assert!(Block::with_file(image().into_file(), &BlockOptions { serial: "x".repeat(21), ..Default::default() })
+            .is_err());
+    }
+
+    #[test]
+    fn write_then_read_round_trip() {
+        let mut f = fixture();
+        let data = vec![0x5au8; 1024];
+        f.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        f.header(T_OUT, 2);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 1024), Desc::w(STATUS, 1)]), (S_OK, 1));
+        let bytes = file_bytes(&f);
+        assert_eq!(&bytes[1024..2048], &data[..]);
+        assert_eq!(bytes[..1024], pattern(DISK as usize)[..1024]);
+        assert_eq!(bytes[2048..], pattern(DISK as usize)[2048..]);
+
+        // Read back into two scattered buffers.
+        f.header(T_IN, 1);
+        let r = f.submit(&[Desc::r(HDR, 16), Desc::w(0x40000, 512), Desc::w(0x50000, 1024), Desc::w(STATUS, 1)]);
+        assert_eq!(r, (S_OK, 1537));
+        assert_eq!(f.read_guest(0x40000, 512), pattern(DISK as usize)[512..1024]);
+        assert_eq!(f.read_guest(0x50000, 1024), data);
+        // The last sector.
+        f.header(T_IN, DISK / 512 - 1);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]), (S_OK, 513));
+        let s = f.blk.stats();
+        assert_eq!((s.rd_operations, s.rd_bytes, s.wr_operations, s.wr_bytes), (2, 2048, 1, 1024));
+    }
+
+    #[test]
+    fn framing_is_free() {
+        let mut f = fixture();
+        // Header split over two descriptors; the status shares the last read buffer.
+        f.header(T_IN, 3);
+        let r = f.submit(&[Desc::r(HDR, 8), Desc::r(HDR + 8, 8), Desc::w(STATUS - 512, 513)]);
+        assert_eq!(r, (S_OK, 513));
+        assert_eq!(f.read_guest(STATUS - 512, 512), pattern(DISK as usize)[1536..2048]);
+        // Header and write data in one descriptor.
+        f.mem.write_slice(&[0x11u8; 512], GuestAddress(HDR + 16)).unwrap();
+        f.header(T_OUT, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16 + 512), Desc::w(STATUS, 1)]), (S_OK, 1));
+        assert_eq!(file_bytes(&f)[..512], [0x11u8; 512]);
+    }
+
+    #[test]
+    fn indirect_tables_work_and_nesting_or_overlong_ones_do_not() {
+        let mut f = fixture_with(BlockOptions::default(), features::RING_INDIRECT_DESC);
+        let table = 0x60000;
+        let descs = [Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)];
+        for (i, d) in descs.iter().enumerate() {
+            let mut d = *d;
+            if i < 2 {
+                d.flags |= DESC_F_NEXT;
+                d.next = i as u16 + 1;
+            }
+            write_desc_at(&f.mem, GuestAddress(table + 16 * i as u64), d);
+        }
+        f.header(T_IN, 0);
+        let indirect = Desc { addr: table, len: 48, flags: DESC_F_INDIRECT, next: 0 };
+        assert_eq!(f.submit(&[indirect]), (S_OK, 513));
+
+        // An indirect descriptor inside an indirect table.
+        write_desc_at(&f.mem, GuestAddress(table + 16), Desc { addr: table, len: 48, flags: DESC_F_INDIRECT, next: 0 });
+        write_desc_at(&f.mem, GuestAddress(table), Desc { addr: HDR, len: 16, flags: DESC_F_NEXT, next: 1 });
+        assert_eq!(f.submit(&[indirect]), (0xaa, 0));
+
+        // A table longer than the device looks at (a 300-descriptor chain of 1-byte buffers).
+        let long = 0x70000;
+        for i in 0..300u16 {
+            let flags = if i < 299 { DESC_F_NEXT } else { DESC_F_WRITE };
+            write_desc_at(
+                &f.mem,
+                GuestAddress(long + 16 * u64::from(i)),
+                Desc { addr: HDR, len: 1, flags, next: i + 1 },
+            );
+        }
+        assert_eq!(f.submit(&[Desc { addr: long, len: 300 * 16, flags: DESC_F_INDIRECT, next: 0 }]), (0xaa, 0));
+        // An indirect table outside memory, or of a length that is not a whole number of descriptors.
+        assert_eq!(f.submit(&[Desc { addr: 1 << 40, len: 48, flags: DESC_F_INDIRECT, next: 0 }]), (0xaa, 0));
+        assert_eq!(f.submit(&[Desc { addr: table, len: 47, flags: DESC_F_INDIRECT, next: 0 }]), (0xaa, 0));
+        f.assert_healthy();
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let mut f = fixture();
+        f.header(T_FLUSH, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]), (S_OK, 1));
+        f.header(T_GET_ID, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 20), Desc::w(STATUS, 1)]), (S_OK, 21));
+        assert_eq!(f.read_guest(DATA, 20), b"kestrel-disk-0\0\0\0\0\0\0");
+        // A short buffer gets what fits.
+        f.mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 4), Desc::w(STATUS, 1)]), (S_OK, 5));
+        assert_eq!(f.read_guest(DATA, 5), b"kest\xee");
+        assert_eq!(f.blk.stats().flush_operations, 1);
+    }
+
+    fn discard_segment(f: &Fixture, at: u64, sector: u64, sectors: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        f.mem.write_slice(&s, GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_as_zeros() {
+        let mut f = fixture();
+        let original = pattern(DISK as usize);
+        let seg = [Desc::r(HDR, 16), Desc::r(DATA, 16), Desc::w(STATUS, 1)];
+        for (kind, flags, sector) in [(T_DISCARD, 0, 8), (T_WRITE_ZEROES, 0, 16), (T_WRITE_ZEROES, 1, 24)] {
+            f.header(kind, 0);
+            discard_segment(&f, DATA, sector, 3, flags);
+            assert_eq!(f.submit(&seg), (S_OK, 1), "type {kind} flags {flags}");
+            let bytes = file_bytes(&f);
+            let (start, end) = (sector as usize * 512, (sector as usize + 3) * 512);
+            assert!(bytes[start..end].iter().all(|&b| b == 0), "type {kind} flags {flags}");
+            assert_eq!(bytes[end..end + 512], original[end..end + 512]);
+            assert_eq!(bytes[start - 512..start], original[start - 512..start]);
+            assert_eq!(bytes.len() as u64, DISK);
+        }
+        // Discard with UNMAP, unknown flags, two segments, no segment: unsupported. Past the end: I/O error.
+        let before = digest(&file_bytes(&f));
+        f.header(T_DISCARD, 0);
+        discard_segment(&f, DATA, 0, 1, 1);
+        assert_eq!(f.submit(&seg).0, S_UNSUPP);
+        f.header(T_WRITE_ZEROES, 0);
+        discard_segment(&f, DATA, 0, 1, 2);
+        assert_eq!(f.submit(&seg).0, S_UNSUPP);
+        discard_segment(&f, DATA, 0, 1, 0);
+        discard_segment(&f, DATA + 16, 1, 1, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 32), Desc::w(STATUS, 1)]).0, S_UNSUPP);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]).0, S_UNSUPP);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 15), Desc::w(STATUS, 1)]).0, S_UNSUPP);
+        for (sector, sectors) in [(DISK / 512, 1), (DISK / 512 - 1, 2), (u64::MAX, 1), (0, MAX_DISCARD_SECTORS + 1)] {
+            discard_segment(&f, DATA, sector, sectors, 0);
+            assert_eq!(f.submit(&seg).0, S_IOERR, "sector {sector} + {sectors}");
+        }
+        assert_eq!(digest(&file_bytes(&f)), before);
+        f.assert_healthy();
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_every_write_and_stays_unchanged() {
+        let mut f = fixture_with(BlockOptions { read_only: true, ..Default::default() }, feature::RO);
+        let before = digest(&file_bytes(&f));
+        f.mem.write_slice(&[0x77u8; 512], GuestAddress(DATA)).unwrap();
+        f.header(T_OUT, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(STATUS, 1)]), (S_IOERR, 1));
+        for kind in [T_DISCARD, T_WRITE_ZEROES] {
+            f.header(kind, 0);
+            discard_segment(&f, DATA, 0, 1, 0);
+            assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 16), Desc::w(STATUS, 1)]).0, S_IOERR);
+        }
+        f.header(T_FLUSH, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]).0, S_OK);
+        assert_eq!(digest(&file_bytes(&f)), before);
+        f.assert_healthy();
+    }
+
+    #[test]
+    fn host_io_errors_reach_the_guest() {
+        // The image shrinks behind the device's back: reads past the new end come up short.
+        let mut f = fixture();
+        f.image.as_file().set_len(DISK / 2).unwrap();
+        f.header(T_IN, DISK / 512 - 1);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]), (S_IOERR, 1));
+        assert_eq!(f.blk.stats().failed_operations, 1);
+
+        // A device that thinks it may write to an image opened read-only by the host: EBADF.
+        let image = image();
+        let mut blk = Block::with_file(File::open(image.as_path()).unwrap(), &BlockOptions::default()).unwrap();
+        let mem = guest_memory(MEM);
+        let mut tq = TestQueue::new(GuestAddress(0x1000), 16);
+        blk.ack_features(features::VERSION_1);
+        blk.activate(mem.clone(), vec![tq.queue()], Arc::new(VirtioInterrupt::new(CountingLine::new()))).unwrap();
+        let g = Fixture { blk, mem, tq: tq.clone(), irq: Arc::new(VirtioInterrupt::new(CountingLine::new())), image };
+        g.header(T_OUT, 0);
+        tq.add_chain(&g.mem, &[Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(STATUS, 1)]);
+        let mut g = Fixture { tq, ..g };
+        assert_eq!(g.run(0), (S_IOERR, 1));
+    }
+
+    #[test]
+    fn hostile_chains_get_an_error_or_nothing_and_the_queue_keeps_working() {
+        let mut f = fixture();
+        let before = digest(&file_bytes(&f));
+        let disk_sectors = DISK / 512;
+        type Case = (&'static str, u32, u64, Vec<Desc>, (u8, u32));
+        let cases: Vec<Case> = vec![
+            (
+                "data outside memory",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(1 << 40, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "data straddling the end of memory",
+                T_IN,
+                0,
+                vec![Desc::r(HDR, 16), Desc::w(MEM as u64 - 256, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "absurd length",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 0x8000_0000), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            // Over 4 GiB in total: illegal (virtio 1.2, 2.7.5.2), virtio-queue stops the walk, so it is no chain.
+            (
+                "chain over 4 GiB",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, u32::MAX), Desc::w(STATUS, 1)],
+                (0xaa, 0),
+            ),
+            (
+                "address wraps",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(u64::MAX - 255, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "zero-length header",
+                T_IN,
+                0,
+                vec![Desc::r(HDR, 0), Desc::w(DATA, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            ("short header", T_IN, 0, vec![Desc::r(HDR, 12), Desc::w(DATA, 512), Desc::w(STATUS, 1)], (S_IOERR, 1)),
+            (
+                "header in a writable descriptor",
+                T_OUT,
+                0,
+                vec![Desc::w(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            ("status read-only", T_OUT, 0, vec![Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::r(STATUS, 1)], (0xaa, 0)),
+            (
+                "status outside memory",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(1 << 40, 1)],
+                (0xaa, 0),
+            ),
+            ("zero-length status", T_OUT, 0, vec![Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(STATUS, 0)], (0xaa, 0)),
+            (
+                "readable after writable",
+                T_IN,
+                0,
+                vec![Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::r(STATUS, 1)],
+                (0xaa, 0),
+            ),
+            (
+                "sector past the end",
+                T_OUT,
+                disk_sectors,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "data past the end",
+                T_OUT,
+                disk_sectors - 1,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 1024), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "sector overflows",
+                T_OUT,
+                u64::MAX / 256,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "sector u64::MAX",
+                T_IN,
+                u64::MAX,
+                vec![Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            (
+                "length not a multiple of 512",
+                T_OUT,
+                0,
+                vec![Desc::r(HDR, 16), Desc::r(DATA, 100), Desc::w(STATUS, 1)],
+                (S_IOERR, 1),
+            ),
+            ("unknown type", 0x1234, 0, vec![Desc::r(HDR, 16), Desc::w(STATUS, 1)], (S_UNSUPP, 1)),
+            ("SCSI passthrough", 2, 0, vec![Desc::r(HDR, 16), Desc::w(STATUS, 1)], (S_UNSUPP, 1)),
+        ];
+        for (what, kind, sector, descs, expected) in cases {
+            f.header(kind, sector);
+            assert_eq!(f.submit(&descs), expected, "{what}");
+            assert!(!f.irq.needs_reset(), "{what}");
+        }
+        assert_eq!(digest(&file_bytes(&f)), before);
+        f.assert_healthy();
+    }
+
+    #[test]
+    fn malformed_chains_are_returned_empty() {
+        let mut f = fixture();
+        let before = digest(&file_bytes(&f));
+        f.header(T_OUT, 0);
+        let q = f.tq.clone();
+        let flags_r = DESC_F_NEXT;
+        // A loop: 0 -> 1 -> 0.
+        q.write_desc(&f.mem, 0, Desc { addr: HDR, len: 16, flags: flags_r, next: 1 });
+        q.write_desc(&f.mem, 1, Desc { addr: DATA, len: 512, flags: flags_r, next: 0 });
+        f.tq.publish(&f.mem, 0);
+        f.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
+        assert_eq!(f.run(0), (0xaa, 0));
+        // A next index outside the table.
+        q.write_desc(&f.mem, 2, Desc { addr: HDR, len: 16, flags: flags_r, next: 100 });
+        f.tq.publish(&f.mem, 2);
+        assert_eq!(f.run(2), (0xaa, 0));
+        // A chain as long as the queue that never ends (every descriptor has NEXT).
+        for i in 0..16u16 {
+            q.write_desc(
+                &f.mem,
+                i,
+                Desc { addr: STATUS, len: 1, flags: DESC_F_NEXT | DESC_F_WRITE, next: (i + 1) % 16 },
+            );
+        }
+        f.tq.publish(&f.mem, 5);
+        assert_eq!(f.run(5), (0xaa, 0));
+        assert!(!f.irq.needs_reset());
+        assert_eq!(digest(&file_bytes(&f)), before);
+        f.assert_healthy();
+    }
+
+    #[test]
+    fn a_broken_queue_does_not_stop_another_device() {
+        let mut bad = fixture();
+        let mut good = fixture();
+        bad.tq.set_avail_idx(&bad.mem, 40_000);
+        bad.blk.process_queue(0);
+        assert!(bad.irq.needs_reset());
+        good.assert_healthy();
+        // The broken device does nothing more until reset, then works again.
+        bad.tq.set_avail_idx(&bad.mem, 0);
+        bad.header(T_IN, 0);
+        bad.tq.add_chain(&bad.mem, &[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]);
+        bad.blk.process_queue(0);
+        assert_eq!(bad.tq.used_idx(&bad.mem), 0);
+        bad.blk.reset();
+        bad.irq.reset();
+        let tq = TestQueue::new(GuestAddress(0x8000), 16);
+        bad.blk.ack_features(features::VERSION_1);
+        bad.blk.activate(bad.mem.clone(), vec![tq.queue()], bad.irq.clone()).unwrap();
+        bad.tq = tq;
+        bad.assert_healthy();
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+        let mut f = fixture_with(BlockOptions::default(), features::RING_EVENT_IDX);
+        let used_event = GuestAddress(f.tq.avail_ring.0 + 4 + 2 * u64::from(f.tq.size));
+        f.header(T_FLUSH, 0);
+        f.tq.add_chain(&f.mem, &[Desc::r(HDR, 16), Desc::w(STATUS, 1)]);
+        assert!(f.blk.process_queue(0), "used_event 0: the first used entry is wanted");
+        f.tq.add_chain(&f.mem, &[Desc::r(HDR, 16), Desc::w(STATUS, 1)]);
+        assert!(!f.blk.process_queue(0), "used_event still 0: no interrupt for the second");
+        f.mem.write_obj(2u16.to_le(), used_event).unwrap();
+        f.tq.add_chain(&f.mem, &[Desc::r(HDR, 16), Desc::w(STATUS, 1)]);
+        assert!(f.blk.process_queue(0));
+        assert_eq!(f.tq.used_idx(&f.mem), 3);
+    }
+}
