@@ -85,6 +85,14 @@ impl VcpuThreads {
                 }
             }
         }
+        // Management tools ask for the vCPU thread ids (query-cpus-fast) as soon as QMP answers, to pin them: have
+        // every thread's id before returning. Each thread publishes it first thing, so this is a short wait.
+        while running.thread_ids.iter().any(|t| t.load(Ordering::SeqCst) == 0) {
+            if running.threads.iter().any(|t| t.is_finished()) {
+                break;
+            }
+            thread::yield_now();
+        }
         Ok(running)
     }
 
