@@ -49,12 +49,10 @@ impl EventSender {
 
 const WAKER: Token = Token(0);
 
-/// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes, and the VM (with its
-/// mappings of guest memory) before the memory.
+/// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
     vcpus: VcpuThreads,
     _vm: KvmVm,
-    _memory: GuestMemoryMmap,
 }
 
 /// The machine itself: what QMP commands act on.
@@ -64,6 +62,9 @@ pub struct Vmm<'a> {
     platform: Platform,
     kernel: File,
     initrd: Option<File>,
+    /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
+    /// its contents across resets, as a PC's RAM does.
+    memory: GuestMemoryMmap,
     events: Receiver<VmEvent>,
     sender: EventSender,
     guest: Option<Guest>,
@@ -124,12 +125,14 @@ impl<'a> Vmm<'a> {
         });
         let platform = Platform::new(serial, serial_irq, platform_events)?;
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
+        let memory = create_guest_memory(config.memory_bytes)?;
         Ok(Vmm {
             config,
             hypervisor,
             platform,
             kernel,
             initrd,
+            memory,
             events,
             sender,
             guest: None,
@@ -142,14 +145,14 @@ impl<'a> Vmm<'a> {
     /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
     fn boot(&mut self) -> Result<(), Error> {
         let vm = self.hypervisor.create_vm()?;
-        let memory = create_guest_memory(&vm, self.config.memory_bytes)?;
+        map_guest_memory(&vm, &self.memory)?;
         let boot = BootFiles {
             kernel: &mut self.kernel,
             initrd: self.initrd.as_mut(),
             cmdline: &self.config.cmdline,
             vcpu_count: self.config.vcpus,
         };
-        let vcpus = self.platform.boot(&self.hypervisor, &vm, &memory, boot)?;
+        let vcpus = self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?;
         let sender = self.sender.clone();
         let report = move |event| match event {
             VcpuEvent::Platform(request) => sender.send(VmEvent::Platform(request)),
@@ -157,7 +160,7 @@ impl<'a> Vmm<'a> {
         };
         let paused = self.state != RunState::Running;
         let vcpus = VcpuThreads::start(vcpus, &self.platform.pio, &self.platform.mmio, paused, report)?;
-        self.guest = Some(Guest { vcpus, _vm: vm, _memory: memory });
+        self.guest = Some(Guest { vcpus, _vm: vm });
         Ok(())
     }
 
@@ -233,6 +236,13 @@ impl<'a> Vmm<'a> {
                 Ok(None)
             }
         }
+    }
+}
+
+impl Drop for Vmm<'_> {
+    /// The vCPUs stop and the VM goes before the guest memory it maps is unmapped.
+    fn drop(&mut self) {
+        self.guest = None;
     }
 }
 
@@ -499,19 +509,22 @@ fn check_memory_size(bytes: u64) -> Result<(), Error> {
     Ok(())
 }
 
-fn create_guest_memory<V: Vm>(vm: &V, memory_bytes: u64) -> Result<GuestMemoryMmap, Error> {
+fn create_guest_memory(memory_bytes: u64) -> Result<GuestMemoryMmap, Error> {
     let ranges: Vec<(GuestAddress, usize)> = Platform::ram_regions(memory_bytes)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
+}
+
+fn map_guest_memory<V: Vm>(vm: &V, memory: &GuestMemoryMmap) -> Result<(), Error> {
     for (slot, region) in memory.iter().enumerate() {
         let host_addr = region.as_ptr() as u64;
-        // SAFETY: the mapping belongs to `memory`, which `Guest` drops only after the VM, and it is used for
-        // nothing but this guest's RAM.
+        // SAFETY: the mapping belongs to the VMM's guest memory, which outlives every VM (each boot's VM is
+        // dropped before the VMM), and is used for nothing but this guest's RAM.
         unsafe { vm.map_memory(slot as u32, region.start_addr().0, region.len(), host_addr) }?;
     }
-    Ok(memory)
+    Ok(())
 }
 
 /// Host input for the guest's console, read on its own thread so a blocked read never stalls the guest.
