@@ -69,6 +69,10 @@ pub trait Vm: Send + Sync {
     /// Raises interrupt line `gsi` whenever `event` is written (an edge).
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
 
+    /// Makes a guest's 32-bit write of `value` to MMIO address `addr` signal `event` in the kernel, without an
+    /// exit to the VMM (a virtio queue notification, typically); other writes there still exit as usual.
+    fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
+
     /// Asserts level-triggered line `gsi` whenever `event` is written and keeps it asserted until the guest
     /// acknowledges the interrupt; then de-asserts it and writes `resample`, so the device can assert it again
     /// if its condition still holds.

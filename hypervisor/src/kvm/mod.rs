@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
@@ -65,6 +65,10 @@ impl Vm for KvmVm {
 
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(event, gsi).map_err(|e| Error::new("KVM_IRQFD", e))
+    }
+
+    fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()> {
+        self.fd.register_ioevent(event, &IoEventAddress::Mmio(addr), value).map_err(|e| Error::new("KVM_IOEVENTFD", e))
     }
 
     fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {
