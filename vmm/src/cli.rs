@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, parse_uuid, QmpSocket, SerialConfig, SocketAddress, VmConfig};
+use crate::config::{parse_memory_size, parse_uuid, DiskConfig, QmpSocket, SerialConfig, SocketAddress, VmConfig};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -21,6 +21,9 @@ Options (QEMU's spelling in brackets, where it has one):
   --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
                         QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
                         with -mon chardev=ID,mode=control]
+  --disk path=FILE[,readonly=on][,serial=S][,direct=on]
+                        virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
+  --rng                 virtio-rng device fed from the host's getrandom
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
   --no-reboot           exit when the guest reboots instead of resetting it [-no-reboot]
   --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
@@ -80,6 +83,8 @@ enum Opt {
     Cpus,
     Serial,
     Qmp,
+    Disk,
+    Rng,
     Chardev,
     Mon,
     Paused,
@@ -102,6 +107,8 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--cpus", "-smp"], Opt::Cpus, true),
     (&["--serial", "-serial"], Opt::Serial, true),
     (&["--qmp", "-qmp"], Opt::Qmp, true),
+    (&["--disk"], Opt::Disk, true),
+    (&["--rng"], Opt::Rng, false),
     (&["-chardev"], Opt::Chardev, true),
     (&["-mon"], Opt::Mon, true),
     (&["--paused", "-S"], Opt::Paused, false),
@@ -238,6 +245,31 @@ fn parse_mon(value: &str) -> Result<String, CliError> {
     chardev.ok_or_else(|| invalid("-mon", value, "chardev= is required"))
 }
 
+/// `path=FILE[,readonly=on][,serial=S][,direct=on]`, or just the path.
+fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let mut disk = DiskConfig {
+        path: first.map(PathBuf::from).unwrap_or_default(),
+        read_only: false,
+        serial: None,
+        direct: false,
+    };
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "path" | "file" => disk.path = PathBuf::from(setting),
+            "readonly" => disk.read_only = on_off("--disk", value, &key, &setting)?,
+            "direct" => disk.direct = on_off("--disk", value, &key, &setting)?,
+            "serial" if setting.len() <= 20 => disk.serial = Some(setting),
+            "serial" => return Err(invalid("--disk", value, "serial= takes at most 20 bytes")),
+            _ => return Err(invalid("--disk", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(invalid("--disk", value, "path= is required"));
+    }
+    Ok(disk)
+}
+
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
 fn parse_memory(value: &str) -> Result<u64, CliError> {
     let (first, pairs) = split_qemu_opts(value);
@@ -289,6 +321,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut uuid = None;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
+    let mut disks = Vec::new();
+    let mut rng = false;
     let mut chardevs: HashMap<String, QmpSocket> = HashMap::new();
     let mut monitors = Vec::new();
 
@@ -318,6 +352,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(&value)?)?,
             Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&value)?)?,
             Opt::Qmp => qmp.push(parse_qmp_socket(&spelling, &value)?),
+            Opt::Disk => disks.push(parse_disk(&value)?),
+            Opt::Rng => rng = true,
             Opt::Chardev => {
                 let (id, socket) = parse_chardev(&value)?;
                 if chardevs.insert(id.clone(), socket).is_some() {
@@ -360,6 +396,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     }
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
     config.qmp = qmp;
+    config.disks = disks;
+    config.rng = rng;
     config.name = name;
     config.uuid = uuid;
     Ok(Command::Run(Box::new(config)))
@@ -420,6 +458,26 @@ mod tests {
                 QmpSocket { address: SocketAddress::Unix("/run/mon.sock".into()), wait: false },
             ]
         );
+    }
+
+    #[test]
+    fn disks_and_rng() {
+        let config = config("--kernel k --disk path=/a.img,readonly=on,serial=disk-a --disk /b.img,direct=on --rng");
+        assert_eq!(
+            config.disks,
+            vec![
+                DiskConfig { path: "/a.img".into(), read_only: true, serial: Some("disk-a".into()), direct: false },
+                DiskConfig { path: "/b.img".into(), read_only: false, serial: None, direct: true },
+            ]
+        );
+        assert!(config.rng);
+        for bad in [
+            "--kernel k --disk readonly=on",
+            "--kernel k --disk path=/a,cache=none",
+            "--kernel k --disk /a,serial=123456789012345678901",
+        ] {
+            assert!(matches!(parse_str(bad), Err(CliError::Invalid { .. })), "{bad}");
+        }
     }
 
     #[test]

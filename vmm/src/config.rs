@@ -15,6 +15,17 @@ pub enum SerialConfig {
     None,
 }
 
+/// A virtio-blk disk on a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Reported to the guest as the disk's serial number (at most 20 bytes).
+    pub serial: Option<String>,
+    /// Open the image with O_DIRECT, bypassing the host's page cache.
+    pub direct: bool,
+}
+
 /// Where a control socket listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketAddress {
@@ -56,6 +67,9 @@ pub struct VmConfig {
     /// Start with the vCPUs stopped until `cont` (QEMU's `-S`).
     pub start_paused: bool,
     pub qmp: Vec<QmpSocket>,
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    pub rng: bool,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -75,6 +89,8 @@ impl VmConfig {
             no_shutdown: false,
             start_paused: false,
             qmp: Vec::new(),
+            disks: Vec::new(),
+            rng: false,
             name: None,
             uuid: None,
         }

@@ -12,6 +12,7 @@ cfg_if::cfg_if! {
         mod qmp_server;
         mod signals;
         mod vcpu;
+        mod virtio;
         mod x86_64;
         use x86_64 as arch_platform;
         pub use machine::run as run_vm;
@@ -58,6 +59,8 @@ pub enum Error {
     TooManyCpus { requested: u8, max: u32 },
     #[error("console: {0}")]
     Console(std::io::Error),
+    #[error("{0}")]
+    Device(String),
     #[error("device layout: {0}")]
     Bus(#[from] devices::bus::Error),
     #[error("{0}: {1}")]

@@ -123,9 +123,9 @@ impl<'a> Vmm<'a> {
             let sender = sender.clone();
             move |request| sender.send(VmEvent::Platform(request))
         });
-        let platform = Platform::new(serial, serial_irq, platform_events)?;
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
+        let platform = Platform::new(serial, serial_irq, platform_events, &memory, crate::virtio::devices(config)?)?;
         Ok(Vmm {
             config,
             hypervisor,

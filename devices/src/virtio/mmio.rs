@@ -351,9 +351,10 @@ impl MmioTransport {
         lock_device(&self.device).activate(self.mem.clone(), queues, self.interrupt.clone())
     }
 
-    /// Back to the power-on state (virtio 1.2, 2.4). The device lock is held while the device drops its queues,
-    /// so queue work in progress on another thread finishes first, and none starts on the old queues afterwards.
-    fn reset(&mut self) {
+    /// Back to the power-on state (virtio 1.2, 2.4), as when the driver writes 0 to the status register or the
+    /// machine resets. The device lock is held while the device drops its queues, so queue work in progress on
+    /// another thread finishes first, and none starts on the old queues afterwards.
+    pub fn reset(&mut self) {
         lock_device(&self.device).reset();
         self.interrupt.reset();
         self.status = 0;

@@ -3,12 +3,16 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
+use arch::x86_64::acpi::virtio_mmio_device_aml;
+use arch::x86_64::boot::setup_guest_with_acpi;
 use arch::x86_64::layout::{
     ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, CMOS_PORT, COM1_IRQ, COM1_PORT,
     I8042_DATA_PORT, KVM_TSS_ADDRESS,
 };
-use arch::x86_64::{cpuid, layout, msrs, setup_guest, GuestConfig};
+use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START};
+use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
 use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
+use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 use devices::{Bus, EventFdLine, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
@@ -16,7 +20,21 @@ use qmp::{CpuProps, Target};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::virtio::{spawn_worker, NamedDevice};
 use crate::Error;
+
+/// Virtio-mmio devices take IOAPIC pins from here up: the PCI-range pins no ISA device uses.
+const FIRST_VIRTIO_GSI: u32 = 16;
+
+/// A virtio device on the MMIO bus: where it sits, its interrupt, and the queue eventfds to hook up as
+/// notifiers in every VM (the transport and its worker keep their own copies).
+struct VirtioSlot {
+    base: u64,
+    gsi: u32,
+    irq: Arc<EventFdLine>,
+    queue_events: Vec<EventFd>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
 
 const UART_REGISTERS: u64 = 8;
 const I8042_PORTS: u64 = 5;
@@ -33,6 +51,7 @@ pub struct Platform {
     sci: Arc<EventFdLine>,
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
     sci_resample: Arc<EventFd>,
+    virtio: Vec<VirtioSlot>,
 }
 
 impl Platform {
@@ -49,6 +68,8 @@ impl Platform {
         serial: Arc<Mutex<Serial>>,
         serial_irq: Arc<EventFdLine>,
         events: PlatformEvents,
+        memory: &GuestMemoryMmap,
+        virtio_devices: Vec<NamedDevice>,
     ) -> Result<Self, Error> {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
@@ -60,7 +81,9 @@ impl Platform {
         pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
         pio.insert(Arc::new(Mutex::new(ResetPort::new(events))), u64::from(ACPI_RESET_PORT), 1)?;
         forward_sci_acknowledgements(sci_resample.clone(), acpi_pm.clone())?;
-        Ok(Platform { pio, mmio: Bus::new(), serial, serial_irq, acpi_pm, sci, sci_resample })
+        let mut mmio = Bus::new();
+        let virtio = attach_virtio_mmio(&mut mmio, memory, virtio_devices)?;
+        Ok(Platform { pio, mmio, serial, serial_irq, acpi_pm, sci, sci_resample, virtio })
     }
 
     /// Presses the ACPI power button; the guest decides whether and how to shut down.
@@ -101,6 +124,17 @@ impl Platform {
         vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
         vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
         vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
+        let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
+        for (index, slot) in self.virtio.iter().enumerate() {
+            vm.register_irqfd(slot.irq.eventfd(), slot.gsi)?;
+            for (queue, event) in slot.queue_events.iter().enumerate() {
+                vm.register_mmio_notifier(event, slot.base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+            }
+            // Debian's kernels lack virtio-mmio command-line devices: ACPI is how the guest finds them.
+            let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
+                .map_err(|e| Error::Boot(e.to_string()))?;
+            dsdt_devices.push(aml);
+        }
 
         let mut guest = GuestConfig {
             kernel: boot.kernel,
@@ -108,7 +142,7 @@ impl Platform {
             cmdline: boot.cmdline,
             vcpu_count: boot.vcpu_count,
         };
-        let setup = setup_guest(memory, &mut guest).map_err(|e| Error::Boot(e.to_string()))?;
+        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices).map_err(|e| Error::Boot(e.to_string()))?;
 
         let supported = hypervisor.supported_cpuid()?;
         let msrs = msrs::boot_msrs();
@@ -131,7 +165,42 @@ impl Platform {
     /// or have none worth resetting.
     pub fn reset(&self) {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        for slot in &self.virtio {
+            slot.transport.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
     }
+}
+
+/// Puts each virtio device on the MMIO bus in the platform window, with its own IOAPIC pin and worker thread.
+fn attach_virtio_mmio(
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    devices: Vec<NamedDevice>,
+) -> Result<Vec<VirtioSlot>, Error> {
+    let max = (IOAPIC_PINS - FIRST_VIRTIO_GSI).min((PLATFORM_MMIO_SIZE / MMIO_LEN) as u32) as usize;
+    if devices.len() > max {
+        return Err(Error::Device(format!(
+            "{} virtio devices requested; this platform has room for {max}",
+            devices.len()
+        )));
+    }
+    let mut slots = Vec::with_capacity(devices.len());
+    for (index, named) in devices.into_iter().enumerate() {
+        let base = PLATFORM_MMIO_START + index as u64 * MMIO_LEN;
+        let gsi = FIRST_VIRTIO_GSI + index as u32;
+        let irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let transport = MmioTransport::new(memory.clone(), named.device, irq.clone())
+            .map_err(|e| Error::Host("creating a virtio transport", e))?;
+        let clone_events = |t: &MmioTransport| -> Result<Vec<EventFd>, Error> {
+            t.queue_events().iter().map(|e| e.try_clone().map_err(|e| Error::Host("cloning an eventfd", e))).collect()
+        };
+        spawn_worker(&named.name, clone_events(&transport)?, transport.queue_handler())?;
+        let queue_events = clone_events(&transport)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_LEN)?;
+        slots.push(VirtioSlot { base, gsi, irq, queue_events, transport });
+    }
+    Ok(slots)
 }
 
 /// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The

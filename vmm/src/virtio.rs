@@ -1,0 +1,74 @@
+//! Virtio devices from the configuration, and the threads that do their work: each device gets a worker that
+//! waits on its queues' notification eventfds (signalled by the hypervisor's ioeventfds) and processes the queue,
+//! so disk I/O never runs on a vCPU thread or the event loop.
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::rng::Rng;
+use devices::virtio::{QueueHandler, VirtioDevice};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::Error;
+
+/// A device and the name its worker thread and error messages use.
+pub struct NamedDevice {
+    pub name: String,
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+}
+
+/// The virtio devices the configuration asks for, in a stable order (disks, then the rng).
+pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+    let mut devices = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let options = BlockOptions {
+            read_only: disk.read_only,
+            serial: disk.serial.clone().unwrap_or_default(),
+            direct: disk.direct,
+        };
+        let block = Block::open(&disk.path, &options)
+            .map_err(|e| Error::Device(format!("disk '{}': {e}", disk.path.display())))?;
+        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: Arc::new(Mutex::new(block)) });
+    }
+    if config.rng {
+        devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
+    }
+    Ok(devices)
+}
+
+/// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work.
+pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandler) -> Result<(), Error> {
+    let mut poll = Poll::new().map_err(|e| Error::Host("creating a device worker", e))?;
+    for (index, event) in queue_events.iter().enumerate() {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(event);
+        poll.registry()
+            .register(&mut SourceFd(&fd), Token(index), Interest::READABLE)
+            .map_err(|e| Error::Host("watching a virtio queue", e))?;
+    }
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let mut events = Events::with_capacity(queue_events.len().max(1));
+            loop {
+                if let Err(e) = poll.poll(&mut events, None) {
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                for event in events.iter() {
+                    let index = event.token().0;
+                    // Drain the counter first: a notification arriving during processing then wakes us again.
+                    if queue_events[index].read().is_ok() {
+                        handler.handle(index);
+                    }
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::Host("starting a device worker", e))
+}
