@@ -78,7 +78,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
     let vmm = Vmm::new(config, &poll)?;
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
-    EventLoop { vmm, poll, qmp }.run()
+    EventLoop { qmp, poll, vmm }.run()
 }
 
 /// Wall-clock time for event timestamps.
@@ -429,10 +429,12 @@ impl Vmm<'_> {
 }
 
 /// The VMM's main loop: guest and host events, and the QMP sockets.
+/// Field order is drop order: clients see their connection close before the VM's teardown (tens of ms with an
+/// in-kernel irqchip), as QEMU's do right after `quit`'s reply.
 struct EventLoop<'a> {
-    vmm: Vmm<'a>,
-    poll: Poll,
     qmp: QmpServer<Session>,
+    poll: Poll,
+    vmm: Vmm<'a>,
 }
 
 impl EventLoop<'_> {
@@ -443,7 +445,7 @@ impl EventLoop<'_> {
     }
 
     fn serve(&mut self) -> Result<Outcome, Error> {
-        let EventLoop { vmm, poll, qmp } = self;
+        let EventLoop { qmp, poll, vmm } = self;
         let waits: Vec<bool> = vmm.config.qmp.iter().map(|s| s.wait).collect();
         if waits.contains(&true) {
             let mut connect = || Session::new(ServerInfo::kestrel());
