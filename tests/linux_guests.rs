@@ -4,9 +4,15 @@
 //! The runner boots L1 once for every case of `ci/runner/linux.cases`; each test here checks one case's framed
 //! result from L1's console. Where the runner cannot run (no QEMU, no Debian archive), the tests fail under CI
 //! or with KESTREL_REQUIRE_RUNNER=1, and otherwise print SKIPPED with the reason.
+//!
+//! A case whose guest died in early boot with a known signature of the emulated environment (a hang or triple
+//! fault before /init; see `ci/runner/compare-qemu`) is run a second time by L1 and judged on that attempt; every
+//! such retry is printed as `RETRIED: <case> first attempt: <signature>` on the test binary's stderr, outside
+//! the test harness's capture, so it is never silent.
 #![cfg(target_arch = "x86_64")]
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -20,6 +26,8 @@ struct Case {
     stderr: String,
     /// The END line's fields: exit, reason, ms, marker_ms, l1_epoch_start, l1_epoch_end.
     end: HashMap<String, String>,
+    /// The first attempt's early-boot failure signature when L1 ran the case a second time.
+    retry: Option<String>,
 }
 
 struct Runner {
@@ -76,7 +84,14 @@ fn run_runner() -> Result<Runner, String> {
     if output.status.code() == Some(2) || !console.contains("=== RUNNER L1-UP") {
         return Err(format!("the runner could not run:\n{summary}"));
     }
-    Ok(Runner { cases: parse(&console), log, summary })
+    let cases = parse(&console);
+    let mut retried: Vec<_> = cases.iter().filter_map(|(name, c)| Some((name, c.retry.as_ref()?))).collect();
+    retried.sort();
+    for (name, signature) in retried {
+        // Straight to the process's stderr: the harness captures eprintln! of passing tests.
+        let _ = writeln!(std::io::stderr(), "RETRIED: {name} first attempt: {signature}");
+    }
+    Ok(Runner { cases, log, summary })
 }
 
 /// Splits L1's console into cases by the runner's frames.
@@ -87,14 +102,21 @@ fn parse(console: &str) -> HashMap<String, Case> {
         Err,
     }
     let mut cases: HashMap<String, Case> = HashMap::new();
+    let mut retries: HashMap<String, String> = HashMap::new();
     let mut current: Option<String> = None;
     let mut part = Part::None;
     for raw in console.lines() {
         let line = raw.replace('\r', "");
         if let Some(rest) = frame(&line) {
+            if let Some((name, signature)) = rest.split_once(" RETRY first attempt: ") {
+                retries.insert(name.to_string(), signature.to_string());
+                current = None;
+                part = Part::None;
+                continue;
+            }
             if let Some(name) = rest.strip_suffix(" BEGIN") {
                 current = Some(name.to_string());
-                cases.insert(name.to_string(), Case::default());
+                cases.insert(name.to_string(), Case { retry: retries.remove(name), ..Case::default() });
                 part = Part::Out;
                 continue;
             }
@@ -148,10 +170,15 @@ impl Checked<'_> {
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
         format!(
-            "case {}: {:?}\n--- guest console (last 40 lines) ---\n{}\n--- kestrel stderr (last 40 lines) ---\n{}\n\
+            "case {}: {:?}{}\n--- guest console (last 40 lines) ---\n{}\n--- kestrel stderr (last 40 lines) ---\n{}\n\
              --- runner ---\n{}\nfull L1 console: {}",
             self.name,
             self.case.end,
+            self.case
+                .retry
+                .as_ref()
+                .map(|s| format!("\nRETRIED (this is the second attempt); first attempt: {s}"))
+                .unwrap_or_default(),
             tail(&self.case.console),
             tail(&self.case.stderr),
             self.runner.summary,
@@ -321,4 +348,29 @@ fn reboot_with_no_reboot_ends_the_process() {
     c.assert_marker();
     c.assert_exited(0);
     c.assert(c.marker_count() == 1, "with --no-reboot the guest must not boot again");
+}
+
+/// The frame parser on a console where L1 retried a case: only the second attempt is the case's result, and
+/// the first attempt's signature is kept for the report. Needs no runner.
+#[test]
+fn parser_keeps_the_second_attempt_and_the_retry_signature() {
+    let console = "=== RUNNER L1-UP uptime_ms=1\r\n\
+        === CASE a RETRY first attempt: hang in early boot (timeout, 60s) after: [ 0.74] \r\n\
+        --- first attempt: guest console (last 30 lines)\r\n\
+        first-attempt-line\r\n\
+        --- first attempt end\r\n\
+        === CASE a BEGIN\r\n\
+        KESTREL-GUEST-UP uptime=1.0\r\n\
+        === CASE a STDERR\r\n\
+        === CASE a END exit=0 reason=exit ms=5 marker_ms=4\r\n\
+        === CASE b BEGIN\r\n\
+        KESTREL-GUEST-UP uptime=1.0\r\n\
+        === CASE b STDERR\r\n\
+        === CASE b END exit=0 reason=exit ms=5 marker_ms=4\r\n";
+    let cases = parse(console);
+    let a = &cases["a"];
+    assert_eq!(a.retry.as_deref(), Some("hang in early boot (timeout, 60s) after: [ 0.74] "));
+    assert_eq!(a.console, "KESTREL-GUEST-UP uptime=1.0\n");
+    assert_eq!(a.end["exit"], "0");
+    assert!(cases["b"].retry.is_none());
 }

@@ -155,10 +155,18 @@ end_field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
 # Checks every case against its expectations; prints PASS/FAIL lines (and the tail of the console on
 # failure). Returns non-zero when a case failed.
 runner_check() {
-  local log="$1" specdir="$2" failed=0 name spec
+  local log="$1" specdir="$2" failed=0 name spec n_pass=0 n_fail=0 n_retried=0 retried_names=()
   shift 2
   for name in "$@"; do
     spec="$specdir/$name.spec"
+    # A case whose first attempt died in early boot with a known signature of the emulated environment was run
+    # again by L1 (ci/runner/init-l1); say so loudly, whatever the second attempt did.
+    local retry
+    retry="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name RETRY first attempt: //p" | head -n1)"
+    if [ -n "$retry" ]; then
+      n_retried=$((n_retried + 1)) retried_names+=("$name")
+      printf 'RETRIED: %s first attempt: %s\n' "$name" "$retry"
+    fi
     local out end problems=() key value code reason
     out="$(case_section "$log" "$name" out)"
     end="$(case_section "$log" "$name" end)"
@@ -200,9 +208,10 @@ runner_check() {
     local ms marker_ms
     ms="$(end_field "$end" ms)" marker_ms="$(end_field "$end" marker_ms)"
     if [ ${#problems[@]} -eq 0 ]; then
-      printf 'PASS %-14s %6s ms (marker at %s ms)\n' "$name" "${ms:-?}" "${marker_ms:-?}"
+      n_pass=$((n_pass + 1))
+      printf 'PASS %-14s %6s ms (marker at %s ms)%s\n' "$name" "${ms:-?}" "${marker_ms:-?}" "${retry:+ on the second attempt}"
     else
-      failed=1
+      failed=1 n_fail=$((n_fail + 1))
       printf 'FAIL %-14s %6s ms (marker at %s ms)\n' "$name" "${ms:-?}" "${marker_ms:-?}"
       printf '     - %s\n' "${problems[@]}"
       printf '     guest console (last 20 lines):\n'
@@ -211,6 +220,8 @@ runner_check() {
       case_section "$log" "$name" err | tail -n 20 | sed 's/^/     | /'
     fi
   done
+  printf 'runner %s: %d passed, %d failed, %d retried%s\n' "$RUNNER_ARCH" "$n_pass" "$n_fail" "$n_retried" \
+    "${retried_names[*]:+ (RETRIED: ${retried_names[*]}; early-boot failures of the emulated environment, see ci/runner/compare-qemu)}"
   return $failed
 }
 
