@@ -350,6 +350,58 @@ fn reboot_with_no_reboot_ends_the_process() {
     c.assert(c.marker_count() == 1, "with --no-reboot the guest must not boot again");
 }
 
+impl Checked<'_> {
+    #[track_caller]
+    fn assert_line(&self, prefix: &str) {
+        let found = self.case.console.lines().any(|l| l.trim_end().starts_with(prefix));
+        self.assert(found, &format!("the guest console has no line starting with {prefix:?}"));
+    }
+}
+
+#[test]
+fn system_powerdown_makes_linux_power_off() {
+    let Some(c) = case("powerdown") else { return };
+    c.assert_marker();
+    c.assert_line("POWER-BUTTON-READY");
+    c.assert_line("POWER-BUTTON-PRESSED");
+    c.assert(c.case.stderr.contains("\"event\": \"POWERDOWN\""), "QMP sent the POWERDOWN event");
+    c.assert_exited(0);
+}
+
+#[test]
+fn virtio_mmio_disks_and_rng_serve_a_linux_guest() {
+    let Some(c) = case("virtio-mmio") else { return };
+    c.assert_marker();
+    c.assert_line("VDA-WRITE-OK");
+    c.assert_line("VDB-WRITE-REFUSED");
+    c.assert_line("VDB-RO=1");
+    c.assert_line("VDB-HEAD=5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a");
+    c.assert_line("VDA-SERIAL=kestrel-data");
+    c.assert_line("HWRNG=virtio_rng");
+    // The host sees exactly what the guest wrote, and nothing on the read-only disk changed.
+    let expected = |pattern: u8, pattern_len: usize, total: usize| {
+        let mut image = vec![pattern; pattern_len];
+        image.resize(total, 0);
+        sha256_hex(&image)
+    };
+    c.assert_line(&format!("DISK-SHA256 data.img {}", expected(0xa5, 1 << 20, 8 << 20)));
+    c.assert_line(&format!("DISK-SHA256 ro.img {}", expected(0x5a, 4 << 20, 4 << 20)));
+    c.assert_exited(0);
+}
+
+/// SHA-256 by the host's `sha256sum`, so the expected digests come from the same tool as L1's.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
 /// The frame parser on a console where L1 retried a case: only the second attempt is the case's result, and
 /// the first attempt's signature is kept for the report. Needs no runner.
 #[test]

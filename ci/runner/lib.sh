@@ -48,7 +48,7 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|timeout|prompt|input|until|expect-exit|expect|expect-count|expect-value|expect-epoch) ;;
+      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|until|expect-exit|expect|expect-count|expect-value|expect-epoch) ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
     printf '%s\t%s\n' "$key" "$value" >>"$specdir/$name.spec"
@@ -84,6 +84,15 @@ runner_parse_cases() {
       spec_get "$spec" prompt >"$d/prompt"
       [ -s "$d/prompt" ] || rdie "case $name: input needs a prompt"
     fi
+    if [ -n "$(spec_get "$spec" qmp)" ]; then
+      spec_get "$spec" qmp >"$d/qmp"
+      spec_get "$spec" prompt >"$d/prompt"
+      [ -s "$d/prompt" ] || rdie "case $name: qmp needs a prompt"
+    fi
+    # disk NAME SIZE_MIB [PATTERN]: a raw image made in L1 before the case, filled with PATTERN (a byte, as
+    # printf %b escape) or zeros; its sha256 is printed after the case as DISK-SHA256 NAME <hash>.
+    awk -F'\t' '$1 == "disk" { print $2 }' "$spec" >"$d/disks"
+    [ -s "$d/disks" ] || rm -f "$d/disks"
     [ -n "$(spec_get "$spec" until)" ] && spec_get "$spec" until >"$d/until"
     echo "$name"
   done
@@ -91,12 +100,13 @@ runner_parse_cases() {
 
 spec_get() { awk -F'\t' -v k="$2" '$1 == k { print $2; exit }' "$1"; }
 
-# The L2 initramfs: busybox + ci/guest/init.
+# The L2 initramfs: busybox + ci/guest/init + the guest's modules.
 runner_l2_initrd() {
   local out="$1" stage
   stage="$(mktemp -d)"
-  mkdir -p "$stage/bin" "$stage/dev" "$stage/proc" "$stage/sys" "$stage/tmp"
+  mkdir -p "$stage/bin" "$stage/dev" "$stage/proc" "$stage/sys" "$stage/tmp" "$stage/modules"
   cp "$guest/busybox" "$stage/bin/busybox"
+  cp "$guest/guest-modules/"* "$stage/modules/"
   cp "$repo/ci/guest/init" "$stage/init"
   chmod 755 "$stage/init" "$stage/bin/busybox"
   mknod -m 600 "$stage/dev/console" c 5 1
