@@ -306,3 +306,105 @@ fn help_describes_every_option() {
         run.assert_stdout_has(option);
     }
 }
+
+/// What the payload's `virtio` command must print for each malformed request it puts on disk A (slot 0), as
+/// devices/src/virtio/block.rs documents the contract: a chain that is not a chain, or has no device-writable
+/// status byte in guest memory, comes back with used length 0 and nothing written (status 255 is the payload's
+/// "never written"); a well-formed chain naming memory outside the guest or lacking a readable header gets
+/// IOERR (status 1); broken rings (an available index far ahead, a head outside the table, a descriptor table
+/// outside memory) make the device ask for a reset. `data=intact`: the device never wrote the request's data
+/// buffer, which it must not for a failed request nor for a buffer it was only given to read.
+const VIRTIO_HOSTILE_OUTCOMES: &[(&str, &str)] = &[
+    ("desc-outside", "used id=0 len=1 status=1 data=intact"),
+    ("status-outside", "used id=0 len=0 status=255 data=intact"),
+    ("len-ffffffff", "used id=0 len=0 status=255 data=intact"),
+    ("loop", "used id=0 len=0 status=255 data=intact"),
+    ("too-long", "used id=0 len=0 status=255 data=intact"),
+    ("next-outside", "used id=0 len=0 status=255 data=intact"),
+    ("zero-len-header", "used id=0 len=1 status=1 data=intact"),
+    // A read with no data descriptor left is a read of nothing: done, only the status byte written.
+    ("zero-len-data", "used id=0 len=1 status=0 data=intact"),
+    // A write of sector 1 whose status byte is device-read-only: refused before the disk is touched.
+    ("status-readonly", "used id=0 len=0 status=255 data=intact"),
+    ("header-writable", "used id=0 len=1 status=1 data=intact"),
+    // A read whose data buffer is device-read-only: nothing to read into, the buffer stays as it was.
+    ("read-into-readonly", "used id=0 len=1 status=0 data=intact"),
+    ("avail-jump", "needs-reset data=intact"),
+    ("head-outside", "needs-reset data=intact"),
+    ("rings-outside", "queue refused needs-reset"),
+];
+
+/// A disk image of `sectors` 512-byte sectors starting with `magic`, the rest a pattern unlike the payload's
+/// fill byte (0x5a) so that any stray write shows.
+fn disk_image(magic: &[u8; 8], sectors: usize, seed: u8) -> Vec<u8> {
+    let mut image: Vec<u8> = (0..sectors * 512).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect();
+    image[..8].copy_from_slice(magic);
+    image
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hostile-queue test: the payload drives virtio-blk A (writable) with malformed chains and broken
+/// rings, one at a time on a freshly reset device, then reads read-only disk B while A is still broken, and
+/// finally resets A and writes and reads it. Kestrel must stay up, answer every case, and leave B untouched and
+/// A changed only where the final good write went (sector 2, the payload's 0x5a fill).
+fn hostile_virtio_chains_leave_a_second_disk_working(payload_name: &str) {
+    let dir = std::env::temp_dir().join(format!("kestrel-virtio-hostile-{}-{payload_name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a_path, b_path) = (dir.join("a.img"), dir.join("b.img"));
+    let a_before = disk_image(b"ALPHAIMG", 128, 3);
+    let b_before = disk_image(b"KESTREL!", 128, 101);
+    std::fs::write(&a_path, &a_before).unwrap();
+    std::fs::write(&b_path, &b_before).unwrap();
+    let a_arg = format!("path={}", a_path.display());
+    let b_arg = format!("path={},readonly=on", b_path.display());
+
+    let run = boot(payload_name, "virtio", &["--disk", &a_arg, "--disk", &b_arg]);
+    run.assert_success();
+    assert!(!run.stderr.contains("panicked"), "{}", run.describe());
+    run.assert_stdout_has("probe: virtio slot 0: blk (id 2)");
+    run.assert_stdout_has("probe: virtio slot 1: blk (id 2)");
+    run.assert_stdout_has("probe: virtio slot 0 ready");
+    run.assert_stdout_has("probe: virtio slot 1 ready");
+    for (name, outcome) in VIRTIO_HOSTILE_OUTCOMES {
+        run.assert_stdout_has(&format!("probe: virtio hostile {name}: {outcome}\r\n"));
+    }
+    assert_eq!(
+        run.stdout.matches("probe: virtio hostile ").count(),
+        VIRTIO_HOSTILE_OUTCOMES.len(),
+        "every hostile case is listed here\n{}",
+        run.describe()
+    );
+    assert!(!run.stdout.contains("probe: virtio failed"), "{}", run.describe());
+    run.assert_stdout_has(&format!("probe: virtio ok b={} a={}\r\n", hex(b"KESTREL!"), hex(b"ALPHAIMG")));
+    run.assert_stdout_has("probe: virtio done");
+
+    let b_after = std::fs::read(&b_path).unwrap();
+    assert!(b_after == b_before, "read-only disk B changed\n{}", run.describe());
+    let a_after = std::fs::read(&a_path).unwrap();
+    assert_eq!(a_after.len(), a_before.len(), "disk A changed size");
+    let mut a_expected = a_before.clone();
+    a_expected[2 * 512..3 * 512].fill(0x5a);
+    let changed: Vec<usize> =
+        (0..a_after.len() / 512).filter(|s| a_after[s * 512..][..512] != a_expected[s * 512..][..512]).collect();
+    assert!(changed.is_empty(), "disk A sectors {changed:?} differ from the one good write\n{}", run.describe());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hostile_virtio_chains_leave_a_second_disk_working_elf() {
+    if !kvm_available() {
+        return;
+    }
+    hostile_virtio_chains_leave_a_second_disk_working(ELF);
+}
+
+#[test]
+fn hostile_virtio_chains_leave_a_second_disk_working_bzimage() {
+    if !kvm_available() {
+        return;
+    }
+    hostile_virtio_chains_leave_a_second_disk_working(BZIMAGE);
+}

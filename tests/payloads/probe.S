@@ -1000,6 +1000,474 @@ isr_common:
         call    putcrlf
         jmp     halt_forever
 
+/* ---- virtio: hostile virtqueues on one virtio-mmio device, a well-behaved one beside it --------------------------
+ *
+ * Polling only (no interrupts: the IOAPIC pins 16+ stay masked). Slot i is the virtio-mmio v2 transport at
+ * VIRTIO_MMIO_BASE + i * 0x1000. Both slots 0 and 1 must be virtio-blk: slot 0 ("A", writable) takes the hostile
+ * chains, slot 1 ("B") is only used well. Every hostile case starts from a freshly reset and re-initialised A, so
+ * one case's damage (NEEDS_RESET, a broken queue) cannot decide the next one's outcome. See README.md for the
+ * console lines.
+ *
+ * Memory: each slot gets 8 KiB of the payload's own .bss (vq_mem + slot * 0x2000): the first page holds the rings
+ * of queue 0 (size VIO_QSIZE), the second the request header, status byte and a 512-byte data buffer. .bss is part
+ * of the image's footprint (bzImage init_size, the ELF's p_memsz), so the loader keeps everything else (zero page,
+ * command line, boot page tables, initrd) out of it, and it lies far below the 64 MiB minimum of guest memory.
+ * Addresses are identity-mapped (first 4 GiB), so virtual = guest-physical.
+ */
+#define VIRTIO_MMIO_BASE 0xd0000000
+#define VIO_SLOT_SIZE   0x1000
+#define VIO_MAGIC       0x000
+#define VIO_VERSION     0x004
+#define VIO_DEVICE_ID   0x008
+#define VIO_DEV_FEAT    0x010
+#define VIO_DEV_FEAT_SEL 0x014
+#define VIO_DRV_FEAT    0x020
+#define VIO_DRV_FEAT_SEL 0x024
+#define VIO_QUEUE_SEL   0x030
+#define VIO_QUEUE_MAX   0x034
+#define VIO_QUEUE_NUM   0x038
+#define VIO_QUEUE_READY 0x044
+#define VIO_QUEUE_NOTIFY 0x050
+#define VIO_STATUS      0x070
+#define VIO_QUEUE_DESC  0x080           /* low; high at +4 */
+#define VIO_QUEUE_AVAIL 0x090
+#define VIO_QUEUE_USED  0x0a0
+#define VIO_MAGIC_VALUE 0x74726976      /* "virt" */
+#define VIO_S_ACK       0x01
+#define VIO_S_DRIVER    0x02
+#define VIO_S_DRIVER_OK 0x04
+#define VIO_S_FEATURES_OK 0x08
+#define VIO_S_NEEDS_RESET 0x40
+#define VIO_QSIZE       8
+#define VIO_WAIT_CYCLES 2000000000      /* per request: ~0.7-2 s; a served request takes microseconds */
+/* Offsets in a slot's 8 KiB. Split-ring layout (virtio 1.2, 2.7): descriptors 16 bytes each, 16-byte aligned;
+ * available ring flags u16, idx u16, ring[size] u16 (used_event u16), 2-byte aligned; used ring flags u16,
+ * idx u16, ring[size] {id u32, len u32} (avail_event u16), 4-byte aligned. */
+#define VQ_DESC         0x000           /* 8 * 16 = 128 bytes */
+#define VQ_AVAIL        0x100           /* 4 + 8 * 2 + 2 = 22 bytes */
+#define VQ_USED         0x200           /* 4 + 8 * 8 + 2 = 70 bytes */
+#define VB_HDR          0x1000          /* virtio_blk_req header: type u32, reserved u32, sector u64 */
+#define VB_STATUS       0x1010
+#define VB_DATA         0x1200          /* 512 bytes */
+#define VB_FILL         0x5a            /* the data buffer's contents before every request */
+#define VD_NEXT         1
+#define VD_WRITE        2
+#define VBLK_T_IN       0
+#define VBLK_T_OUT      1
+#define FAR_ADDR        0x700000000000  /* far outside guest memory (anything >= 4 GiB is taken as absolute) */
+
+cmd_virtio:
+        /* (1) what is in slots 0 and 1 */
+        xorl    %ebx, %ebx
+1:      call    vio_probe_slot
+        leaq    vio_ids(%rip), %rdi
+        movl    %eax, (%rdi, %rbx, 4)
+        incl    %ebx
+        cmpl    $2, %ebx
+        jb      1b
+        cmpl    $2, vio_ids(%rip)
+        jne     2f
+        cmpl    $2, vio_ids + 4(%rip)
+        je      3f
+2:      leaq    msg_vio_need(%rip), %rsi
+        call    puts
+        jmp     vio_done
+        /* (2) bring both up as a modern driver */
+3:      xorl    %ebx, %ebx
+4:      call    vio_select
+        call    vio_init
+        movl    %eax, %r13d
+        leaq    msg_vio_slot(%rip), %rsi
+        call    puts
+        movl    %ebx, %eax
+        call    putdec
+        movl    %r13d, %ecx
+        call    vio_init_result
+        incl    %ebx
+        cmpl    $2, %ebx
+        jb      4b
+        /* (3) the hostile cases, on slot 0 */
+        xorl    %ebx, %ebx
+        call    vio_select
+        leaq    vio_hostile_cases(%rip), %r12
+5:      movq    (%r12), %rbx
+        testq   %rbx, %rbx
+        jz      6f
+        movq    %rbx, %rsi
+        call    vio_run_case
+        leaq    msg_vio_hostile(%rip), %rdi
+        call    vio_report
+        addq    $8, %r12
+        jmp     5b
+        /* Last hostile case, at the transport: a descriptor table outside guest memory must be refused at
+         * QueueReady. A stays as this leaves it (NEEDS_RESET after head-outside and this) while B works. */
+6:      movabsq $FAR_ADDR, %rax
+        movq    %rax, vio_ring_override(%rip)
+        call    vio_init
+        movq    $0, vio_ring_override(%rip)
+        movl    %eax, %r13d
+        leaq    msg_vio_rings_outside(%rip), %rsi
+        call    puts
+        cmpl    $6, %r13d                       /* step 6: QueueReady did not stick */
+        jne     7f
+        leaq    msg_vio_refused(%rip), %rsi
+        call    puts
+        movl    VIO_STATUS(%r14), %eax
+        testl   $VIO_S_NEEDS_RESET, %eax
+        jz      8f
+        leaq    msg_vio_sp_needs_reset(%rip), %rsi
+        call    puts
+        jmp     8f
+7:      leaq    msg_vio_accepted(%rip), %rsi
+        call    puts
+        movl    %r13d, %eax
+        call    putdec
+8:      call    putcrlf
+        /* (4) B serves a read; A, reset once more, serves a write and a read */
+        movl    $1, %ebx
+        call    vio_select
+        leaq    vcase_good_read(%rip), %rbx
+        movl    $513, %r13d
+        call    vio_good
+        jnz     vio_done
+        movq    VB_DATA(%r15), %rax
+        movq    %rax, vio_b_bytes(%rip)
+        xorl    %ebx, %ebx
+        call    vio_select
+        leaq    vcase_good_write(%rip), %rbx
+        movl    $1, %r13d
+        call    vio_good
+        jnz     vio_done
+        leaq    vcase_good_read(%rip), %rbx
+        movl    $513, %r13d
+        call    vio_good
+        jnz     vio_done
+        leaq    msg_vio_ok(%rip), %rsi          /* probe: virtio ok b=<8 bytes hex> a=<8 bytes hex> */
+        call    puts
+        leaq    vio_b_bytes(%rip), %rsi
+        call    vio_puthex8
+        leaq    msg_vio_ok_a(%rip), %rsi
+        call    puts
+        leaq    VB_DATA(%r15), %rsi
+        call    vio_puthex8
+        call    putcrlf
+vio_done:
+        leaq    msg_vio_done(%rip), %rsi
+        call    puts
+        jmp     poweroff
+
+/* vio_init_result: after "probe: virtio slot N", ECX = vio_init's result: " ready" or " init failed at step K". */
+vio_init_result:
+        testl   %ecx, %ecx
+        jnz     1f
+        leaq    msg_vio_ready(%rip), %rsi
+        jmp     puts
+1:      leaq    msg_vio_init_failed(%rip), %rsi
+        call    puts
+        movl    %ecx, %eax
+        call    putdec
+        jmp     putcrlf
+
+/* vio_good: RBX = case, R13D = expected used length, R14/R15 = slot. Runs it; ZF=1 if it completed with status 0
+ * and that length, else prints "probe: virtio failed <name>: <outcome>" and returns ZF=0. */
+vio_good:
+        movq    %rbx, %rsi
+        call    vio_run_case
+        testl   %eax, %eax
+        jnz     1f
+        cmpb    $0, VB_STATUS(%r15)
+        jne     1f
+        cmpl    %r13d, vio_used_len(%rip)
+        jne     1f
+        ret                                     /* ZF=1 from the compare */
+1:      leaq    msg_vio_failed(%rip), %rdi
+        call    vio_report
+        orl     $1, %eax                        /* ZF=0 */
+        ret
+
+/* vio_select: EBX = slot -> R14 = its registers, R15 = its 8 KiB of memory. */
+vio_select:
+        movl    %ebx, %r14d
+        shll    $12, %r14d
+        addl    $VIRTIO_MMIO_BASE, %r14d        /* 32-bit: zero-extends into R14 */
+        movl    %ebx, %r15d
+        shll    $13, %r15d
+        leaq    vq_mem(%rip), %rax
+        addq    %rax, %r15
+        ret
+
+/* vio_probe_slot: EBX = slot. Prints "probe: virtio slot N: <blk|rng|device> (id D)" or "... none (magic 0x...)"
+ * / "... version V"; returns EAX = device id, 0 if there is no usable modern transport. */
+vio_probe_slot:
+        call    vio_select
+        leaq    msg_vio_slot(%rip), %rsi
+        call    puts
+        movl    %ebx, %eax
+        call    putdec
+        movl    VIO_MAGIC(%r14), %eax
+        cmpl    $VIO_MAGIC_VALUE, %eax
+        je      1f
+        leaq    msg_vio_none(%rip), %rsi
+        call    puts
+        call    puthex32
+        leaq    msg_vio_paren(%rip), %rsi
+        call    puts
+        xorl    %eax, %eax
+        ret
+1:      movl    VIO_VERSION(%r14), %eax
+        cmpl    $2, %eax
+        je      2f
+        leaq    msg_vio_version(%rip), %rsi
+        call    puts
+        call    putdec
+        call    putcrlf
+        xorl    %eax, %eax
+        ret
+2:      movl    VIO_DEVICE_ID(%r14), %eax
+        leaq    msg_vio_blk(%rip), %rsi
+        cmpl    $2, %eax
+        je      3f
+        leaq    msg_vio_rng(%rip), %rsi
+        cmpl    $4, %eax
+        je      3f
+        leaq    msg_vio_other(%rip), %rsi
+3:      call    puts
+        call    putdec
+        leaq    msg_vio_paren(%rip), %rsi
+        call    puts
+        ret
+
+/* vio_init: R14/R15 = slot. Reset, then the modern driver sequence (virtio 1.2, 3.1.1) with queue 0 of VIO_QSIZE
+ * entries on zeroed rings. Returns EAX = 0, or the number of the step that failed. Clobbers RCX, RDX, RDI. */
+vio_init:
+        movl    $0, VIO_STATUS(%r14)            /* reset */
+        movl    VIO_STATUS(%r14), %eax
+        movl    $1, %edx
+        testl   %eax, %eax
+        jnz     9f
+        movl    $VIO_S_ACK, VIO_STATUS(%r14)
+        movl    $(VIO_S_ACK | VIO_S_DRIVER), VIO_STATUS(%r14)
+        movl    $1, VIO_DEV_FEAT_SEL(%r14)      /* feature bits 63:32 */
+        movl    VIO_DEV_FEAT(%r14), %eax
+        movl    $2, %edx
+        testl   $1, %eax                        /* VIRTIO_F_VERSION_1 (bit 32) offered? */
+        jz      9f
+        movl    $0, VIO_DRV_FEAT_SEL(%r14)      /* accept VERSION_1 and nothing else */
+        movl    $0, VIO_DRV_FEAT(%r14)
+        movl    $1, VIO_DRV_FEAT_SEL(%r14)
+        movl    $1, VIO_DRV_FEAT(%r14)
+        movl    $(VIO_S_ACK | VIO_S_DRIVER | VIO_S_FEATURES_OK), VIO_STATUS(%r14)
+        movl    VIO_STATUS(%r14), %eax
+        movl    $3, %edx
+        testl   $VIO_S_FEATURES_OK, %eax        /* the device kept FEATURES_OK: it accepts our features */
+        jz      9f
+        movl    $0, VIO_QUEUE_SEL(%r14)
+        movl    VIO_QUEUE_READY(%r14), %eax
+        movl    $4, %edx
+        testl   %eax, %eax
+        jnz     9f
+        movl    VIO_QUEUE_MAX(%r14), %eax
+        movl    $5, %edx
+        cmpl    $VIO_QSIZE, %eax
+        jb      9f
+        movl    $VIO_QSIZE, VIO_QUEUE_NUM(%r14)
+        movq    %r15, %rdi                      /* zero the rings' page: flags, indices, entries */
+        xorl    %eax, %eax
+        movl    $512, %ecx
+        rep stosq
+        leaq    VQ_DESC(%r15), %rax
+        movq    vio_ring_override(%rip), %rdx   /* the rings-outside case moves the table out of memory */
+        testq   %rdx, %rdx
+        cmovnzq %rdx, %rax
+        movl    %eax, VIO_QUEUE_DESC(%r14)
+        shrq    $32, %rax
+        movl    %eax, VIO_QUEUE_DESC + 4(%r14)
+        leaq    VQ_AVAIL(%r15), %rax
+        movl    %eax, VIO_QUEUE_AVAIL(%r14)
+        shrq    $32, %rax
+        movl    %eax, VIO_QUEUE_AVAIL + 4(%r14)
+        leaq    VQ_USED(%r15), %rax
+        movl    %eax, VIO_QUEUE_USED(%r14)
+        shrq    $32, %rax
+        movl    %eax, VIO_QUEUE_USED + 4(%r14)
+        movl    $1, VIO_QUEUE_READY(%r14)
+        movl    VIO_QUEUE_READY(%r14), %eax
+        movl    $6, %edx
+        testl   %eax, %eax                      /* refused (rings checked against guest memory)? */
+        jz      9f
+        movl    $(VIO_S_ACK | VIO_S_DRIVER | VIO_S_FEATURES_OK | VIO_S_DRIVER_OK), VIO_STATUS(%r14)
+        movl    VIO_STATUS(%r14), %eax
+        movl    $7, %edx
+        andl    $(VIO_S_DRIVER_OK | VIO_S_NEEDS_RESET), %eax
+        cmpl    $VIO_S_DRIVER_OK, %eax
+        jne     9f
+        xorl    %edx, %edx
+9:      movl    %edx, %eax
+        ret
+
+/* vio_run_case: RSI = case (see vio_hostile_cases), R14/R15 = slot. Re-initialises the device, builds the
+ * request, publishes it and polls. Returns EAX = 0 used (vio_used_id/len set), 1 NEEDS_RESET without a used
+ * entry, 2 no completion before the time-out, 3 initialisation failed (step in vio_used_len). */
+vio_run_case:
+        pushq   %rbx
+        movq    %rsi, %rbx
+        call    vio_init
+        testl   %eax, %eax
+        jz      1f
+        movl    %eax, vio_used_len(%rip)
+        movl    $3, %eax
+        popq    %rbx
+        ret
+1:      movl    8(%rbx), %eax                   /* header: type, reserved, sector */
+        movl    %eax, VB_HDR(%r15)
+        movl    $0, VB_HDR + 4(%r15)
+        movl    12(%rbx), %eax
+        movq    %rax, VB_HDR + 8(%r15)
+        movb    $0xff, VB_STATUS(%r15)          /* 255 = never written */
+        leaq    VB_DATA(%r15), %rdi
+        movb    $VB_FILL, %al
+        movl    $512, %ecx
+        rep stosb
+        movzwl  16(%rbx), %ecx                  /* descriptors, addresses below 4 GiB relative to the slot */
+        leaq    24(%rbx), %rsi
+        leaq    VQ_DESC(%r15), %rdi
+2:      movq    (%rsi), %rax
+        movq    %rax, %rdx
+        shrq    $32, %rdx
+        jnz     3f
+        addq    %r15, %rax
+3:      movq    %rax, (%rdi)
+        movq    8(%rsi), %rax                   /* len, flags, next as they are */
+        movq    %rax, 8(%rdi)
+        addq    $16, %rsi
+        addq    $16, %rdi
+        loop    2b
+        movzwl  18(%rbx), %eax                  /* avail.ring[0] = head */
+        movw    %ax, VQ_AVAIL + 4(%r15)
+        /* virtio_wmb: the descriptors and the ring entry must be visible before the index that publishes them.
+         * x86 does not reorder stores with stores (Linux's virt_wmb is a compiler barrier here) and this single
+         * vCPU is the only writer, so the fence documents the ordering a real driver needs rather than adds it. */
+        mfence
+        movzwl  20(%rbx), %eax                  /* avail.idx */
+        movw    %ax, VQ_AVAIL + 2(%r15)
+        /* virtio_mb: the index before the notification (a real driver also reads used->flags / avail_event
+         * here; we negotiated neither EVENT_IDX nor care, and always notify). */
+        mfence
+        movl    $0, VIO_QUEUE_NOTIFY(%r14)      /* queue 0 */
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rax, %rdx
+        movq    $VIO_WAIT_CYCLES, %rcx
+        addq    %rdx, %rcx                      /* RCX = deadline */
+4:      movzwl  VQ_USED + 2(%r15), %eax         /* used.idx: 0 after the reset, 1 once served */
+        testl   %eax, %eax
+        jnz     5f
+        movl    VIO_STATUS(%r14), %eax
+        testl   $VIO_S_NEEDS_RESET, %eax
+        jnz     6f
+        pause
+        rdtsc
+        shlq    $32, %rdx
+        orq     %rax, %rdx
+        cmpq    %rcx, %rdx
+        jb      4b
+        movl    $2, %eax
+        popq    %rbx
+        ret
+5:      lfence                                  /* virtio_rmb: the used element only after its index */
+        movl    VQ_USED + 4(%r15), %eax
+        movl    %eax, vio_used_id(%rip)
+        movl    VQ_USED + 8(%r15), %eax
+        movl    %eax, vio_used_len(%rip)
+        xorl    %eax, %eax
+        popq    %rbx
+        ret
+6:      movl    $1, %eax
+        popq    %rbx
+        ret
+
+/* vio_report: RDI = prefix, RBX = case, EAX = vio_run_case's result, R14/R15 = slot. Prints
+ * "<prefix><name>: <outcome> data=<intact|changed>", outcome one of "used id=I len=L status=S[ needs-reset]",
+ * "needs-reset", "no completion", "init failed at step K". data= says whether the 512-byte buffer still holds
+ * what the driver put there (a device must not write a buffer it was only given to read, nor a failed one). */
+vio_report:
+        pushq   %rax
+        movq    %rdi, %rsi
+        call    puts
+        movq    (%rbx), %rsi
+        call    puts
+        leaq    msg_vio_colon(%rip), %rsi
+        call    puts
+        popq    %rax
+        cmpl    $1, %eax
+        je      2f
+        cmpl    $2, %eax
+        je      3f
+        cmpl    $3, %eax
+        je      4f
+        leaq    msg_vio_used_id(%rip), %rsi
+        call    puts
+        movl    vio_used_id(%rip), %eax
+        call    putdec
+        leaq    msg_vio_len(%rip), %rsi
+        call    puts
+        movl    vio_used_len(%rip), %eax
+        call    putdec
+        leaq    msg_vio_status(%rip), %rsi
+        call    puts
+        movzbl  VB_STATUS(%r15), %eax
+        call    putdec
+        movl    VIO_STATUS(%r14), %eax
+        testl   $VIO_S_NEEDS_RESET, %eax
+        jz      5f
+        leaq    msg_vio_sp_needs_reset(%rip), %rsi
+        jmp     1f
+2:      leaq    msg_vio_needs_reset(%rip), %rsi
+        jmp     1f
+3:      leaq    msg_vio_no_completion(%rip), %rsi
+        jmp     1f
+4:      leaq    msg_vio_init_failed_at(%rip), %rsi
+        call    puts
+        movl    vio_used_len(%rip), %eax
+        call    putdec
+        jmp     5f
+1:      call    puts
+5:      leaq    VB_DATA(%r15), %rdi
+        movb    $VB_FILL, %al
+        movl    $512, %ecx
+        repe scasb
+        leaq    msg_vio_intact(%rip), %rsi
+        je      6f
+        leaq    msg_vio_changed(%rip), %rsi
+6:      call    puts
+        ret
+
+/* vio_puthex8: the 8 bytes at RSI as 16 lower-case hex digits, in memory order. */
+vio_puthex8:
+        pushq   %rax
+        pushq   %rcx
+        pushq   %rdx
+        movl    $8, %ecx
+1:      movzbl  (%rsi), %edx
+        movl    %edx, %eax
+        shrl    $4, %eax
+        call    vio_puthexdigit
+        movl    %edx, %eax
+        andl    $0x0f, %eax
+        call    vio_puthexdigit
+        incq    %rsi
+        loop    1b
+        popq    %rdx
+        popq    %rcx
+        popq    %rax
+        ret
+vio_puthexdigit:                                /* AL = 0..15 */
+        cmpb    $10, %al
+        jb      1f
+        addb    $('a' - '0' - 10), %al
+1:      addb    $'0', %al
+        jmp     putc
+
 /* ---- platform helpers ---------------------------------------------------------------------------------------- */
 
 /* poweroff: ACPI S5 through PM1a_CNT; complain if we are still running a while later. */
@@ -1220,6 +1688,7 @@ str_echo:               .asciz "echo"
 str_mmio:               .asciz "mmio"
 str_triplefault:        .asciz "triplefault"
 str_spin:               .asciz "spin"
+str_virtio:             .asciz "virtio"
 
         .balign 8
 cmd_table:                                      /* (name, handler) pairs, NULL-terminated */
@@ -1233,7 +1702,143 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_mmio, cmd_mmio
         .quad str_triplefault, cmd_triplefault
         .quad str_spin, cmd_spin
+        .quad str_virtio, cmd_virtio
         .quad 0, 0
+
+/* virtio command: request shapes. Each: name, header type and sector, descriptor count, avail.ring[0] (the head),
+ * avail.idx to publish, then the descriptors in virtio's own 16-byte layout (addr u64, len u32, flags u16,
+ * next u16), loaded at descriptor 0 onwards. Addresses below 4 GiB are offsets into the slot's 8 KiB. */
+        .macro  vcase name, type, sector, ndesc, head, avail
+        .balign 8
+        .quad   \name
+        .long   \type, \sector
+        .word   \ndesc, \head, \avail, 0
+        .endm
+        .macro  vdesc addr, len, flags, next
+        .quad   \addr
+        .long   \len
+        .word   \flags, \next
+        .endm
+        .macro  vhdr next=1
+        vdesc   VB_HDR, 16, VD_NEXT, \next
+        .endm
+        .macro  vstatus
+        vdesc   VB_STATUS, 1, VD_WRITE, 0
+        .endm
+
+vcase_good_read:        vcase str_vc_good_read, VBLK_T_IN, 0, 3, 0, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_good_write:       vcase str_vc_good_write, VBLK_T_OUT, 2, 3, 0, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT, 2
+        vstatus
+vcase_desc_outside:     vcase str_vc_desc_outside, VBLK_T_IN, 0, 3, 0, 1
+        vhdr
+        vdesc   FAR_ADDR, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_status_outside:   vcase str_vc_status_outside, VBLK_T_IN, 0, 3, 0, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vdesc   FAR_ADDR, 1, VD_WRITE, 0
+vcase_len_max:          vcase str_vc_len_max, VBLK_T_IN, 0, 3, 0, 1
+        vhdr
+        vdesc   VB_DATA, 0xffffffff, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_loop:             vcase str_vc_loop, VBLK_T_IN, 0, 2, 0, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 1   /* points at itself */
+vcase_too_long:         vcase str_vc_too_long, VBLK_T_IN, 0, 8, 0, 1
+        vhdr                                            /* 0 -> 1 -> ... -> 7 -> 1 -> ...: longer than the queue */
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 2
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 3
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 4
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 5
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 6
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 7
+        vdesc   VB_DATA, 64, VD_NEXT | VD_WRITE, 1
+vcase_next_outside:     vcase str_vc_next_outside, VBLK_T_IN, 0, 2, 0, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 200 /* beyond the 8-entry table */
+vcase_zero_header:      vcase str_vc_zero_header, VBLK_T_IN, 0, 3, 0, 1
+        vdesc   VB_HDR, 0, VD_NEXT, 1
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_zero_data:        vcase str_vc_zero_data, VBLK_T_IN, 0, 3, 0, 1
+        vhdr
+        vdesc   VB_DATA, 0, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_status_ro:        vcase str_vc_status_ro, VBLK_T_OUT, 1, 3, 0, 1
+        vhdr                                            /* a write of sector 1 whose status is device-read-only */
+        vdesc   VB_DATA, 512, VD_NEXT, 2
+        vdesc   VB_STATUS, 1, 0, 0
+vcase_header_wr:        vcase str_vc_header_wr, VBLK_T_IN, 0, 3, 0, 1
+        vdesc   VB_HDR, 16, VD_NEXT | VD_WRITE, 1
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_read_into_ro:     vcase str_vc_read_into_ro, VBLK_T_IN, 0, 3, 0, 1
+        vhdr                                            /* a read whose data buffer is device-read-only */
+        vdesc   VB_DATA, 512, VD_NEXT, 2
+        vstatus
+vcase_avail_jump:       vcase str_vc_avail_jump, VBLK_T_IN, 0, 3, 0, 0x8000
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+vcase_head_outside:     vcase str_vc_head_outside, VBLK_T_IN, 0, 3, 200, 1
+        vhdr
+        vdesc   VB_DATA, 512, VD_NEXT | VD_WRITE, 2
+        vstatus
+
+        .balign 8
+vio_hostile_cases:
+        .quad   vcase_desc_outside, vcase_status_outside, vcase_len_max, vcase_loop, vcase_too_long
+        .quad   vcase_next_outside, vcase_zero_header, vcase_zero_data, vcase_status_ro, vcase_header_wr
+        .quad   vcase_read_into_ro, vcase_avail_jump, vcase_head_outside, 0
+
+str_vc_good_read:       .asciz "good-read"
+str_vc_good_write:      .asciz "good-write"
+str_vc_desc_outside:    .asciz "desc-outside"
+str_vc_status_outside:  .asciz "status-outside"
+str_vc_len_max:         .asciz "len-ffffffff"
+str_vc_loop:            .asciz "loop"
+str_vc_too_long:        .asciz "too-long"
+str_vc_next_outside:    .asciz "next-outside"
+str_vc_zero_header:     .asciz "zero-len-header"
+str_vc_zero_data:       .asciz "zero-len-data"
+str_vc_status_ro:       .asciz "status-readonly"
+str_vc_header_wr:       .asciz "header-writable"
+str_vc_read_into_ro:    .asciz "read-into-readonly"
+str_vc_avail_jump:      .asciz "avail-jump"
+str_vc_head_outside:    .asciz "head-outside"
+msg_vio_slot:           .asciz "probe: virtio slot "
+msg_vio_none:           .asciz ": none (magic 0x"
+msg_vio_version:        .asciz ": unsupported version "
+msg_vio_blk:            .asciz ": blk (id "
+msg_vio_rng:            .asciz ": rng (id "
+msg_vio_other:          .asciz ": device (id "
+msg_vio_paren:          .asciz ")\r\n"
+msg_vio_need:           .asciz "probe: virtio needs virtio-blk in slots 0 and 1\r\n"
+msg_vio_ready:          .asciz " ready\r\n"
+msg_vio_init_failed:    .asciz " init failed at step "
+msg_vio_hostile:        .asciz "probe: virtio hostile "
+msg_vio_failed:         .asciz "probe: virtio failed "
+msg_vio_colon:          .asciz ": "
+msg_vio_used_id:        .asciz "used id="
+msg_vio_len:            .asciz " len="
+msg_vio_status:         .asciz " status="
+msg_vio_sp_needs_reset: .asciz " needs-reset"
+msg_vio_needs_reset:    .asciz "needs-reset"
+msg_vio_no_completion:  .asciz "no completion"
+msg_vio_init_failed_at: .asciz "init failed at step "
+msg_vio_intact:         .asciz " data=intact\r\n"
+msg_vio_changed:        .asciz " data=changed\r\n"
+msg_vio_ok:             .asciz "probe: virtio ok b="
+msg_vio_ok_a:           .asciz " a="
+msg_vio_done:           .asciz "probe: virtio done\r\n"
+msg_vio_rings_outside:  .asciz "probe: virtio hostile rings-outside: "
+msg_vio_refused:        .asciz "queue refused"
+msg_vio_accepted:       .asciz "queue accepted, init result "
 
         .section .data
         .balign 16
@@ -1276,3 +1881,10 @@ pit_ticks:      .long 0
 acpi_button:    .byte 0
 rtc_a:          .skip 6
 rtc_b:          .skip 6
+vio_ids:        .skip 8                         /* virtio: device id per slot */
+vio_used_id:    .long 0
+vio_used_len:   .long 0
+vio_b_bytes:    .quad 0
+vio_ring_override: .quad 0                      /* virtio: non-zero = descriptor table address for vio_init */
+        .balign 4096
+vq_mem:         .skip 2 * 0x2000                /* virtio: rings + request buffers of slots 0 and 1 */
