@@ -785,25 +785,9 @@ acpi_count_cpus:
 
 /* echo: interrupt-driven serial input through the IOAPIC. */
 cmd_echo:
-        call    setup_idt
-        movb    $0xff, %al                      /* mask the legacy 8259s: IRQ4 must come via the IOAPIC */
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
-        movl    $LAPIC_BASE, %ebx
-        movl    $0, LAPIC_TPR(%rbx)
-        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rbx)
-        movl    $1, %eax                        /* destination: our own (initial) APIC id, 0 on the BSP */
-        pushq   %rbx
-        cpuid
-        shrl    $24, %ebx
-        movl    %ebx, %r8d
-        popq    %rbx
-        shll    $24, %r8d
-        movl    $IOAPIC_BASE, %ebx
-        movl    $0x19, (%rbx)                   /* redirection entry 4, high: destination */
-        movl    %r8d, 0x10(%rbx)
-        movl    $0x18, (%rbx)                   /* low: vector, fixed, physical, active high, edge, unmasked */
-        movl    $ECHO_VECTOR, 0x10(%rbx)
+        movl    $4, %r8d                        /* COM1's IRQ 4: edge-triggered, active high */
+        movl    $ECHO_VECTOR, %r9d
+        call    ioapic_route
         movw    $COM1_FCR, %dx                  /* FIFO on, both cleared, trigger level 1 byte */
         movb    $0x07, %al
         outb    %al, %dx
@@ -829,18 +813,9 @@ cmd_echo:
 /* pit: the 8254's IRQ0 must arrive through the IOAPIC pin the MADT's interrupt source override names (pin 2 on a
  * PC): "probe: pit ticks N" once 10 ticks at 100 Hz arrived, or however many came before the time-out. */
 cmd_pit:
-        call    setup_idt
-        movb    $0xff, %al                      /* mask the legacy 8259s: IRQ0 must come via the IOAPIC */
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
-        movl    $LAPIC_BASE, %ebx
-        movl    $0, LAPIC_TPR(%rbx)
-        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rbx)
-        movl    $IOAPIC_BASE, %ebx
-        movl    $0x15, (%rbx)                   /* redirection entry 2, high: destination APIC 0 (the BSP) */
-        movl    $0, 0x10(%rbx)
-        movl    $0x14, (%rbx)                   /* low: vector, fixed, physical, active high, edge, unmasked */
-        movl    $PIT_VECTOR, 0x10(%rbx)
+        movl    $2, %r8d                        /* IRQ0 arrives on pin 2, per the MADT's override: edge */
+        movl    $PIT_VECTOR, %r9d
+        call    ioapic_route
         movb    $0x34, %al                      /* channel 0, lobyte/hibyte, mode 2 (rate generator) */
         outb    %al, $0x43
         movw    $11932, %ax                     /* 1193182 Hz / 11932 = 100 Hz */
@@ -873,18 +848,9 @@ cmd_pit:
 /* acpi: wait for the ACPI fixed-feature power button: enable PWRBTN_EN, take the SCI (IRQ 9, level-triggered,
  * active high as the MADT's override says) through the IOAPIC, and power off once PM1_STS shows the button. */
 cmd_acpi:
-        call    setup_idt
-        movb    $0xff, %al                      /* mask the legacy 8259s: the SCI must come via the IOAPIC */
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
-        movl    $LAPIC_BASE, %ebx
-        movl    $0, LAPIC_TPR(%rbx)
-        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rbx)
-        movl    $IOAPIC_BASE, %ebx
-        movl    $0x23, (%rbx)                   /* redirection entry 9, high: destination APIC 0 (the BSP) */
-        movl    $0, 0x10(%rbx)
-        movl    $0x22, (%rbx)                   /* low: vector, fixed, physical, active high, level, unmasked */
-        movl    $(0x8000 | ACPI_VECTOR), 0x10(%rbx)
+        movl    $9, %r8d                        /* the SCI: level-triggered, active high (the MADT's override) */
+        movl    $(0x8000 | ACPI_VECTOR), %r9d
+        call    ioapic_route
         movw    $ACPI_PM1_EN, %dx               /* PWRBTN_EN */
         movw    $ACPI_PWRBTN, %ax
         outw    %ax, %dx
@@ -930,6 +896,26 @@ serial_rx:
         call    puts
         jmp     poweroff
 3:      ret
+
+/* ioapic_route: interrupts by IOAPIC pin R8D reach the BSP (APIC id 0) with the low redirection dword R9D
+ * (vector, and bit 15 for level-triggered); the IDT is set up, the legacy 8259s masked so the pin is the only path,
+ * and the local APIC enabled. */
+ioapic_route:
+        call    setup_idt
+        movb    $0xff, %al
+        outb    %al, $PIC1_DATA
+        outb    %al, $PIC2_DATA
+        movl    $LAPIC_BASE, %eax
+        movl    $0, LAPIC_TPR(%rax)
+        movl    $(0x100 | SPURIOUS_VECTOR), LAPIC_SVR(%rax)
+        movl    $IOAPIC_BASE, %eax
+        leal    0x11(, %r8, 2), %ecx            /* IOREDTBL high dword: 0x10 + 2 * pin + 1 */
+        movl    %ecx, (%rax)
+        movl    $0, 0x10(%rax)                  /* destination: APIC 0 */
+        decl    %ecx
+        movl    %ecx, (%rax)
+        movl    %r9d, 0x10(%rax)                /* fixed delivery, physical, unmasked */
+        ret
 
 /* setup_idt: 256 interrupt gates, one 16-byte stub per vector. */
 setup_idt:
