@@ -15,6 +15,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod console;
 pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
