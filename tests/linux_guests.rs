@@ -389,6 +389,15 @@ fn virtio_mmio_disks_and_rng_serve_a_linux_guest() {
     c.assert_exited(0);
 }
 
+#[test]
+fn virtio_console_carries_output_and_input() {
+    let Some(c) = case("virtio-console") else { return };
+    // kestrel's stdout is the guest's hvc0 only: the serial console (and the boot marker) went to a file.
+    c.assert_line("HVC-READY");
+    c.assert_line("HVC-ECHO:hello over virtio-console");
+    c.assert_exited(0);
+}
+
 /// SHA-256 by the host's `sha256sum`, so the expected digests come from the same tool as L1's.
 fn sha256_hex(bytes: &[u8]) -> String {
     use std::io::Write;

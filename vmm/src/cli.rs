@@ -24,6 +24,8 @@ Options (QEMU's spelling in brackets, where it has one):
   --disk path=FILE[,readonly=on][,serial=S][,direct=on]
                         virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
   --rng                 virtio-rng device fed from the host's getrandom
+  --console MODE        virtio-console (the guest's hvc0): stdio, pty, file:PATH, none (only one of --serial and
+                        --console can be stdio)
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
   --no-reboot           exit when the guest reboots instead of resetting it [-no-reboot]
   --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
@@ -59,6 +61,8 @@ pub enum CliError {
     Cpus(String),
     #[error("invalid serial mode '{0}': use stdio, pty, file:PATH or none")]
     Serial(String),
+    #[error("--serial and --console cannot both use stdio: give one of them pty, file:PATH or none")]
+    StdioTwice,
     #[error("invalid UUID '{0}': use the form 01234567-89ab-cdef-0123-456789abcdef")]
     Uuid(String),
     #[error("invalid {option} '{value}': {reason}")]
@@ -85,6 +89,7 @@ enum Opt {
     Qmp,
     Disk,
     Rng,
+    Console,
     Chardev,
     Mon,
     Paused,
@@ -109,6 +114,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--qmp", "-qmp"], Opt::Qmp, true),
     (&["--disk"], Opt::Disk, true),
     (&["--rng"], Opt::Rng, false),
+    (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
     (&["-mon"], Opt::Mon, true),
     (&["--paused", "-S"], Opt::Paused, false),
@@ -323,6 +329,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
     let mut rng = false;
+    let mut console = None;
     let mut chardevs: HashMap<String, QmpSocket> = HashMap::new();
     let mut monitors = Vec::new();
 
@@ -354,6 +361,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Qmp => qmp.push(parse_qmp_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Rng => rng = true,
+            Opt::Console => set_once(&mut console, &spelling, parse_serial(&value)?)?,
             Opt::Chardev => {
                 let (id, socket) = parse_chardev(&value)?;
                 if chardevs.insert(id.clone(), socket).is_some() {
@@ -398,6 +406,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.qmp = qmp;
     config.disks = disks;
     config.rng = rng;
+    if console == Some(SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
+        return Err(CliError::StdioTwice);
+    }
+    config.console = console;
     config.name = name;
     config.uuid = uuid;
     Ok(Command::Run(Box::new(config)))
@@ -471,6 +483,11 @@ mod tests {
             ]
         );
         assert!(config.rng);
+        assert_eq!(config.console, None);
+        let with_console = super::parse(["--kernel", "k", "--serial", "none", "--console", "stdio"].map(String::from));
+        let Ok(Command::Run(with_console)) = with_console else { panic!("expected a run command") };
+        assert_eq!(with_console.console, Some(SerialConfig::Stdio));
+        assert_eq!(parse_str("--kernel k --console stdio"), Err(CliError::StdioTwice));
         for bad in [
             "--kernel k --disk readonly=on",
             "--kernel k --disk path=/a,cache=none",

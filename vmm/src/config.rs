@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Where the guest's first serial port goes.
+/// Where a guest character device (the first serial port, the virtio console) goes on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialConfig {
     /// The terminal Kestrel runs in: output to stdout, input from stdin.
@@ -70,6 +70,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-console (the guest's hvc0) and where it goes.
+    pub console: Option<SerialConfig>,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -91,6 +93,7 @@ impl VmConfig {
             qmp: Vec::new(),
             disks: Vec::new(),
             rng: false,
+            console: None,
             name: None,
             uuid: None,
         }

@@ -16,10 +16,55 @@ pub struct ConsoleBackend {
     pub _slave: Option<File>,
 }
 
+/// A backend's input side, not yet being read.
+pub struct ConsoleInput {
+    input: Option<Box<dyn Read + Send>>,
+    slave: Option<File>,
+}
+
+impl ConsoleBackend {
+    /// The output, and the input to start once its device exists.
+    pub fn split(self) -> (Box<dyn Write + Send>, ConsoleInput) {
+        (self.output, ConsoleInput { input: self.input, slave: self._slave })
+    }
+}
+
+impl ConsoleInput {
+    /// Starts a thread that hands input to `deliver`, which returns whether it took the bytes (a device with a
+    /// full buffer says no: the thread then waits and offers them again, so nothing typed or piped is lost).
+    /// No input (a file, or none): nothing to do.
+    pub fn start(self, name: &str, mut deliver: impl FnMut(&[u8]) -> bool + Send + 'static) {
+        let ConsoleInput { input, slave } = self;
+        let Some(mut input) = input else { return };
+        let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
+            // A pty's slave end stays open as long as this thread reads its master, or reads would fail while no
+            // user is attached.
+            let _slave = slave;
+            let mut buf = [0u8; 512];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        while !deliver(&buf[..n]) {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("kestrel: {name} input disabled: {e}");
+        }
+    }
+}
+
 /// Terminal settings to put back before the process exits.
 static SAVED_TERMINAL: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
 
-pub fn open(config: &SerialConfig) -> io::Result<ConsoleBackend> {
+/// Opens the host side of a guest character device; `label` names it in messages, as QEMU's chardev ids do.
+pub fn open(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend> {
     match config {
         SerialConfig::Stdio => {
             let stdin = io::stdin();
@@ -29,7 +74,7 @@ pub fn open(config: &SerialConfig) -> io::Result<ConsoleBackend> {
         SerialConfig::Pty => {
             let (master, path, slave) = open_pty()?;
             // QEMU's wording, which scripts already look for.
-            eprintln!("char device redirected to {path} (label serial0)");
+            eprintln!("char device redirected to {path} (label {label})");
             let reader = master.try_clone()?;
             Ok(ConsoleBackend { output: Box::new(master), input: Some(Box::new(reader)), _slave: Some(slave) })
         }
@@ -117,7 +162,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("serial.log");
         std::fs::write(&path, b"before\n").unwrap();
-        let mut backend = open(&SerialConfig::File(path.clone())).unwrap();
+        let mut backend = open(&SerialConfig::File(path.clone()), "serial0").unwrap();
         assert!(backend.input.is_none());
         backend.output.write_all(b"after\n").unwrap();
         drop(backend);
@@ -127,7 +172,7 @@ mod tests {
 
     #[test]
     fn unwritable_file_is_a_clear_error() {
-        let Err(err) = open(&SerialConfig::File("/nonexistent-dir/serial.log".into())) else {
+        let Err(err) = open(&SerialConfig::File("/nonexistent-dir/serial.log".into()), "serial0") else {
             panic!("opening a file in a missing directory must fail")
         };
         assert!(err.to_string().contains("/nonexistent-dir/serial.log"), "{err}");

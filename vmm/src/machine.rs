@@ -2,10 +2,8 @@
 //! host signals and control commands into the machine's run state (running, paused, reset in place, shut down).
 
 use std::fs::File;
-use std::io::Read;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use devices::legacy::Serial;
 use devices::{EventFdLine, PlatformEvents, PlatformRequest};
@@ -113,12 +111,17 @@ impl<'a> Vmm<'a> {
             move |signal| sender.send(VmEvent::Signal(signal))
         })?;
 
-        let backend = console::open(&config.serial).map_err(Error::Console)?;
+        let serial_backend = console::open(&config.serial, "serial0").map_err(Error::Console)?;
         let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), backend.output)));
-        if let Some(input) = backend.input {
-            forward_console_input(input, serial.clone());
-        }
+        let (serial_output, serial_input) = serial_backend.split();
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), serial_output)));
+        serial_input.start("serial", {
+            let serial = serial.clone();
+            move |bytes| {
+                serial.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
+                true
+            }
+        });
         let platform_events = PlatformEvents::new({
             let sender = sender.clone();
             move |request| sender.send(VmEvent::Platform(request))
@@ -527,23 +530,4 @@ fn map_guest_memory<V: Vm>(vm: &V, memory: &GuestMemoryMmap) -> Result<(), Error
         unsafe { vm.map_memory(slot as u32, region.start_addr().0, region.len(), host_addr) }?;
     }
     Ok(())
-}
-
-/// Host input for the guest's console, read on its own thread so a blocked read never stalls the guest.
-fn forward_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<Serial>>) {
-    thread::Builder::new()
-        .name("console-input".into())
-        .spawn(move || {
-            let mut buf = [0u8; 512];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => serial.lock().unwrap_or_else(|p| p.into_inner()).queue_input(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
-                }
-            }
-        })
-        .map(drop)
-        .unwrap_or_else(|e| eprintln!("kestrel: console input disabled: {e}"));
 }

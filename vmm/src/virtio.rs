@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::console::Console;
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
 use mio::unix::SourceFd;
@@ -13,6 +14,7 @@ use mio::{Events, Interest, Poll, Token};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::console;
 use crate::Error;
 
 /// A device and the name its worker thread and error messages use.
@@ -21,7 +23,8 @@ pub struct NamedDevice {
     pub device: Arc<Mutex<dyn VirtioDevice>>,
 }
 
-/// The virtio devices the configuration asks for, in a stable order (disks, then the rng).
+/// The virtio devices the configuration asks for, in a stable order (disks, the rng, the console); the console's
+/// host input starts flowing here.
 pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     let mut devices = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
@@ -36,6 +39,15 @@ pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     }
     if config.rng {
         devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
+    }
+    if let Some(mode) = &config.console {
+        let (output, input) = console::open(mode, "virtiocon0").map_err(Error::Console)?.split();
+        let device = Arc::new(Mutex::new(Console::new(output)));
+        input.start("virtio-console", {
+            let device = device.clone();
+            move |bytes| device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
+        });
+        devices.push(NamedDevice { name: "virtio-console".into(), device });
     }
     Ok(devices)
 }
