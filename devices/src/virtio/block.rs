@@ -110,9 +110,69 @@ pub struct BlockStats {
     pub rd_operations: u64,
     pub wr_operations: u64,
     pub flush_operations: u64,
+    /// DISCARD requests done, and the bytes they covered.
     pub discard_operations: u64,
+    pub discard_bytes: u64,
+    /// WRITE_ZEROES requests done, and the bytes they covered.
+    pub write_zeroes_operations: u64,
+    pub write_zeroes_bytes: u64,
+    /// The end of the furthest byte range a write, write-zeroes or discard changed (0 before any).
+    pub wr_highest_offset: u64,
+    /// Requests of any type the host failed to carry out (answered IOERR).
     pub failed_operations: u64,
+    /// Requests refused before any I/O, chains that are not requests included.
     pub invalid_operations: u64,
+    /// `failed_operations` by request type.
+    pub failed: PerType,
+    /// `invalid_operations` by request type, where the request had one (a readable header) and was refused for
+    /// its range or a read-only disk (not as unsupported).
+    pub invalid: PerType,
+    /// Nanoseconds spent carrying out requests (done or failed), by type.
+    pub total_time_ns: PerType,
+}
+
+/// One counter per request type that does I/O.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerType {
+    pub read: u64,
+    pub write: u64,
+    pub flush: u64,
+    pub discard: u64,
+    pub write_zeroes: u64,
+}
+
+impl PerType {
+    /// The counter for a request type (`T_IN`...), if that type has one.
+    fn get_mut(&mut self, kind: u32) -> Option<&mut u64> {
+        match kind {
+            T_IN => Some(&mut self.read),
+            T_OUT => Some(&mut self.write),
+            T_FLUSH => Some(&mut self.flush),
+            T_DISCARD => Some(&mut self.discard),
+            T_WRITE_ZEROES => Some(&mut self.write_zeroes),
+            _ => None,
+        }
+    }
+
+    fn add(&mut self, kind: u32, n: u64) {
+        if let Some(c) = self.get_mut(kind) {
+            *c += n;
+        }
+    }
+}
+
+impl Request {
+    /// The virtio request type (`T_IN`...).
+    pub fn kind(&self) -> u32 {
+        match self {
+            Request::Read { .. } => T_IN,
+            Request::Write { .. } => T_OUT,
+            Request::Flush => T_FLUSH,
+            Request::GetId { .. } => T_GET_ID,
+            Request::Discard { zeroes: false, .. } => T_DISCARD,
+            Request::Discard { zeroes: true, .. } => T_WRITE_ZEROES,
+        }
+    }
 }
 
 /// The request the driver asked for, once its chain was checked.
@@ -314,6 +374,16 @@ pub fn parse_request<M: GuestMemory + ?Sized>(
     Ok(Parsed { request: request(mem, chain, disk_size, read_only, features), status })
 }
 
+/// The type of a chain's request, if it has a readable header in guest memory (for accounting refusals).
+fn request_kind<M: GuestMemory + ?Sized>(mem: &M, chain: &Chain) -> Option<u32> {
+    if chain.bad_segment.is_some() {
+        return None;
+    }
+    let mut kind = [0u8; 4];
+    chain::read_stream(mem, &chain.readable, &mut kind).ok()?;
+    Some(u32::from_le_bytes(kind))
+}
+
 fn request<M: GuestMemory + ?Sized>(
     mem: &M,
     chain: &Chain,
@@ -410,7 +480,10 @@ fn request<M: GuestMemory + ?Sized>(
 impl Disk {
     /// Serves one chain; returns the bytes written into its device-writable part.
     fn handle(&mut self, mem: &GuestMemoryMmap, chain: Result<Chain, chain::ChainError>) -> u32 {
-        let parsed = match chain.and_then(|c| parse_request(mem, &c, self.size, self.read_only, self.features)) {
+        let parsed = chain.and_then(|c| {
+            parse_request(mem, &c, self.size, self.read_only, self.features).map(|p| (p, request_kind(mem, &c)))
+        });
+        let (parsed, kind) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {
                 LOG.report(format_args!("{e}; returned with no status"));
@@ -419,16 +492,28 @@ impl Disk {
             }
         };
         let (status, written) = match parsed.request {
-            Ok(request) => match self.execute(mem, &request) {
-                Ok(written) => (S_OK, written),
-                Err(e) => {
-                    LOG.report(format_args!("host I/O error: {e}"));
-                    self.stats.failed_operations += 1;
-                    (S_IOERR, 0)
+            Ok(request) => {
+                let started = std::time::Instant::now();
+                let result = self.execute(mem, &request);
+                let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.stats.total_time_ns.add(request.kind(), elapsed);
+                match result {
+                    Ok(written) => (S_OK, written),
+                    Err(e) => {
+                        LOG.report(format_args!("host I/O error: {e}"));
+                        self.stats.failed_operations += 1;
+                        self.stats.failed.add(request.kind(), 1);
+                        (S_IOERR, 0)
+                    }
                 }
-            },
+            }
             Err(status) => {
                 self.stats.invalid_operations += 1;
+                if status != S_UNSUPP {
+                    if let Some(kind) = kind {
+                        self.stats.invalid.add(kind, 1);
+                    }
+                }
                 (status, 0)
             }
         };
@@ -452,6 +537,7 @@ impl Disk {
                 let n = self.transfer(mem, data, *offset, true)?;
                 self.stats.wr_operations += 1;
                 self.stats.wr_bytes += n;
+                self.stats.wr_highest_offset = self.stats.wr_highest_offset.max(*offset + n);
                 Ok(0)
             }
             Request::Flush => {
@@ -467,10 +553,19 @@ impl Disk {
                 Ok(n as u32)
             }
             Request::Discard { ranges, zeroes, unmap } => {
-                self.stats.discard_operations += 1;
                 for &(offset, len) in ranges {
                     self.discard(offset, len, *zeroes, *unmap)?;
                 }
+                let bytes: u64 = ranges.iter().map(|&(_, len)| len).sum();
+                if *zeroes {
+                    self.stats.write_zeroes_operations += 1;
+                    self.stats.write_zeroes_bytes += bytes;
+                } else {
+                    self.stats.discard_operations += 1;
+                    self.stats.discard_bytes += bytes;
+                }
+                let end = ranges.iter().filter(|&&(_, len)| len > 0).map(|&(o, len)| o + len).max().unwrap_or(0);
+                self.stats.wr_highest_offset = self.stats.wr_highest_offset.max(end);
                 Ok(0)
             }
         }
@@ -709,6 +804,7 @@ mod tests {
         assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]), (S_OK, 513));
         let s = f.blk.stats();
         assert_eq!((s.rd_operations, s.rd_bytes, s.wr_operations, s.wr_bytes), (2, 2048, 1, 1024));
+        assert!(s.total_time_ns.read > 0 && s.total_time_ns.write > 0);
     }
 
     #[test]
@@ -823,6 +919,15 @@ mod tests {
         }
         assert_eq!(digest(&file_bytes(&f)), before);
         f.assert_healthy();
+        // Done: one discard and two write-zeroes of 3 sectors each, the last ending at sector 27. Refused: five
+        // unsupported (not counted by type) and four out of range.
+        let s = f.blk.stats();
+        assert_eq!((s.discard_operations, s.discard_bytes), (1, 3 * 512));
+        assert_eq!((s.write_zeroes_operations, s.write_zeroes_bytes), (2, 6 * 512));
+        assert_eq!((s.wr_operations, s.wr_highest_offset), (0, 27 * 512));
+        assert_eq!(s.invalid_operations, 9);
+        assert_eq!(s.invalid, PerType { write_zeroes: 4, ..Default::default() });
+        assert_eq!(s.failed, PerType::default());
     }
 
     #[test]
@@ -841,6 +946,9 @@ mod tests {
         assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]).0, S_OK);
         assert_eq!(digest(&file_bytes(&f)), before);
         f.assert_healthy();
+        let s = f.blk.stats();
+        assert_eq!(s.invalid, PerType { write: 1, discard: 1, write_zeroes: 1, ..Default::default() });
+        assert_eq!((s.wr_operations, s.wr_highest_offset, s.flush_operations), (0, 0, 1));
     }
 
     #[test]
@@ -851,6 +959,8 @@ mod tests {
         f.header(T_IN, DISK / 512 - 1);
         assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]), (S_IOERR, 1));
         assert_eq!(f.blk.stats().failed_operations, 1);
+        assert_eq!(f.blk.stats().failed, PerType { read: 1, ..Default::default() });
+        assert_eq!(f.blk.stats().rd_operations, 0);
 
         // A device that thinks it may write to an image opened read-only by the host: EBADF.
         let image = image();
