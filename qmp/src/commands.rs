@@ -3,7 +3,10 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::machine::{CpuInfo, CpuProps, Event, EventKind, Machine, QmpError, RunState, ShutdownCause, Target};
+use crate::machine::{
+    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, QmpError, RunState, ShutdownCause,
+    Target,
+};
 use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
 use crate::session::ServerInfo;
 
@@ -128,6 +131,115 @@ static CHARDEV_INFO: Type = Type::Object(&ObjectType {
 });
 static CHARDEV_INFO_LIST: Type = Type::Array(&CHARDEV_INFO);
 
+static NUMBER: Type = Type::Number;
+static BLOCK_DEVICE_IO_STATUS: Type = Type::Enum(&["ok", "failed", "nospace"]);
+static DETECT_ZEROES: Type = Type::Enum(&["off", "on", "unmap"]);
+static BLOCKDEV_CACHE_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("writeback", &BOOL), req("direct", &BOOL), req("no-flush", &BOOL)],
+    tag: None,
+});
+static IMAGE_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("filename", &STR),
+        req("format", &STR),
+        opt("dirty-flag", &BOOL),
+        opt("actual-size", &INT),
+        req("virtual-size", &INT),
+    ],
+    tag: None,
+});
+static BLOCK_DEVICE_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("file", &STR),
+        opt("node-name", &STR),
+        req("ro", &BOOL),
+        req("drv", &STR),
+        req("backing_file_depth", &INT),
+        req("encrypted", &BOOL),
+        req("detect_zeroes", &DETECT_ZEROES),
+        req("bps", &INT),
+        req("bps_rd", &INT),
+        req("bps_wr", &INT),
+        req("iops", &INT),
+        req("iops_rd", &INT),
+        req("iops_wr", &INT),
+        req("image", &IMAGE_INFO),
+        req("cache", &BLOCKDEV_CACHE_INFO),
+        req("write_threshold", &INT),
+    ],
+    tag: None,
+});
+static BLOCK_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("device", &STR),
+        opt("qdev", &STR),
+        req("type", &STR),
+        req("removable", &BOOL),
+        req("locked", &BOOL),
+        opt("inserted", &BLOCK_DEVICE_INFO),
+        opt("io-status", &BLOCK_DEVICE_IO_STATUS),
+    ],
+    tag: None,
+});
+static BLOCK_INFO_LIST: Type = Type::Array(&BLOCK_INFO);
+static BLOCK_DEVICE_TIMED_STATS: Type = Type::Object(&ObjectType {
+    members: &[
+        req("interval_length", &INT),
+        req("min_rd_latency_ns", &INT),
+        req("max_rd_latency_ns", &INT),
+        req("avg_rd_latency_ns", &INT),
+        req("min_wr_latency_ns", &INT),
+        req("max_wr_latency_ns", &INT),
+        req("avg_wr_latency_ns", &INT),
+        req("min_flush_latency_ns", &INT),
+        req("max_flush_latency_ns", &INT),
+        req("avg_flush_latency_ns", &INT),
+        req("avg_rd_queue_depth", &NUMBER),
+        req("avg_wr_queue_depth", &NUMBER),
+    ],
+    tag: None,
+});
+static BLOCK_DEVICE_TIMED_STATS_LIST: Type = Type::Array(&BLOCK_DEVICE_TIMED_STATS);
+/// QEMU 7.2's `BlockDeviceStats` (before 8.1 added the zone-append members), without the latency histograms.
+static BLOCK_DEVICE_STATS: Type = Type::Object(&ObjectType {
+    members: &[
+        req("rd_bytes", &INT),
+        req("wr_bytes", &INT),
+        req("unmap_bytes", &INT),
+        req("rd_operations", &INT),
+        req("wr_operations", &INT),
+        req("flush_operations", &INT),
+        req("unmap_operations", &INT),
+        req("rd_total_time_ns", &INT),
+        req("wr_total_time_ns", &INT),
+        req("flush_total_time_ns", &INT),
+        req("unmap_total_time_ns", &INT),
+        req("wr_highest_offset", &INT),
+        req("rd_merged", &INT),
+        req("wr_merged", &INT),
+        req("unmap_merged", &INT),
+        opt("idle_time_ns", &INT),
+        req("failed_rd_operations", &INT),
+        req("failed_wr_operations", &INT),
+        req("failed_flush_operations", &INT),
+        req("failed_unmap_operations", &INT),
+        req("invalid_rd_operations", &INT),
+        req("invalid_wr_operations", &INT),
+        req("invalid_flush_operations", &INT),
+        req("invalid_unmap_operations", &INT),
+        req("account_invalid", &BOOL),
+        req("account_failed", &BOOL),
+        req("timed_stats", &BLOCK_DEVICE_TIMED_STATS_LIST),
+    ],
+    tag: None,
+});
+static BLOCK_STATS: Type = Type::Object(&ObjectType {
+    members: &[opt("device", &STR), opt("qdev", &STR), opt("node-name", &STR), req("stats", &BLOCK_DEVICE_STATS)],
+    tag: None,
+});
+static BLOCK_STATS_LIST: Type = Type::Array(&BLOCK_STATS);
+static QUERY_BLOCKSTATS_ARGS: Type = Type::Object(&ObjectType { members: &[opt("query-nodes", &BOOL)], tag: None });
+
 static HMP_ARGS: Type =
     Type::Object(&ObjectType { members: &[req("command-line", &STR), opt("cpu-index", &INT)], tag: None });
 static QOM_LIST_ARGS: Type = Type::Object(&ObjectType { members: &[req("path", &STR)], tag: None });
@@ -192,6 +304,13 @@ pub static COMMANDS: &[Command] = &[
     cmd!("human-monitor-command", HMP_ARGS, STR, human_monitor_command),
     cmd!("qom-list", QOM_LIST_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list),
     cmd!("qom-get", QOM_GET_ARGS, ANY, qom_get),
+    cmd!("query-block", T_EMPTY, BLOCK_INFO_LIST, |_, c| Ok(c
+        .machine
+        .block_devices()
+        .iter()
+        .map(block_info)
+        .collect())),
+    cmd!("query-blockstats", QUERY_BLOCKSTATS_ARGS, BLOCK_STATS_LIST, query_blockstats),
 ];
 
 /// Every event Kestrel emits.
@@ -341,6 +460,79 @@ fn query_machines(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError
                 o.insert("default-ram-id".into(), json!(r));
             }
             Value::Object(o)
+        })
+        .collect())
+}
+
+/// `BlockInfo` for a virtio-blk disk on a raw image: never removable, no throttling, no encryption, no backing
+/// file; the guest-visible write cache is on (the device offers FLUSH and a flush is an fsync), so `writeback`.
+fn block_info(d: &BlockDevice) -> Value {
+    let mut image = Map::new();
+    image.insert("filename".into(), json!(d.file));
+    image.insert("format".into(), json!("raw"));
+    image.insert("dirty-flag".into(), json!(false));
+    if let Some(size) = d.actual_size {
+        image.insert("actual-size".into(), json!(size));
+    }
+    image.insert("virtual-size".into(), json!(d.virtual_size));
+    let inserted = json!({
+        "file": d.file, "node-name": d.node_name, "ro": d.read_only, "drv": "raw", "backing_file_depth": 0,
+        "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0,
+        "iops_wr": 0, "image": image, "cache": {"writeback": true, "direct": d.direct, "no-flush": false},
+        "write_threshold": 0,
+    });
+    let mut info = Map::new();
+    info.insert("device".into(), json!(d.device));
+    if let Some(qdev) = &d.qdev {
+        info.insert("qdev".into(), json!(qdev));
+    }
+    info.insert("type".into(), json!("unknown"));
+    info.insert("removable".into(), json!(false));
+    info.insert("locked".into(), json!(false));
+    info.insert("inserted".into(), inserted);
+    // virtio-blk keeps an I/O status (QEMU enables it for werror/rerror); Kestrel never stops the VM on an I/O
+    // error, it reports the error to the guest, so the status stays "ok".
+    info.insert("io-status".into(), json!("ok"));
+    Value::Object(info)
+}
+
+/// `BlockDeviceStats`: Kestrel merges no requests (`*_merged` 0), records no idle time (`idle_time_ns` omitted)
+/// and keeps no timed intervals (`timed_stats` empty); invalid and failed requests are both accounted.
+fn block_device_stats(s: &BlockDeviceStats) -> Value {
+    json!({
+        "rd_bytes": s.rd_bytes, "wr_bytes": s.wr_bytes, "unmap_bytes": s.unmap_bytes,
+        "rd_operations": s.rd_operations, "wr_operations": s.wr_operations,
+        "flush_operations": s.flush_operations, "unmap_operations": s.unmap_operations,
+        "rd_total_time_ns": s.rd_total_time_ns, "wr_total_time_ns": s.wr_total_time_ns,
+        "flush_total_time_ns": s.flush_total_time_ns, "unmap_total_time_ns": s.unmap_total_time_ns,
+        "wr_highest_offset": s.wr_highest_offset, "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
+        "failed_rd_operations": s.failed_rd_operations, "failed_wr_operations": s.failed_wr_operations,
+        "failed_flush_operations": s.failed_flush_operations, "failed_unmap_operations": s.failed_unmap_operations,
+        "invalid_rd_operations": s.invalid_rd_operations, "invalid_wr_operations": s.invalid_wr_operations,
+        "invalid_flush_operations": s.invalid_flush_operations,
+        "invalid_unmap_operations": s.invalid_unmap_operations,
+        "account_invalid": true, "account_failed": true, "timed_stats": [],
+    })
+}
+
+/// One entry per disk. With `query-nodes` the entries name the node only (Kestrel has one node per disk, the raw
+/// image itself, so its counters are the disk's).
+fn query_blockstats(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let nodes = args.get("query-nodes").and_then(Value::as_bool).unwrap_or(false);
+    let devices = c.machine.block_devices();
+    Ok(devices
+        .iter()
+        .map(|d| {
+            let mut m = Map::new();
+            if !nodes {
+                m.insert("device".into(), json!(d.device));
+                if let Some(qdev) = &d.qdev {
+                    m.insert("qdev".into(), json!(qdev));
+                }
+            }
+            m.insert("node-name".into(), json!(d.node_name));
+            m.insert("stats".into(), block_device_stats(&d.stats));
+            Value::Object(m)
         })
         .collect())
 }

@@ -41,8 +41,8 @@ pub mod session;
 
 pub use json::{to_qemu_json, Limits};
 pub use machine::{
-    ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo, QmpError, QomObject,
-    QomProperty, RunState, ShutdownCause, Target, Timestamp,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
+    QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target, Timestamp,
 };
 pub use session::{encode_event, ServerInfo, Session};
 

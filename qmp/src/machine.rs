@@ -255,6 +255,52 @@ pub struct QomObject {
     pub properties: Vec<QomProperty>,
 }
 
+/// One disk (a virtio-blk device on a raw image), for `query-block` and `query-blockstats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// The block backend's name (`BlockInfo.device`), e.g. `virtio0`.
+    pub device: String,
+    /// The QOM path of the device model using it; `None` (omitted) when the QOM tree has no such object.
+    pub qdev: Option<String>,
+    /// The name of the image's node in the block graph.
+    pub node_name: String,
+    /// The image file as given on the command line.
+    pub file: String,
+    pub read_only: bool,
+    /// Opened with O_DIRECT (`cache.direct`).
+    pub direct: bool,
+    /// Bytes the guest sees.
+    pub virtual_size: u64,
+    /// Bytes the image occupies on the host (allocated blocks); `None` (omitted) if it could not be read.
+    pub actual_size: Option<u64>,
+    pub stats: BlockDeviceStats,
+}
+
+/// QEMU's `BlockDeviceStats` counters, with QEMU's meanings (write-zeroes counts as a write, discard as unmap).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockDeviceStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub unmap_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    pub unmap_total_time_ns: u64,
+    pub wr_highest_offset: u64,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_flush_operations: u64,
+    pub failed_unmap_operations: u64,
+    pub invalid_rd_operations: u64,
+    pub invalid_wr_operations: u64,
+    pub invalid_flush_operations: u64,
+    pub invalid_unmap_operations: u64,
+}
+
 /// The VM as QMP sees it. Implemented by `vmm`; the `qmp` crate never knows how the VM is built.
 ///
 /// Command methods (`stop`, `cont`, ...) run synchronously inside [`crate::Session::feed`]. Each pushes the events
@@ -311,4 +357,7 @@ pub trait Machine {
 
     /// Resolves a QOM path (`/machine`, `/machine/unattached/device[0]`...) to an object, or `None`.
     fn qom_object(&self, path: &str) -> Option<QomObject>;
+
+    /// The disks, in the order the guest sees them (`query-block`, `query-blockstats`), with their counters now.
+    fn block_devices(&self) -> Vec<BlockDevice>;
 }

@@ -19,6 +19,8 @@ pub struct FakeMachine {
     pub quit_requested: bool,
     /// QOM objects by absolute path.
     pub qom: Vec<(String, QomObject)>,
+    /// Disks for `query-block`/`query-blockstats` (none, as in the `-nodefaults` recording).
+    pub disks: Vec<BlockDevice>,
 }
 
 fn prop(name: &str, type_name: &str, value: Value) -> QomProperty {
@@ -42,6 +44,7 @@ impl Default for FakeMachine {
             uuid: [0; 16],
             kvm: (false, true),
             quit_requested: false,
+            disks: Vec::new(),
             qom: vec![
                 (
                     "/".into(),
@@ -171,6 +174,10 @@ impl Machine for FakeMachine {
 
     fn qom_object(&self, path: &str) -> Option<QomObject> {
         self.qom.iter().find(|(p, _)| p == path).map(|(_, o)| o.clone())
+    }
+
+    fn block_devices(&self) -> Vec<BlockDevice> {
+        self.disks.clone()
     }
 }
 

@@ -2,7 +2,9 @@
 //! introspection generated from the command table, and hostile input.
 
 use qmp::testing::{fuzz_one, FakeMachine, Rng};
-use qmp::{Event, EventKind, Limits, RunState, ServerInfo, Session, ShutdownCause, Timestamp};
+use qmp::{
+    BlockDevice, BlockDeviceStats, Event, EventKind, Limits, RunState, ServerInfo, Session, ShutdownCause, Timestamp,
+};
 use serde_json::Value;
 
 fn negotiated() -> (Session, FakeMachine) {
@@ -244,6 +246,7 @@ fn returns_match_declared_types() {
     let (mut s, mut m) = negotiated();
     m.state = RunState::Running;
     m.name = Some("n".into());
+    m.disks = two_disks();
     for c in qmp::commands::COMMANDS {
         let req = match c.name {
             // SchemaInfo is declared with its common members only (its per-meta-type variants are not spelled
@@ -262,6 +265,98 @@ fn returns_match_declared_types() {
         let r = v.get("return").unwrap_or_else(|| panic!("{}: {out}", c.name));
         qmp::schema::check_value_type(r, c.ret).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     }
+}
+
+fn two_disks() -> Vec<BlockDevice> {
+    let stats =
+        BlockDeviceStats { rd_bytes: 4096, rd_operations: 2, wr_bytes: 512, wr_operations: 1, ..Default::default() };
+    vec![
+        BlockDevice {
+            device: "virtio0".into(),
+            qdev: None,
+            node_name: "#block0".into(),
+            file: "/images/a.raw".into(),
+            read_only: false,
+            direct: true,
+            virtual_size: 1 << 20,
+            actual_size: Some(8192),
+            stats: BlockDeviceStats { wr_highest_offset: 1536, invalid_wr_operations: 3, ..stats },
+        },
+        BlockDevice {
+            device: "virtio1".into(),
+            qdev: Some("/machine/peripheral-anon/device[1]/virtio-backend".into()),
+            node_name: "#block1".into(),
+            file: "/images/b.raw".into(),
+            read_only: true,
+            direct: false,
+            virtual_size: 512,
+            actual_size: None,
+            stats: BlockDeviceStats::default(),
+        },
+    ]
+}
+
+/// `query-block` and `query-blockstats` carry every member QEMU 7.2 makes mandatory, with the disk's values.
+#[test]
+fn block_queries() {
+    let (mut s, mut m) = negotiated();
+    assert_eq!(ret(&mut s, &mut m, "query-block"), serde_json::json!([]));
+    assert_eq!(ret(&mut s, &mut m, "query-blockstats"), serde_json::json!([]));
+    m.disks = two_disks();
+    let block = ret(&mut s, &mut m, "query-block");
+    assert_eq!(
+        block[0],
+        serde_json::json!({
+            "device": "virtio0", "type": "unknown", "removable": false, "locked": false, "io-status": "ok",
+            "inserted": {
+                "file": "/images/a.raw", "node-name": "#block0", "ro": false, "drv": "raw", "backing_file_depth": 0,
+                "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+                "cache": {"writeback": true, "direct": true, "no-flush": false},
+                "image": {"filename": "/images/a.raw", "format": "raw", "dirty-flag": false, "actual-size": 8192,
+                          "virtual-size": 1048576},
+            },
+        })
+    );
+    // The second disk: read-only, a qdev path, no actual size (member omitted).
+    assert_eq!(block[1]["qdev"], "/machine/peripheral-anon/device[1]/virtio-backend");
+    assert_eq!(block[1]["inserted"]["ro"], true);
+    assert_eq!(block[1]["inserted"]["cache"]["direct"], false);
+    assert!(block[1]["inserted"]["image"].get("actual-size").is_none());
+
+    let stats = ret(&mut s, &mut m, "query-blockstats");
+    assert_eq!(stats.as_array().unwrap().len(), 2);
+    assert_eq!((&stats[0]["device"], &stats[0]["node-name"]), (&"virtio0".into(), &"#block0".into()));
+    assert!(stats[0].get("qdev").is_none());
+    assert_eq!(stats[1]["qdev"], "/machine/peripheral-anon/device[1]/virtio-backend");
+    let st = &stats[0]["stats"];
+    for (k, v) in [
+        ("rd_bytes", 4096),
+        ("rd_operations", 2),
+        ("wr_bytes", 512),
+        ("wr_operations", 1),
+        ("wr_highest_offset", 1536),
+        ("invalid_wr_operations", 3),
+        ("unmap_operations", 0),
+        ("failed_rd_operations", 0),
+        ("rd_merged", 0),
+    ] {
+        assert_eq!(st[k], v, "{k}");
+    }
+    assert_eq!((&st["account_invalid"], &st["account_failed"]), (&true.into(), &true.into()));
+    assert_eq!(st["timed_stats"], serde_json::json!([]));
+    assert!(st.get("idle_time_ns").is_none());
+    assert_eq!(st.as_object().unwrap().len(), 26);
+
+    // query-nodes: the same counters, named by node only.
+    let out = ask(&mut s, &mut m, "{\"execute\":\"query-blockstats\",\"arguments\":{\"query-nodes\":true}}");
+    let v: Value = serde_json::from_str(out.trim_end()).unwrap();
+    let nodes = &v["return"];
+    assert_eq!(nodes[0]["node-name"], "#block0");
+    assert!(nodes[0].get("device").is_none() && nodes[1].get("qdev").is_none());
+    assert_eq!(nodes[0]["stats"], stats[0]["stats"]);
+    let out = ask(&mut s, &mut m, "{\"execute\":\"query-blockstats\",\"arguments\":{\"query-nodes\":1}}");
+    assert!(out.contains("Invalid parameter type for 'query-nodes', expected: boolean"), "{out}");
 }
 
 #[test]

@@ -6,13 +6,14 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Serial;
+use devices::virtio::block::Block;
 use devices::{EventFdLine, PlatformEvents, PlatformRequest};
 use hypervisor::kvm::{KvmHypervisor, KvmVm};
 use hypervisor::{Hypervisor, Vm};
 use mio::{Events, Poll, Token, Waker};
 use qmp::{
-    ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, QmpError, QomObject, QomProperty, RunState,
-    ServerInfo, Session, ShutdownCause, Target, Timestamp,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, QmpError, QomObject,
+    QomProperty, RunState, ServerInfo, Session, ShutdownCause, Target, Timestamp,
 };
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -70,6 +71,8 @@ pub struct Vmm<'a> {
     /// Events raised by the QMP command being handled, for the other clients.
     raised: Vec<Event>,
     quit: bool,
+    /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
+    disks: Vec<Arc<Mutex<Block>>>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
@@ -128,7 +131,8 @@ impl<'a> Vmm<'a> {
         });
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
-        let platform = Platform::new(serial, serial_irq, platform_events, &memory, crate::virtio::devices(config)?)?;
+        let (virtio_devices, disks) = crate::virtio::devices(config)?;
+        let platform = Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices)?;
         Ok(Vmm {
             config,
             hypervisor,
@@ -142,6 +146,7 @@ impl<'a> Vmm<'a> {
             state,
             raised: Vec::new(),
             quit: false,
+            disks,
         })
     }
 
@@ -415,6 +420,55 @@ impl Machine for Vmm<'_> {
                 })
             }
         }
+    }
+
+    fn block_devices(&self) -> Vec<BlockDevice> {
+        let disks = self.config.disks.iter().zip(&self.disks).enumerate();
+        disks
+            .map(|(i, (config, block))| block_device(i, config, &block.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+}
+
+/// One disk as QMP shows it. The backend is named as QEMU names `-drive if=virtio` drives (`virtio0`, ...) and the
+/// node as QEMU names nodes it generated (`#block<N>`, a name no user can give). There is no `qdev`: Kestrel's QOM
+/// tree has no object for the device, and QMP must not name a path `qom-get` cannot resolve.
+fn block_device(index: usize, config: &crate::config::DiskConfig, block: &Block) -> BlockDevice {
+    use std::os::unix::fs::MetadataExt;
+    let s = block.stats();
+    BlockDevice {
+        device: format!("virtio{index}"),
+        qdev: None,
+        node_name: format!("#block{index}"),
+        file: config.path.display().to_string(),
+        read_only: block.read_only(),
+        direct: config.direct,
+        virtual_size: block.capacity() * 512,
+        // st_blocks counts 512-byte units whatever the file system's block size.
+        actual_size: std::fs::metadata(&config.path).ok().map(|m| m.blocks() * 512),
+        stats: BlockDeviceStats {
+            rd_bytes: s.rd_bytes,
+            // QEMU accounts write-zeroes as writes and discards as unmaps.
+            wr_bytes: s.wr_bytes + s.write_zeroes_bytes,
+            unmap_bytes: s.discard_bytes,
+            rd_operations: s.rd_operations,
+            wr_operations: s.wr_operations + s.write_zeroes_operations,
+            flush_operations: s.flush_operations,
+            unmap_operations: s.discard_operations,
+            rd_total_time_ns: s.total_time_ns.read,
+            wr_total_time_ns: s.total_time_ns.write + s.total_time_ns.write_zeroes,
+            flush_total_time_ns: s.total_time_ns.flush,
+            unmap_total_time_ns: s.total_time_ns.discard,
+            wr_highest_offset: s.wr_highest_offset,
+            failed_rd_operations: s.failed.read,
+            failed_wr_operations: s.failed.write + s.failed.write_zeroes,
+            failed_flush_operations: s.failed.flush,
+            failed_unmap_operations: s.failed.discard,
+            invalid_rd_operations: s.invalid.read,
+            invalid_wr_operations: s.invalid.write + s.invalid.write_zeroes,
+            invalid_flush_operations: s.invalid.flush,
+            invalid_unmap_operations: s.invalid.discard,
+        },
     }
 }
 

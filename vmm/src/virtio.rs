@@ -24,9 +24,10 @@ pub struct NamedDevice {
 }
 
 /// The virtio devices the configuration asks for, in a stable order (disks, the rng, the console); the console's
-/// host input starts flowing here.
-pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+/// host input starts flowing here. Also returns the disks again, typed, in `config.disks` order (for QMP).
+pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Arc<Mutex<Block>>>), Error> {
     let mut devices = Vec::new();
+    let mut disks = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         let options = BlockOptions {
             read_only: disk.read_only,
@@ -35,7 +36,9 @@ pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         };
         let block = Block::open(&disk.path, &options)
             .map_err(|e| Error::Device(format!("disk '{}': {e}", disk.path.display())))?;
-        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: Arc::new(Mutex::new(block)) });
+        let block = Arc::new(Mutex::new(block));
+        disks.push(block.clone());
+        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block });
     }
     if config.rng {
         devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
@@ -49,7 +52,7 @@ pub fn devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         });
         devices.push(NamedDevice { name: "virtio-console".into(), device });
     }
-    Ok(devices)
+    Ok((devices, disks))
 }
 
 /// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work.
