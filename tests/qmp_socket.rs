@@ -488,3 +488,86 @@ fn qmp_over_tcp_on_loopback() {
     writer.write_all(b"{\"execute\": \"quit\"}").unwrap();
     assert!(vm.wait().0);
 }
+
+/// `query-block` and `query-blockstats` on two real disks (one read-only): names, files, sizes, flags and, after
+/// the probe payload's `virtio` command drove them, counters that moved as the guest's I/O did.
+#[test]
+fn query_block_and_blockstats_reflect_the_disks() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kestrel-qmp-block-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a_path, b_path) = (dir.join("a.img"), dir.join("b.img"));
+    let mut a_image = vec![0x11u8; 128 * 512];
+    a_image[..8].copy_from_slice(b"ALPHAIMG");
+    let mut b_image = vec![0x22u8; 96 * 512 + 100]; // a partial last sector is not exposed
+    b_image[..8].copy_from_slice(b"KESTREL!");
+    std::fs::write(&a_path, &a_image).unwrap();
+    std::fs::write(&b_path, &b_image).unwrap();
+    let a_arg = format!("path={}", a_path.display());
+    let b_arg = format!("path={},readonly=on,serial=B", b_path.display());
+    let vm = Vm::start("virtio", &["qmp.sock"], &["-S", "-no-shutdown", "--disk", &a_arg, "--disk", &b_arg]);
+    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+
+    let (_, reply) = client.execute(r#"{"execute": "query-block"}"#);
+    let block = reply["return"].as_array().unwrap_or_else(|| panic!("{reply}")).clone();
+    assert_eq!(block.len(), 2, "{reply}");
+    for (i, (d, path, ro, size)) in
+        [(&block[0], &a_path, false, 128 * 512), (&block[1], &b_path, true, 96 * 512)].into_iter().enumerate()
+    {
+        assert_eq!(d["device"], format!("virtio{i}"), "{d}");
+        assert_eq!((&d["removable"], &d["locked"], &d["io-status"]), (&false.into(), &false.into(), &"ok".into()));
+        let inserted = &d["inserted"];
+        let file = path.display().to_string();
+        assert_eq!(
+            (&inserted["file"], &inserted["ro"], &inserted["drv"]),
+            (&file.clone().into(), &ro.into(), &"raw".into())
+        );
+        assert_eq!(inserted["node-name"], format!("#block{i}"));
+        assert_eq!(inserted["cache"], serde_json::json!({"writeback": true, "direct": false, "no-flush": false}));
+        let image = &inserted["image"];
+        assert_eq!((&image["filename"], &image["format"]), (&file.into(), &"raw".into()));
+        assert_eq!(image["virtual-size"], size, "{image}");
+        // Allocated bytes as the host's stat says (a file system may allocate a little more than the length).
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap());
+        assert_eq!(image["actual-size"], blocks * 512, "{image}");
+    }
+
+    let zero = |stats: &Value, keys: &[&str]| keys.iter().all(|k| stats[k] == 0);
+    let counters = ["rd_bytes", "wr_bytes", "rd_operations", "wr_operations", "flush_operations", "unmap_operations"];
+    let (_, reply) = client.execute(r#"{"execute": "query-blockstats"}"#);
+    let stats = reply["return"].as_array().unwrap_or_else(|| panic!("{reply}")).clone();
+    assert_eq!(stats.len(), 2);
+    for (i, s) in stats.iter().enumerate() {
+        assert_eq!((&s["device"], &s["node-name"]), (&format!("virtio{i}").into(), &format!("#block{i}").into()));
+        assert!(zero(&s["stats"], &counters), "nothing ran yet: {s}");
+        assert_eq!(s["stats"]["timed_stats"], serde_json::json!([]));
+    }
+
+    // Run the payload to its end: it stays, stopped, in `shutdown`.
+    client.execute(r#"{"execute": "cont"}"#);
+    vm.wait_for_console("probe: virtio done");
+    let deadline = Instant::now() + TIMEOUT;
+    while client.status() != "shutdown" {
+        assert!(Instant::now() < deadline, "the guest never powered off: {}", vm.console());
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vm.console().contains("probe: virtio ok"), "{}", vm.console());
+    let (_, reply) = client.execute(r#"{"execute": "query-blockstats"}"#);
+    let (a, b) = (&reply["return"][0]["stats"], &reply["return"][1]["stats"]);
+    // A: after the hostile cases, one 512-byte write of sector 2 and a read of sector 0 (at least).
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    assert!(n(a, "wr_operations") >= 1 && n(a, "wr_bytes") >= 512, "{a}");
+    assert!(n(a, "rd_operations") >= 1 && n(a, "rd_bytes") >= 512, "{a}");
+    assert!(n(a, "wr_highest_offset") >= 3 * 512, "{a}");
+    assert!(n(a, "wr_total_time_ns") > 0, "{a}");
+    // B: read while A was broken, never written.
+    assert!(n(b, "rd_operations") >= 1 && n(b, "rd_bytes") >= 512, "{b}");
+    assert!(zero(b, &["wr_operations", "wr_bytes", "wr_highest_offset", "failed_rd_operations"]), "{b}");
+    assert_eq!(std::fs::read(&b_path).unwrap(), b_image, "the read-only disk is unchanged");
+
+    client.execute(r#"{"execute": "quit"}"#);
+    assert!(vm.wait().0);
+    let _ = std::fs::remove_dir_all(dir);
+}
