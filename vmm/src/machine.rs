@@ -72,7 +72,7 @@ pub struct Vmm<'a> {
     raised: Vec<Event>,
     quit: bool,
     /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
-    disks: Vec<Arc<Mutex<Block>>>,
+    disks: Vec<crate::virtio::Disk>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {

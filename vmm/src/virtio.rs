@@ -23,9 +23,12 @@ pub struct NamedDevice {
     pub device: Arc<Mutex<dyn VirtioDevice>>,
 }
 
+/// A virtio-blk device, typed, for what only a disk can answer (QMP's block queries).
+pub type Disk = Arc<Mutex<Block>>;
+
 /// The virtio devices the configuration asks for, in a stable order (disks, the rng, the console); the console's
 /// host input starts flowing here. Also returns the disks again, typed, in `config.disks` order (for QMP).
-pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Arc<Mutex<Block>>>), Error> {
+pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
