@@ -235,11 +235,37 @@ runner_check() {
   return $failed
 }
 
+# runner_boot_watched INITRD TOTAL SILENCE LOG: boot_l1 with its console in LOG, killed when the console has been
+# silent for SILENCE seconds (every case prints a START line, so silence longer than a case's timeout means L1
+# itself stopped). Returns QEMU's status (the watchdog's kill: 124).
+runner_boot_watched() {
+  local initrd="$1" secs="$2" silence="$3" out="$4" pid size last_size=-1 quiet=0 rc=0
+  l1_pidfile="$work/l1.pid"
+  rm -f "$l1_pidfile"
+  boot_l1 "$initrd" "$secs" >"$out" 2>&1 </dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    size="$(stat -c %s "$out" 2>/dev/null || echo 0)"
+    if [ "$size" = "$last_size" ]; then quiet=$((quiet + 2)); else quiet=0 last_size="$size"; fi
+    if [ "$quiet" -ge "$silence" ] && [ -s "$l1_pidfile" ]; then
+      rlog "L1's console has been silent for ${quiet}s: L1 stopped responding; killing it"
+      kill "$(cat "$l1_pidfile")" 2>/dev/null || true
+      wait "$pid" || true
+      return 124
+    fi
+  done
+  wait "$pid" || rc=$?
+  return $rc
+}
+
 # runner_main [CASES_FILE] : builds what is missing, boots L1 once for all cases, checks them.
 # Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console-<pid>.log, with
 # console.log linking to the latest),
 # KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run; default: the cases' timeouts + 120),
-# KESTREL_STATIC_BIN (use this static kestrel instead of building one).
+# KESTREL_STATIC_BIN (use this static kestrel instead of building one),
+# KESTREL_RUNNER_SILENCE (seconds of console silence after which L1 counts as stopped; default: the longest
+# case timeout + 60; small values are for testing the watchdog).
 runner_main() {
   local cases_file="${1:-$repo/ci/runner/linux.cases}"
   [ -f "$cases_file" ] || rdie "no cases file $cases_file"
@@ -277,13 +303,36 @@ runner_main() {
   t_built="$(date +%s%N)"
   rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s), console: $log"
 
-  local qemu_rc=0
-  boot_l1 "$work/l1-initrd.cpio" "$total" >"$log" 2>&1 </dev/null || qemu_rc=$?
+  local qemu_rc=0 silence=60 t
+  for d in "$work/cases"/*/; do t=$(cat "$d/timeout"); [ $((t + 60)) -gt "$silence" ] && silence=$((t + 60)); done
+  silence="${KESTREL_RUNNER_SILENCE:-$silence}"
+  runner_boot_watched "$work/l1-initrd.cpio" "$total" "$silence" "$log" || qemu_rc=$?
+  # L1 itself stopped responding (seen rarely: nested SVM under TCG livelocks or panics L1): boot a new L1 once
+  # for the cases without a result, saying so loudly.
+  local missing=() stuck=""
+  for d in "$work/cases"/*/; do
+    grep -aq "=== CASE $(cat "$d/name") END " "$log" || missing+=("$d")
+  done
+  [ ${#missing[@]} -gt 0 ] && stuck="$(tr -d '\r' <"$log" | sed -n 's/.*=== CASE \([A-Za-z0-9_.-]*\) START$/\1/p' | tail -n 1)"
+  if [ -n "$stuck" ] && grep -aq '=== RUNNER KVM-READY' "$log"; then
+    rlog "L1 stopped during case ${stuck:-?} (QEMU exit $qemu_rc); booting a new L1 for the ${#missing[@]} case(s) without a result"
+    rm -rf "$work/cases2"; mkdir -p "$work/cases2"
+    for d in "${missing[@]}"; do cp -r "$d" "$work/cases2/"; done
+    runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases2"
+    {
+      echo "=== RUNNER L1 RERUN: the first L1 stopped during case ${stuck:-?}; a new L1 runs the cases without a result"
+      [ -n "$stuck" ] && echo "=== CASE $stuck RETRY first attempt: L1 stopped responding during the case (QEMU exit $qemu_rc, watchdog ${silence}s): the emulated runner, not the guest"
+    } >>"$log"
+    qemu_rc=0
+    runner_boot_watched "$work/l1-initrd.cpio" "$total" "$silence" "$log.rerun" || qemu_rc=$?
+    cat "$log.rerun" >>"$log"
+    rm -f "$log.rerun"
+  fi
   local t_end
   t_end="$(date +%s%N)"
   local l1_up done_line
-  l1_up="$(grep -ao '=== RUNNER L1-UP uptime_ms=[0-9]*' "$log" | sed 's/.*=//' || true)"
-  done_line="$(grep -a '=== RUNNER DONE' "$log" | tr -d '\r' || true)"
+  l1_up="$(grep -ao '=== RUNNER L1-UP uptime_ms=[0-9]*' "$log" | head -n 1 | sed 's/.*=//' || true)"
+  done_line="$(grep -a '=== RUNNER DONE' "$log" | tr -d '\r' | tail -n 1 || true)"
   printf 'runner %s: L1 userspace at %s ms of L1 uptime; QEMU ran %d ms (exit %d); whole run %d ms\n' \
     "$RUNNER_ARCH" "${l1_up:-?}" $(( (t_end - t_built) / 1000000 )) "$qemu_rc" $(( (t_end - t_start) / 1000000 ))
   grep -aq '^=== RUNNER NO-KVM' "$log" && { rlog "L1 has no /dev/kvm; see $log"; }
