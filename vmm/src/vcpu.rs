@@ -228,7 +228,15 @@ impl ExitHandler {
                 Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Hlt) => {}
                 Ok(VcpuExit::SystemReset) => break VcpuEvent::Platform(PlatformRequest::Reset),
                 Ok(VcpuExit::SystemPoweroff) => break VcpuEvent::Platform(PlatformRequest::Poweroff),
-                Ok(VcpuExit::Shutdown) => break self.failed(&mut vcpu, "triple fault (the guest's CPU shut down)"),
+                Ok(VcpuExit::Shutdown) => {
+                    // On AMD, KVM reinitialises the VMCB on the SHUTDOWN intercept, so the dump that follows
+                    // shows the reset state (rip=0xfff0), not the state at the fault.
+                    break self.failed(
+                        &mut vcpu,
+                        "triple fault (the guest's CPU shut down; on AMD hosts the registers below are the \
+                         reset state KVM put back, not the state at the fault)",
+                    );
+                }
                 Ok(VcpuExit::InternalError) => break self.failed(&mut vcpu, "KVM internal error"),
                 Ok(VcpuExit::FailEntry { reason }) => {
                     let reason = format!("the hypervisor refused to enter the guest (hardware reason {reason:#x})");
