@@ -145,3 +145,19 @@ fn amd_1_and_4_vcpus() {
         }
     }
 }
+
+#[test]
+fn tsc_deadline_can_be_offered_on_either_vendor() {
+    use arch::x86_64::cpuid::{offer_tsc_deadline, LEAF1_ECX_TSC_DEADLINE};
+    for fixture in [parse(AMD), parse(INTEL)] {
+        let mut entries = fixture.clone();
+        for e in entries.iter_mut().filter(|e| e.function == 1) {
+            e.ecx &= !LEAF1_ECX_TSC_DEADLINE;
+        }
+        offer_tsc_deadline(&mut entries);
+        let leaf1 = entries.iter().find(|e| e.function == 1).expect("leaf 1");
+        assert_ne!(leaf1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        let others_unchanged = entries.iter().zip(&fixture).filter(|(a, _)| a.function != 1).all(|(a, b)| a == b);
+        assert!(others_unchanged);
+    }
+}

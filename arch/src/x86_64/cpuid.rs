@@ -78,6 +78,15 @@ const LEVEL_TYPE_INVALID: u32 = 0;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
+/// Leaf 1 ECX: the local APIC timer has TSC-deadline mode.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Announces the TSC-deadline timer in leaf 1. Hypervisors that emulate the local APIC (KVM with an in-kernel
+/// irqchip) offer it whatever the host CPU has, but leave setting the bit to the VMM, as QEMU does.
+pub fn offer_tsc_deadline(entries: &mut [CpuidEntry]) {
+    for_each_leaf(entries, 1, |e| e.ecx |= LEAF1_ECX_TSC_DEADLINE);
+}
+
 /// The CPUID table for vCPU `vcpu_id` of `vcpu_count`, derived from the hypervisor's supported leaves.
 ///
 /// A `vcpu_count` of 0 is treated as 1. Duplicate (function, index) entries keep their first occurrence.

@@ -27,7 +27,12 @@ impl HypervisorX86_64 for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::new("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(cpuid.as_slice().iter().map(from_kvm_cpuid).collect())
+        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(from_kvm_cpuid).collect();
+        // KVM emulates the TSC-deadline timer in its local APIC but does not report it in the supported leaves.
+        if self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            arch::x86_64::cpuid::offer_tsc_deadline(&mut entries);
+        }
+        Ok(entries)
     }
 }
 
