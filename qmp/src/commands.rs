@@ -561,9 +561,28 @@ fn qom_get(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
     prop.value.clone().ok_or_else(|| QmpError::generic("Insufficient permission to perform this operation"))
 }
 
-/// The HMP subset: `info status`, `info cpus`, `info version`, `info kvm`, `info name`, `info uuid`, with QEMU's
-/// text; anything else gets QEMU's `unknown command` line. HMP output lines end in `\r\n` (QEMU's monitor turns
-/// every `\n` into `\r\n`).
+/// HMP commands that are the QMP command of the same meaning (`c` is QEMU's short form of `cont`, `q` of `quit`).
+const HMP_AS_QMP: &[(&[&str], &str)] = &[
+    (&["stop"], "stop"),
+    (&["c", "cont"], "cont"),
+    (&["system_reset"], "system_reset"),
+    (&["system_powerdown"], "system_powerdown"),
+    (&["q", "quit"], "quit"),
+];
+
+/// Runs the QMP command `name` from the table for HMP: success prints nothing, an error prints QEMU's
+/// `Error: <desc>` line (the QMP reply itself still succeeds, as with QEMU).
+fn hmp_via_qmp(name: &str, c: &mut Ctx) -> Result<Value, QmpError> {
+    let command = COMMANDS.iter().find(|cmd| cmd.name == name).ok_or_else(|| QmpError::generic("no such command"))?;
+    Ok(match (command.handler)(&Map::new(), c) {
+        Ok(_) => json!(""),
+        Err(e) => json!(format!("Error: {}\r\n", e.desc)),
+    })
+}
+
+/// The HMP subset: `info status`, `info cpus`, `info version`, `info kvm`, `info name`, `info uuid`, the run-state
+/// commands in `HMP_AS_QMP`, and `help`, with QEMU's text; anything else gets QEMU's `unknown command` line. HMP
+/// output lines end in `\r\n` (QEMU's monitor turns every `\n` into `\r\n`).
 fn human_monitor_command(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
     let line = args["command-line"].as_str().unwrap_or_default();
     let cpus = c.machine.cpus();
@@ -585,7 +604,14 @@ fn human_monitor_command(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value
     }
     let cmd_end = word(start);
     let unknown = |end: usize| Ok(json!(format!("unknown command: '{}'\r\n", &line[offset..offset + end])));
-    if &start[..cmd_end] != "info" {
+    let verb = &start[..cmd_end];
+    if let Some((_, qmp_name)) = HMP_AS_QMP.iter().find(|(names, _)| names.contains(&verb)) {
+        return hmp_via_qmp(qmp_name, c);
+    }
+    if verb == "help" || verb == "?" {
+        return Ok(json!(HELP.replace('\n', "\r\n")));
+    }
+    if verb != "info" {
         return unknown(cmd_end);
     }
     let rest = &start[cmd_end..];
@@ -621,6 +647,17 @@ fn human_monitor_command(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value
     };
     Ok(json!(text.replace('\n', "\r\n")))
 }
+
+/// `help`: the commands this monitor has, in QEMU's `name args -- description` form.
+const HELP: &str = "\
+c|cont  -- resume emulation
+help|? [cmd]  -- show the help
+info [subcommand]  -- show various information about the system state
+q|quit  -- quit the emulator
+stop  -- stop emulation
+system_powerdown  -- send system power down event
+system_reset  -- reset the system
+";
 
 const INFO_HELP: &str = "\
 info cpus  -- show infos for each CPU

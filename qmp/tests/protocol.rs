@@ -508,3 +508,30 @@ fn fuzz_smoke_corpus() {
         fuzz_one(&input);
     }
 }
+
+#[test]
+fn hmp_run_state_commands_are_their_qmp_commands() {
+    let (mut s, mut m) = negotiated();
+    let hmp = |s: &mut Session, m: &mut FakeMachine, line: &str| {
+        ask(s, m, &format!("{{\"execute\":\"human-monitor-command\",\"arguments\":{{\"command-line\":\"{line}\"}}}}"))
+    };
+    m.state = RunState::Running;
+    let out = hmp(&mut s, &mut m, "stop");
+    assert!(out.contains("\"event\": \"STOP\""), "the event comes before the reply: {out}");
+    assert!(out.ends_with("{\"return\": \"\"}\r\n"), "{out}");
+    assert_eq!(m.state, RunState::Paused);
+    let out = hmp(&mut s, &mut m, "c");
+    assert!(out.contains("\"event\": \"RESUME\""), "{out}");
+    assert_eq!(m.state, RunState::Running);
+    // Errors are HMP text in a successful reply, as QEMU prints them.
+    m.state = RunState::Shutdown;
+    assert_eq!(
+        hmp(&mut s, &mut m, "cont"),
+        "{\"return\": \"Error: Resetting the Virtual Machine is required\\r\\n\"}\r\n"
+    );
+    let help = hmp(&mut s, &mut m, "help");
+    for name in ["c|cont", "stop", "system_reset", "system_powerdown", "q|quit", "info [subcommand]"] {
+        assert!(help.contains(name), "help lists {name}: {help}");
+    }
+    assert!(hmp(&mut s, &mut m, "q").contains("\"event\": \"SHUTDOWN\""));
+}
