@@ -249,12 +249,7 @@ impl Block {
         let size = bytes - bytes % SECTOR_SIZE;
         let block_size: u32 = if options.direct { 4096 } else { 512 };
 
-        let mut avail_features = features::VERSION_1
-            | features::RING_EVENT_IDX
-            | features::RING_INDIRECT_DESC
-            | feature::SEG_MAX
-            | feature::BLK_SIZE
-            | feature::FLUSH;
+        let mut avail_features = features::COMMON | feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
         if options.read_only {
             avail_features |= feature::RO;
         } else {
@@ -340,10 +335,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount { got: queues.len(), need: 1 });
-        }
-        self.active = Some(ActiveQueues::new(mem, queues, interrupt, self.disk.features));
+        self.active = Some(ActiveQueues::with_count(1, mem, queues, interrupt, self.disk.features)?);
         Ok(())
     }
 

@@ -295,7 +295,7 @@ impl VirtioDevice for Console {
     }
 
     fn avail_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+        features::COMMON
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -315,10 +315,7 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount { got: queues.len(), need: 2 });
-        }
-        self.active = Some(ActiveQueues::new(mem, queues, interrupt, self.acked_features));
+        self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
         self.rx_broken = false;
         // Input that arrived before the driver: deliver it if buffers are already posted.
         self.deliver_and_signal();

@@ -53,6 +53,8 @@ pub mod features {
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
     pub const RING_EVENT_IDX: u64 = 1 << 29;
     pub const VERSION_1: u64 = 1 << 32;
+    /// What every Kestrel device offers: a modern device with indirect descriptors and event suppression.
+    pub const COMMON: u64 = VERSION_1 | RING_EVENT_IDX | RING_INDIRECT_DESC;
 }
 
 /// Interrupt status bits (virtio-mmio's InterruptStatus; PCI's ISR has the same two).
@@ -239,6 +241,20 @@ pub(crate) struct ActiveQueues {
 }
 
 impl ActiveQueues {
+    /// `new`, for a device that runs exactly `count` queues: any other number the transport hands over is refused.
+    pub(crate) fn with_count(
+        count: usize,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+        acked_features: u64,
+    ) -> Result<Self, ActivateError> {
+        if queues.len() != count {
+            return Err(ActivateError::QueueCount { got: queues.len(), need: count });
+        }
+        Ok(Self::new(mem, queues, interrupt, acked_features))
+    }
+
     /// Takes the queues as the transport handed them over, with EVENT_IDX as negotiated.
     pub(crate) fn new(
         mem: GuestMemoryMmap,

@@ -43,7 +43,7 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+        features::COMMON
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -62,10 +62,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount { got: queues.len(), need: 1 });
-        }
-        self.active = Some(ActiveQueues::new(mem, queues, interrupt, self.acked_features));
+        self.active = Some(ActiveQueues::with_count(1, mem, queues, interrupt, self.acked_features)?);
         Ok(())
     }
 
