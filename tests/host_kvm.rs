@@ -153,6 +153,46 @@ fn serial_input_reaches_the_guest_by_interrupt_and_echoes() {
     run.assert_stdout_has("probe: echo done");
 }
 
+/// With `wait=on` Kestrel holds the guest until a client connects, so the client sees the guest's first output; the
+/// same connection carries input to the guest.
+#[test]
+fn serial_console_on_a_unix_socket_both_ways() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    if !kvm_available() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("kestrel-serial-{}.sock", std::process::id()));
+    let kernel = payload(PVH);
+    let serial = format!("unix:{},server=on,wait=on", path.display());
+    let cmd =
+        kestrel(&["--kernel", kernel.to_str().unwrap(), "--cmdline", "echo", "--memory", "64M", "--serial", &serial]);
+    let child = std::thread::spawn(move || run_with_timeout(cmd, Duration::from_secs(20)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        match UnixStream::connect(&path) {
+            Ok(client) => break client,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no console socket at {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut lines = BufReader::new(client.try_clone().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("probe: echo ready")) {
+        seen.push(lines.next().expect("console closed before the prompt").expect("reading the console"));
+    }
+    (&client).write_all(b"over the socket q").unwrap();
+    let run = child.join().unwrap();
+    run.assert_success();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let all = seen.join("\n") + "\n" + &rest.join("\n");
+    assert!(all.contains("over the socket"), "the echo must come back over the socket:\n{all}");
+    assert!(all.contains("probe: echo done"), "{all}");
+    assert!(!run.stdout.contains("probe: echo ready"), "output must go to the socket only\n{}", run.describe());
+    let _ = std::fs::remove_file(&path);
+}
+
 #[test]
 fn serial_output_can_go_to_a_file() {
     if !kvm_available() {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, parse_uuid, DiskConfig, QmpSocket, SerialConfig, SocketAddress, VmConfig};
+use crate::config::{parse_memory_size, parse_uuid, DiskConfig, ListenSocket, SerialConfig, SocketAddress, VmConfig};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -17,14 +17,15 @@ Options (QEMU's spelling in brackets, where it has one):
   --cmdline STR         kernel command line (default: \"console=ttyS0\") [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
   --cpus N              number of vCPUs (default: 1) [-smp]
-  --serial MODE         first serial port: stdio (default), pty, file:PATH, none [-serial]
+  --serial MODE         first serial port: stdio (default), pty, file:PATH, none, or a listening socket
+                        unix:PATH,server=on[,wait=off] / tcp:HOST:PORT,server=on[,wait=off] [-serial]
   --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
                         QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
                         with -mon chardev=ID,mode=control]
   --disk path=FILE[,readonly=on][,serial=S][,direct=on]
                         virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
   --rng                 virtio-rng device fed from the host's getrandom
-  --console MODE        virtio-console (the guest's hvc0): stdio, pty, file:PATH, none (only one of --serial and
+  --console MODE        virtio-console (the guest's hvc0), with --serial's modes (only one of --serial and
                         --console can be stdio)
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
   --no-reboot           exit when the guest reboots instead of resetting it [-no-reboot]
@@ -59,7 +60,9 @@ pub enum CliError {
     MemorySize(String),
     #[error("invalid number of CPUs '{0}': use a whole number from 1 to 255")]
     Cpus(String),
-    #[error("invalid serial mode '{0}': use stdio, pty, file:PATH or none")]
+    #[error(
+        "invalid serial mode '{0}': use stdio, pty, file:PATH, unix:PATH,server=on, tcp:HOST:PORT,server=on or none"
+    )]
     Serial(String),
     #[error("--serial and --console cannot both use stdio: give one of them pty, file:PATH or none")]
     StdioTwice,
@@ -170,7 +173,7 @@ fn parse_port(option: &str, value: &str, port: &str) -> Result<u16, CliError> {
 }
 
 /// `unix:PATH,server=on,wait=off` or `tcp:HOST:PORT,server=on,wait=off` (also QEMU's older `server,nowait`).
-fn parse_qmp_socket(option: &str, value: &str) -> Result<QmpSocket, CliError> {
+fn parse_listen_socket(option: &str, value: &str) -> Result<ListenSocket, CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let first = first.unwrap_or_default();
     let address = if let Some(path) = first.strip_prefix("unix:").filter(|p| !p.is_empty()) {
@@ -190,7 +193,7 @@ fn socket_settings(
     value: &str,
     address: SocketAddress,
     pairs: &[(String, String)],
-) -> Result<QmpSocket, CliError> {
+) -> Result<ListenSocket, CliError> {
     let mut server = false;
     // QEMU waits for the first client unless told not to.
     let mut wait = true;
@@ -206,12 +209,12 @@ fn socket_settings(
     if !server {
         return Err(invalid(option, value, "Kestrel only listens: add server=on"));
     }
-    Ok(QmpSocket { address, wait })
+    Ok(ListenSocket { address, wait })
 }
 
 /// `-chardev socket,id=ID,path=PATH|host=HOST,port=PORT,server=on,wait=off`: only sockets, which `-mon` may then
 /// use for QMP.
-fn parse_chardev(value: &str) -> Result<(String, QmpSocket), CliError> {
+fn parse_chardev(value: &str) -> Result<(String, ListenSocket), CliError> {
     let (backend, pairs) = split_qemu_opts(value);
     if backend.as_deref() != Some("socket") {
         return Err(invalid("-chardev", value, "only socket chardevs are supported"));
@@ -296,11 +299,16 @@ fn parse_name(value: &str) -> String {
     first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
 }
 
-fn parse_serial(value: &str) -> Result<SerialConfig, CliError> {
+/// `stdio`, `pty`, `none`/`null`, `file:PATH`, or a listening socket as `--qmp` takes it
+/// (`unix:PATH,server=on[,wait=off]`, `tcp:HOST:PORT,server=on[,wait=off]`).
+fn parse_serial(option: &str, value: &str) -> Result<SerialConfig, CliError> {
     match value {
         "stdio" => Ok(SerialConfig::Stdio),
         "pty" => Ok(SerialConfig::Pty),
         "none" | "null" => Ok(SerialConfig::None),
+        _ if value.starts_with("unix:") || value.starts_with("tcp:") => {
+            parse_listen_socket(option, value).map(SerialConfig::Socket)
+        }
         _ => match value.strip_prefix("file:") {
             Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
             _ => Err(CliError::Serial(value.to_string())),
@@ -330,7 +338,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut disks = Vec::new();
     let mut rng = false;
     let mut console = None;
-    let mut chardevs: HashMap<String, QmpSocket> = HashMap::new();
+    let mut chardevs: HashMap<String, ListenSocket> = HashMap::new();
     let mut monitors = Vec::new();
 
     let mut args = args.into_iter();
@@ -357,11 +365,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
             Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(&value)?)?,
-            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&value)?)?,
-            Opt::Qmp => qmp.push(parse_qmp_socket(&spelling, &value)?),
+            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
+            Opt::Qmp => qmp.push(parse_listen_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Rng => rng = true,
-            Opt::Console => set_once(&mut console, &spelling, parse_serial(&value)?)?,
+            Opt::Console => set_once(&mut console, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Chardev => {
                 let (id, socket) = parse_chardev(&value)?;
                 if chardevs.insert(id.clone(), socket).is_some() {
@@ -444,7 +452,7 @@ mod tests {
         assert_eq!(config.vcpus, 4);
         assert_eq!(config.serial, SerialConfig::File(PathBuf::from("/tmp/out")));
         assert!(config.no_reboot && config.no_shutdown && config.start_paused);
-        assert_eq!(config.qmp, vec![QmpSocket { address: SocketAddress::Unix("/tmp/q.sock".into()), wait: false }]);
+        assert_eq!(config.qmp, vec![ListenSocket { address: SocketAddress::Unix("/tmp/q.sock".into()), wait: false }]);
         assert_eq!(config.name.as_deref(), Some("web1"));
         assert_eq!(config.uuid.as_deref(), Some("3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
@@ -466,8 +474,8 @@ mod tests {
         assert_eq!(
             config.qmp,
             vec![
-                QmpSocket { address: SocketAddress::Unix("/run/q2.sock".into()), wait: false },
-                QmpSocket { address: SocketAddress::Unix("/run/mon.sock".into()), wait: false },
+                ListenSocket { address: SocketAddress::Unix("/run/q2.sock".into()), wait: false },
+                ListenSocket { address: SocketAddress::Unix("/run/mon.sock".into()), wait: false },
             ]
         );
     }
@@ -495,6 +503,16 @@ mod tests {
         ] {
             assert!(matches!(parse_str(bad), Err(CliError::Invalid { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn consoles_on_listening_sockets() {
+        let config =
+            config("--kernel k --serial tcp:127.0.0.1:4555,server=on,wait=off --console unix:/tmp/c.sock,server");
+        let tcp = SocketAddress::Tcp("127.0.0.1".into(), 4555);
+        assert_eq!(config.serial, SerialConfig::Socket(ListenSocket { address: tcp, wait: false }));
+        let unix = SocketAddress::Unix("/tmp/c.sock".into());
+        assert_eq!(config.console, Some(SerialConfig::Socket(ListenSocket { address: unix, wait: true })));
     }
 
     #[test]
@@ -556,7 +574,7 @@ mod tests {
             ("--kernel k --cpus 0", CliError::Cpus("0".into())),
             ("--kernel k --cpus 256", CliError::Cpus("256".into())),
             ("--kernel k --cpus -1", CliError::Cpus("-1".into())),
-            ("--kernel k --serial tcp:1", CliError::Serial("tcp:1".into())),
+            ("--kernel k --serial telnet:1", CliError::Serial("telnet:1".into())),
             ("--kernel k --serial file:", CliError::Serial("file:".into())),
             ("--kernel k --kernel j", CliError::Repeated("--kernel".into())),
             ("--kernel k --no-reboot=yes", CliError::UnexpectedValue("--no-reboot".into())),
@@ -566,6 +584,8 @@ mod tests {
             assert_eq!(parse_str(args), Err(expected), "{args:?}");
         }
         let invalid_cases = [
+            "--kernel k --serial tcp:1",
+            "--kernel k --console unix:/tmp/c.sock",
             "--kernel k --qmp tcp:localhost,server=on",
             "--kernel k --qmp tcp:localhost:0,server=on",
             "--kernel k --qmp tcp:localhost:http,server=on",

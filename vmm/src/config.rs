@@ -13,6 +13,9 @@ pub enum SerialConfig {
     File(PathBuf),
     /// Not connected: output is dropped.
     None,
+    /// A socket Kestrel listens on; one client at a time is the console (output it missed is dropped, as with
+    /// QEMU's `server=on` sockets).
+    Socket(ListenSocket),
 }
 
 /// A virtio-blk disk on a raw image file.
@@ -44,9 +47,9 @@ impl std::fmt::Display for SocketAddress {
     }
 }
 
-/// A QMP control socket Kestrel listens on.
+/// A socket Kestrel listens on (a QMP monitor, a console).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QmpSocket {
+pub struct ListenSocket {
     pub address: SocketAddress,
     /// Wait for a client to connect before starting the guest (QEMU's `wait=on`).
     pub wait: bool,
@@ -66,7 +69,7 @@ pub struct VmConfig {
     pub no_shutdown: bool,
     /// Start with the vCPUs stopped until `cont` (QEMU's `-S`).
     pub start_paused: bool,
-    pub qmp: Vec<QmpSocket>,
+    pub qmp: Vec<ListenSocket>,
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,

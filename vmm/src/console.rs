@@ -1,11 +1,15 @@
-//! Host ends of the guest's serial console: the terminal, a pseudo-terminal, a file, or nothing.
+//! Host ends of the guest's consoles: the terminal, a pseudo-terminal, a file, a listening socket, or nothing.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::config::SerialConfig;
+use crate::config::{ListenSocket, SerialConfig, SocketAddress};
+use crate::listen::{bind_private_unix, resolve_tcp};
 
 /// The host side of a console: where guest output goes and, if anywhere, where guest input comes from.
 pub struct ConsoleBackend {
@@ -85,6 +89,150 @@ pub fn open(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend> {
             Ok(ConsoleBackend { output: Box::new(file), input: None, _slave: None })
         }
         SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None, _slave: None }),
+        SerialConfig::Socket(socket) => {
+            let (output, input) = socket_console(socket, label)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} ({label}): {e}", socket.address)))?;
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), _slave: None })
+        }
+    }
+}
+
+/// How long a write to a socket console's client may block before the bytes are dropped: a client that stops
+/// reading must not stall the guest.
+const SOCKET_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A console on a listening socket: output goes to the connected client (dropped while there is none), input comes
+/// from it; when it leaves, the next client that connects takes over. With `wait`, the first client is accepted
+/// before this returns, as QEMU waits before starting the guest.
+fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutput, SocketInput)> {
+    let listener = match &socket.address {
+        SocketAddress::Unix(path) => SocketListener::Unix(bind_private_unix(path)?),
+        SocketAddress::Tcp(host, port) => SocketListener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?),
+    };
+    let client = Arc::new(Mutex::new(None));
+    let mut input = SocketInput { listener, client: client.clone(), reader: None };
+    if socket.wait {
+        eprintln!("kestrel: {label}: waiting for a connection on {}", socket.address);
+        input.accept()?;
+    }
+    Ok((SocketOutput { client }, input))
+}
+
+enum SocketListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum SocketStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl SocketStream {
+    fn try_clone(&self) -> io::Result<SocketStream> {
+        Ok(match self {
+            SocketStream::Unix(s) => SocketStream::Unix(s.try_clone()?),
+            SocketStream::Tcp(s) => SocketStream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            SocketStream::Unix(s) => s.set_write_timeout(Some(timeout)),
+            SocketStream::Tcp(s) => s.set_write_timeout(Some(timeout)),
+        }
+    }
+}
+
+impl Read for SocketStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SocketStream::Unix(s) => s.read(buf),
+            SocketStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for SocketStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SocketStream::Unix(s) => s.write(buf),
+            SocketStream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The guest's output side: whichever client is connected now.
+struct SocketOutput {
+    client: Arc<Mutex<Option<SocketStream>>>,
+}
+
+impl Write for SocketOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stream) = client.as_mut() {
+            match stream.write_all(buf) {
+                Ok(()) => {}
+                // A client too slow to keep up loses output, as a disconnected one does; the guest goes on.
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                // Gone: the input side accepts the next client when it sees the end of this one.
+                Err(_) => *client = None,
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The guest's input side. Reads block until a client connects and sends something; a client leaving is not the
+/// end of input, the next one is waited for.
+struct SocketInput {
+    listener: SocketListener,
+    client: Arc<Mutex<Option<SocketStream>>>,
+    reader: Option<SocketStream>,
+}
+
+impl SocketInput {
+    fn accept(&mut self) -> io::Result<()> {
+        let stream = match &self.listener {
+            SocketListener::Unix(l) => SocketStream::Unix(l.accept()?.0),
+            SocketListener::Tcp(l) => SocketStream::Tcp(l.accept()?.0),
+        };
+        stream.set_write_timeout(SOCKET_WRITE_TIMEOUT)?;
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone()?);
+        self.reader = Some(stream);
+        Ok(())
+    }
+}
+
+impl Read for SocketInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(reader) = self.reader.as_mut() else {
+                if let Err(e) = self.accept() {
+                    // A failed accept (the client reset before we took it, out of descriptors) is retried after a
+                    // pause rather than ending input for good.
+                    eprintln!("kestrel: console socket: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            };
+            match reader.read(buf) {
+                Ok(0) => {}
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {}
+            }
+            self.reader = None;
+            *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
@@ -176,6 +324,33 @@ mod tests {
             panic!("opening a file in a missing directory must fail")
         };
         assert!(err.to_string().contains("/nonexistent-dir/serial.log"), "{err}");
+    }
+
+    #[test]
+    fn socket_console_serves_one_client_after_another() {
+        let dir = std::env::temp_dir().join(format!("kestrel-console-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.sock");
+        let socket = ListenSocket { address: SocketAddress::Unix(path.clone()), wait: false };
+        let backend = open(&SerialConfig::Socket(socket), "virtiocon0").unwrap();
+        let (mut output, input) = backend.split();
+        // Output with nobody connected is dropped, not queued and not an error.
+        output.write_all(b"lost").unwrap();
+        let (typed_tx, typed_rx) = std::sync::mpsc::channel();
+        input.start("test-console", move |bytes| typed_tx.send(bytes.to_vec()).is_ok());
+        for round in 0..2 {
+            let mut client = UnixStream::connect(&path).unwrap();
+            client.write_all(format!("in{round}").as_bytes()).unwrap();
+            let got = typed_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(got, format!("in{round}").as_bytes());
+            // The client is registered for output once its input has arrived.
+            output.write_all(format!("out{round}").as_bytes()).unwrap();
+            let mut buf = [0u8; 4];
+            client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            client.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, format!("out{round}").as_bytes());
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod listen;
 
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {

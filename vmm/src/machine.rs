@@ -343,6 +343,7 @@ impl Machine for Vmm<'_> {
             SerialConfig::Pty => Some("pty".to_string()),
             SerialConfig::File(path) => Some(format!("file:{}", path.display())),
             SerialConfig::None => None,
+            SerialConfig::Socket(socket) => Some(format!("{},server=on", socket.address)),
         };
         let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
         let monitors = self.config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {

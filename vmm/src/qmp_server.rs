@@ -4,16 +4,14 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-
-use std::net::ToSocketAddrs;
+use std::path::PathBuf;
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 
-use crate::config::{QmpSocket, SocketAddress};
+use crate::config::{ListenSocket, SocketAddress};
+use crate::listen::{bind_private_unix, resolve_tcp};
 use crate::Error;
 
 enum Listener {
@@ -29,13 +27,12 @@ enum Stream {
 impl Listener {
     fn bind(address: &SocketAddress) -> io::Result<Listener> {
         match address {
-            SocketAddress::Unix(path) => Ok(Listener::Unix(bind_private(path)?, path.clone())),
-            SocketAddress::Tcp(host, port) => {
-                let addr = (host.as_str(), *port).to_socket_addrs()?.next().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("'{host}' resolves to no address"))
-                })?;
-                Ok(Listener::Tcp(TcpListener::bind(addr)?))
+            SocketAddress::Unix(path) => {
+                let listener = bind_private_unix(path)?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(listener), path.clone()))
             }
+            SocketAddress::Tcp(host, port) => Ok(Listener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?)),
         }
     }
 
@@ -126,27 +123,8 @@ fn client_token(index: usize) -> Token {
     Token(FIRST_TOKEN + 2 * index + 1)
 }
 
-/// Binds `path` with no access for anyone but the owner, replacing a stale socket as QEMU does.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    // The umask makes the socket 0600 from its creation; no window where others could connect.
-    // SAFETY: umask only changes this process's file creation mask, restored right after.
-    let previous = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(previous) };
-    let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 impl<P> QmpServer<P> {
-    pub fn bind(sockets: &[QmpSocket], registry: &Registry) -> Result<Self, Error> {
+    pub fn bind(sockets: &[ListenSocket], registry: &Registry) -> Result<Self, Error> {
         let mut server = QmpServer { sockets: Vec::with_capacity(sockets.len()) };
         for (index, socket) in sockets.iter().enumerate() {
             let mut listener = Listener::bind(&socket.address).map_err(|source| Error::Open {
