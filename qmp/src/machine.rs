@@ -276,6 +276,39 @@ pub struct BlockDevice {
     pub stats: BlockDeviceStats,
 }
 
+/// One PCI function, for `query-pci`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PciDevice {
+    pub bus: u8,
+    pub slot: u8,
+    pub function: u8,
+    /// Base class and sub-class (the top 16 bits of the 24-bit class code), as QEMU reports `class_info.class`.
+    pub class: u16,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_id: u16,
+    /// The interrupt line the guest programmed, for a function with an interrupt pin.
+    pub irq: Option<u8>,
+    /// INTA# = 1 ... INTD# = 4; 0: no legacy interrupt.
+    pub irq_pin: u8,
+    /// The `id=` the device was given on the command line, or empty.
+    pub qdev_id: String,
+    pub regions: Vec<PciRegion>,
+}
+
+/// One implemented base address register of a PCI function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PciRegion {
+    pub bar: u8,
+    pub io: bool,
+    /// Where the guest mapped it; `None` while decoding is off or the BAR is unassigned (QEMU reports -1).
+    pub address: Option<u64>,
+    pub size: u64,
+    pub prefetchable: bool,
+    pub is_64bit: bool,
+}
+
 /// QEMU's `BlockDeviceStats` counters, with QEMU's meanings (write-zeroes counts as a write, discard as unmap).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockDeviceStats {
@@ -360,4 +393,7 @@ pub trait Machine {
 
     /// The disks, in the order the guest sees them (`query-block`, `query-blockstats`), with their counters now.
     fn block_devices(&self) -> Vec<BlockDevice>;
+
+    /// Every PCI function, by bus, slot and function (`query-pci`); empty on a machine without PCI.
+    fn pci_devices(&self) -> Vec<PciDevice>;
 }

@@ -21,6 +21,8 @@ pub struct FakeMachine {
     pub qom: Vec<(String, QomObject)>,
     /// Disks for `query-block`/`query-blockstats` (none, as in the `-nodefaults` recording).
     pub disks: Vec<BlockDevice>,
+    /// PCI functions for `query-pci`.
+    pub pci: Vec<PciDevice>,
 }
 
 fn prop(name: &str, type_name: &str, value: Value) -> QomProperty {
@@ -45,6 +47,7 @@ impl Default for FakeMachine {
             kvm: (false, true),
             quit_requested: false,
             disks: Vec::new(),
+            pci: Vec::new(),
             qom: vec![
                 (
                     "/".into(),
@@ -178,6 +181,10 @@ impl Machine for FakeMachine {
 
     fn block_devices(&self) -> Vec<BlockDevice> {
         self.disks.clone()
+    }
+
+    fn pci_devices(&self) -> Vec<PciDevice> {
+        self.pci.clone()
     }
 }
 

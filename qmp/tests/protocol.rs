@@ -3,7 +3,8 @@
 
 use qmp::testing::{fuzz_one, FakeMachine, Rng};
 use qmp::{
-    BlockDevice, BlockDeviceStats, Event, EventKind, Limits, RunState, ServerInfo, Session, ShutdownCause, Timestamp,
+    BlockDevice, BlockDeviceStats, Event, EventKind, Limits, PciDevice, PciRegion, RunState, ServerInfo, Session,
+    ShutdownCause, Timestamp,
 };
 use serde_json::Value;
 
@@ -294,6 +295,60 @@ fn two_disks() -> Vec<BlockDevice> {
             stats: BlockDeviceStats::default(),
         },
     ]
+}
+
+/// `query-pci` is byte-identical to QEMU 7.2's for the same functions: these two are QEMU's i440FX host bridge and
+/// a virtio-net-pci (transitional, with an I/O BAR) as `qemu-system-x86_64 -M pc -S` reports them, before the
+/// firmware assigns any BAR.
+#[test]
+fn pci_query_matches_qemu_bytes() {
+    let (mut s, mut m) = negotiated();
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-pci\"}"), "{\"return\": []}\r\n");
+    let host_bridge = PciDevice {
+        class: 0x0600,
+        vendor_id: 0x8086,
+        device_id: 0x1237,
+        subsystem_vendor_id: 0x1af4,
+        subsystem_id: 0x1100,
+        ..Default::default()
+    };
+    let unmapped =
+        |bar, size, io, prefetchable, is_64bit| PciRegion { bar, io, address: None, size, prefetchable, is_64bit };
+    let net = PciDevice {
+        slot: 5,
+        class: 0x0200,
+        vendor_id: 0x1af4,
+        device_id: 0x1000,
+        subsystem_vendor_id: 0x1af4,
+        subsystem_id: 1,
+        irq: Some(0),
+        irq_pin: 1,
+        regions: vec![
+            unmapped(0, 32, true, false, false),
+            unmapped(1, 4096, false, false, false),
+            unmapped(4, 16384, false, true, true),
+        ],
+        ..Default::default()
+    };
+    m.pci = vec![host_bridge, net];
+    let qemu = concat!(
+        r#"{"return": [{"bus": 0, "devices": [{"irq_pin": 0, "bus": 0, "qdev_id": "", "slot": 0, "class_info": "#,
+        r#"{"class": 1536, "desc": "Host bridge"}, "id": {"device": 4663, "subsystem-vendor": 6900, "vendor": 32902, "#,
+        r#""subsystem": 4352}, "function": 0, "regions": []}, {"irq_pin": 1, "bus": 0, "qdev_id": "", "irq": 0, "#,
+        r#""slot": 5, "class_info": {"class": 512, "desc": "Ethernet controller"}, "id": {"device": 4096, "#,
+        r#""subsystem-vendor": 6900, "vendor": 6900, "subsystem": 1}, "function": 0, "regions": [{"bar": 0, "#,
+        r#""size": 32, "address": -1, "type": "io"}, {"prefetch": false, "mem_type_64": false, "bar": 1, "#,
+        r#""size": 4096, "address": -1, "type": "memory"}, {"prefetch": true, "mem_type_64": true, "bar": 4, "#,
+        r#""size": 16384, "address": -1, "type": "memory"}]}]}]}"#,
+        "\r\n"
+    );
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-pci\"}"), qemu);
+    // A mapped BAR reports its address; a class outside QEMU's table (virtio-rng's 0x00ff) has no description.
+    m.pci[1].regions[1].address = Some(0xc000_0000);
+    m.pci[1].class = 0x00ff;
+    let pci = ret(&mut s, &mut m, "query-pci");
+    assert_eq!(pci[0]["devices"][1]["regions"][1]["address"], 0xc000_0000u64);
+    assert_eq!(pci[0]["devices"][1]["class_info"], serde_json::json!({"class": 255}));
 }
 
 /// `query-block` and `query-blockstats` carry every member QEMU 7.2 makes mandatory, with the disk's values.

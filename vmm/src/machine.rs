@@ -429,6 +429,11 @@ impl Machine for Vmm<'_> {
             .map(|(i, (config, block))| block_device(i, config, &block.lock().unwrap_or_else(|p| p.into_inner())))
             .collect()
     }
+
+    /// No PCI bus yet: every virtio device is on virtio-mmio.
+    fn pci_devices(&self) -> Vec<qmp::PciDevice> {
+        Vec::new()
+    }
 }
 
 /// One disk as QMP shows it. The backend is named as QEMU names `-drive if=virtio` drives (`virtio0`, ...) and the
