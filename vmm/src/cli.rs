@@ -4,7 +4,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, parse_uuid, DiskConfig, ListenSocket, SerialConfig, SocketAddress, VmConfig};
+use crate::config::{
+    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, SerialConfig, SocketAddress,
+    VmConfig,
+};
+
+mod qemu_devices;
+use qemu_devices::QemuDeviceOptions;
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -34,6 +40,16 @@ Options (QEMU's spelling in brackets, where it has one):
   --uuid UUID           VM UUID shown over QMP [-uuid]
   -h, --help            print this help
   -V, --version         print the version
+
+QEMU's device options (key=value or libvirt's JSON form):
+  -drive file=F,if=virtio,format=raw[,readonly=on][,cache=none|writeback][,serial=S]
+  -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F [-blockdev driver=raw,...]
+  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
+  -netdev tap,id=N,ifname=TAP,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
+  -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
+  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
+  -serial chardev:C
+  (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
 -accel kvm, -display none.
@@ -95,6 +111,11 @@ enum Opt {
     Console,
     Chardev,
     Mon,
+    Drive,
+    Blockdev,
+    Netdev,
+    Device,
+    Object,
     Paused,
     NoReboot,
     NoShutdown,
@@ -120,6 +141,11 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
     (&["-mon"], Opt::Mon, true),
+    (&["-drive"], Opt::Drive, true),
+    (&["-blockdev"], Opt::Blockdev, true),
+    (&["-netdev"], Opt::Netdev, true),
+    (&["-device"], Opt::Device, true),
+    (&["-object"], Opt::Object, true),
     (&["--paused", "-S"], Opt::Paused, false),
     (&["--no-reboot", "-no-reboot"], Opt::NoReboot, false),
     (&["--no-shutdown", "-no-shutdown"], Opt::NoShutdown, false),
@@ -212,24 +238,40 @@ fn socket_settings(
     Ok(ListenSocket { address, wait })
 }
 
-/// `-chardev socket,id=ID,path=PATH|host=HOST,port=PORT,server=on,wait=off`: only sockets, which `-mon` may then
-/// use for QMP.
-fn parse_chardev(value: &str) -> Result<(String, ListenSocket), CliError> {
+/// `-chardev BACKEND,id=ID,...`: `socket` (`path=PATH` or `host=HOST,port=PORT`, with `server=on`), `stdio`,
+/// `pty`, `file,path=PATH` or `null`; `-mon`, `-serial chardev:ID` and `virtconsole,chardev=ID` use them.
+fn parse_chardev(value: &str) -> Result<(String, SerialConfig), CliError> {
     let (backend, pairs) = split_qemu_opts(value);
-    if backend.as_deref() != Some("socket") {
-        return Err(invalid("-chardev", value, "only socket chardevs are supported"));
-    }
     let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let id = get("id").filter(|id| !id.is_empty()).ok_or_else(|| invalid("-chardev", value, "id= is required"))?;
-    let address = match (get("path").filter(|p| !p.is_empty()), get("port")) {
-        (Some(path), None) => SocketAddress::Unix(PathBuf::from(path)),
-        (None, Some(port)) => {
-            let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
-            SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
-        }
-        _ => return Err(invalid("-chardev", value, "give path= (unix) or host= and port= (tcp)")),
+    let only = |allowed: &[&str]| match pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        Some((key, _)) => Err(invalid("-chardev", value, format!("unsupported setting '{key}'"))),
+        None => Ok(()),
     };
-    Ok((id, socket_settings("-chardev", value, address, &pairs)?))
+    let config = match backend.as_deref() {
+        Some("socket") => {
+            let address = match (get("path").filter(|p| !p.is_empty()), get("port")) {
+                (Some(path), None) => SocketAddress::Unix(PathBuf::from(path)),
+                (None, Some(port)) => {
+                    let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
+                    SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
+                }
+                _ => return Err(invalid("-chardev", value, "give path= (unix) or host= and port= (tcp)")),
+            };
+            SerialConfig::Socket(socket_settings("-chardev", value, address, &pairs)?)
+        }
+        Some("stdio") => only(&["id", "signal", "mux"]).map(|()| SerialConfig::Stdio)?,
+        Some("pty") => only(&["id"]).map(|()| SerialConfig::Pty)?,
+        Some("null") => only(&["id"]).map(|()| SerialConfig::None)?,
+        Some("file") => {
+            only(&["id", "path", "append"])?;
+            let path =
+                get("path").filter(|p| !p.is_empty()).ok_or_else(|| invalid("-chardev", value, "path= is required"))?;
+            SerialConfig::File(PathBuf::from(path))
+        }
+        _ => return Err(invalid("-chardev", value, "supported backends: socket, stdio, pty, file, null")),
+    };
+    Ok((id, config))
 }
 
 /// `-mon chardev=ID,mode=control`: returns the chardev id.
@@ -262,6 +304,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
         read_only: false,
         serial: None,
         direct: false,
+        frontend: Frontend::default(),
     };
     for (key, setting) in pairs {
         match key.as_str() {
@@ -338,8 +381,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut disks = Vec::new();
     let mut rng = false;
     let mut console = None;
-    let mut chardevs: HashMap<String, ListenSocket> = HashMap::new();
+    let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
     let mut monitors = Vec::new();
+    let mut serial_chardev = None;
+    let mut qemu_devices = QemuDeviceOptions::default();
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -365,14 +410,22 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
             Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(&value)?)?,
-            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
+            Opt::Serial => match value.strip_prefix("chardev:") {
+                Some(id) => set_once(&mut serial_chardev, &spelling, (id.to_string(), value.clone()))?,
+                None => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
+            },
             Opt::Qmp => qmp.push(parse_listen_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Rng => rng = true,
+            Opt::Drive => qemu_devices.drive(&value)?,
+            Opt::Blockdev => qemu_devices.blockdev(&value)?,
+            Opt::Netdev => qemu_devices.netdev(&value)?,
+            Opt::Device => qemu_devices.device(&value)?,
+            Opt::Object => qemu_devices.object(&value)?,
             Opt::Console => set_once(&mut console, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Chardev => {
-                let (id, socket) = parse_chardev(&value)?;
-                if chardevs.insert(id.clone(), socket).is_some() {
+                let (id, chardev) = parse_chardev(&value)?;
+                if chardevs.insert(id.clone(), chardev).is_some() {
                     return Err(invalid("-chardev", &value, format!("id '{id}' is used twice")));
                 }
             }
@@ -390,10 +443,36 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             },
         }
     }
+    let qemu = qemu_devices.resolve(&chardevs)?;
+    // Each chardev has one user: a monitor, the serial port or the virtio console.
+    let mut take_chardev = |option: &str, id: &str, value: &str| {
+        chardevs.remove(id).ok_or_else(|| invalid(option, value, format!("no unused -chardev with id '{id}'")))
+    };
     for (id, value) in monitors {
-        let socket =
-            chardevs.remove(&id).ok_or_else(|| invalid("-mon", &value, format!("no -chardev with id '{id}'")))?;
-        qmp.push(socket);
+        match take_chardev("-mon", &id, &value)? {
+            SerialConfig::Socket(socket) => qmp.push(socket),
+            _ => return Err(invalid("-mon", &value, "a QMP monitor needs a socket chardev")),
+        }
+    }
+    if let Some((id, value)) = serial_chardev {
+        set_once(&mut serial, "-serial", take_chardev("-serial", &id, &value)?)?;
+    }
+    let console = match (console, qemu.console) {
+        (Some(backend), None) => Some(ConsoleConfig { backend, frontend: Frontend::default() }),
+        (None, Some((id, frontend))) => {
+            Some(ConsoleConfig { backend: take_chardev("-device", &id, "virtconsole")?, frontend })
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err(CliError::Repeated("--console / -device virtconsole".into())),
+    };
+    let rng = match (rng, qemu.rng) {
+        (true, None) => Some(Frontend::default()),
+        (false, rng) => rng,
+        (true, Some(_)) => return Err(CliError::Repeated("--rng / -device virtio-rng".into())),
+    };
+    disks.extend(qemu.disks);
+    if !qemu.nics.is_empty() {
+        return Err(invalid("-device", "virtio-net", "network cards are not supported yet"));
     }
 
     let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
@@ -414,7 +493,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.qmp = qmp;
     config.disks = disks;
     config.rng = rng;
-    if console == Some(SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
+    if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
     }
     config.console = console;
@@ -426,6 +505,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::VirtioTransport;
     use crate::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES};
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
@@ -486,15 +566,22 @@ mod tests {
         assert_eq!(
             config.disks,
             vec![
-                DiskConfig { path: "/a.img".into(), read_only: true, serial: Some("disk-a".into()), direct: false },
-                DiskConfig { path: "/b.img".into(), read_only: false, serial: None, direct: true },
+                DiskConfig {
+                    path: "/a.img".into(),
+                    read_only: true,
+                    serial: Some("disk-a".into()),
+                    direct: false,
+                    frontend: Frontend::default()
+                },
+                disk("/b.img", false, true, Frontend::default()),
             ]
         );
-        assert!(config.rng);
+        assert_eq!(config.rng, Some(Frontend::default()));
         assert_eq!(config.console, None);
         let with_console = super::parse(["--kernel", "k", "--serial", "none", "--console", "stdio"].map(String::from));
         let Ok(Command::Run(with_console)) = with_console else { panic!("expected a run command") };
-        assert_eq!(with_console.console, Some(SerialConfig::Stdio));
+        let stdio = ConsoleConfig { backend: SerialConfig::Stdio, frontend: Frontend::default() };
+        assert_eq!(with_console.console, Some(stdio));
         assert_eq!(parse_str("--kernel k --console stdio"), Err(CliError::StdioTwice));
         for bad in [
             "--kernel k --disk readonly=on",
@@ -505,6 +592,109 @@ mod tests {
         }
     }
 
+    fn disk(path: &str, read_only: bool, direct: bool, frontend: Frontend) -> DiskConfig {
+        DiskConfig { path: path.into(), read_only, serial: None, direct, frontend }
+    }
+
+    fn pci(id: Option<&str>) -> Frontend {
+        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+    }
+
+    #[test]
+    fn qemu_drive_and_blockdev_spellings() {
+        let config = config(
+            "-kernel k -drive file=/a.img,if=virtio,format=raw,cache=none \
+             -drive file=/b.img,if=none,id=d1,format=raw,readonly=on -device virtio-blk-pci,drive=d1,id=disk1,serial=s1 \
+             -blockdev driver=file,node-name=f2,filename=/c.img -blockdev driver=raw,node-name=r2,file=f2,read-only=on \
+             -device virtio-blk-device,drive=r2 \
+             -blockdev driver=raw,node-name=r3,file.driver=file,file.filename=/d.img -device virtio-blk,drive=r3",
+        );
+        let mut b = disk("/b.img", true, false, pci(Some("disk1")));
+        b.serial = Some("s1".into());
+        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), id: None };
+        assert_eq!(
+            config.disks,
+            vec![
+                disk("/a.img", false, true, Frontend::default()),
+                b,
+                disk("/c.img", true, false, mmio),
+                disk("/d.img", false, false, Frontend::default()),
+            ]
+        );
+    }
+
+    /// libvirt passes -blockdev and -device as JSON objects.
+    #[test]
+    fn libvirt_json_spellings() {
+        let args = [
+            "-kernel",
+            "k",
+            "-blockdev",
+            r#"{"driver":"file","filename":"/var/lib/libvirt/images/vm.img","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+            "-blockdev",
+            r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"raw","file":"libvirt-1-storage"}"#,
+            "-device",
+            r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}"#,
+            "-object",
+            r#"{"qom-type":"rng-random","id":"objrng0","filename":"/dev/urandom"}"#,
+            "-device",
+            r#"{"driver":"virtio-rng-pci","rng":"objrng0","id":"rng0","bus":"pci.0","addr":"0x7"}"#,
+        ];
+        let Ok(Command::Run(config)) = super::parse(args.map(String::from)) else {
+            panic!("libvirt's form must parse")
+        };
+        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, pci(Some("virtio-disk0")))]);
+        assert_eq!(config.rng, Some(pci(Some("rng0"))));
+    }
+
+    #[test]
+    fn qemu_chardevs_for_serial_console_and_monitor() {
+        let config = config(
+            "-kernel k -chardev file,id=s0,path=/tmp/serial.log -serial chardev:s0 \
+             -chardev socket,id=c0,path=/tmp/con.sock,server=on,wait=off -device virtio-serial-pci,id=vser0 \
+             -device virtconsole,chardev=c0,id=console0 \
+             -chardev socket,id=m0,path=/tmp/qmp.sock,server=on,wait=off -mon chardev=m0,mode=control",
+        );
+        assert_eq!(config.serial, SerialConfig::File("/tmp/serial.log".into()));
+        let console = config.console.unwrap();
+        let socket = ListenSocket { address: SocketAddress::Unix("/tmp/con.sock".into()), wait: false };
+        assert_eq!(console.backend, SerialConfig::Socket(socket));
+        assert_eq!(console.frontend, pci(Some("vser0")));
+        assert_eq!(config.qmp.len(), 1);
+    }
+
+    #[test]
+    fn qemu_device_mistakes_are_named() {
+        for (args, needle) in [
+            ("-drive file=/a.img", "only if=virtio"),
+            ("-drive file=/a.img,if=virtio,format=qcow2", "format=raw"),
+            ("-drive file=/a.img,if=none", "id="),
+            ("-drive file=/a.img,if=none,id=d0", "no -device uses it"),
+            ("-device virtio-blk-pci,drive=nope", "no -drive or -blockdev named 'nope'"),
+            ("-drive file=/a,if=none,id=d0 -device virtio-blk-pci,drive=d0 -device virtio-blk-pci,drive=d0", "in use"),
+            ("-device e1000,netdev=n0", "device 'e1000' is not supported"),
+            ("-device virtio-blk-pci,drive=d0,frobnicate=1 -drive file=/a,if=none,id=d0", "unsupported setting"),
+            ("-netdev user,id=n0", "user networking"),
+            ("-netdev tap,id=n0,ifname=t0,script=/etc/qemu-ifup", "script=no"),
+            ("-netdev tap,id=n0,ifname=t0,vhost=on", "vhost"),
+            ("-netdev tap,id=n0,fd=3", "'fd' is not supported"),
+            ("-device virtio-net-pci,netdev=n9", "no -netdev with id 'n9'"),
+            ("-device virtconsole,chardev=c0", "no -chardev"),
+            ("-chardev stdio,id=c0 -device virtconsole,chardev=c0", "virtio-serial"),
+            ("-object memory-backend-ram,id=m0", "not supported"),
+            ("-device virtio-rng-pci,rng=r9", "no -object with id 'r9'"),
+            ("-blockdev {\"driver\":", "bad JSON"),
+            ("-blockdev driver=qcow2,node-name=q", "driver 'qcow2'"),
+            ("-chardev socket,id=m0,path=/tmp/x,server=on -mon chardev=m1,mode=control", "no unused -chardev"),
+            ("-chardev pty,id=m0 -mon chardev=m0,mode=control", "socket chardev"),
+            ("--rng -device virtio-rng-pci", "given twice"),
+        ] {
+            let args = format!("--kernel k {args}");
+            let err = parse_str(&args).expect_err(&args).to_string();
+            assert!(err.contains(needle), "{args}: {err}");
+        }
+    }
+
     #[test]
     fn consoles_on_listening_sockets() {
         let config =
@@ -512,7 +702,8 @@ mod tests {
         let tcp = SocketAddress::Tcp("127.0.0.1".into(), 4555);
         assert_eq!(config.serial, SerialConfig::Socket(ListenSocket { address: tcp, wait: false }));
         let unix = SocketAddress::Unix("/tmp/c.sock".into());
-        assert_eq!(config.console, Some(SerialConfig::Socket(ListenSocket { address: unix, wait: true })));
+        let socket = SerialConfig::Socket(ListenSocket { address: unix, wait: true });
+        assert_eq!(config.console.map(|c| c.backend), Some(socket));
     }
 
     #[test]
@@ -593,7 +784,7 @@ mod tests {
             "--kernel k --qmp unix:/q",
             "--kernel k --qmp unix:/q,server=maybe",
             "--kernel k --qmp unix:/q,server=on,telnet=on",
-            "--kernel k -chardev file,id=a,path=/x",
+            "--kernel k -chardev spice,id=a",
             "--kernel k -chardev socket,path=/x,server=on",
             "--kernel k -mon chardev=missing,mode=control",
             "--kernel k -chardev socket,id=a,path=/x,server=on -mon chardev=a,mode=readline",

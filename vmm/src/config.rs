@@ -18,6 +18,24 @@ pub enum SerialConfig {
     Socket(ListenSocket),
 }
 
+/// How the guest reaches a virtio device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioTransport {
+    /// A function on the PCI bus (QEMU's `virtio-*-pci`).
+    Pci,
+    /// A virtio-mmio window (QEMU's `virtio-*-device`), announced in ACPI or the FDT.
+    Mmio,
+}
+
+/// The guest-visible side of a virtio device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// `None`: the machine type's default transport.
+    pub transport: Option<VirtioTransport>,
+    /// The device's `id=` (QEMU's qdev id), shown by QMP.
+    pub id: Option<String>,
+}
+
 /// A virtio-blk disk on a raw image file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -27,6 +45,14 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Open the image with O_DIRECT, bypassing the host's page cache.
     pub direct: bool,
+    pub frontend: Frontend,
+}
+
+/// The virtio console (the guest's hvc0).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    pub backend: SerialConfig,
+    pub frontend: Frontend,
 }
 
 /// Where a control socket listens.
@@ -72,9 +98,8 @@ pub struct VmConfig {
     pub qmp: Vec<ListenSocket>,
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
-    pub rng: bool,
-    /// A virtio-console (the guest's hvc0) and where it goes.
-    pub console: Option<SerialConfig>,
+    pub rng: Option<Frontend>,
+    pub console: Option<ConsoleConfig>,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -95,7 +120,7 @@ impl VmConfig {
             start_paused: false,
             qmp: Vec::new(),
             disks: Vec::new(),
-            rng: false,
+            rng: None,
             console: None,
             name: None,
             uuid: None,

@@ -43,11 +43,11 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
         disks.push(block.clone());
         devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block });
     }
-    if config.rng {
+    if config.rng.is_some() {
         devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
     }
-    if let Some(mode) = &config.console {
-        let (output, input) = console::open(mode, "virtiocon0").map_err(Error::Console)?.split();
+    if let Some(console) = &config.console {
+        let (output, input) = console::open(&console.backend, "virtiocon0").map_err(Error::Console)?.split();
         let device = Arc::new(Mutex::new(Console::new(output)));
         input.start("virtio-console", {
             let device = device.clone();

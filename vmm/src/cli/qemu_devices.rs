@@ -1,0 +1,461 @@
+//! QEMU's device options: `-drive`, `-blockdev`, `-netdev`, `-object`, `-device`, in their `key=value` form or
+//! libvirt's JSON form. They name each other (`-device virtio-blk-pci,drive=d0` uses `-drive ...,id=d0`), so they are
+//! collected as given and resolved into Kestrel's device configuration once the whole command line has been read.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::{invalid, on_off, split_qemu_opts, CliError};
+use crate::config::{DiskConfig, Frontend, SerialConfig, VirtioTransport};
+
+/// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
+/// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
+/// booleans `on`/`off`.
+#[derive(Debug, Default)]
+struct Opts {
+    first: Option<String>,
+    pairs: Vec<(String, String)>,
+}
+
+impl Opts {
+    fn parse(option: &str, text: &str, implied_key: &str) -> Result<Opts, CliError> {
+        if !text.trim_start().starts_with('{') {
+            let (first, pairs) = split_qemu_opts(text);
+            let mut opts = Opts { first, pairs };
+            opts.take_implied(implied_key);
+            return Ok(opts);
+        }
+        let value: Value = serde_json::from_str(text).map_err(|e| invalid(option, text, format!("bad JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(invalid(option, text, "the JSON form must be an object"));
+        };
+        let mut opts = Opts::default();
+        flatten(option, text, "", &Value::Object(map), &mut opts.pairs)?;
+        opts.take_implied(implied_key);
+        Ok(opts)
+    }
+
+    /// `driver=virtio-blk-pci` spelled out means the same as the leading `virtio-blk-pci`.
+    fn take_implied(&mut self, implied_key: &str) {
+        if self.first.is_none() {
+            if let Some(at) = self.pairs.iter().position(|(k, _)| k == implied_key) {
+                self.first = Some(self.pairs.remove(at).1);
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+fn flatten(
+    option: &str,
+    text: &str,
+    prefix: &str,
+    value: &Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), CliError> {
+    match value {
+        Value::Object(map) => {
+            for (key, member) in map {
+                let key = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                flatten(option, text, &key, member, out)?;
+            }
+        }
+        Value::Bool(b) => out.push((prefix.to_string(), if *b { "on" } else { "off" }.to_string())),
+        Value::Number(n) => out.push((prefix.to_string(), n.to_string())),
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Null | Value::Array(_) => {
+            return Err(invalid(option, text, format!("'{prefix}' must be a string, number, boolean or object")))
+        }
+    }
+    Ok(())
+}
+
+/// Settings QEMU accepts that change nothing for Kestrel's devices: guest-visible placement Kestrel chooses itself
+/// (`bus`, `addr`), boot order (the kernel is loaded directly), and tuning with one possible value here.
+const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "bootindex", "multifunction", "romfile", "rombar"];
+
+/// A host image as `-drive if=none` or `-blockdev` describes it, waiting for the `-device` that uses it.
+#[derive(Clone, Debug)]
+struct BlockBackend {
+    path: PathBuf,
+    read_only: bool,
+    direct: bool,
+    serial: Option<String>,
+    used: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapNetdev {
+    pub ifname: String,
+}
+
+/// A network card: the tap it is plugged into, its MAC, and where the guest finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuNic {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub frontend: Frontend,
+}
+
+/// The devices QEMU's options describe, in command-line order per kind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct QemuDevices {
+    pub disks: Vec<DiskConfig>,
+    pub nics: Vec<QemuNic>,
+    pub rng: Option<Frontend>,
+    /// The virtio console: the chardev id it is connected to, and the virtio-serial controller's frontend.
+    pub console: Option<(String, Frontend)>,
+}
+
+/// Everything given so far, unresolved.
+#[derive(Debug, Default)]
+pub struct QemuDeviceOptions {
+    /// `-drive if=virtio` disks: complete devices on their own, in order.
+    drives: Vec<DiskConfig>,
+    /// Backends by id (`-drive if=none,id=`) or node name (`-blockdev`); `-blockdev` format nodes point at
+    /// protocol nodes, resolved when a device uses them.
+    backends: HashMap<String, BlockBackend>,
+    /// `-blockdev driver=raw,file=NODE`: format node name → protocol node name.
+    format_nodes: HashMap<String, (String, bool)>,
+    netdevs: HashMap<String, (TapNetdev, bool)>,
+    rng_objects: Vec<String>,
+    devices: Vec<(String, Opts)>,
+}
+
+impl QemuDeviceOptions {
+    /// `-drive file=F,if=virtio|none,format=raw[,readonly=on][,cache=...][,serial=S][,id=ID]`
+    pub fn drive(&mut self, value: &str) -> Result<(), CliError> {
+        let opts = Opts::parse("-drive", value, "file")?;
+        let mut path = opts.first.clone().map(PathBuf::from);
+        let (mut read_only, mut direct, mut serial, mut id, mut interface) = (false, false, None, None, None);
+        for (key, setting) in &opts.pairs {
+            match key.as_str() {
+                "file" => path = Some(PathBuf::from(setting)),
+                "if" => interface = Some(setting.clone()),
+                "format" if setting == "raw" => {}
+                "format" => return Err(invalid("-drive", value, "only format=raw images are supported")),
+                "readonly" | "read-only" => read_only = on_off("-drive", value, key, setting)?,
+                "cache" => direct = cache_is_direct("-drive", value, setting)?,
+                "cache.direct" => direct = on_off("-drive", value, key, setting)?,
+                "serial" => serial = Some(check_serial("-drive", value, setting)?),
+                "id" => id = Some(setting.clone()),
+                "media" if setting == "disk" => {}
+                "aio" | "discard" | "detect-zeroes" | "werror" | "rerror" | "index" | "auto-read-only" => {}
+                _ => return Err(invalid("-drive", value, format!("unsupported setting '{key}'"))),
+            }
+        }
+        let path =
+            path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| invalid("-drive", value, "file= is required"))?;
+        match interface.as_deref() {
+            Some("virtio") => {
+                let frontend = Frontend { transport: None, id: None };
+                self.drives.push(DiskConfig { path, read_only, serial, direct, frontend });
+                Ok(())
+            }
+            Some("none") => {
+                let id = id.ok_or_else(|| invalid("-drive", value, "if=none needs id= for -device drive= to use"))?;
+                self.add_backend("-drive", value, id, BlockBackend { path, read_only, direct, serial, used: false })
+            }
+            _ => Err(invalid("-drive", value, "only if=virtio, or if=none with a -device, is supported")),
+        }
+    }
+
+    /// `-blockdev driver=file,node-name=N,filename=F[,read-only=on][,cache.direct=on]`, and a raw format node on
+    /// top: `-blockdev driver=raw,node-name=M,file=N` or with the file node inline (`file.driver=file,
+    /// file.filename=F`). Also libvirt's JSON form of both.
+    pub fn blockdev(&mut self, value: &str) -> Result<(), CliError> {
+        let opts = Opts::parse("-blockdev", value, "driver")?;
+        let node = opts
+            .get("node-name")
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid("-blockdev", value, "node-name= is required"))?
+            .to_string();
+        let mut read_only = false;
+        let mut direct = false;
+        for (key, setting) in &opts.pairs {
+            match key.as_str() {
+                "read-only" => read_only = on_off("-blockdev", value, key, setting)?,
+                "cache.direct" => direct = on_off("-blockdev", value, key, setting)?,
+                "driver" | "node-name" | "filename" | "file" => {}
+                "auto-read-only" | "discard" | "aio" | "locking" | "detect-zeroes" | "cache.no-flush" => {}
+                _ if key.starts_with("file.") => {}
+                _ => return Err(invalid("-blockdev", value, format!("unsupported setting '{key}'"))),
+            }
+        }
+        match opts.first.as_deref() {
+            Some("file" | "host_device") => {
+                let path = opts.get("filename").filter(|f| !f.is_empty());
+                let path = path.ok_or_else(|| invalid("-blockdev", value, "filename= is required"))?;
+                let backend = BlockBackend { path: path.into(), read_only, direct, serial: None, used: false };
+                self.add_backend("-blockdev", value, node, backend)
+            }
+            Some("raw") => {
+                if let Some(filename) = opts.get("file.filename") {
+                    if !matches!(opts.get("file.driver"), Some("file" | "host_device")) {
+                        return Err(invalid("-blockdev", value, "file.driver must be file or host_device"));
+                    }
+                    let direct = direct || opts.get("file.cache.direct") == Some("on");
+                    let read_only = read_only || opts.get("file.read-only") == Some("on");
+                    let backend = BlockBackend { path: filename.into(), read_only, direct, serial: None, used: false };
+                    return self.add_backend("-blockdev", value, node, backend);
+                }
+                let file = opts.get("file").ok_or_else(|| invalid("-blockdev", value, "file= names the file node"))?;
+                if self.format_nodes.contains_key(&node) || self.backends.contains_key(&node) {
+                    return Err(invalid("-blockdev", value, format!("node name '{node}' is used twice")));
+                }
+                self.format_nodes.insert(node, (file.to_string(), read_only));
+                Ok(())
+            }
+            Some(other) => Err(invalid("-blockdev", value, format!("driver '{other}' is not supported (file, raw)"))),
+            None => Err(invalid("-blockdev", value, "driver= is required")),
+        }
+    }
+
+    fn add_backend(&mut self, option: &str, value: &str, id: String, backend: BlockBackend) -> Result<(), CliError> {
+        if self.backends.contains_key(&id) || self.format_nodes.contains_key(&id) {
+            return Err(invalid(option, value, format!("id '{id}' is used twice")));
+        }
+        self.backends.insert(id, backend);
+        Ok(())
+    }
+
+    /// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=off]`
+    pub fn netdev(&mut self, value: &str) -> Result<(), CliError> {
+        let opts = Opts::parse("-netdev", value, "type")?;
+        match opts.first.as_deref() {
+            Some("tap") => {}
+            Some("user") => {
+                return Err(invalid("-netdev", value, "user networking is not supported: use tap,ifname=NAME"));
+            }
+            _ => return Err(invalid("-netdev", value, "only tap netdevs are supported")),
+        }
+        let mut ifname = None;
+        let mut id = None;
+        for (key, setting) in &opts.pairs {
+            match key.as_str() {
+                "id" => id = Some(setting.clone()),
+                "ifname" => ifname = Some(setting.clone()),
+                "script" | "downscript" if setting == "no" || setting.is_empty() => {}
+                "script" | "downscript" => {
+                    return Err(invalid("-netdev", value, "scripts are not run: give script=no,downscript=no"));
+                }
+                "vhost" if !on_off("-netdev", value, key, setting)? => {}
+                "vhost" => return Err(invalid("-netdev", value, "vhost-net is not supported: vhost=off")),
+                "queues" if setting == "1" => {}
+                "fd" | "fds" | "vhostfd" | "vhostfds" | "helper" | "br" | "queues" => {
+                    return Err(invalid("-netdev", value, format!("'{key}' is not supported: give ifname=")));
+                }
+                _ => return Err(invalid("-netdev", value, format!("unsupported setting '{key}'"))),
+            }
+        }
+        let id = id.filter(|i| !i.is_empty()).ok_or_else(|| invalid("-netdev", value, "id= is required"))?;
+        let ifname =
+            ifname.filter(|n| !n.is_empty()).ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
+        if self.netdevs.insert(id.clone(), (TapNetdev { ifname }, false)).is_some() {
+            return Err(invalid("-netdev", value, format!("id '{id}' is used twice")));
+        }
+        Ok(())
+    }
+
+    /// `-object rng-random,id=ID[,filename=/dev/urandom]` or `-object rng-builtin,id=ID`: entropy sources for
+    /// `-device virtio-rng-*,rng=ID`. Kestrel's device always draws from getrandom, which is what both give.
+    pub fn object(&mut self, value: &str) -> Result<(), CliError> {
+        let opts = Opts::parse("-object", value, "qom-type")?;
+        match opts.first.as_deref() {
+            Some("rng-random" | "rng-builtin") => {}
+            Some(other) => return Err(invalid("-object", value, format!("object type '{other}' is not supported"))),
+            None => return Err(invalid("-object", value, "the object type is required")),
+        }
+        for (key, setting) in &opts.pairs {
+            match key.as_str() {
+                "id" => {}
+                "filename" if setting == "/dev/urandom" || setting == "/dev/random" => {}
+                "filename" => return Err(invalid("-object", value, "filename= must be /dev/urandom or /dev/random")),
+                _ => return Err(invalid("-object", value, format!("unsupported setting '{key}'"))),
+            }
+        }
+        let id =
+            opts.get("id").filter(|i| !i.is_empty()).ok_or_else(|| invalid("-object", value, "id= is required"))?;
+        self.rng_objects.push(id.to_string());
+        Ok(())
+    }
+
+    /// `-device DRIVER,...`: checked when the command line is complete, as it may name backends given after it.
+    pub fn device(&mut self, value: &str) -> Result<(), CliError> {
+        let opts = Opts::parse("-device", value, "driver")?;
+        if opts.first.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid("-device", value, "the device driver is required"));
+        }
+        self.devices.push((value.to_string(), opts));
+        Ok(())
+    }
+
+    /// Connects devices to their backends. `chardevs` are the `-chardev` ids (for `virtconsole,chardev=`).
+    pub fn resolve(mut self, chardevs: &HashMap<String, SerialConfig>) -> Result<QemuDevices, CliError> {
+        let mut out = QemuDevices { disks: std::mem::take(&mut self.drives), ..Default::default() };
+        let mut serial_bus: Option<(String, Frontend)> = None;
+        let devices = std::mem::take(&mut self.devices);
+        for (value, opts) in &devices {
+            let driver = opts.first.as_deref().unwrap_or_default();
+            let (model, transport) = split_driver(driver);
+            let frontend = Frontend { transport, id: opts.get("id").map(str::to_string) };
+            let known = |allowed: &[&str]| -> Result<(), CliError> {
+                for (key, _) in &opts.pairs {
+                    if !allowed.contains(&key.as_str()) && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
+                        return Err(invalid("-device", value, format!("unsupported setting '{key}' for {driver}")));
+                    }
+                }
+                Ok(())
+            };
+            match model {
+                "virtio-blk" => {
+                    known(&["drive", "serial", "num-queues", "config-wce", "scsi", "write-cache"])?;
+                    let drive = opts.get("drive").ok_or_else(|| invalid("-device", value, "drive= is required"))?;
+                    let backend = self.take_backend(value, drive)?;
+                    let serial = match opts.get("serial") {
+                        Some(s) => Some(check_serial("-device", value, s)?),
+                        None => backend.serial,
+                    };
+                    let BlockBackend { path, read_only, direct, .. } = backend;
+                    out.disks.push(DiskConfig { path, read_only, serial, direct, frontend });
+                }
+                "virtio-net" => {
+                    known(&["netdev", "mac", "mq", "vectors"])?;
+                    let id = opts.get("netdev").ok_or_else(|| invalid("-device", value, "netdev= is required"))?;
+                    let (tap, used) = self
+                        .netdevs
+                        .get_mut(id)
+                        .ok_or_else(|| invalid("-device", value, format!("no -netdev with id '{id}'")))?;
+                    if std::mem::replace(used, true) {
+                        return Err(invalid("-device", value, format!("netdev '{id}' is already in use")));
+                    }
+                    let mac =
+                        opts.get("mac").map(|m| parse_mac(m).ok_or_else(|| invalid("-device", value, "bad mac=")));
+                    out.nics.push(QemuNic { tap: tap.ifname.clone(), mac: mac.transpose()?, frontend });
+                }
+                "virtio-rng" => {
+                    known(&["rng", "max-bytes", "period"])?;
+                    if let Some(rng) = opts.get("rng") {
+                        if !self.rng_objects.iter().any(|o| o == rng) {
+                            return Err(invalid("-device", value, format!("no -object with id '{rng}'")));
+                        }
+                    }
+                    if out.rng.replace(frontend).is_some() {
+                        return Err(invalid("-device", value, "Kestrel supports one virtio-rng device"));
+                    }
+                }
+                "virtio-serial" => {
+                    known(&["max_ports", "vectors"])?;
+                    if serial_bus.is_some() {
+                        return Err(invalid("-device", value, "Kestrel supports one virtio-serial controller"));
+                    }
+                    serial_bus = Some((opts.get("id").unwrap_or_default().to_string(), frontend));
+                }
+                "virtconsole" if transport.is_none() => {
+                    known(&["chardev", "name", "nr"])?;
+                    let chardev =
+                        opts.get("chardev").ok_or_else(|| invalid("-device", value, "chardev= is required"))?;
+                    if !chardevs.contains_key(chardev) {
+                        return Err(invalid("-device", value, format!("no -chardev with id '{chardev}'")));
+                    }
+                    if out.console.is_some() {
+                        return Err(invalid("-device", value, "Kestrel supports one virtconsole"));
+                    }
+                    // The controller may come after its port on the command line; placed below.
+                    out.console = Some((chardev.to_string(), Frontend::default()));
+                }
+                _ => return Err(invalid("-device", value, format!("device '{driver}' is not supported"))),
+            }
+        }
+        match (&mut out.console, serial_bus) {
+            (Some((_, frontend)), Some((_, bus))) => *frontend = bus,
+            (Some(_), None) => {
+                return Err(CliError::Invalid {
+                    option: "-device".into(),
+                    value: "virtconsole".into(),
+                    reason: "a virtconsole needs a -device virtio-serial-pci (or -device) controller".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(CliError::Invalid {
+                    option: "-device".into(),
+                    value: "virtio-serial".into(),
+                    reason: "a virtio-serial controller needs a -device virtconsole,chardev=ID port".into(),
+                })
+            }
+            (None, None) => {}
+        }
+        if let Some((id, _)) = self.backends.iter().find(|(_, b)| !b.used) {
+            return Err(CliError::Invalid {
+                option: "-drive/-blockdev".into(),
+                value: id.clone(),
+                reason: "no -device uses it".into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The image behind `-device ...,drive=NAME`: a `-drive if=none` id, a `-blockdev` node, or a raw format node
+    /// over one. Each may be used by one device only.
+    fn take_backend(&mut self, value: &str, name: &str) -> Result<BlockBackend, CliError> {
+        let (node, format_read_only) = match self.format_nodes.get(name) {
+            Some((file, read_only)) => (file.clone(), *read_only),
+            None => (name.to_string(), false),
+        };
+        let backend = self
+            .backends
+            .get_mut(&node)
+            .ok_or_else(|| invalid("-device", value, format!("no -drive or -blockdev named '{name}'")))?;
+        if std::mem::replace(&mut backend.used, true) {
+            return Err(invalid("-device", value, format!("drive '{name}' is already in use")));
+        }
+        let mut backend = backend.clone();
+        backend.read_only |= format_read_only;
+        Ok(backend)
+    }
+}
+
+/// `virtio-blk-pci` → (`virtio-blk`, PCI); `virtio-blk-device` → (`virtio-blk`, mmio); `virtio-blk` → the machine's
+/// default transport.
+fn split_driver(driver: &str) -> (&str, Option<VirtioTransport>) {
+    if let Some(model) = driver.strip_suffix("-pci") {
+        (model, Some(VirtioTransport::Pci))
+    } else if let Some(model) = driver.strip_suffix("-device") {
+        (model, Some(VirtioTransport::Mmio))
+    } else {
+        (driver, None)
+    }
+}
+
+/// `cache=` modes: those that bypass the host page cache open the image with O_DIRECT. Every mode flushes on the
+/// guest's flush except `unsafe`, which Kestrel does not offer.
+fn cache_is_direct(option: &str, value: &str, mode: &str) -> Result<bool, CliError> {
+    match mode {
+        "none" | "directsync" => Ok(true),
+        "writeback" | "writethrough" => Ok(false),
+        _ => Err(invalid(option, value, "cache= must be none, directsync, writeback or writethrough")),
+    }
+}
+
+fn check_serial(option: &str, value: &str, serial: &str) -> Result<String, CliError> {
+    if serial.len() > 20 {
+        return Err(invalid(option, value, "serial= takes at most 20 bytes"));
+    }
+    Ok(serial.to_string())
+}
+
+/// `52:54:00:12:34:56`: six hex bytes, unicast.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
