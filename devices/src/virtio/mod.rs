@@ -17,11 +17,13 @@ pub mod block;
 pub mod chain;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -113,6 +115,21 @@ pub trait VirtioDevice: Send {
     /// reported through [`VirtioInterrupt::set_needs_reset`], never by panicking. Does nothing before
     /// `activate` or for an unknown or disabled queue.
     fn process_queue(&mut self, index: usize) -> bool;
+
+    /// Host file descriptors whose readiness is work for this device (a tap, a socket), in a fixed order. The
+    /// thread doing queue work watches them for readability, edge-triggered, from before activation until the
+    /// process ends, so they must stay open as long as the device exists. Asked once, when that thread starts.
+    fn host_event_sources(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Host source `index` (of [`host_event_sources`](Self::host_event_sources)) became readable. The device
+    /// consumes what it can: until the source would block, or until it has to wait for the guest (no buffers),
+    /// in which case it resumes on its own from `process_queue` when the driver adds buffers, since no new edge
+    /// will come for data already waiting. Returns whether the guest should be interrupted ([`INT_VRING`]).
+    fn process_host_event(&mut self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// The interrupt and error state a transport shares with its device and queue handler: the interrupt status
@@ -224,6 +241,21 @@ impl QueueHandler {
     /// Processes queue `index`. Returns whether the guest was interrupted.
     pub fn handle(&self, index: usize) -> bool {
         let notify = lock_device(&self.device).process_queue(index);
+        if notify {
+            self.interrupt.signal_used_queue();
+        }
+        notify
+    }
+
+    /// The device's host event sources (see [`VirtioDevice::host_event_sources`]).
+    pub fn host_event_sources(&self) -> Vec<RawFd> {
+        lock_device(&self.device).host_event_sources()
+    }
+
+    /// Host source `index` became readable: let the device consume it, then interrupt the guest if it wants to
+    /// hear about it. Returns whether the guest was interrupted.
+    pub fn handle_host_event(&self, index: usize) -> bool {
+        let notify = lock_device(&self.device).process_host_event(index);
         if notify {
             self.interrupt.signal_used_queue();
         }
