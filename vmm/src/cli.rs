@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{parse_memory_size, parse_uuid, DiskConfig, QmpSocket, SerialConfig, SocketAddress, VmConfig};
+use crate::config::{
+    parse_memory_size, parse_uuid, DiskConfig, MacAddress, NetConfig, QmpSocket, SerialConfig, SocketAddress, VmConfig,
+};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -23,6 +25,9 @@ Options (QEMU's spelling in brackets, where it has one):
                         with -mon chardev=ID,mode=control]
   --disk path=FILE[,readonly=on][,serial=S][,direct=on]
                         virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
+  --net tap=NAME[,mac=52:54:00:12:34:56]
+                        virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
+                        a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
   --rng                 virtio-rng device fed from the host's getrandom
   --console MODE        virtio-console (the guest's hvc0): stdio, pty, file:PATH, none (only one of --serial and
                         --console can be stdio)
@@ -88,6 +93,7 @@ enum Opt {
     Serial,
     Qmp,
     Disk,
+    Net,
     Rng,
     Console,
     Chardev,
@@ -113,6 +119,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--serial", "-serial"], Opt::Serial, true),
     (&["--qmp", "-qmp"], Opt::Qmp, true),
     (&["--disk"], Opt::Disk, true),
+    (&["--net"], Opt::Net, true),
     (&["--rng"], Opt::Rng, false),
     (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
@@ -276,6 +283,32 @@ fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     Ok(disk)
 }
 
+/// `tap=NAME[,mac=MAC]`
+fn parse_net(value: &str) -> Result<NetConfig, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    if let Some(first) = first.filter(|f| !f.is_empty()) {
+        return Err(invalid("--net", value, format!("'{first}' is not a setting: use tap=NAME[,mac=MAC]")));
+    }
+    let mut tap = None;
+    let mut mac = None;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "tap" => {
+                devices::virtio::net::tap::check_name(&setting).map_err(|e| invalid("--net", value, e.to_string()))?;
+                tap = Some(setting);
+            }
+            "mac" => {
+                let parsed: MacAddress =
+                    setting.parse().map_err(|e| invalid("--net", value, format!("mac={setting}: {e}")))?;
+                mac = Some(parsed);
+            }
+            _ => return Err(invalid("--net", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| invalid("--net", value, "tap=NAME is required"))?;
+    Ok(NetConfig { tap, mac })
+}
+
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
 fn parse_memory(value: &str) -> Result<u64, CliError> {
     let (first, pairs) = split_qemu_opts(value);
@@ -328,6 +361,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     let mut rng = false;
     let mut console = None;
     let mut chardevs: HashMap<String, QmpSocket> = HashMap::new();
@@ -360,6 +394,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&value)?)?,
             Opt::Qmp => qmp.push(parse_qmp_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
+            Opt::Net => nets.push(parse_net(&value)?),
             Opt::Rng => rng = true,
             Opt::Console => set_once(&mut console, &spelling, parse_serial(&value)?)?,
             Opt::Chardev => {
@@ -405,6 +440,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
     config.qmp = qmp;
     config.disks = disks;
+    config.nets = nets;
     config.rng = rng;
     if console == Some(SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
@@ -494,6 +530,39 @@ mod tests {
             "--kernel k --disk /a,serial=123456789012345678901",
         ] {
             assert!(matches!(parse_str(bad), Err(CliError::Invalid { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_devices_on_taps() {
+        let config = config("--kernel k --net tap=tap0 --net tap=kestrel1,mac=52:54:00:AB:cd:01");
+        assert_eq!(
+            config.nets,
+            vec![
+                NetConfig { tap: "tap0".into(), mac: None },
+                NetConfig { tap: "kestrel1".into(), mac: Some(MacAddress([0x52, 0x54, 0, 0xab, 0xcd, 1])) },
+            ]
+        );
+        assert!(self::config("--kernel k").nets.is_empty());
+        let cases = [
+            ("--net tap0", "'tap0' is not a setting"),
+            ("--net mac=52:54:00:12:34:56", "tap=NAME is required"),
+            ("--net tap=", "invalid tap name '': empty"),
+            ("--net tap=sixteen-bytes-xx", "longer than 15 bytes"),
+            ("--net tap=a/b", "contains '/'"),
+            ("--net tap=t,mac=52:54:00:12:34", "six hexadecimal bytes"),
+            ("--net tap=t,mac=52:54:00:12:34:56:78", "six hexadecimal bytes"),
+            ("--net tap=t,mac=52:54:00:12:34:zz", "six hexadecimal bytes"),
+            ("--net tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("--net tap=t,mac=00:00:00:00:00:00", "all-zero"),
+            ("--net tap=t,model=e1000", "unsupported setting 'model'"),
+            ("--net tap=t,vhost=on", "unsupported setting 'vhost'"),
+        ];
+        for (args, reason) in cases {
+            let err = parse_str(&format!("--kernel k {args}")).unwrap_err();
+            assert!(matches!(err, CliError::Invalid { .. }), "{args}: {err:?}");
+            assert!(err.to_string().contains(reason), "{args}: {err}");
+            assert!(err.to_string().starts_with("invalid --net '"), "{args}: {err}");
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use devices::virtio::net::MacAddress;
+
 /// Where a guest character device (the first serial port, the virtio console) goes on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -24,6 +26,16 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Open the image with O_DIRECT, bypassing the host's page cache.
     pub direct: bool,
+}
+
+/// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` with
+/// `-device virtio-net-...,mac=MAC`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface's name (created if it does not exist).
+    pub tap: String,
+    /// The guest's MAC address; by default 52:54:00:12:34:56 for the first network device, :57 for the next...
+    pub mac: Option<MacAddress>,
 }
 
 /// Where a control socket listens.
@@ -68,6 +80,7 @@ pub struct VmConfig {
     pub start_paused: bool,
     pub qmp: Vec<QmpSocket>,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
@@ -92,6 +105,7 @@ impl VmConfig {
             start_paused: false,
             qmp: Vec::new(),
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
             console: None,
             name: None,
