@@ -369,6 +369,39 @@ fn drain(
     Ok(used && queue.needs_notification(mem).map_err(err)?)
 }
 
+/// For a device that takes chains off `queue` only while it has something for them (receive queues): the next
+/// available chain, with the ring-level checks of [`ActiveQueues::process`]. `Ok(None)` when the driver has made
+/// nothing more available; the driver has then been asked to notify the next chain it adds. `Err` when the driver
+/// corrupted the ring (the caller breaks the queue).
+pub(crate) fn pop_available<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    use std::num::Wrapping;
+    let err = |e: virtio_queue::Error| e.to_string();
+    loop {
+        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
+        let ahead = (avail - Wrapping(queue.next_avail())).0;
+        if ahead > queue.size() {
+            return Err(format!("available index {} is {ahead} entries ahead", avail.0));
+        }
+        if ahead == 0 {
+            // The driver may have added a chain just now; look again if so.
+            if queue.enable_notification(mem).map_err(err)? {
+                continue;
+            }
+            return Ok(None);
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Err("available ring unreadable".into());
+        };
+        if chain.head_index() >= queue.size() {
+            return Err(format!("head index {} is outside the descriptor table", chain.head_index()));
+        }
+        return Ok(Some(chain));
+    }
+}
+
 /// A device whose lock was poisoned by a panicking thread is still the best state we have; keep serving it.
 pub(crate) fn lock_device(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
     device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -36,11 +36,11 @@ pub mod tap;
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::num::Wrapping;
 use std::os::fd::RawFd;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use virtio_queue::QueueOwnedT;
 
 use super::chain::{self, Chain};
 use super::{
@@ -351,20 +351,8 @@ impl Receiver<'_> {
     fn run(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
         let err = |e: virtio_queue::Error| e.to_string();
         let mut used = false;
-        loop {
-            let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
-            let ahead = (avail - Wrapping(queue.next_avail())).0;
-            if ahead > queue.size() {
-                return Err(format!("available index {} is {ahead} entries ahead", avail.0));
-            }
-            if ahead == 0 {
-                // Out of buffers: frames stay in the backend until the driver posts more and notifies (it may
-                // have posted one just now; look again if so).
-                if queue.enable_notification(mem).map_err(err)? {
-                    continue;
-                }
-                break;
-            }
+        // Out of buffers: frames stay in the backend until the driver posts more and notifies.
+        while let Some(chain) = super::pop_available(queue, mem)? {
             let frame_len = match *self.held {
                 Some(len) => len,
                 None => match self.backend.recv(self.buffer) {
@@ -372,22 +360,19 @@ impl Receiver<'_> {
                         *self.held = Some(len);
                         len
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            self.backend_error = Some(e);
+                        // The buffer goes back to the driver's side of the ring, unused.
+                        queue.go_to_previous_position();
+                        match e.kind() {
+                            io::ErrorKind::Interrupted => continue,
+                            io::ErrorKind::WouldBlock => {}
+                            _ => self.backend_error = Some(e),
                         }
                         break;
                     }
                 },
             };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return Err("available ring unreadable".into());
-            };
             let head = chain.head_index();
-            if head >= queue.size() {
-                return Err(format!("head index {head} is outside the descriptor table"));
-            }
             let delivery = match chain::parse(chain, MAX_DESCRIPTORS) {
                 Ok(c) => {
                     let held = frame_len.min(self.buffer.len());
