@@ -398,6 +398,27 @@ fn virtio_console_carries_output_and_input() {
     c.assert_exited(0);
 }
 
+#[test]
+fn virtio_net_carries_ping_http_and_an_upload_through_a_tap() {
+    let Some(c) = case("virtio-net") else { return };
+    c.assert_marker();
+    c.assert_line("NET-MAC=52:54:00:12:34:99");
+    c.assert_line("PING-OK");
+    c.assert_line("UPLOAD-DONE");
+    // Each file's hash on the receiving side is the one the sending side computed.
+    let text = |key: &str| {
+        let prefix = format!("{key}=");
+        let found = c.case.console.lines().find_map(|l| l.trim_end().strip_prefix(prefix.as_str()));
+        let value = found.unwrap_or_else(|| panic!("the console has no {key}= line\n{}", c.describe()));
+        c.assert(value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()), &format!("{key}={value}"));
+        value.to_string()
+    };
+    c.assert(text("DOWNLOAD-SHA256") == text("NETNS-SERVED-SHA256"), "the guest downloaded what httpd served");
+    c.assert(text("UPLOAD-SHA256") == text("NETNS-RECEIVED-SHA256"), "L1 received what the guest uploaded");
+    c.assert(c.value("NETNS-RECEIVED-BYTES") == 2 << 20, "L1 received all 2 MiB");
+    c.assert_exited(0);
+}
+
 /// SHA-256 by the host's `sha256sum`, so the expected digests come from the same tool as L1's.
 fn sha256_hex(bytes: &[u8]) -> String {
     use std::io::Write;

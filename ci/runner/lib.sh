@@ -48,7 +48,7 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|until|expect-exit|expect|expect-count|expect-value|expect-epoch) ;;
+      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|netns|until|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
     printf '%s\t%s\n' "$key" "$value" >>"$specdir/$name.spec"
@@ -94,6 +94,13 @@ runner_parse_cases() {
     awk -F'\t' '$1 == "disk" { print $2 }' "$spec" >"$d/disks"
     [ -s "$d/disks" ] || rm -f "$d/disks"
     [ -n "$(spec_get "$spec" until)" ] && spec_get "$spec" until >"$d/until"
+    # netns SCRIPT: the case runs in a private network namespace that ci/runner/SCRIPT sets up and tears down.
+    local netns
+    netns="$(spec_get "$spec" netns)"
+    if [ -n "$netns" ]; then
+      [[ "$netns" =~ ^[A-Za-z0-9_.-]+$ ]] && [ -f "$repo/ci/runner/$netns" ] || rdie "case $name: no script ci/runner/$netns"
+      cp "$repo/ci/runner/$netns" "$d/netns"
+    fi
     echo "$name"
   done
 }
@@ -205,6 +212,12 @@ runner_check() {
             v="$(sed -n "s/^$k=\([0-9][0-9]*\)\$/\1/p" <<<"$out" | head -n1)"
             { [ -n "$v" ] && [ "$v" -ge "$min" ] && [ "$v" -le "$max" ]; } \
               || problems+=("$k=${v:-missing}, expected $min..$max") ;;
+          expect-same)
+            local k1 k2 v1 v2
+            read -r k1 k2 <<<"$value"
+            v1="$(sed -n "s/^$k1=\([^ ]*\)\$/\1/p" <<<"$out" | head -n1)"
+            v2="$(sed -n "s/^$k2=\([^ ]*\)\$/\1/p" <<<"$out" | head -n1)"
+            { [ -n "$v1" ] && [ "$v1" = "$v2" ]; } || problems+=("$k1=${v1:-missing} and $k2=${v2:-missing} differ") ;;
           expect-epoch)
             local k tol v s e
             read -r k tol <<<"$value"

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, SerialConfig, SocketAddress,
-    VmConfig,
+    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, MacAddress, NetConfig,
+    SerialConfig, SocketAddress, VmConfig,
 };
 
 mod qemu_devices;
@@ -30,6 +30,9 @@ Options (QEMU's spelling in brackets, where it has one):
                         with -mon chardev=ID,mode=control]
   --disk path=FILE[,readonly=on][,serial=S][,direct=on]
                         virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
+  --net tap=NAME[,mac=52:54:00:12:34:56]
+                        virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
+                        a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
   --rng                 virtio-rng device fed from the host's getrandom
   --console MODE        virtio-console (the guest's hvc0), with --serial's modes (only one of --serial and
                         --console can be stdio)
@@ -107,6 +110,7 @@ enum Opt {
     Serial,
     Qmp,
     Disk,
+    Net,
     Rng,
     Console,
     Chardev,
@@ -137,6 +141,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--serial", "-serial"], Opt::Serial, true),
     (&["--qmp", "-qmp"], Opt::Qmp, true),
     (&["--disk"], Opt::Disk, true),
+    (&["--net"], Opt::Net, true),
     (&["--rng"], Opt::Rng, false),
     (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
@@ -322,6 +327,32 @@ fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     Ok(disk)
 }
 
+/// `tap=NAME[,mac=MAC]`
+fn parse_net(value: &str) -> Result<NetConfig, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    if let Some(first) = first.filter(|f| !f.is_empty()) {
+        return Err(invalid("--net", value, format!("'{first}' is not a setting: use tap=NAME[,mac=MAC]")));
+    }
+    let mut tap = None;
+    let mut mac = None;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "tap" => {
+                devices::virtio::net::tap::check_name(&setting).map_err(|e| invalid("--net", value, e.to_string()))?;
+                tap = Some(setting);
+            }
+            "mac" => {
+                let parsed: MacAddress =
+                    setting.parse().map_err(|e| invalid("--net", value, format!("mac={setting}: {e}")))?;
+                mac = Some(parsed);
+            }
+            _ => return Err(invalid("--net", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| invalid("--net", value, "tap=NAME is required"))?;
+    Ok(NetConfig { tap, mac, frontend: Frontend::default() })
+}
+
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
 fn parse_memory(value: &str) -> Result<u64, CliError> {
     let (first, pairs) = split_qemu_opts(value);
@@ -379,6 +410,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     let mut rng = false;
     let mut console = None;
     let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
@@ -416,6 +448,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             },
             Opt::Qmp => qmp.push(parse_listen_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
+            Opt::Net => nets.push(parse_net(&value)?),
             Opt::Rng => rng = true,
             Opt::Drive => qemu_devices.drive(&value)?,
             Opt::Blockdev => qemu_devices.blockdev(&value)?,
@@ -471,9 +504,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
         (true, Some(_)) => return Err(CliError::Repeated("--rng / -device virtio-rng".into())),
     };
     disks.extend(qemu.disks);
-    if !qemu.nics.is_empty() {
-        return Err(invalid("-device", "virtio-net", "network cards are not supported yet"));
-    }
+    nets.extend(qemu.nics);
 
     let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
     config.initrd = initrd;
@@ -492,6 +523,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
     config.qmp = qmp;
     config.disks = disks;
+    config.nets = nets;
     config.rng = rng;
     if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
@@ -648,6 +680,25 @@ mod tests {
     }
 
     #[test]
+    fn qemu_netdev_and_nic() {
+        let config = config(
+            "-kernel k -netdev tap,id=n0,ifname=ktap0,script=no,downscript=no,vhost=off \
+             -device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc,id=net0",
+        );
+        let mac = Some(MacAddress([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(config.nets, vec![NetConfig { tap: "ktap0".into(), mac, frontend: pci(Some("net0")) }]);
+        for (args, needle) in [
+            ("-netdev tap,id=n0,ifname=a/b -device virtio-net-pci,netdev=n0", "ifname"),
+            ("-netdev tap,id=n0,ifname=t0 -device virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01", "mac="),
+            ("-netdev tap,id=n0,ifname=t0 -device virtio-net-pci,netdev=n0 -device virtio-net-pci,netdev=n0", "in use"),
+        ] {
+            let args = format!("--kernel k {args}");
+            let err = parse_str(&args).expect_err(&args).to_string();
+            assert!(err.contains(needle), "{args}: {err}");
+        }
+    }
+
+    #[test]
     fn qemu_chardevs_for_serial_console_and_monitor() {
         let config = config(
             "-kernel k -chardev file,id=s0,path=/tmp/serial.log -serial chardev:s0 \
@@ -704,6 +755,43 @@ mod tests {
         let unix = SocketAddress::Unix("/tmp/c.sock".into());
         let socket = SerialConfig::Socket(ListenSocket { address: unix, wait: true });
         assert_eq!(config.console.map(|c| c.backend), Some(socket));
+    }
+
+    #[test]
+    fn network_devices_on_taps() {
+        let config = config("--kernel k --net tap=tap0 --net tap=kestrel1,mac=52:54:00:AB:cd:01");
+        assert_eq!(
+            config.nets,
+            vec![
+                NetConfig { tap: "tap0".into(), mac: None, frontend: Frontend::default() },
+                NetConfig {
+                    tap: "kestrel1".into(),
+                    mac: Some(MacAddress([0x52, 0x54, 0, 0xab, 0xcd, 1])),
+                    frontend: Frontend::default()
+                },
+            ]
+        );
+        assert!(self::config("--kernel k").nets.is_empty());
+        let cases = [
+            ("--net tap0", "'tap0' is not a setting"),
+            ("--net mac=52:54:00:12:34:56", "tap=NAME is required"),
+            ("--net tap=", "invalid tap name '': empty"),
+            ("--net tap=sixteen-bytes-xx", "longer than 15 bytes"),
+            ("--net tap=a/b", "contains '/'"),
+            ("--net tap=t,mac=52:54:00:12:34", "six hexadecimal bytes"),
+            ("--net tap=t,mac=52:54:00:12:34:56:78", "six hexadecimal bytes"),
+            ("--net tap=t,mac=52:54:00:12:34:zz", "six hexadecimal bytes"),
+            ("--net tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("--net tap=t,mac=00:00:00:00:00:00", "all-zero"),
+            ("--net tap=t,model=e1000", "unsupported setting 'model'"),
+            ("--net tap=t,vhost=on", "unsupported setting 'vhost'"),
+        ];
+        for (args, reason) in cases {
+            let err = parse_str(&format!("--kernel k {args}")).unwrap_err();
+            assert!(matches!(err, CliError::Invalid { .. }), "{args}: {err:?}");
+            assert!(err.to_string().contains(reason), "{args}: {err}");
+            assert!(err.to_string().starts_with("invalid --net '"), "{args}: {err}");
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use devices::virtio::net::MacAddress;
+
 /// Where a guest character device (the first serial port, the virtio console) goes on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -55,6 +57,17 @@ pub struct ConsoleConfig {
     pub frontend: Frontend,
 }
 
+/// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` with
+/// `-device virtio-net-...,mac=MAC`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface's name (created if it does not exist).
+    pub tap: String,
+    /// The guest's MAC address; by default 52:54:00:12:34:56 for the first network device, :57 for the next...
+    pub mac: Option<MacAddress>,
+    pub frontend: Frontend,
+}
+
 /// Where a control socket listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketAddress {
@@ -97,6 +110,7 @@ pub struct VmConfig {
     pub start_paused: bool,
     pub qmp: Vec<ListenSocket>,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
@@ -120,6 +134,7 @@ impl VmConfig {
             start_paused: false,
             qmp: Vec::new(),
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: None,
             console: None,
             name: None,

@@ -1,12 +1,15 @@
 //! Virtio devices from the configuration, and the threads that do their work: each device gets a worker that
 //! waits on its queues' notification eventfds (signalled by the hypervisor's ioeventfds) and processes the queue,
-//! so disk I/O never runs on a vCPU thread or the event loop.
+//! so disk I/O never runs on a vCPU thread or the event loop. The same worker watches the host descriptors a device
+//! hands it (a tap), so network I/O does not either.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::console::Console;
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::{MacAddress, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
 use mio::unix::SourceFd;
@@ -26,7 +29,7 @@ pub struct NamedDevice {
 /// A virtio-blk device, typed, for what only a disk can answer (QMP's block queries).
 pub type Disk = Arc<Mutex<Block>>;
 
-/// The virtio devices the configuration asks for, in a stable order (disks, the rng, the console); the console's
+/// The virtio devices the configuration asks for, in a stable order (disks, nets, the rng, the console); the console's
 /// host input starts flowing here. Also returns the disks again, typed, in `config.disks` order (for QMP).
 pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
     let mut devices = Vec::new();
@@ -43,6 +46,12 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
         disks.push(block.clone());
         devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block });
     }
+    for (index, net) in config.nets.iter().enumerate() {
+        let tap = Tap::open(&net.tap).map_err(|e| Error::Device(format!("--net tap={}: {e}", net.tap)))?;
+        let mac = net.mac.unwrap_or_else(|| MacAddress::default_for(index));
+        let device = Arc::new(Mutex::new(Net::new(mac, Box::new(tap))));
+        devices.push(NamedDevice { name: format!("virtio-net{index}"), device });
+    }
     if config.rng.is_some() {
         devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
     }
@@ -58,7 +67,8 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
     Ok((devices, disks))
 }
 
-/// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work.
+/// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work, and the device's host
+/// event sources (tokens after the queues') that the host has something for it.
 pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandler) -> Result<(), Error> {
     let mut poll = Poll::new().map_err(|e| Error::Host("creating a device worker", e))?;
     for (index, event) in queue_events.iter().enumerate() {
@@ -67,10 +77,16 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
             .register(&mut SourceFd(&fd), Token(index), Interest::READABLE)
             .map_err(|e| Error::Host("watching a virtio queue", e))?;
     }
+    let host_sources = handler.host_event_sources();
+    for (index, fd) in host_sources.iter().enumerate() {
+        poll.registry()
+            .register(&mut SourceFd(fd), Token(queue_events.len() + index), Interest::READABLE)
+            .map_err(|e| Error::Host("watching a device's host descriptor", e))?;
+    }
     thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            let mut events = Events::with_capacity(queue_events.len().max(1));
+            let mut events = Events::with_capacity((queue_events.len() + host_sources.len()).max(1));
             loop {
                 if let Err(e) = poll.poll(&mut events, None) {
                     if e.kind() == std::io::ErrorKind::Interrupted {
@@ -80,9 +96,18 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
                 }
                 for event in events.iter() {
                     let index = event.token().0;
-                    // Drain the counter first: a notification arriving during processing then wakes us again.
-                    if queue_events[index].read().is_ok() {
-                        handler.handle(index);
+                    match queue_events.get(index) {
+                        // Drain the counter first: a notification arriving during processing then wakes us again.
+                        Some(queue_event) => {
+                            if queue_event.read().is_ok() {
+                                handler.handle(index);
+                            }
+                        }
+                        // Edge-triggered: the device consumes until the source would block or it must wait for
+                        // the guest, and resumes by itself on the guest's next queue notification.
+                        None => {
+                            handler.handle_host_event(index - queue_events.len());
+                        }
                     }
                 }
             }

@@ -28,8 +28,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::chain::{self, Chain};
@@ -163,26 +161,9 @@ fn fill_receive_buffers(queue: &mut Queue, mem: &GuestMemoryMmap, pending: &mut 
     let err = |e: virtio_queue::Error| e.to_string();
     let mut used = false;
     while !pending.is_empty() {
-        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
-        let ahead = (avail - Wrapping(queue.next_avail())).0;
-        if ahead > queue.size() {
-            return Err(format!("available index {} is {ahead} entries ahead", avail.0));
-        }
-        if ahead == 0 {
-            // Out of buffers with input left: ask to be notified of the next one (the driver may have added one
-            // just now; look again if so).
-            if queue.enable_notification(mem).map_err(err)? {
-                continue;
-            }
-            break;
-        }
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return Err("available ring unreadable".into());
-        };
+        // Out of buffers with input left: the driver will notify the next one.
+        let Some(chain) = super::pop_available(queue, mem)? else { break };
         let head = chain.head_index();
-        if head >= queue.size() {
-            return Err(format!("head index {head} is outside the descriptor table"));
-        }
         let len = match chain::parse(chain, MAX_DESCRIPTORS) {
             Ok(c) => receive(mem, &c, pending),
             Err(e) => {

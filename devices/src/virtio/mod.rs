@@ -17,11 +17,13 @@ pub mod block;
 pub mod chain;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -113,6 +115,21 @@ pub trait VirtioDevice: Send {
     /// reported through [`VirtioInterrupt::set_needs_reset`], never by panicking. Does nothing before
     /// `activate` or for an unknown or disabled queue.
     fn process_queue(&mut self, index: usize) -> bool;
+
+    /// Host file descriptors whose readiness is work for this device (a tap, a socket), in a fixed order. The
+    /// thread doing queue work watches them for readability, edge-triggered, from before activation until the
+    /// process ends, so they must stay open as long as the device exists. Asked once, when that thread starts.
+    fn host_event_sources(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Host source `index` (of [`host_event_sources`](Self::host_event_sources)) became readable. The device
+    /// consumes what it can: until the source would block, or until it has to wait for the guest (no buffers),
+    /// in which case it resumes on its own from `process_queue` when the driver adds buffers, since no new edge
+    /// will come for data already waiting. Returns whether the guest should be interrupted ([`INT_VRING`]).
+    fn process_host_event(&mut self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// The interrupt and error state a transport shares with its device and queue handler: the interrupt status
@@ -229,6 +246,21 @@ impl QueueHandler {
         }
         notify
     }
+
+    /// The device's host event sources (see [`VirtioDevice::host_event_sources`]).
+    pub fn host_event_sources(&self) -> Vec<RawFd> {
+        lock_device(&self.device).host_event_sources()
+    }
+
+    /// Host source `index` became readable: let the device consume it, then interrupt the guest if it wants to
+    /// hear about it. Returns whether the guest was interrupted.
+    pub fn handle_host_event(&self, index: usize) -> bool {
+        let notify = lock_device(&self.device).process_host_event(index);
+        if notify {
+            self.interrupt.signal_used_queue();
+        }
+        notify
+    }
 }
 
 /// A device's state between `activate` and `reset`: guest memory, its queues and the shared interrupt state.
@@ -335,6 +367,39 @@ fn drain(
         }
     }
     Ok(used && queue.needs_notification(mem).map_err(err)?)
+}
+
+/// For a device that takes chains off `queue` only while it has something for them (receive queues): the next
+/// available chain, with the ring-level checks of [`ActiveQueues::process`]. `Ok(None)` when the driver has made
+/// nothing more available; the driver has then been asked to notify the next chain it adds. `Err` when the driver
+/// corrupted the ring (the caller breaks the queue).
+pub(crate) fn pop_available<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    use std::num::Wrapping;
+    let err = |e: virtio_queue::Error| e.to_string();
+    loop {
+        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
+        let ahead = (avail - Wrapping(queue.next_avail())).0;
+        if ahead > queue.size() {
+            return Err(format!("available index {} is {ahead} entries ahead", avail.0));
+        }
+        if ahead == 0 {
+            // The driver may have added a chain just now; look again if so.
+            if queue.enable_notification(mem).map_err(err)? {
+                continue;
+            }
+            return Ok(None);
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Err("available ring unreadable".into());
+        };
+        if chain.head_index() >= queue.size() {
+            return Err(format!("head index {} is outside the descriptor table", chain.head_index()));
+        }
+        return Ok(Some(chain));
+    }
 }
 
 /// A device whose lock was poisoned by a panicking thread is still the best state we have; keep serving it.

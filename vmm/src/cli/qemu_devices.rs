@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{invalid, on_off, split_qemu_opts, CliError};
-use crate::config::{DiskConfig, Frontend, SerialConfig, VirtioTransport};
+use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, VirtioTransport};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
 /// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
@@ -90,23 +90,15 @@ struct BlockBackend {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TapNetdev {
-    pub ifname: String,
-}
-
-/// A network card: the tap it is plugged into, its MAC, and where the guest finds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QemuNic {
-    pub tap: String,
-    pub mac: Option<[u8; 6]>,
-    pub frontend: Frontend,
+struct TapNetdev {
+    ifname: String,
 }
 
 /// The devices QEMU's options describe, in command-line order per kind.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct QemuDevices {
     pub disks: Vec<DiskConfig>,
-    pub nics: Vec<QemuNic>,
+    pub nics: Vec<NetConfig>,
     pub rng: Option<Frontend>,
     /// The virtio console: the chardev id it is connected to, and the virtio-serial controller's frontend.
     pub console: Option<(String, Frontend)>,
@@ -254,8 +246,8 @@ impl QemuDeviceOptions {
             }
         }
         let id = id.filter(|i| !i.is_empty()).ok_or_else(|| invalid("-netdev", value, "id= is required"))?;
-        let ifname =
-            ifname.filter(|n| !n.is_empty()).ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
+        let ifname = ifname.ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
+        devices::virtio::net::tap::check_name(&ifname).map_err(|e| invalid("-netdev", value, e.to_string()))?;
         if self.netdevs.insert(id.clone(), (TapNetdev { ifname }, false)).is_some() {
             return Err(invalid("-netdev", value, format!("id '{id}' is used twice")));
         }
@@ -334,9 +326,10 @@ impl QemuDeviceOptions {
                     if std::mem::replace(used, true) {
                         return Err(invalid("-device", value, format!("netdev '{id}' is already in use")));
                     }
-                    let mac =
-                        opts.get("mac").map(|m| parse_mac(m).ok_or_else(|| invalid("-device", value, "bad mac=")));
-                    out.nics.push(QemuNic { tap: tap.ifname.clone(), mac: mac.transpose()?, frontend });
+                    let mac = opts.get("mac").map(|m| {
+                        m.parse::<MacAddress>().map_err(|e| invalid("-device", value, format!("mac={m}: {e}")))
+                    });
+                    out.nics.push(NetConfig { tap: tap.ifname.clone(), mac: mac.transpose()?, frontend });
                 }
                 "virtio-rng" => {
                     known(&["rng", "max-bytes", "period"])?;
@@ -447,15 +440,4 @@ fn check_serial(option: &str, value: &str, serial: &str) -> Result<String, CliEr
         return Err(invalid(option, value, "serial= takes at most 20 bytes"));
     }
     Ok(serial.to_string())
-}
-
-/// `52:54:00:12:34:56`: six hex bytes, unicast.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2)?;
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
