@@ -8,7 +8,7 @@ pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
-pub use interrupt::{EventFdLine, InterruptLine};
+pub use interrupt::{EventFdLine, InterruptLine, LevelOutput};
 
 use std::fmt;
 use std::sync::Arc;
