@@ -68,6 +68,20 @@ pub(crate) mod test_utils {
         }
     }
 
+    /// An output sink the test keeps a handle on, for what a device wrote.
+    #[derive(Clone, Default)]
+    pub struct SharedBuffer(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// Platform events that land in a channel the test can inspect.
     pub fn recorded_events() -> (PlatformEvents, Receiver<PlatformRequest>) {
         let (tx, rx) = channel();

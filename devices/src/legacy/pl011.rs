@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Arc;
 
-use super::primecell::{id_register, register_access, reply, written_value};
+use super::primecell::{self, id_register};
 use crate::{BusDevice, InterruptLine, LevelOutput};
 
 const DR: u64 = 0x00;
@@ -260,43 +260,20 @@ impl Pl011 {
 
 impl BusDevice for Pl011 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match register_access(offset, data.len()) {
-            Some((register, byte)) => {
-                let value = self.read_register(register);
-                reply(data, value, byte);
-                self.update_interrupt();
-            }
-            None => data.fill(0),
-        }
+        primecell::read(offset, data, |register| self.read_register(register));
+        self.update_interrupt();
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some((register, byte)) = register_access(offset, data.len()) else { return };
-        let Some(value) = written_value(data, byte) else { return };
-        self.write_register(register, value);
+        primecell::write(offset, data, |register, value| self.write_register(register, value));
         self.update_interrupt();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io;
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::test_utils::CountingLine;
-
-    #[derive(Clone, Default)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-    impl Write for SharedBuffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_utils::{CountingLine, SharedBuffer};
 
     fn read32(uart: &mut Pl011, offset: u64) -> u32 {
         let mut data = [0u8; 4];

@@ -7,7 +7,7 @@
 use vm_superio::rtc_pl031::NoEvents;
 use vm_superio::Rtc;
 
-use super::primecell::{register_access, reply};
+use super::primecell::{self, register_access};
 use crate::BusDevice;
 
 pub struct Pl031 {
@@ -28,14 +28,12 @@ impl Default for Pl031 {
 
 impl BusDevice for Pl031 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let Some((register, byte)) = register_access(offset, data.len()) else {
-            data.fill(0);
-            return;
-        };
-        // vm-superio leaves the buffer alone for write-only and reserved registers: they read as zero.
-        let mut value = [0u8; 4];
-        self.rtc.read(register as u16, &mut value);
-        reply(data, u32::from_le_bytes(value), byte);
+        primecell::read(offset, data, |register| {
+            // vm-superio leaves the buffer alone for write-only and reserved registers: they read as zero.
+            let mut value = [0u8; 4];
+            self.rtc.read(register as u16, &mut value);
+            u32::from_le_bytes(value)
+        });
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::primecell::{id_register, register_access, reply, written_value};
+use super::primecell::{self, id_register};
 use crate::{BusDevice, InterruptLine, LevelOutput};
 
 /// GPIODATA spans 0x000-0x3fc: address bits 9:2 mask which lines an access reads or writes.
@@ -186,20 +186,12 @@ impl Pl061 {
 
 impl BusDevice for Pl061 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match register_access(offset, data.len()) {
-            Some((register, byte)) => {
-                let value = self.read_register(register);
-                reply(data, value, byte);
-                self.update_interrupt();
-            }
-            None => data.fill(0),
-        }
+        primecell::read(offset, data, |register| self.read_register(register));
+        self.update_interrupt();
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some((register, byte)) = register_access(offset, data.len()) else { return };
-        let Some(value) = written_value(data, byte) else { return };
-        self.write_register(register, value);
+        primecell::write(offset, data, |register, value| self.write_register(register, value));
         self.update_interrupt();
     }
 }

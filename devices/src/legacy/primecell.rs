@@ -21,15 +21,34 @@ pub fn register_access(offset: u64, len: usize) -> Option<(u64, u32)> {
     (offset < WINDOW_SIZE && (1..=4).contains(&len) && byte + len <= 4).then_some((offset - byte as u64, byte as u32))
 }
 
+/// Completes a guest read through `read_register`, which only ever sees 4-byte aligned register offsets inside
+/// the window; odd accesses read as zero without reaching it.
+pub fn read(offset: u64, data: &mut [u8], read_register: impl FnOnce(u64) -> u32) {
+    match register_access(offset, data.len()) {
+        Some((register, byte)) => reply(data, read_register(register), byte),
+        None => data.fill(0),
+    }
+}
+
+/// Completes a guest write through `write_register` (register offset, zero-extended value); odd accesses are
+/// dropped without reaching it.
+pub fn write(offset: u64, data: &[u8], write_register: impl FnOnce(u64, u32)) {
+    if let Some((register, byte)) = register_access(offset, data.len()) {
+        if let Some(value) = written_value(data, byte) {
+            write_register(register, value);
+        }
+    }
+}
+
 /// Completes a read of `value`'s bytes starting at `byte`.
-pub fn reply(data: &mut [u8], value: u32, byte: u32) {
+fn reply(data: &mut [u8], value: u32, byte: u32) {
     let bytes = (value >> (8 * byte)).to_le_bytes();
     data.copy_from_slice(&bytes[..data.len()]);
 }
 
 /// The value a write at the start of a register carries, zero-extended. Writes into the middle of a register
 /// are not something Linux's drivers do; they are dropped rather than guessed at.
-pub fn written_value(data: &[u8], byte: u32) -> Option<u32> {
+fn written_value(data: &[u8], byte: u32) -> Option<u32> {
     if byte != 0 {
         return None;
     }
