@@ -2,6 +2,9 @@
 //! registers when it starts. Nothing here knows about KVM, file descriptors or threads, so all of it is
 //! testable natively and under qemu-user.
 
+// Compiled on every target: it is data and pure functions, so its tests run natively and under qemu-user alike.
+pub mod aarch64;
+
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         pub mod x86_64;

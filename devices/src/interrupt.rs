@@ -1,6 +1,7 @@
 //! Interrupt lines as devices see them.
 
 use std::io;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,9 +30,58 @@ impl InterruptLine for EventFdLine {
     }
 }
 
+/// A device's level-sensitive interrupt output, carried over an edge `InterruptLine`: the line is triggered each
+/// time the output rises. That is all an edge-triggered interrupt needs. For a level-triggered one (an ARM SPI
+/// behind an irqfd with a resample eventfd), the owner of the resample notification, which KVM sends after the
+/// guest's EOI, asks [`asserted`](Self::asserted) and triggers the line again while it is still true.
+pub struct LevelOutput {
+    line: Arc<dyn InterruptLine>,
+    asserted: bool,
+}
+
+impl LevelOutput {
+    pub fn new(line: Arc<dyn InterruptLine>) -> Self {
+        LevelOutput { line, asserted: false }
+    }
+
+    /// Sets the output level; a rising edge triggers the line. A failed trigger (an eventfd that cannot be
+    /// written) cannot be helped from inside a device; the resample path retries a level that stayed high.
+    pub fn set(&mut self, level: bool) {
+        if level && !self.asserted {
+            let _ = self.line.trigger();
+        }
+        self.asserted = level;
+    }
+
+    pub fn asserted(&self) -> bool {
+        self.asserted
+    }
+
+    pub fn line(&self) -> &Arc<dyn InterruptLine> {
+        &self.line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::CountingLine;
+
+    #[test]
+    fn level_output_triggers_on_rising_edges_only() {
+        let line = Arc::new(CountingLine::default());
+        let mut output = LevelOutput::new(line.clone());
+        output.set(false);
+        assert_eq!(line.count(), 0);
+        output.set(true);
+        output.set(true);
+        assert_eq!(line.count(), 1);
+        assert!(output.asserted());
+        output.set(false);
+        assert!(!output.asserted());
+        output.set(true);
+        assert_eq!(line.count(), 2);
+    }
 
     #[test]
     fn trigger_signals_the_eventfd() {

@@ -8,7 +8,7 @@ pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
-pub use interrupt::{EventFdLine, InterruptLine};
+pub use interrupt::{EventFdLine, InterruptLine, LevelOutput};
 
 use std::fmt;
 use std::sync::Arc;
@@ -64,6 +64,20 @@ pub(crate) mod test_utils {
     impl InterruptLine for CountingLine {
         fn trigger(&self) -> std::io::Result<()> {
             self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// An output sink the test keeps a handle on, for what a device wrote.
+    #[derive(Clone, Default)]
+    pub struct SharedBuffer(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }

@@ -1,13 +1,22 @@
-//! Legacy platform devices: UART, keyboard controller (for its reset line), CMOS RTC, ACPI PM block, reset port.
+//! Legacy platform devices: UARTs (16550, PL011), keyboard controller (for its reset line), RTCs (CMOS, PL031),
+//! the PL061 GPIO controller (for its power key), ACPI PM block, reset port.
 
 mod acpi_pm;
 mod cmos;
 mod i8042;
+mod pl011;
+mod pl031;
+mod pl061;
+mod primecell;
 mod reset_port;
 mod serial;
 
 pub use acpi_pm::{AcpiPmBlock, BLOCK_LEN as ACPI_PM_BLOCK_LEN};
 pub use cmos::Cmos;
 pub use i8042::I8042;
+pub use pl011::Pl011;
+pub use pl031::Pl031;
+pub use pl061::Pl061;
+pub use primecell::WINDOW_SIZE as PRIMECELL_WINDOW_SIZE;
 pub use reset_port::ResetPort;
 pub use serial::Serial;

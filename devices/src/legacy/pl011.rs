@@ -1,0 +1,455 @@
+//! An ARM PL011 UART (PrimeCell r1p5 programmer's model, DDI 0183), as Linux's amba-pl011 driver and the `pl011`
+//! earlycon use it.
+//!
+//! Transmission is instant: every byte written to DR goes to the output at once, so the transmit FIFO always
+//! reads empty and never busy, and each write leaves the transmit interrupt raised until the driver masks or
+//! clears it (the driver stops writing when it has nothing left, then masks TXIM). Output works whatever CR says,
+//! because without firmware nobody enables the UART before earlycon writes to it.
+//!
+//! Reception has the 16-entry FIFO the ID register promises (one entry with FIFOs off); host input beyond it waits
+//! in a bounded buffer and moves in as the guest reads, so nothing accepted is lost. The receive interrupt is the
+//! FIFO at or above its IFLS trigger level; the receive-timeout interrupt is the FIFO not empty (no more input is
+//! arriving within the instant it takes the guest to look, so the timeout has always elapsed).
+//!
+//! The interrupt output is a level (`interrupt_asserted`), raised on the line at each rising edge; see
+//! `LevelOutput` for how a level-triggered SPI is kept asserted.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Arc;
+
+use super::primecell::{self, id_register};
+use crate::{BusDevice, InterruptLine, LevelOutput};
+
+const DR: u64 = 0x00;
+const RSR_ECR: u64 = 0x04;
+const FR: u64 = 0x18;
+const ILPR: u64 = 0x20;
+const IBRD: u64 = 0x24;
+const FBRD: u64 = 0x28;
+const LCR_H: u64 = 0x2c;
+const CR: u64 = 0x30;
+const IFLS: u64 = 0x34;
+const IMSC: u64 = 0x38;
+const RIS: u64 = 0x3c;
+const MIS: u64 = 0x40;
+const ICR: u64 = 0x44;
+const DMACR: u64 = 0x48;
+
+const FR_RXFE: u32 = 1 << 4;
+const FR_RXFF: u32 = 1 << 6;
+const FR_TXFE: u32 = 1 << 7;
+
+const INT_RX: u32 = 1 << 4;
+const INT_TX: u32 = 1 << 5;
+const INT_RT: u32 = 1 << 6;
+/// RI, CTS, DCD, DSR modem interrupts and the FE, PE, BE, OE error interrupts: never raised here.
+const INT_ALL: u32 = 0x7ff;
+
+const LCR_H_FEN: u32 = 1 << 4;
+/// CR after reset: transmit and receive enabled, UART disabled.
+const CR_RESET: u32 = 0x300;
+/// IFLS after reset: both trigger levels at half full.
+const IFLS_RESET: u32 = 0x12;
+
+pub const FIFO_DEPTH: usize = 16;
+/// Host input accepted beyond the FIFO; more is refused until the guest reads (the console thread retries).
+pub const PENDING_INPUT_LIMIT: usize = 64 * 1024;
+
+/// UARTPeriphID0-3 (part 0x011, designer ARM, revision 1: Linux then sizes the FIFO at 16) and UARTPCellID0-3.
+const IDS: [u8; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
+
+#[derive(Clone, Copy)]
+struct Registers {
+    ilpr: u32,
+    ibrd: u32,
+    fbrd: u32,
+    lcr_h: u32,
+    cr: u32,
+    ifls: u32,
+    imsc: u32,
+    dmacr: u32,
+    /// The transmit interrupt, latched by each transmitted byte and cleared through ICR.
+    tx_raised: bool,
+}
+
+impl Registers {
+    const RESET: Registers = Registers {
+        ilpr: 0,
+        ibrd: 0,
+        fbrd: 0,
+        lcr_h: 0,
+        cr: CR_RESET,
+        ifls: IFLS_RESET,
+        imsc: 0,
+        dmacr: 0,
+        tx_raised: false,
+    };
+}
+
+pub struct Pl011 {
+    regs: Registers,
+    rx_fifo: VecDeque<u8>,
+    /// Input the guest has not yet made room for.
+    pending_input: VecDeque<u8>,
+    output: Box<dyn Write + Send>,
+    interrupt: LevelOutput,
+}
+
+impl Pl011 {
+    pub fn new(interrupt: Arc<dyn InterruptLine>, output: Box<dyn Write + Send>) -> Self {
+        Pl011 {
+            regs: Registers::RESET,
+            rx_fifo: VecDeque::with_capacity(FIFO_DEPTH),
+            pending_input: VecDeque::new(),
+            output,
+            interrupt: LevelOutput::new(interrupt),
+        }
+    }
+
+    /// Queues host input for the guest. Returns false, taking nothing, when the bytes would overflow what the
+    /// device holds: the caller offers them again later.
+    pub fn queue_input(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() > self.input_room() {
+            return false;
+        }
+        self.pending_input.extend(bytes);
+        self.fill_fifo();
+        self.update_interrupt();
+        true
+    }
+
+    /// How many bytes `queue_input` accepts right now.
+    pub fn input_room(&self) -> usize {
+        PENDING_INPUT_LIMIT.saturating_sub(self.pending_input.len())
+    }
+
+    /// Bytes accepted from the host but not yet visible in the receive FIFO.
+    pub fn pending_input_len(&self) -> usize {
+        self.pending_input.len()
+    }
+
+    /// Whether the interrupt output is high: what a level-triggered line's resample asks.
+    pub fn interrupt_asserted(&self) -> bool {
+        self.masked_status() != 0
+    }
+
+    /// Back to power-on state (guest reset): what sat in the FIFO was the old boot's; host input not yet delivered
+    /// is kept for the next one.
+    pub fn reset(&mut self) {
+        self.regs = Registers::RESET;
+        self.rx_fifo.clear();
+        self.fill_fifo();
+        self.update_interrupt();
+    }
+
+    fn fifo_capacity(&self) -> usize {
+        if self.regs.lcr_h & LCR_H_FEN != 0 {
+            FIFO_DEPTH
+        } else {
+            1
+        }
+    }
+
+    /// Entries at which the receive interrupt fires: IFLS RXIFLSEL selects 1/8, 1/4, 1/2, 3/4 or 7/8 full.
+    fn rx_trigger_level(&self) -> usize {
+        if self.regs.lcr_h & LCR_H_FEN == 0 {
+            return 1;
+        }
+        let eighths = match (self.regs.ifls >> 3) & 0x7 {
+            0 => 1,
+            1 => 2,
+            2 => 4,
+            3 => 6,
+            _ => 7,
+        };
+        FIFO_DEPTH * eighths / 8
+    }
+
+    fn fill_fifo(&mut self) {
+        while self.rx_fifo.len() < self.fifo_capacity() {
+            let Some(byte) = self.pending_input.pop_front() else { break };
+            self.rx_fifo.push_back(byte);
+        }
+    }
+
+    fn raw_status(&self) -> u32 {
+        let mut status = 0;
+        if self.regs.tx_raised {
+            status |= INT_TX;
+        }
+        if !self.rx_fifo.is_empty() {
+            status |= INT_RT;
+            if self.rx_fifo.len() >= self.rx_trigger_level() {
+                status |= INT_RX;
+            }
+        }
+        status
+    }
+
+    fn masked_status(&self) -> u32 {
+        self.raw_status() & self.regs.imsc
+    }
+
+    fn update_interrupt(&mut self) {
+        let level = self.interrupt_asserted();
+        self.interrupt.set(level);
+    }
+
+    fn flags(&self) -> u32 {
+        let mut flags = FR_TXFE;
+        if self.rx_fifo.is_empty() {
+            flags |= FR_RXFE;
+        }
+        if self.rx_fifo.len() >= self.fifo_capacity() {
+            flags |= FR_RXFF;
+        }
+        flags
+    }
+
+    fn read_register(&mut self, register: u64) -> u32 {
+        match register {
+            DR => {
+                let byte = self.rx_fifo.pop_front().unwrap_or(0);
+                self.fill_fifo();
+                u32::from(byte)
+            }
+            RSR_ECR => 0,
+            FR => self.flags(),
+            ILPR => self.regs.ilpr,
+            IBRD => self.regs.ibrd,
+            FBRD => self.regs.fbrd,
+            LCR_H => self.regs.lcr_h,
+            CR => self.regs.cr,
+            IFLS => self.regs.ifls,
+            IMSC => self.regs.imsc,
+            RIS => self.raw_status(),
+            MIS => self.masked_status(),
+            DMACR => self.regs.dmacr,
+            _ => id_register(&IDS, register).unwrap_or(0),
+        }
+    }
+
+    fn write_register(&mut self, register: u64, value: u32) {
+        match register {
+            DR => {
+                // A closed terminal or a full disk must not stop the guest; the byte is lost either way.
+                let _ = self.output.write_all(&[value as u8]).and_then(|_| self.output.flush());
+                self.regs.tx_raised = true;
+            }
+            RSR_ECR => {} // clears receive errors, of which there are none
+            ILPR => self.regs.ilpr = value & 0xff,
+            IBRD => self.regs.ibrd = value & 0xffff,
+            FBRD => self.regs.fbrd = value & 0x3f,
+            LCR_H => {
+                self.regs.lcr_h = value & 0xff;
+                // Turning FIFOs off keeps what is already queued (it drains one entry at a time): nothing accepted
+                // from the host is dropped.
+                self.fill_fifo();
+            }
+            CR => self.regs.cr = value & 0xff87,
+            IFLS => self.regs.ifls = value & 0x3f,
+            IMSC => self.regs.imsc = value & INT_ALL,
+            // Receive and timeout interrupts follow the FIFO's fill, so only the transmit one can be cleared.
+            ICR if value & INT_TX != 0 => self.regs.tx_raised = false,
+            DMACR => self.regs.dmacr = value & 0x7,
+            _ => {} // read-only or reserved
+        }
+    }
+}
+
+impl BusDevice for Pl011 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        primecell::read(offset, data, |register| self.read_register(register));
+        self.update_interrupt();
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        primecell::write(offset, data, |register, value| self.write_register(register, value));
+        self.update_interrupt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{CountingLine, SharedBuffer};
+
+    fn read32(uart: &mut Pl011, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        uart.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write32(uart: &mut Pl011, offset: u64, value: u32) {
+        uart.write(offset, &value.to_le_bytes());
+    }
+
+    fn uart() -> (Pl011, Arc<CountingLine>, SharedBuffer) {
+        let line = Arc::new(CountingLine::default());
+        let out = SharedBuffer::default();
+        (Pl011::new(line.clone(), Box::new(out.clone())), line, out)
+    }
+
+    /// As amba-pl011 starts the port: FIFOs on, UART enabled, receive and timeout interrupts unmasked.
+    fn start_like_linux(uart: &mut Pl011) {
+        write32(uart, LCR_H, LCR_H_FEN | 0x60);
+        write32(uart, CR, 0x301);
+        write32(uart, IMSC, INT_RX | INT_RT);
+    }
+
+    #[test]
+    fn id_registers_identify_a_pl011_r1() {
+        let (mut uart, ..) = uart();
+        let ids: Vec<u32> = (0..8).map(|i| read32(&mut uart, 0xfe0 + 4 * i)).collect();
+        assert_eq!(ids, [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1]);
+        let mut byte = [0u8];
+        uart.read(0xfe8, &mut byte);
+        assert_eq!(byte, [0x14]);
+    }
+
+    #[test]
+    fn bytes_written_to_dr_reach_the_output_at_any_width() {
+        let (mut uart, _, out) = uart();
+        uart.write(DR, b"h");
+        uart.write(DR, &[b'i', 0]);
+        write32(&mut uart, DR, u32::from(b'\n'));
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert_eq!(read32(&mut uart, FR) & (FR_TXFE | 1 << 5 | 1 << 3), FR_TXFE, "TX empty, not full, not busy");
+    }
+
+    #[test]
+    fn transmit_interrupt_follows_writes_mask_and_clear() {
+        let (mut uart, line, _) = uart();
+        write32(&mut uart, DR, u32::from(b'a'));
+        assert_eq!(read32(&mut uart, RIS) & INT_TX, INT_TX);
+        assert!(!uart.interrupt_asserted(), "masked");
+        write32(&mut uart, IMSC, INT_TX);
+        assert!(uart.interrupt_asserted());
+        assert_eq!(read32(&mut uart, MIS), INT_TX);
+        assert_eq!(line.count(), 1);
+        write32(&mut uart, ICR, INT_TX);
+        assert!(!uart.interrupt_asserted());
+        assert_eq!(read32(&mut uart, RIS), 0);
+        write32(&mut uart, DR, u32::from(b'b'));
+        assert_eq!(line.count(), 2, "a new rising edge");
+        write32(&mut uart, IMSC, 0);
+        assert!(!uart.interrupt_asserted(), "the driver masks TXIM when it has nothing more to send");
+    }
+
+    #[test]
+    fn received_bytes_raise_timeout_then_level_interrupts_and_drain_in_order() {
+        let (mut uart, line, _) = uart();
+        start_like_linux(&mut uart);
+        assert_eq!(read32(&mut uart, FR) & FR_RXFE, FR_RXFE);
+        assert!(uart.queue_input(b"ab"));
+        assert_eq!(read32(&mut uart, RIS), INT_RT, "below the half-full trigger: timeout only");
+        assert!(uart.interrupt_asserted());
+        assert_eq!(line.count(), 1);
+        assert!(uart.queue_input(&[b'c'; 6]));
+        assert_eq!(read32(&mut uart, RIS), INT_RT | INT_RX, "8 of 16: at the trigger level");
+        let mut received = Vec::new();
+        while read32(&mut uart, FR) & FR_RXFE == 0 {
+            received.push(read32(&mut uart, DR) as u8);
+        }
+        assert_eq!(received, b"abcccccc");
+        assert!(!uart.interrupt_asserted(), "an empty FIFO drops the line");
+        assert_eq!(read32(&mut uart, DR), 0, "reading an empty FIFO is harmless");
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_waits_and_back_pressure_refuses_overflow() {
+        let (mut uart, ..) = uart();
+        start_like_linux(&mut uart);
+        let input: Vec<u8> = (0..100u8).collect();
+        assert!(uart.queue_input(&input));
+        assert_eq!(uart.pending_input_len(), 100 - FIFO_DEPTH);
+        assert_eq!(read32(&mut uart, FR) & FR_RXFF, FR_RXFF);
+        let mut received = Vec::new();
+        while read32(&mut uart, FR) & FR_RXFE == 0 {
+            received.push(read32(&mut uart, DR) as u8);
+        }
+        assert_eq!(received, input);
+
+        assert!(uart.queue_input(&vec![0; PENDING_INPUT_LIMIT]));
+        assert_eq!(uart.input_room(), FIFO_DEPTH);
+        assert!(!uart.queue_input(&[0; FIFO_DEPTH + 1]), "all or nothing");
+        assert_eq!(uart.pending_input_len(), PENDING_INPUT_LIMIT - FIFO_DEPTH);
+    }
+
+    #[test]
+    fn without_fifos_one_byte_at_a_time() {
+        let (mut uart, ..) = uart();
+        write32(&mut uart, IMSC, INT_RX);
+        assert!(uart.queue_input(b"xy"));
+        assert_eq!(read32(&mut uart, FR) & (FR_RXFF | FR_RXFE), FR_RXFF);
+        assert!(uart.interrupt_asserted(), "trigger level is one byte");
+        assert_eq!(read32(&mut uart, DR), u32::from(b'x'));
+        assert_eq!(read32(&mut uart, DR), u32::from(b'y'));
+        assert_eq!(read32(&mut uart, FR) & FR_RXFE, FR_RXFE);
+    }
+
+    #[test]
+    fn trigger_levels_follow_ifls() {
+        let (mut uart, ..) = uart();
+        start_like_linux(&mut uart);
+        write32(&mut uart, IFLS, 4 << 3); // 7/8
+        assert!(uart.queue_input(&[0; 13]));
+        assert_eq!(read32(&mut uart, RIS) & INT_RX, 0);
+        assert!(uart.queue_input(&[0]));
+        assert_eq!(read32(&mut uart, RIS) & INT_RX, INT_RX);
+        write32(&mut uart, IFLS, 7 << 3); // reserved encodings act as the highest level
+        assert_eq!(read32(&mut uart, IFLS), 7 << 3);
+    }
+
+    #[test]
+    fn control_registers_read_back_masked_to_their_width() {
+        let (mut uart, ..) = uart();
+        assert_eq!(read32(&mut uart, CR), CR_RESET);
+        assert_eq!(read32(&mut uart, IFLS), IFLS_RESET);
+        write32(&mut uart, IBRD, 0xffff_ffff);
+        write32(&mut uart, FBRD, 0xffff_ffff);
+        write32(&mut uart, IMSC, 0xffff_ffff);
+        write32(&mut uart, DMACR, 0xffff_ffff);
+        assert_eq!([IBRD, FBRD, IMSC, DMACR].map(|r| read32(&mut uart, r)), [0xffff, 0x3f, 0x7ff, 0x7]);
+        uart.write(IBRD, &[0x34, 0x12]);
+        assert_eq!(read32(&mut uart, IBRD), 0x1234, "16-bit accesses as amba-pl011 makes them");
+    }
+
+    #[test]
+    fn reset_restores_registers_and_keeps_undelivered_input() {
+        let (mut uart, _, out) = uart();
+        start_like_linux(&mut uart);
+        assert!(uart.queue_input(&[b'x'; 40]));
+        uart.reset();
+        assert_eq!(read32(&mut uart, IMSC), 0);
+        assert_eq!(read32(&mut uart, LCR_H), 0);
+        assert!(!uart.interrupt_asserted());
+        uart.write(DR, b"k");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"k");
+        let mut count = 0;
+        while read32(&mut uart, FR) & FR_RXFE == 0 {
+            read32(&mut uart, DR);
+            count += 1;
+        }
+        assert_eq!(count, 40 - FIFO_DEPTH, "what had reached the old FIFO was consumed by the old boot");
+    }
+
+    #[test]
+    fn hostile_offsets_and_sizes_are_harmless() {
+        let (mut uart, _, out) = uart();
+        for offset in [0x4c, 0x1000, 0x1001, 0xfff, 1 << 40, u64::MAX, 3] {
+            for len in [0usize, 1, 2, 3, 4, 8] {
+                let mut data = vec![0xaa; len];
+                uart.read(offset, &mut data);
+                uart.write(offset, &data);
+            }
+        }
+        let mut wide = [0xaau8; 8];
+        uart.read(DR, &mut wide);
+        assert_eq!(wide, [0; 8], "wider than a register reads as zero");
+        uart.write(DR, &[b'z'; 8]);
+        uart.write(DR + 1, b"z");
+        assert!(out.0.lock().unwrap().is_empty(), "no odd access transmitted anything");
+    }
+}
