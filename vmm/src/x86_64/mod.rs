@@ -142,7 +142,8 @@ impl Platform {
             cmdline: boot.cmdline,
             vcpu_count: boot.vcpu_count,
         };
-        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices).map_err(|e| Error::Boot(e.to_string()))?;
+        let setup =
+            setup_guest_with_acpi(memory, &mut guest, dsdt_devices, false).map_err(|e| Error::Boot(e.to_string()))?;
 
         let supported = hypervisor.supported_cpuid()?;
         let msrs = msrs::boot_msrs();
