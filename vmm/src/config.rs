@@ -44,6 +44,16 @@ impl std::fmt::Display for SocketAddress {
     }
 }
 
+/// How virtio devices reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VirtioTransport {
+    /// virtio-pci on the machine's PCI bus, with MSI-X (QEMU's `pc`/`q35`).
+    #[default]
+    Pci,
+    /// virtio-mmio, announced through ACPI or the device tree (QEMU's `microvm`).
+    Mmio,
+}
+
 /// A QMP control socket Kestrel listens on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QmpSocket {
@@ -72,6 +82,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub console: Option<SerialConfig>,
+    /// The transport virtio devices use unless told otherwise (`--machine`).
+    pub virtio_transport: VirtioTransport,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -94,6 +106,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: false,
             console: None,
+            virtio_transport: VirtioTransport::default(),
             name: None,
             uuid: None,
         }

@@ -51,7 +51,7 @@ const WAKER: Token = Token(0);
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
     vcpus: VcpuThreads,
-    _vm: KvmVm,
+    _vm: Arc<KvmVm>,
 }
 
 /// The machine itself: what QMP commands act on.
@@ -132,7 +132,8 @@ impl<'a> Vmm<'a> {
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
         let (virtio_devices, disks) = crate::virtio::devices(config)?;
-        let platform = Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices)?;
+        let platform =
+            Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices, config.virtio_transport)?;
         Ok(Vmm {
             config,
             hypervisor,
@@ -152,8 +153,8 @@ impl<'a> Vmm<'a> {
 
     /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
     fn boot(&mut self) -> Result<(), Error> {
-        let vm = self.hypervisor.create_vm()?;
-        map_guest_memory(&vm, &self.memory)?;
+        let vm = Arc::new(self.hypervisor.create_vm()?);
+        map_guest_memory(vm.as_ref(), &self.memory)?;
         let boot = BootFiles {
             kernel: &mut self.kernel,
             initrd: self.initrd.as_mut(),

@@ -13,14 +13,15 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{VirtioTransport, VmConfig};
 use crate::console;
 use crate::Error;
 
-/// A device and the name its worker thread and error messages use.
+/// A device, the name its worker thread and error messages use, and the transport it sits on.
 pub struct NamedDevice {
     pub name: String,
     pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub transport: VirtioTransport,
 }
 
 /// A virtio-blk device, typed, for what only a disk can answer (QMP's block queries).
@@ -31,6 +32,7 @@ pub type Disk = Arc<Mutex<Block>>;
 pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
+    let transport = config.virtio_transport;
     for (index, disk) in config.disks.iter().enumerate() {
         let options = BlockOptions {
             read_only: disk.read_only,
@@ -41,10 +43,11 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
             .map_err(|e| Error::Device(format!("disk '{}': {e}", disk.path.display())))?;
         let block = Arc::new(Mutex::new(block));
         disks.push(block.clone());
-        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block });
+        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block, transport });
     }
     if config.rng {
-        devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
+        let device = Arc::new(Mutex::new(Rng::new()));
+        devices.push(NamedDevice { name: "virtio-rng".into(), device, transport });
     }
     if let Some(mode) = &config.console {
         let (output, input) = console::open(mode, "virtiocon0").map_err(Error::Console)?.split();
@@ -53,7 +56,7 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
             let device = device.clone();
             move |bytes| device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
         });
-        devices.push(NamedDevice { name: "virtio-console".into(), device });
+        devices.push(NamedDevice { name: "virtio-console".into(), device, transport });
     }
     Ok((devices, disks))
 }

@@ -300,17 +300,23 @@ fn lock(device: &Mutex<dyn PciDevice>) -> MutexGuard<'_, dyn PciDevice + 'static
 }
 
 /// Configuration mechanism #1: the address register at 0xCF8 (enable bit, bus, device, function, register) and
-/// the data window at 0xCFC..0xCFF. Any access size; a data access's byte offset adds to the register.
+/// the data window at 0xCFC..0xCFF, any access size there (a data access's byte offset adds to the register).
+///
+/// As on PC chipsets, only a dword access at 0xCF8 is the address register: a byte access to 0xCF9 is the reset
+/// control register, which the VMM hands in as `reset_control` (it cannot sit on the port bus beside this
+/// device); other narrow accesses to 0xCF8..0xCFB go nowhere.
 pub struct PciConfigIo {
     root: Arc<PciRoot>,
     address: u32,
+    reset_control: Option<Arc<Mutex<dyn BusDevice>>>,
 }
 
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
+const RESET_CONTROL_OFFSET: u64 = 1;
 
 impl PciConfigIo {
-    pub fn new(root: Arc<PciRoot>) -> Self {
-        PciConfigIo { root, address: 0 }
+    pub fn new(root: Arc<PciRoot>, reset_control: Option<Arc<Mutex<dyn BusDevice>>>) -> Self {
+        PciConfigIo { root, address: 0, reset_control }
     }
 
     /// The target of a data access at byte `offset` of the data window, if the address register enables one
@@ -326,16 +332,24 @@ impl PciConfigIo {
             register,
         ))
     }
+
+    fn reset_control(&self, offset: u64, len: usize) -> Option<&Arc<Mutex<dyn BusDevice>>> {
+        self.reset_control.as_ref().filter(|_| offset == RESET_CONTROL_OFFSET && len == 1)
+    }
+}
+
+fn lock_bus_device(device: &Mutex<dyn BusDevice>) -> MutexGuard<'_, dyn BusDevice + 'static> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let offset = offset as usize;
-        if offset + data.len() <= 4 {
-            let bytes = self.address.to_le_bytes();
-            data.copy_from_slice(&bytes[offset..offset + data.len()]);
+        if let Some(reset) = self.reset_control(offset, data.len()) {
+            lock_bus_device(reset).read(0, data);
+        } else if offset == 0 && data.len() == 4 {
+            data.copy_from_slice(&self.address.to_le_bytes());
         } else if offset >= 4 {
-            match self.target(offset - 4, data.len()) {
+            match self.target(offset as usize - 4, data.len()) {
                 Some((slot, function, register)) => self.root.read_config(slot, function, register, data),
                 None => data.fill(0xff),
             }
@@ -345,13 +359,12 @@ impl BusDevice for PciConfigIo {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let offset = offset as usize;
-        if offset + data.len() <= 4 {
-            let mut bytes = self.address.to_le_bytes();
-            bytes[offset..offset + data.len()].copy_from_slice(data);
+        if let Some(reset) = self.reset_control(offset, data.len()) {
+            lock_bus_device(reset).write(0, data);
+        } else if let (0, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
             self.address = u32::from_le_bytes(bytes);
         } else if offset >= 4 {
-            if let Some((slot, function, register)) = self.target(offset - 4, data.len()) {
+            if let Some((slot, function, register)) = self.target(offset as usize - 4, data.len()) {
                 self.root.write_config(slot, function, register, data);
             }
         }
@@ -538,7 +551,7 @@ mod tests {
     #[test]
     fn config_ports_reach_functions_and_absent_ones_float() {
         let (root, _, _) = bus();
-        let mut io = PciConfigIo::new(root.clone());
+        let mut io = PciConfigIo::new(root.clone(), None);
         assert_eq!(cf8_read(&mut io, 0, 0, 4), 0x0008_1b36);
         assert_eq!(cf8_read(&mut io, 0, 0x0a, 2), 0x0600, "class from a word access at 0xCFE");
         assert_eq!(cf8_read(&mut io, 0, 0x0b, 1), 0x06);
@@ -552,16 +565,46 @@ mod tests {
             io.read(4, &mut data);
             assert_eq!(data, [0xff; 4]);
         }
-        // The address register reads back, and byte writes change only their byte (Linux's type-1 probe).
+        // The address register reads back as a dword; narrow accesses (Linux's type-1 probe writes a byte to
+        // 0xCFB) do not touch it.
         io.write(0, &0x8000_0000u32.to_le_bytes());
         io.write(3, &[0x01]);
+        io.write(0, &[0x01, 0x02]);
         let mut data = [0u8; 4];
         io.read(0, &mut data);
-        assert_eq!(u32::from_le_bytes(data), 0x0100_0000);
+        assert_eq!(u32::from_le_bytes(data), 0x8000_0000);
         // An access straddling address and data is ignored.
         io.read(2, &mut data);
         assert_eq!(data, [0xff; 4]);
         io.write(2, &[1, 2, 3, 4]);
+    }
+
+    /// Records byte writes.
+    #[derive(Default)]
+    struct ResetControl(Vec<u8>);
+
+    impl BusDevice for ResetControl {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x42);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.0.extend_from_slice(data);
+        }
+    }
+
+    #[test]
+    fn a_byte_at_0xcf9_is_the_reset_control_register() {
+        let (root, _, _) = bus();
+        let reset = Arc::new(Mutex::new(ResetControl::default()));
+        let mut io = PciConfigIo::new(root, Some(reset.clone()));
+        io.write(1, &[0x06]);
+        let mut byte = [0u8];
+        io.read(1, &mut byte);
+        assert_eq!((reset.lock().unwrap().0.clone(), byte), (vec![6], [0x42]));
+        // The dword address register is unaffected by it, and still works.
+        assert_eq!(cf8_read(&mut io, 0, 0, 4), 0x0008_1b36);
+        io.write(1, &[0x06, 0]);
+        assert_eq!(reset.lock().unwrap().0, vec![6], "only byte accesses reach it");
     }
 
     #[test]
