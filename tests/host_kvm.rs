@@ -401,7 +401,8 @@ fn hostile_virtio_chains_leave_a_second_disk_working(payload_name: &str) {
     let a_arg = format!("path={}", a_path.display());
     let b_arg = format!("path={},readonly=on", b_path.display());
 
-    let run = boot(payload_name, "virtio", &["--disk", &a_arg, "--disk", &b_arg]);
+    // The probe drives virtio-mmio at the platform window's fixed slots: the microvm machine.
+    let run = boot(payload_name, "virtio", &["--machine", "microvm", "--disk", &a_arg, "--disk", &b_arg]);
     run.assert_success();
     assert!(!run.stderr.contains("panicked"), "{}", run.describe());
     run.assert_stdout_has("probe: virtio slot 0: blk (id 2)");

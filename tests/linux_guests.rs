@@ -390,6 +390,33 @@ fn virtio_mmio_disks_and_rng_serve_a_linux_guest() {
 }
 
 #[test]
+fn virtio_pci_disks_and_rng_serve_a_linux_guest_with_msix() {
+    let Some(c) = case("virtio-pci") else { return };
+    c.assert_marker();
+    c.assert_line("VDA-WRITE-OK");
+    c.assert_line("VDB-WRITE-REFUSED");
+    c.assert_line("VDB-RO=1");
+    c.assert_line("VDB-HEAD=5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a");
+    c.assert_line("VDA-SERIAL=kestrel-data");
+    c.assert_line("HWRNG=virtio_rng");
+    // Linux found the host bridge and the functions on bus 0, and interrupts come by MSI-X: a queue vector and
+    // a configuration vector per device.
+    c.assert_line("PCI-DEV 0000:00:00.0 0x1b36:0x0008 class=0x060000");
+    c.assert_line("PCI-DEV 0000:00:01.0 0x1af4:0x1042 class=0x010000");
+    c.assert_line("PCI-DEV 0000:00:02.0 0x1af4:0x1042 class=0x010000");
+    c.assert_line("PCI-DEV 0000:00:03.0 0x1af4:0x1044 class=0x00ff00");
+    c.assert_line("PCI-MSI-VIRTIO-IRQS=6");
+    let expected = |pattern: u8, pattern_len: usize, total: usize| {
+        let mut image = vec![pattern; pattern_len];
+        image.resize(total, 0);
+        sha256_hex(&image)
+    };
+    c.assert_line(&format!("DISK-SHA256 data.img {}", expected(0xa5, 1 << 20, 8 << 20)));
+    c.assert_line(&format!("DISK-SHA256 ro.img {}", expected(0x5a, 4 << 20, 4 << 20)));
+    c.assert_exited(0);
+}
+
+#[test]
 fn virtio_console_carries_output_and_input() {
     let Some(c) = case("virtio-console") else { return };
     // kestrel's stdout is the guest's hvc0 only: the serial console (and the boot marker) went to a file.

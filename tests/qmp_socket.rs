@@ -507,7 +507,11 @@ fn query_block_and_blockstats_reflect_the_disks() {
     std::fs::write(&b_path, &b_image).unwrap();
     let a_arg = format!("path={}", a_path.display());
     let b_arg = format!("path={},readonly=on,serial=B", b_path.display());
-    let vm = Vm::start("virtio", &["qmp.sock"], &["-S", "-no-shutdown", "--disk", &a_arg, "--disk", &b_arg]);
+    let vm = Vm::start(
+        "virtio",
+        &["qmp.sock"],
+        &["-S", "-no-shutdown", "-M", "microvm", "--disk", &a_arg, "--disk", &b_arg],
+    );
     let mut client = Client::negotiated(&vm.socket("qmp.sock"));
 
     let (_, reply) = client.execute(r#"{"execute": "query-block"}"#);

@@ -14,6 +14,7 @@ fn iasl_disassembles_every_table() {
     }
     let mut config = AcpiConfig::new(4);
     config.extra_dsdt_aml.push(virtio_mmio_device_aml(0, 0xd000_0000, 0x1000, 5).unwrap());
+    config.pci_host_bridge = true;
     let built = build_tables(&config).unwrap();
     let dir = std::env::temp_dir().join(format!("kestrel-iasl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -27,9 +28,15 @@ fn iasl_disassembles_every_table() {
         assert!(!log.contains("Error") && !log.contains("Warning"), "iasl -d {name}: {log}");
         let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
         if name == "dsdt" {
-            for needle in ["_S5_", "PNP0501", "PNP0B00", "LNRO0005", "0x03F8"] {
+            for needle in ["_S5_", "PNP0501", "PNP0B00", "LNRO0005", "0x03F8", "PCI0", "PNP0A08", "PNP0A03"] {
                 assert!(dsl.contains(needle), "{needle} missing from\n{dsl}");
             }
+            for needle in ["WordBusNumber", "0x0CF8", "DWordMemory", "0xC0000000", "0xCFFFFFFF"] {
+                assert!(dsl.contains(needle), "{needle} missing from\n{dsl}");
+            }
+        }
+        if name == "mcfg" {
+            assert!(dsl.contains("Base Address : 00000000E0000000"), "ECAM base missing from\n{dsl}");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

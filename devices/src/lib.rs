@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -73,6 +73,16 @@ pub trait Vm: Send + Sync {
     /// exit to the VMM (a virtio queue notification, typically); other writes there still exit as usual.
     fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
 
+    /// Makes a guest write of any width to MMIO address `addr` signal `event` in the kernel (virtio-pci
+    /// notifications: one address per queue, so the value does not matter).
+    fn register_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()>;
+
+    /// Undoes [`register_mmio_notifier_any_value`](Self::register_mmio_notifier_any_value) (the BAR moved).
+    fn unregister_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()>;
+
+    /// Delivers a message-signalled interrupt: what the guest programmed as MSI address and data.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+
     /// Asserts level-triggered line `gsi` whenever `event` is written and keeps it asserted until the guest
     /// acknowledges the interrupt; then de-asserts it and writes `resample`, so the device can assert it again
     /// if its condition still holds.

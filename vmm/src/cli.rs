@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::config::{
     parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, MacAddress, NetConfig,
-    SerialConfig, SocketAddress, VmConfig,
+    SerialConfig, SocketAddress, VirtioTransport, VmConfig,
 };
 
 mod qemu_devices;
@@ -19,6 +19,8 @@ Boots a virtual machine on KVM.
 
 Options (QEMU's spelling in brackets, where it has one):
   --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry (required) [-kernel]
+  --machine TYPE        pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm: virtio-mmio
+                        [-M TYPE, -machine TYPE[,accel=kvm] or type=TYPE]
   --initrd PATH         initial ramdisk [-initrd]
   --cmdline STR         kernel command line (default: \"console=ttyS0\") [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
@@ -29,7 +31,7 @@ Options (QEMU's spelling in brackets, where it has one):
                         QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
                         with -mon chardev=ID,mode=control]
   --disk path=FILE[,readonly=on][,serial=S][,direct=on]
-                        virtio-blk disk on a raw image (repeatable; virtio-mmio transport)
+                        virtio-blk disk on a raw image (repeatable)
   --net tap=NAME[,mac=52:54:00:12:34:56]
                         virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
                         a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
@@ -89,6 +91,8 @@ pub enum CliError {
     Uuid(String),
     #[error("invalid {option} '{value}': {reason}")]
     Invalid { option: String, value: String, reason: String },
+    #[error("unknown machine type '{0}': use pc, q35 or microvm")]
+    Machine(String),
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
 }
@@ -103,6 +107,7 @@ enum Opt {
     Help,
     Version,
     Kernel,
+    Machine,
     Initrd,
     Cmdline,
     Memory,
@@ -134,6 +139,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["-h", "--help", "-help"], Opt::Help, false),
     (&["-V", "--version", "-version"], Opt::Version, false),
     (&["--kernel", "-kernel"], Opt::Kernel, true),
+    (&["--machine", "-M", "-machine"], Opt::Machine, true),
     (&["--initrd", "-initrd"], Opt::Initrd, true),
     (&["--cmdline", "-append"], Opt::Cmdline, true),
     (&["--memory", "-m"], Opt::Memory, true),
@@ -353,6 +359,26 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     Ok(NetConfig { tap, mac, frontend: Frontend::default() })
 }
 
+/// `pc`, `q35`, `microvm`, with QEMU's `type=` spelling and `accel=kvm`; the type picks the virtio transport.
+fn parse_machine(option: &str, value: &str) -> Result<VirtioTransport, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let mut machine = first;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "type" if machine.is_none() => machine = Some(setting),
+            "accel" if setting == "kvm" => {}
+            "accel" => return Err(invalid(option, value, "Kestrel only supports accel=kvm")),
+            _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    match machine.as_deref() {
+        Some("pc" | "q35") => Ok(VirtioTransport::Pci),
+        Some("microvm") => Ok(VirtioTransport::Mmio),
+        Some(other) => Err(CliError::Machine(other.to_string())),
+        None => Err(invalid(option, value, "no machine type given")),
+    }
+}
+
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
 fn parse_memory(value: &str) -> Result<u64, CliError> {
     let (first, pairs) = split_qemu_opts(value);
@@ -413,6 +439,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut nets = Vec::new();
     let mut rng = false;
     let mut console = None;
+    let mut transport = None;
     let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
     let mut monitors = Vec::new();
     let mut serial_chardev = None;
@@ -438,6 +465,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Help => return Ok(Command::Help),
             Opt::Version => return Ok(Command::Version),
             Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(value))?,
+            Opt::Machine => set_once(&mut transport, &spelling, parse_machine(&spelling, &value)?)?,
             Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(value))?,
             Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
@@ -525,6 +553,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.disks = disks;
     config.nets = nets;
     config.rng = rng;
+    if let Some(transport) = transport {
+        config.virtio_transport = transport;
+    }
     if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
     }
@@ -590,6 +621,23 @@ mod tests {
                 ListenSocket { address: SocketAddress::Unix("/run/mon.sock".into()), wait: false },
             ]
         );
+    }
+
+    #[test]
+    fn the_machine_type_picks_the_virtio_transport() {
+        assert_eq!(config("--kernel k").virtio_transport, VirtioTransport::Pci);
+        for (args, transport) in [
+            ("--machine pc", VirtioTransport::Pci),
+            ("--machine=q35", VirtioTransport::Pci),
+            ("-M microvm", VirtioTransport::Mmio),
+            ("-machine microvm,accel=kvm", VirtioTransport::Mmio),
+            ("-machine type=pc,accel=kvm", VirtioTransport::Pci),
+        ] {
+            assert_eq!(config(&format!("--kernel k {args}")).virtio_transport, transport, "{args}");
+        }
+        for bad in ["-machine pc,accel=tcg", "-machine pc,usb=on", "-machine accel=kvm", "-M microvm,pit=off"] {
+            assert!(matches!(parse_str(&format!("--kernel k {bad}")), Err(CliError::Invalid { .. })), "{bad}");
+        }
     }
 
     #[test]
@@ -847,7 +895,9 @@ mod tests {
             ("", CliError::NoKernel),
             ("--kernel", CliError::MissingValue("--kernel".into())),
             ("--kernel k --frobnicate", CliError::UnknownOption("--frobnicate".into())),
-            ("--kernel k -machine pc", CliError::UnknownOption("-machine".into())),
+            ("--kernel k -machine sun4m", CliError::Machine("sun4m".into())),
+            ("--kernel k --machine", CliError::MissingValue("--machine".into())),
+            ("--kernel k -M pc -M microvm", CliError::Repeated("-M".into())),
             ("--kernel k --memory lots", CliError::MemorySize("lots".into())),
             ("--kernel k -m slots=2", CliError::MemorySize("slots=2".into())),
             ("--kernel k --cpus 0", CliError::Cpus("0".into())),

@@ -21,11 +21,12 @@ pub enum SerialConfig {
 }
 
 /// How the guest reaches a virtio device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VirtioTransport {
-    /// A function on the PCI bus (QEMU's `virtio-*-pci`).
+    /// A function on the PCI bus, with MSI-X (QEMU's `virtio-*-pci`; the default on `pc`/`q35`).
+    #[default]
     Pci,
-    /// A virtio-mmio window (QEMU's `virtio-*-device`), announced in ACPI or the FDT.
+    /// A virtio-mmio window (QEMU's `virtio-*-device`; the default on `microvm`), announced in ACPI or the FDT.
     Mmio,
 }
 
@@ -114,6 +115,8 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
+    /// The transport virtio devices use unless told otherwise (`--machine`).
+    pub virtio_transport: VirtioTransport,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -137,6 +140,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: None,
             console: None,
+            virtio_transport: VirtioTransport::default(),
             name: None,
             uuid: None,
         }

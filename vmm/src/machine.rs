@@ -51,7 +51,7 @@ const WAKER: Token = Token(0);
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
     vcpus: VcpuThreads,
-    _vm: KvmVm,
+    _vm: Arc<KvmVm>,
 }
 
 /// The machine itself: what QMP commands act on.
@@ -132,7 +132,8 @@ impl<'a> Vmm<'a> {
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
         let (virtio_devices, disks) = crate::virtio::devices(config)?;
-        let platform = Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices)?;
+        let platform =
+            Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices, config.virtio_transport)?;
         Ok(Vmm {
             config,
             hypervisor,
@@ -152,8 +153,8 @@ impl<'a> Vmm<'a> {
 
     /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
     fn boot(&mut self) -> Result<(), Error> {
-        let vm = self.hypervisor.create_vm()?;
-        map_guest_memory(&vm, &self.memory)?;
+        let vm = Arc::new(self.hypervisor.create_vm()?);
+        map_guest_memory(vm.as_ref(), &self.memory)?;
         let boot = BootFiles {
             kernel: &mut self.kernel,
             initrd: self.initrd.as_mut(),
@@ -430,9 +431,38 @@ impl Machine for Vmm<'_> {
             .collect()
     }
 
-    /// No PCI bus yet: every virtio device is on virtio-mmio.
     fn pci_devices(&self) -> Vec<qmp::PciDevice> {
-        Vec::new()
+        self.platform.pci_functions().iter().map(pci_device).collect()
+    }
+}
+
+/// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a
+/// memory BAR placed before the guest starts.
+fn pci_device(f: &devices::pci::PciFunctionInfo) -> qmp::PciDevice {
+    qmp::PciDevice {
+        bus: 0,
+        slot: f.slot,
+        function: f.function,
+        class: (f.class_code >> 8) as u16,
+        vendor_id: f.vendor_id,
+        device_id: f.device_id,
+        subsystem_vendor_id: f.subsystem_vendor_id,
+        subsystem_id: f.subsystem_id,
+        irq: None,
+        irq_pin: f.irq_pin,
+        qdev_id: f.qdev_id.clone(),
+        regions: f
+            .bars
+            .iter()
+            .map(|b| qmp::PciRegion {
+                bar: b.index as u8,
+                io: b.is_io,
+                address: Some(b.address),
+                size: b.size,
+                prefetchable: b.prefetchable,
+                is_64bit: b.is_64bit,
+            })
+            .collect(),
     }
 }
 

@@ -16,14 +16,28 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{Frontend, VirtioTransport, VmConfig};
 use crate::console;
 use crate::Error;
 
-/// A device and the name its worker thread and error messages use.
+/// A device, the name its worker thread and error messages use, and the transport it sits on.
 pub struct NamedDevice {
     pub name: String,
     pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub transport: VirtioTransport,
+    /// The `id=` the user gave the device (QEMU's qdev id), or empty.
+    pub qdev_id: String,
+}
+
+impl NamedDevice {
+    fn new(
+        name: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        transport: VirtioTransport,
+        frontend: &Frontend,
+    ) -> Self {
+        NamedDevice { name, device, transport, qdev_id: frontend.id.clone().unwrap_or_default() }
+    }
 }
 
 /// A virtio-blk device, typed, for what only a disk can answer (QMP's block queries).
@@ -34,6 +48,7 @@ pub type Disk = Arc<Mutex<Block>>;
 pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
+    let transport = |frontend: &Frontend| frontend.transport.unwrap_or(config.virtio_transport);
     for (index, disk) in config.disks.iter().enumerate() {
         let options = BlockOptions {
             read_only: disk.read_only,
@@ -44,16 +59,17 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
             .map_err(|e| Error::Device(format!("disk '{}': {e}", disk.path.display())))?;
         let block = Arc::new(Mutex::new(block));
         disks.push(block.clone());
-        devices.push(NamedDevice { name: format!("virtio-blk{index}"), device: block });
+        devices.push(NamedDevice::new(format!("virtio-blk{index}"), block, transport(&disk.frontend), &disk.frontend));
     }
     for (index, net) in config.nets.iter().enumerate() {
         let tap = Tap::open(&net.tap).map_err(|e| Error::Device(format!("--net tap={}: {e}", net.tap)))?;
         let mac = net.mac.unwrap_or_else(|| MacAddress::default_for(index));
         let device = Arc::new(Mutex::new(Net::new(mac, Box::new(tap))));
-        devices.push(NamedDevice { name: format!("virtio-net{index}"), device });
+        devices.push(NamedDevice::new(format!("virtio-net{index}"), device, transport(&net.frontend), &net.frontend));
     }
-    if config.rng.is_some() {
-        devices.push(NamedDevice { name: "virtio-rng".into(), device: Arc::new(Mutex::new(Rng::new())) });
+    if let Some(frontend) = &config.rng {
+        let device = Arc::new(Mutex::new(Rng::new()));
+        devices.push(NamedDevice::new("virtio-rng".into(), device, transport(frontend), frontend));
     }
     if let Some(console) = &config.console {
         let (output, input) = console::open(&console.backend, "virtiocon0").map_err(Error::Console)?.split();
@@ -62,7 +78,12 @@ pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error
             let device = device.clone();
             move |bytes| device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
         });
-        devices.push(NamedDevice { name: "virtio-console".into(), device });
+        devices.push(NamedDevice::new(
+            "virtio-console".into(),
+            device,
+            transport(&console.frontend),
+            &console.frontend,
+        ));
     }
     Ok((devices, disks))
 }

@@ -1,4 +1,5 @@
-//! ACPI tables for a PC-like guest without firmware: RSDP, XSDT, FADT (+FACS), MADT and a DSDT.
+//! ACPI tables for a PC-like guest without firmware: RSDP, XSDT, FADT (+FACS), MADT, a DSDT and, with a PCI host
+//! bridge, an MCFG.
 //!
 //! The platform is full ACPI, not hardware-reduced: the PM1a event/control blocks in the FADT are where the guest
 //! powers off (`SLP_TYP`/`SLP_EN` with the `\_S5` value from the DSDT), matching QEMU's PIIX4 ports so the same
@@ -10,6 +11,7 @@ use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -19,7 +21,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use super::layout::{
     isa_irq_ioapic_pin, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_RESET_PORT,
     ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, ACPI_TABLES_END, ACPI_TABLES_START, CMOS_PORT, COM1_IRQ,
-    COM1_PORT, IOAPIC_START, LAPIC_START, RSDP_START, RTC_IRQ,
+    COM1_PORT, IOAPIC_START, LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_LAST_BUS, PCI_ECAM_START,
+    PCI_MMIO_SIZE, PCI_MMIO_START, RSDP_START, RTC_IRQ,
 };
 use super::{Error, Result};
 
@@ -29,16 +32,18 @@ pub const OEM_REVISION: u32 = 1;
 
 /// What the tables describe. `extra_dsdt_aml` holds complete AML objects (typically `Device` blocks built with
 /// `acpi_tables::aml`, or [`virtio_mmio_device_aml`]) appended inside `\_SB_`, so later devices (a GED power
-/// button, virtio-mmio transports) need no change here.
+/// button, virtio-mmio transports) need no change here. `pci_host_bridge` adds the host bridge `PCI0` to the DSDT
+/// and the MCFG table for its ECAM window: without `PCI0`, Linux with ACPI does not scan bus 0 at all.
 #[derive(Clone, Debug, Default)]
 pub struct AcpiConfig {
     pub vcpu_count: u8,
     pub extra_dsdt_aml: Vec<Vec<u8>>,
+    pub pci_host_bridge: bool,
 }
 
 impl AcpiConfig {
     pub fn new(vcpu_count: u8) -> Self {
-        AcpiConfig { vcpu_count, extra_dsdt_aml: Vec::new() }
+        AcpiConfig { vcpu_count, extra_dsdt_aml: Vec::new(), pci_host_bridge: false }
     }
 }
 
@@ -75,6 +80,9 @@ pub fn build_dsdt(config: &AcpiConfig) -> Vec<u8> {
     let mut sb_body = Vec::new();
     com1.to_aml_bytes(&mut sb_body);
     rtc.to_aml_bytes(&mut sb_body);
+    if config.pci_host_bridge {
+        pci_host_bridge().to_aml_bytes(&mut sb_body);
+    }
     for extra in &config.extra_dsdt_aml {
         sb_body.extend_from_slice(extra);
     }
@@ -113,6 +121,46 @@ fn legacy_device(name: &str, hid: &str, port: u16, len: u8, irq: u32) -> RawAml 
     let mut bytes = Vec::new();
     dev.to_aml_bytes(&mut bytes);
     RawAml(bytes)
+}
+
+/// The PCI host bridge `PCI0` (PCI Express root, `PNP0A08`, compatible with plain PCI, `PNP0A03`): segment 0, bus
+/// 0, with the configuration ports and the 32-bit memory window BARs live in as its resources. There is no `_PRT`:
+/// the functions on it use MSI-X, not INTx.
+fn pci_host_bridge() -> RawAml {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(PCI_ECAM_LAST_BUS));
+    let config_ports = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORTS);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &config_ports, &window]);
+    let (hid, cid, adr, seg, bbn, uid, crs) = (
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+    );
+    let dev = aml::Device::new("PCI0".into(), vec![&hid, &cid, &adr, &seg, &bbn, &uid, &crs]);
+    let mut bytes = Vec::new();
+    dev.to_aml_bytes(&mut bytes);
+    RawAml(bytes)
+}
+
+/// The MCFG: one ECAM window for segment 0, buses 0 to `PCI_ECAM_LAST_BUS`.
+pub fn build_mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, PCI_ECAM_LAST_BUS);
+    let mut bytes = Vec::new();
+    mcfg.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 /// A virtio-mmio transport as Linux's ACPI virtio-mmio driver expects it (`LNRO0005`), named `Vxxx` after
@@ -256,9 +304,14 @@ pub fn build_tables(config: &AcpiConfig) -> Result<BuiltTables> {
     let fadt = placer.place(*b"FACP", build_fadt(dsdt, facs)?, 8)?;
     let madt = placer.place(*b"APIC", build_madt(config.vcpu_count), 8)?;
 
+    let mcfg = if config.pci_host_bridge { Some(placer.place(*b"MCFG", build_mcfg(), 8)?) } else { None };
+
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    if let Some(mcfg) = mcfg {
+        xsdt.add_entry(mcfg);
+    }
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let xsdt_addr = placer.place(*b"XSDT", xsdt_bytes, 8)?;
@@ -362,6 +415,42 @@ mod tests {
         assert!(has(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]));
         assert_eq!(sum(&dsdt), 0);
         assert!(virtio_mmio_device_aml(0x1000, 0, 0, 0).is_err());
+    }
+
+    #[test]
+    fn the_pci_host_bridge_is_described_only_when_there_is_one() {
+        let without = build_tables(&AcpiConfig::new(1)).unwrap();
+        assert!(!without.tables.iter().any(|t| &t.signature == b"MCFG"));
+        assert!(!build_dsdt(&AcpiConfig::new(1)).windows(4).any(|w| w == b"PCI0"));
+
+        let config = AcpiConfig { pci_host_bridge: true, ..AcpiConfig::new(1) };
+        let dsdt = build_dsdt(&config);
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0"));
+        // _HID PNP0A08 and _CID PNP0A03 as EISA IDs.
+        assert!(has(&[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(has(&[b'_', b'C', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        for name in [b"_SEG", b"_BBN", b"_UID", b"_ADR", b"_CRS"] {
+            assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+        // WordBusNumber 0..0: type 2, min 0, max 0, length 1.
+        assert!(has(&[0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
+        // IO 0xcf8, 8 ports.
+        assert!(has(&[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        // DWordMemory over the window: min, max, translation 0, length.
+        let mut window = Vec::new();
+        for v in [PCI_MMIO_START as u32, (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32, 0, PCI_MMIO_SIZE as u32] {
+            window.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(has(&window));
+        assert_eq!(sum(&dsdt), 0);
+
+        let mcfg = build_mcfg();
+        assert_eq!((&mcfg[..4], len_field(&mcfg), sum(&mcfg)), (&b"MCFG"[..], 60, 0));
+        assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), PCI_ECAM_START);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, PCI_ECAM_LAST_BUS], "segment 0, buses 0..last");
+        let with = build_tables(&config).unwrap();
+        assert!(with.tables.iter().any(|t| &t.signature == b"MCFG"));
     }
 
     #[test]

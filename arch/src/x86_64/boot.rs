@@ -18,7 +18,8 @@ use super::acpi::{self, AcpiConfig};
 use super::cpu_state::{GeneralRegisters, SpecialRegisters};
 use super::gdt::{self, SegmentMode};
 use super::layout::{
-    ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MPTABLE_START, PVH_INFO_START, ZERO_PAGE_START,
+    ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MPTABLE_START, PCI_ECAM_SIZE, PCI_ECAM_START,
+    PVH_INFO_START, ZERO_PAGE_START,
 };
 use super::{layout, mptable, paging, CpuState, Error, Result};
 
@@ -112,6 +113,7 @@ pub fn e820_map(ram_size: u64) -> Vec<E820Entry> {
     if low_end > HIMEM_START {
         map.push(E820Entry { addr: HIMEM_START, size: low_end - HIMEM_START, type_: E820_RAM });
     }
+    map.push(E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, type_: E820_RESERVED });
     if let Some(&(start, size)) = regions.get(1) {
         map.push(E820Entry { addr: start, size, type_: E820_RAM });
     }
@@ -145,14 +147,16 @@ fn guest_ram<M: GuestMemoryBackend>(mem: &M) -> Result<GuestRam> {
 /// Loads kernel, initrd and command line into `mem`, writes the zero page or PVH start info with the e820 map,
 /// the boot GDT and page tables, the MP table and the ACPI tables, and returns the boot vCPU's initial state.
 pub fn setup_guest<M: GuestMemoryBackend>(mem: &M, config: &mut GuestConfig) -> Result<BootSetup> {
-    setup_guest_with_acpi(mem, config, Vec::new())
+    setup_guest_with_acpi(mem, config, Vec::new(), false)
 }
 
-/// [`setup_guest`], with extra AML objects (devices) appended to the DSDT's `\_SB_` scope.
+/// [`setup_guest`], with extra AML objects (devices) appended to the DSDT's `\_SB_` scope and, with
+/// `pci_host_bridge`, the PCI host bridge (`PCI0` and the MCFG table).
 pub fn setup_guest_with_acpi<M: GuestMemoryBackend>(
     mem: &M,
     config: &mut GuestConfig,
     extra_dsdt_aml: Vec<Vec<u8>>,
+    pci_host_bridge: bool,
 ) -> Result<BootSetup> {
     let ram = guest_ram(mem)?;
     let kernel = load_kernel(mem, config.kernel, &ram)?;
@@ -177,7 +181,7 @@ pub fn setup_guest_with_acpi<M: GuestMemoryBackend>(
     if usize::from(config.vcpu_count) <= mptable::MAX_VCPUS {
         mptable::setup_mptable(mem, config.vcpu_count)?;
     }
-    let acpi_config = AcpiConfig { vcpu_count: config.vcpu_count, extra_dsdt_aml };
+    let acpi_config = AcpiConfig { vcpu_count: config.vcpu_count, extra_dsdt_aml, pci_host_bridge };
     let rsdp = acpi::create_acpi_tables(mem, &acpi_config)?.rsdp;
     let e820 = e820_map(ram.size);
 
@@ -563,6 +567,7 @@ mod tests {
                 E820Entry { addr: 0, size: MPTABLE_START, type_: E820_RAM },
                 E820Entry { addr: MPTABLE_START, size: HIMEM_START - MPTABLE_START, type_: E820_RESERVED },
                 E820Entry { addr: HIMEM_START, size: (128 << 20) - HIMEM_START, type_: E820_RAM },
+                E820Entry { addr: PCI_ECAM_START, size: 1 << 20, type_: E820_RESERVED },
             ]
         );
     }
@@ -570,9 +575,10 @@ mod tests {
     #[test]
     fn e820_large_guest_has_high_ram() {
         let map = e820_map(6 << 30);
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(map[2].addr + map[2].size, layout::MMIO_GAP_START);
-        assert_eq!(map[3], E820Entry { addr: 1 << 32, size: (6 << 30) - layout::MMIO_GAP_START, type_: E820_RAM });
+        assert_eq!(map[3], E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, type_: E820_RESERVED });
+        assert_eq!(map[4], E820Entry { addr: 1 << 32, size: (6 << 30) - layout::MMIO_GAP_START, type_: E820_RAM });
         let ram: u64 = map.iter().filter(|e| e.type_ == E820_RAM).map(|e| e.size).sum();
         assert_eq!(ram, (6 << 30) - (HIMEM_START - MPTABLE_START));
     }

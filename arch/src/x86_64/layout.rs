@@ -37,9 +37,17 @@ pub const HIMEM_START: u64 = 0x100000;
 /// The 32-bit MMIO gap: no RAM here, devices only. Its size keeps room for a PCI ECAM and BARs later.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The PCI host bridge's 32-bit memory window, where BARs go: the start of the gap, up to the platform window.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
 /// Window inside the gap handed out to platform MMIO devices (virtio-mmio etc.), below the fixed chipset pages.
 pub const PLATFORM_MMIO_START: u64 = 0xd000_0000;
 pub const PLATFORM_MMIO_SIZE: u64 = 0x1000_0000;
+/// PCI Express enhanced configuration (ECAM) for bus 0 to [`PCI_ECAM_LAST_BUS`], 1 MiB per bus, after the platform
+/// window. Reserved in the e820 map, as Linux requires before it trusts the MCFG table.
+pub const PCI_ECAM_START: u64 = PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE;
+pub const PCI_ECAM_LAST_BUS: u8 = 0;
+pub const PCI_ECAM_SIZE: u64 = (PCI_ECAM_LAST_BUS as u64 + 1) << 20;
 /// KVM's TSS region (three pages, must not overlap RAM or devices).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
@@ -61,6 +69,9 @@ pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1_EVT_LEN: u8 = 4;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 pub const ACPI_PM1_CNT_LEN: u8 = 2;
+/// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC (0xCF9 inside it is the reset register).
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_PORTS: u8 = 8;
 /// ACPI reset register (FADT RESET_REG) and the value that resets.
 pub const ACPI_RESET_PORT: u16 = 0xcf9;
 pub const ACPI_RESET_VALUE: u8 = 0x06;
@@ -153,6 +164,25 @@ mod tests {
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 6 << 30);
         assert!(regions.iter().all(|&(start, len)| start + len <= MMIO_GAP_START || start >= MMIO_GAP_END));
+    }
+
+    #[test]
+    fn the_pci_windows_stay_clear_of_each_other_and_the_chipset() {
+        let ranges = [
+            (PCI_MMIO_START, PCI_MMIO_SIZE),
+            (PLATFORM_MMIO_START, PLATFORM_MMIO_SIZE),
+            (PCI_ECAM_START, PCI_ECAM_SIZE),
+            (IOAPIC_START, 0x1000),
+            (LAPIC_START, 0x1000),
+            (KVM_TSS_ADDRESS, 0x3000),
+        ];
+        for (i, &(a, a_len)) in ranges.iter().enumerate() {
+            assert!(a >= MMIO_GAP_START && a + a_len <= MMIO_GAP_END, "{a:#x} is in the gap");
+            for &(b, b_len) in &ranges[i + 1..] {
+                assert!(a + a_len <= b || b + b_len <= a, "{a:#x} overlaps {b:#x}");
+            }
+        }
+        assert_eq!(PCI_ECAM_SIZE, 1 << 20);
     }
 
     #[test]

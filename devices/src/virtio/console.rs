@@ -109,7 +109,7 @@ impl Console {
     fn deliver_and_signal(&mut self) {
         if self.deliver_input() {
             if let Some(active) = &self.active {
-                active.interrupt.signal_used_queue();
+                active.interrupt.signal_used_queue(RX_QUEUE);
             }
         }
     }

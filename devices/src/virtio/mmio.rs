@@ -16,11 +16,10 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, lock_device, status, GuestErrorLog, GuestMemoryMmap, Queue, QueueHandler, QueueT, VirtioDevice};
-use super::{ActivateError, VirtioInterrupt};
+use super::transport::TransportState;
+use super::{lock_device, GuestErrorLog, GuestMemoryMmap, QueueHandler, VirtioDevice, VirtioInterrupt};
 use crate::{BusDevice, InterruptLine};
 
 /// The size of a transport's MMIO window: registers up to 0x100, device configuration after.
@@ -62,68 +61,8 @@ const CONFIG: u64 = 0x100;
 
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-mmio");
 
-/// A queue as the driver configures it through the registers; checked when the driver enables it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct QueueConfig {
-    max_size: u16,
-    size: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
-}
-
-impl QueueConfig {
-    fn new(max_size: u16) -> Self {
-        QueueConfig { max_size, size: max_size, ..Default::default() }
-    }
-
-    /// The device-side queue, if the configuration is usable: a power-of-two size up to the maximum, rings
-    /// aligned as virtio 1.2 2.7 requires and entirely inside guest memory.
-    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, String> {
-        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
-        q.try_set_size(self.size).map_err(|_| format!("size {} (maximum {})", self.size, self.max_size))?;
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|_| format!("descriptor table at {:#x} is not 16-byte aligned", self.desc))?;
-        q.try_set_avail_ring_address(GuestAddress(self.driver))
-            .map_err(|_| format!("available ring at {:#x} is not 2-byte aligned", self.driver))?;
-        q.try_set_used_ring_address(GuestAddress(self.device))
-            .map_err(|_| format!("used ring at {:#x} is not 4-byte aligned", self.device))?;
-        q.set_ready(true);
-        // The used ring's avail_event and the available ring's used_event fields (EVENT_IDX) are included in
-        // the sizes checked here, in addition to virtio-queue's own check.
-        let size = u64::from(self.size);
-        let rings = [
-            (self.desc, 16 * size, Permissions::Read),
-            (self.driver, 6 + 2 * size, Permissions::Read),
-            (self.device, 6 + 8 * size, Permissions::Write),
-        ];
-        for (addr, len, access) in rings {
-            let inside = addr.checked_add(len).is_some() && mem.check_range(GuestAddress(addr), len as usize, access);
-            if !inside {
-                return Err(format!("ring at {addr:#x}+{len:#x} is outside guest memory"));
-            }
-        }
-        if !q.is_valid(mem) {
-            return Err("rings are not accessible".into());
-        }
-        Ok(q)
-    }
-}
-
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    interrupt: Arc<VirtioInterrupt>,
-    mem: GuestMemoryMmap,
-    device_type: u32,
-    avail_features: u64,
-    queues: Vec<QueueConfig>,
-    queue_events: Vec<EventFd>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
+    state: TransportState,
 }
 
 impl MmioTransport {
@@ -133,73 +72,47 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         line: Arc<dyn InterruptLine>,
     ) -> io::Result<Self> {
-        let (device_type, avail_features, max_sizes) = {
-            let d = lock_device(&device);
-            (d.device_type(), d.avail_features(), d.queue_max_sizes().to_vec())
-        };
-        let queue_events =
-            max_sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
-        Ok(MmioTransport {
-            device,
-            interrupt: Arc::new(VirtioInterrupt::new(line)),
-            mem,
-            device_type,
-            avail_features,
-            queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
-            queue_events,
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-        })
+        let interrupt = Arc::new(VirtioInterrupt::new(line));
+        Ok(MmioTransport { state: TransportState::new(mem, device, interrupt, &LOG)? })
     }
 
     /// One eventfd per queue, in queue order: register each as an ioeventfd on `base + QUEUE_NOTIFY_OFFSET` with
     /// its index as datamatch, and watch it on the thread that runs [`QueueHandler::handle`].
     pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.state.queue_events()
     }
 
     /// What the device thread calls when a queue's eventfd fires.
     pub fn queue_handler(&self) -> QueueHandler {
-        QueueHandler::new(self.device.clone(), self.interrupt.clone())
+        self.state.queue_handler()
     }
 
     pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
-        &self.interrupt
+        self.state.interrupt()
     }
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
-        &self.device
+        self.state.device()
     }
 
     /// The device status as the driver reads it.
     pub fn status(&self) -> u32 {
-        let needs_reset = if self.interrupt.needs_reset() { status::NEEDS_RESET } else { 0 };
-        self.status | needs_reset
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
-        self.queues.get_mut(self.queue_sel as usize)
+        self.state.status()
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        let queue = self.queues.get(self.queue_sel as usize);
+        let state = &self.state;
+        let queue = state.selected_queue();
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
-            DEVICE_ID => self.device_type,
+            DEVICE_ID => state.device_type,
             VENDOR_ID_REG => VENDOR_ID,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.avail_features as u32,
-                1 => (self.avail_features >> 32) as u32,
-                _ => 0,
-            },
+            DEVICE_FEATURES => state.device_features(),
             QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
             QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
-            INTERRUPT_STATUS => self.interrupt.status(),
-            STATUS => self.status(),
+            INTERRUPT_STATUS => state.interrupt().status(),
+            STATUS => state.status(),
             QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc as u32),
             QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc >> 32) as u32),
             QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.driver as u32),
@@ -208,31 +121,19 @@ impl MmioTransport {
             QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.device >> 32) as u32),
             // No shared memory regions: their length reads as -1.
             SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.interrupt.config_generation(),
+            CONFIG_GENERATION => state.interrupt().config_generation(),
             _ => 0,
         }
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        let state = &mut self.state;
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            DRIVER_FEATURES => {
-                if self.status & status::FEATURES_OK != 0 {
-                    LOG.report(format_args!("driver features written after FEATURES_OK; ignored"));
-                    return;
-                }
-                match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
-                    // Feature bits above 63 do not exist; the driver must write zeros there.
-                    _ if value != 0 => self.driver_features |= 1 << 63,
-                    _ => {}
-                }
-            }
-            QUEUE_SEL => self.queue_sel = value,
-            QUEUE_NUM | QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH if self.queue_writable() => {
-                let Some(q) = self.selected_queue() else { return };
+            DEVICE_FEATURES_SEL => state.device_features_sel = value,
+            DRIVER_FEATURES_SEL => state.driver_features_sel = value,
+            DRIVER_FEATURES => state.write_driver_features(value),
+            QUEUE_SEL => state.queue_sel = value,
+            QUEUE_NUM | QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH => state.configure_selected_queue(|q| {
                 let set_low = |r: &mut u64| *r = (*r & !0xffff_ffff) | u64::from(value);
                 let set_high = |r: &mut u64| *r = (*r & 0xffff_ffff) | (u64::from(value) << 32);
                 match offset {
@@ -245,137 +146,28 @@ impl MmioTransport {
                     QUEUE_DEVICE_HIGH => set_high(&mut q.device),
                     _ => {}
                 }
-            }
-            QUEUE_READY => self.write_queue_ready(value),
+            }),
+            QUEUE_READY => state.write_queue_ready(value),
             // Datamatch on the ioeventfd makes the VMM's path identical: one eventfd per queue.
-            QUEUE_NOTIFY_OFFSET => {
-                if let Some(evt) = self.queue_events.get(value as usize) {
-                    let _ = evt.write(1);
-                }
-            }
-            INTERRUPT_ACK => self.interrupt.ack(value),
-            STATUS => self.write_status(value),
+            QUEUE_NOTIFY_OFFSET => state.notify(value as usize),
+            INTERRUPT_ACK => state.interrupt().ack(value),
+            STATUS => state.write_status(value),
             SHM_SEL => {}
             _ => {}
         }
     }
 
-    /// Queue registers take writes while the driver sets up the device and the selected queue is not enabled.
-    fn queue_writable(&self) -> bool {
-        self.status & (status::DRIVER_OK | status::FAILED) == 0
-            && self.queues.get(self.queue_sel as usize).is_some_and(|q| !q.ready)
-    }
-
-    fn write_queue_ready(&mut self, value: u32) {
-        if self.status & status::DRIVER_OK != 0 {
-            // Per-queue reset (VIRTIO_F_RING_RESET) is not offered; the queue set is fixed once the device runs.
-            return;
-        }
-        let index = self.queue_sel;
-        let mem = self.mem.clone();
-        let Some(q) = self.selected_queue() else { return };
-        if value == 0 {
-            q.ready = false;
-            return;
-        }
-        match q.build(&mem) {
-            Ok(_) => q.ready = true,
-            Err(why) => {
-                LOG.report(format_args!("queue {index} refused: {why}"));
-                q.ready = false;
-                self.interrupt.set_needs_reset();
-            }
-        }
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        if value & old != old {
-            LOG.report(format_args!("status {value:#x} clears bits of {old:#x} without a reset; ignored"));
-            return;
-        }
-        let mut new = value & !old & !status::NEEDS_RESET;
-        if new & status::FEATURES_OK != 0 && !self.features_acceptable(value) {
-            new &= !status::FEATURES_OK;
-        }
-        let features_ok = (old | new) & status::FEATURES_OK != 0;
-        if new & status::DRIVER_OK != 0 && !features_ok {
-            LOG.report(format_args!("DRIVER_OK without FEATURES_OK; refused"));
-            new &= !status::DRIVER_OK;
-        }
-        if new & status::DRIVER_OK != 0 && (old | new) & status::FAILED != 0 {
-            new &= !status::DRIVER_OK;
-        }
-        self.status = old | new;
-        if new & status::DRIVER_OK != 0 {
-            if let Err(e) = self.activate() {
-                LOG.report(format_args!("device activation failed: {e}"));
-                self.interrupt.set_needs_reset();
-            }
-        }
-    }
-
-    /// Whether the driver may set FEATURES_OK now: DRIVER set, only offered features, VERSION_1 among them
-    /// (this transport is modern only). If so, the device learns the features.
-    fn features_acceptable(&mut self, value: u32) -> bool {
-        if value & status::DRIVER == 0 {
-            LOG.report(format_args!("FEATURES_OK without DRIVER; refused"));
-            return false;
-        }
-        let unknown = self.driver_features & !self.avail_features;
-        if unknown != 0 {
-            LOG.report(format_args!("driver accepted features {unknown:#x} that were not offered; refused"));
-            return false;
-        }
-        if self.driver_features & features::VERSION_1 == 0 {
-            LOG.report(format_args!("driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"));
-            return false;
-        }
-        lock_device(&self.device).ack_features(self.driver_features);
-        true
-    }
-
-    fn activate(&mut self) -> Result<(), ActivateError> {
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, config) in self.queues.iter().enumerate() {
-            if config.ready {
-                queues.push(config.build(&self.mem).map_err(|_| ActivateError::BadQueue(i))?);
-            } else {
-                queues.push(Queue::new(config.max_size).map_err(|_| ActivateError::BadQueue(i))?);
-            }
-        }
-        lock_device(&self.device).activate(self.mem.clone(), queues, self.interrupt.clone())
-    }
-
     /// Back to the power-on state (virtio 1.2, 2.4), as when the driver writes 0 to the status register or the
-    /// machine resets. The device lock is held while the device drops its queues, so queue work in progress on
-    /// another thread finishes first, and none starts on the old queues afterwards.
+    /// machine resets.
     pub fn reset(&mut self) {
-        lock_device(&self.device).reset();
-        self.interrupt.reset();
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        for q in &mut self.queues {
-            *q = QueueConfig::new(q.max_size);
-        }
-        for evt in &self.queue_events {
-            // Drop notifications for the old queues; EAGAIN when there were none.
-            let _ = evt.read();
-        }
+        self.state.reset();
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            lock_device(&self.device).read_config(offset - CONFIG, data);
+            lock_device(self.state.device()).read_config(offset - CONFIG, data);
         } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
@@ -386,7 +178,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            lock_device(&self.device).write_config(offset - CONFIG, data);
+            lock_device(self.state.device()).write_config(offset - CONFIG, data);
         } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         } else {
@@ -402,6 +194,8 @@ mod tests {
     use super::*;
     use crate::virtio::rng::Rng;
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue};
+    use crate::virtio::transport::QueueConfig;
+    use crate::virtio::{features, status};
     use crate::virtio::{INT_CONFIG, INT_VRING};
 
     struct Driver {
@@ -507,7 +301,7 @@ mod tests {
         assert_eq!(s, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         // Features are frozen after FEATURES_OK.
         d.write_features(RNG_FEATURES | 1 << 40);
-        assert_eq!(d.t.driver_features, features::VERSION_1);
+        assert_eq!(d.t.state.driver_features, features::VERSION_1);
     }
 
     #[test]
@@ -555,12 +349,12 @@ mod tests {
         d.w(QUEUE_SEL, 0);
         d.w(QUEUE_NUM, 4);
         d.w(QUEUE_READY, 0);
-        assert_eq!((d.t.queues[0].size, d.r(QUEUE_READY)), (16, 1));
+        assert_eq!((d.t.state.queues[0].size, d.r(QUEUE_READY)), (16, 1));
 
         // Reset: back to power-on state, the device stops.
         d.w(STATUS, 0);
         assert_eq!((d.r(STATUS), d.r(QUEUE_READY), d.r(INTERRUPT_STATUS)), (0, 0, 0));
-        assert_eq!(d.t.queues[0], QueueConfig::new(256));
+        assert_eq!(d.t.state.queues[0], QueueConfig::new(256));
         tq.add_chain(&d.mem, &[Desc::w(0x10000, 32)]);
         assert!(!d.t.queue_handler().handle(0));
         assert_eq!(tq.used_idx(&d.mem), 1);

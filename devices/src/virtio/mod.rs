@@ -18,9 +18,11 @@ pub mod chain;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod transport;
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -126,54 +128,87 @@ pub trait VirtioDevice: Send {
     /// Host source `index` (of [`host_event_sources`](Self::host_event_sources)) became readable. The device
     /// consumes what it can: until the source would block, or until it has to wait for the guest (no buffers),
     /// in which case it resumes on its own from `process_queue` when the driver adds buffers, since no new edge
-    /// will come for data already waiting. Returns whether the guest should be interrupted ([`INT_VRING`]).
-    fn process_host_event(&mut self, _index: usize) -> bool {
-        false
+    /// will come for data already waiting. Returns the queue that got used buffers when the driver wants to hear
+    /// about it ([`INT_VRING`] on that queue's interrupt).
+    fn process_host_event(&mut self, _index: usize) -> Option<usize> {
+        None
     }
+}
+
+/// Per-cause interrupt delivery (MSI-X on PCI): a transport whose interrupts say *which* queue or the
+/// configuration, rather than one line for everything.
+pub trait VectorDelivery: Send + Sync {
+    /// Used buffers were added to queue `index`.
+    fn signal_queue(&self, index: usize);
+    /// The configuration changed or the device needs a reset.
+    fn signal_config(&self);
+}
+
+/// How a transport's interrupts reach the guest.
+enum Delivery {
+    /// One edge-triggered line for everything; the driver reads the status to learn why (virtio-mmio).
+    Line(Arc<dyn InterruptLine>),
+    /// A message per cause (virtio-pci with MSI-X).
+    Vectors(Arc<dyn VectorDelivery>),
 }
 
 /// The interrupt and error state a transport shares with its device and queue handler: the interrupt status
 /// register (what InterruptStatus/ISR read), the configuration generation, the device's NEEDS_RESET request,
-/// and the line into the guest.
+/// and the way into the guest.
 ///
-/// The line is edge-triggered (an irqfd without resample). Level semantics are emulated: a bit is set in the
+/// A line is edge-triggered (an irqfd without resample). Level semantics are emulated: a bit is set in the
 /// status *before* the line is pulsed, and the transport pulses again when the driver acknowledges some bits
 /// while others are still pending. A pulse the guest misses while it is already in its handler is harmless:
 /// the handler reads the status and processes the used rings after acknowledging, and the used ring was updated
-/// before the bit was set.
+/// before the bit was set. Vectors need none of that: each message names its cause, and the status bits are only
+/// informational.
 pub struct VirtioInterrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
     needs_reset: AtomicBool,
-    line: Arc<dyn InterruptLine>,
+    delivery: Delivery,
 }
 
 impl VirtioInterrupt {
+    /// Interrupts through one line (virtio-mmio).
     pub fn new(line: Arc<dyn InterruptLine>) -> Self {
+        Self::with_delivery(Delivery::Line(line))
+    }
+
+    /// Interrupts through a vector per cause (virtio-pci with MSI-X).
+    pub fn with_vectors(vectors: Arc<dyn VectorDelivery>) -> Self {
+        Self::with_delivery(Delivery::Vectors(vectors))
+    }
+
+    fn with_delivery(delivery: Delivery) -> Self {
         VirtioInterrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
-            line,
+            delivery,
         }
     }
 
-    /// Used buffers were added to a queue.
-    pub fn signal_used_queue(&self) {
-        self.raise(INT_VRING);
+    /// Used buffers were added to queue `index`.
+    pub fn signal_used_queue(&self, index: usize) {
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        match &self.delivery {
+            Delivery::Line(line) => Self::pulse(line),
+            Delivery::Vectors(vectors) => vectors.signal_queue(index),
+        }
     }
 
     /// The device configuration changed: bump the generation and tell the driver.
     pub fn signal_config_change(&self) {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
-        self.raise(INT_CONFIG);
+        self.raise_config();
     }
 
     /// The device hit an error it cannot recover from without a reset (virtio 1.2, 2.1.2): DEVICE_NEEDS_RESET
     /// appears in the status register and the driver gets a configuration change interrupt.
     pub fn set_needs_reset(&self) {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            self.raise(INT_CONFIG);
+            self.raise_config();
         }
     }
 
@@ -193,9 +228,14 @@ impl VirtioInterrupt {
     /// The driver acknowledged `bits`; pulse the line again if other bits are still pending.
     pub fn ack(&self, bits: u32) {
         let before = self.status.fetch_and(!bits, Ordering::SeqCst);
-        if before & !bits != 0 {
-            self.trigger();
+        if let (Delivery::Line(line), true) = (&self.delivery, before & !bits != 0) {
+            Self::pulse(line);
         }
+    }
+
+    /// Reads and clears the status in one go (virtio-pci's ISR).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
     }
 
     /// Device reset: nothing pending, no error.
@@ -204,14 +244,17 @@ impl VirtioInterrupt {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
-    fn raise(&self, bit: u32) {
-        self.status.fetch_or(bit, Ordering::SeqCst);
-        self.trigger();
+    fn raise_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        match &self.delivery {
+            Delivery::Line(line) => Self::pulse(line),
+            Delivery::Vectors(vectors) => vectors.signal_config(),
+        }
     }
 
-    fn trigger(&self) {
+    fn pulse(line: &Arc<dyn InterruptLine>) {
         // A failed trigger means the interrupt plumbing is gone (VM being torn down); nothing to deliver to.
-        let _ = self.line.trigger();
+        let _ = line.trigger();
     }
 }
 
@@ -242,7 +285,7 @@ impl QueueHandler {
     pub fn handle(&self, index: usize) -> bool {
         let notify = lock_device(&self.device).process_queue(index);
         if notify {
-            self.interrupt.signal_used_queue();
+            self.interrupt.signal_used_queue(index);
         }
         notify
     }
@@ -255,11 +298,11 @@ impl QueueHandler {
     /// Host source `index` became readable: let the device consume it, then interrupt the guest if it wants to
     /// hear about it. Returns whether the guest was interrupted.
     pub fn handle_host_event(&self, index: usize) -> bool {
-        let notify = lock_device(&self.device).process_host_event(index);
-        if notify {
-            self.interrupt.signal_used_queue();
+        let used = lock_device(&self.device).process_host_event(index);
+        if let Some(queue) = used {
+            self.interrupt.signal_used_queue(queue);
         }
-        notify
+        used.is_some()
     }
 }
 
@@ -440,7 +483,7 @@ mod tests {
     fn ack_retriggers_while_bits_stay_pending() {
         let line = Arc::new(CountingLine::default());
         let irq = VirtioInterrupt::new(line.clone());
-        irq.signal_used_queue();
+        irq.signal_used_queue(0);
         irq.signal_config_change();
         assert_eq!((irq.status(), line.count(), irq.config_generation()), (INT_VRING | INT_CONFIG, 2, 1));
         irq.ack(INT_VRING);

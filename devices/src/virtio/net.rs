@@ -249,7 +249,7 @@ impl Net {
     fn receive_and_signal(&mut self) {
         if self.receive() {
             if let Some(active) = &self.active {
-                active.interrupt.signal_used_queue();
+                active.interrupt.signal_used_queue(RX_QUEUE);
             }
         }
     }
@@ -511,8 +511,8 @@ impl VirtioDevice for Net {
         vec![self.backend.raw_fd()]
     }
 
-    fn process_host_event(&mut self, index: usize) -> bool {
-        index == 0 && self.receive()
+    fn process_host_event(&mut self, index: usize) -> Option<usize> {
+        (index == 0 && self.receive()).then_some(RX_QUEUE)
     }
 }
 
@@ -729,7 +729,7 @@ mod tests {
         assert!(!net.process_queue(RX_QUEUE), "buffers alone use nothing");
         let f = frame(1514, 3);
         peer.send_frame(&f);
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         assert_eq!(rig.rx_used(), [(VNET_HDR_LEN + f.len()) as u32]);
         let mut got = rig.read(0x10000, 8);
         got.extend(rig.read(0x20000, VNET_HDR_LEN - 8 + f.len()));
@@ -739,7 +739,7 @@ mod tests {
         assert_eq!(rig.read(0x20000 + (VNET_HDR_LEN - 8 + f.len()) as u64, 8), [0; 8], "nothing past the frame");
         let c = net.counters();
         assert_eq!((c.rx_packets, c.rx_bytes, c.rx_dropped), (1, 1514, 0));
-        assert!(!net.process_host_event(1), "there is only one host source");
+        assert_eq!(net.process_host_event(1), None, "there is only one host source");
     }
 
     #[test]
@@ -752,7 +752,7 @@ mod tests {
             peer.send_frame(f);
         }
         // The backend's edge comes while the driver has no buffers: nothing is read, nothing lost.
-        assert!(!net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), None);
         assert_eq!(rig.rx.used_idx(&rig.mem), 0);
         // One buffer: one frame. The notification is all the device gets; no new edge comes for the rest.
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
@@ -768,7 +768,7 @@ mod tests {
         }
         // The backend is drained; a later frame is taken on its edge.
         peer.send_frame(&frames[0]);
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         assert_eq!(rig.rx_used(), [112]);
         assert_eq!(net.counters().rx_packets, 4);
     }
@@ -801,7 +801,7 @@ mod tests {
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x20000, 100)]);
         peer.send_frame(&frame(200, 0));
         peer.send_frame(&frame(88, 1)); // exactly fills the second buffer
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         assert_eq!(rig.rx_used(), [0, 100]);
         assert_eq!(rig.read(0x10000, 100), [0; 100], "nothing of the big frame was written");
         assert_eq!(rig.read(0x20000 + VNET_HDR_LEN as u64, 88), frame(88, 1));
@@ -824,7 +824,7 @@ mod tests {
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x14000, 2048)]);
         let f = frame(300, 5);
         peer.send_frame(&f);
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         assert_eq!(rig.rx_used(), [0, 0, 0, 0, 0, 0, 0, 312]);
         assert_eq!(rig.read(0x14000 + VNET_HDR_LEN as u64, 300), f);
         for at in [0x10000, 0x11000, 0x12000, 0x13000] {
@@ -841,9 +841,9 @@ mod tests {
         rig.activate(&mut net);
         rig.rx.set_avail_idx(&rig.mem, 1000);
         peer.send_frame(&frame(60, 0));
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         assert!(rig.irq.needs_reset());
-        assert!(!net.process_host_event(0), "a broken queue is left alone");
+        assert_eq!(net.process_host_event(0), None, "a broken queue is left alone");
         // The transmitq still works.
         let g = frame(60, 2);
         rig.put_packet(0x20000, 0, &g);
@@ -869,11 +869,11 @@ mod tests {
         rig.activate(&mut net);
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
         peer.send_frame(&frame(60, 0));
-        assert!(net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), Some(RX_QUEUE));
         net.reset();
         peer.send_frame(&frame(70, 1));
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x20000, 2048)]);
-        assert!(!net.process_host_event(0) && !net.process_queue(RX_QUEUE) && !net.process_queue(TX_QUEUE));
+        assert!(net.process_host_event(0).is_none() && !net.process_queue(RX_QUEUE) && !net.process_queue(TX_QUEUE));
         // Buffers posted before DRIVER_OK are filled at activation.
         let mut rig = Rig::new();
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
@@ -898,7 +898,7 @@ mod tests {
         assert_eq!(rig.tx_used(), [0, 0]);
         assert_eq!((net.counters().tx_packets, net.counters().tx_dropped), (0, 2));
         rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
-        assert!(!net.process_host_event(0));
+        assert_eq!(net.process_host_event(0), None);
         assert_eq!(rig.rx.used_idx(&rig.mem), 0, "the buffer stays with the driver");
     }
 

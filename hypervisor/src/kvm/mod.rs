@@ -1,9 +1,14 @@
 //! The KVM backend.
+//!
+//! MSIs go through KVM_SIGNAL_MSI, one ioctl per message with the guest's own address and data, rather than a
+//! GSI route plus an irqfd per vector: the routes would have to be rebuilt on every guest change of an MSI-X
+//! entry and re-created with each VM (the VM is re-created on every guest reset), while KVM_SIGNAL_MSI needs no
+//! state at all and costs one syscall per interrupt, as writing an irqfd does.
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_msi, kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
@@ -69,6 +74,24 @@ impl Vm for KvmVm {
 
     fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()> {
         self.fd.register_ioevent(event, &IoEventAddress::Mmio(addr), value).map_err(|e| Error::new("KVM_IOEVENTFD", e))
+    }
+
+    fn register_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| Error::new("KVM_IOEVENTFD", e))
+    }
+
+    fn unregister_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| Error::new("KVM_IOEVENTFD (deassign)", e))
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        let msi =
+            kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
+        self.fd.signal_msi(msi).map(drop).map_err(|e| Error::new("KVM_SIGNAL_MSI", e))
     }
 
     fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {

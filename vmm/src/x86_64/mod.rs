@@ -1,5 +1,7 @@
 //! The x86_64 PC platform: which devices sit at which ports, and how a VM is prepared to boot.
 
+mod pci;
+
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
@@ -12,14 +14,17 @@ use arch::x86_64::layout::{
 use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START};
 use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
 use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
+use devices::pci::PciFunctionInfo;
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
-use devices::{Bus, EventFdLine, PlatformEvents};
+use devices::{Bus, BusDevice, EventFdLine, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use qmp::{CpuProps, Target};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::pci::PciBus;
+use crate::config::VirtioTransport;
 use crate::virtio::{spawn_worker, NamedDevice};
 use crate::Error;
 
@@ -52,6 +57,8 @@ pub struct Platform {
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
     sci_resample: Arc<EventFd>,
     virtio: Vec<VirtioSlot>,
+    /// The PCI bus, on a `pc` machine (or when a device asks for virtio-pci).
+    pci: Option<PciBus>,
 }
 
 impl Platform {
@@ -70,6 +77,7 @@ impl Platform {
         events: PlatformEvents,
         memory: &GuestMemoryMmap,
         virtio_devices: Vec<NamedDevice>,
+        machine_transport: VirtioTransport,
     ) -> Result<Self, Error> {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
@@ -79,11 +87,20 @@ impl Platform {
         let sci_resample = Arc::new(EventFd::new(0).map_err(|e| Error::Host("creating an eventfd", e))?);
         let acpi_pm = Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE, sci.clone())));
         pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
-        pio.insert(Arc::new(Mutex::new(ResetPort::new(events))), u64::from(ACPI_RESET_PORT), 1)?;
+        let reset_port: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(ResetPort::new(events)));
         forward_sci_acknowledgements(sci_resample.clone(), acpi_pm.clone())?;
         let mut mmio = Bus::new();
-        let virtio = attach_virtio_mmio(&mut mmio, memory, virtio_devices)?;
-        Ok(Platform { pio, mmio, serial, serial_irq, acpi_pm, sci, sci_resample, virtio })
+        let (pci_devices, mmio_devices): (Vec<_>, Vec<_>) =
+            virtio_devices.into_iter().partition(|d| d.transport == VirtioTransport::Pci);
+        let pci = if machine_transport == VirtioTransport::Pci || !pci_devices.is_empty() {
+            // The reset register at 0xCF9 sits inside the PCI configuration ports.
+            Some(PciBus::new(&mut pio, &mut mmio, reset_port, memory, pci_devices)?)
+        } else {
+            pio.insert(reset_port, u64::from(ACPI_RESET_PORT), 1)?;
+            None
+        };
+        let virtio = attach_virtio_mmio(&mut mmio, memory, mmio_devices)?;
+        Ok(Platform { pio, mmio, serial, serial_irq, acpi_pm, sci, sci_resample, virtio, pci })
     }
 
     /// Presses the ACPI power button; the guest decides whether and how to shut down.
@@ -113,12 +130,12 @@ impl Platform {
     pub fn boot<H: HypervisorX86_64>(
         &self,
         hypervisor: &H,
-        vm: &H::Vm,
+        vm: &Arc<H::Vm>,
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
     where
-        H::Vm: VmX86_64,
+        H::Vm: VmX86_64 + 'static,
         <H::Vm as Vm>::Vcpu: VcpuX86_64,
     {
         vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
@@ -135,6 +152,9 @@ impl Platform {
                 .map_err(|e| Error::Boot(e.to_string()))?;
             dsdt_devices.push(aml);
         }
+        if let Some(pci) = &self.pci {
+            pci.attach(vm)?;
+        }
 
         let mut guest = GuestConfig {
             kernel: boot.kernel,
@@ -142,7 +162,8 @@ impl Platform {
             cmdline: boot.cmdline,
             vcpu_count: boot.vcpu_count,
         };
-        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices).map_err(|e| Error::Boot(e.to_string()))?;
+        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices, self.pci.is_some())
+            .map_err(|e| Error::Boot(e.to_string()))?;
 
         let supported = hypervisor.supported_cpuid()?;
         let msrs = msrs::boot_msrs();
@@ -168,6 +189,14 @@ impl Platform {
         for slot in &self.virtio {
             slot.transport.lock().unwrap_or_else(|p| p.into_inner()).reset();
         }
+        if let Some(pci) = &self.pci {
+            pci.reset();
+        }
+    }
+
+    /// The functions on the PCI bus (none without one), for QMP's `query-pci`.
+    pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
+        self.pci.as_ref().map(PciBus::functions).unwrap_or_default()
     }
 }
 

@@ -1,0 +1,163 @@
+//! The PC's PCI bus: the host bridge and virtio-pci functions on bus 0, configuration through 0xCF8/0xCFC and
+//! ECAM, BARs in the PCI MMIO window, MSI-X messages and queue notifiers that follow the VM of the current boot.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use arch::x86_64::layout::PCI_MMIO_START;
+use arch::x86_64::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE};
+use devices::pci::{BarObserver, HostBridge, MsiSender, PciConfigIo, PciEcam, PciFunctionInfo, PciMmioWindow, PciRoot};
+use devices::virtio::pci::VirtioPciDevice;
+use devices::{Bus, BusDevice};
+use hypervisor::Vm;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::{spawn_worker, NamedDevice};
+use crate::Error;
+
+/// What the PCI devices need from a VM while it runs, whatever the hypervisor.
+trait PciVm: Send + Sync {
+    fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()>;
+    fn add_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()>;
+    fn remove_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()>;
+}
+
+impl<V: Vm> PciVm for V {
+    fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
+        Vm::signal_msi(self, address, data)
+    }
+    fn add_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()> {
+        self.register_mmio_notifier_any_value(event, address)
+    }
+    fn remove_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()> {
+        self.unregister_mmio_notifier_any_value(event, address)
+    }
+}
+
+/// The VM of the current boot. The machine creates a new VM on every guest reset, and the devices outlive it, so
+/// they reach it through here; between boots there is none and MSIs go nowhere.
+#[derive(Default)]
+struct CurrentVm(RwLock<Option<Arc<dyn PciVm>>>);
+
+impl CurrentVm {
+    fn get(&self) -> Option<Arc<dyn PciVm>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, vm: Option<Arc<dyn PciVm>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = vm;
+    }
+}
+
+impl MsiSender for CurrentVm {
+    fn send_msi(&self, address: u64, data: u32) -> io::Result<()> {
+        let vm = self.get().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        vm.signal_msi(address, data).map_err(|e| e.source)
+    }
+}
+
+/// A queue's notification eventfd and where it sits: (BAR, offset in the BAR).
+struct Notifier {
+    bar: usize,
+    offset: u64,
+    event: EventFd,
+}
+
+/// Keeps the ioeventfds on the notification addresses where the guest put the BARs.
+#[derive(Default)]
+struct Notifiers {
+    vm: Arc<CurrentVm>,
+    by_slot: Mutex<HashMap<u8, Vec<Notifier>>>,
+}
+
+impl BarObserver for Notifiers {
+    fn bar_moved(&self, slot: u8, bar: usize, from: Option<u64>, to: Option<u64>) {
+        let Some(vm) = self.vm.get() else { return };
+        let by_slot = self.by_slot.lock().unwrap_or_else(|p| p.into_inner());
+        for n in by_slot.get(&slot).into_iter().flatten().filter(|n| n.bar == bar) {
+            // A failure leaves that queue notified through MMIO exits instead, which still reach the eventfd.
+            if let Some(from) = from {
+                let _ = vm.remove_notifier(&n.event, from + n.offset);
+            }
+            if let Some(to) = to {
+                if let Err(e) = vm.add_notifier(&n.event, to + n.offset) {
+                    eprintln!("kestrel: PCI device {slot:02x}.0: queue notifier at {:#x}: {e}", to + n.offset);
+                }
+            }
+        }
+    }
+}
+
+/// Bus 0 and what follows the VM.
+pub struct PciBus {
+    root: Arc<PciRoot>,
+    notifiers: Arc<Notifiers>,
+}
+
+impl PciBus {
+    /// The host bridge and a virtio-pci function per device, each with its worker thread; puts configuration
+    /// access on `pio` (with `reset_control`, the 0xCF9 register inside the 0xCF8 ports) and ECAM and the BAR
+    /// window on `mmio`.
+    pub fn new(
+        pio: &mut Bus,
+        mmio: &mut Bus,
+        reset_control: Arc<Mutex<dyn BusDevice>>,
+        memory: &GuestMemoryMmap,
+        devices: Vec<NamedDevice>,
+    ) -> Result<Self, Error> {
+        let notifiers = Arc::new(Notifiers::default());
+        let mut root = PciRoot::new(PCI_MMIO_START, PCI_MMIO_SIZE, Some(notifiers.clone()));
+        let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
+        root.add(Arc::new(Mutex::new(HostBridge::new()))).map_err(pci_error)?;
+        for named in devices {
+            let msi: Arc<dyn MsiSender> = notifiers.vm.clone();
+            let function = VirtioPciDevice::new(memory.clone(), named.device, msi, named.qdev_id.clone())
+                .map_err(|e| Error::Host("creating a virtio-pci device", e))?;
+            let clone = |e: &EventFd| e.try_clone().map_err(|e| Error::Host("cloning an eventfd", e));
+            let events = function.queue_events().iter().map(clone).collect::<Result<Vec<_>, _>>()?;
+            spawn_worker(&named.name, events, function.queue_handler())?;
+            let queue_notifiers = function
+                .notifiers()
+                .map(|(bar, offset, event)| Ok(Notifier { bar, offset, event: clone(event)? }))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let slot = root.add(Arc::new(Mutex::new(function))).map_err(pci_error)?;
+            notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
+        }
+        let root = Arc::new(root);
+        let config_io = PciConfigIo::new(root.clone(), Some(reset_control));
+        pio.insert(Arc::new(Mutex::new(config_io)), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
+        mmio.insert(Arc::new(Mutex::new(PciEcam::new(root.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)?;
+        mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))), PCI_MMIO_START, PCI_MMIO_SIZE)?;
+        Ok(PciBus { root, notifiers })
+    }
+
+    /// Hands the devices a freshly created VM: MSIs go to it, and the queue notifiers are registered where the
+    /// BARs decode now.
+    pub fn attach<V: Vm + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
+        let by_slot = self.notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner());
+        for (&slot, queue_notifiers) in by_slot.iter() {
+            for (bar, base) in self.root.decoded_bars(slot) {
+                for n in queue_notifiers.iter().filter(|n| n.bar == bar) {
+                    vm.register_mmio_notifier_any_value(&n.event, base + n.offset)?;
+                }
+            }
+        }
+        let vm: Arc<dyn PciVm> = vm.clone();
+        self.notifiers.vm.set(Some(vm));
+        Ok(())
+    }
+
+    /// Machine reset: the old VM is gone, the functions go back to their power-on state (BARs where the VMM put
+    /// them).
+    pub fn reset(&self) {
+        self.notifiers.vm.set(None);
+        self.root.reset();
+    }
+
+    /// Every function on the bus, for QMP's `query-pci`.
+    pub fn functions(&self) -> Vec<PciFunctionInfo> {
+        self.root.functions()
+    }
+}
