@@ -575,3 +575,65 @@ fn query_block_and_blockstats_reflect_the_disks() {
     assert!(vm.wait().0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `query-pci` on the default machine shows the host bridge and each virtio function the command line asked for,
+/// with the ids given to `-device`, the modern virtio device ids, QEMU's classes and the BARs where they decode; a
+/// microvm has no PCI bus unless a device asks for one.
+#[test]
+fn query_pci_reflects_the_bus() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kestrel-qmp-pci-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("a.img");
+    std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", image.display());
+    let vm = Vm::start(
+        "poweroff",
+        &["qmp.sock"],
+        &["-S", "-drive", &drive, "-device", "virtio-blk-pci,drive=d0,id=disk0", "-device", "virtio-rng-pci"],
+    );
+    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let (_, reply) = client.execute(r#"{"execute": "query-pci"}"#);
+    let buses = reply["return"].as_array().unwrap_or_else(|| panic!("{reply}")).clone();
+    assert_eq!(buses.len(), 1, "{reply}");
+    assert_eq!(buses[0]["bus"], 0);
+    let devices = buses[0]["devices"].as_array().unwrap().clone();
+    let summary: Vec<(u64, u64, u64, u64, String)> = devices
+        .iter()
+        .map(|d| {
+            let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("{d}"));
+            let qdev = d["qdev_id"].as_str().unwrap().to_string();
+            (n(&d["slot"]), n(&d["id"]["vendor"]), n(&d["id"]["device"]), n(&d["class_info"]["class"]), qdev)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, 0x1b36, 0x0008, 0x0600, String::new()),
+            (1, 0x1af4, 0x1042, 0x0100, "disk0".to_string()),
+            (2, 0x1af4, 0x1044, 0x00ff, String::new()),
+        ]
+    );
+    assert_eq!(devices[1]["class_info"]["desc"], "SCSI controller");
+    for d in &devices[1..] {
+        let regions = d["regions"].as_array().unwrap();
+        assert!(!regions.is_empty(), "a virtio function has BARs: {d}");
+        for r in regions {
+            let address = r["address"].as_u64().unwrap_or_else(|| panic!("a BAR placed before boot: {r}"));
+            assert!((0xc000_0000..0xd000_0000).contains(&address), "inside the PCI window: {r}");
+            assert_eq!(r["type"], "memory");
+        }
+    }
+    client.execute(r#"{"execute": "quit"}"#);
+    assert!(vm.wait().0);
+
+    let vm = Vm::start("poweroff", &["qmp.sock"], &["-S", "-M", "microvm", "--rng"]);
+    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let (_, reply) = client.execute(r#"{"execute": "query-pci"}"#);
+    assert_eq!(reply["return"], serde_json::json!([]), "{reply}");
+    client.execute(r#"{"execute": "quit"}"#);
+    assert!(vm.wait().0);
+    let _ = std::fs::remove_dir_all(dir);
+}
