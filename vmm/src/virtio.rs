@@ -122,6 +122,10 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
                         Some(queue_event) => {
                             if queue_event.read().is_ok() {
                                 handler.handle(index);
+                                // Work left at the per-call budget: come back after the other ready events.
+                                if handler.has_backlog(index) {
+                                    let _ = queue_event.write(1);
+                                }
                             }
                         }
                         // Edge-triggered: the device consumes until the source would block or it must wait for

@@ -344,6 +344,10 @@ impl VirtioDevice for Block {
         self.disk.features = 0;
     }
 
+    fn has_backlog(&self, index: usize) -> bool {
+        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         let Some(active) = self.active.as_mut() else { return false };
         let disk = &mut self.disk;

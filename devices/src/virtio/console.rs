@@ -310,6 +310,10 @@ impl VirtioDevice for Console {
         self.rx_broken = false;
     }
 
+    fn has_backlog(&self, index: usize) -> bool {
+        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         match index {
             RX_QUEUE => self.deliver_input(),

@@ -133,6 +133,14 @@ pub trait VirtioDevice: Send {
     fn process_host_event(&mut self, _index: usize) -> Option<usize> {
         None
     }
+
+    /// Whether the last [`process_queue`](Self::process_queue) on queue `index` stopped with chains still
+    /// available: each call handles at most a queue's worth ([`ActiveQueues::process`]), so a driver that keeps
+    /// adding chains cannot keep the device's thread (and lock) on one queue forever. The caller then calls
+    /// `process_queue` again after giving other queues and devices their turn.
+    fn has_backlog(&self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// Per-cause interrupt delivery (MSI-X on PCI): a transport whose interrupts say *which* queue or the
@@ -290,6 +298,12 @@ impl QueueHandler {
         notify
     }
 
+    /// Whether queue `index` has work left over from the last [`handle`](Self::handle) (see
+    /// [`VirtioDevice::has_backlog`]): the caller signals the queue's eventfd to come back to it.
+    pub fn has_backlog(&self, index: usize) -> bool {
+        lock_device(&self.device).has_backlog(index)
+    }
+
     /// The device's host event sources (see [`VirtioDevice::host_event_sources`]).
     pub fn host_event_sources(&self) -> Vec<RawFd> {
         lock_device(&self.device).host_event_sources()
@@ -312,6 +326,8 @@ pub(crate) struct ActiveQueues {
     pub(crate) queues: Vec<Queue>,
     /// Queues the driver broke (see [`ActiveQueues::process`]); they stay dead until the device is reset.
     broken: Vec<bool>,
+    /// Queues whose last `process` stopped at its budget with chains still available.
+    backlog: Vec<bool>,
     pub(crate) interrupt: Arc<VirtioInterrupt>,
 }
 
@@ -341,12 +357,14 @@ impl ActiveQueues {
             q.set_event_idx(acked_features & features::RING_EVENT_IDX != 0);
         }
         let broken = vec![false; queues.len()];
-        ActiveQueues { mem, queues, broken, interrupt }
+        let backlog = vec![false; queues.len()];
+        ActiveQueues { mem, queues, broken, backlog, interrupt }
     }
 
-    /// Hands every chain the driver made available on queue `index` to `handle`, which returns the number of
-    /// bytes it wrote into the chain's device-writable part, and puts it on the used ring. Returns whether the
-    /// driver wants an interrupt.
+    /// Hands the chains the driver made available on queue `index` to `handle`, which returns the number of
+    /// bytes it wrote into the chain's device-writable part, and puts them on the used ring: at most a queue's
+    /// worth per call (the queue size); what is left is the queue's backlog ([`has_backlog`](Self::has_backlog)).
+    /// Returns whether the driver wants an interrupt.
     ///
     /// A driver that corrupts the rings themselves (an available index running more than a queue's worth ahead,
     /// a head index outside the table, rings that stop being accessible) breaks the queue: the device asks for a
@@ -363,24 +381,45 @@ impl ActiveQueues {
         if !queue.ready() {
             return false;
         }
-        match drain(queue, &self.mem, &mut handle) {
-            Ok(notify) => notify,
+        let budget = usize::from(queue.size());
+        match drain(queue, &self.mem, budget, &mut handle) {
+            Ok(Drained { notify, backlog }) => {
+                self.backlog[index] = backlog;
+                notify
+            }
             Err(why) => {
                 log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
                 self.broken[index] = true;
+                self.backlog[index] = false;
                 self.interrupt.set_needs_reset();
                 // Whatever was used before the breakage is there for the driver to see.
                 true
             }
         }
     }
+
+    /// Whether queue `index`'s last [`process`](Self::process) left available chains for later.
+    pub(crate) fn has_backlog(&self, index: usize) -> bool {
+        self.backlog.get(index).copied().unwrap_or(false)
+    }
 }
 
+struct Drained {
+    /// The driver wants an interrupt for the chains used.
+    notify: bool,
+    /// Chains are still available: the budget ran out first.
+    backlog: bool,
+}
+
+/// Uses at most `budget` chains. With EVENT_IDX a driver adding chains as fast as they are used would otherwise
+/// keep this loop going forever; stopping leaves notifications suppressed, so the caller must come back (the
+/// backlog) rather than wait for a notification.
 fn drain(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    mut budget: usize,
     handle: &mut impl FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> Result<bool, String> {
+) -> Result<Drained, String> {
     use std::num::Wrapping;
     let err = |e: virtio_queue::Error| e.to_string();
     let mut used = false;
@@ -393,7 +432,9 @@ fn drain(
         if pending > queue.size() {
             return Err(format!("available index {} is {pending} entries ahead", avail.0));
         }
-        for _ in 0..pending {
+        let take = usize::from(pending).min(budget);
+        budget -= take;
+        for _ in 0..take {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return Err("available ring unreadable".into());
             };
@@ -405,11 +446,15 @@ fn drain(
             queue.add_used(mem, head, len).map_err(err)?;
             used = true;
         }
+        if take < usize::from(pending) {
+            let notify = used && queue.needs_notification(mem).map_err(err)?;
+            return Ok(Drained { notify, backlog: true });
+        }
         if !queue.event_idx_enabled() || !queue.enable_notification(mem).map_err(err)? {
             break;
         }
     }
-    Ok(used && queue.needs_notification(mem).map_err(err)?)
+    Ok(Drained { notify: used && queue.needs_notification(mem).map_err(err)?, backlog: false })
 }
 
 /// For a device that takes chains off `queue` only while it has something for them (receive queues): the next
@@ -490,6 +535,39 @@ mod tests {
         assert_eq!((irq.status(), line.count()), (INT_CONFIG, 3));
         irq.ack(INT_CONFIG);
         assert_eq!((irq.status(), line.count()), (0, 3));
+    }
+
+    /// A driver that makes a new chain available every time one is used (EVENT_IDX, so it never has to notify)
+    /// gets one queue's worth per call; the rest is the backlog, served by the next call.
+    #[test]
+    fn queue_work_per_call_is_bounded_by_the_queue_size() {
+        use crate::virtio::testing::{guest_memory, Desc, TestQueue};
+        use std::cell::RefCell;
+        use vm_memory::GuestAddress;
+        let mem = guest_memory(1 << 20);
+        let size = 8u16;
+        let ring = RefCell::new(TestQueue::new(GuestAddress(0x1000), size));
+        let head = ring.borrow_mut().add_chain(&mem, &[Desc::w(0x8000, 16)]);
+        let line = Arc::new(CountingLine::default());
+        let features = features::COMMON;
+        let mut active =
+            ActiveQueues::new(mem.clone(), vec![ring.borrow().queue()], Arc::new(VirtioInterrupt::new(line)), features);
+        let log = GuestErrorLog::new("test");
+        let served = std::cell::Cell::new(0);
+        let endless = |_: &GuestMemoryMmap, _: virtio_queue::DescriptorChain<&GuestMemoryMmap>| {
+            served.set(served.get() + 1);
+            ring.borrow_mut().publish(&mem, head);
+            16
+        };
+        active.process(0, &log, endless);
+        assert_eq!(served.get(), usize::from(size));
+        assert!(active.has_backlog(0));
+        active.process(0, &log, endless);
+        assert_eq!(served.get(), 2 * usize::from(size));
+        // A driver that stops adding: the backlog is worked off and the queue is idle again.
+        active.process(0, &log, |_: &GuestMemoryMmap, _: virtio_queue::DescriptorChain<&GuestMemoryMmap>| 16);
+        assert!(!active.has_backlog(0));
+        assert!(!active.broken[0]);
     }
 
     #[test]

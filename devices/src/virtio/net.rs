@@ -499,6 +499,10 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn has_backlog(&self, index: usize) -> bool {
+        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
     fn process_queue(&mut self, index: usize) -> bool {
         match index {
             RX_QUEUE => self.receive(),
