@@ -2,6 +2,7 @@
 #   RUNNER_ARCH      x86_64, aarch64, ...
 #   RUST_TRIPLE      the target kestrel is built for (statically)
 #   L2_CONSOLE       the guest's console= argument
+#   RUNNER_CC        a C compiler for RUNNER_ARCH that links statically (for ci/runner/kvm-probe.c)
 #   kernel_file()    maps a case's "kernel" kind (image, vmlinux) to a file in the guest artifact directory
 #   boot_l1()        boots L1 (kernel "$guest/kernel/...", initramfs "$1"), its console on stdout
 # and calls runner_main "$@".
@@ -134,6 +135,21 @@ runner_kestrel() {
   echo "${CARGO_TARGET_DIR:-$repo/target}/$RUST_TRIPLE/release/kestrel"
 }
 
+# ci/runner/kvm-probe.c built statically for RUNNER_ARCH into $1/kvm-probe; prints its path, or nothing (with
+# the reason on stderr) when it cannot be built: it only makes a KVM failure in L1 easier to read.
+runner_kvm_probe() {
+  local out="$1/kvm-probe"
+  if ! command -v "${RUNNER_CC:-}" >/dev/null 2>&1; then
+    rlog "no C compiler '${RUNNER_CC:-}' for $RUNNER_ARCH: L1 runs without ci/runner/kvm-probe"
+    return 0
+  fi
+  if ! "$RUNNER_CC" -static -Os -Wall -o "$out" "$repo/ci/runner/kvm-probe.c" >&2; then
+    rlog "building ci/runner/kvm-probe.c with $RUNNER_CC failed: L1 runs without it"
+    return 0
+  fi
+  echo "$out"
+}
+
 # The L1 initramfs: busybox, the runner's init, the KVM modules, kestrel, the guest's kernels and initramfs,
 # and the cases. Uncompressed: L1 runs under TCG, where decompressing ~80 MB would cost seconds.
 runner_l1_initrd() {
@@ -144,6 +160,7 @@ runner_l1_initrd() {
   cp "$repo/ci/runner/init-l1" "$stage/init"
   cp "$kestrel_bin" "$stage/bin/kestrel"
   chmod 755 "$stage/init" "$stage/bin/busybox" "$stage/bin/kestrel"
+  [ -n "${kvm_probe:-}" ] && cp "$kvm_probe" "$stage/bin/kvm-probe"
   cp "$guest/modules/"* "$stage/modules/"
   cp -r "$cases" "$stage/cases"
   echo "KESTREL-GUEST-UP" >"$stage/cases/marker"
@@ -303,6 +320,7 @@ runner_main() {
     rlog "kestrel built from $(cd "$repo" && git rev-parse --short HEAD)$(cd "$repo" && git diff --quiet HEAD -- arch hypervisor devices vmm Cargo.toml Cargo.lock || echo ' + uncommitted changes in the work tree')"
   fi
   [ -x "$kestrel_bin" ] || rdie "no kestrel binary at $kestrel_bin"
+  kvm_probe="$(runner_kvm_probe "$work")"
 
   local names
   names="$(runner_parse_cases "$cases_file" "$work/cases" "$work/specs")"
