@@ -95,7 +95,7 @@ impl VmAarch64 for KvmVm {
                         flags: 0,
                     };
                     device.set_device_attr(&init).map_err(|e| Error::new("KVM_DEV_ARM_VGIC_CTRL_INIT", e))?;
-                    self.in_kernel_devices.lock().unwrap_or_else(|p| p.into_inner()).push(device);
+                    self._in_kernel_devices.lock().unwrap_or_else(|p| p.into_inner()).push(device);
                     return Ok(version);
                 }
                 Err(e) => refusal = e.into(),

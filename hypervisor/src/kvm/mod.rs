@@ -38,7 +38,7 @@ impl Hypervisor for KvmHypervisor {
 
     fn create_vm(&self) -> Result<KvmVm> {
         let fd = self.kvm.create_vm().map_err(|e| Error::new("KVM_CREATE_VM", e))?;
-        Ok(KvmVm { fd: Arc::new(fd), in_kernel_devices: Mutex::new(Vec::new()) })
+        Ok(KvmVm { fd: Arc::new(fd), _in_kernel_devices: Mutex::new(Vec::new()) })
     }
 
     fn max_vcpus(&self) -> u32 {
@@ -49,7 +49,7 @@ impl Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: Arc<VmFd>,
     /// Devices KVM emulates for this VM (an interrupt controller), held open for as long as the VM lives.
-    in_kernel_devices: Mutex<Vec<DeviceFd>>,
+    _in_kernel_devices: Mutex<Vec<DeviceFd>>,
 }
 
 impl Vm for KvmVm {
