@@ -20,6 +20,28 @@ pub enum SerialConfig {
     Socket(ListenSocket),
 }
 
+/// The machine types `--machine` names. Each host architecture's platform accepts its own (pc, q35 and microvm on
+/// x86_64, virt on aarch64) and derives the virtio transport from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MachineType {
+    Pc,
+    Q35,
+    Microvm,
+    Virt,
+}
+
+impl MachineType {
+    /// QEMU's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MachineType::Pc => "pc",
+            MachineType::Q35 => "q35",
+            MachineType::Microvm => "microvm",
+            MachineType::Virt => "virt",
+        }
+    }
+}
+
 /// How the guest reaches a virtio device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VirtioTransport {
@@ -115,8 +137,9 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
-    /// The transport virtio devices use unless told otherwise (`--machine`).
-    pub virtio_transport: VirtioTransport,
+    /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
+    /// devices use unless told otherwise.
+    pub machine: Option<MachineType>,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -140,7 +163,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: None,
             console: None,
-            virtio_transport: VirtioTransport::default(),
+            machine: None,
             name: None,
             uuid: None,
         }
