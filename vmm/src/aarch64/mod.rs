@@ -281,6 +281,29 @@ mod tests {
     }
 
     #[test]
+    fn virtio_pci_devices_are_refused_naming_the_device() {
+        let memory = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(layout::RAM_START), 1 << 20)]).unwrap();
+        let device = |transport| NamedDevice {
+            name: "virtio-rng".into(),
+            device: Arc::new(Mutex::new(devices::virtio::rng::Rng::new())),
+            transport,
+            qdev_id: "rng0".into(),
+        };
+        let new = |transport| {
+            let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();
+            let events = PlatformEvents::new(|_| {});
+            Platform::new(serial, events, &memory, vec![device(transport)], VirtioTransport::Mmio)
+        };
+        let err = new(VirtioTransport::Pci).err().expect("a PCI device must be refused").to_string();
+        assert!(err.starts_with("virtio-rng (id=rng0): virtio-*-pci devices need a PCI bus"), "{err}");
+        let platform = new(VirtioTransport::Mmio).expect("the same device on virtio-mmio is fine");
+        assert_eq!(platform.virtio.len(), 1);
+        assert_eq!(platform.virtio[0].base, layout::VIRTIO_MMIO_START);
+        assert_eq!(platform.virtio[0].gsi, VIRTIO_MMIO_FIRST_SPI);
+        assert!(platform.pci_functions().is_empty());
+    }
+
+    #[test]
     fn cpu_props_are_qemu_virt_s_for_one_socket() {
         let props = Platform::cpu_props(1);
         assert_eq!(
