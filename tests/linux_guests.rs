@@ -8,10 +8,6 @@
 //! Where a runner cannot run (no QEMU, no Debian archive), the tests fail under CI or with
 //! KESTREL_REQUIRE_RUNNER=1, and otherwise print SKIPPED with the reason.
 //!
-//! The aarch64 tests are `#[ignore]`d until Kestrel runs aarch64 guests (its KVM backend and platform): today the
-//! aarch64 kestrel stops with "unsupported host architecture". `cargo test --test linux_guests -- --ignored`
-//! runs them.
-//!
 //! A case whose guest died in early boot with a known signature of the emulated environment (a hang or triple
 //! fault before /init; see `ci/runner/compare-qemu`) is run a second time by L1 and judged on that attempt; every
 //! such retry is printed as `RETRIED: <case> first attempt: <signature>` on the test binary's stderr, outside
@@ -560,80 +556,69 @@ fn two_disks_a_nic_and_the_rng_at_once_over_mmio_in_qemu_spelling() {
     c.assert_exited(0);
 }
 
-// aarch64: ci/runner/aarch64. Ignored until Kestrel runs aarch64 guests; the reason names what is missing.
+// aarch64: ci/runner/aarch64.
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_image_boots_with_two_vcpus() {
     let Some(c) = case(Arch::Aarch64, "boot-2cpus") else { return };
     check_nproc(c, 2, " (the secondary vCPU comes up by PSCI CPU_ON)");
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_nproc_is_1_with_one_vcpu() {
     let Some(c) = case(Arch::Aarch64, "nproc-1") else { return };
     check_nproc(c, 1, "");
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_nproc_is_4_with_four_vcpus() {
     let Some(c) = case(Arch::Aarch64, "nproc-4") else { return };
     check_nproc(c, 4, "");
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_memtotal_matches_512m() {
     let Some(c) = case(Arch::Aarch64, "memory-512m") else { return };
     assert_memtotal(&c, 512 * 1024, 0.84);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_pl031_rtc_reads_within_seconds_of_the_l1_clock() {
     let Some(c) = case(Arch::Aarch64, "rtc") else { return };
     check_rtc(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_pl011_input_is_echoed() {
     let Some(c) = case(Arch::Aarch64, "serial-echo") else { return };
     check_serial_echo(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_psci_system_off_exits_0() {
     let Some(c) = case(Arch::Aarch64, "poweroff") else { return };
     check_poweroff(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_psci_system_reset_comes_back_up() {
     let Some(c) = case(Arch::Aarch64, "reboot") else { return };
     check_reboot(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_reboot_with_no_reboot_ends_the_process() {
     let Some(c) = case(Arch::Aarch64, "no-reboot") else { return };
     check_no_reboot(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_system_powerdown_presses_the_gpio_power_key() {
     let Some(c) = case(Arch::Aarch64, "powerdown") else { return };
     check_powerdown(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_virtio_blk_disks_serve_a_linux_guest() {
     let Some(c) = case(Arch::Aarch64, "virtio-blk") else { return };
     check_virtio_disks(&c);
@@ -641,14 +626,12 @@ fn aarch64_virtio_blk_disks_serve_a_linux_guest() {
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_virtio_console_carries_output_and_input() {
     let Some(c) = case(Arch::Aarch64, "virtio-console") else { return };
     check_virtio_console(c);
 }
 
 #[test]
-#[ignore = "the aarch64 KVM backend and vmm platform have not landed: the aarch64 kestrel exits 'unsupported host architecture'"]
 fn aarch64_virtio_net_carries_ping_http_and_an_upload_through_a_tap() {
     let Some(c) = case(Arch::Aarch64, "virtio-net") else { return };
     check_virtio_net(c);

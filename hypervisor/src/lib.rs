@@ -11,6 +11,9 @@ cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         pub mod kvm;
         pub mod x86_64;
+    } else if #[cfg(target_arch = "aarch64")] {
+        pub mod aarch64;
+        pub mod kvm;
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, MacAddress, NetConfig,
-    SerialConfig, SocketAddress, VirtioTransport, VmConfig,
+    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, MacAddress, MachineType,
+    NetConfig, SerialConfig, SocketAddress, VmConfig,
 };
 
 mod qemu_devices;
@@ -18,11 +18,15 @@ Usage: kestrel --kernel PATH [options]
 Boots a virtual machine on KVM.
 
 Options (QEMU's spelling in brackets, where it has one):
-  --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry (required) [-kernel]
-  --machine TYPE        pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm: virtio-mmio
+  --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry; arm64 Image on aarch64
+                        (required) [-kernel]
+  --machine TYPE        x86_64: pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm:
+                        virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree
                         [-M TYPE, -machine TYPE[,accel=kvm] or type=TYPE]
   --initrd PATH         initial ramdisk [-initrd]
-  --cmdline STR         kernel command line (default: \"console=ttyS0\") [-append]
+  --cmdline STR         kernel command line (default: the serial console: \"console=ttyS0\" on x86_64,
+                        \"console=ttyAMA0\" on aarch64)
+                        [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
   --cpus N              number of vCPUs (default: 1) [-smp]
   --serial MODE         first serial port: stdio (default), pty, file:PATH, none, or a listening socket
@@ -91,7 +95,7 @@ pub enum CliError {
     Uuid(String),
     #[error("invalid {option} '{value}': {reason}")]
     Invalid { option: String, value: String, reason: String },
-    #[error("unknown machine type '{0}': use pc, q35 or microvm")]
+    #[error("unknown machine type '{0}': use pc, q35 or microvm (x86_64 hosts) or virt (aarch64 hosts)")]
     Machine(String),
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
@@ -359,8 +363,8 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     Ok(NetConfig { tap, mac, frontend: Frontend::default() })
 }
 
-/// `pc`, `q35`, `microvm`, with QEMU's `type=` spelling and `accel=kvm`; the type picks the virtio transport.
-fn parse_machine(option: &str, value: &str) -> Result<VirtioTransport, CliError> {
+/// `pc`, `q35`, `microvm`, `virt`, with QEMU's `type=` spelling and `accel=kvm`; the platform decides which it runs.
+fn parse_machine(option: &str, value: &str) -> Result<MachineType, CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let mut machine = first;
     for (key, setting) in pairs {
@@ -372,8 +376,10 @@ fn parse_machine(option: &str, value: &str) -> Result<VirtioTransport, CliError>
         }
     }
     match machine.as_deref() {
-        Some("pc" | "q35") => Ok(VirtioTransport::Pci),
-        Some("microvm") => Ok(VirtioTransport::Mmio),
+        Some("pc") => Ok(MachineType::Pc),
+        Some("q35") => Ok(MachineType::Q35),
+        Some("microvm") => Ok(MachineType::Microvm),
+        Some("virt") => Ok(MachineType::Virt),
         Some(other) => Err(CliError::Machine(other.to_string())),
         None => Err(invalid(option, value, "no machine type given")),
     }
@@ -439,7 +445,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut nets = Vec::new();
     let mut rng = false;
     let mut console = None;
-    let mut transport = None;
+    let mut machine = None;
     let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
     let mut monitors = Vec::new();
     let mut serial_chardev = None;
@@ -465,7 +471,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::Help => return Ok(Command::Help),
             Opt::Version => return Ok(Command::Version),
             Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(value))?,
-            Opt::Machine => set_once(&mut transport, &spelling, parse_machine(&spelling, &value)?)?,
+            Opt::Machine => set_once(&mut machine, &spelling, parse_machine(&spelling, &value)?)?,
             Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(value))?,
             Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
@@ -537,7 +543,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
     config.initrd = initrd;
     if let Some(cmdline) = cmdline {
-        config.cmdline = cmdline;
+        config.cmdline = Some(cmdline);
     }
     if let Some(memory) = memory {
         config.memory_bytes = memory;
@@ -553,9 +559,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.disks = disks;
     config.nets = nets;
     config.rng = rng;
-    if let Some(transport) = transport {
-        config.virtio_transport = transport;
-    }
+    config.machine = machine;
     if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
     }
@@ -569,7 +573,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
 mod tests {
     use super::*;
     use crate::config::VirtioTransport;
-    use crate::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES};
+    use crate::config::DEFAULT_MEMORY_BYTES;
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
         parse(args.split_whitespace().map(String::from))
@@ -598,7 +602,7 @@ mod tests {
         assert_eq!(config.qmp, vec![ListenSocket { address: SocketAddress::Unix("/tmp/q.sock".into()), wait: false }]);
         assert_eq!(config.name.as_deref(), Some("web1"));
         assert_eq!(config.uuid.as_deref(), Some("3a0f5c9e-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
-        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(config.cmdline, None);
     }
 
     #[test]
@@ -624,16 +628,18 @@ mod tests {
     }
 
     #[test]
-    fn the_machine_type_picks_the_virtio_transport() {
-        assert_eq!(config("--kernel k").virtio_transport, VirtioTransport::Pci);
-        for (args, transport) in [
-            ("--machine pc", VirtioTransport::Pci),
-            ("--machine=q35", VirtioTransport::Pci),
-            ("-M microvm", VirtioTransport::Mmio),
-            ("-machine microvm,accel=kvm", VirtioTransport::Mmio),
-            ("-machine type=pc,accel=kvm", VirtioTransport::Pci),
+    fn machine_types_in_every_spelling() {
+        assert_eq!(config("--kernel k").machine, None);
+        for (args, machine) in [
+            ("--machine pc", MachineType::Pc),
+            ("--machine=q35", MachineType::Q35),
+            ("-M microvm", MachineType::Microvm),
+            ("-machine microvm,accel=kvm", MachineType::Microvm),
+            ("-machine type=pc,accel=kvm", MachineType::Pc),
+            ("-M virt", MachineType::Virt),
+            ("-machine virt,accel=kvm", MachineType::Virt),
         ] {
-            assert_eq!(config(&format!("--kernel k {args}")).virtio_transport, transport, "{args}");
+            assert_eq!(config(&format!("--kernel k {args}")).machine, Some(machine), "{args}");
         }
         for bad in ["-machine pc,accel=tcg", "-machine pc,usb=on", "-machine accel=kvm", "-M microvm,pit=off"] {
             assert!(matches!(parse_str(&format!("--kernel k {bad}")), Err(CliError::Invalid { .. })), "{bad}");
@@ -870,7 +876,7 @@ mod tests {
     fn inline_values_and_spaces_in_the_command_line() {
         let args = ["--kernel=k", "--cmdline", "console=ttyS0 quiet", "--serial=none"].map(String::from);
         let Ok(Command::Run(config)) = parse(args) else { panic!("expected a run command") };
-        assert_eq!(config.cmdline, "console=ttyS0 quiet");
+        assert_eq!(config.cmdline.as_deref(), Some("console=ttyS0 quiet"));
         assert_eq!(config.serial, SerialConfig::None);
         assert_eq!(config.memory_bytes, DEFAULT_MEMORY_BYTES);
         assert_eq!(config.vcpus, 1);

@@ -20,6 +20,28 @@ pub enum SerialConfig {
     Socket(ListenSocket),
 }
 
+/// The machine types `--machine` names. Each host architecture's platform accepts its own (pc, q35 and microvm on
+/// x86_64, virt on aarch64) and derives the virtio transport from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MachineType {
+    Pc,
+    Q35,
+    Microvm,
+    Virt,
+}
+
+impl MachineType {
+    /// QEMU's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MachineType::Pc => "pc",
+            MachineType::Q35 => "q35",
+            MachineType::Microvm => "microvm",
+            MachineType::Virt => "virt",
+        }
+    }
+}
+
 /// How the guest reaches a virtio device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VirtioTransport {
@@ -99,7 +121,8 @@ pub struct ListenSocket {
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    /// The kernel command line; `None`: the platform's default, which names its serial console.
+    pub cmdline: Option<String>,
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub serial: SerialConfig,
@@ -115,8 +138,9 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
-    /// The transport virtio devices use unless told otherwise (`--machine`).
-    pub virtio_transport: VirtioTransport,
+    /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
+    /// devices use unless told otherwise.
+    pub machine: Option<MachineType>,
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
@@ -128,7 +152,7 @@ impl VmConfig {
         VmConfig {
             kernel,
             initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_string(),
+            cmdline: None,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             vcpus: 1,
             serial: SerialConfig::Stdio,
@@ -140,7 +164,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: None,
             console: None,
-            virtio_transport: VirtioTransport::default(),
+            machine: None,
             name: None,
             uuid: None,
         }
@@ -156,7 +180,6 @@ pub fn parse_uuid(text: &str) -> Option<String> {
 }
 
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 /// Below this the boot structures, a kernel and a stack cannot all fit.
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
 

@@ -8,20 +8,28 @@ pub mod console;
 pub mod listen;
 
 cfg_if::cfg_if! {
-    if #[cfg(target_arch = "x86_64")] {
+    if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
         mod machine;
         mod qmp_server;
         mod signals;
         mod vcpu;
         mod virtio;
-        mod x86_64;
-        use x86_64 as arch_platform;
         pub use machine::run as run_vm;
     } else {
         /// Kestrel builds here so its generic parts are tested on every target, but it cannot run guests yet.
         pub fn run_vm(_config: &config::VmConfig) -> Result<Outcome, Error> {
             Err(Error::UnsupportedHostArchitecture(std::env::consts::ARCH))
         }
+    }
+}
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        mod x86_64;
+        use x86_64 as arch_platform;
+    } else if #[cfg(target_arch = "aarch64")] {
+        mod aarch64;
+        use aarch64 as arch_platform;
     }
 }
 
@@ -42,7 +50,7 @@ pub enum Outcome {
 /// failure, the register dump that explains it).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unsupported host architecture: {0} (Kestrel runs guests on x86_64 hosts so far)")]
+    #[error("unsupported host architecture: {0} (Kestrel runs guests on x86_64 and aarch64 hosts so far)")]
     UnsupportedHostArchitecture(&'static str),
     #[error("cannot open {what} '{}': {source}", path.display())]
     Open { what: &'static str, path: PathBuf, source: std::io::Error },
@@ -62,6 +70,9 @@ pub enum Error {
     Console(std::io::Error),
     #[error("{0}")]
     Device(String),
+    /// Something this host's platform does not offer (a machine type, a transport).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("device layout: {0}")]
     Bus(#[from] devices::bus::Error),
     #[error("{0}: {1}")]

@@ -5,9 +5,8 @@ use std::fs::File;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::Serial;
 use devices::virtio::block::Block;
-use devices::{EventFdLine, PlatformEvents, PlatformRequest};
+use devices::{PlatformEvents, PlatformRequest};
 use hypervisor::kvm::{KvmHypervisor, KvmVm};
 use hypervisor::{Hypervisor, Vm};
 use mio::{Events, Poll, Token, Waker};
@@ -94,6 +93,7 @@ fn qmp_event(kind: EventKind) -> Event {
 
 impl<'a> Vmm<'a> {
     fn new(config: &'a VmConfig, poll: &Poll) -> Result<Self, Error> {
+        let transport = Platform::virtio_transport(config.machine)?;
         check_memory_size(config.memory_bytes)?;
         let kernel = open_input("kernel", &config.kernel)?;
         let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
@@ -114,26 +114,15 @@ impl<'a> Vmm<'a> {
             move |signal| sender.send(VmEvent::Signal(signal))
         })?;
 
-        let serial_backend = console::open(&config.serial, "serial0").map_err(Error::Console)?;
-        let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
-        let (serial_output, serial_input) = serial_backend.split();
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), serial_output)));
-        serial_input.start("serial", {
-            let serial = serial.clone();
-            move |bytes| {
-                serial.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
-                true
-            }
-        });
+        let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
         let platform_events = PlatformEvents::new({
             let sender = sender.clone();
             move |request| sender.send(VmEvent::Platform(request))
         });
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
-        let (virtio_devices, disks) = crate::virtio::devices(config)?;
-        let platform =
-            Platform::new(serial, serial_irq, platform_events, &memory, virtio_devices, config.virtio_transport)?;
+        let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
+        let platform = Platform::new(serial, platform_events, &memory, virtio_devices, transport)?;
         Ok(Vmm {
             config,
             hypervisor,
@@ -158,7 +147,7 @@ impl<'a> Vmm<'a> {
         let boot = BootFiles {
             kernel: &mut self.kernel,
             initrd: self.initrd.as_mut(),
-            cmdline: &self.config.cmdline,
+            cmdline: self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE),
             vcpu_count: self.config.vcpus,
         };
         let vcpus = self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?;
@@ -399,7 +388,11 @@ impl Machine for Vmm<'_> {
                     prop("type", "string", json!(Platform::MACHINE_QOM_TYPE)),
                     prop("unattached", "child<container>", json!("/machine/unattached")),
                     prop("kernel", "string", json!(self.config.kernel.display().to_string())),
-                    prop("append", "string", json!(self.config.cmdline)),
+                    prop(
+                        "append",
+                        "string",
+                        json!(self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE)),
+                    ),
                 ],
             }),
             "/machine/unattached" => {

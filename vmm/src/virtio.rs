@@ -8,12 +8,16 @@ use std::thread;
 
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::console::Console;
+use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::tap::Tap;
 use devices::virtio::net::{MacAddress, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
+use devices::{Bus, EventFdLine};
+use hypervisor::Vm;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Frontend, VirtioTransport, VmConfig};
@@ -45,10 +49,11 @@ pub type Disk = Arc<Mutex<Block>>;
 
 /// The virtio devices the configuration asks for, in a stable order (disks, nets, the rng, the console); the console's
 /// host input starts flowing here. Also returns the disks again, typed, in `config.disks` order (for QMP).
-pub fn devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
+/// Devices that do not name a transport get `machine_transport`, the machine type's.
+pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
-    let transport = |frontend: &Frontend| frontend.transport.unwrap_or(config.virtio_transport);
+    let transport = |frontend: &Frontend| frontend.transport.unwrap_or(machine_transport);
     for (index, disk) in config.disks.iter().enumerate() {
         let options = BlockOptions {
             read_only: disk.read_only,
@@ -139,4 +144,62 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
         })
         .map(drop)
         .map_err(|e| Error::Host("starting a device worker", e))
+}
+
+/// A virtio device on the MMIO bus: where it sits, its interrupt, and the queue eventfds to hook up as notifiers
+/// in every VM (the transport and its worker keep their own copies).
+pub struct MmioSlot {
+    pub base: u64,
+    pub gsi: u32,
+    irq: Arc<EventFdLine>,
+    queue_events: Vec<EventFd>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl MmioSlot {
+    /// Wires the slot into a fresh VM: its edge-triggered interrupt and its queue notifications.
+    pub fn attach<V: Vm>(&self, vm: &V) -> Result<(), Error> {
+        vm.register_irqfd(self.irq.eventfd(), self.gsi)?;
+        for (queue, event) in self.queue_events.iter().enumerate() {
+            vm.register_mmio_notifier(event, self.base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+        }
+        Ok(())
+    }
+
+    /// Back to the device's power-on state, for a guest reset.
+    pub fn reset(&self) {
+        self.transport.lock().unwrap_or_else(|p| p.into_inner()).reset();
+    }
+}
+
+/// Puts each device on the MMIO bus at the next of the platform's `slots` (base address, GSI), with its worker
+/// thread. More devices than slots is the user's error.
+pub fn attach_mmio(
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    devices: Vec<NamedDevice>,
+    slots: &[(u64, u32)],
+) -> Result<Vec<MmioSlot>, Error> {
+    if devices.len() > slots.len() {
+        return Err(Error::Device(format!(
+            "{} virtio devices requested; this platform has room for {}",
+            devices.len(),
+            slots.len()
+        )));
+    }
+    let mut attached = Vec::with_capacity(devices.len());
+    for (named, &(base, gsi)) in devices.into_iter().zip(slots) {
+        let irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let transport = MmioTransport::new(memory.clone(), named.device, irq.clone())
+            .map_err(|e| Error::Host("creating a virtio transport", e))?;
+        let clone_events = |t: &MmioTransport| -> Result<Vec<EventFd>, Error> {
+            t.queue_events().iter().map(|e| e.try_clone().map_err(|e| Error::Host("cloning an eventfd", e))).collect()
+        };
+        spawn_worker(&named.name, clone_events(&transport)?, transport.queue_handler())?;
+        let queue_events = clone_events(&transport)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_LEN)?;
+        attached.push(MmioSlot { base, gsi, irq, queue_events, transport });
+    }
+    Ok(attached)
 }

@@ -15,7 +15,7 @@ use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START}
 use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
 use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
 use devices::pci::PciFunctionInfo;
-use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::MMIO_LEN;
 use devices::{Bus, BusDevice, EventFdLine, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
@@ -24,22 +24,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::pci::PciBus;
-use crate::config::VirtioTransport;
-use crate::virtio::{spawn_worker, NamedDevice};
+use crate::config::{MachineType, VirtioTransport};
+use crate::console::ConsoleBackend;
+use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
 
 /// Virtio-mmio devices take IOAPIC pins from here up: the PCI-range pins no ISA device uses.
 const FIRST_VIRTIO_GSI: u32 = 16;
-
-/// A virtio device on the MMIO bus: where it sits, its interrupt, and the queue eventfds to hook up as
-/// notifiers in every VM (the transport and its worker keep their own copies).
-struct VirtioSlot {
-    base: u64,
-    gsi: u32,
-    irq: Arc<EventFdLine>,
-    queue_events: Vec<EventFd>,
-    transport: Arc<Mutex<MmioTransport>>,
-}
 
 const UART_REGISTERS: u64 = 8;
 const I8042_PORTS: u64 = 5;
@@ -56,13 +47,15 @@ pub struct Platform {
     sci: Arc<EventFdLine>,
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
     sci_resample: Arc<EventFd>,
-    virtio: Vec<VirtioSlot>,
+    virtio: Vec<MmioSlot>,
     /// The PCI bus, on a `pc` machine (or when a device asks for virtio-pci).
     pci: Option<PciBus>,
 }
 
 impl Platform {
     /// What QMP reports: the target, the machine type and QOM type, and the vCPUs' QOM type (host CPUID).
+    /// The kernel command line without `--cmdline`: the console on COM1.
+    pub const DEFAULT_CMDLINE: &'static str = "console=ttyS0";
     pub const QMP_TARGET: Target = Target::X86_64;
     pub const MACHINE_TYPE: &'static str = "kestrel-pc";
     pub const MACHINE_QOM_TYPE: &'static str = "kestrel-pc-machine";
@@ -71,14 +64,36 @@ impl Platform {
     /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
     pub const MAX_VCPUS: u32 = 254;
 
+    /// Which transport virtio devices get by default on `machine`: PCI on pc/q35 (the default), mmio on microvm.
+    pub fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
+        match machine {
+            None | Some(MachineType::Pc | MachineType::Q35) => Ok(VirtioTransport::Pci),
+            Some(MachineType::Microvm) => Ok(VirtioTransport::Mmio),
+            Some(other) => Err(Error::Unsupported(format!(
+                "machine type '{}' is not available on x86_64 hosts: use pc, q35 or microvm",
+                other.name()
+            ))),
+        }
+    }
+
+    /// The PC's devices, with the first serial port on `serial`.
     pub fn new(
-        serial: Arc<Mutex<Serial>>,
-        serial_irq: Arc<EventFdLine>,
+        serial: ConsoleBackend,
         events: PlatformEvents,
         memory: &GuestMemoryMmap,
         virtio_devices: Vec<NamedDevice>,
         machine_transport: VirtioTransport,
     ) -> Result<Self, Error> {
+        let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let (serial_output, serial_input) = serial.split();
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), serial_output)));
+        serial_input.start("serial", {
+            let serial = serial.clone();
+            move |bytes| {
+                serial.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
+                true
+            }
+        });
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
         pio.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), u64::from(I8042_DATA_PORT), I8042_PORTS)?;
@@ -99,7 +114,11 @@ impl Platform {
             pio.insert(reset_port, u64::from(ACPI_RESET_PORT), 1)?;
             None
         };
-        let virtio = attach_virtio_mmio(&mut mmio, memory, mmio_devices)?;
+        let slot_count = (IOAPIC_PINS - FIRST_VIRTIO_GSI).min((PLATFORM_MMIO_SIZE / MMIO_LEN) as u32);
+        let slots: Vec<(u64, u32)> = (0..slot_count)
+            .map(|index| (PLATFORM_MMIO_START + u64::from(index) * MMIO_LEN, FIRST_VIRTIO_GSI + index))
+            .collect();
+        let virtio = attach_mmio(&mut mmio, memory, mmio_devices, &slots)?;
         Ok(Platform { pio, mmio, serial, serial_irq, acpi_pm, sci, sci_resample, virtio, pci })
     }
 
@@ -143,10 +162,7 @@ impl Platform {
         vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
         let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
         for (index, slot) in self.virtio.iter().enumerate() {
-            vm.register_irqfd(slot.irq.eventfd(), slot.gsi)?;
-            for (queue, event) in slot.queue_events.iter().enumerate() {
-                vm.register_mmio_notifier(event, slot.base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
-            }
+            slot.attach(vm.as_ref())?;
             // Debian's kernels lack virtio-mmio command-line devices: ACPI is how the guest finds them.
             let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
                 .map_err(|e| Error::Boot(e.to_string()))?;
@@ -187,7 +203,7 @@ impl Platform {
     pub fn reset(&self) {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
         for slot in &self.virtio {
-            slot.transport.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            slot.reset();
         }
         if let Some(pci) = &self.pci {
             pci.reset();
@@ -198,38 +214,6 @@ impl Platform {
     pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         self.pci.as_ref().map(PciBus::functions).unwrap_or_default()
     }
-}
-
-/// Puts each virtio device on the MMIO bus in the platform window, with its own IOAPIC pin and worker thread.
-fn attach_virtio_mmio(
-    mmio: &mut Bus,
-    memory: &GuestMemoryMmap,
-    devices: Vec<NamedDevice>,
-) -> Result<Vec<VirtioSlot>, Error> {
-    let max = (IOAPIC_PINS - FIRST_VIRTIO_GSI).min((PLATFORM_MMIO_SIZE / MMIO_LEN) as u32) as usize;
-    if devices.len() > max {
-        return Err(Error::Device(format!(
-            "{} virtio devices requested; this platform has room for {max}",
-            devices.len()
-        )));
-    }
-    let mut slots = Vec::with_capacity(devices.len());
-    for (index, named) in devices.into_iter().enumerate() {
-        let base = PLATFORM_MMIO_START + index as u64 * MMIO_LEN;
-        let gsi = FIRST_VIRTIO_GSI + index as u32;
-        let irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
-        let transport = MmioTransport::new(memory.clone(), named.device, irq.clone())
-            .map_err(|e| Error::Host("creating a virtio transport", e))?;
-        let clone_events = |t: &MmioTransport| -> Result<Vec<EventFd>, Error> {
-            t.queue_events().iter().map(|e| e.try_clone().map_err(|e| Error::Host("cloning an eventfd", e))).collect()
-        };
-        spawn_worker(&named.name, clone_events(&transport)?, transport.queue_handler())?;
-        let queue_events = clone_events(&transport)?;
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), base, MMIO_LEN)?;
-        slots.push(VirtioSlot { base, gsi, irq, queue_events, transport });
-    }
-    Ok(slots)
 }
 
 /// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The

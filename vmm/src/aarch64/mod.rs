@@ -1,0 +1,317 @@
+//! The aarch64 `virt` platform: a QEMU-virt-like machine with an in-kernel GIC, a PL011 UART, a PL031 RTC, a PL061
+//! GPIO controller carrying the power key, and virtio-mmio devices, all described to the guest by the FDT that
+//! `arch::aarch64` builds. No port I/O and no PCI (yet): virtio devices sit on virtio-mmio.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use arch::aarch64::layout::{
+    self, spi_intid, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_START, PL061_SIZE, PL061_SPI, PL061_START,
+    VIRTIO_MMIO_FIRST_SPI, VIRTIO_MMIO_SLOTS,
+};
+use arch::aarch64::{setup_guest, GuestConfig};
+use devices::legacy::{Pl011, Pl031, Pl061};
+use devices::pci::PciFunctionInfo;
+use devices::virtio::rng::getrandom;
+use devices::{Bus, EventFdLine, InterruptLine, PlatformEvents};
+use hypervisor::aarch64::{VcpuAarch64, VmAarch64};
+use hypervisor::{Hypervisor, Vm};
+use qmp::{CpuProps, Target};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{MachineType, VirtioTransport};
+use crate::console::ConsoleBackend;
+use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
+use crate::Error;
+
+/// Interrupt IDs the GIC implements: the 32 private ones and SPIs up to the last virtio-mmio slot's, in the
+/// multiples of 32 the GIC counts in.
+const GIC_IRQ_COUNT: u32 = spi_intid(VIRTIO_MMIO_FIRST_SPI + VIRTIO_MMIO_SLOTS).next_multiple_of(32);
+
+/// Bytes of host entropy the FDT hands the guest's random pool (`/chosen/rng-seed`), as QEMU's virt does.
+const RNG_SEED_BYTES: usize = 32;
+
+/// A level-triggered SPI behind an irqfd: the device raises `line` on each rising edge of its output, and KVM
+/// writes `resample` once the guest has acknowledged the interrupt and the line has been lowered.
+struct LevelSpi {
+    spi: u32,
+    line: Arc<EventFdLine>,
+    resample: Arc<EventFd>,
+}
+
+impl LevelSpi {
+    fn new(spi: u32) -> Result<Self, Error> {
+        let line = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
+        let resample = Arc::new(EventFd::new(0).map_err(|e| Error::Host("creating an eventfd", e))?);
+        Ok(LevelSpi { spi, line, resample })
+    }
+
+    /// Keeps the line high while the device's output is: after each acknowledgement, raises it again if
+    /// `asserted` still says so. The thread lives as long as the process; the eventfds outlive every VM.
+    fn follow(&self, name: &str, asserted: impl Fn() -> bool + Send + 'static) -> Result<(), Error> {
+        let (line, resample) = (self.line.clone(), self.resample.clone());
+        std::thread::Builder::new()
+            .name(format!("{name}-resample"))
+            .spawn(move || {
+                while resample.read().is_ok() {
+                    if asserted() {
+                        // A failed write leaves the line low until the device's next edge; nothing better to do.
+                        let _ = line.trigger();
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| Error::Host("starting an interrupt resample thread", e))
+    }
+
+    fn attach<V: Vm>(&self, vm: &V) -> Result<(), Error> {
+        vm.register_level_irqfd(self.line.eventfd(), &self.resample, self.spi)?;
+        Ok(())
+    }
+}
+
+/// The devices of one machine. They outlive guest resets (the console's input, the UART's output stream).
+pub struct Platform {
+    /// Empty: aarch64 has no port I/O. The vCPU threads take a bus for it all the same.
+    pub pio: Bus,
+    pub mmio: Bus,
+    uart: Arc<Mutex<Pl011>>,
+    uart_spi: LevelSpi,
+    gpio: Arc<Mutex<Pl061>>,
+    gpio_spi: LevelSpi,
+    virtio: Vec<MmioSlot>,
+}
+
+impl Platform {
+    /// What QMP reports: the target, the machine type and QOM type, and the vCPUs' QOM type (QEMU's `-cpu host`).
+    /// The kernel command line without `--cmdline`: the console on the PL011.
+    pub const DEFAULT_CMDLINE: &'static str = "console=ttyAMA0";
+    pub const QMP_TARGET: Target = Target::Aarch64;
+    pub const MACHINE_TYPE: &'static str = "virt";
+    pub const MACHINE_QOM_TYPE: &'static str = "kestrel-virt-machine";
+    pub const CPU_TYPE: &'static str = "host-arm-cpu";
+
+    /// As many as the GIC layout has redistributors for.
+    pub const MAX_VCPUS: u32 = layout::MAX_VCPUS;
+
+    /// Which transport virtio devices get on `machine`: virtio-mmio on `virt`, the only machine type here.
+    pub fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
+        match machine {
+            None | Some(MachineType::Virt) => Ok(VirtioTransport::Mmio),
+            Some(other) => Err(Error::Unsupported(format!(
+                "machine type '{}' is not available on aarch64 hosts: use virt (virtio devices on virtio-mmio)",
+                other.name()
+            ))),
+        }
+    }
+
+    /// The virt machine's devices, with the PL011 on `serial`.
+    pub fn new(
+        serial: ConsoleBackend,
+        _events: PlatformEvents,
+        memory: &GuestMemoryMmap,
+        virtio_devices: Vec<NamedDevice>,
+        _machine_transport: VirtioTransport,
+    ) -> Result<Self, Error> {
+        if let Some(pci) = virtio_devices.iter().find(|d| d.transport == VirtioTransport::Pci) {
+            let id = if pci.qdev_id.is_empty() { String::new() } else { format!(" (id={})", pci.qdev_id) };
+            return Err(Error::Unsupported(format!(
+                "{}{id}: virtio-*-pci devices need a PCI bus, which Kestrel's aarch64 virt machine does not have \
+                 yet; use the virtio-*-device (virtio-mmio) form",
+                pci.name
+            )));
+        }
+        let mut mmio = Bus::new();
+
+        let uart_spi = LevelSpi::new(PL011_SPI)?;
+        let (output, input) = serial.split();
+        let uart_line: Arc<dyn InterruptLine> = uart_spi.line.clone();
+        let uart = Arc::new(Mutex::new(Pl011::new(uart_line, output)));
+        uart_spi.follow("pl011", {
+            let uart = uart.clone();
+            move || uart.lock().unwrap_or_else(|p| p.into_inner()).interrupt_asserted()
+        })?;
+        input.start("serial", {
+            let uart = uart.clone();
+            move |bytes| uart.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
+        });
+        mmio.insert(uart.clone(), PL011_START, PL011_SIZE)?;
+
+        mmio.insert(Arc::new(Mutex::new(Pl031::new())), PL031_START, PL031_SIZE)?;
+
+        let gpio_spi = LevelSpi::new(PL061_SPI)?;
+        let gpio_line: Arc<dyn InterruptLine> = gpio_spi.line.clone();
+        let gpio = Arc::new(Mutex::new(Pl061::new(gpio_line)));
+        gpio_spi.follow("pl061", {
+            let gpio = gpio.clone();
+            move || gpio.lock().unwrap_or_else(|p| p.into_inner()).interrupt_asserted()
+        })?;
+        mmio.insert(gpio.clone(), PL061_START, PL061_SIZE)?;
+
+        let slots: Vec<(u64, u32)> =
+            (0..VIRTIO_MMIO_SLOTS).filter_map(layout::virtio_mmio_slot).map(|s| (s.base, s.spi)).collect();
+        let virtio = attach_mmio(&mut mmio, memory, virtio_devices, &slots)?;
+        Ok(Platform { pio: Bus::new(), mmio, uart, uart_spi, gpio, gpio_spi, virtio })
+    }
+
+    /// Presses the power key on the PL061; the guest's gpio-keys driver decides whether and how to shut down.
+    pub fn press_power_button(&self) {
+        self.gpio.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
+    }
+
+    /// Where vCPU `index` sits, as QEMU's virt reports it for `-smp N`: one socket and cluster, one core per
+    /// vCPU, one thread per core.
+    pub fn cpu_props(index: u32) -> CpuProps {
+        CpuProps {
+            node_id: None,
+            socket_id: Some(0),
+            die_id: None,
+            cluster_id: Some(0),
+            core_id: Some(i64::from(index)),
+            thread_id: Some(0),
+        }
+    }
+
+    /// Guest RAM as (start, length) regions: one, from `layout::RAM_START` (the FDT loader checks the size).
+    pub fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
+        vec![(layout::RAM_START, memory_bytes)]
+    }
+
+    /// Prepares a freshly created VM with mapped memory: vCPUs (secondaries powered off until PSCI CPU_ON), the
+    /// GIC, interrupt lines, the loaded kernel with its FDT, and the boot vCPU's registers. Returns the vCPUs,
+    /// boot vCPU first.
+    pub fn boot<H: Hypervisor>(
+        &self,
+        _hypervisor: &H,
+        vm: &Arc<H::Vm>,
+        memory: &GuestMemoryMmap,
+        boot: BootFiles<'_>,
+    ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
+    where
+        H::Vm: VmAarch64 + 'static,
+        <H::Vm as Vm>::Vcpu: VcpuAarch64,
+    {
+        let vcpu_count = u32::from(boot.vcpu_count);
+        let mut vcpus = Vec::with_capacity(usize::from(boot.vcpu_count));
+        for id in 0..vcpu_count {
+            let vcpu = vm.create_vcpu(id)?;
+            vm.init_vcpu(&vcpu, id != 0)?;
+            vcpus.push(vcpu);
+        }
+        // KVM sizes the GIC's redistributors by the vCPUs that exist, so it comes after them.
+        let gic = vm.create_gic(vcpu_count, GIC_IRQ_COUNT)?;
+        let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
+
+        self.uart_spi.attach(vm.as_ref())?;
+        self.gpio_spi.attach(vm.as_ref())?;
+        for slot in &self.virtio {
+            slot.attach(vm.as_ref())?;
+        }
+        let slots: Vec<layout::VirtioMmioSlot> =
+            (0..self.virtio.len() as u32).filter_map(layout::virtio_mmio_slot).collect();
+
+        let mut seed = [0u8; 8 + RNG_SEED_BYTES];
+        getrandom(&mut seed).map_err(|e| Error::Host("reading host entropy for the guest", e))?;
+        let (kaslr_seed, rng_seed) = seed.split_at(8);
+        let mut guest = GuestConfig {
+            kernel: boot.kernel,
+            initrd: boot.initrd.map(|f| f as &mut dyn arch::aarch64::BootSource),
+            cmdline: boot.cmdline,
+            mem_size: memory_size(memory),
+            vcpu_mpidrs: &mpidrs,
+            gic,
+            virtio_mmio: &slots,
+            kaslr_seed: u64::from_le_bytes(kaslr_seed.try_into().unwrap_or_default()),
+            rng_seed,
+        };
+        let setup = setup_guest(memory, &mut guest).map_err(|e| Error::Boot(e.to_string()))?;
+        vcpus[0].set_boot_registers(&setup.boot_regs)?;
+        Ok(vcpus)
+    }
+
+    /// Back to power-on state for a guest reset.
+    pub fn reset(&self) {
+        self.uart.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        self.gpio.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        for slot in &self.virtio {
+            slot.reset();
+        }
+    }
+
+    /// No PCI bus on this machine yet.
+    pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
+        Vec::new()
+    }
+}
+
+fn memory_size(memory: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory.iter().map(|r| r.len()).sum()
+}
+
+/// What the kernel loader needs from the configuration, with the files already open.
+pub struct BootFiles<'a> {
+    pub kernel: &'a mut File,
+    pub initrd: Option<&'a mut File>,
+    pub cmdline: &'a str,
+    pub vcpu_count: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gic_covers_every_spi_in_multiples_of_32() {
+        assert_eq!(GIC_IRQ_COUNT % 32, 0);
+        let last_spi = layout::virtio_mmio_slot(VIRTIO_MMIO_SLOTS - 1).unwrap().spi;
+        for spi in [PL011_SPI, PL061_SPI, last_spi] {
+            assert!(spi_intid(spi) < GIC_IRQ_COUNT, "SPI {spi}");
+        }
+        assert_eq!(GIC_IRQ_COUNT, 96);
+    }
+
+    #[test]
+    fn only_the_virt_machine_and_virtio_mmio() {
+        assert_eq!(Platform::virtio_transport(None).unwrap(), VirtioTransport::Mmio);
+        assert_eq!(Platform::virtio_transport(Some(MachineType::Virt)).unwrap(), VirtioTransport::Mmio);
+        for machine in [MachineType::Pc, MachineType::Q35, MachineType::Microvm] {
+            let err = Platform::virtio_transport(Some(machine)).unwrap_err().to_string();
+            assert!(err.contains(&format!("'{}' is not available on aarch64", machine.name())), "{err}");
+        }
+    }
+
+    #[test]
+    fn virtio_pci_devices_are_refused_naming_the_device() {
+        let memory = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(layout::RAM_START), 1 << 20)]).unwrap();
+        let device = |transport| NamedDevice {
+            name: "virtio-rng".into(),
+            device: Arc::new(Mutex::new(devices::virtio::rng::Rng::new())),
+            transport,
+            qdev_id: "rng0".into(),
+        };
+        let new = |transport| {
+            let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();
+            let events = PlatformEvents::new(|_| {});
+            Platform::new(serial, events, &memory, vec![device(transport)], VirtioTransport::Mmio)
+        };
+        let err = new(VirtioTransport::Pci).err().expect("a PCI device must be refused").to_string();
+        assert!(err.starts_with("virtio-rng (id=rng0): virtio-*-pci devices need a PCI bus"), "{err}");
+        let platform = new(VirtioTransport::Mmio).expect("the same device on virtio-mmio is fine");
+        assert_eq!(platform.virtio.len(), 1);
+        assert_eq!(platform.virtio[0].base, layout::VIRTIO_MMIO_START);
+        assert_eq!(platform.virtio[0].gsi, VIRTIO_MMIO_FIRST_SPI);
+        assert!(platform.pci_functions().is_empty());
+    }
+
+    #[test]
+    fn cpu_props_are_qemu_virt_s_for_one_socket() {
+        let props = Platform::cpu_props(1);
+        assert_eq!(
+            (props.socket_id, props.cluster_id, props.core_id, props.thread_id),
+            (Some(0), Some(0), Some(1), Some(0))
+        );
+        assert_eq!(props.die_id, None);
+    }
+}
