@@ -359,6 +359,13 @@ fn check_powerdown(c: Checked) {
     c.assert_line("POWER-BUTTON-READY");
     c.assert_line("POWER-BUTTON-PRESSED");
     c.assert(c.case.stderr.contains("\"event\": \"POWERDOWN\""), "QMP sent the POWERDOWN event");
+    // The same QMP session asked what it talks to: the runner's architecture, in the target and each vCPU.
+    let arch = c.arch.name();
+    c.assert(
+        c.case.stderr.contains(&format!("{{\"return\": {{\"arch\": \"{arch}\"}}}}")),
+        "query-target names the arch",
+    );
+    c.assert(c.case.stderr.contains(&format!("\"target\": \"{arch}\"")), "query-cpus-fast names the arch");
     c.assert_exited(0);
 }
 
