@@ -5,8 +5,8 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::{ListenSocket, SerialConfig, SocketAddress};
 use crate::listen::{bind_private_unix, resolve_tcp};
@@ -68,7 +68,17 @@ impl ConsoleInput {
 static SAVED_TERMINAL: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
 
 /// Opens the host side of a guest character device; `label` names it in messages, as QEMU's chardev ids do.
+/// Output is handed to a writer thread (see [`QueuedOutput`]), so a guest printing a byte at a time costs the
+/// vCPU a copy, not a system call.
 pub fn open(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend> {
+    let mut backend = open_direct(config, label)?;
+    if *config != SerialConfig::None {
+        backend.output = Box::new(QueuedOutput::start(backend.output, label)?);
+    }
+    Ok(backend)
+}
+
+fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend> {
     match config {
         SerialConfig::Stdio => {
             let stdin = io::stdin();
@@ -93,6 +103,93 @@ pub fn open(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend> {
             let (output, input) = socket_console(socket, label)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} ({label}): {e}", socket.address)))?;
             Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), _slave: None })
+        }
+    }
+}
+
+/// Guest output waiting for the host side: beyond this the device blocks (a UART's transmitter stays busy), as
+/// it would on a slow line, rather than losing output.
+const OUTPUT_QUEUE_LIMIT: usize = 1 << 20;
+
+/// Every queued output, so the process can write what is still queued before it exits.
+static QUEUED_OUTPUTS: Mutex<Vec<Arc<OutputQueue>>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct OutputQueue {
+    state: Mutex<OutputState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct OutputState {
+    bytes: Vec<u8>,
+    /// The writer thread holds a batch it has not finished writing.
+    writing: bool,
+    /// The host side failed for good: output is dropped from now on.
+    broken: bool,
+}
+
+/// Console output written by a thread of its own. A guest console writes a byte per register access, and the
+/// backend (a terminal, a pipe, a file) costs a system call per write and can block; here each byte is only
+/// appended to a queue, and the writer thread writes whatever has accumulated in one call.
+struct QueuedOutput {
+    queue: Arc<OutputQueue>,
+}
+
+impl QueuedOutput {
+    fn start(mut sink: Box<dyn Write + Send>, label: &str) -> io::Result<Self> {
+        let queue = Arc::new(OutputQueue::default());
+        let writer = queue.clone();
+        std::thread::Builder::new().name(format!("{label}-output")).spawn(move || loop {
+            let batch = {
+                let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+                while state.bytes.is_empty() {
+                    state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                state.writing = true;
+                std::mem::take(&mut state.bytes)
+            };
+            let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
+            let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.writing = false;
+            state.broken |= !ok;
+            writer.changed.notify_all();
+        })?;
+        QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
+        Ok(QueuedOutput { queue })
+    }
+}
+
+impl Write for QueuedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut state = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !state.broken && !state.bytes.is_empty() && state.bytes.len() + buf.len() > OUTPUT_QUEUE_LIMIT {
+            state = self.queue.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if !state.broken {
+            state.bytes.extend_from_slice(buf);
+            self.queue.changed.notify_all();
+        }
+        Ok(buf.len())
+    }
+
+    /// The writer thread flushes after every batch; waiting for it here would put the system call back on the
+    /// guest's path.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Waits, up to `limit` in all, until every console's queued output has been written: called on the way out of
+/// the process, so the guest's last words (a panic, "reboot: Power down") are not lost.
+pub fn finish_output(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let queues = QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for queue in queues {
+        let mut state = queue.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !state.broken && (state.writing || !state.bytes.is_empty()) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return };
+            state = queue.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -304,6 +401,44 @@ fn open_pty() -> io::Result<(File, String, File)> {
 mod tests {
     use super::*;
 
+    /// A backend that is slow per write call, like a pipe into another process under emulation.
+    struct SlowSink {
+        written: Arc<Mutex<Vec<u8>>>,
+        calls: Arc<Mutex<usize>>,
+    }
+
+    impl Write for SlowSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(2));
+            *self.calls.lock().unwrap() += 1;
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn queued_output_batches_bytes_and_keeps_every_one() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(Mutex::new(0));
+        let sink = SlowSink { written: written.clone(), calls: calls.clone() };
+        let mut output = QueuedOutput::start(Box::new(sink), "test").unwrap();
+        let text: Vec<u8> = (0..2000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let started = Instant::now();
+        for byte in &text {
+            output.write_all(std::slice::from_ref(byte)).unwrap();
+            output.flush().unwrap();
+        }
+        // 2000 one-byte writes straight to the sink would take 4 s.
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        finish_output(Duration::from_secs(10));
+        assert_eq!(*written.lock().unwrap(), text);
+        assert!(*calls.lock().unwrap() < text.len() / 4, "{} calls for {} bytes", calls.lock().unwrap(), text.len());
+    }
+
     #[test]
     fn file_backend_appends_output() {
         let dir = std::env::temp_dir().join(format!("kestrel-console-test-{}", std::process::id()));
@@ -314,6 +449,7 @@ mod tests {
         assert!(backend.input.is_none());
         backend.output.write_all(b"after\n").unwrap();
         drop(backend);
+        finish_output(Duration::from_secs(5));
         assert_eq!(std::fs::read(&path).unwrap(), b"before\nafter\n");
         std::fs::remove_dir_all(dir).unwrap();
     }
