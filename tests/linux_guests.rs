@@ -644,6 +644,15 @@ fn aarch64_virtio_net_carries_ping_http_and_an_upload_through_a_tap() {
     check_virtio_net(c);
 }
 
+/// The KVM aarch64 backend's own tests (tests/kvm_aarch64.rs), where KVM is real: inside the aarch64 runner's L1.
+#[test]
+fn aarch64_kvm_backend_tests_pass_for_real_in_l1() {
+    let Some(c) = case(Arch::Aarch64, "kvm-aarch64") else { return };
+    c.assert_line("test a_vcpu_stores_to_the_uart_and_powers_off_through_psci ... ok");
+    c.assert_line("test result: ok. 1 passed; 0 failed");
+    c.assert_exited(0);
+}
+
 /// SHA-256 by the host's `sha256sum`, so the expected digests come from the same tool as L1's.
 fn sha256_hex(bytes: &[u8]) -> String {
     use std::io::Write;

@@ -49,7 +49,7 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|netns|until|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
+      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
     printf '%s\t%s\n' "$key" "$value" >>"$specdir/$name.spec"
@@ -75,8 +75,16 @@ runner_parse_cases() {
     mkdir -p "$d"
     echo "$name" >"$d/name"
     echo "$timeout" >"$d/timeout"
+    local test_target
+    test_target="$(spec_get "$spec" test)"
     {
-      printf '%s\n' --kernel "/guest/$(kernel_file "$kind")" --initrd /guest/initrd.gz --cmdline "$cmdline"
+      # test NAME: the case runs that Rust test binary (built statically, see runner_test_binaries) instead of
+      # kestrel, with the case's args; KVM is required there.
+      if [ -n "$test_target" ]; then
+        echo "$test_target" >"$d/program"
+      else
+        printf '%s\n' --kernel "/guest/$(kernel_file "$kind")" --initrd /guest/initrd.gz --cmdline "$cmdline"
+      fi
       # shellcheck disable=SC2086
       [ -n "$args" ] && printf '%s\n' $args
     } >"$d/args"
@@ -150,6 +158,24 @@ runner_kvm_probe() {
   echo "$out"
 }
 
+# The test binaries that cases name with "test NAME" (vmm's [[test]] targets), built statically for RUST_TRIPLE
+# into $2/; prints nothing.
+runner_test_binaries() {
+  local cases="$1" out="$2" names name json
+  names="$(cat "$cases"/*/program 2>/dev/null | sort -u)"
+  [ -n "$names" ] || return 0
+  mkdir -p "$out"
+  for name in $names; do
+    rlog "building the $name tests statically for $RUST_TRIPLE"
+    json="$(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo test -q --release --locked -p vmm \
+      --test "$name" --target "$RUST_TRIPLE" --no-run --message-format=json)" || rdie "building the $name tests failed"
+    local bin
+    bin="$(printf '%s\n' "$json" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+    [ -x "$bin" ] || rdie "no test binary for $name"
+    cp "$bin" "$out/$name"
+  done
+}
+
 # The L1 initramfs: busybox, the runner's init, the KVM modules, kestrel, the guest's kernels and initramfs,
 # and the cases. Uncompressed: L1 runs under TCG, where decompressing ~80 MB would cost seconds.
 runner_l1_initrd() {
@@ -161,6 +187,7 @@ runner_l1_initrd() {
   cp "$kestrel_bin" "$stage/bin/kestrel"
   chmod 755 "$stage/init" "$stage/bin/busybox" "$stage/bin/kestrel"
   [ -n "${kvm_probe:-}" ] && cp "$kvm_probe" "$stage/bin/kvm-probe"
+  runner_test_binaries "$cases" "$stage/bin"
   cp "$guest/modules/"* "$stage/modules/"
   cp -r "$cases" "$stage/cases"
   echo "KESTREL-GUEST-UP" >"$stage/cases/marker"
