@@ -85,6 +85,7 @@
 #define SMP_WAIT_CYCLES     10000000000 /* BSP waits for the APs: ~3 s at 3 GHz; many vCPUs on a few busy host cores are slow */
 #define INIT_DELAY_CYCLES   20000000    /* >= 10 ms between INIT and the first SIPI at <= 2 GHz */
 #define SIPI_DELAY_CYCLES   1000000     /* >= 200 us between the SIPIs */
+#define CF9_FAULT_MARK      0x5f        /* cf9fault: CMOS_BOOT_COUNT after its first boot */
 #define GRACE_CYCLES        2000000000  /* after poweroff/reset: how long to wait before complaining */
 #define PIT_WAIT_CYCLES     3000000000  /* 10 ticks at 100 Hz take 0.1 s; give up after ~1-3 s */
 
@@ -507,6 +508,28 @@ cmd_reset:
         leaq    msg_reset_failed(%rip), %rsi
         call    puts
         jmp     halt_forever
+
+/* cf9fault: the first boot writes the ACPI reset register and triple-faults at once, as Linux does when a reset
+ * does not take effect immediately (its last fallback); the VMM must carry out the reset, not report the fault.
+ * The boot after it (a mark in CMOS NVRAM) says so and powers off. */
+cmd_cf9fault:
+        movb    $CMOS_BOOT_COUNT, %al
+        call    cmos_read
+        cmpb    $CF9_FAULT_MARK, %al
+        je      1f
+        movb    $CMOS_BOOT_COUNT, %al
+        movb    $CF9_FAULT_MARK, %ah
+        call    cmos_write
+        movb    $RESET_VALUE, %al
+        movw    $RESET_PORT, %dx
+        outb    %al, %dx
+        jmp     cmd_triplefault
+1:      movb    $CMOS_BOOT_COUNT, %al
+        xorb    %ah, %ah
+        call    cmos_write
+        leaq    msg_reset_done(%rip), %rsi
+        call    puts
+        jmp     poweroff
 
 /* rtc: "probe: rtc 20YY-MM-DD HH:MM:SS" from the CMOS clock. */
 cmd_rtc:
@@ -1675,6 +1698,7 @@ str_mmio:               .asciz "mmio"
 str_triplefault:        .asciz "triplefault"
 str_spin:               .asciz "spin"
 str_virtio:             .asciz "virtio"
+str_cf9fault:           .asciz "cf9fault"
 
         .balign 8
 cmd_table:                                      /* (name, handler) pairs, NULL-terminated */
@@ -1689,6 +1713,7 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_triplefault, cmd_triplefault
         .quad str_spin, cmd_spin
         .quad str_virtio, cmd_virtio
+        .quad str_cf9fault, cmd_cf9fault
         .quad 0, 0
 
 /* virtio command: request shapes. Each: name, header type and sector, descriptor count, avail.ring[0] (the head),

@@ -2,6 +2,7 @@
 //! host signals and control commands into the machine's run state (running, paused, reset in place, shut down).
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -72,6 +73,8 @@ pub struct Vmm<'a> {
     quit: bool,
     /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
     disks: Vec<crate::virtio::Disk>,
+    /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::start`).
+    platform_requested: Arc<AtomicBool>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
@@ -115,9 +118,15 @@ impl<'a> Vmm<'a> {
         })?;
 
         let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
+        // A device's reset or power-off request also holds every vCPU out of the guest until the VMM acts on it.
+        let platform_requested = Arc::new(AtomicBool::new(false));
         let platform_events = PlatformEvents::new({
             let sender = sender.clone();
-            move |request| sender.send(VmEvent::Platform(request))
+            let requested = platform_requested.clone();
+            move |request| {
+                requested.store(true, Ordering::SeqCst);
+                sender.send(VmEvent::Platform(request))
+            }
         });
         let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
         let memory = create_guest_memory(config.memory_bytes)?;
@@ -137,6 +146,7 @@ impl<'a> Vmm<'a> {
             raised: Vec::new(),
             quit: false,
             disks,
+            platform_requested,
         })
     }
 
@@ -157,7 +167,9 @@ impl<'a> Vmm<'a> {
             VcpuEvent::Failed { id, reason, state } => sender.send(VmEvent::VcpuFailed { id, reason, state }),
         };
         let paused = self.state != RunState::Running;
-        let vcpus = VcpuThreads::start(vcpus, &self.platform.pio, &self.platform.mmio, paused, report)?;
+        self.platform_requested.store(false, Ordering::SeqCst);
+        let held = self.platform_requested.clone();
+        let vcpus = VcpuThreads::start(vcpus, &self.platform.pio, &self.platform.mmio, paused, held, report)?;
         self.guest = Some(Guest { vcpus, _vm: vm });
         Ok(())
     }

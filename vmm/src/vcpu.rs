@@ -33,6 +33,8 @@ struct Control {
 struct Shared {
     /// Set whenever `control` asks something of the vCPUs, so the hot path checks one atomic, not a lock.
     attention: AtomicBool,
+    /// Set when a device asked the VMM to reset or power off the machine (see `VcpuThreads::start`).
+    platform_requested: Arc<AtomicBool>,
     control: Mutex<Control>,
     changed: Condvar,
 }
@@ -51,15 +53,20 @@ pub struct VcpuThreads {
 }
 
 impl VcpuThreads {
-    /// Starts one thread per vCPU; with `paused`, none enters the guest until `resume`.
+    /// Starts one thread per vCPU; with `paused`, none enters the guest until `resume`. Once
+    /// `platform_requested` is set (a device asked for a reset or power-off: a reset register, the ACPI sleep
+    /// control), no vCPU enters the guest again and a triple fault is taken as part of that request: the guest
+    /// must not run on while the VMM acts, or Linux, its reset not taking effect at once, falls back to the
+    /// keyboard controller and at last to a triple fault.
     pub fn start<C: Vcpu + 'static>(
         vcpus: Vec<C>,
         pio: &Bus,
         mmio: &Bus,
         paused: bool,
+        platform_requested: Arc<AtomicBool>,
         report: impl Fn(VcpuEvent) + Clone + Send + 'static,
     ) -> Result<Self, Error> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared { platform_requested, ..Shared::default() });
         shared.lock().paused = paused;
         shared.attention.store(paused, Ordering::SeqCst);
         let thread_ids: Arc<Vec<AtomicI32>> = Arc::new(vcpus.iter().map(|_| AtomicI32::new(0)).collect());
@@ -208,6 +215,9 @@ impl ExitHandler {
             if !Self::may_run(shared) {
                 return;
             }
+            if shared.platform_requested.load(Ordering::SeqCst) {
+                break None;
+            }
             match vcpu.run() {
                 Ok(VcpuExit::IoIn { port, data }) => {
                     self.pio.read(u64::from(port), data);
@@ -226,27 +236,30 @@ impl ExitHandler {
                     }
                 }
                 Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::SystemReset) => break VcpuEvent::Platform(PlatformRequest::Reset),
-                Ok(VcpuExit::SystemPoweroff) => break VcpuEvent::Platform(PlatformRequest::Poweroff),
+                Ok(VcpuExit::SystemReset) => break Some(VcpuEvent::Platform(PlatformRequest::Reset)),
+                Ok(VcpuExit::SystemPoweroff) => break Some(VcpuEvent::Platform(PlatformRequest::Poweroff)),
+                Ok(VcpuExit::Shutdown) if shared.platform_requested.load(Ordering::SeqCst) => break None,
                 Ok(VcpuExit::Shutdown) => {
                     // On AMD, KVM reinitialises the VMCB on the SHUTDOWN intercept, so the dump that follows
                     // shows the reset state (rip=0xfff0), not the state at the fault.
-                    break self.failed(
+                    break Some(self.failed(
                         &mut vcpu,
                         "triple fault (the guest's CPU shut down; on AMD hosts the registers below are the \
                          reset state KVM put back, not the state at the fault)",
-                    );
+                    ));
                 }
-                Ok(VcpuExit::InternalError) => break self.failed(&mut vcpu, "KVM internal error"),
+                Ok(VcpuExit::InternalError) => break Some(self.failed(&mut vcpu, "KVM internal error")),
                 Ok(VcpuExit::FailEntry { reason }) => {
                     let reason = format!("the hypervisor refused to enter the guest (hardware reason {reason:#x})");
-                    break self.failed(&mut vcpu, &reason);
+                    break Some(self.failed(&mut vcpu, &reason));
                 }
-                Ok(VcpuExit::Unhandled(what)) => break self.failed(&mut vcpu, &format!("unhandled exit {what}")),
-                Err(e) => break self.failed(&mut vcpu, &e.to_string()),
+                Ok(VcpuExit::Unhandled(what)) => break Some(self.failed(&mut vcpu, &format!("unhandled exit {what}"))),
+                Err(e) => break Some(self.failed(&mut vcpu, &e.to_string())),
             }
         };
-        report(event);
+        if let Some(event) = event {
+            report(event);
+        }
         // After a platform request or a failure the vCPU stays out of the guest until the VMM decides (reset,
         // power off, stop), still honouring pause and stop.
         while Self::may_run(shared) {
