@@ -111,6 +111,10 @@ fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend>
 /// it would on a slow line, rather than losing output.
 const OUTPUT_QUEUE_LIMIT: usize = 1 << 20;
 
+/// How long the writer thread lets a burst of output accumulate before writing it: short for a person at a
+/// terminal, long enough that a kernel's boot log goes out in a few writes.
+const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
+
 /// Every queued output, so the process can write what is still queued before it exits.
 static QUEUED_OUTPUTS: Mutex<Vec<Arc<OutputQueue>>> = Mutex::new(Vec::new());
 
@@ -123,6 +127,11 @@ struct OutputQueue {
 #[derive(Default)]
 struct OutputState {
     bytes: Vec<u8>,
+    /// The writer thread waits for bytes: the next write wakes it (and only that one, so a guest printing byte
+    /// by byte costs one wake-up per burst, not one per byte).
+    idle: bool,
+    /// A write waits for room in the queue.
+    full: bool,
     /// The writer thread holds a batch it has not finished writing.
     writing: bool,
     /// The host side failed for good: output is dropped from now on.
@@ -131,7 +140,8 @@ struct OutputState {
 
 /// Console output written by a thread of its own. A guest console writes a byte per register access, and the
 /// backend (a terminal, a pipe, a file) costs a system call per write and can block; here each byte is only
-/// appended to a queue, and the writer thread writes whatever has accumulated in one call.
+/// appended to a queue, and the writer thread, woken once per burst, lets the burst accumulate for
+/// [`OUTPUT_COALESCE`] and writes it in one call.
 struct QueuedOutput {
     queue: Arc<OutputQueue>,
 }
@@ -141,19 +151,26 @@ impl QueuedOutput {
         let queue = Arc::new(OutputQueue::default());
         let writer = queue.clone();
         std::thread::Builder::new().name(format!("{label}-output")).spawn(move || loop {
-            let batch = {
+            {
                 let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
                 while state.bytes.is_empty() {
+                    state.idle = true;
                     state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
+                state.idle = false;
                 state.writing = true;
-                std::mem::take(&mut state.bytes)
-            };
+            }
+            std::thread::sleep(OUTPUT_COALESCE);
+            let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
             let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
             let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
             state.writing = false;
             state.broken |= !ok;
-            writer.changed.notify_all();
+            if state.full || state.bytes.is_empty() {
+                // Writes waiting for room, and finish_output, hear about it.
+                state.full = false;
+                writer.changed.notify_all();
+            }
         })?;
         QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
         Ok(QueuedOutput { queue })
@@ -164,11 +181,15 @@ impl Write for QueuedOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut state = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
         while !state.broken && !state.bytes.is_empty() && state.bytes.len() + buf.len() > OUTPUT_QUEUE_LIMIT {
+            state.full = true;
             state = self.queue.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         if !state.broken {
             state.bytes.extend_from_slice(buf);
-            self.queue.changed.notify_all();
+            if state.idle {
+                state.idle = false;
+                self.queue.changed.notify_all();
+            }
         }
         Ok(buf.len())
     }
@@ -472,6 +493,7 @@ mod tests {
         let (mut output, input) = backend.split();
         // Output with nobody connected is dropped, not queued and not an error.
         output.write_all(b"lost").unwrap();
+        finish_output(Duration::from_secs(5));
         let (typed_tx, typed_rx) = std::sync::mpsc::channel();
         input.start("test-console", move |bytes| typed_tx.send(bytes.to_vec()).is_ok());
         for round in 0..2 {
