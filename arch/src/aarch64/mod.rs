@@ -40,25 +40,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 pub use fdt::{FdtConfig, GicVersion};
 pub use regs::BootRegisters;
 
-/// Why a guest could not be set up: each is the caller's input being wrong or not fitting, and each message
-/// stands on its own as one line for the user.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kernel image: {0}")]
-    Kernel(String),
-    #[error("initrd: {0}")]
-    Initrd(String),
-    #[error("kernel command line: {0}")]
-    Cmdline(String),
-    #[error("guest memory: {0}")]
-    Memory(String),
-    #[error("vCPUs: {0}")]
-    Cpus(String),
-    #[error("device tree: {0}")]
-    Fdt(String),
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
+pub use crate::{Error, Result};
 
 /// A kernel or initrd: a file in the VMM, a byte cursor in tests.
 pub trait BootSource: Read + Seek {}
