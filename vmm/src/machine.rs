@@ -577,6 +577,12 @@ impl EventLoop<'_> {
                     return Ok(Outcome::Quit);
                 }
             }
+            {
+                // A client that went away while being sent an event leaves the next one still queued.
+                let mut connect = || Session::new(ServerInfo::kestrel());
+                let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+                qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            }
             while let Ok(event) = vmm.events.try_recv() {
                 let registry = poll.registry();
                 let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));

@@ -157,6 +157,15 @@ impl<P> QmpServer<P> {
         socket.accept(index, registry, handlers);
     }
 
+    /// Accepts a waiting connection on every socket without a client. A client can go away outside `ready`
+    /// (a failed write of an event), and the connections queued behind it raise no new readiness: the event
+    /// loop calls this after every round.
+    pub fn accept_waiting(&mut self, registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        for (index, socket) in self.sockets.iter_mut().enumerate() {
+            socket.accept(index, registry, handlers);
+        }
+    }
+
     /// Blocks until a client connects to every socket configured with `wait=on` (QEMU's behaviour: the guest
     /// does not start before its management tool is there).
     pub fn wait_for_clients(&mut self, waits: &[bool], registry: &Registry, handlers: &mut Handlers<'_, P>) {
@@ -206,21 +215,28 @@ impl<P> QmpServer<P> {
 }
 
 impl<P> Socket<P> {
+    /// Takes the next waiting connection unless a client is connected. The listener is edge-triggered: one
+    /// readiness can stand for many queued connections, so this goes on until one stays (its greeting went out)
+    /// or none is left; a connection that is already gone when greeted is dropped and the next one taken.
     fn accept(&mut self, index: usize, registry: &Registry, handlers: &mut Handlers<'_, P>) {
-        if self.client.is_some() {
-            return;
-        }
-        match self.listener.accept() {
-            Ok(mut stream) => {
-                if registry.register(stream.source(), client_token(index), Interest::READABLE).is_err() {
+        while self.client.is_none() {
+            match self.listener.accept() {
+                Ok(mut stream) => {
+                    if registry.register(stream.source(), client_token(index), Interest::READABLE).is_err() {
+                        continue;
+                    }
+                    let (protocol, outgoing) = (handlers.connect)();
+                    self.client = Some(Client { stream, protocol, outgoing });
+                    self.flush(index, registry);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    // Out of descriptors, say: the connection stays queued and is taken on a later round.
+                    eprintln!("kestrel: accepting a QMP client on {}: {e}", self.address);
                     return;
                 }
-                let (protocol, outgoing) = (handlers.connect)();
-                self.client = Some(Client { stream, protocol, outgoing });
-                self.flush(index, registry);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => eprintln!("kestrel: accepting a QMP client on {}: {e}", self.address),
         }
     }
 
