@@ -68,6 +68,29 @@ impl Kestrel {
             thread::sleep(Duration::from_millis(5));
         }
     }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
+        // SAFETY: kill only sends a signal, to our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "sending signal {signal}");
+    }
+
+    /// Waits up to `limit` for the process to exit: its success, its stderr and how long it took.
+    fn wait(mut self, limit: Duration) -> (bool, String, Duration) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!("kestrel did not exit within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let elapsed = start.elapsed();
+        let output = child.wait_with_output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned(), elapsed)
+    }
 }
 
 impl Drop for Kestrel {
@@ -118,6 +141,27 @@ impl Client {
     fn send(&mut self, bytes: &str) {
         self.writer.write_all(bytes.as_bytes()).unwrap();
     }
+
+    /// Everything until Kestrel closes the connection, split into lines; each must be complete.
+    fn lines_until_closed(mut self) -> Vec<Value> {
+        let mut all = Vec::new();
+        self.reader.read_to_end(&mut all).expect("reading the QMP socket to its end");
+        let text = String::from_utf8(all).expect("QMP output is UTF-8");
+        assert!(text.is_empty() || text.ends_with("\r\n"), "the last line was cut: ...{:?}", tail(&text));
+        text.split_terminator("\r\n")
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): ...{:?}", tail(line))))
+            .collect()
+    }
+}
+
+fn tail(text: &str) -> &str {
+    let start = text.len().saturating_sub(200);
+    text.get(start..).unwrap_or(text)
+}
+
+fn assert_host_signal_shutdown(event: &Value) {
+    assert_eq!(event["event"], "SHUTDOWN", "expected the SHUTDOWN event: {event}");
+    assert_eq!(event["data"], serde_json::json!({"guest": false, "reason": "host-signal"}));
 }
 
 /// Regression: a burst of clients that connect and close at once (a health check, a port scanner) left the
@@ -159,4 +203,50 @@ fn a_queued_client_is_greeted_when_the_current_one_leaves() {
     waiting.writer.set_nonblocking(false).unwrap();
     drop(first);
     assert!(waiting.line().get("QMP").is_some(), "expected the greeting once the first client left");
+}
+
+/// Regression: SIGTERM while replies were still queued for a client that had not read them yet closed the socket
+/// on half a reply, without the SHUTDOWN event. Now every reply and then SHUTDOWN arrive, whole.
+#[test]
+fn sigterm_delivers_queued_replies_and_then_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    // Far more than a unix socket buffers (each reply is the whole schema, ~16 KiB).
+    const REQUESTS: usize = 40;
+    let kestrel = Kestrel::with_sockets("spin", &["slow.sock", "probe.sock"], &[]);
+    let mut slow = Client::negotiated(&kestrel.path("slow.sock"));
+    slow.send(&r#"{"execute":"query-qmp-schema"}"#.repeat(REQUESTS));
+    // A round trip on another monitor after the requests were sent: the event loop has read them by then (it
+    // reads a client until it would block, and the slow client's bytes were there first).
+    thread::sleep(Duration::from_millis(100));
+    let mut probe = Client::negotiated(&kestrel.path("probe.sock"));
+    probe.send(r#"{"execute":"query-status"}"#);
+    assert!(probe.line().get("return").is_some());
+
+    kestrel.signal(libc::SIGTERM);
+    let lines = slow.lines_until_closed();
+    let (_, stderr, _) = kestrel.wait(TIMEOUT);
+    assert!(stderr.contains("terminating on signal 15"), "stderr: {stderr}");
+    let replies = lines.iter().filter(|line| line.get("return").is_some_and(Value::is_array)).count();
+    assert_eq!(replies, REQUESTS, "every schema request gets its whole reply");
+    assert_host_signal_shutdown(lines.last().expect("no output at all"));
+}
+
+/// A client that never reads must not keep Kestrel alive: what it is owed is dropped after a short grace.
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let kestrel = Kestrel::with_sockets("spin", &["q.sock"], &[]);
+    let mut stuck = Client::negotiated(&kestrel.path("q.sock"));
+    stuck.send(&r#"{"execute":"query-qmp-schema"}"#.repeat(100));
+    thread::sleep(Duration::from_millis(300));
+    kestrel.signal(libc::SIGTERM);
+    let (_, stderr, elapsed) = kestrel.wait(TIMEOUT);
+    assert!(stderr.contains("terminating on signal 15"), "stderr: {stderr}");
+    // The grace is 1 s; anything near TIMEOUT means the client held Kestrel.
+    assert!(elapsed < Duration::from_secs(5), "exit took {elapsed:?}");
+    drop(stuck);
 }

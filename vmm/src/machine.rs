@@ -5,6 +5,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
 use devices::{PlatformEvents, PlatformRequest};
@@ -47,6 +48,10 @@ impl EventSender {
 }
 
 const WAKER: Token = Token(0);
+
+/// How long, at most, QMP clients are given on the way out to read what they are still owed (the last reply, the
+/// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
+const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
@@ -538,6 +543,8 @@ struct EventLoop<'a> {
 impl EventLoop<'_> {
     fn run(mut self) -> Result<Outcome, Error> {
         let outcome = self.serve();
+        // Every way out, an error's too: clients get the rest of their replies and the last events first.
+        self.qmp.finish(Instant::now() + QMP_FINISH_GRACE);
         self.qmp.remove_files();
         outcome
     }

@@ -3,8 +3,9 @@
 //! the VMM's event loop. The protocol itself is the `qmp` crate's.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::time::Instant;
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -63,6 +64,13 @@ impl Stream {
         match self {
             Stream::Unix(stream) => stream,
             Stream::Tcp(stream) => stream,
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(stream) => stream.as_raw_fd(),
+            Stream::Tcp(stream) => stream.as_raw_fd(),
         }
     }
 }
@@ -180,6 +188,37 @@ impl<P> QmpServer<P> {
                 unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
                 socket.accept(index, registry, handlers);
             }
+        }
+    }
+
+    /// Writes out what every client is still owed (replies, then events such as the last SHUTDOWN), waiting for
+    /// slow readers until `deadline` at the latest: called on every way out, before the sockets close, so that no
+    /// client is left with half a reply. A client that does not read loses the rest at the deadline. Input not
+    /// read yet is discarded, so that clients see the connection end rather than reset.
+    pub fn finish(&mut self, deadline: Instant) {
+        for socket in &mut self.sockets {
+            let Some(client) = &mut socket.client else { continue };
+            while !client.outgoing.is_empty() {
+                match client.stream.write(&client.outgoing) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        client.outgoing.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                        let timeout = libc::c_int::try_from(left.as_millis() + 1).unwrap_or(libc::c_int::MAX);
+                        let mut fds = [libc::pollfd { fd: client.stream.raw_fd(), events: libc::POLLOUT, revents: 0 }];
+                        // SAFETY: polls one valid descriptor we own, with a correctly sized array.
+                        unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Requests nobody will answer now: read and dropped, because a unix socket closed with unread input
+            // is a reset for the peer, which may then lose what it was sent last (the SHUTDOWN event).
+            let mut discard = [0u8; 4096];
+            while Instant::now() < deadline && matches!(client.stream.read(&mut discard), Ok(n) if n > 0) {}
         }
     }
 
