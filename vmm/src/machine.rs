@@ -179,10 +179,16 @@ impl<'a> Vmm<'a> {
         Ok(())
     }
 
-    /// Resets the machine in place: a fresh VM with the same devices, as a PC's reset line does.
+    /// Resets the machine in place: a fresh VM with the same devices, as a PC's reset line does. Not once
+    /// Kestrel was told to terminate: the event loop exits at its next step, which a boot would only delay (and
+    /// a burst of queued resets delay for good).
     fn reset(&mut self) -> Result<(), Error> {
+        if signals::received().is_some() {
+            return Ok(());
+        }
         self.guest = None;
-        // Requests raised by vCPUs of the boot that just ended are moot now.
+        // Requests raised by vCPUs of the boot that just ended are moot now. A host signal among them is not,
+        // but it is not lost either: `signals::received` holds it, and the event loop looks there first.
         while self.events.try_recv().is_ok() {}
         self.platform.reset();
         if matches!(self.state, RunState::Shutdown | RunState::InternalError) {
@@ -549,22 +555,37 @@ impl EventLoop<'_> {
         outcome
     }
 
+    /// Ends the run if Kestrel was told to terminate: a signal outranks whatever else is queued.
+    fn check_signal(&mut self) -> Option<Outcome> {
+        let signal = signals::received()?;
+        let event = shutdown_event(ShutdownCause::HostSignal);
+        self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
+        Some(Outcome::Signal(signal))
+    }
+
     fn serve(&mut self) -> Result<Outcome, Error> {
-        let EventLoop { qmp, poll, vmm } = self;
-        let waits: Vec<bool> = vmm.config.qmp.iter().map(|s| s.wait).collect();
+        let waits: Vec<bool> = self.vmm.config.qmp.iter().map(|s| s.wait).collect();
         if waits.contains(&true) {
+            let EventLoop { qmp, poll, vmm } = self;
             let mut connect = || Session::new(ServerInfo::kestrel());
             let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
             qmp.wait_for_clients(&waits, poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
         }
-        vmm.boot()?;
+        if let Some(outcome) = self.check_signal() {
+            return Ok(outcome);
+        }
+        self.vmm.boot()?;
         let mut events = Events::with_capacity(64);
         loop {
-            match poll.poll(&mut events, None) {
+            match self.poll.poll(&mut events, None) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Host("waiting for events", e)),
             }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
+            }
+            let EventLoop { qmp, poll, vmm } = self;
             for ready in events.iter() {
                 let token = ready.token();
                 if !qmp.owns(token) {
@@ -590,12 +611,16 @@ impl EventLoop<'_> {
                 let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
                 qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
             }
-            while let Ok(event) = vmm.events.try_recv() {
+            while signals::received().is_none() {
+                let Ok(event) = vmm.events.try_recv() else { break };
                 let registry = poll.registry();
                 let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));
                 if let Some(outcome) = vmm.handle(event, &mut emit)? {
                     return Ok(outcome);
                 }
+            }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
             }
         }
     }

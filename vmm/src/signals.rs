@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Once;
 use std::thread::JoinHandle;
 
@@ -24,8 +25,23 @@ fn termination_set() -> libc::sigset_t {
     }
 }
 
-/// Delivers SIGINT, SIGTERM and SIGHUP to `handler` on a thread of their own. Must be called before any other
-/// thread is started, so that every later thread inherits the blocked mask and only that thread receives them.
+/// The first termination signal received, 0 while none was. Set before the handler runs, so that work already
+/// queued (a burst of resets, say) can see it and give way: a signal is never dropped or made to wait behind
+/// guest requests.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+/// The termination signal Kestrel was sent, if any.
+pub fn received() -> Option<i32> {
+    Some(RECEIVED.load(Ordering::SeqCst)).filter(|&signal| signal != 0)
+}
+
+fn note_termination(signal: libc::c_int) {
+    let _ = RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// Delivers SIGINT, SIGTERM and SIGHUP to `handler` on a thread of their own, after recording the first one (see
+/// [`received`]). Must be called before any other thread is started, so that every later
+/// thread inherits the blocked mask and only that thread receives them.
 pub fn forward_termination_signals(handler: impl Fn(i32) + Send + 'static) -> Result<(), Error> {
     let set = termination_set();
     // SAFETY: blocks signals for this thread (and threads it creates later); `set` is initialised.
@@ -39,6 +55,7 @@ pub fn forward_termination_signals(handler: impl Fn(i32) + Send + 'static) -> Re
             let mut signal = 0;
             // SAFETY: waits for one of the blocked signals in `set`, writing its number to `signal`.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                note_termination(signal);
                 handler(signal);
             }
         })
