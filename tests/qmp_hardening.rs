@@ -311,3 +311,46 @@ fn a_signal_during_guest_resets_ends_kestrel() {
         assert!(success && stderr.contains("terminating on signal 15"), "stderr: {stderr}");
     }
 }
+
+/// Starts kestrel waiting for its first client on `what` (`--qmp` or `--serial`), sends `signal` and expects a
+/// prompt, clean exit: QEMU's message, and no socket file left behind.
+fn signal_while_waiting(what: &str, signal: libc::c_int) {
+    let kestrel = Kestrel::start("spin", |dir| {
+        let socket = format!("unix:{},server=on", dir.join("wait.sock").display());
+        let mut args = vec![what.to_string(), socket];
+        if what == "--qmp" {
+            args.extend(["--serial".to_string(), "none".to_string()]);
+        }
+        args
+    });
+    kestrel.wait_for_socket("wait.sock");
+    // The socket exists before the wait starts; let it start.
+    thread::sleep(Duration::from_millis(200));
+    let socket = kestrel.path("wait.sock");
+    kestrel.signal(signal);
+    let (success, stderr, _) = kestrel.wait(TIMEOUT);
+    assert!(success, "stderr: {stderr}");
+    assert!(stderr.contains("waiting for"), "stderr: {stderr}");
+    assert!(stderr.contains(&format!("terminating on signal {signal}")), "stderr: {stderr}");
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+/// Regression: `-qmp unix:S,server=on` (wait=on) ignored Ctrl-C and SIGTERM until a client connected.
+#[test]
+fn signals_interrupt_waiting_for_the_first_qmp_client() {
+    if !kvm_available() {
+        return;
+    }
+    signal_while_waiting("--qmp", libc::SIGTERM);
+    signal_while_waiting("--qmp", libc::SIGINT);
+}
+
+/// Regression: a console socket with wait=on ignored Ctrl-C and SIGTERM until a client connected.
+#[test]
+fn signals_interrupt_waiting_for_the_first_console_client() {
+    if !kvm_available() {
+        return;
+    }
+    signal_while_waiting("--serial", libc::SIGTERM);
+    signal_while_waiting("--serial", libc::SIGINT);
+}

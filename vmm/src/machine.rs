@@ -84,7 +84,14 @@ pub struct Vmm<'a> {
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
-    let vmm = Vmm::new(config, &poll)?;
+    let vmm = match Vmm::new(config, &poll) {
+        Ok(vmm) => vmm,
+        // A console waiting for its first client gives up when Kestrel is told to terminate.
+        Err(Error::Console(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+            return signals::received().map(Outcome::Signal).ok_or(Error::Console(e));
+        }
+        Err(e) => return Err(e),
+    };
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
     EventLoop { qmp, poll, vmm }.run()
 }
@@ -121,6 +128,9 @@ impl<'a> Vmm<'a> {
             let sender = sender.clone();
             move |signal| sender.send(VmEvent::Signal(signal))
         })?;
+        if let Some(fd) = signals::termination_fd() {
+            console::give_up_waiting_when_readable(fd);
+        }
 
         let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
         // A device's reset or power-off request also holds every vCPU out of the guest until the VMM acts on it.
@@ -569,7 +579,11 @@ impl EventLoop<'_> {
             let EventLoop { qmp, poll, vmm } = self;
             let mut connect = || Session::new(ServerInfo::kestrel());
             let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
-            qmp.wait_for_clients(&waits, poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            let mut handlers = Handlers { connect: &mut connect, input: &mut input };
+            if !qmp.wait_for_clients(&waits, signals::termination_fd(), poll.registry(), &mut handlers) {
+                // Only a termination signal interrupts the wait.
+                return Ok(self.check_signal().unwrap_or(Outcome::Signal(libc::SIGTERM)));
+            }
         }
         if let Some(outcome) = self.check_signal() {
             return Ok(outcome);

@@ -175,20 +175,35 @@ impl<P> QmpServer<P> {
     }
 
     /// Blocks until a client connects to every socket configured with `wait=on` (QEMU's behaviour: the guest
-    /// does not start before its management tool is there).
-    pub fn wait_for_clients(&mut self, waits: &[bool], registry: &Registry, handlers: &mut Handlers<'_, P>) {
+    /// does not start before its management tool is there), or until `interrupt` (a descriptor that polls
+    /// readable once Kestrel is asked to terminate) says to give up: then returns false.
+    pub fn wait_for_clients(
+        &mut self,
+        waits: &[bool],
+        interrupt: Option<RawFd>,
+        registry: &Registry,
+        handlers: &mut Handlers<'_, P>,
+    ) -> bool {
         for (index, socket) in self.sockets.iter_mut().enumerate() {
             if !waits.get(index).copied().unwrap_or(false) {
                 continue;
             }
             eprintln!("kestrel: waiting for connection on: disconnected:{},server=on", socket.address);
             while socket.client.is_none() {
-                let mut fds = [libc::pollfd { fd: socket.listener.raw_fd(), events: libc::POLLIN, revents: 0 }];
-                // SAFETY: polls one valid descriptor we own, with a correctly sized array.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+                let mut fds = [
+                    libc::pollfd { fd: socket.listener.raw_fd(), events: libc::POLLIN, revents: 0 },
+                    // A negative descriptor is ignored by poll.
+                    libc::pollfd { fd: interrupt.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: polls valid descriptors we own, with a correctly sized array.
+                let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if ready > 0 && fds[1].revents != 0 {
+                    return false;
+                }
                 socket.accept(index, registry, handlers);
             }
         }
+        true
     }
 
     /// Writes out what every client is still owed (replies, then events such as the last SHUTDOWN), waiting for
