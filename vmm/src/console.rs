@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,6 +220,43 @@ pub fn finish_output(limit: Duration) {
 /// reading must not stall the guest.
 const SOCKET_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// A descriptor that polls readable once Kestrel is told to terminate, -1 while none was given: a console waiting
+/// for its first client (`wait=on`) gives up then.
+static GIVE_UP_WAITING: AtomicI32 = AtomicI32::new(-1);
+
+/// Makes waits for a console's first client end, with an `Interrupted` error, once `fd` polls readable. `fd` must
+/// stay open for the rest of the process.
+pub fn give_up_waiting_when_readable(fd: RawFd) {
+    GIVE_UP_WAITING.store(fd, Ordering::SeqCst);
+}
+
+/// Waits until `listener` has a connection to accept, or fails with `Interrupted` once the descriptor given to
+/// [`give_up_waiting_when_readable`] polls readable.
+fn wait_for_connection(listener: RawFd) -> io::Result<()> {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+            // A negative descriptor is ignored by poll.
+            libc::pollfd { fd: GIVE_UP_WAITING.load(Ordering::SeqCst), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: polls valid descriptors, with a correctly sized array.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if fds[1].revents != 0 {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted by a termination signal"));
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// A console on a listening socket: output goes to the connected client (dropped while there is none), input comes
 /// from it; when it leaves, the next client that connects takes over. With `wait`, the first client is accepted
 /// before this returns, as QEMU waits before starting the guest.
@@ -231,7 +269,14 @@ fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutpu
     let mut input = SocketInput { listener, client: client.clone(), reader: None };
     if socket.wait {
         eprintln!("kestrel: {label}: waiting for a connection on {}", socket.address);
-        input.accept()?;
+        let waited = wait_for_connection(input.listener.raw_fd()).and_then(|()| input.accept());
+        if let Err(e) = waited {
+            // Nobody connected and nobody will: the socket file goes with the listener.
+            if let SocketAddress::Unix(path) = &socket.address {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
     }
     Ok((SocketOutput { client }, input))
 }
@@ -239,6 +284,15 @@ fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutpu
 enum SocketListener {
     Unix(UnixListener),
     Tcp(TcpListener),
+}
+
+impl SocketListener {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            SocketListener::Unix(l) => l.as_raw_fd(),
+            SocketListener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
 }
 
 enum SocketStream {

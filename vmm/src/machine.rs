@@ -5,6 +5,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
 use devices::{PlatformEvents, PlatformRequest};
@@ -48,6 +49,10 @@ impl EventSender {
 
 const WAKER: Token = Token(0);
 
+/// How long, at most, QMP clients are given on the way out to read what they are still owed (the last reply, the
+/// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
+const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
+
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
     vcpus: VcpuThreads,
@@ -79,7 +84,14 @@ pub struct Vmm<'a> {
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
-    let vmm = Vmm::new(config, &poll)?;
+    let vmm = match Vmm::new(config, &poll) {
+        Ok(vmm) => vmm,
+        // A console waiting for its first client gives up when Kestrel is told to terminate.
+        Err(Error::Console(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+            return signals::received().map(Outcome::Signal).ok_or(Error::Console(e));
+        }
+        Err(e) => return Err(e),
+    };
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
     EventLoop { qmp, poll, vmm }.run()
 }
@@ -116,6 +128,9 @@ impl<'a> Vmm<'a> {
             let sender = sender.clone();
             move |signal| sender.send(VmEvent::Signal(signal))
         })?;
+        if let Some(fd) = signals::termination_fd() {
+            console::give_up_waiting_when_readable(fd);
+        }
 
         let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
         // A device's reset or power-off request also holds every vCPU out of the guest until the VMM acts on it.
@@ -174,10 +189,16 @@ impl<'a> Vmm<'a> {
         Ok(())
     }
 
-    /// Resets the machine in place: a fresh VM with the same devices, as a PC's reset line does.
+    /// Resets the machine in place: a fresh VM with the same devices, as a PC's reset line does. Not once
+    /// Kestrel was told to terminate: the event loop exits at its next step, which a boot would only delay (and
+    /// a burst of queued resets delay for good).
     fn reset(&mut self) -> Result<(), Error> {
+        if signals::received().is_some() {
+            return Ok(());
+        }
         self.guest = None;
-        // Requests raised by vCPUs of the boot that just ended are moot now.
+        // Requests raised by vCPUs of the boot that just ended are moot now. A host signal among them is not,
+        // but it is not lost either: `signals::received` holds it, and the event loop looks there first.
         while self.events.try_recv().is_ok() {}
         self.platform.reset();
         if matches!(self.state, RunState::Shutdown | RunState::InternalError) {
@@ -538,26 +559,47 @@ struct EventLoop<'a> {
 impl EventLoop<'_> {
     fn run(mut self) -> Result<Outcome, Error> {
         let outcome = self.serve();
+        // Every way out, an error's too: clients get the rest of their replies and the last events first.
+        self.qmp.finish(Instant::now() + QMP_FINISH_GRACE);
         self.qmp.remove_files();
         outcome
     }
 
+    /// Ends the run if Kestrel was told to terminate: a signal outranks whatever else is queued.
+    fn check_signal(&mut self) -> Option<Outcome> {
+        let signal = signals::received()?;
+        let event = shutdown_event(ShutdownCause::HostSignal);
+        self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
+        Some(Outcome::Signal(signal))
+    }
+
     fn serve(&mut self) -> Result<Outcome, Error> {
-        let EventLoop { qmp, poll, vmm } = self;
-        let waits: Vec<bool> = vmm.config.qmp.iter().map(|s| s.wait).collect();
+        let waits: Vec<bool> = self.vmm.config.qmp.iter().map(|s| s.wait).collect();
         if waits.contains(&true) {
+            let EventLoop { qmp, poll, vmm } = self;
             let mut connect = || Session::new(ServerInfo::kestrel());
             let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
-            qmp.wait_for_clients(&waits, poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            let mut handlers = Handlers { connect: &mut connect, input: &mut input };
+            if !qmp.wait_for_clients(&waits, signals::termination_fd(), poll.registry(), &mut handlers) {
+                // Only a termination signal interrupts the wait.
+                return Ok(self.check_signal().unwrap_or(Outcome::Signal(libc::SIGTERM)));
+            }
         }
-        vmm.boot()?;
+        if let Some(outcome) = self.check_signal() {
+            return Ok(outcome);
+        }
+        self.vmm.boot()?;
         let mut events = Events::with_capacity(64);
         loop {
-            match poll.poll(&mut events, None) {
+            match self.poll.poll(&mut events, None) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Host("waiting for events", e)),
             }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
+            }
+            let EventLoop { qmp, poll, vmm } = self;
             for ready in events.iter() {
                 let token = ready.token();
                 if !qmp.owns(token) {
@@ -577,12 +619,22 @@ impl EventLoop<'_> {
                     return Ok(Outcome::Quit);
                 }
             }
-            while let Ok(event) = vmm.events.try_recv() {
+            {
+                // A client that went away while being sent an event leaves the next one still queued.
+                let mut connect = || Session::new(ServerInfo::kestrel());
+                let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+                qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            }
+            while signals::received().is_none() {
+                let Ok(event) = vmm.events.try_recv() else { break };
                 let registry = poll.registry();
                 let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));
                 if let Some(outcome) = vmm.handle(event, &mut emit)? {
                     return Ok(outcome);
                 }
+            }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
             }
         }
     }

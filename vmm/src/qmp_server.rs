@@ -3,8 +3,9 @@
 //! the VMM's event loop. The protocol itself is the `qmp` crate's.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::time::Instant;
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -63,6 +64,13 @@ impl Stream {
         match self {
             Stream::Unix(stream) => stream,
             Stream::Tcp(stream) => stream,
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(stream) => stream.as_raw_fd(),
+            Stream::Tcp(stream) => stream.as_raw_fd(),
         }
     }
 }
@@ -157,20 +165,75 @@ impl<P> QmpServer<P> {
         socket.accept(index, registry, handlers);
     }
 
+    /// Accepts a waiting connection on every socket without a client. A client can go away outside `ready`
+    /// (a failed write of an event), and the connections queued behind it raise no new readiness: the event
+    /// loop calls this after every round.
+    pub fn accept_waiting(&mut self, registry: &Registry, handlers: &mut Handlers<'_, P>) {
+        for (index, socket) in self.sockets.iter_mut().enumerate() {
+            socket.accept(index, registry, handlers);
+        }
+    }
+
     /// Blocks until a client connects to every socket configured with `wait=on` (QEMU's behaviour: the guest
-    /// does not start before its management tool is there).
-    pub fn wait_for_clients(&mut self, waits: &[bool], registry: &Registry, handlers: &mut Handlers<'_, P>) {
+    /// does not start before its management tool is there), or until `interrupt` (a descriptor that polls
+    /// readable once Kestrel is asked to terminate) says to give up: then returns false.
+    pub fn wait_for_clients(
+        &mut self,
+        waits: &[bool],
+        interrupt: Option<RawFd>,
+        registry: &Registry,
+        handlers: &mut Handlers<'_, P>,
+    ) -> bool {
         for (index, socket) in self.sockets.iter_mut().enumerate() {
             if !waits.get(index).copied().unwrap_or(false) {
                 continue;
             }
             eprintln!("kestrel: waiting for connection on: disconnected:{},server=on", socket.address);
             while socket.client.is_none() {
-                let mut fds = [libc::pollfd { fd: socket.listener.raw_fd(), events: libc::POLLIN, revents: 0 }];
-                // SAFETY: polls one valid descriptor we own, with a correctly sized array.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+                let mut fds = [
+                    libc::pollfd { fd: socket.listener.raw_fd(), events: libc::POLLIN, revents: 0 },
+                    // A negative descriptor is ignored by poll.
+                    libc::pollfd { fd: interrupt.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: polls valid descriptors we own, with a correctly sized array.
+                let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if ready > 0 && fds[1].revents != 0 {
+                    return false;
+                }
                 socket.accept(index, registry, handlers);
             }
+        }
+        true
+    }
+
+    /// Writes out what every client is still owed (replies, then events such as the last SHUTDOWN), waiting for
+    /// slow readers until `deadline` at the latest: called on every way out, before the sockets close, so that no
+    /// client is left with half a reply. A client that does not read loses the rest at the deadline. Input not
+    /// read yet is discarded, so that clients see the connection end rather than reset.
+    pub fn finish(&mut self, deadline: Instant) {
+        for socket in &mut self.sockets {
+            let Some(client) = &mut socket.client else { continue };
+            while !client.outgoing.is_empty() {
+                match client.stream.write(&client.outgoing) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        client.outgoing.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                        let timeout = libc::c_int::try_from(left.as_millis() + 1).unwrap_or(libc::c_int::MAX);
+                        let mut fds = [libc::pollfd { fd: client.stream.raw_fd(), events: libc::POLLOUT, revents: 0 }];
+                        // SAFETY: polls one valid descriptor we own, with a correctly sized array.
+                        unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Requests nobody will answer now: read and dropped, because a unix socket closed with unread input
+            // is a reset for the peer, which may then lose what it was sent last (the SHUTDOWN event).
+            let mut discard = [0u8; 4096];
+            while Instant::now() < deadline && matches!(client.stream.read(&mut discard), Ok(n) if n > 0) {}
         }
     }
 
@@ -206,21 +269,28 @@ impl<P> QmpServer<P> {
 }
 
 impl<P> Socket<P> {
+    /// Takes the next waiting connection unless a client is connected. The listener is edge-triggered: one
+    /// readiness can stand for many queued connections, so this goes on until one stays (its greeting went out)
+    /// or none is left; a connection that is already gone when greeted is dropped and the next one taken.
     fn accept(&mut self, index: usize, registry: &Registry, handlers: &mut Handlers<'_, P>) {
-        if self.client.is_some() {
-            return;
-        }
-        match self.listener.accept() {
-            Ok(mut stream) => {
-                if registry.register(stream.source(), client_token(index), Interest::READABLE).is_err() {
+        while self.client.is_none() {
+            match self.listener.accept() {
+                Ok(mut stream) => {
+                    if registry.register(stream.source(), client_token(index), Interest::READABLE).is_err() {
+                        continue;
+                    }
+                    let (protocol, outgoing) = (handlers.connect)();
+                    self.client = Some(Client { stream, protocol, outgoing });
+                    self.flush(index, registry);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    // Out of descriptors, say: the connection stays queued and is taken on a later round.
+                    eprintln!("kestrel: accepting a QMP client on {}: {e}", self.address);
                     return;
                 }
-                let (protocol, outgoing) = (handlers.connect)();
-                self.client = Some(Client { stream, protocol, outgoing });
-                self.flush(index, registry);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => eprintln!("kestrel: accepting a QMP client on {}: {e}", self.address),
         }
     }
 

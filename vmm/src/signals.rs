@@ -2,8 +2,10 @@
 //! guest.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::Once;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Once, OnceLock};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -24,9 +26,53 @@ fn termination_set() -> libc::sigset_t {
     }
 }
 
-/// Delivers SIGINT, SIGTERM and SIGHUP to `handler` on a thread of their own. Must be called before any other
-/// thread is started, so that every later thread inherits the blocked mask and only that thread receives them.
+/// The first termination signal received, 0 while none was. Set before the handler runs, so that work already
+/// queued (a burst of resets, say) can see it and give way: a signal is never dropped or made to wait behind
+/// guest requests.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+/// An eventfd that becomes readable, and stays so, once a termination signal arrived: waits outside the event loop
+/// (for the first QMP or console client) watch it beside their socket.
+static TERMINATION_FD: OnceLock<OwnedFd> = OnceLock::new();
+
+/// The termination signal Kestrel was sent, if any.
+pub fn received() -> Option<i32> {
+    Some(RECEIVED.load(Ordering::SeqCst)).filter(|&signal| signal != 0)
+}
+
+/// A descriptor that polls readable once a termination signal arrived (see [`TERMINATION_FD`]).
+pub fn termination_fd() -> Option<RawFd> {
+    TERMINATION_FD.get().map(|fd| fd.as_raw_fd())
+}
+
+fn create_termination_fd() -> Result<(), Error> {
+    // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1, checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::Host("creating the termination eventfd", io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned to us and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Called once per process; a second call keeps the first descriptor, which is just as good.
+    let _ = TERMINATION_FD.set(fd);
+    Ok(())
+}
+
+fn note_termination(signal: libc::c_int) {
+    let _ = RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    if let Some(fd) = termination_fd() {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own. It never blocks (non-blocking, and the
+        // counter cannot reach its limit by adding 1 per signal); it is never read, so it stays readable.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), std::mem::size_of::<u64>()) };
+    }
+}
+
+/// Delivers SIGINT, SIGTERM and SIGHUP to `handler` on a thread of their own, after recording the first one (see
+/// [`received`], [`termination_fd`]). Must be called before any other thread is started, so that every later
+/// thread inherits the blocked mask and only that thread receives them.
 pub fn forward_termination_signals(handler: impl Fn(i32) + Send + 'static) -> Result<(), Error> {
+    create_termination_fd()?;
     let set = termination_set();
     // SAFETY: blocks signals for this thread (and threads it creates later); `set` is initialised.
     let err = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -39,6 +85,7 @@ pub fn forward_termination_signals(handler: impl Fn(i32) + Send + 'static) -> Re
             let mut signal = 0;
             // SAFETY: waits for one of the blocked signals in `set`, writing its number to `signal`.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                note_termination(signal);
                 handler(signal);
             }
         })
