@@ -2,12 +2,13 @@
 //! guest.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Once, OnceLock};
 use std::thread::JoinHandle;
 
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::Error;
@@ -33,7 +34,7 @@ static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
 /// An eventfd that becomes readable, and stays so, once a termination signal arrived: waits outside the event loop
 /// (for the first QMP or console client) watch it beside their socket.
-static TERMINATION_FD: OnceLock<OwnedFd> = OnceLock::new();
+static TERMINATION_FD: OnceLock<EventFd> = OnceLock::new();
 
 /// The termination signal Kestrel was sent, if any.
 pub fn received() -> Option<i32> {
@@ -46,13 +47,8 @@ pub fn termination_fd() -> Option<RawFd> {
 }
 
 fn create_termination_fd() -> Result<(), Error> {
-    // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1, checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::Host("creating the termination eventfd", io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned to us and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| Error::Host("creating the termination eventfd", e))?;
     // Called once per process; a second call keeps the first descriptor, which is just as good.
     let _ = TERMINATION_FD.set(fd);
     Ok(())
@@ -60,11 +56,10 @@ fn create_termination_fd() -> Result<(), Error> {
 
 fn note_termination(signal: libc::c_int) {
     let _ = RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
-    if let Some(fd) = termination_fd() {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own. It never blocks (non-blocking, and the
-        // counter cannot reach its limit by adding 1 per signal); it is never read, so it stays readable.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), std::mem::size_of::<u64>()) };
+    if let Some(fd) = TERMINATION_FD.get() {
+        // Never blocks (non-blocking, and adding 1 per signal cannot reach the counter's limit); it is never read,
+        // so it stays readable.
+        let _ = fd.write(1);
     }
 }
 
