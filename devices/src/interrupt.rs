@@ -57,6 +57,12 @@ impl LevelOutput {
         self.asserted
     }
 
+    /// Takes the level a restored device has, without triggering: an interrupt the line delivered before the
+    /// snapshot is in the interrupt controller's saved state, and one still asserted is re-raised on resample.
+    pub fn restore_level(&mut self, level: bool) {
+        self.asserted = level;
+    }
+
     pub fn line(&self) -> &Arc<dyn InterruptLine> {
         &self.line
     }
@@ -81,6 +87,11 @@ mod tests {
         assert!(!output.asserted());
         output.set(true);
         assert_eq!(line.count(), 2);
+        output.restore_level(false);
+        output.restore_level(true);
+        assert_eq!(line.count(), 2, "a restored level is not an edge");
+        output.set(true);
+        assert_eq!(line.count(), 2, "and the line stays high after it");
     }
 
     #[test]

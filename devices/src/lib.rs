@@ -6,10 +6,12 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 pub use interrupt::{EventFdLine, InterruptLine, LevelOutput};
+pub use persist::{Persist, StateError};
 
 use std::fmt;
 use std::sync::Arc;

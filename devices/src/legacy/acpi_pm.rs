@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::{BusDevice, InterruptLine, PlatformEvents, PlatformRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::{BusDevice, InterruptLine, Persist, PlatformEvents, PlatformRequest, StateError};
 
 /// Layout of the block from its base: PM1a_STS (2 bytes), PM1a_EN (2 bytes), PM1a_CNT (2 bytes).
 pub const STATUS_OFFSET: u64 = 0;
@@ -91,6 +93,44 @@ impl AcpiPmBlock {
     }
 }
 
+/// The PM1a registers as data. The SCI's level is not kept: it is `status & enable != 0`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
+const DEVICE: &str = "ACPI PM";
+/// The status bits this block can set.
+const STATUS_EVENTS: u16 = PWRBTN;
+
+impl Persist for AcpiPmBlock {
+    type State = AcpiPmState;
+
+    fn save(&self) -> AcpiPmState {
+        AcpiPmState { status: self.status, enable: self.enable, control: self.control }
+    }
+
+    /// A pending, enabled event does not raise the SCI here: the interrupt controller's state has it, and the
+    /// next [`resample`](Self::resample) raises it again while it lasts.
+    fn restore(&mut self, state: &AcpiPmState) -> Result<(), StateError> {
+        if state.status & !STATUS_EVENTS != 0 {
+            let problem = format!("{:#06x} has bits no event sets (only {STATUS_EVENTS:#06x})", state.status);
+            return Err(StateError::new(DEVICE, "status", problem));
+        }
+        if state.control & SCI_EN == 0 || state.control & SLP_EN != 0 {
+            let problem = format!("{:#06x}: SCI_EN always reads 1 and SLP_EN always 0", state.control);
+            return Err(StateError::new(DEVICE, "control", problem));
+        }
+        self.status = state.status;
+        self.enable = state.enable;
+        self.control = state.control;
+        Ok(())
+    }
+}
+
 impl BusDevice for AcpiPmBlock {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, out) in data.iter_mut().enumerate() {
@@ -115,6 +155,7 @@ mod tests {
     use std::sync::mpsc::Receiver;
 
     use super::*;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
     use crate::test_utils::{recorded_events, CountingLine};
 
     fn block_with_sci() -> (AcpiPmBlock, Receiver<PlatformRequest>, Arc<CountingLine>) {
@@ -181,5 +222,73 @@ mod tests {
         pm.read(BLOCK_LEN - 2, &mut outside);
         assert_eq!(outside[2..], [0xff, 0xff]);
         pm.write(u64::MAX, &[0xff, 0xff]);
+    }
+
+    /// A block with the power button pressed and its event enabled (SCI raised once), and a sleep type written.
+    fn used_block() -> (AcpiPmBlock, Receiver<PlatformRequest>, Arc<CountingLine>) {
+        let (mut pm, rx, sci) = block_with_sci();
+        pm.write(CONTROL_OFFSET, &(SCI_EN | 3 << SLP_TYP_SHIFT).to_le_bytes());
+        pm.press_power_button();
+        pm.write(ENABLE_OFFSET, &(PWRBTN | 0x20).to_le_bytes());
+        assert_eq!(sci.count(), 1);
+        (pm, rx, sci)
+    }
+
+    fn registers(pm: &mut AcpiPmBlock) -> [u16; 3] {
+        [STATUS_OFFSET, ENABLE_OFFSET, CONTROL_OFFSET].map(|offset| read16(pm, offset))
+    }
+
+    #[test]
+    fn state_round_trips_with_a_pending_event() {
+        let (mut pm, rx, sci) = used_block();
+        let state = through_json(&pm.save());
+        let (mut restored, restored_rx, restored_sci) = block_with_sci();
+        restored.restore(&state).unwrap();
+        assert_eq!(restored_sci.count(), 0, "restoring raises nothing: the irqchip's state has the SCI");
+        assert_eq!(registers(&mut restored), registers(&mut pm));
+        assert_eq!(registers(&mut restored), [PWRBTN, PWRBTN | 0x20, SCI_EN | 3 << SLP_TYP_SHIFT]);
+        // The guest's EOI: still pending, so both raise the SCI again; once cleared, neither does.
+        for (dev, line) in [(&mut pm, &sci), (&mut restored, &restored_sci)] {
+            let before = line.count();
+            dev.resample();
+            assert_eq!(line.count(), before + 1);
+            dev.write(STATUS_OFFSET, &PWRBTN.to_le_bytes());
+            dev.resample();
+            assert_eq!(line.count(), before + 1);
+            dev.write(CONTROL_OFFSET, &(SLP_EN).to_le_bytes());
+        }
+        assert_eq!(
+            (rx.try_recv(), restored_rx.try_recv()),
+            (Ok(PlatformRequest::Poweroff), Ok(PlatformRequest::Poweroff))
+        );
+        assert_eq!(registers(&mut restored), registers(&mut pm));
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (pm, _, _) = used_block();
+        let good = pm.save();
+        let (mut target, rx, sci) = block_with_sci();
+        for status in [1, 0x8000, 0xffff] {
+            assert_refused(&mut target, &AcpiPmState { status, ..good.clone() }, "status");
+        }
+        for control in [0, SCI_EN | SLP_EN, 0xffff] {
+            assert_refused(&mut target, &AcpiPmState { control, ..good.clone() }, "control");
+        }
+        assert!(rx.try_recv().is_err() && sci.count() == 0);
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let (pm, _, _) = used_block();
+        let exercise = |dev: &mut AcpiPmBlock| {
+            registers(dev);
+            dev.resample();
+            dev.write(ENABLE_OFFSET, &[0xff, 0xff]);
+            dev.write(STATUS_OFFSET, &[0xff, 0xff]);
+            dev.write(CONTROL_OFFSET, &[0, 0]);
+        };
+        let counts = fuzz_restore(|| block().0, &pm.save(), exercise, 2000);
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }

@@ -3,8 +3,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::reply_byte;
-use crate::BusDevice;
+use crate::{BusDevice, Persist, StateError};
 
 /// Offsets within the range: index register (0x70; bit 7 is the NMI mask) and data register (0x71).
 pub const INDEX_OFFSET: u64 = 0;
@@ -37,6 +39,12 @@ const REG_B_DEFAULT: u8 = REG_B_24H;
 const REG_D_VALID: u8 = 0x80;
 /// In 12-hour mode, bit 7 of the hours register marks PM.
 const HOUR_PM: u8 = 0x80;
+/// Registers computed from the clock on each read: their NVRAM bytes are never used and stay zero.
+const CLOCK_REGISTERS: [u8; 9] =
+    [REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_C, REG_CENTURY];
+/// More than the registers can express (year 25599, with a binary century of 255): a saved clock offset beyond
+/// this is not one a guest set.
+const MAX_OFFSET_SECONDS: i64 = 1 << 40;
 
 pub type Clock = Box<dyn Fn() -> i64 + Send>;
 
@@ -162,6 +170,57 @@ impl Cmos {
     }
 }
 
+/// The CMOS as data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmosState {
+    /// The selected register (0x00-0x7f: the NMI-mask bit written with it is not part of the index).
+    pub index: u8,
+    /// All 128 bytes. The clock's registers are computed on each read, so their bytes are zero.
+    pub nvram: Vec<u8>,
+    /// Seconds the guest's clock runs ahead of the host's: after a restore the guest's time goes on with the host's,
+    /// as a battery-backed RTC does while the machine is off.
+    pub offset_seconds: i64,
+}
+
+const DEVICE: &str = "CMOS";
+
+impl Persist for Cmos {
+    type State = CmosState;
+
+    fn save(&self) -> CmosState {
+        CmosState { index: self.index, nvram: self.nvram.to_vec(), offset_seconds: self.offset_seconds }
+    }
+
+    fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
+        if state.index > INDEX_MASK {
+            let problem = format!("{:#x} is not a register (0x00-{INDEX_MASK:#x})", state.index);
+            return Err(StateError::new(DEVICE, "index", problem));
+        }
+        let nvram = <[u8; NVRAM_SIZE]>::try_from(state.nvram.as_slice())
+            .map_err(|_| StateError::new(DEVICE, "nvram", format!("{} bytes, not {NVRAM_SIZE}", state.nvram.len())))?;
+        if let Some(&register) = CLOCK_REGISTERS.iter().find(|&&r| nvram[r as usize] != 0) {
+            let problem = format!(
+                "{:#x} in a clock register, which reads from the clock and is stored as 0",
+                nvram[register as usize]
+            );
+            return Err(StateError::new(DEVICE, format!("nvram[{register:#04x}]"), problem));
+        }
+        if nvram[REG_D as usize] != REG_D_VALID {
+            let problem = format!("register D holds {:#x}; it always reads {REG_D_VALID:#x}", nvram[REG_D as usize]);
+            return Err(StateError::new(DEVICE, format!("nvram[{REG_D:#04x}]"), problem));
+        }
+        if state.offset_seconds.unsigned_abs() > MAX_OFFSET_SECONDS as u64 {
+            let problem = format!("{} s is more than the clock's registers can hold", state.offset_seconds);
+            return Err(StateError::new(DEVICE, "offset_seconds", problem));
+        }
+        self.index = state.index;
+        self.nvram = nvram;
+        self.offset_seconds = state.offset_seconds;
+        Ok(())
+    }
+}
+
 impl Default for Cmos {
     fn default() -> Self {
         Self::new()
@@ -277,6 +336,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
 
     /// 2026-11-22 13:45:07 UTC, a Sunday.
     const SUNDAY_AFTERNOON: i64 = 1_795_355_107;
@@ -357,5 +417,94 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         assert_eq!(DateTime::from_unix(SUNDAY_AFTERNOON).to_unix(), Some(SUNDAY_AFTERNOON));
+    }
+
+    /// The index register, then every register through the data port, as a guest reads them.
+    fn all_registers(cmos: &mut Cmos) -> Vec<u8> {
+        let mut index = [0];
+        cmos.read(INDEX_OFFSET, &mut index);
+        index.into_iter().chain((0..=INDEX_MASK).map(|r| get(cmos, r))).collect()
+    }
+
+    /// A CMOS the guest has used: binary 24-hour mode, its own time and date, NVRAM bytes, an index selected.
+    fn used_cmos() -> (Cmos, Arc<AtomicI64>) {
+        let (mut cmos, now) = cmos_at(SUNDAY_AFTERNOON);
+        set(&mut cmos, REG_B, REG_B_BINARY | REG_B_24H);
+        set(&mut cmos, REG_HOURS, 3);
+        set(&mut cmos, REG_YEAR, 99);
+        set(&mut cmos, 0x01, 0x30); // alarm seconds: plain NVRAM here
+        set(&mut cmos, 0x40, 0x5a);
+        set(&mut cmos, 0x7f, 0xa5);
+        cmos.write(INDEX_OFFSET, &[0x80 | 0x41]);
+        (cmos, now)
+    }
+
+    #[test]
+    fn state_round_trips_and_the_clock_goes_on_with_the_host() {
+        let (mut cmos, now) = used_cmos();
+        let state = through_json(&cmos.save());
+        assert_eq!(state.index, 0x41);
+        // Restored an hour later in a new process: a fresh device on a fresh clock.
+        let (mut restored, _) = cmos_at(SUNDAY_AFTERNOON + 3600);
+        restored.restore(&state).unwrap();
+        now.store(SUNDAY_AFTERNOON + 3600, Ordering::SeqCst);
+        let expected = all_registers(&mut cmos);
+        assert_eq!(all_registers(&mut restored), expected);
+        assert_eq!((get(&mut restored, REG_YEAR), get(&mut restored, REG_HOURS)), (99, 4), "an hour went by");
+        assert_eq!((get(&mut restored, 0x40), get(&mut restored, 0x7f)), (0x5a, 0xa5));
+        let (mut fresh, _) = cmos_at(SUNDAY_AFTERNOON + 3600);
+        assert_ne!(all_registers(&mut fresh), expected, "the comparison sees the difference");
+        // The next accesses behave alike: back to BCD, a new minute, an NVRAM byte.
+        for dev in [&mut cmos, &mut restored] {
+            set(dev, REG_B, REG_B_24H);
+            set(dev, REG_MINUTES, 0x12);
+            set(dev, 0x22, 0x33);
+        }
+        assert_eq!(all_registers(&mut restored), all_registers(&mut cmos));
+        assert_eq!(get(&mut restored, REG_MINUTES), 0x12);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (cmos, _) = used_cmos();
+        let good = cmos.save();
+        let (mut target, _) = cmos_at(SUNDAY_AFTERNOON);
+        let bad = |change: fn(&mut CmosState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            state
+        };
+        assert_refused(&mut target, &bad(|s| s.index = 0x80), "index");
+        assert_refused(&mut target, &bad(|s| s.nvram.truncate(127)), "nvram");
+        assert_refused(&mut target, &bad(|s| s.nvram.push(0)), "nvram");
+        assert_refused(&mut target, &bad(|s| s.nvram.clear()), "nvram");
+        assert_refused(&mut target, &bad(|s| s.nvram[REG_SECONDS as usize] = 0x59), "nvram[0x00]");
+        assert_refused(&mut target, &bad(|s| s.nvram[REG_CENTURY as usize] = 0x20), "nvram[0x32]");
+        assert_refused(&mut target, &bad(|s| s.nvram[REG_D as usize] = 0), "nvram[0x0d]");
+        assert_refused(&mut target, &bad(|s| s.offset_seconds = i64::MAX), "offset_seconds");
+        assert_refused(&mut target, &bad(|s| s.offset_seconds = i64::MIN), "offset_seconds");
+        assert_refused(&mut target, &bad(|s| s.offset_seconds = MAX_OFFSET_SECONDS + 1), "offset_seconds");
+        target.restore(&bad(|s| s.offset_seconds = -MAX_OFFSET_SECONDS)).unwrap();
+        let unknown = r#"{"index":0,"nvram":[],"offset_seconds":0,"alarm":1}"#;
+        assert!(serde_json::from_str::<CmosState>(unknown).is_err(), "fields from elsewhere are refused");
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let (cmos, _) = used_cmos();
+        let counts = fuzz_restore(
+            || cmos_at(SUNDAY_AFTERNOON).0,
+            &cmos.save(),
+            |dev| {
+                all_registers(dev);
+                for register in [REG_SECONDS, REG_HOURS, REG_DAY, REG_YEAR, REG_CENTURY] {
+                    set(dev, register, 0x99);
+                    set(dev, register, 0xff);
+                }
+                all_registers(dev);
+            },
+            2000,
+        );
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }

@@ -1,8 +1,10 @@
 //! The i8042 keyboard controller, reduced to what guests use on a VM without a keyboard: its reset line
 //! (command 0xFE), the controller configuration byte and the self-tests Linux runs while probing.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::reply_byte;
-use crate::{BusDevice, PlatformEvents, PlatformRequest};
+use crate::{BusDevice, Persist, PlatformEvents, PlatformRequest, StateError};
 
 /// Offsets within the two-port range this device is inserted at: data port 0x60, command/status port 0x64.
 pub const DATA_OFFSET: u64 = 0;
@@ -96,6 +98,56 @@ impl I8042 {
     }
 }
 
+/// The controller as data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// The status register without its output-full bit, which follows from `output`.
+    pub status: u8,
+    /// The controller configuration byte.
+    pub config: u8,
+    /// The byte waiting to be read from port 0x60.
+    pub output: Option<u8>,
+    /// The command (0x60 or 0xd1) waiting for its data byte.
+    pub pending_command: Option<u8>,
+}
+
+const DEVICE: &str = "i8042";
+/// Status bits that are always set: self-test passed, no key lock.
+const STATUS_ALWAYS: u8 = STATUS_SYSTEM | STATUS_UNLOCKED;
+
+impl Persist for I8042 {
+    type State = I8042State;
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            config: self.config,
+            output: self.output,
+            pending_command: self.pending_command,
+        }
+    }
+
+    fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
+        if state.status & !STATUS_COMMAND != STATUS_ALWAYS {
+            let problem = format!(
+                "{:#04x}: only the command bit ({STATUS_COMMAND:#04x}) varies; {STATUS_ALWAYS:#04x} is always set",
+                state.status
+            );
+            return Err(StateError::new(DEVICE, "status", problem));
+        }
+        if let Some(command) = state.pending_command.filter(|&c| c != CMD_WRITE_CONFIG && c != CMD_WRITE_OUTPUT_PORT) {
+            let problem = format!("command {command:#04x} takes no data byte");
+            return Err(StateError::new(DEVICE, "pending_command", problem));
+        }
+        self.status = state.status;
+        self.config = state.config;
+        self.output = state.output;
+        self.pending_command = state.pending_command;
+        Ok(())
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
@@ -125,6 +177,7 @@ mod tests {
     use std::sync::mpsc::Receiver;
 
     use super::*;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
     use crate::test_utils::recorded_events;
 
     fn device() -> (I8042, Receiver<PlatformRequest>) {
@@ -183,5 +236,68 @@ mod tests {
         }
         dev.write(COMMAND_OFFSET, &[CMD_TEST_AUX]);
         assert_eq!(read(&mut dev, DATA_OFFSET), INTERFACE_ABSENT);
+    }
+
+    /// A controller mid-conversation: a new configuration byte, the keyboard disabled, a self-test result not yet
+    /// read, and a write-output-port command waiting for its data byte.
+    fn used_controller() -> (I8042, Receiver<PlatformRequest>) {
+        let (mut dev, rx) = device();
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CONFIG]);
+        dev.write(DATA_OFFSET, &[0x47]);
+        dev.write(COMMAND_OFFSET, &[CMD_DISABLE_KEYBOARD]);
+        dev.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
+        (dev, rx)
+    }
+
+    #[test]
+    fn state_round_trips_mid_command() {
+        let (mut dev, rx) = used_controller();
+        let state = through_json(&dev.save());
+        let (mut restored, restored_rx) = device();
+        restored.restore(&state).unwrap();
+        assert!(restored_rx.try_recv().is_err(), "restoring requests nothing");
+        for d in [&mut dev, &mut restored] {
+            assert_eq!(read(d, COMMAND_OFFSET), STATUS_ALWAYS | STATUS_COMMAND | STATUS_OUTPUT_FULL);
+            assert_eq!(read(d, DATA_OFFSET), SELF_TEST_PASSED);
+            assert_eq!(read(d, COMMAND_OFFSET), STATUS_ALWAYS | STATUS_COMMAND);
+            // The pending write-output-port command takes this byte: the reset line goes low.
+            d.write(DATA_OFFSET, &[0xfe]);
+            d.write(COMMAND_OFFSET, &[CMD_READ_CONFIG]);
+            assert_eq!(read(d, DATA_OFFSET), 0x47 | CONFIG_KEYBOARD_DISABLED);
+        }
+        assert_eq!((rx.try_recv(), restored_rx.try_recv()), (Ok(PlatformRequest::Reset), Ok(PlatformRequest::Reset)));
+        assert_eq!(restored.save(), dev.save());
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (dev, _) = used_controller();
+        let good = dev.save();
+        let (mut target, rx) = device();
+        for status in [0, 0xff, STATUS_ALWAYS | STATUS_OUTPUT_FULL, STATUS_SYSTEM] {
+            assert_refused(&mut target, &I8042State { status, ..good.clone() }, "status");
+        }
+        for command in [0, CMD_PULSE_RESET, CMD_READ_CONFIG] {
+            let state = I8042State { pending_command: Some(command), ..good.clone() };
+            assert_refused(&mut target, &state, "pending_command");
+        }
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let (dev, _) = used_controller();
+        let exercise = |d: &mut I8042| {
+            for _ in 0..2 {
+                read(d, COMMAND_OFFSET);
+                read(d, DATA_OFFSET);
+            }
+            d.write(DATA_OFFSET, &[0xff]);
+            d.write(COMMAND_OFFSET, &[CMD_READ_CONFIG]);
+            read(d, DATA_OFFSET);
+        };
+        let counts = fuzz_restore(|| device().0, &dev.save(), exercise, 2000);
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }

@@ -11,12 +11,12 @@ mod primecell;
 mod reset_port;
 mod serial;
 
-pub use acpi_pm::{AcpiPmBlock, BLOCK_LEN as ACPI_PM_BLOCK_LEN};
-pub use cmos::Cmos;
-pub use i8042::I8042;
+pub use acpi_pm::{AcpiPmBlock, AcpiPmState, BLOCK_LEN as ACPI_PM_BLOCK_LEN};
+pub use cmos::{Cmos, CmosState};
+pub use i8042::{I8042State, I8042};
 pub use pl011::Pl011;
-pub use pl031::Pl031;
-pub use pl061::Pl061;
+pub use pl031::{Pl031, Pl031State};
+pub use pl061::{Pl061, Pl061State};
 pub use primecell::WINDOW_SIZE as PRIMECELL_WINDOW_SIZE;
-pub use reset_port::ResetPort;
+pub use reset_port::{ResetPort, ResetPortState};
 pub use serial::Serial;

@@ -1,6 +1,10 @@
 //! A type-0 PCI configuration space: 4 KiB of registers with per-bit write masks, so read-only fields, BAR sizing
 //! and write-1-to-clear status bits all follow from the masks instead of special cases.
 
+use serde::{Deserialize, Serialize};
+
+use crate::{Persist, StateError};
+
 /// The whole space as ECAM reaches it; port 0xCF8/0xCFC reaches the first 256 bytes.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
 pub const LEGACY_CONFIG_SPACE_SIZE: usize = 256;
@@ -275,9 +279,51 @@ impl ConfigSpace {
     }
 }
 
+/// A configuration space as data: its registers. The write masks, BAR sizes and power-on state are the device's
+/// configuration, rebuilt by its constructor; the registers' read-only bits must match them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSpaceState {
+    /// All [`CONFIG_SPACE_SIZE`] bytes, BAR addresses and capabilities included.
+    pub bytes: Vec<u8>,
+}
+
+impl Persist for ConfigSpace {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> ConfigSpaceState {
+        ConfigSpaceState { bytes: self.current.bytes.to_vec() }
+    }
+
+    /// Refuses a state whose read-only bits (identity, BAR flags and sizes, capabilities and their layout) differ
+    /// from this device's: that is a snapshot of another device or configuration. Bits the guest can write or
+    /// clear may hold anything.
+    fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), StateError> {
+        const DEVICE: &str = "PCI configuration space";
+        let bytes = <&[u8; CONFIG_SPACE_SIZE]>::try_from(state.bytes.as_slice()).map_err(|_| {
+            let problem = format!("{} bytes, not {CONFIG_SPACE_SIZE}", state.bytes.len());
+            StateError::new(DEVICE, "bytes", problem)
+        })?;
+        for (offset, (&saved, &current)) in bytes.iter().zip(self.current.bytes.iter()).enumerate() {
+            let fixed = !(self.writable[offset] | self.write_one_to_clear[offset]);
+            if (saved ^ current) & fixed != 0 {
+                let problem = format!(
+                    "read-only bits {:#04x} differ from this device's {:#04x} (a snapshot of another device?)",
+                    saved & fixed,
+                    current & fixed
+                );
+                return Err(StateError::new(DEVICE, format!("bytes[{offset:#05x}]"), problem));
+            }
+        }
+        self.current.bytes.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
 
     const IDENTITY: PciIdentity = PciIdentity {
         vendor_id: 0x1af4,
@@ -385,5 +431,99 @@ mod tests {
         c.write(COMMAND, &[2]);
         c.reset();
         assert_eq!((c.u16_at(second + 2), c.command()), (0xc003, 0));
+    }
+
+    /// What a device's constructor builds: two BARs (one prefetchable), a read-only capability and one with a
+    /// writable word.
+    fn built() -> ConfigSpace {
+        let mut c = ConfigSpace::new(IDENTITY);
+        c.add_bar(0, Bar { size: 0x4000, prefetchable: false }).unwrap();
+        c.add_bar(2, Bar { size: 0x1000, prefetchable: true }).unwrap();
+        c.add_capability(&[0x09, 0, 8, 1, 2, 3, 4, 5]).unwrap();
+        let writable = c.add_capability(&[0x09, 0, 8, 0, 0, 0, 0, 0]).unwrap();
+        c.set_writable(writable + 4, &[0xff, 0x0f]);
+        c.set_bar_address(0, 0xc000_0000).unwrap();
+        c.set_bar_address(2, 0xc000_4000).unwrap();
+        c.commit_power_on_state();
+        c
+    }
+
+    /// A built space the guest has used: BAR 0 moved, decoding and bus mastering on, an interrupt line, a
+    /// capability register written, and an error status bit the device set and the guest has not cleared.
+    fn used() -> ConfigSpace {
+        let mut c = built();
+        write32(&mut c, BAR0, 0xc010_0000);
+        c.write(COMMAND, &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes());
+        c.write(INTERRUPT_LINE, &[10]);
+        c.write(0x4c, &[0xab, 0xcd]);
+        c.set_u16(STATUS, c.u16_at(STATUS) | 0x8000);
+        c
+    }
+
+    fn all_bytes(c: &ConfigSpace) -> Vec<u8> {
+        let mut bytes = vec![0; CONFIG_SPACE_SIZE];
+        c.read(0, &mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn state_round_trips_with_moved_bars() {
+        let mut c = used();
+        let state = through_json(&c.save());
+        let mut restored = built();
+        assert_ne!(all_bytes(&restored), all_bytes(&c));
+        restored.restore(&state).unwrap();
+        assert_eq!(all_bytes(&restored), all_bytes(&c));
+        assert_eq!(restored.decoded_bars(), vec![(0, 0xc010_0000, 0x4000), (2, 0xc000_4000, 0x1000)]);
+        assert_eq!(restored.u16_at(0x4c), 0x0dab, "only the writable bits were written");
+        // The next accesses behave alike: sizing, clearing the error bit, and a reset to the power-on state.
+        for dev in [&mut c, &mut restored] {
+            write32(dev, BAR0 + 8, 0xffff_ffff);
+            dev.write(STATUS, &0x8000u16.to_le_bytes());
+        }
+        assert_eq!(all_bytes(&restored), all_bytes(&c));
+        assert_eq!(read32(&restored, BAR0 + 8), 0xffff_f008);
+        restored.reset();
+        assert_eq!(restored.bar_address(0), Some(0xc000_0000), "reset goes back to where the VMM placed it");
+    }
+
+    #[test]
+    fn states_of_other_devices_or_layouts_are_refused() {
+        let good = used().save();
+        let mut target = built();
+        let bad = |offset: usize, value: u8| {
+            let mut state = good.clone();
+            state.bytes[offset] = value;
+            state
+        };
+        for len in [0, LEGACY_CONFIG_SPACE_SIZE, CONFIG_SPACE_SIZE - 1, CONFIG_SPACE_SIZE + 1] {
+            let mut state = good.clone();
+            state.bytes.resize(len, 0);
+            assert_refused(&mut target, &state, "bytes");
+        }
+        assert_refused(&mut target, &bad(DEVICE_ID, 0x43), "bytes[0x002]");
+        assert_refused(&mut target, &bad(BAR0 + 8, 0), "bytes[0x018]"); // BAR 2's prefetchable flag
+        assert_refused(&mut target, &bad(BAR0 + 1, 0x10), "bytes[0x011]"); // an address below BAR 0's size
+        assert_refused(&mut target, &bad(BAR0 + 4, 1), "bytes[0x014]"); // BAR 1 does not exist
+        assert_refused(&mut target, &bad(0x44, 9), "bytes[0x044]"); // a read-only capability byte
+        assert_refused(&mut target, &bad(0x4d, 0xff), "bytes[0x04d]"); // the writable one's read-only nibble
+        assert_refused(&mut target, &bad(CAPABILITIES_POINTER, 0x48), "bytes[0x034]");
+        assert_refused(&mut target, &bad(0x100, 1), "bytes[0x100]");
+        assert_refused(&mut target, &bad(STATUS, 0), "bytes[0x006]"); // the capability list bit
+        let mut other = ConfigSpace::new(PciIdentity { device_id: 0x1041, ..IDENTITY });
+        assert_refused(&mut other, &good, "bytes[0x002]");
+        target.restore(&bad(STATUS + 1, 0xf9)).unwrap();
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let exercise = |c: &mut ConfigSpace| {
+            all_bytes(c);
+            c.decoded_bars();
+            write32(c, BAR0, 0xffff_ffff);
+            c.reset();
+        };
+        let counts = fuzz_restore(built, &used().save(), exercise, 300);
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }

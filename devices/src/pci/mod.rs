@@ -16,16 +16,19 @@
 //!   decoded address, `None` meaning "not decoded" (memory decoding off, as while Linux sizes a BAR, or the BAR
 //!   outside the window). Sizing therefore unmaps a BAR only until the guest writes the address back and
 //!   re-enables decoding.
+//! * After loading saved state into the functions (their configuration spaces, so their BAR addresses), call
+//!   [`PciRoot::refresh_all`]: routing follows the restored BARs and the observer hears where they went.
 
 pub mod config;
 pub mod msix;
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-pub use config::{Bar, ConfigSpace, PciIdentity};
-pub use msix::{MsiSender, MsixTable};
+pub use config::{Bar, ConfigSpace, ConfigSpaceState, PciIdentity};
+pub use msix::{MsiSender, MsixTable, MsixTableState, MsixVectorState};
+use serde::{Deserialize, Serialize};
 
-use crate::BusDevice;
+use crate::{BusDevice, Persist, StateError};
 
 /// Devices per bus (one function each here).
 pub const SLOTS: usize = 32;
@@ -197,6 +200,15 @@ impl PciRoot {
         }
     }
 
+    /// Recomputes where every function's BARs decode and tells the observer what moved: after the functions'
+    /// states were loaded behind the bus's back (a snapshot restore). The bus holds no state of its own; where
+    /// BARs decode follows from the functions' configuration spaces.
+    pub fn refresh_all(&self) {
+        for slot in 0..SLOTS as u8 {
+            self.refresh(slot);
+        }
+    }
+
     /// Recomputes `slot`'s mappings from its configuration space and tells the observer what moved.
     fn refresh(&self, slot: u8) {
         let Some(device) = self.device(slot) else { return };
@@ -338,6 +350,28 @@ impl PciConfigIo {
     }
 }
 
+/// The configuration ports as data: the address register. (The reset control register beside it is a device of
+/// its own, with its own state.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciConfigIoState {
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    type State = PciConfigIoState;
+
+    fn save(&self) -> PciConfigIoState {
+        PciConfigIoState { address: self.address }
+    }
+
+    /// Any address is one a guest can write: reserved bits and other buses just make accesses float.
+    fn restore(&mut self, state: &PciConfigIoState) -> Result<(), StateError> {
+        self.address = state.address;
+        Ok(())
+    }
+}
+
 fn lock_bus_device(device: &Mutex<dyn BusDevice>) -> MutexGuard<'_, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -456,6 +490,18 @@ impl HostBridge {
     }
 }
 
+impl Persist for HostBridge {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> ConfigSpaceState {
+        self.config.save()
+    }
+
+    fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), StateError> {
+        self.config.restore(state)
+    }
+}
+
 impl Default for HostBridge {
     fn default() -> Self {
         Self::new()
@@ -481,6 +527,7 @@ impl PciDevice for HostBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::testing::through_json;
 
     /// A function with two BARs that records accesses.
     struct Probe {
@@ -702,5 +749,45 @@ mod tests {
             root.add(Arc::new(Mutex::new(HostBridge::new()))).unwrap();
         }
         assert_eq!(root.add(Arc::new(Mutex::new(HostBridge::new()))), Err(Error::NoSlot));
+    }
+
+    #[test]
+    fn restored_functions_decode_where_their_state_says_once_the_bus_refreshes() {
+        let (root, probe, _) = bus();
+        let mut ecam = PciEcam::new(root.clone());
+        let bar0 = (1 << 15) + config::BAR0 as u64;
+        ecam.write(bar0, &0xc100_0000u32.to_le_bytes());
+        ecam.write(bar0 + 4, &0xf000_0000u32.to_le_bytes()); // BAR 1 out of the window
+        let mut io = PciConfigIo::new(root.clone(), None);
+        io.write(0, &(CONFIG_ADDRESS_ENABLE | 1 << 11 | config::BAR0 as u32).to_le_bytes());
+        let function_state = through_json(&probe.lock().unwrap().config.save());
+        let io_state = through_json(&io.save());
+
+        // A new process: the same bus built from the same command line, then the saved state loaded.
+        let (new_root, new_probe, moves) = bus();
+        new_probe.lock().unwrap().config.restore(&function_state).unwrap();
+        let mut new_io = PciConfigIo::new(new_root.clone(), None);
+        new_io.restore(&io_state).unwrap();
+        assert_eq!(new_root.decoded_bars(1), vec![(0, WINDOW), (1, WINDOW + 0x4000)], "nothing moves by itself");
+        new_root.refresh_all();
+        assert_eq!(new_root.decoded_bars(1), root.decoded_bars(1));
+        assert_eq!(new_root.decoded_bars(1), vec![(0, 0xc100_0000)]);
+        assert_eq!(
+            *moves.0.lock().unwrap(),
+            vec![(1, 0, Some(WINDOW), Some(0xc100_0000)), (1, 1, Some(WINDOW + 0x4000), None)]
+        );
+        // The address register was restored too: the data port reads the moved BAR.
+        let mut data = [0u8; 4];
+        new_io.read(4, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0xc100_0000);
+        let mut window = PciMmioWindow::new(new_root.clone());
+        window.read(0x0100_0000, &mut data);
+        assert_eq!(data, [1; 4], "the moved BAR reaches the device");
+        // The host bridge's state is its configuration space.
+        let bridge = HostBridge::new();
+        let mut other = HostBridge::new();
+        other.restore(&through_json(&bridge.save())).unwrap();
+        let mut probe_config = Probe::new().lock().unwrap().config.clone();
+        assert!(probe_config.restore(&bridge.save()).is_err(), "a host bridge's state is not a probe's");
     }
 }

@@ -5,7 +5,10 @@
 use std::io;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::config::{ConfigError, ConfigSpace};
+use crate::{Persist, StateError};
 
 /// Delivers a message-signalled interrupt: the guest's write of `data` to `address`.
 pub trait MsiSender: Send + Sync {
@@ -45,7 +48,9 @@ impl Entry {
     }
 }
 
-/// The table, the pending bits and the capability's enable and function-mask bits.
+/// The table, the pending bits and the capability's enable and function-mask bits. Cloning shares the sender:
+/// a scratch copy to restore into (see [`crate::persist`]).
+#[derive(Clone)]
 pub struct MsixTable {
     entries: Vec<Entry>,
     pending: Vec<bool>,
@@ -202,6 +207,76 @@ impl MsixTable {
     }
 }
 
+/// One vector as data: its table entry and its pending bit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsixVectorState {
+    pub address: u64,
+    pub data: u32,
+    /// The vector control's mask bit (its only defined bit).
+    pub masked: bool,
+    /// The PBA bit: triggered while masked, not yet sent.
+    pub pending: bool,
+}
+
+/// An MSI-X table as data: the vectors, with the message control bits the table acts on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsixTableState {
+    pub vectors: Vec<MsixVectorState>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
+const DEVICE: &str = "MSI-X table";
+
+impl Persist for MsixTable {
+    type State = MsixTableState;
+
+    fn save(&self) -> MsixTableState {
+        let vectors = self
+            .entries
+            .iter()
+            .zip(&self.pending)
+            .map(|(entry, &pending)| MsixVectorState {
+                address: entry.address(),
+                data: entry.data,
+                masked: entry.masked(),
+                pending,
+            })
+            .collect();
+        MsixTableState { vectors, enabled: self.enabled, function_masked: self.function_masked }
+    }
+
+    /// Sends nothing: a vector that is pending stays pending until the guest unmasks it.
+    fn restore(&mut self, state: &MsixTableState) -> Result<(), StateError> {
+        if state.vectors.len() != self.entries.len() {
+            let problem =
+                format!("{} in the snapshot, but this function has {}", state.vectors.len(), self.entries.len());
+            return Err(StateError::new(DEVICE, "vectors", problem));
+        }
+        let deliverable = state.enabled && !state.function_masked;
+        if let Some(vector) = state.vectors.iter().position(|v| v.pending && !v.masked && deliverable) {
+            let problem = "set on an unmasked vector of an enabled table: it would have been sent";
+            return Err(StateError::new(DEVICE, format!("vectors[{vector}].pending"), problem));
+        }
+        for (entry, vector) in self.entries.iter_mut().zip(&state.vectors) {
+            *entry = Entry {
+                address_low: vector.address as u32,
+                address_high: (vector.address >> 32) as u32,
+                data: vector.data,
+                control: if vector.masked { VECTOR_MASKED } else { 0 },
+            };
+        }
+        for (pending, vector) in self.pending.iter_mut().zip(&state.vectors) {
+            *pending = vector.pending;
+        }
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        Ok(())
+    }
+}
+
 /// Where a function's MSI-X structures live: the table and the PBA, each a BAR index and an offset in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsixLayout {
@@ -235,12 +310,29 @@ pub fn sync_control(config: &ConfigSpace, capability: usize, table: &mut MsixTab
     }
 }
 
+/// Checks, after a restore, that the capability at `capability` and `table` agree on the enable and function-mask
+/// bits, as [`sync_control`] keeps them; a function restores both into scratch copies and checks them with this
+/// before it swaps them in.
+pub fn check_control(config: &ConfigSpace, capability: usize, table: &MsixTable) -> Result<(), StateError> {
+    let control = config.u16_at(capability + MESSAGE_CONTROL);
+    let capability_bits = (control & CONTROL_ENABLE != 0, control & CONTROL_FUNCTION_MASK != 0);
+    if capability_bits != (table.enabled, table.function_masked) {
+        let problem = format!(
+            "the capability has enable={} function mask={}, the table enable={} function mask={}",
+            capability_bits.0, capability_bits.1, table.enabled, table.function_masked
+        );
+        return Err(StateError::new("MSI-X", "message control", problem));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Mutex;
 
     use super::*;
     use crate::pci::config::PciIdentity;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
 
     /// Records the messages sent.
     #[derive(Default)]
@@ -358,5 +450,109 @@ pub(crate) mod tests {
         config.write(cap + 2, &0x8000u16.to_le_bytes());
         sync_control(&config, cap, &mut t);
         assert!(t.enabled() && !t.function_masked);
+    }
+
+    /// A table of 5 the guest has programmed and enabled: vector 0 unmasked, vector 1 masked with an interrupt
+    /// pending, vector 4 unmasked, the rest left masked.
+    fn used_table() -> (MsixTable, Arc<RecordingSender>) {
+        let sender = Arc::new(RecordingSender::default());
+        let mut t = MsixTable::new(5, sender.clone());
+        program(&mut t, 0, 0xfee0_0000, 0x41, false);
+        program(&mut t, 1, 0xfee0_1000, 0x42, true);
+        program(&mut t, 4, 0x1_fee0_4000, 0x44, false);
+        t.set_control(true, false);
+        t.trigger(1);
+        assert!(t.is_pending(1) && sender.take().is_empty());
+        (t, sender)
+    }
+
+    /// The table and the PBA as the guest reads them, in qwords.
+    fn guest_view(t: &MsixTable) -> Vec<u64> {
+        let mut view = Vec::new();
+        for offset in (0..t.table_size()).step_by(8) {
+            let mut q = [0u8; 8];
+            t.read_table(offset, &mut q);
+            view.push(u64::from_le_bytes(q));
+        }
+        let mut pba = [0u8; 8];
+        t.read_pba(0, &mut pba);
+        view.push(u64::from_le_bytes(pba));
+        view
+    }
+
+    #[test]
+    fn state_round_trips_with_a_pending_vector() {
+        let (mut t, sender) = used_table();
+        let state = through_json(&t.save());
+        let restored_sender = Arc::new(RecordingSender::default());
+        let mut restored = MsixTable::new(5, restored_sender.clone());
+        restored.restore(&state).unwrap();
+        assert!(restored_sender.take().is_empty(), "restoring sends nothing");
+        assert_eq!(guest_view(&restored), guest_view(&t));
+        assert_eq!(guest_view(&restored)[3], 0x42 | 1 << 32, "vector 1: data, then vector control: masked");
+        assert!(restored.enabled() && restored.is_pending(1));
+        // The next accesses behave alike: unmasking vector 1 sends its pending message, vector 4 fires at once.
+        for dev in [&mut t, &mut restored] {
+            dev.write_table(ENTRY_SIZE + 12, &0u32.to_le_bytes());
+            dev.trigger(4);
+            dev.trigger(2);
+        }
+        let expected = vec![(0xfee0_1000, 0x42), (0x1_fee0_4000, 0x44)];
+        assert_eq!((sender.take(), restored_sender.take()), (expected.clone(), expected));
+        assert_eq!(guest_view(&restored), guest_view(&t));
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (t, _) = used_table();
+        let good = t.save();
+        let mut target = MsixTable::new(5, Arc::new(RecordingSender::default()));
+        for len in [0, 4, 6, MAX_VECTORS + 1] {
+            let mut state = good.clone();
+            state.vectors.resize(len, good.vectors[0].clone());
+            assert_refused(&mut target, &state, "vectors");
+        }
+        let mut deliverable = good.clone();
+        deliverable.vectors[1].masked = false;
+        assert_refused(&mut target, &deliverable, "vectors[1].pending");
+        deliverable.function_masked = true;
+        target.restore(&deliverable).unwrap();
+    }
+
+    #[test]
+    fn a_restored_capability_and_table_must_agree() {
+        let mut config = ConfigSpace::new(PciIdentity {
+            vendor_id: 1,
+            device_id: 2,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+            revision: 0,
+            class_code: 0,
+        });
+        let layout = MsixLayout { vectors: 5, table_bar: 1, table_offset: 0, pba_bar: 1, pba_offset: 0x800 };
+        let cap = add_capability(&mut config, layout).unwrap();
+        let (t, _) = used_table();
+        let error = check_control(&config, cap, &t).unwrap_err();
+        assert!(error.to_string().contains("message control"), "{error}");
+        config.write(cap + 2, &CONTROL_ENABLE.to_le_bytes());
+        check_control(&config, cap, &t).unwrap();
+        config.write(cap + 2, &(CONTROL_ENABLE | CONTROL_FUNCTION_MASK).to_le_bytes());
+        assert!(check_control(&config, cap, &t).is_err());
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let (t, _) = used_table();
+        let exercise = |t: &mut MsixTable| {
+            guest_view(t);
+            for vector in 0..6 {
+                t.trigger(vector);
+                t.write_table(vector as u64 * ENTRY_SIZE + 12, &0u32.to_le_bytes());
+            }
+            t.set_control(true, false);
+        };
+        let fresh = || MsixTable::new(5, Arc::new(RecordingSender::default()));
+        let counts = fuzz_restore(fresh, &t.save(), exercise, 2000);
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }
