@@ -3,12 +3,14 @@
 //! the hypervisor: the VMM wires lines to irqfds and buses to vCPU exits.
 
 pub mod bus;
+mod input_room;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
+pub use input_room::InputRoom;
 pub use interrupt::{EventFdLine, InterruptLine, LevelOutput};
 
 use std::fmt;
