@@ -3,6 +3,7 @@
 //! the hypervisor: the VMM wires lines to irqfds and buses to vCPU exits.
 
 pub mod bus;
+mod input_room;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
@@ -10,6 +11,7 @@ pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
+pub use input_room::InputRoom;
 pub use interrupt::{EventFdLine, InterruptLine, LevelOutput};
 pub use persist::{Persist, StateError};
 

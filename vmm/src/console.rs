@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::InputRoom;
+
 use crate::config::{ListenSocket, SerialConfig, SocketAddress};
 use crate::listen::{bind_private_unix, resolve_tcp};
 
@@ -34,24 +36,38 @@ impl ConsoleBackend {
     }
 }
 
+/// How long the input thread waits for a device's notification before offering refused input again: devices that
+/// never notify are polled at this pace.
+const INPUT_RETRY: Duration = Duration::from_millis(10);
+
+/// Host input read ahead of what the device has taken, at most. The host side keeps the rest (a pipe's writer
+/// blocks, a terminal buffers), so input the guest does not read costs no memory here.
+const INPUT_CHUNK: usize = 512;
+
 impl ConsoleInput {
-    /// Starts a thread that hands input to `deliver`, which returns whether it took the bytes (a device with a
-    /// full buffer says no: the thread then waits and offers them again, so nothing typed or piped is lost).
-    /// No input (a file, or none): nothing to do.
-    pub fn start(self, name: &str, mut deliver: impl FnMut(&[u8]) -> bool + Send + 'static) {
+    /// Starts a thread that hands input to `deliver`, which takes what the device has room for now and returns how
+    /// many bytes that was. The rest is offered again when the device notifies `room` (or after [`INPUT_RETRY`]),
+    /// and nothing more is read from the host until it has all been taken: nothing typed or piped is lost, and
+    /// nothing piles up. No input (a file, or none): nothing to do.
+    pub fn start(self, name: &str, room: Arc<InputRoom>, mut deliver: impl FnMut(&[u8]) -> usize + Send + 'static) {
         let ConsoleInput { input, slave } = self;
         let Some(mut input) = input else { return };
         let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
             // A pty's slave end stays open as long as this thread reads its master, or reads would fail while no
             // user is attached.
             let _slave = slave;
-            let mut buf = [0u8; 512];
+            let mut buf = [0u8; INPUT_CHUNK];
             loop {
                 match input.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        while !deliver(&buf[..n]) {
-                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        let mut rest = &buf[..n];
+                        while !rest.is_empty() {
+                            let seen = room.generation();
+                            rest = &rest[deliver(rest).min(rest.len())..];
+                            if !rest.is_empty() {
+                                room.wait_past(seen, INPUT_RETRY);
+                            }
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -549,7 +565,9 @@ mod tests {
         output.write_all(b"lost").unwrap();
         finish_output(Duration::from_secs(5));
         let (typed_tx, typed_rx) = std::sync::mpsc::channel();
-        input.start("test-console", move |bytes| typed_tx.send(bytes.to_vec()).is_ok());
+        input.start("test-console", Arc::new(InputRoom::default()), move |bytes| {
+            typed_tx.send(bytes.to_vec()).map_or(0, |()| bytes.len())
+        });
         for round in 0..2 {
             let mut client = UnixStream::connect(&path).unwrap();
             client.write_all(format!("in{round}").as_bytes()).unwrap();

@@ -13,7 +13,7 @@ use devices::virtio::net::tap::Tap;
 use devices::virtio::net::{MacAddress, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
-use devices::{Bus, EventFdLine};
+use devices::{Bus, EventFdLine, InputRoom};
 use hypervisor::Vm;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -79,9 +79,18 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
     if let Some(console) = &config.console {
         let (output, input) = console::open(&console.backend, "virtiocon0").map_err(Error::Console)?.split();
         let device = Arc::new(Mutex::new(Console::new(output)));
-        input.start("virtio-console", {
+        // The device holds up to MAX_PENDING_INPUT itself and takes input whole or not at all; while it is full,
+        // the input thread offers the input again at its retry pace (no notification).
+        input.start("virtio-console", Arc::new(InputRoom::default()), {
             let device = device.clone();
-            move |bytes| device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
+            move |bytes| {
+                let taken = device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
+                if taken {
+                    bytes.len()
+                } else {
+                    0
+                }
+            }
         });
         devices.push(NamedDevice::new(
             "virtio-console".into(),

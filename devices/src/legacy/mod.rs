@@ -8,6 +8,7 @@ mod pl011;
 mod pl031;
 mod pl061;
 mod primecell;
+mod receive_gate;
 mod reset_port;
 mod serial;
 

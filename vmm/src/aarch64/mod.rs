@@ -13,7 +13,7 @@ use arch::aarch64::{setup_guest, GuestConfig};
 use devices::legacy::{Pl011, Pl031, Pl061};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::rng::getrandom;
-use devices::{Bus, EventFdLine, InterruptLine, PlatformEvents};
+use devices::{Bus, EventFdLine, InputRoom, InterruptLine, PlatformEvents};
 use hypervisor::aarch64::{VcpuAarch64, VmAarch64};
 use hypervisor::{Hypervisor, Vm};
 use qmp::{CpuProps, Target};
@@ -127,14 +127,15 @@ impl Platform {
         let uart_spi = LevelSpi::new(PL011_SPI)?;
         let (output, input) = serial.split();
         let uart_line: Arc<dyn InterruptLine> = uart_spi.line.clone();
-        let uart = Arc::new(Mutex::new(Pl011::new(uart_line, output)));
+        let input_room = Arc::new(InputRoom::default());
+        let uart = Arc::new(Mutex::new(Pl011::new(uart_line, output, input_room.clone())));
         uart_spi.follow("pl011", {
             let uart = uart.clone();
             move || uart.lock().unwrap_or_else(|p| p.into_inner()).interrupt_asserted()
         })?;
-        input.start("serial", {
+        input.start("serial", input_room, {
             let uart = uart.clone();
-            move |bytes| uart.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes)
+            move |bytes| uart.lock().unwrap_or_else(|p| p.into_inner()).receive(bytes)
         });
         mmio.insert(uart.clone(), PL011_START, PL011_SIZE)?;
 

@@ -16,7 +16,7 @@ use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
 use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::mmio::MMIO_LEN;
-use devices::{Bus, BusDevice, EventFdLine, PlatformEvents};
+use devices::{Bus, BusDevice, EventFdLine, InputRoom, PlatformEvents};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use qmp::{CpuProps, Target};
@@ -86,13 +86,11 @@ impl Platform {
     ) -> Result<Self, Error> {
         let serial_irq = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
         let (serial_output, serial_input) = serial.split();
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), serial_output)));
-        serial_input.start("serial", {
+        let input_room = Arc::new(InputRoom::default());
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq.clone(), serial_output, input_room.clone())));
+        serial_input.start("serial", input_room, {
             let serial = serial.clone();
-            move |bytes| {
-                serial.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
-                true
-            }
+            move |bytes| serial.lock().unwrap_or_else(|p| p.into_inner()).receive(bytes)
         });
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
