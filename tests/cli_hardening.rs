@@ -1,5 +1,6 @@
 //! The command line against hostile or careless input, through the real `kestrel` binary: arguments that are not
-//! UTF-8: paths must keep their bytes, text must be refused with one line, never a panic.
+//! UTF-8 (paths must keep their bytes, text must be refused with one line, never a panic) and ids given twice
+//! (refused in QEMU 7.2's words).
 
 mod support;
 
@@ -116,4 +117,60 @@ fn drive_file_that_is_not_utf8_is_a_path() {
     assert!(!run.stderr.contains("panicked"), "{}", run.describe());
     assert_eq!(run.status.code(), Some(1), "parsing must succeed\n{}", run.describe());
     assert!(run.stderr.contains(NO_KERNEL), "{}", run.describe());
+}
+
+/// Each of QEMU's id namespaces refuses a repeated id, with QEMU 7.2's message after the option that repeats it.
+#[test]
+fn duplicate_ids_are_refused_like_qemu() {
+    let rng_json = r#"{"driver":"virtio-rng-pci","id":"x"}"#;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "-device",
+                "virtio-rng-pci,id=x",
+                "-device",
+                "virtio-blk-pci,drive=d,id=x",
+                "-drive",
+                "file=/a,if=none,id=d",
+            ],
+            "kestrel: -device virtio-blk-pci,drive=d,id=x: Duplicate ID 'x' for device",
+        ),
+        (
+            &["-device", "virtio-blk-pci,drive=d,id=x", "-drive", "file=/a,if=none,id=d", "-device", rng_json],
+            "Duplicate device ID 'x'",
+        ),
+        (
+            &["-chardev", "null,id=c", "-chardev", "file,id=c,path=/tmp/c", "-serial", "chardev:c"],
+            "kestrel: -chardev file,id=c,path=/tmp/c: Duplicate ID 'c' for chardev",
+        ),
+        (
+            &["-netdev", "tap,id=n,ifname=t0", "-netdev", "tap,id=n,ifname=t1", "-device", "virtio-net-pci,netdev=n"],
+            "kestrel: -netdev tap,id=n,ifname=t1: Duplicate ID 'n' for netdev",
+        ),
+        (
+            &["-object", "rng-random,id=r", "-object", "rng-builtin,id=r", "-device", "virtio-rng-pci,rng=r"],
+            "kestrel: -object rng-builtin,id=r: Duplicate ID 'r' for object",
+        ),
+        (
+            &["-drive", "file=/a,if=none,id=d", "-drive", "file=/b,if=none,id=d", "-device", "virtio-blk-pci,drive=d"],
+            "kestrel: -drive file=/b,if=none,id=d: Duplicate ID 'd' for drive",
+        ),
+        (
+            &[
+                "-blockdev",
+                "driver=file,node-name=n,filename=/a",
+                "-blockdev",
+                "driver=file,node-name=n,filename=/b",
+                "-device",
+                "virtio-blk-pci,drive=n",
+            ],
+            "kestrel: -blockdev driver=file,node-name=n,filename=/b: Duplicate nodes with node-name='n'",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![OsStr::new("-kernel"), OsStr::new(NO_KERNEL)];
+        args.extend(extra.iter().map(OsStr::new));
+        let run = run_args(&args);
+        assert_one_line_usage_error(&run, expected);
+    }
 }

@@ -106,6 +106,10 @@ pub enum CliError {
     Machine(String),
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
+    /// An id given twice in one of QEMU's namespaces, in QEMU's words (`-device ARGS: Duplicate ID 'x' for device`),
+    /// which management tools may match.
+    #[error("{option} {}: {}", shown(value), shown(message))]
+    DuplicateId { option: String, value: String, message: String },
 }
 
 /// User text as an error message shows it: control characters (a newline, a terminal escape) escaped, so the
@@ -126,6 +130,11 @@ fn shown(text: &str) -> String {
 fn invalid(option: &str, value: impl AsRef<OsStr>, reason: impl Into<String>) -> CliError {
     let value = value.as_ref().to_string_lossy().into_owned();
     CliError::Invalid { option: option.to_string(), value, reason: reason.into() }
+}
+
+fn duplicate_id(option: &str, value: impl AsRef<OsStr>, message: String) -> CliError {
+    let value = value.as_ref().to_string_lossy().into_owned();
+    CliError::DuplicateId { option: option.to_string(), value, message }
 }
 
 /// The text of an argument that must be text (a name, a size, a setting), or an error naming it.
@@ -552,9 +561,10 @@ where
             Opt::Console => set_once(&mut console, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Chardev => {
                 let (id, chardev) = parse_chardev(&value)?;
-                if chardevs.insert(id.clone(), chardev).is_some() {
-                    return Err(invalid("-chardev", &value, format!("id '{id}' is used twice")));
+                if chardevs.contains_key(&id) {
+                    return Err(duplicate_id("-chardev", &value, format!("Duplicate ID '{id}' for chardev")));
                 }
+                chardevs.insert(id, chardev);
             }
             Opt::Mon => monitors.push((parse_mon(text()?)?, text()?.to_string())),
             Opt::Paused => flags.2 = true,
@@ -996,7 +1006,6 @@ mod tests {
             "--kernel k -chardev socket,path=/x,server=on",
             "--kernel k -mon chardev=missing,mode=control",
             "--kernel k -chardev socket,id=a,path=/x,server=on -mon chardev=a,mode=readline",
-            "--kernel k -chardev socket,id=a,path=/x,server=on -chardev socket,id=a,path=/y,server=on",
             "--kernel k -accel tcg",
             "--kernel k -display gtk",
         ];
@@ -1079,6 +1088,68 @@ mod tests {
             let message = parse(os_args(args)).expect_err(needle).to_string();
             assert!(message.contains(needle), "{needle}: {message}");
         }
+    }
+
+    /// QEMU refuses an id given twice in each of its namespaces; Kestrel says so in QEMU 7.2's words (after the
+    /// option and its value, as QEMU prints them), which management tools may match.
+    #[test]
+    fn duplicate_ids_are_refused_in_qemus_words() {
+        let rng = r#"{"driver":"virtio-rng-pci","id":"x"}"#;
+        let object = r#"{"qom-type":"rng-random","id":"r"}"#;
+        for (args, expected) in [
+            (
+                "-device virtio-rng-pci,id=x -device virtio-serial-pci,id=x".to_string(),
+                "-device virtio-serial-pci,id=x: Duplicate ID 'x' for device",
+            ),
+            (format!("-device virtio-serial-pci,id=x -device {rng}"), "Duplicate device ID 'x'"),
+            (format!("-device {rng} -device virtio-serial-pci,id=x"), "Duplicate device ID 'x'"),
+            ("-chardev null,id=c -chardev pty,id=c".to_string(), "-chardev pty,id=c: Duplicate ID 'c' for chardev"),
+            (
+                "-netdev tap,id=n,ifname=t0 -netdev tap,id=n,ifname=t1".to_string(),
+                "-netdev tap,id=n,ifname=t1: Duplicate ID 'n' for netdev",
+            ),
+            ("-object rng-random,id=r -object rng-builtin,id=r".to_string(), "Duplicate ID 'r' for object"),
+            (
+                format!("-object rng-builtin,id=r -object {object}"),
+                "attempt to add duplicate property 'r' to object (type 'container')",
+            ),
+            (
+                "-drive file=/a,if=none,id=d -drive file=/b,if=none,id=d".to_string(),
+                "-drive file=/b,if=none,id=d: Duplicate ID 'd' for drive",
+            ),
+            ("-drive file=/a,if=virtio,id=d -drive file=/b,if=none,id=d".to_string(), "Duplicate ID 'd' for drive"),
+            (
+                "-blockdev driver=file,node-name=n,filename=/a -blockdev driver=file,node-name=n,filename=/b"
+                    .to_string(),
+                "-blockdev driver=file,node-name=n,filename=/b: Duplicate nodes with node-name='n'",
+            ),
+            (
+                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=raw,node-name=f,file=f".to_string(),
+                "Duplicate nodes with node-name='f'",
+            ),
+            (
+                "-blockdev driver=file,node-name=n,filename=/a -drive file=/b,if=none,id=n".to_string(),
+                "Device name 'n' conflicts with an existing node name",
+            ),
+            (
+                "-drive file=/b,if=none,id=n -blockdev driver=file,node-name=n,filename=/a".to_string(),
+                "Device name 'n' conflicts with an existing node name",
+            ),
+        ] {
+            let mut argv = vec!["--kernel".to_string(), "k".to_string()];
+            // The JSON values hold no spaces, so splitting on whitespace keeps each whole.
+            argv.extend(args.split_whitespace().map(String::from));
+            let err = parse(argv).expect_err(&args);
+            assert!(matches!(err, CliError::DuplicateId { .. }), "{args}: {err:?}");
+            assert!(err.to_string().ends_with(expected), "{args}: {err}");
+        }
+        // Ids in different namespaces do not clash, and the same id is fine in each.
+        let config = config(
+            "--kernel k -chardev null,id=a -netdev tap,id=a,ifname=t0 -object rng-random,id=a \
+             -drive file=/a,if=none,id=a -device virtio-blk-pci,drive=a,id=a -device virtio-net-pci,netdev=a \
+             -device virtio-rng-pci,rng=a",
+        );
+        assert_eq!(config.disks.len(), 1);
     }
 
     #[test]

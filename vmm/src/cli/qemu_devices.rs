@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use super::{invalid, on_off, split_qemu_opts_os, CliError};
+use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
 use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, VirtioTransport};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
@@ -176,8 +176,15 @@ pub struct QemuDeviceOptions {
     backends: HashMap<String, BlockBackend>,
     /// `-blockdev driver=raw,file=NODE`: format node name → protocol node name.
     format_nodes: HashMap<String, (String, bool)>,
+    /// Every `-drive id=`, whatever its interface: QEMU's "drive" option group.
+    drive_ids: Vec<String>,
+    /// Every `-blockdev node-name=`.
+    node_names: Vec<String>,
     netdevs: HashMap<String, (TapNetdev, bool)>,
-    rng_objects: Vec<String>,
+    /// `-object` ids, and whether each was given in the JSON form.
+    rng_objects: Vec<(String, bool)>,
+    /// `-device` ids, and whether each was given in the JSON form.
+    device_ids: HashMap<String, bool>,
     devices: Vec<(String, Opts)>,
 }
 
@@ -207,6 +214,14 @@ impl QemuDeviceOptions {
                 _ => return Err(invalid("-drive", value, format!("unsupported setting '{key}'"))),
             }
         }
+        // QEMU refuses a repeated id as it parses the option, before it opens anything.
+        if let Some(id) = id.as_ref() {
+            if self.drive_ids.contains(id) {
+                return Err(duplicate_id("-drive", value, format!("Duplicate ID '{id}' for drive")));
+            }
+            self.check_block_name("-drive", value, id)?;
+            self.drive_ids.push(id.clone());
+        }
         let path =
             path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| invalid("-drive", value, "file= is required"))?;
         match interface.as_deref() {
@@ -217,7 +232,7 @@ impl QemuDeviceOptions {
             }
             Some("none") => {
                 let id = id.ok_or_else(|| invalid("-drive", value, "if=none needs id= for -device drive= to use"))?;
-                self.add_backend("-drive", value, id, BlockBackend { path, read_only, direct, serial, used: false })
+                self.add_backend(id, BlockBackend { path, read_only, direct, serial, used: false })
             }
             _ => Err(invalid("-drive", value, "only if=virtio, or if=none with a -device, is supported")),
         }
@@ -245,12 +260,17 @@ impl QemuDeviceOptions {
                 _ => return Err(invalid("-blockdev", value, format!("unsupported setting '{key}'"))),
             }
         }
+        if self.node_names.contains(&node) {
+            return Err(duplicate_id("-blockdev", value, format!("Duplicate nodes with node-name='{node}'")));
+        }
+        self.check_block_name("-blockdev", value, &node)?;
+        self.node_names.push(node.clone());
         match opts.first.as_deref() {
             Some("file" | "host_device") => {
                 let path = opts.path("filename").filter(|f| !f.is_empty());
                 let path = path.ok_or_else(|| invalid("-blockdev", value, "filename= is required"))?;
                 let backend = BlockBackend { path: path.into(), read_only, direct, serial: None, used: false };
-                self.add_backend("-blockdev", value, node, backend)
+                self.add_backend(node, backend)
             }
             Some("raw") => {
                 if let Some(filename) = opts.path("file.filename") {
@@ -260,12 +280,9 @@ impl QemuDeviceOptions {
                     let direct = direct || opts.get("file.cache.direct") == Some("on");
                     let read_only = read_only || opts.get("file.read-only") == Some("on");
                     let backend = BlockBackend { path: filename.into(), read_only, direct, serial: None, used: false };
-                    return self.add_backend("-blockdev", value, node, backend);
+                    return self.add_backend(node, backend);
                 }
                 let file = opts.get("file").ok_or_else(|| invalid("-blockdev", value, "file= names the file node"))?;
-                if self.format_nodes.contains_key(&node) || self.backends.contains_key(&node) {
-                    return Err(invalid("-blockdev", value, format!("node name '{node}' is used twice")));
-                }
                 self.format_nodes.insert(node, (file.to_string(), read_only));
                 Ok(())
             }
@@ -274,11 +291,20 @@ impl QemuDeviceOptions {
         }
     }
 
-    fn add_backend(&mut self, option: &str, value: &OsStr, id: String, backend: BlockBackend) -> Result<(), CliError> {
-        if self.backends.contains_key(&id) || self.format_nodes.contains_key(&id) {
-            return Err(invalid(option, value, format!("id '{id}' is used twice")));
-        }
+    /// Adds a backend whose name `check_block_name` has cleared.
+    fn add_backend(&mut self, id: String, backend: BlockBackend) -> Result<(), CliError> {
         self.backends.insert(id, backend);
+        Ok(())
+    }
+
+    /// Drive ids and node names share one namespace (each kind's own repeats are checked by the caller). QEMU
+    /// creates every -blockdev node before any -drive, so a clash between the two is the drive's name conflicting,
+    /// whichever came first on the command line.
+    fn check_block_name(&self, option: &str, value: &OsStr, name: &str) -> Result<(), CliError> {
+        if self.drive_ids.iter().chain(&self.node_names).any(|n| n == name) {
+            let message = format!("Device name '{name}' conflicts with an existing node name");
+            return Err(duplicate_id(option, value, message));
+        }
         Ok(())
     }
 
@@ -312,11 +338,12 @@ impl QemuDeviceOptions {
             }
         }
         let id = id.filter(|i| !i.is_empty()).ok_or_else(|| invalid("-netdev", value, "id= is required"))?;
+        if self.netdevs.contains_key(&id) {
+            return Err(duplicate_id("-netdev", value, format!("Duplicate ID '{id}' for netdev")));
+        }
         let ifname = ifname.ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
         devices::virtio::net::tap::check_name(&ifname).map_err(|e| invalid("-netdev", value, e.to_string()))?;
-        if self.netdevs.insert(id.clone(), (TapNetdev { ifname }, false)).is_some() {
-            return Err(invalid("-netdev", value, format!("id '{id}' is used twice")));
-        }
+        self.netdevs.insert(id, (TapNetdev { ifname }, false));
         Ok(())
     }
 
@@ -339,7 +366,18 @@ impl QemuDeviceOptions {
         }
         let id =
             opts.get("id").filter(|i| !i.is_empty()).ok_or_else(|| invalid("-object", value, "id= is required"))?;
-        self.rng_objects.push(id.to_string());
+        // Both key=value: QEMU's "object" option group refuses the id as it parses. Otherwise creating the second
+        // object fails to add it under /objects.
+        let json = is_json(OsStr::new(value));
+        if let Some(&(_, earlier_json)) = self.rng_objects.iter().find(|(o, _)| o == id) {
+            let message = if json || earlier_json {
+                format!("attempt to add duplicate property '{id}' to object (type 'container')")
+            } else {
+                format!("Duplicate ID '{id}' for object")
+            };
+            return Err(duplicate_id("-object", value, message));
+        }
+        self.rng_objects.push((id.to_string(), json));
         Ok(())
     }
 
@@ -348,6 +386,20 @@ impl QemuDeviceOptions {
         let opts = Opts::parse("-device", OsStr::new(value), "driver", &[])?;
         if opts.first.as_deref().is_none_or(str::is_empty) {
             return Err(invalid("-device", value, "the device driver is required"));
+        }
+        // Both key=value: QEMU's "device" option group refuses the id as it parses. Otherwise creating the second
+        // device fails to add it under /machine/peripheral.
+        if let Some(id) = opts.get("id") {
+            let json = is_json(OsStr::new(value));
+            if let Some(&earlier_json) = self.device_ids.get(id) {
+                let message = if json || earlier_json {
+                    format!("Duplicate device ID '{id}'")
+                } else {
+                    format!("Duplicate ID '{id}' for device")
+                };
+                return Err(duplicate_id("-device", value, message));
+            }
+            self.device_ids.insert(id.to_string(), json);
         }
         self.devices.push((value.to_string(), opts));
         Ok(())
@@ -400,7 +452,7 @@ impl QemuDeviceOptions {
                 "virtio-rng" => {
                     known(&["rng", "max-bytes", "period"])?;
                     if let Some(rng) = opts.get("rng") {
-                        if !self.rng_objects.iter().any(|o| o == rng) {
+                        if !self.rng_objects.iter().any(|(o, _)| o == rng) {
                             return Err(invalid("-device", value, format!("no -object with id '{rng}'")));
                         }
                     }
