@@ -542,13 +542,12 @@ where
             Opt::Cmdline => set_once(&mut cmdline, &spelling, text()?.to_string())?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(text()?)?)?,
             Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(text()?)?)?,
-            Opt::Serial => match value.as_bytes().strip_prefix(b"chardev:") {
-                Some(_) => {
-                    let id = text()?.trim_start_matches("chardev:").to_string();
-                    set_once(&mut serial_chardev, &spelling, (id, text()?.to_string()))?
-                }
-                None => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
-            },
+            Opt::Serial if value.as_bytes().starts_with(b"chardev:") => {
+                let chardev = text()?;
+                let id = chardev.strip_prefix("chardev:").unwrap_or_default();
+                set_once(&mut serial_chardev, &spelling, (id.to_string(), chardev.to_string()))?
+            }
+            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Qmp => qmp.push(parse_listen_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Net => nets.push(parse_net(text()?)?),
@@ -1150,6 +1149,13 @@ mod tests {
              -device virtio-rng-pci,rng=a",
         );
         assert_eq!(config.disks.len(), 1);
+    }
+
+    /// `-serial chardev:ID` strips the prefix once: the id is everything after it.
+    #[test]
+    fn serial_chardev_prefix_is_stripped_once() {
+        let config = config("--kernel k -chardev null,id=chardev:c -serial chardev:chardev:c");
+        assert_eq!(config.serial, SerialConfig::None);
     }
 
     #[test]
