@@ -1,3 +1,6 @@
+// support/ (kvm_available) needs kvm-ioctls, which only these hosts build.
+#![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+
 //! The command line against hostile or careless input, through the real `kestrel` binary: arguments that are not
 //! UTF-8 (paths must keep their bytes, text must be refused with one line, never a panic) and ids given twice
 //! (refused in QEMU 7.2's words).
