@@ -2,6 +2,8 @@
 //! (`-kernel`, `-qmp`, `-chardev` + `-mon`, `-S`, ...), both parsed into one `VmConfig`.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
@@ -10,7 +12,7 @@ use crate::config::{
 };
 
 mod qemu_devices;
-use qemu_devices::QemuDeviceOptions;
+use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
@@ -71,38 +73,73 @@ pub enum Command {
     Version,
 }
 
+/// Every message is one line: the user's text in it is shown with control characters escaped (`shown`), and bytes
+/// that are not UTF-8 as U+FFFD.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
-    #[error("unknown option '{0}' (see --help)")]
+    #[error("unknown option '{}' (see --help)", shown(.0))]
     UnknownOption(String),
+    #[error("option '{}' is not valid UTF-8 (see --help)", shown(.0))]
+    OptionNotUtf8(String),
     #[error("option '{0}' needs a value")]
     MissingValue(String),
     #[error("option '{0}' takes no value")]
     UnexpectedValue(String),
     #[error("option '{0}' given twice")]
     Repeated(String),
-    #[error("invalid memory size '{0}': use a number of MiB or a size like 512M or 4G")]
+    #[error("invalid memory size '{}': use a number of MiB or a size like 512M or 4G", shown(.0))]
     MemorySize(String),
-    #[error("invalid number of CPUs '{0}': use a whole number from 1 to 255")]
+    #[error("invalid number of CPUs '{}': use a whole number from 1 to 255", shown(.0))]
     Cpus(String),
     #[error(
-        "invalid serial mode '{0}': use stdio, pty, file:PATH, unix:PATH,server=on, tcp:HOST:PORT,server=on or none"
+        "invalid serial mode '{}': use stdio, pty, file:PATH, unix:PATH,server=on, tcp:HOST:PORT,server=on or none",
+        shown(.0)
     )]
     Serial(String),
     #[error("--serial and --console cannot both use stdio: give one of them pty, file:PATH or none")]
     StdioTwice,
-    #[error("invalid UUID '{0}': use the form 01234567-89ab-cdef-0123-456789abcdef")]
+    #[error("invalid UUID '{}': use the form 01234567-89ab-cdef-0123-456789abcdef", shown(.0))]
     Uuid(String),
-    #[error("invalid {option} '{value}': {reason}")]
+    #[error("invalid {option} '{}': {}", shown(value), shown(reason))]
     Invalid { option: String, value: String, reason: String },
-    #[error("unknown machine type '{0}': use pc, q35 or microvm (x86_64 hosts) or virt (aarch64 hosts)")]
+    #[error("unknown machine type '{}': use pc, q35 or microvm (x86_64 hosts) or virt (aarch64 hosts)", shown(.0))]
     Machine(String),
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
+    /// An id given twice in one of QEMU's namespaces, in QEMU's words (`-device ARGS: Duplicate ID 'x' for device`),
+    /// which management tools may match.
+    #[error("{option} {}: {}", shown(value), shown(message))]
+    DuplicateId { option: String, value: String, message: String },
 }
 
-fn invalid(option: &str, value: &str, reason: impl Into<String>) -> CliError {
-    CliError::Invalid { option: option.to_string(), value: value.to_string(), reason: reason.into() }
+/// User text as an error message shows it: control characters (a newline, a terminal escape) escaped, so the
+/// message stays one line and cannot drive the terminal.
+fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `value` is shown lossily: an argument need not be UTF-8.
+fn invalid(option: &str, value: impl AsRef<OsStr>, reason: impl Into<String>) -> CliError {
+    let value = value.as_ref().to_string_lossy().into_owned();
+    CliError::Invalid { option: option.to_string(), value, reason: reason.into() }
+}
+
+fn duplicate_id(option: &str, value: impl AsRef<OsStr>, message: String) -> CliError {
+    let value = value.as_ref().to_string_lossy().into_owned();
+    CliError::DuplicateId { option: option.to_string(), value, message }
+}
+
+/// The text of an argument that must be text (a name, a size, a setting), or an error naming it.
+fn utf8<'a>(option: &str, value: &'a OsStr) -> Result<&'a str, CliError> {
+    value.to_str().ok_or_else(|| invalid(option, value, "not valid UTF-8"))
 }
 
 /// What an option means, whatever its spelling.
@@ -171,37 +208,50 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
 ];
 
 /// A QEMU option value: `first,key=value,key=value` where `,,` is a literal comma. Returns the leading item
-/// without `=` (if any) and the key/value pairs; a bare `key` is `key=on`.
-fn split_qemu_opts(text: &str) -> (Option<String>, Vec<(String, String)>) {
+/// without `=` (if any) and the key/value pairs; a bare `key` is `key=on`. Works on bytes, as a path inside a value
+/// (`-drive file=PATH,...`) need not be UTF-8.
+fn split_qemu_opts_os(value: &OsStr) -> (Option<OsString>, Vec<(OsString, OsString)>) {
     let mut items = Vec::new();
-    let mut current = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                current.push(',');
+    let mut current = Vec::new();
+    let mut bytes = value.as_bytes().iter().copied().peekable();
+    while let Some(byte) = bytes.next() {
+        if byte == b',' {
+            if bytes.peek() == Some(&b',') {
+                bytes.next();
+                current.push(b',');
             } else {
                 items.push(std::mem::take(&mut current));
             }
         } else {
-            current.push(c);
+            current.push(byte);
         }
     }
     items.push(current);
     let mut first = None;
     let mut pairs = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        match item.split_once('=') {
-            Some((k, v)) => pairs.push((k.to_string(), v.to_string())),
-            None if i == 0 => first = Some(item),
-            None => pairs.push((item, "on".to_string())),
+    for (i, mut item) in items.into_iter().enumerate() {
+        match item.iter().position(|&b| b == b'=') {
+            Some(at) => {
+                let setting = item.split_off(at + 1);
+                item.truncate(at);
+                pairs.push((OsString::from_vec(item), OsString::from_vec(setting)));
+            }
+            None if i == 0 => first = Some(OsString::from_vec(item)),
+            None => pairs.push((OsString::from_vec(item), OsString::from("on"))),
         }
     }
     (first, pairs)
 }
 
-fn on_off(option: &str, value: &str, key: &str, setting: &str) -> Result<bool, CliError> {
+/// `split_qemu_opts_os` for a value that is all text. Splitting UTF-8 at ASCII bytes leaves UTF-8, so the lossy
+/// conversions never lose anything.
+fn split_qemu_opts(text: &str) -> (Option<String>, Vec<(String, String)>) {
+    let text_of = |s: OsString| s.into_string().unwrap_or_else(|s| s.to_string_lossy().into_owned());
+    let (first, pairs) = split_qemu_opts_os(OsStr::new(text));
+    (first.map(text_of), pairs.into_iter().map(|(k, v)| (text_of(k), text_of(v))).collect())
+}
+
+fn on_off(option: &str, value: impl AsRef<OsStr>, key: &str, setting: &str) -> Result<bool, CliError> {
     match setting {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
@@ -209,29 +259,30 @@ fn on_off(option: &str, value: &str, key: &str, setting: &str) -> Result<bool, C
     }
 }
 
-fn parse_port(option: &str, value: &str, port: &str) -> Result<u16, CliError> {
+fn parse_port(option: &str, value: &OsStr, port: &str) -> Result<u16, CliError> {
     port.parse().ok().filter(|&p| p > 0).ok_or_else(|| invalid(option, value, format!("invalid port '{port}'")))
 }
 
 /// `unix:PATH,server=on,wait=off` or `tcp:HOST:PORT,server=on,wait=off` (also QEMU's older `server,nowait`).
-fn parse_listen_socket(option: &str, value: &str) -> Result<ListenSocket, CliError> {
-    let (first, pairs) = split_qemu_opts(value);
-    let first = first.unwrap_or_default();
-    let address = if let Some(path) = first.strip_prefix("unix:").filter(|p| !p.is_empty()) {
-        SocketAddress::Unix(PathBuf::from(path))
-    } else if let Some(host_port) = first.strip_prefix("tcp:") {
+fn parse_listen_socket(option: &str, value: &OsStr) -> Result<ListenSocket, CliError> {
+    let opts = Opts::split(option, value, "address", &["address"])?;
+    let address = opts.path("address").unwrap_or_default().as_bytes();
+    let address = if let Some(path) = address.strip_prefix(b"unix:").filter(|p| !p.is_empty()) {
+        SocketAddress::Unix(PathBuf::from(OsStr::from_bytes(path)))
+    } else if let Some(host_port) = address.strip_prefix(b"tcp:") {
+        let host_port = utf8(option, OsStr::from_bytes(host_port))?;
         let (host, port) = host_port.rsplit_once(':').ok_or_else(|| invalid(option, value, "use tcp:HOST:PORT"))?;
         let host = if host.is_empty() { "0.0.0.0" } else { host.trim_start_matches('[').trim_end_matches(']') };
         SocketAddress::Tcp(host.to_string(), parse_port(option, value, port)?)
     } else {
         return Err(invalid(option, value, "use unix:PATH or tcp:HOST:PORT"));
     };
-    socket_settings(option, value, address, &pairs)
+    socket_settings(option, value, address, &opts.pairs)
 }
 
 fn socket_settings(
     option: &str,
-    value: &str,
+    value: &OsStr,
     address: SocketAddress,
     pairs: &[(String, String)],
 ) -> Result<ListenSocket, CliError> {
@@ -255,34 +306,36 @@ fn socket_settings(
 
 /// `-chardev BACKEND,id=ID,...`: `socket` (`path=PATH` or `host=HOST,port=PORT`, with `server=on`), `stdio`,
 /// `pty`, `file,path=PATH` or `null`; `-mon`, `-serial chardev:ID` and `virtconsole,chardev=ID` use them.
-fn parse_chardev(value: &str) -> Result<(String, SerialConfig), CliError> {
-    let (backend, pairs) = split_qemu_opts(value);
-    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+fn parse_chardev(value: &OsStr) -> Result<(String, SerialConfig), CliError> {
+    let opts = Opts::split("-chardev", value, "backend", &["path"])?;
+    let get = |key: &str| opts.get(key).map(str::to_string);
     let id = get("id").filter(|id| !id.is_empty()).ok_or_else(|| invalid("-chardev", value, "id= is required"))?;
-    let only = |allowed: &[&str]| match pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        Some((key, _)) => Err(invalid("-chardev", value, format!("unsupported setting '{key}'"))),
-        None => Ok(()),
+    let path = opts.path("path").filter(|p| !p.is_empty()).map(PathBuf::from);
+    let only = |allowed: &[&str]| {
+        let keys = opts.pairs.iter().map(|(k, _)| k.as_str()).chain(opts.path("path").map(|_| "path"));
+        match keys.into_iter().find(|k| !allowed.contains(k)) {
+            Some(key) => Err(invalid("-chardev", value, format!("unsupported setting '{key}'"))),
+            None => Ok(()),
+        }
     };
-    let config = match backend.as_deref() {
+    let config = match opts.first.as_deref() {
         Some("socket") => {
-            let address = match (get("path").filter(|p| !p.is_empty()), get("port")) {
-                (Some(path), None) => SocketAddress::Unix(PathBuf::from(path)),
+            let address = match (path.clone(), get("port")) {
+                (Some(path), None) => SocketAddress::Unix(path),
                 (None, Some(port)) => {
                     let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
                     SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
                 }
                 _ => return Err(invalid("-chardev", value, "give path= (unix) or host= and port= (tcp)")),
             };
-            SerialConfig::Socket(socket_settings("-chardev", value, address, &pairs)?)
+            SerialConfig::Socket(socket_settings("-chardev", value, address, &opts.pairs)?)
         }
         Some("stdio") => only(&["id", "signal", "mux"]).map(|()| SerialConfig::Stdio)?,
         Some("pty") => only(&["id"]).map(|()| SerialConfig::Pty)?,
         Some("null") => only(&["id"]).map(|()| SerialConfig::None)?,
         Some("file") => {
             only(&["id", "path", "append"])?;
-            let path =
-                get("path").filter(|p| !p.is_empty()).ok_or_else(|| invalid("-chardev", value, "path= is required"))?;
-            SerialConfig::File(PathBuf::from(path))
+            SerialConfig::File(path.clone().ok_or_else(|| invalid("-chardev", value, "path= is required"))?)
         }
         _ => return Err(invalid("-chardev", value, "supported backends: socket, stdio, pty, file, null")),
     };
@@ -312,18 +365,12 @@ fn parse_mon(value: &str) -> Result<String, CliError> {
 }
 
 /// `path=FILE[,readonly=on][,serial=S][,direct=on]`, or just the path.
-fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
-    let (first, pairs) = split_qemu_opts(value);
-    let mut disk = DiskConfig {
-        path: first.map(PathBuf::from).unwrap_or_default(),
-        read_only: false,
-        serial: None,
-        direct: false,
-        frontend: Frontend::default(),
-    };
-    for (key, setting) in pairs {
+fn parse_disk(value: &OsStr) -> Result<DiskConfig, CliError> {
+    let opts = Opts::split("--disk", value, "path", &["path", "file"])?;
+    let path = opts.last_path(&["path", "file"]).map(PathBuf::from).unwrap_or_default();
+    let mut disk = DiskConfig { path, read_only: false, serial: None, direct: false, frontend: Frontend::default() };
+    for (key, setting) in opts.pairs {
         match key.as_str() {
-            "path" | "file" => disk.path = PathBuf::from(setting),
             "readonly" => disk.read_only = on_off("--disk", value, &key, &setting)?,
             "direct" => disk.direct = on_off("--disk", value, &key, &setting)?,
             "serial" if setting.len() <= 20 => disk.serial = Some(setting),
@@ -407,17 +454,18 @@ fn parse_name(value: &str) -> String {
 
 /// `stdio`, `pty`, `none`/`null`, `file:PATH`, or a listening socket as `--qmp` takes it
 /// (`unix:PATH,server=on[,wait=off]`, `tcp:HOST:PORT,server=on[,wait=off]`).
-fn parse_serial(option: &str, value: &str) -> Result<SerialConfig, CliError> {
-    match value {
-        "stdio" => Ok(SerialConfig::Stdio),
-        "pty" => Ok(SerialConfig::Pty),
-        "none" | "null" => Ok(SerialConfig::None),
-        _ if value.starts_with("unix:") || value.starts_with("tcp:") => {
+fn parse_serial(option: &str, value: &OsStr) -> Result<SerialConfig, CliError> {
+    let bytes = value.as_bytes();
+    match bytes {
+        b"stdio" => Ok(SerialConfig::Stdio),
+        b"pty" => Ok(SerialConfig::Pty),
+        b"none" | b"null" => Ok(SerialConfig::None),
+        _ if bytes.starts_with(b"unix:") || bytes.starts_with(b"tcp:") => {
             parse_listen_socket(option, value).map(SerialConfig::Socket)
         }
-        _ => match value.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
-            _ => Err(CliError::Serial(value.to_string())),
+        _ => match bytes.strip_prefix(b"file:") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(OsStr::from_bytes(path)))),
+            _ => Err(CliError::Serial(value.to_string_lossy().into_owned())),
         },
     }
 }
@@ -430,7 +478,25 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), CliErro
     Ok(())
 }
 
-pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError> {
+/// Splits `--name=value` (the native spelling's inline value) on bytes: the value may be a path that is not UTF-8.
+fn split_inline_value(arg: OsString) -> (OsString, Option<OsString>) {
+    let bytes = arg.as_bytes();
+    match bytes.iter().position(|&b| b == b'=') {
+        Some(at) if bytes.starts_with(b"--") => {
+            let value = OsString::from_vec(bytes[at + 1..].to_vec());
+            (OsString::from_vec(bytes[..at].to_vec()), Some(value))
+        }
+        _ => (arg, None),
+    }
+}
+
+/// Parses the arguments after the program name. They are taken as the OS gives them: paths keep their exact bytes,
+/// and an argument that must be text but is not UTF-8 is an error naming it.
+pub fn parse<I>(args: I) -> Result<Command, CliError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
     let mut kernel = None;
     let mut initrd = None;
     let mut cmdline = None;
@@ -451,12 +517,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut serial_chardev = None;
     let mut qemu_devices = QemuDeviceOptions::default();
 
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
-        let (spelling, inline_value) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
-            _ => (arg.clone(), None),
-        };
+        let (spelling, inline_value) = split_inline_value(arg);
+        let spelling = spelling.into_string().map_err(|s| CliError::OptionNotUtf8(s.to_string_lossy().into_owned()))?;
         let &(_, opt, takes_value) = OPTIONS
             .iter()
             .find(|(names, _, _)| names.contains(&spelling.as_str()))
@@ -465,44 +529,53 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             (true, Some(v)) => v,
             (true, None) => args.next().ok_or_else(|| CliError::MissingValue(spelling.clone()))?,
             (false, Some(_)) => return Err(CliError::UnexpectedValue(spelling)),
-            (false, None) => String::new(),
+            (false, None) => OsString::new(),
         };
+        // Options whose values name host files take the bytes as given; the rest must be text.
+        let text = || utf8(&spelling, &value);
         match opt {
             Opt::Help => return Ok(Command::Help),
             Opt::Version => return Ok(Command::Version),
-            Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(value))?,
-            Opt::Machine => set_once(&mut machine, &spelling, parse_machine(&spelling, &value)?)?,
-            Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(value))?,
-            Opt::Cmdline => set_once(&mut cmdline, &spelling, value)?,
-            Opt::Memory => set_once(&mut memory, &spelling, parse_memory(&value)?)?,
-            Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(&value)?)?,
-            Opt::Serial => match value.strip_prefix("chardev:") {
-                Some(id) => set_once(&mut serial_chardev, &spelling, (id.to_string(), value.clone()))?,
-                None => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
-            },
+            Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(&value))?,
+            Opt::Machine => set_once(&mut machine, &spelling, parse_machine(&spelling, text()?)?)?,
+            Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(&value))?,
+            Opt::Cmdline => set_once(&mut cmdline, &spelling, text()?.to_string())?,
+            Opt::Memory => set_once(&mut memory, &spelling, parse_memory(text()?)?)?,
+            Opt::Cpus => set_once(&mut cpus, &spelling, parse_cpus(text()?)?)?,
+            Opt::Serial if value.as_bytes().starts_with(b"chardev:") => {
+                let chardev = text()?;
+                let id = chardev.strip_prefix("chardev:").unwrap_or_default();
+                set_once(&mut serial_chardev, &spelling, (id.to_string(), chardev.to_string()))?
+            }
+            Opt::Serial => set_once(&mut serial, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Qmp => qmp.push(parse_listen_socket(&spelling, &value)?),
             Opt::Disk => disks.push(parse_disk(&value)?),
-            Opt::Net => nets.push(parse_net(&value)?),
+            Opt::Net => nets.push(parse_net(text()?)?),
             Opt::Rng => rng = true,
             Opt::Drive => qemu_devices.drive(&value)?,
             Opt::Blockdev => qemu_devices.blockdev(&value)?,
-            Opt::Netdev => qemu_devices.netdev(&value)?,
-            Opt::Device => qemu_devices.device(&value)?,
-            Opt::Object => qemu_devices.object(&value)?,
+            Opt::Netdev => qemu_devices.netdev(text()?)?,
+            Opt::Device => qemu_devices.device(text()?)?,
+            Opt::Object => qemu_devices.object(text()?)?,
             Opt::Console => set_once(&mut console, &spelling, parse_serial(&spelling, &value)?)?,
             Opt::Chardev => {
                 let (id, chardev) = parse_chardev(&value)?;
-                if chardevs.insert(id.clone(), chardev).is_some() {
-                    return Err(invalid("-chardev", &value, format!("id '{id}' is used twice")));
+                if chardevs.contains_key(&id) {
+                    return Err(duplicate_id("-chardev", &value, format!("Duplicate ID '{id}' for chardev")));
                 }
+                chardevs.insert(id, chardev);
             }
-            Opt::Mon => monitors.push((parse_mon(&value)?, value)),
+            Opt::Mon => monitors.push((parse_mon(text()?)?, text()?.to_string())),
             Opt::Paused => flags.2 = true,
             Opt::NoReboot => flags.0 = true,
             Opt::NoShutdown => flags.1 = true,
-            Opt::Name => set_once(&mut name, &spelling, parse_name(&value))?,
-            Opt::Uuid => set_once(&mut uuid, &spelling, parse_uuid(&value).ok_or(CliError::Uuid(value))?)?,
-            Opt::Ignored => match (spelling.as_str(), value.as_str()) {
+            Opt::Name => set_once(&mut name, &spelling, parse_name(text()?))?,
+            Opt::Uuid => {
+                let uuid_text = text()?;
+                let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
+                set_once(&mut uuid, &spelling, parsed)?
+            }
+            Opt::Ignored => match (spelling.as_str(), text()?) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
                 ("-display", "none") => {}
                 ("-accel" | "-display", v) => return Err(invalid(&spelling, v, "Kestrel only supports kvm / none")),
@@ -567,6 +640,18 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.name = name;
     config.uuid = uuid;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// The fuzz body (fuzz/fuzz_targets/cli_args.rs, and `fuzz_smoke_corpus` under `cargo test`): the bytes split on
+/// NUL into arguments, as execve(2) would pass them. Parsing must return, and an error must be one line with no
+/// control characters, whatever the arguments.
+#[doc(hidden)]
+pub fn fuzz_args(data: &[u8]) {
+    let args = data.split(|&b| b == 0).map(|arg| OsString::from_vec(arg.to_vec()));
+    if let Err(e) = parse(args) {
+        let message = e.to_string();
+        assert!(!message.chars().any(char::is_control), "error message with a control character: {message:?}");
+    }
 }
 
 #[cfg(test)]
@@ -932,12 +1017,272 @@ mod tests {
             "--kernel k -chardev socket,path=/x,server=on",
             "--kernel k -mon chardev=missing,mode=control",
             "--kernel k -chardev socket,id=a,path=/x,server=on -mon chardev=a,mode=readline",
-            "--kernel k -chardev socket,id=a,path=/x,server=on -chardev socket,id=a,path=/y,server=on",
             "--kernel k -accel tcg",
             "--kernel k -display gtk",
         ];
         for args in invalid_cases {
             assert!(matches!(parse_str(args), Err(CliError::Invalid { .. })), "{args:?}: {:?}", parse_str(args));
+        }
+    }
+
+    fn os_args(args: &[&[u8]]) -> Vec<OsString> {
+        args.iter().map(|a| OsStr::from_bytes(a).to_os_string()).collect()
+    }
+
+    /// Paths are bytes to the kernel: every option that names a host file keeps them exactly, UTF-8 or not, even
+    /// inside QEMU's key=value lists (where `,,` is still a comma).
+    #[test]
+    fn paths_keep_their_bytes() {
+        let args = os_args(&[
+            b"--kernel=/k\xff",
+            b"--initrd",
+            b"/i\xfe",
+            b"--serial",
+            b"file:/s\xff",
+            b"--disk",
+            b"path=/d\xff,,x,readonly=on",
+            b"--disk",
+            b"/d2\xff",
+            b"-drive",
+            b"file=/e\xff,if=virtio,format=raw",
+            b"-blockdev",
+            b"driver=file,node-name=f,filename=/f\xff",
+            b"-device",
+            b"virtio-blk-pci,drive=f",
+            b"-chardev",
+            b"socket,id=c,path=/c\xff,server=on,wait=off",
+            b"-mon",
+            b"chardev=c,mode=control",
+            b"--qmp",
+            b"unix:/q\xff,server=on,wait=off",
+            b"-chardev",
+            b"file,id=con,path=/con\xff",
+            b"-device",
+            b"virtio-serial-pci",
+            b"-device",
+            b"virtconsole,chardev=con",
+        ]);
+        let Ok(Command::Run(config)) = parse(args) else { panic!("non-UTF-8 paths must parse") };
+        let path = |bytes: &[u8]| PathBuf::from(OsStr::from_bytes(bytes));
+        assert_eq!(config.kernel, path(b"/k\xff"));
+        assert_eq!(config.initrd, Some(path(b"/i\xfe")));
+        assert_eq!(config.serial, SerialConfig::File(path(b"/s\xff")));
+        let disk_paths: Vec<PathBuf> = config.disks.iter().map(|d| d.path.clone()).collect();
+        assert_eq!(disk_paths, [&b"/d\xff,x"[..], b"/d2\xff", b"/e\xff", b"/f\xff"].map(path));
+        assert!(config.disks[0].read_only);
+        let sockets: Vec<SocketAddress> = config.qmp.iter().map(|s| s.address.clone()).collect();
+        assert_eq!(sockets, vec![SocketAddress::Unix(path(b"/q\xff")), SocketAddress::Unix(path(b"/c\xff"))]);
+        assert_eq!(config.console.map(|c| c.backend), Some(SerialConfig::File(path(b"/con\xff"))));
+    }
+
+    /// Names, sizes, option names and settings must be text: one error naming the argument (U+FFFD for the bytes
+    /// that are not UTF-8), never a panic.
+    #[test]
+    fn text_that_is_not_utf8_is_named() {
+        for (args, needle) in [
+            (&[&b"--kernel"[..], b"k", b"--name", b"web\xff1"][..], "invalid --name 'web\u{fffd}1': not valid UTF-8"),
+            (&[b"-kernel", b"k", b"-name", b"guest=\xff"], "invalid -name 'guest=\u{fffd}': not valid UTF-8"),
+            (&[b"--kernel", b"k", b"--n\xffme", b"x"], "option '--n\u{fffd}me' is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"--n\xffme=x"], "option '--n\u{fffd}me' is not valid UTF-8"),
+            (&[b"-kernel", b"k", b"-m\xff", b"1G"], "option '-m\u{fffd}' is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"--memory", b"1\xffG"], "invalid --memory '1\u{fffd}G'"),
+            (&[b"--kernel", b"k", b"--cmdline", b"quiet\xff"], "invalid --cmdline"),
+            (&[b"--kernel", b"k", b"-device", b"virtio-rng-pci,id=\xff"], "invalid -device"),
+            (&[b"--kernel", b"k", b"-drive", b"file=/a,if=vir\xfftio"], "if= is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"-drive", b"file=/a,i\xfff=virtio"], "a setting's name is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"--disk", b"/a,serial=\xff"], "serial= is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"-blockdev", b"{\"driver\":\"\xff\"}"], "the JSON form must be UTF-8"),
+            (&[b"--kernel", b"k", b"--qmp", b"tcp:h\xff:1,server=on"], "invalid --qmp 'h\u{fffd}:1'"),
+            (&[b"--kernel", b"k", b"-chardev", b"so\xffcket,id=c"], "the first item is not valid UTF-8"),
+            (&[b"--kernel", b"k", b"--serial", b"std\xffio"], "invalid serial mode 'std\u{fffd}io'"),
+        ] {
+            let message = parse(os_args(args)).expect_err(needle).to_string();
+            assert!(message.contains(needle), "{needle}: {message}");
+        }
+    }
+
+    /// QEMU refuses an id given twice in each of its namespaces; Kestrel says so in QEMU 7.2's words (after the
+    /// option and its value, as QEMU prints them), which management tools may match.
+    #[test]
+    fn duplicate_ids_are_refused_in_qemus_words() {
+        let rng = r#"{"driver":"virtio-rng-pci","id":"x"}"#;
+        let object = r#"{"qom-type":"rng-random","id":"r"}"#;
+        for (args, expected) in [
+            (
+                "-device virtio-rng-pci,id=x -device virtio-serial-pci,id=x".to_string(),
+                "-device virtio-serial-pci,id=x: Duplicate ID 'x' for device",
+            ),
+            (format!("-device virtio-serial-pci,id=x -device {rng}"), "Duplicate device ID 'x'"),
+            (format!("-device {rng} -device virtio-serial-pci,id=x"), "Duplicate device ID 'x'"),
+            ("-chardev null,id=c -chardev pty,id=c".to_string(), "-chardev pty,id=c: Duplicate ID 'c' for chardev"),
+            (
+                "-netdev tap,id=n,ifname=t0 -netdev tap,id=n,ifname=t1".to_string(),
+                "-netdev tap,id=n,ifname=t1: Duplicate ID 'n' for netdev",
+            ),
+            ("-object rng-random,id=r -object rng-builtin,id=r".to_string(), "Duplicate ID 'r' for object"),
+            (
+                format!("-object rng-builtin,id=r -object {object}"),
+                "attempt to add duplicate property 'r' to object (type 'container')",
+            ),
+            (
+                "-drive file=/a,if=none,id=d -drive file=/b,if=none,id=d".to_string(),
+                "-drive file=/b,if=none,id=d: Duplicate ID 'd' for drive",
+            ),
+            ("-drive file=/a,if=virtio,id=d -drive file=/b,if=none,id=d".to_string(), "Duplicate ID 'd' for drive"),
+            (
+                "-blockdev driver=file,node-name=n,filename=/a -blockdev driver=file,node-name=n,filename=/b"
+                    .to_string(),
+                "-blockdev driver=file,node-name=n,filename=/b: Duplicate nodes with node-name='n'",
+            ),
+            (
+                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=raw,node-name=f,file=f".to_string(),
+                "Duplicate nodes with node-name='f'",
+            ),
+            (
+                "-blockdev driver=file,node-name=n,filename=/a -drive file=/b,if=none,id=n".to_string(),
+                "Device name 'n' conflicts with an existing node name",
+            ),
+            (
+                "-drive file=/b,if=none,id=n -blockdev driver=file,node-name=n,filename=/a".to_string(),
+                "Device name 'n' conflicts with an existing node name",
+            ),
+        ] {
+            let mut argv = vec!["--kernel".to_string(), "k".to_string()];
+            // The JSON values hold no spaces, so splitting on whitespace keeps each whole.
+            argv.extend(args.split_whitespace().map(String::from));
+            let err = parse(argv).expect_err(&args);
+            assert!(matches!(err, CliError::DuplicateId { .. }), "{args}: {err:?}");
+            assert!(err.to_string().ends_with(expected), "{args}: {err}");
+        }
+        // Ids in different namespaces do not clash, and the same id is fine in each.
+        let config = config(
+            "--kernel k -chardev null,id=a -netdev tap,id=a,ifname=t0 -object rng-random,id=a \
+             -drive file=/a,if=none,id=a -device virtio-blk-pci,drive=a,id=a -device virtio-net-pci,netdev=a \
+             -device virtio-rng-pci,rng=a",
+        );
+        assert_eq!(config.disks.len(), 1);
+    }
+
+    /// `-serial chardev:ID` strips the prefix once: the id is everything after it.
+    #[test]
+    fn serial_chardev_prefix_is_stripped_once() {
+        let config = config("--kernel k -chardev null,id=chardev:c -serial chardev:chardev:c");
+        assert_eq!(config.serial, SerialConfig::None);
+    }
+
+    #[test]
+    fn control_characters_in_errors_are_escaped() {
+        let err = parse(["--kernel", "k", "--frob\n\x1b[2J"]).unwrap_err().to_string();
+        assert_eq!(err, "unknown option '--frob\\n\\u{1b}[2J' (see --help)");
+        let err = parse(["--kernel", "k", "--memory", "1\nG"]).unwrap_err().to_string();
+        assert!(err.starts_with("invalid memory size '1\\nG'"), "{err}");
+    }
+
+    /// The fuzz target's body over a deterministic corpus: random bytes, and random splices of option names, values
+    /// and their pieces in both spellings (which reach far deeper than random bytes do).
+    #[test]
+    fn fuzz_smoke_corpus() {
+        const PIECES: &[&[u8]] = &[
+            b"\0",
+            b"\0",
+            b"\0",
+            b"\0--kernel\0",
+            b"\0-kernel\0",
+            b"k",
+            b"\0--kernel=",
+            b"\0-device\0",
+            b"\0-drive\0",
+            b"\0-blockdev\0",
+            b"\0-netdev\0",
+            b"\0-object\0",
+            b"\0-chardev\0",
+            b"\0-mon\0",
+            b"\0-serial\0",
+            b"\0--serial\0",
+            b"\0--console\0",
+            b"\0--qmp\0",
+            b"\0--disk\0",
+            b"\0--net\0",
+            b"\0-M\0",
+            b"\0-m\0",
+            b"\0-smp\0",
+            b"\0-name\0",
+            b"\0--uuid\0",
+            b"\0-accel\0",
+            b"\0--rng",
+            b"virtio-blk-pci",
+            b"virtio-net-device",
+            b"virtio-rng",
+            b"virtio-serial-pci",
+            b"virtconsole",
+            b"drive=",
+            b"netdev=",
+            b"chardev=",
+            b"rng=",
+            b"id=",
+            b"node-name=",
+            b"file=",
+            b"filename=",
+            b"file.filename=",
+            b"file.driver=file",
+            b"driver=",
+            b"raw",
+            b"if=none",
+            b"if=virtio",
+            b"tap,ifname=t0",
+            b"rng-random",
+            b"socket,path=/s,server=on",
+            b"unix:/q,server=on,wait=off",
+            b"tcp::4444,server",
+            b"file:/f",
+            b"stdio",
+            b"mode=control",
+            b"mac=52:54:00:12:34:56",
+            b"serial=",
+            b"readonly=on",
+            b"cache=none",
+            b"x",
+            b"a",
+            b",",
+            b",,",
+            b"=",
+            b":",
+            b"{",
+            b"}",
+            b"\"",
+            b"\"driver\":",
+            b"\"id\":\"x\"",
+            b"\"file\":{",
+            b"[]",
+            b"null",
+            b"true",
+            b"1",
+            b"4G",
+            b"18446744073709551616",
+            b"\xff",
+            b"\xc3",
+            b"\n",
+            b"\x1b",
+            b" ",
+        ];
+        let mut seed = 0x5eed_c11a_2b3c_4d5eu64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..20_000 {
+            let len = (next() % 48) as usize;
+            let mut input = Vec::new();
+            if i % 4 == 0 {
+                input.extend((0..len * 4).map(|_| next() as u8));
+            } else {
+                for _ in 0..len {
+                    input.extend_from_slice(PIECES[(next() % PIECES.len() as u64) as usize]);
+                }
+            }
+            fuzz_args(&input);
         }
     }
 }

@@ -10,7 +10,7 @@ use vmm::{cli, console, run_vm, Outcome};
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    let code = match cli::parse(std::env::args().skip(1)) {
+    let code = match cli::parse(std::env::args_os().skip(1)) {
         Ok(cli::Command::Help) => {
             print!("{}", cli::USAGE);
             ExitCode::SUCCESS

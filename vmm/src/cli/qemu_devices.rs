@@ -3,38 +3,90 @@
 //! collected as given and resolved into Kestrel's device configuration once the whole command line has been read.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-use super::{invalid, on_off, split_qemu_opts, CliError};
+use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
 use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, VirtioTransport};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
 /// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
-/// booleans `on`/`off`.
+/// booleans `on`/`off`. The settings that name host files (`path_keys`) keep their bytes in `paths`, as a path need
+/// not be UTF-8; every other key and value must be text.
 #[derive(Debug, Default)]
-struct Opts {
-    first: Option<String>,
-    pairs: Vec<(String, String)>,
+pub(super) struct Opts {
+    pub(super) first: Option<String>,
+    pub(super) pairs: Vec<(String, String)>,
+    paths: Vec<(String, OsString)>,
 }
 
 impl Opts {
-    fn parse(option: &str, text: &str, implied_key: &str) -> Result<Opts, CliError> {
-        if !text.trim_start().starts_with('{') {
-            let (first, pairs) = split_qemu_opts(text);
-            let mut opts = Opts { first, pairs };
-            opts.take_implied(implied_key);
-            return Ok(opts);
-        }
-        let value: Value = serde_json::from_str(text).map_err(|e| invalid(option, text, format!("bad JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(invalid(option, text, "the JSON form must be an object"));
+    /// The `key=value` form or libvirt's JSON form.
+    pub(super) fn parse(option: &str, value: &OsStr, implied_key: &str, path_keys: &[&str]) -> Result<Opts, CliError> {
+        let mut opts = if is_json(value) {
+            Self::parse_json(option, value, path_keys)?
+        } else {
+            Self::split(option, value, implied_key, path_keys)?
         };
-        let mut opts = Opts::default();
-        flatten(option, text, "", &Value::Object(map), &mut opts.pairs)?;
         opts.take_implied(implied_key);
         Ok(opts)
+    }
+
+    /// The `key=value` form only. A leading item goes to `first`, or to `paths` under `implied_key` if that names
+    /// a file.
+    pub(super) fn split(option: &str, value: &OsStr, implied_key: &str, path_keys: &[&str]) -> Result<Opts, CliError> {
+        let (first, raw_pairs) = split_qemu_opts_os(value);
+        let mut opts = Opts::default();
+        if let Some(first) = first {
+            if path_keys.contains(&implied_key) {
+                opts.paths.push((implied_key.to_string(), first));
+            } else {
+                let text = first.to_str().ok_or_else(|| invalid(option, value, "the first item is not valid UTF-8"))?;
+                opts.first = Some(text.to_string());
+            }
+        }
+        for (key, setting) in raw_pairs {
+            let key = key.into_string().map_err(|_| invalid(option, value, "a setting's name is not valid UTF-8"))?;
+            opts.add(option, value, key, setting, path_keys)?;
+        }
+        Ok(opts)
+    }
+
+    fn parse_json(option: &str, value: &OsStr, path_keys: &[&str]) -> Result<Opts, CliError> {
+        let text = value.to_str().ok_or_else(|| invalid(option, value, "the JSON form must be UTF-8"))?;
+        let json: Value = serde_json::from_str(text).map_err(|e| invalid(option, text, format!("bad JSON: {e}")))?;
+        let Value::Object(map) = json else {
+            return Err(invalid(option, text, "the JSON form must be an object"));
+        };
+        let mut flat = Vec::new();
+        flatten(option, text, "", &Value::Object(map), &mut flat)?;
+        let mut opts = Opts::default();
+        for (key, setting) in flat {
+            opts.add(option, value, key, OsString::from(setting), path_keys)?;
+        }
+        Ok(opts)
+    }
+
+    fn add(
+        &mut self,
+        option: &str,
+        value: &OsStr,
+        key: String,
+        setting: OsString,
+        path_keys: &[&str],
+    ) -> Result<(), CliError> {
+        if path_keys.contains(&key.as_str()) {
+            self.paths.push((key, setting));
+            return Ok(());
+        }
+        match setting.into_string() {
+            Ok(text) => self.pairs.push((key, text)),
+            Err(_) => return Err(invalid(option, value, format!("{key}= is not valid UTF-8"))),
+        }
+        Ok(())
     }
 
     /// `driver=virtio-blk-pci` spelled out means the same as the leading `virtio-blk-pci`.
@@ -46,8 +98,18 @@ impl Opts {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(super) fn get(&self, key: &str) -> Option<&str> {
         self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The last of the file-naming settings `keys` given, as its bytes.
+    pub(super) fn last_path(&self, keys: &[&str]) -> Option<&OsStr> {
+        self.paths.iter().rev().find(|(k, _)| keys.contains(&k.as_str())).map(|(_, v)| v.as_os_str())
+    }
+
+    /// A file-naming setting (the last one given), as its bytes.
+    pub(super) fn path(&self, key: &str) -> Option<&OsStr> {
+        self.paths.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_os_str())
     }
 }
 
@@ -114,20 +176,31 @@ pub struct QemuDeviceOptions {
     backends: HashMap<String, BlockBackend>,
     /// `-blockdev driver=raw,file=NODE`: format node name → protocol node name.
     format_nodes: HashMap<String, (String, bool)>,
+    /// Every `-drive id=`, whatever its interface: QEMU's "drive" option group.
+    drive_ids: Vec<String>,
+    /// Every `-blockdev node-name=`.
+    node_names: Vec<String>,
     netdevs: HashMap<String, (TapNetdev, bool)>,
-    rng_objects: Vec<String>,
+    /// `-object` ids, and whether each was given in the JSON form.
+    rng_objects: Vec<(String, bool)>,
+    /// `-device` ids, and whether each was given in the JSON form.
+    device_ids: HashMap<String, bool>,
     devices: Vec<(String, Opts)>,
+}
+
+/// Whether an option value is libvirt's JSON form rather than `key=value`.
+fn is_json(value: &OsStr) -> bool {
+    value.as_bytes().trim_ascii_start().starts_with(b"{")
 }
 
 impl QemuDeviceOptions {
     /// `-drive file=F,if=virtio|none,format=raw[,readonly=on][,cache=...][,serial=S][,id=ID]`
-    pub fn drive(&mut self, value: &str) -> Result<(), CliError> {
-        let opts = Opts::parse("-drive", value, "file")?;
-        let mut path = opts.first.clone().map(PathBuf::from);
+    pub fn drive(&mut self, value: &OsStr) -> Result<(), CliError> {
+        let opts = Opts::parse("-drive", value, "file", &["file"])?;
+        let path = opts.path("file").map(PathBuf::from);
         let (mut read_only, mut direct, mut serial, mut id, mut interface) = (false, false, None, None, None);
         for (key, setting) in &opts.pairs {
             match key.as_str() {
-                "file" => path = Some(PathBuf::from(setting)),
                 "if" => interface = Some(setting.clone()),
                 "format" if setting == "raw" => {}
                 "format" => return Err(invalid("-drive", value, "only format=raw images are supported")),
@@ -141,6 +214,14 @@ impl QemuDeviceOptions {
                 _ => return Err(invalid("-drive", value, format!("unsupported setting '{key}'"))),
             }
         }
+        // QEMU refuses a repeated id as it parses the option, before it opens anything.
+        if let Some(id) = id.as_ref() {
+            if self.drive_ids.contains(id) {
+                return Err(duplicate_id("-drive", value, format!("Duplicate ID '{id}' for drive")));
+            }
+            self.check_block_name("-drive", value, id)?;
+            self.drive_ids.push(id.clone());
+        }
         let path =
             path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| invalid("-drive", value, "file= is required"))?;
         match interface.as_deref() {
@@ -151,7 +232,7 @@ impl QemuDeviceOptions {
             }
             Some("none") => {
                 let id = id.ok_or_else(|| invalid("-drive", value, "if=none needs id= for -device drive= to use"))?;
-                self.add_backend("-drive", value, id, BlockBackend { path, read_only, direct, serial, used: false })
+                self.add_backend(id, BlockBackend { path, read_only, direct, serial, used: false })
             }
             _ => Err(invalid("-drive", value, "only if=virtio, or if=none with a -device, is supported")),
         }
@@ -160,8 +241,8 @@ impl QemuDeviceOptions {
     /// `-blockdev driver=file,node-name=N,filename=F[,read-only=on][,cache.direct=on]`, and a raw format node on
     /// top: `-blockdev driver=raw,node-name=M,file=N` or with the file node inline (`file.driver=file,
     /// file.filename=F`). Also libvirt's JSON form of both.
-    pub fn blockdev(&mut self, value: &str) -> Result<(), CliError> {
-        let opts = Opts::parse("-blockdev", value, "driver")?;
+    pub fn blockdev(&mut self, value: &OsStr) -> Result<(), CliError> {
+        let opts = Opts::parse("-blockdev", value, "driver", &["filename", "file.filename"])?;
         let node = opts
             .get("node-name")
             .filter(|n| !n.is_empty())
@@ -179,27 +260,29 @@ impl QemuDeviceOptions {
                 _ => return Err(invalid("-blockdev", value, format!("unsupported setting '{key}'"))),
             }
         }
+        if self.node_names.contains(&node) {
+            return Err(duplicate_id("-blockdev", value, format!("Duplicate nodes with node-name='{node}'")));
+        }
+        self.check_block_name("-blockdev", value, &node)?;
+        self.node_names.push(node.clone());
         match opts.first.as_deref() {
             Some("file" | "host_device") => {
-                let path = opts.get("filename").filter(|f| !f.is_empty());
+                let path = opts.path("filename").filter(|f| !f.is_empty());
                 let path = path.ok_or_else(|| invalid("-blockdev", value, "filename= is required"))?;
                 let backend = BlockBackend { path: path.into(), read_only, direct, serial: None, used: false };
-                self.add_backend("-blockdev", value, node, backend)
+                self.add_backend(node, backend)
             }
             Some("raw") => {
-                if let Some(filename) = opts.get("file.filename") {
+                if let Some(filename) = opts.path("file.filename") {
                     if !matches!(opts.get("file.driver"), Some("file" | "host_device")) {
                         return Err(invalid("-blockdev", value, "file.driver must be file or host_device"));
                     }
                     let direct = direct || opts.get("file.cache.direct") == Some("on");
                     let read_only = read_only || opts.get("file.read-only") == Some("on");
                     let backend = BlockBackend { path: filename.into(), read_only, direct, serial: None, used: false };
-                    return self.add_backend("-blockdev", value, node, backend);
+                    return self.add_backend(node, backend);
                 }
                 let file = opts.get("file").ok_or_else(|| invalid("-blockdev", value, "file= names the file node"))?;
-                if self.format_nodes.contains_key(&node) || self.backends.contains_key(&node) {
-                    return Err(invalid("-blockdev", value, format!("node name '{node}' is used twice")));
-                }
                 self.format_nodes.insert(node, (file.to_string(), read_only));
                 Ok(())
             }
@@ -208,17 +291,26 @@ impl QemuDeviceOptions {
         }
     }
 
-    fn add_backend(&mut self, option: &str, value: &str, id: String, backend: BlockBackend) -> Result<(), CliError> {
-        if self.backends.contains_key(&id) || self.format_nodes.contains_key(&id) {
-            return Err(invalid(option, value, format!("id '{id}' is used twice")));
-        }
+    /// Adds a backend whose name `check_block_name` has cleared.
+    fn add_backend(&mut self, id: String, backend: BlockBackend) -> Result<(), CliError> {
         self.backends.insert(id, backend);
+        Ok(())
+    }
+
+    /// Drive ids and node names share one namespace (each kind's own repeats are checked by the caller). QEMU
+    /// creates every -blockdev node before any -drive, so a clash between the two is the drive's name conflicting,
+    /// whichever came first on the command line.
+    fn check_block_name(&self, option: &str, value: &OsStr, name: &str) -> Result<(), CliError> {
+        if self.drive_ids.iter().chain(&self.node_names).any(|n| n == name) {
+            let message = format!("Device name '{name}' conflicts with an existing node name");
+            return Err(duplicate_id(option, value, message));
+        }
         Ok(())
     }
 
     /// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=off]`
     pub fn netdev(&mut self, value: &str) -> Result<(), CliError> {
-        let opts = Opts::parse("-netdev", value, "type")?;
+        let opts = Opts::parse("-netdev", OsStr::new(value), "type", &[])?;
         match opts.first.as_deref() {
             Some("tap") => {}
             Some("user") => {
@@ -246,18 +338,19 @@ impl QemuDeviceOptions {
             }
         }
         let id = id.filter(|i| !i.is_empty()).ok_or_else(|| invalid("-netdev", value, "id= is required"))?;
+        if self.netdevs.contains_key(&id) {
+            return Err(duplicate_id("-netdev", value, format!("Duplicate ID '{id}' for netdev")));
+        }
         let ifname = ifname.ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
         devices::virtio::net::tap::check_name(&ifname).map_err(|e| invalid("-netdev", value, e.to_string()))?;
-        if self.netdevs.insert(id.clone(), (TapNetdev { ifname }, false)).is_some() {
-            return Err(invalid("-netdev", value, format!("id '{id}' is used twice")));
-        }
+        self.netdevs.insert(id, (TapNetdev { ifname }, false));
         Ok(())
     }
 
     /// `-object rng-random,id=ID[,filename=/dev/urandom]` or `-object rng-builtin,id=ID`: entropy sources for
     /// `-device virtio-rng-*,rng=ID`. Kestrel's device always draws from getrandom, which is what both give.
     pub fn object(&mut self, value: &str) -> Result<(), CliError> {
-        let opts = Opts::parse("-object", value, "qom-type")?;
+        let opts = Opts::parse("-object", OsStr::new(value), "qom-type", &[])?;
         match opts.first.as_deref() {
             Some("rng-random" | "rng-builtin") => {}
             Some(other) => return Err(invalid("-object", value, format!("object type '{other}' is not supported"))),
@@ -273,15 +366,40 @@ impl QemuDeviceOptions {
         }
         let id =
             opts.get("id").filter(|i| !i.is_empty()).ok_or_else(|| invalid("-object", value, "id= is required"))?;
-        self.rng_objects.push(id.to_string());
+        // Both key=value: QEMU's "object" option group refuses the id as it parses. Otherwise creating the second
+        // object fails to add it under /objects.
+        let json = is_json(OsStr::new(value));
+        if let Some(&(_, earlier_json)) = self.rng_objects.iter().find(|(o, _)| o == id) {
+            let message = if json || earlier_json {
+                format!("attempt to add duplicate property '{id}' to object (type 'container')")
+            } else {
+                format!("Duplicate ID '{id}' for object")
+            };
+            return Err(duplicate_id("-object", value, message));
+        }
+        self.rng_objects.push((id.to_string(), json));
         Ok(())
     }
 
     /// `-device DRIVER,...`: checked when the command line is complete, as it may name backends given after it.
     pub fn device(&mut self, value: &str) -> Result<(), CliError> {
-        let opts = Opts::parse("-device", value, "driver")?;
+        let opts = Opts::parse("-device", OsStr::new(value), "driver", &[])?;
         if opts.first.as_deref().is_none_or(str::is_empty) {
             return Err(invalid("-device", value, "the device driver is required"));
+        }
+        // Both key=value: QEMU's "device" option group refuses the id as it parses. Otherwise creating the second
+        // device fails to add it under /machine/peripheral.
+        if let Some(id) = opts.get("id") {
+            let json = is_json(OsStr::new(value));
+            if let Some(&earlier_json) = self.device_ids.get(id) {
+                let message = if json || earlier_json {
+                    format!("Duplicate device ID '{id}'")
+                } else {
+                    format!("Duplicate ID '{id}' for device")
+                };
+                return Err(duplicate_id("-device", value, message));
+            }
+            self.device_ids.insert(id.to_string(), json);
         }
         self.devices.push((value.to_string(), opts));
         Ok(())
@@ -334,7 +452,7 @@ impl QemuDeviceOptions {
                 "virtio-rng" => {
                     known(&["rng", "max-bytes", "period"])?;
                     if let Some(rng) = opts.get("rng") {
-                        if !self.rng_objects.iter().any(|o| o == rng) {
+                        if !self.rng_objects.iter().any(|(o, _)| o == rng) {
                             return Err(invalid("-device", value, format!("no -object with id '{rng}'")));
                         }
                     }
@@ -427,7 +545,7 @@ fn split_driver(driver: &str) -> (&str, Option<VirtioTransport>) {
 
 /// `cache=` modes: those that bypass the host page cache open the image with O_DIRECT. Every mode flushes on the
 /// guest's flush except `unsafe`, which Kestrel does not offer.
-fn cache_is_direct(option: &str, value: &str, mode: &str) -> Result<bool, CliError> {
+fn cache_is_direct(option: &str, value: &OsStr, mode: &str) -> Result<bool, CliError> {
     match mode {
         "none" | "directsync" => Ok(true),
         "writeback" | "writethrough" => Ok(false),
@@ -435,7 +553,7 @@ fn cache_is_direct(option: &str, value: &str, mode: &str) -> Result<bool, CliErr
     }
 }
 
-fn check_serial(option: &str, value: &str, serial: &str) -> Result<String, CliError> {
+fn check_serial(option: &str, value: impl AsRef<OsStr>, serial: &str) -> Result<String, CliError> {
     if serial.len() > 20 {
         return Err(invalid(option, value, "serial= takes at most 20 bytes"));
     }
