@@ -31,6 +31,9 @@ struct Case {
     end: HashMap<String, String>,
     /// The first attempt's early-boot failure signature when L1 ran the case a second time.
     retry: Option<String>,
+    /// Each phase's time against its budget (boot 1, boot 2, the work after boot 1), as L1 measured them: the
+    /// budgets are multiples of boots measured in L1 (ci/runner/case-loop.sh).
+    timing: Vec<String>,
 }
 
 struct Runner {
@@ -149,6 +152,12 @@ fn parse(console: &str) -> HashMap<String, Case> {
                 part = Part::Err;
                 continue;
             }
+            if let Some((name, text)) = rest.split_once(" TIMING ") {
+                if let Some(case) = cases.get_mut(name) {
+                    case.timing.push(text.to_string());
+                }
+                continue;
+            }
             if let Some((name, fields)) = rest.split_once(" END ") {
                 if let Some(case) = cases.get_mut(name) {
                     case.end = fields
@@ -195,8 +204,8 @@ impl Checked<'_> {
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
         format!(
-            "{} case {}: {:?}{}\n--- guest console (last 40 lines) ---\n{}\n--- kestrel stderr (last 40 lines) ---\n{}\n\
-             --- runner ---\n{}\nfull L1 console: {}",
+            "{} case {}: {:?}{}\n--- time against budget ---\n{}\n--- guest console (last 40 lines) ---\n{}\n\
+             --- kestrel stderr (last 40 lines) ---\n{}\n--- runner ---\n{}\nfull L1 console: {}",
             self.arch.name(),
             self.name,
             self.case.end,
@@ -205,6 +214,7 @@ impl Checked<'_> {
                 .as_ref()
                 .map(|s| format!("\nRETRIED (this is the second attempt); first attempt: {s}"))
                 .unwrap_or_default(),
+            self.case.timing.join("\n"),
             tail(&self.case.console),
             tail(&self.case.stderr),
             self.runner.summary,
@@ -679,6 +689,8 @@ fn parser_keeps_the_second_attempt_and_the_retry_signature() {
         KESTREL-GUEST-UP uptime=1.0\r\n\
         === CASE a STDERR\r\n\
         === CASE a END exit=0 reason=exit ms=5 marker_ms=4\r\n\
+        === CASE a TIMING boot 1: 0.0 s of a 60.0 s budget (the floor)\r\n\
+        === CASE a ALIVE ms=10000 markers=0\r\n\
         === CASE b BEGIN\r\n\
         KESTREL-GUEST-UP uptime=1.0\r\n\
         === CASE b STDERR\r\n\
@@ -688,5 +700,144 @@ fn parser_keeps_the_second_attempt_and_the_retry_signature() {
     assert_eq!(a.retry.as_deref(), Some("hang in early boot (timeout, 60s) after: [ 0.74] "));
     assert_eq!(a.console, "KESTREL-GUEST-UP uptime=1.0\n");
     assert_eq!(a.end["exit"], "0");
+    assert_eq!(a.timing, ["boot 1: 0.0 s of a 60.0 s budget (the floor)"]);
     assert!(cases["b"].retry.is_none());
+    assert!(cases["b"].timing.is_empty());
+}
+
+// The runner's case loop (ci/runner/case-loop.sh) and its time budgets, run on this host by `sh` with a fake
+// guest in place of kestrel and budgets scaled down to seconds. In the runner each budget is a multiple of a boot
+// measured in L1, so a machine that is slower (loaded) gets longer budgets, while a guest that hangs still ends.
+
+/// What one run of the case loop printed, and how long it took.
+struct LoopRun {
+    output: String,
+    wall: std::time::Duration,
+}
+
+impl LoopRun {
+    fn timing(&self) -> Vec<&str> {
+        self.output.lines().filter_map(|l| l.split_once(" TIMING ").map(|(_, t)| t)).collect()
+    }
+
+    fn end_field(&self, key: &str) -> String {
+        let end = self.output.lines().rev().find_map(|l| frame(l)?.split_once(" END ")).map(|(_, f)| f);
+        let end = end.unwrap_or_else(|| panic!("no END line:\n{}", self.output));
+        let field = end.split_whitespace().find_map(|f| f.strip_prefix(&format!("{key}=")));
+        field.unwrap_or_else(|| panic!("no {key}= in the END line:\n{}", self.output)).to_string()
+    }
+}
+
+/// Runs case `name` of the case loop with `guest` (a shell script standing in for kestrel), after L1 "booted" in
+/// `l1_boot_ms`, with the BUDGET_ settings given (the rest scaled down to fit a test).
+fn run_case_loop(name: &str, guest: &str, until: Option<u32>, l1_boot_ms: u64, budget: &[(&str, &str)]) -> LoopRun {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("case-loop-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let case = dir.join("case");
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let program = dir.join("fake-guest");
+    std::fs::write(&program, format!("#!/bin/sh\n{guest}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(case.join("name"), format!("{name}\n")).unwrap();
+    std::fs::write(case.join("program"), format!("{}\n", program.display())).unwrap();
+    std::fs::write(case.join("args"), "").unwrap();
+    if let Some(n) = until {
+        std::fs::write(case.join("until"), format!("{n}\n")).unwrap();
+    }
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(". \"$0\"; budget_init \"$1\"; run_case \"$2\"")
+        .arg(repo().join("ci/runner/case-loop.sh"))
+        .arg(l1_boot_ms.to_string())
+        .arg(&case)
+        .env("CASE_TMP", dir.join("tmp"))
+        .env("BUDGET_BOOT_FLOOR_MS", "500")
+        .env("BUDGET_STEP_FLOOR_MS", "500")
+        .env("BUDGET_CEILING_MS", "30000");
+    for (key, value) in budget {
+        command.env(key, value);
+    }
+    let start = Instant::now();
+    let output = command.output().expect("running sh");
+    let wall = start.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    LoopRun { output, wall }
+}
+
+/// The budget in seconds and the boot it is a multiple of, from a TIMING line "... budget (Kx boot 1's S s)".
+fn budget_and_base(line: &str, factor: &str) -> (f64, f64) {
+    let number = |s: &str| -> f64 { s.parse().unwrap_or_else(|_| panic!("not a number {s:?} in {line:?}")) };
+    let budget = line.split(" s budget").next().and_then(|s| s.rsplit(' ').next()).map(number);
+    let base = line.split(&format!("({factor}x ")).nth(1).and_then(|s| s.split("'s ").nth(1)?.split(' ').next());
+    match (budget, base.map(number)) {
+        (Some(budget), Some(base)) => (budget, base),
+        _ => panic!("no budget derived from {factor}x a boot in {line:?}"),
+    }
+}
+
+/// The aarch64 `reboot` case on a busy machine: the first boot took 38 s, and a fixed 60 s budget for the whole
+/// case left the second boot 22 s. Scaled down: the reference boot is 1 s, boot 1 takes 2.5 s (within its budget,
+/// 4x the reference), boot 2 takes 3.5 s: more than a fixed budget of 4 boots of the reference would leave, and
+/// within 3x boot 1.
+#[test]
+fn a_slow_first_boot_gives_the_second_boot_a_budget_derived_from_it() {
+    let run = run_case_loop(
+        "slow-reboot",
+        "sleep 2.5; echo KESTREL-GUEST-UP; sleep 3.5; echo KESTREL-GUEST-UP; exec sleep 1000",
+        Some(2),
+        250,
+        &[("BUDGET_L1_FACTOR", "4")],
+    );
+    assert_eq!(run.end_field("reason"), "until", "the case should end at the second boot:\n{}", run.output);
+    let timing = run.timing();
+    assert_eq!(timing.len(), 2, "a TIMING line for each boot:\n{}", run.output);
+    assert!(
+        timing[0].starts_with("boot 1: ") && timing[0].ends_with("budget (4x the reference boot's 1.0 s)"),
+        "boot 1's budget is 4x the reference (4x L1's 0.25 s boot): {}",
+        timing[0]
+    );
+    let (budget, boot_1) = budget_and_base(timing[1], "3");
+    assert!(timing[1].starts_with("boot 2: "), "{}", timing[1]);
+    assert!(boot_1 >= 2.5 && (budget - 3.0 * boot_1).abs() < 0.25, "boot 2's budget is 3x boot 1: {}", timing[1]);
+    // The slow boot raised the reference for the cases after it.
+    assert!(run.output.contains("=== RUNNER BUDGET reference boot now"), "{}", run.output);
+}
+
+/// A guest that hangs after its first boot still ends, at the budget derived from that boot, and says so.
+#[test]
+fn a_hang_after_the_first_boot_ends_at_a_multiple_of_it() {
+    let run = run_case_loop(
+        "hung-reboot",
+        "sleep 1; echo KESTREL-GUEST-UP; exec sleep 1000",
+        Some(2),
+        100,
+        &[("BUDGET_L1_FACTOR", "4")],
+    );
+    assert_eq!(run.end_field("reason"), "timeout", "{}", run.output);
+    let timing = run.timing();
+    let last = timing.last().copied().unwrap_or_default();
+    assert!(last.starts_with("boot 2: not done after ") && last.contains("TIMEOUT"), "{}", run.output);
+    let (budget, boot_1) = budget_and_base(last, "3");
+    assert!((budget - 3.0 * boot_1).abs() < 0.25, "boot 2's budget is 3x boot 1: {last}");
+    assert!(run.wall.as_secs_f64() < boot_1 + budget + 10.0, "the case took {:?}:\n{}", run.wall, run.output);
+}
+
+/// Whatever the reference says (here an L1 that took a minute to boot), a case ends at the ceiling; a guest that
+/// never printed its marker is retried once (the emulated environment's early-boot hang) and ends there again.
+#[test]
+fn a_case_ends_at_the_ceiling_whatever_the_reference() {
+    let run = run_case_loop("hung-boot", "exec sleep 1000", None, 60_000, &[("BUDGET_CEILING_MS", "1500")]);
+    assert_eq!(run.end_field("reason"), "timeout", "{}", run.output);
+    assert!(run.output.contains("=== CASE hung-boot RETRY first attempt: hang in early boot"), "{}", run.output);
+    let last = run.timing().last().copied().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with("boot 1: not done after ") && last.contains("the case's ceiling of 1.5 s"),
+        "{}",
+        run.output
+    );
+    assert!(run.wall.as_secs_f64() < 15.0, "two attempts of 1.5 s took {:?}:\n{}", run.wall, run.output);
 }

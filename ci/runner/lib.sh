@@ -49,7 +49,8 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|timeout|prompt|input|qmp|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
+      arch|kernel|guest|cmdline|args|work|prompt|input|qmp|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
+      timeout) rdie "$file: case $name: 'timeout' is gone: budgets are multiples of boots measured in L1 (ci/runner/case-loop.sh); say 'work N' for a case whose work after boot 1 may take more than the default 2 boots" ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
     printf '%s\t%s\n' "$key" "$value" >>"$specdir/$name.spec"
@@ -57,7 +58,7 @@ runner_parse_cases() {
 
   for name in "${names[@]}"; do
     local spec="$specdir/$name.spec"
-    local archs kind guest_action cmdline args timeout
+    local archs kind guest_action cmdline args work
     archs="$(spec_get "$spec" arch)"
     if [ -n "$archs" ] && ! grep -qw -- "$RUNNER_ARCH" <<<"$archs"; then
       rm -f "$spec"
@@ -68,13 +69,14 @@ runner_parse_cases() {
     cmdline="$L2_CONSOLE${guest_action:+ kestrel.case=$guest_action}"
     [ -n "$(spec_get "$spec" cmdline)" ] && cmdline+=" $(spec_get "$spec" cmdline)"
     args="$(spec_get "$spec" args)"
-    timeout="$(spec_get "$spec" timeout)"; timeout="${timeout:-60}"
+    work="$(spec_get "$spec" work)"
+    [ -z "$work" ] || [[ "$work" =~ ^[1-9][0-9]*$ ]] || rdie "case $name: work must be a positive whole number (a factor of the case's boot 1)"
     n=$((n + 1))
     local d
     d="$l1dir/$(printf '%02d' "$n")-$name"
     mkdir -p "$d"
     echo "$name" >"$d/name"
-    echo "$timeout" >"$d/timeout"
+    [ -n "$work" ] && echo "$work" >"$d/work"
     local test_target
     test_target="$(spec_get "$spec" test)"
     {
@@ -184,6 +186,7 @@ runner_l1_initrd() {
   mkdir -p "$stage/bin" "$stage/dev" "$stage/proc" "$stage/sys" "$stage/tmp" "$stage/guest" "$stage/modules"
   cp "$guest/busybox" "$stage/bin/busybox"
   cp "$repo/ci/runner/init-l1" "$stage/init"
+  cp "$repo/ci/runner/case-loop.sh" "$stage/case-loop.sh"
   cp "$kestrel_bin" "$stage/bin/kestrel"
   chmod 755 "$stage/init" "$stage/bin/busybox" "$stage/bin/kestrel"
   [ -n "${kvm_probe:-}" ] && cp "$kvm_probe" "$stage/bin/kvm-probe"
@@ -191,6 +194,8 @@ runner_l1_initrd() {
   cp "$guest/modules/"* "$stage/modules/"
   cp -r "$cases" "$stage/cases"
   echo "KESTREL-GUEST-UP" >"$stage/cases/marker"
+  # KESTREL_BUDGET_<X> in the environment overrides case-loop.sh's BUDGET_<X> (factors, floors, the ceiling).
+  env | sed -n 's/^KESTREL_\(BUDGET_[A-Z_]*=[0-9][0-9]*\)$/\1/p' >"$stage/cases/budget"
   local f
   for f in "$guest/kernel/"*; do ln "$f" "$stage/guest/" 2>/dev/null || cp "$f" "$stage/guest/"; done
   runner_l2_initrd "$stage/guest/initrd.gz"
@@ -200,13 +205,15 @@ runner_l1_initrd() {
   rm -rf "$stage"
 }
 
-# case_section LOG NAME PART: the case's console (PART=out), stderr (err) or END line (end), \r removed.
+# case_section LOG NAME PART: the case's console (PART=out), stderr (err), END line (end) or TIMING lines without
+# their prefix (timing: each phase's time and budget), \r removed.
 case_section() {
   awk -v name="$2" -v part="$3" '
     { gsub(/\r/, "") }
     $0 == "=== CASE " name " BEGIN" { s = "out"; next }
     $0 == "=== CASE " name " STDERR" { s = "err"; next }
     index($0, "=== CASE " name " END ") == 1 { if (part == "end") print; s = ""; next }
+    index($0, "=== CASE " name " TIMING ") == 1 { if (part == "timing") print substr($0, length("=== CASE " name " TIMING ") + 1); next }
     s == part { print }
   ' "$1"
 }
@@ -240,6 +247,7 @@ runner_check() {
       elif [ "$reason" != exit ]; then
         problems+=("kestrel did not exit by itself (reason=$reason)")
       fi
+      [ "$reason" = timeout ] && problems+=("out of time: $(case_section "$log" "$name" timing | grep TIMEOUT | head -n 1)")
       while IFS=$'\t' read -r key value; do
         case "$key" in
           expect-exit)
@@ -277,10 +285,12 @@ runner_check() {
     if [ ${#problems[@]} -eq 0 ]; then
       n_pass=$((n_pass + 1))
       printf 'PASS %-14s %6s ms (marker at %s ms)%s\n' "$name" "${ms:-?}" "${marker_ms:-?}" "${retry:+ on the second attempt}"
+      case_section "$log" "$name" timing | sed 's/^/     time: /'
     else
       failed=1 n_fail=$((n_fail + 1))
       printf 'FAIL %-14s %6s ms (marker at %s ms)\n' "$name" "${ms:-?}" "${marker_ms:-?}"
       printf '     - %s\n' "${problems[@]}"
+      case_section "$log" "$name" timing | sed 's/^/     time: /'
       printf '     guest console (last 20 lines):\n'
       tail -n 20 <<<"$out" | sed 's/^/     | /'
       printf '     kestrel stderr (last 20 lines):\n'
@@ -292,11 +302,24 @@ runner_check() {
   return $failed
 }
 
-# runner_boot_watched INITRD TOTAL SILENCE LOG: boot_l1 with its console in LOG, killed when the console has been
-# silent for SILENCE seconds (every case prints a START line, so silence longer than a case's timeout means L1
-# itself stopped). Returns QEMU's status (the watchdog's kill: 124).
+# runner_l1_silence LOG: how long L1's console may stay silent before L1 counts as stopped, in seconds. L1's case
+# loop prints a line at least every 10 s of L1 time (ci/runner/case-loop.sh), so silence means L1 itself stopped;
+# how long L1 may take for that scales with its measured speed: 30 times its boot to userspace (L1 is slow to the
+# same degree everywhere), at least 120 s. Before L1 has said how long it took to boot: 300 s (L1 boots in 2-10 s
+# under TCG). KESTREL_RUNNER_SILENCE overrides it (small values are for testing the watchdog).
+runner_l1_silence() {
+  if [ -n "${KESTREL_RUNNER_SILENCE:-}" ]; then echo "$KESTREL_RUNNER_SILENCE"; return; fi
+  local up
+  up="$(grep -a -m1 -o '=== RUNNER L1-UP uptime_ms=[0-9]*' "$1" 2>/dev/null | sed 's/.*=//' || true)"
+  if [ -z "$up" ]; then echo 300; return; fi
+  up=$((30 * up / 1000))
+  echo $((up > 120 ? up : 120))
+}
+
+# runner_boot_watched INITRD TOTAL LOG: boot_l1 with its console in LOG, killed when the console has been silent
+# for longer than runner_l1_silence allows. Returns QEMU's status (the watchdog's kill: 124).
 runner_boot_watched() {
-  local initrd="$1" secs="$2" silence="$3" out="$4" pid size last_size=-1 quiet=0 rc=0
+  local initrd="$1" secs="$2" out="$3" pid size last_size=-1 quiet=0 rc=0 silence
   l1_pidfile="$work/l1.pid"
   rm -f "$l1_pidfile"
   boot_l1 "$initrd" "$secs" >"$out" 2>&1 </dev/null &
@@ -305,8 +328,10 @@ runner_boot_watched() {
     sleep 2
     size="$(stat -c %s "$out" 2>/dev/null || echo 0)"
     if [ "$size" = "$last_size" ]; then quiet=$((quiet + 2)); else quiet=0 last_size="$size"; fi
+    silence="$(runner_l1_silence "$out")"
     if [ "$quiet" -ge "$silence" ] && [ -s "$l1_pidfile" ]; then
-      rlog "L1's console has been silent for ${quiet}s: L1 stopped responding; killing it"
+      last_silence=$silence
+      rlog "L1's console has been silent for ${quiet}s (allowed: ${silence}s): L1 stopped responding; killing it"
       kill "$(cat "$l1_pidfile")" 2>/dev/null || true
       wait "$pid" || true
       return 124
@@ -319,10 +344,11 @@ runner_boot_watched() {
 # runner_main [CASES_FILE] : builds what is missing, boots L1 once for all cases, checks them.
 # Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console-<pid>.log, with
 # console.log linking to the latest),
-# KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run; default: the cases' timeouts + 120),
+# KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run, a backstop: default 300 + the cases' ceilings; the cases'
+# own budgets, multiples of measured boots, end a hung case long before, see ci/runner/case-loop.sh),
 # KESTREL_STATIC_BIN (use this static kestrel instead of building one),
-# KESTREL_RUNNER_SILENCE (seconds of console silence after which L1 counts as stopped; default: the longest
-# case timeout + 60; small values are for testing the watchdog).
+# KESTREL_RUNNER_SILENCE (seconds of console silence after which L1 counts as stopped; default: runner_l1_silence),
+# KESTREL_BUDGET_<X> (override case-loop.sh's BUDGET_<X>: factors, floors, the ceiling).
 runner_main() {
   local cases_file="${1:-$repo/ci/runner/linux.cases}"
   [ -f "$cases_file" ] || rdie "no cases file $cases_file"
@@ -352,19 +378,19 @@ runner_main() {
   local names
   names="$(runner_parse_cases "$cases_file" "$work/cases" "$work/specs")"
   [ -n "$names" ] || rdie "no cases for $RUNNER_ARCH in $cases_file"
-  local total=120 d
-  for d in "$work/cases"/*/; do total=$((total + $(cat "$d/timeout"))); done
-  total="${KESTREL_RUNNER_TIMEOUT:-$total}"
+  local n_cases ceiling_ms total d
+  n_cases="$(wc -w <<<"$names")"
+  ceiling_ms="${KESTREL_BUDGET_CEILING_MS:-$(sed -n 's/^: .*BUDGET_CEILING_MS:=\([0-9]*\).*/\1/p' "$repo/ci/runner/case-loop.sh")}"
+  [[ "$ceiling_ms" =~ ^[0-9]+$ ]] || rdie "cannot read BUDGET_CEILING_MS from ci/runner/case-loop.sh"
+  total="${KESTREL_RUNNER_TIMEOUT:-$((300 + n_cases * ceiling_ms / 1000))}"
 
   runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases"
   local t_built
   t_built="$(date +%s%N)"
   rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s), console: $log"
 
-  local qemu_rc=0 silence=60 t
-  for d in "$work/cases"/*/; do t=$(cat "$d/timeout"); [ $((t + 60)) -gt "$silence" ] && silence=$((t + 60)); done
-  silence="${KESTREL_RUNNER_SILENCE:-$silence}"
-  runner_boot_watched "$work/l1-initrd.cpio" "$total" "$silence" "$log" || qemu_rc=$?
+  local qemu_rc=0 last_silence=?
+  runner_boot_watched "$work/l1-initrd.cpio" "$total" "$log" || qemu_rc=$?
   # L1 itself stopped responding (seen rarely: nested SVM under TCG livelocks or panics L1): boot a new L1 once
   # for the cases without a result, saying so loudly.
   local missing=() stuck=""
@@ -379,10 +405,10 @@ runner_main() {
     runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases2"
     {
       echo "=== RUNNER L1 RERUN: the first L1 stopped during case ${stuck:-?}; a new L1 runs the cases without a result"
-      [ -n "$stuck" ] && echo "=== CASE $stuck RETRY first attempt: L1 stopped responding during the case (QEMU exit $qemu_rc, watchdog ${silence}s): the emulated runner, not the guest"
+      [ -n "$stuck" ] && echo "=== CASE $stuck RETRY first attempt: L1 stopped responding during the case (QEMU exit $qemu_rc, watchdog ${last_silence}s): the emulated runner, not the guest"
     } >>"$log"
     qemu_rc=0
-    runner_boot_watched "$work/l1-initrd.cpio" "$total" "$silence" "$log.rerun" || qemu_rc=$?
+    runner_boot_watched "$work/l1-initrd.cpio" "$total" "$log.rerun" || qemu_rc=$?
     cat "$log.rerun" >>"$log"
     rm -f "$log.rerun"
   fi
@@ -393,6 +419,8 @@ runner_main() {
   done_line="$(grep -a '=== RUNNER DONE' "$log" | tr -d '\r' | tail -n 1 || true)"
   printf 'runner %s: L1 userspace at %s ms of L1 uptime; QEMU ran %d ms (exit %d); whole run %d ms\n' \
     "$RUNNER_ARCH" "${l1_up:-?}" $(( (t_end - t_built) / 1000000 )) "$qemu_rc" $(( (t_end - t_start) / 1000000 ))
+  # The measured reference the cases' budgets derive from, and how it changed during the run.
+  tr -d '\r' <"$log" | sed -n 's/^=== RUNNER BUDGET /runner '"$RUNNER_ARCH"': budgets: /p'
   grep -aq '^=== RUNNER NO-KVM' "$log" && { rlog "L1 has no /dev/kvm; see $log"; }
   [ -n "$done_line" ] || rlog "L1 did not finish (no '=== RUNNER DONE'; QEMU exit $qemu_rc): see $log"
   # shellcheck disable=SC2086

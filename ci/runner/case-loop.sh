@@ -1,0 +1,251 @@
+# The runner's case loop (POSIX sh: busybox ash in L1, sourced by ci/runner/init-l1; dash on the host, where
+# tests/linux_guests.rs drives it with a fake guest). run_case DIR runs the case in DIR and prints it framed:
+#   === CASE <name> START                     (then "=== CASE <name> ALIVE ..." every 10 s: the host's L1 watchdog)
+#   === CASE <name> BEGIN
+#   <the guest's serial console: kestrel's stdout>
+#   === CASE <name> STDERR
+#   <kestrel's stderr>
+#   === CASE <name> END exit=<code> reason=<exit|timeout|until> ms=<elapsed> marker_ms=<first marker or -1>
+#       budget_ms=<the deadline in force at the end> l1_epoch_start=<L1 clock at start> l1_epoch_end=<at end>
+#   === CASE <name> TIMING <phase>: <took> s of a <budget> s budget (<how the budget was derived>)
+#
+# Time budgets. The emulated runner's speed changes by several times with the machine's load (L1 is QEMU TCG
+# sharing the host's cores with everything else), so no budget is a fixed number of seconds: each is a multiple of
+# a boot measured on this L1, now, with a floor, and no case outlives an absolute ceiling (a real hang still ends).
+#   - The reference boot: before any case has booted, BUDGET_L1_FACTOR times L1's own boot to userspace (passed
+#     to budget_init); afterwards the slowest first boot (to the guest's marker) of any case so far, if slower.
+#   - A case's first boot (start to the first marker): BUDGET_BOOT_FACTOR x the reference, at least
+#     BUDGET_BOOT_FLOOR_MS. A case that never prints the marker on kestrel's stdout (its console elsewhere, or a
+#     test binary) has only this phase.
+#   - With "until N", boot k+1 (marker k to marker k+1): BUDGET_REBOOT_FACTOR x the case's own boot 1, at least
+#     BUDGET_STEP_FLOOR_MS.
+#   - Otherwise, the work after boot 1 (marker to exit): the case's "work" factor (default BUDGET_WORK_FACTOR) x
+#     its own boot 1, at least BUDGET_STEP_FLOOR_MS.
+#   - Whatever the multiples say, a case ends BUDGET_CEILING_MS after its start.
+# The defaults below can be overridden by the caller (L1 reads /cases/budget first).
+: "${BUDGET_L1_FACTOR:=6}" "${BUDGET_BOOT_FACTOR:=4}" "${BUDGET_REBOOT_FACTOR:=3}" "${BUDGET_WORK_FACTOR:=2}"
+: "${BUDGET_BOOT_FLOOR_MS:=60000}" "${BUDGET_STEP_FLOOR_MS:=30000}" "${BUDGET_CEILING_MS:=600000}"
+: "${CASE_TMP:=/tmp}" "${marker:=KESTREL-GUEST-UP}"
+
+ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+# Milliseconds as seconds, rounded to one decimal.
+secs() { set -- $((($1 + 50) / 100)); echo "$(($1 / 10)).$(($1 % 10))"; }
+
+ns_holder=""
+# Runs "$@" in the case's network namespace, if it has one.
+in_netns() {
+  if [ -n "$ns_holder" ]; then nsenter -t "$ns_holder" -n "$@"; else "$@"; fi
+}
+
+# budget_init L1_BOOT_MS: the first reference boot, estimated from L1's boot to userspace.
+budget_init() {
+  ref_ms=$((BUDGET_L1_FACTOR * $1))
+  ref_why="${BUDGET_L1_FACTOR}x L1's boot to userspace, $(secs "$1") s"
+  echo "=== RUNNER BUDGET reference boot $(secs "$ref_ms") s (${ref_why}); first boot: ${BUDGET_BOOT_FACTOR}x it" \
+    "(floor $(secs "$BUDGET_BOOT_FLOOR_MS") s); boot k+1: ${BUDGET_REBOOT_FACTOR}x the case's boot 1; work after boot 1:" \
+    "the case's factor (default ${BUDGET_WORK_FACTOR}) x its boot 1 (floor $(secs "$BUDGET_STEP_FLOOR_MS") s);" \
+    "ceiling $(secs "$BUDGET_CEILING_MS") s a case"
+}
+
+# set_phase: the deadline (ms after t0) and its explanation for the phase the case is in, from the markers seen.
+set_phase() {
+  if [ "$seen" = 0 ]; then
+    phase="boot 1" phase_start=0
+    budget=$((BUDGET_BOOT_FACTOR * ref_ms)) floor=$BUDGET_BOOT_FLOOR_MS
+    why="${BUDGET_BOOT_FACTOR}x the reference boot's $(secs "$ref_ms") s"
+  elif [ "$until_n" -gt 0 ]; then
+    phase="boot $((seen + 1))" phase_start=$last_marker_ms
+    budget=$((BUDGET_REBOOT_FACTOR * marker_ms)) floor=$BUDGET_STEP_FLOOR_MS
+    why="${BUDGET_REBOOT_FACTOR}x boot 1's $(secs "$marker_ms") s"
+  else
+    phase="work after boot 1" phase_start=$marker_ms
+    budget=$((work * marker_ms)) floor=$BUDGET_STEP_FLOOR_MS
+    why="${work}x boot 1's $(secs "$marker_ms") s"
+  fi
+  if [ "$budget" -lt "$floor" ]; then
+    why="the floor, more than $why = $(secs "$budget") s"
+    budget=$floor
+  fi
+  deadline=$((phase_start + budget))
+  if [ "$deadline" -gt "$BUDGET_CEILING_MS" ]; then
+    deadline=$BUDGET_CEILING_MS budget=$((BUDGET_CEILING_MS - phase_start))
+    why="the case's ceiling of $(secs "$BUDGET_CEILING_MS") s; $why"
+  fi
+}
+
+# timing TEXT: one line of the case's TIMING report.
+timing() { echo "$*" >>"$CASE_TMP/$name.timing"; }
+
+# One attempt at the case in $dir: sets out, err, code, reason, marker_ms, t0, t1, epoch0, deadline.
+attempt() {
+  dir="$1"
+  name="$(cat "$dir/name")"
+  until_n="$(cat "$dir/until" 2>/dev/null || echo 0)"
+  work="$(cat "$dir/work" 2>/dev/null || echo "$BUDGET_WORK_FACTOR")"
+  out="$CASE_TMP/$name.out" err="$CASE_TMP/$name.err"
+  : >"$out"; : >"$err"; : >"$CASE_TMP/$name.timing"
+  # What runs: kestrel, or the Rust test binary the case names ("test NAME"; it must find KVM here, so
+  # KESTREL_REQUIRE_KVM is set for every case).
+  program=kestrel
+  [ -f "$dir/program" ] && program="$(cat "$dir/program")"
+  # its arguments, one a line (so cmdlines keep their spaces)
+  set --
+  while IFS= read -r a; do set -- "$@" "$a"; done <"$dir/args"
+  if [ -f "$dir/disks" ]; then
+    while read -r disk size byte; do
+      if [ -n "$byte" ]; then
+        head -c $((size * 1048576)) /dev/zero | tr '\000' "$(printf '%b' "$byte")" >"/tmp/$disk"
+      else
+        head -c $((size * 1048576)) /dev/zero >"/tmp/$disk"
+      fi
+    done <"$dir/disks"
+  fi
+  qmp_sent=1
+  [ -f "$dir/qmp" ] && qmp_sent=0
+  rm -f "$CASE_TMP/$name.qmp"
+  ns_holder="" ns_out="$CASE_TMP/$name.netns"
+  : >"$ns_out"
+  if [ -f "$dir/netns" ]; then
+    # A process that holds the new namespace for the case's lifetime; nsenter joins it.
+    unshare -n sleep 100000 &
+    ns_holder=$!
+    for i in $(seq 1 50); do
+      [ "$(readlink "/proc/$ns_holder/ns/net")" != "$(readlink /proc/self/ns/net)" ] && break
+      sleep 0.05
+    done
+    rm -rf "$CASE_TMP/$name.netns.d"; mkdir -p "$CASE_TMP/$name.netns.d"
+    in_netns sh "$dir/netns" setup "$CASE_TMP/$name.netns.d" >>"$ns_out" 2>&1 || echo "NETNS-SETUP-FAILED" >>"$ns_out"
+  fi
+  # busybox nsenter execs kestrel: $! below is kestrel's pid either way.
+  if [ -n "$ns_holder" ]; then set -- nsenter -t "$ns_holder" -n "$program" "$@"; else set -- "$program" "$@"; fi
+  echo "=== CASE $name START"   # a heartbeat for the host's L1 watchdog
+  epoch0="$(date +%s)"
+  t0="$(ms)"
+  if [ -f "$dir/input" ]; then
+    rm -f "$CASE_TMP/stdin.fifo"
+    mkfifo "$CASE_TMP/stdin.fifo"
+    "$@" <"$CASE_TMP/stdin.fifo" >"$out" 2>"$err" &
+    pid=$!
+    exec 3>"$CASE_TMP/stdin.fifo"
+    typed=0
+  else
+    "$@" </dev/null >"$out" 2>"$err" &
+    pid=$!
+    typed=1
+  fi
+  reason=exit marker_ms=-1 last_marker_ms=0 seen=0 term_at=0 alive_at=0
+  set_phase
+  while kill -0 "$pid" 2>/dev/null; do
+    now="$(ms)"
+    elapsed=$((now - t0))
+    n="$(grep -c "$marker" "$out")"
+    # A marker ends a boot (several at once count as one); after boot 1, only "until" cases have more phases.
+    if [ "$n" -gt "$seen" ] && [ "$reason" = exit ] && { [ "$seen" = 0 ] || [ "$until_n" -gt 0 ]; }; then
+      [ "$seen" = 0 ] && marker_ms=$elapsed
+      timing "$phase: $(secs $((elapsed - phase_start))) s of a $(secs "$budget") s budget ($why)"
+      seen=$n last_marker_ms=$elapsed
+      set_phase
+    fi
+    if [ "$qmp_sent" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
+      # The session stays open until kestrel exits (its budget bounds that), so no event is lost however slowly
+      # a loaded runner answers.
+      { printf '{"execute": "qmp_capabilities"}\n'; sleep 0.3; cat "$dir/qmp"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; } \
+        | nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
+      qmp_sent=1
+    fi
+    if [ "$typed" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
+      sleep 0.2
+      printf '%b' "$(cat "$dir/input")" >&3
+      typed=1
+    fi
+    if [ "$until_n" -gt 0 ] && [ "$reason" = exit ] && [ "$seen" -ge "$until_n" ]; then
+      reason=until
+      kill -TERM "$pid"
+      term_at=$now
+    fi
+    if [ "$reason" = exit ] && [ "$elapsed" -ge "$deadline" ]; then
+      reason=timeout
+      timing "$phase: not done after $(secs $((elapsed - phase_start))) s: TIMEOUT, over its $(secs "$budget") s budget ($why)"
+      kill -TERM "$pid"
+      term_at=$now
+    fi
+    if [ "$term_at" != 0 ] && [ $((now - term_at)) -ge 3000 ]; then
+      kill -KILL "$pid" 2>/dev/null
+    fi
+    if [ $((elapsed - alive_at)) -ge 10000 ]; then
+      echo "=== CASE $name ALIVE ms=$elapsed markers=$seen phase=\"$phase\" deadline_ms=$deadline"
+      alive_at=$elapsed
+    fi
+    sleep 0.05
+  done
+  wait "$pid"
+  code=$?
+  t1="$(ms)"
+  if [ "$reason" = exit ]; then
+    timing "$phase: $(secs $((t1 - t0 - phase_start))) s of a $(secs "$budget") s budget ($why)$([ "$seen" = 0 ] && echo "; no marker on the console: the whole case")"
+  fi
+  if [ -f "$dir/input" ]; then exec 3>&-; fi
+  if [ -f "$CASE_TMP/$name.qmp" ]; then
+    { echo "--- QMP transcript"; tr -d '\r' <"$CASE_TMP/$name.qmp"; } >>"$err"
+  fi
+  if [ -n "$ns_holder" ]; then
+    in_netns sh "$dir/netns" teardown "$CASE_TMP/$name.netns.d" >>"$ns_out" 2>&1 || echo "NETNS-TEARDOWN-FAILED" >>"$ns_out"
+    # Ending the holder ends the namespace, and the interfaces in it.
+    kill "$ns_holder"
+    wait "$ns_holder" 2>/dev/null
+    rm -rf "$CASE_TMP/$name.netns.d"
+    cat "$ns_out" >>"$out"
+  fi
+  if [ -f "$dir/disks" ]; then
+    while read -r disk size byte; do
+      echo "DISK-SHA256 $disk $(sha256sum "/tmp/$disk" | cut -d' ' -f1)" >>"$out"
+      rm -f "/tmp/$disk"
+    done <"$dir/disks"
+  fi
+}
+
+# The early-boot failure signature of the last attempt, or nothing: the guest never printed the marker nor got
+# to /init, and kestrel reported a triple fault or the case timed out. Other failures are never retried.
+early_failure() {
+  grep -q "$marker" "$out" && return
+  grep -q 'Run /init as init process' "$out" && return
+  last="$(tr -d '\r' <"$out" | grep -v -e '^[[:space:]]*$' -e '^DISK-SHA256 ' -e '^NETNS-' | tail -n 1 | sed 's/[^ -~]//g' | cut -c1-160)"
+  if grep -q 'triple fault' "$err"; then
+    echo "triple fault in early boot (kestrel exit $code) after: $last"
+  elif [ "$reason" = timeout ]; then
+    echo "hang in early boot (timeout, budget $(secs "$deadline") s) after: $last"
+  fi
+}
+
+# After a case: its first boot raises the reference boot when it was slower (the machine got slower, or the case
+# boots a bigger guest), so later cases get budgets for the machine as it is now.
+update_reference() {
+  if [ "$marker_ms" -gt "$ref_ms" ]; then
+    ref_ms=$marker_ms ref_why="case $name's boot 1"
+    echo "=== RUNNER BUDGET reference boot now $(secs "$ref_ms") s (${ref_why})"
+  fi
+}
+
+run_case() {
+  attempt "$1"
+  sig="$(early_failure)"
+  if [ -n "$sig" ]; then
+    echo "=== CASE $name RETRY first attempt: $sig"
+    echo "--- first attempt: guest console (last 30 lines)"
+    tr -d '\r' <"$out" | tail -n 30
+    echo "--- first attempt: kestrel stderr (last 10 lines)"
+    tail -n 10 "$err"
+    echo "--- first attempt: timing"
+    cat "$CASE_TMP/$name.timing"
+    echo "--- first attempt end"
+    attempt "$1"
+  fi
+  echo "=== CASE $name BEGIN"
+  cat "$out"
+  echo
+  echo "=== CASE $name STDERR"
+  cat "$err"
+  echo "=== CASE $name END exit=$code reason=$reason ms=$((t1 - t0)) marker_ms=$marker_ms budget_ms=$deadline l1_epoch_start=$epoch0 l1_epoch_end=$(date +%s)"
+  sed "s/^/=== CASE $name TIMING /" "$CASE_TMP/$name.timing"
+  update_reference
+}
