@@ -125,9 +125,13 @@ fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend>
 /// larger queue would only hold more memory (up to twice this, as the queue grows by doubling).
 const OUTPUT_QUEUE_LIMIT: usize = 64 << 10;
 
-/// How long the writer thread lets a burst of output accumulate before writing it: short for a person at a
-/// terminal, long enough that a kernel's boot log goes out in a few writes.
+/// While output keeps coming, the writer thread starts a write at most once per this window, so a burst
+/// accumulates and a kernel's boot log goes out in a few writes. Output after a quiet spell at least this long
+/// is written at once: the first byte of a boot or the echo of a keystroke does not wait.
 const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
+
+/// The writer thread only copies a batch to its backend: a small stack is plenty.
+const OUTPUT_THREAD_STACK: usize = 64 << 10;
 
 /// Every queued output, so the process can write what is still queued before it exits.
 static QUEUED_OUTPUTS: Mutex<Vec<Arc<OutputQueue>>> = Mutex::new(Vec::new());
@@ -156,8 +160,8 @@ struct OutputState {
 
 /// Console output written by a thread of its own. A guest console writes a byte per register access, and the
 /// backend (a terminal, a pipe, a file) costs a system call per write and can block; here each byte is only
-/// appended to a queue, and the writer thread, woken once per burst, lets the burst accumulate for
-/// [`OUTPUT_COALESCE`] and writes it in one call.
+/// appended to a queue, and the writer thread, woken once per burst, writes what has accumulated in one call,
+/// at most once per [`OUTPUT_COALESCE`].
 struct QueuedOutput {
     queue: Arc<OutputQueue>,
 }
@@ -166,26 +170,38 @@ impl QueuedOutput {
     fn start(mut sink: Box<dyn Write + Send>, label: &str) -> io::Result<Self> {
         let queue = Arc::new(OutputQueue::default());
         let writer = queue.clone();
-        std::thread::Builder::new().name(format!("{label}-output")).spawn(move || loop {
-            {
-                let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-                while state.bytes.is_empty() {
-                    state.idle = true;
-                    state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        let thread = std::thread::Builder::new().name(format!("{label}-output")).stack_size(OUTPUT_THREAD_STACK);
+        thread.spawn(move || {
+            let mut last_write: Option<Instant> = None;
+            loop {
+                {
+                    let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+                    while state.bytes.is_empty() {
+                        state.idle = true;
+                        state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
+                    state.idle = false;
+                    state.writing = true;
                 }
-                state.idle = false;
-                state.writing = true;
-            }
-            std::thread::sleep(OUTPUT_COALESCE);
-            let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
-            let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
-            let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.writing = false;
-            state.broken |= !ok;
-            if state.full || state.bytes.is_empty() {
-                // Writes waiting for room, and finish_output, hear about it.
-                state.full = false;
-                writer.changed.notify_all();
+                // Output right after a write is part of a burst still coming: let it gather until the window
+                // since that write has passed. Output after a quiet spell goes out at once.
+                if let Some(due) = last_write.map(|at| at + OUTPUT_COALESCE) {
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                }
+                last_write = Some(Instant::now());
+                let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
+                let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
+                let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.writing = false;
+                state.broken |= !ok;
+                if state.full || state.bytes.is_empty() {
+                    // Writes waiting for room, and finish_output, hear about it.
+                    state.full = false;
+                    writer.changed.notify_all();
+                }
             }
         })?;
         QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
@@ -663,6 +679,39 @@ mod tests {
         finish_output(Duration::from_secs(10));
         assert_eq!(*written.lock().unwrap(), text);
         assert!(*calls.lock().unwrap() < text.len() / 4, "{} calls for {} bytes", calls.lock().unwrap(), text.len());
+    }
+
+    /// A backend that reports when each write reaches it.
+    struct TimedSink {
+        written: std::sync::mpsc::Sender<Instant>,
+    }
+
+    impl Write for TimedSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.written.send(Instant::now());
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_after_a_quiet_spell_is_written_without_waiting_for_the_coalescing_window() {
+        let (written_tx, written_rx) = std::sync::mpsc::channel();
+        let mut output = QueuedOutput::start(Box::new(TimedSink { written: written_tx }), "timed").unwrap();
+        // The fastest of several tries, so that a loaded host's slow wake-ups do not decide: a writer that always
+        // lets the window pass first can never be faster than the window.
+        let mut fastest = Duration::MAX;
+        for _ in 0..20 {
+            std::thread::sleep(OUTPUT_COALESCE * 5);
+            let written_at = Instant::now();
+            output.write_all(b"x").unwrap();
+            let reached = written_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            fastest = fastest.min(reached.duration_since(written_at));
+        }
+        assert!(fastest < OUTPUT_COALESCE, "the first byte after a quiet spell took at least {fastest:?}");
     }
 
     #[test]
