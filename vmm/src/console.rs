@@ -539,11 +539,15 @@ fn pty_console() -> io::Result<(PtyOutput, PtyInput, String)> {
 }
 
 /// Waits up to `timeout_ms` (-1: no limit) for `events` on `fd`; returns the events that happened (0: timed out).
+/// An error condition on the descriptor is an error, so that callers never spin on it.
 fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<libc::c_short> {
     let mut pollfd = libc::pollfd { fd, events, revents: 0 };
     loop {
         // SAFETY: one valid pollfd, which poll fills in.
         match unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } {
+            _ if pollfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 => {
+                return Err(io::Error::other(format!("poll reports an error condition ({:#x})", pollfd.revents)))
+            }
             n if n >= 0 => return Ok(pollfd.revents),
             _ => {
                 let e = io::Error::last_os_error();
