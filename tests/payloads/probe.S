@@ -433,6 +433,15 @@ cmd_spin:
         hlt
         jmp     1b
 
+cmd_flood:                                      /* "probe: flood N" for N = 0, 1, 2, ... forever */
+        xorl    %eax, %eax
+1:      leaq    msg_flood(%rip), %rsi
+        call    puts
+        call    putdec
+        call    putcrlf
+        incq    %rax
+        jmp     1b
+
 cmd_triplefault:
         lidt    zero_idtr(%rip)
         int3                                    /* #BP -> #GP (limit 0) -> #DF -> shutdown */
@@ -1684,6 +1693,7 @@ msg_cpus:               .asciz " cpus\r\n"
 msg_echo_ready:         .asciz "probe: echo ready\r\n"
 msg_echo_done:          .asciz "\r\nprobe: echo done\r\n"
 msg_exception:          .asciz "probe: exception "
+msg_flood:              .asciz "probe: flood "
 
 rtc_regs:               .byte 0x00, 0x02, 0x04, 0x07, 0x08, 0x09
 
@@ -1699,6 +1709,7 @@ str_triplefault:        .asciz "triplefault"
 str_spin:               .asciz "spin"
 str_virtio:             .asciz "virtio"
 str_cf9fault:           .asciz "cf9fault"
+str_flood:              .asciz "flood"
 
         .balign 8
 cmd_table:                                      /* (name, handler) pairs, NULL-terminated */
@@ -1714,6 +1725,7 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_spin, cmd_spin
         .quad str_virtio, cmd_virtio
         .quad str_cf9fault, cmd_cf9fault
+        .quad str_flood, cmd_flood
         .quad 0, 0
 
 /* virtio command: request shapes. Each: name, header type and sector, descriptor count, avail.ring[0] (the head),

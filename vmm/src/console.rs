@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -18,21 +19,17 @@ use crate::listen::{bind_private_unix, resolve_tcp};
 pub struct ConsoleBackend {
     pub output: Box<dyn Write + Send>,
     pub input: Option<Box<dyn Read + Send>>,
-    /// A pty's slave end, held so that reads on the master wait for a user instead of failing while none is
-    /// attached.
-    pub _slave: Option<File>,
 }
 
 /// A backend's input side, not yet being read.
 pub struct ConsoleInput {
     input: Option<Box<dyn Read + Send>>,
-    slave: Option<File>,
 }
 
 impl ConsoleBackend {
     /// The output, and the input to start once its device exists.
     pub fn split(self) -> (Box<dyn Write + Send>, ConsoleInput) {
-        (self.output, ConsoleInput { input: self.input, slave: self._slave })
+        (self.output, ConsoleInput { input: self.input })
     }
 }
 
@@ -50,12 +47,8 @@ impl ConsoleInput {
     /// and nothing more is read from the host until it has all been taken: nothing typed or piped is lost, and
     /// nothing piles up. No input (a file, or none): nothing to do.
     pub fn start(self, name: &str, room: Arc<InputRoom>, mut deliver: impl FnMut(&[u8]) -> usize + Send + 'static) {
-        let ConsoleInput { input, slave } = self;
-        let Some(mut input) = input else { return };
+        let Some(mut input) = self.input else { return };
         let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
-            // A pty's slave end stays open as long as this thread reads its master, or reads would fail while no
-            // user is attached.
-            let _slave = slave;
             let mut buf = [0u8; INPUT_CHUNK];
             loop {
                 match input.read(&mut buf) {
@@ -99,38 +92,46 @@ fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend>
     match config {
         SerialConfig::Stdio => {
             let stdin = io::stdin();
-            set_raw_keeping_signals(stdin.as_raw_fd(), true)?;
-            Ok(ConsoleBackend { output: Box::new(io::stdout()), input: Some(Box::new(stdin)), _slave: None })
+            if let Some(saved) = set_raw_keeping_signals(stdin.as_raw_fd(), true)? {
+                SAVED_TERMINAL.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((stdin.as_raw_fd(), saved));
+            }
+            Ok(ConsoleBackend { output: Box::new(io::stdout()), input: Some(Box::new(stdin)) })
         }
         SerialConfig::Pty => {
-            let (master, path, slave) = open_pty()?;
+            let (output, input, path) = pty_console()?;
             // QEMU's wording, which scripts already look for.
             eprintln!("char device redirected to {path} (label {label})");
-            let reader = master.try_clone()?;
-            Ok(ConsoleBackend { output: Box::new(master), input: Some(Box::new(reader)), _slave: Some(slave) })
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)) })
         }
         SerialConfig::File(path) => {
             let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot open serial output file '{}': {e}", path.display()))
             })?;
-            Ok(ConsoleBackend { output: Box::new(file), input: None, _slave: None })
+            Ok(ConsoleBackend { output: Box::new(file), input: None })
         }
-        SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None, _slave: None }),
+        SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None }),
         SerialConfig::Socket(socket) => {
             let (output, input) = socket_console(socket, label)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} ({label}): {e}", socket.address)))?;
-            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), _slave: None })
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)) })
         }
     }
 }
 
 /// Guest output waiting for the host side: beyond this the device blocks (a UART's transmitter stays busy), as
-/// it would on a slow line, rather than losing output.
-const OUTPUT_QUEUE_LIMIT: usize = 1 << 20;
+/// it would on a slow line, rather than losing output. The VMM can end the wait (see [`release_blocked_writes`]).
+/// A UART fills a window's worth of coalescing ([`OUTPUT_COALESCE`]) with a few hundred bytes, so this only
+/// absorbs a backend's hiccups; a guest printing faster than its backend takes waits for it in any case, and a
+/// larger queue would only hold more memory (up to twice this, as the queue grows by doubling).
+const OUTPUT_QUEUE_LIMIT: usize = 64 << 10;
 
-/// How long the writer thread lets a burst of output accumulate before writing it: short for a person at a
-/// terminal, long enough that a kernel's boot log goes out in a few writes.
+/// While output keeps coming, the writer thread starts a write at most once per this window, so a burst
+/// accumulates and a kernel's boot log goes out in a few writes. Output after a quiet spell at least this long
+/// is written at once: the first byte of a boot or the echo of a keystroke does not wait.
 const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
+
+/// The writer thread only copies a batch to its backend: a small stack is plenty.
+const OUTPUT_THREAD_STACK: usize = 64 << 10;
 
 /// Every queued output, so the process can write what is still queued before it exits.
 static QUEUED_OUTPUTS: Mutex<Vec<Arc<OutputQueue>>> = Mutex::new(Vec::new());
@@ -153,12 +154,14 @@ struct OutputState {
     writing: bool,
     /// The host side failed for good: output is dropped from now on.
     broken: bool,
+    /// Bumped by [`release_blocked_writes`]: a write waiting for room stops waiting when this changes.
+    releases: u64,
 }
 
 /// Console output written by a thread of its own. A guest console writes a byte per register access, and the
 /// backend (a terminal, a pipe, a file) costs a system call per write and can block; here each byte is only
-/// appended to a queue, and the writer thread, woken once per burst, lets the burst accumulate for
-/// [`OUTPUT_COALESCE`] and writes it in one call.
+/// appended to a queue, and the writer thread, woken once per burst, writes what has accumulated in one call,
+/// at most once per [`OUTPUT_COALESCE`].
 struct QueuedOutput {
     queue: Arc<OutputQueue>,
 }
@@ -167,26 +170,38 @@ impl QueuedOutput {
     fn start(mut sink: Box<dyn Write + Send>, label: &str) -> io::Result<Self> {
         let queue = Arc::new(OutputQueue::default());
         let writer = queue.clone();
-        std::thread::Builder::new().name(format!("{label}-output")).spawn(move || loop {
-            {
-                let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-                while state.bytes.is_empty() {
-                    state.idle = true;
-                    state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        let thread = std::thread::Builder::new().name(format!("{label}-output")).stack_size(OUTPUT_THREAD_STACK);
+        thread.spawn(move || {
+            let mut last_write: Option<Instant> = None;
+            loop {
+                {
+                    let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+                    while state.bytes.is_empty() {
+                        state.idle = true;
+                        state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
+                    state.idle = false;
+                    state.writing = true;
                 }
-                state.idle = false;
-                state.writing = true;
-            }
-            std::thread::sleep(OUTPUT_COALESCE);
-            let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
-            let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
-            let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.writing = false;
-            state.broken |= !ok;
-            if state.full || state.bytes.is_empty() {
-                // Writes waiting for room, and finish_output, hear about it.
-                state.full = false;
-                writer.changed.notify_all();
+                // Output right after a write is part of a burst still coming: let it gather until the window
+                // since that write has passed. Output after a quiet spell goes out at once.
+                if let Some(due) = last_write.map(|at| at + OUTPUT_COALESCE) {
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                }
+                last_write = Some(Instant::now());
+                let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
+                let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
+                let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.writing = false;
+                state.broken |= !ok;
+                if state.full || state.bytes.is_empty() {
+                    // Writes waiting for room, and finish_output, hear about it.
+                    state.full = false;
+                    writer.changed.notify_all();
+                }
             }
         })?;
         QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
@@ -197,10 +212,16 @@ impl QueuedOutput {
 impl Write for QueuedOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut state = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
-        while !state.broken && !state.bytes.is_empty() && state.bytes.len() + buf.len() > OUTPUT_QUEUE_LIMIT {
+        let releases = state.releases;
+        while !state.broken
+            && state.releases == releases
+            && !state.bytes.is_empty()
+            && state.bytes.len() + buf.len() > OUTPUT_QUEUE_LIMIT
+        {
             state.full = true;
             state = self.queue.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        // Released (or room made): the bytes are taken even beyond the limit, one write's worth per release.
         if !state.broken {
             state.bytes.extend_from_slice(buf);
             if state.idle {
@@ -215,6 +236,21 @@ impl Write for QueuedOutput {
     /// guest's path.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Ends every wait for room in a console's output queue: the waiting write takes its bytes beyond the limit and
+/// returns. A vCPU whose guest prints to a console nobody reads (a pipe never drained, a stopped terminal) waits
+/// inside its device, where a kick cannot reach it; the VMM calls this until the vCPU has come out, whenever it
+/// needs the vCPUs out of the guest (pause, reset, exit).
+pub fn release_blocked_writes() {
+    let queues = QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for queue in queues {
+        let mut state = queue.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.full {
+            state.releases = state.releases.wrapping_add(1);
+            queue.changed.notify_all();
+        }
     }
 }
 
@@ -273,12 +309,27 @@ fn wait_for_connection(listener: RawFd) -> io::Result<()> {
     }
 }
 
+/// The unix sockets consoles listen on, removed on the way out of the process (see [`remove_socket_files`]).
+static SOCKET_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the files of the unix sockets consoles listen on, as QEMU does when it exits: a socket file left behind
+/// looks like a console to connect to. Called on every way out of the process.
+pub fn remove_socket_files() {
+    for path in std::mem::take(&mut *SOCKET_FILES.lock().unwrap_or_else(|p| p.into_inner())) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// A console on a listening socket: output goes to the connected client (dropped while there is none), input comes
 /// from it; when it leaves, the next client that connects takes over. With `wait`, the first client is accepted
 /// before this returns, as QEMU waits before starting the guest.
 fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutput, SocketInput)> {
     let listener = match &socket.address {
-        SocketAddress::Unix(path) => SocketListener::Unix(bind_private_unix(path)?),
+        SocketAddress::Unix(path) => {
+            let listener = bind_private_unix(path)?;
+            SOCKET_FILES.lock().unwrap_or_else(|p| p.into_inner()).push(path.clone());
+            SocketListener::Unix(listener)
+        }
         SocketAddress::Tcp(host, port) => SocketListener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?),
     };
     let client = Arc::new(Mutex::new(None));
@@ -425,11 +476,11 @@ impl Read for SocketInput {
 }
 
 /// Raw input (no line editing, no echo: the guest echoes) but, when `keep_signals`, Ctrl-C still reaches Kestrel
-/// as SIGINT, as with QEMU's stdio console. Not a terminal: nothing to do.
-fn set_raw_keeping_signals(fd: RawFd, keep_signals: bool) -> io::Result<()> {
+/// as SIGINT, as with QEMU's stdio console. Returns the settings it replaced; not a terminal: nothing to do.
+fn set_raw_keeping_signals(fd: RawFd, keep_signals: bool) -> io::Result<Option<libc::termios>> {
     // SAFETY: isatty only inspects the descriptor.
     if unsafe { libc::isatty(fd) } != 1 {
-        return Ok(());
+        return Ok(None);
     }
     // SAFETY: termios is plain data, fully written by tcgetattr, whose result is checked.
     let mut saved: libc::termios = unsafe { std::mem::zeroed() };
@@ -447,9 +498,7 @@ fn set_raw_keeping_signals(fd: RawFd, keep_signals: bool) -> io::Result<()> {
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut slot = SAVED_TERMINAL.lock().unwrap_or_else(|p| p.into_inner());
-    slot.get_or_insert((fd, saved));
-    Ok(())
+    Ok(Some(saved))
 }
 
 /// Puts the terminal back as Kestrel found it. Called on every way out of the process.
@@ -461,8 +510,113 @@ pub fn restore_terminal() {
     }
 }
 
-/// A new pseudo-terminal: the master end, the path of the slave for the user to attach to, and the slave itself.
-fn open_pty() -> io::Result<(File, String, File)> {
+/// How often a pty's input side looks again for someone attached, while nobody is: typed input waits in the pty
+/// meanwhile, so this only delays it.
+const PTY_ATTACH_CHECK: Duration = Duration::from_millis(250);
+
+/// How long a pty's output side waits for room before looking again whether the user is still attached.
+const PTY_WRITE_CHECK_MS: libc::c_int = 500;
+
+/// A console on a new pseudo-terminal: its output and input sides, and the path for the user to attach to.
+///
+/// As in QEMU's pty backend, Kestrel does not keep the slave end open itself, so the master tells whether a user
+/// is attached (it polls as hung up while nobody has the slave open). Output while nobody is attached is dropped,
+/// not left in the pty for whoever attaches later: once the pty's buffer were full, the guest would wait for a
+/// reader that may never come. Input waits until someone attaches.
+fn pty_console() -> io::Result<(PtyOutput, PtyInput, String)> {
+    let (master, path) = open_pty()?;
+    // Non-blocking, so that a write or read is only tried once poll says it can go ahead (or that nobody is
+    // attached); the two sides share the flag through the duplicated descriptor.
+    // SAFETY: F_GETFL/F_SETFL only read and set the status flags of a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(master.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let input = PtyInput { master: master.try_clone()? };
+    Ok((PtyOutput { master }, input, path))
+}
+
+/// Waits up to `timeout_ms` (-1: no limit) for `events` on `fd`; returns the events that happened (0: timed out).
+/// An error condition on the descriptor is an error, so that callers never spin on it.
+fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<libc::c_short> {
+    let mut pollfd = libc::pollfd { fd, events, revents: 0 };
+    loop {
+        // SAFETY: one valid pollfd, which poll fills in.
+        match unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } {
+            _ if pollfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 => {
+                return Err(io::Error::other(format!("poll reports an error condition ({:#x})", pollfd.revents)))
+            }
+            n if n >= 0 => return Ok(pollfd.revents),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// A pty's output side (see [`pty_console`]).
+struct PtyOutput {
+    master: File,
+}
+
+impl Write for PtyOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            let ready = poll_fd(self.master.as_raw_fd(), libc::POLLOUT, PTY_WRITE_CHECK_MS)?;
+            if ready & libc::POLLHUP != 0 {
+                // Nobody attached: dropped.
+                return Ok(buf.len());
+            }
+            if ready & libc::POLLOUT == 0 {
+                continue;
+            }
+            match self.master.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                // The user left between the poll and the write.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(buf.len()),
+                result => return result,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pty's input side (see [`pty_console`]): reads wait for a user to attach and type.
+struct PtyInput {
+    master: File,
+}
+
+impl Read for PtyInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.master.read(buf) {
+                Ok(n) if n > 0 => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let ready = poll_fd(self.master.as_raw_fd(), libc::POLLIN, -1)?;
+                    if ready & libc::POLLIN == 0 && ready & libc::POLLHUP != 0 {
+                        std::thread::sleep(PTY_ATTACH_CHECK);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Nobody attached (EIO), or nothing read: look again in a while.
+                Ok(_) => std::thread::sleep(PTY_ATTACH_CHECK),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => std::thread::sleep(PTY_ATTACH_CHECK),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A new pseudo-terminal, set raw: the master end and the path of the slave for the user to attach to.
+fn open_pty() -> io::Result<(File, String)> {
     // SAFETY: posix_openpt returns a new descriptor or -1, checked below.
     let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
     if fd < 0 {
@@ -482,10 +636,11 @@ fn open_pty() -> io::Result<(File, String, File)> {
     }
     let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     let path = String::from_utf8_lossy(&name[..len]).into_owned();
-    // The slave side gets raw mode so the guest sees bytes exactly as typed, as with QEMU's pty backend.
+    // The slave side gets raw mode so the guest sees bytes exactly as typed, as with QEMU's pty backend. The
+    // settings belong to the pty, not to this descriptor: they stay once it is closed.
     let slave = OpenOptions::new().read(true).write(true).open(&path)?;
     set_raw_keeping_signals(slave.as_raw_fd(), false)?;
-    Ok((File::from(master), path, slave))
+    Ok((File::from(master), path))
 }
 
 #[cfg(test)]
@@ -528,6 +683,39 @@ mod tests {
         finish_output(Duration::from_secs(10));
         assert_eq!(*written.lock().unwrap(), text);
         assert!(*calls.lock().unwrap() < text.len() / 4, "{} calls for {} bytes", calls.lock().unwrap(), text.len());
+    }
+
+    /// A backend that reports when each write reaches it.
+    struct TimedSink {
+        written: std::sync::mpsc::Sender<Instant>,
+    }
+
+    impl Write for TimedSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.written.send(Instant::now());
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_after_a_quiet_spell_is_written_without_waiting_for_the_coalescing_window() {
+        let (written_tx, written_rx) = std::sync::mpsc::channel();
+        let mut output = QueuedOutput::start(Box::new(TimedSink { written: written_tx }), "timed").unwrap();
+        // The fastest of several tries, so that a loaded host's slow wake-ups do not decide: a writer that always
+        // lets the window pass first can never be faster than the window.
+        let mut fastest = Duration::MAX;
+        for _ in 0..20 {
+            std::thread::sleep(OUTPUT_COALESCE * 5);
+            let written_at = Instant::now();
+            output.write_all(b"x").unwrap();
+            let reached = written_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            fastest = fastest.min(reached.duration_since(written_at));
+        }
+        assert!(fastest < OUTPUT_COALESCE, "the first byte after a quiet spell took at least {fastest:?}");
     }
 
     #[test]
@@ -584,16 +772,86 @@ mod tests {
     }
 
     #[test]
-    fn pty_carries_bytes_both_ways() {
-        let (mut master, path, _held) = open_pty().unwrap();
+    fn pty_carries_bytes_both_ways_once_attached_and_drops_output_before() {
+        let (mut output, mut input, path) = pty_console().unwrap();
+        // Nobody attached: dropped at once, however much (more than a pty holds), not kept for a later reader.
+        let started = Instant::now();
+        for _ in 0..64 {
+            output.write_all(&[b'.'; 4096]).unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let (typed_tx, typed_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let n = input.read(&mut buf).unwrap();
+            typed_tx.send(buf[..n].to_vec()).unwrap();
+        });
+        // The reader waits for someone to attach rather than failing.
+        std::thread::sleep(PTY_ATTACH_CHECK * 2);
+        assert!(typed_rx.try_recv().is_err());
         let mut slave = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        master.write_all(b"to-guest-side").unwrap();
+        output.write_all(b"to-guest-side").unwrap();
         let mut buf = [0u8; 13];
         slave.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"to-guest-side");
         slave.write_all(b"x").unwrap();
-        let mut one = [0u8; 1];
-        master.read_exact(&mut one).unwrap();
-        assert_eq!(&one, b"x");
+        assert_eq!(typed_rx.recv_timeout(Duration::from_secs(5)).unwrap(), b"x");
+        // The user leaves: output is dropped again instead of waiting for room.
+        drop(slave);
+        let started = Instant::now();
+        for _ in 0..64 {
+            output.write_all(&[b'.'; 4096]).unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    /// A backend that takes nothing until told to: a pipe nobody drains.
+    struct StuckSink {
+        unstuck: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Write for StuckSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (unstuck, changed) = &*self.unstuck;
+            let mut unstuck = unstuck.lock().unwrap();
+            while !*unstuck {
+                unstuck = changed.wait(unstuck).unwrap();
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_waiting_for_room_returns_when_released() {
+        let unstuck = Arc::new((Mutex::new(false), Condvar::new()));
+        let mut output = QueuedOutput::start(Box::new(StuckSink { unstuck: unstuck.clone() }), "stuck").unwrap();
+        // The writer thread takes this byte and is stuck with it.
+        output.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            // More than the queue holds, byte by byte as a UART writes: the queue fills and a write waits.
+            for _ in 0..OUTPUT_QUEUE_LIMIT + 100 {
+                output.write_all(b"x").unwrap();
+            }
+            done_tx.send(()).unwrap();
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(500)).is_err(), "the queue never filled");
+        // Released, the waiting write returns; the next ones wait again (the writer is still stuck), so release
+        // until all are through, as the VMM does until its vCPUs are out.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done_rx.try_recv().is_err() {
+            assert!(Instant::now() < deadline, "a released write still waits");
+            release_blocked_writes();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        writer.join().unwrap();
+        let (flag, changed) = &*unstuck;
+        *flag.lock().unwrap() = true;
+        changed.notify_all();
     }
 }

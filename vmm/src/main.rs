@@ -39,5 +39,6 @@ fn main() -> ExitCode {
         }
     };
     console::restore_terminal();
+    console::remove_socket_files();
     code
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use devices::{Bus, PlatformRequest};
 use hypervisor::{Vcpu, VcpuExit};
 
-use crate::signals;
 use crate::Error;
+use crate::{console, signals};
 
 /// What a vCPU thread reports to the VMM.
 pub enum VcpuEvent {
@@ -119,8 +119,10 @@ impl VcpuThreads {
             if self.shared.lock().parked >= live {
                 return;
             }
-            // A vCPU inside the guest (halted or running) only notices once kicked out.
+            // A vCPU inside the guest (halted or running) only notices once kicked out, and one inside a console
+            // waiting for room in its output queue once that wait is ended.
             self.kick_all();
+            console::release_blocked_writes();
             thread::sleep(Duration::from_micros(100));
         }
     }
@@ -146,9 +148,11 @@ impl VcpuThreads {
             self.shared.changed.notify_all();
         }
         for thread in self.threads.drain(..) {
-            // A vCPU may be inside the guest (halted or running): kick it out until it notices.
+            // A vCPU may be inside the guest (halted or running), or inside a console waiting for room in its
+            // output queue: kick it out and end that wait until it notices.
             while !thread.is_finished() {
                 signals::kick(&thread);
+                console::release_blocked_writes();
                 thread::sleep(Duration::from_micros(100));
             }
             let _ = thread.join();
