@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 use std::mem::offset_of;
+use std::sync::OnceLock;
 
 use arch::aarch64::layout::{gic_redist_size, GIC_CPU_START, GIC_DIST_START, GIC_REDIST_START};
 use arch::aarch64::{BootRegisters, GicVersion};
@@ -12,10 +13,11 @@ use kvm_bindings::{
     KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
     KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
-use kvm_ioctls::DeviceFd;
+use kvm_bindings::{kvm_mp_state, RegList, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED};
+use kvm_ioctls::{reg_size, DeviceFd};
 
 use super::{KvmVcpu, KvmVm};
-use crate::aarch64::{VcpuAarch64, VmAarch64};
+use crate::aarch64::{PowerState, Register, VcpuAarch64, VcpuStateAarch64, VmAarch64};
 use crate::{Error, Result};
 
 /// KVM_{GET,SET}_ONE_REG id of a 64-bit core register: its offset in `struct kvm_regs`, in 32-bit words.
@@ -105,6 +107,24 @@ impl VmAarch64 for KvmVm {
     }
 }
 
+/// What the vCPUs of one VM need to know about the host's KVM (nothing yet on aarch64).
+pub(super) struct VmData;
+
+impl VmData {
+    pub(super) fn new(_kvm: &kvm_ioctls::Kvm, _vm: &kvm_ioctls::VmFd) -> Result<Self> {
+        Ok(VmData)
+    }
+
+    pub(super) fn vcpu_data(&self, _vm: &kvm_ioctls::VmFd) -> VcpuData {
+        VcpuData { registers: OnceLock::new() }
+    }
+}
+
+pub(super) struct VcpuData {
+    /// KVM_GET_REG_LIST's answer, read once: it is fixed from KVM_ARM_VCPU_INIT on.
+    registers: OnceLock<Vec<u64>>,
+}
+
 /// Sets one vGIC attribute whose value KVM reads from `value`.
 fn set_gic_attr<T>(device: &DeviceFd, group: u32, attr: u64, value: &T) -> Result<()> {
     let attribute = kvm_device_attr { group, attr, addr: value as *const T as u64, flags: 0 };
@@ -125,9 +145,108 @@ impl VcpuAarch64 for KvmVcpu {
     fn mpidr(&self) -> Result<u64> {
         self.get_register(MPIDR_EL1).map_err(|e| Error::new("KVM_GET_ONE_REG (MPIDR_EL1)", e))
     }
+
+    fn save_state(&self) -> Result<VcpuStateAarch64> {
+        // Registers as KVM lists them (sorted by id: core registers, then the firmware pseudo-registers, then the
+        // system registers, timers among them). Nothing is left out, as Firecracker does: what KVM lists it can
+        // read back and write again.
+        let mut registers = Vec::new();
+        for &id in self.register_list()? {
+            let mut value = vec![0u8; reg_size(id)];
+            self.fd.get_one_reg(id, &mut value).map_err(|e| Error::new("KVM_GET_ONE_REG", e))?;
+            registers.push(Register { id, value });
+        }
+        let power_state = match self.fd.get_mp_state().map_err(|e| Error::new("KVM_GET_MP_STATE", e))?.mp_state {
+            KVM_MP_STATE_RUNNABLE => PowerState::Runnable,
+            KVM_MP_STATE_STOPPED => PowerState::Stopped,
+            KVM_MP_STATE_SUSPENDED => PowerState::Suspended,
+            other => return Err(invalid("KVM_GET_MP_STATE", format!("MP state {other}, which Kestrel cannot save"))),
+        };
+        Ok(VcpuStateAarch64 { registers, power_state })
+    }
+
+    fn restore_state(&self, state: &VcpuStateAarch64) -> Result<()> {
+        const OPERATION: &str = "restoring the vCPU state";
+        let listed = self.register_list()?;
+        if state.registers.len() > listed.len() {
+            return Err(invalid(
+                OPERATION,
+                format!("{} registers, more than the {} this vCPU has", state.registers.len(), listed.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for register in &state.registers {
+            if !listed.contains(&register.id) {
+                return Err(invalid(OPERATION, format!("register {:#x} is not one this host's KVM has", register.id)));
+            }
+            if !seen.insert(register.id) {
+                return Err(invalid(OPERATION, format!("register {:#x} appears twice", register.id)));
+            }
+            if register.value.len() != reg_size(register.id) {
+                return Err(invalid(
+                    OPERATION,
+                    format!(
+                        "register {:#x} has {} bytes, its id says {}",
+                        register.id,
+                        register.value.len(),
+                        reg_size(register.id)
+                    ),
+                ));
+            }
+        }
+        // In KVM's list order, core registers first. Writing the virtual counter (KVM_REG_ARM_TIMER_CNT) makes KVM
+        // offset the guest's counter so that it reads the saved value now: the guest sees no time pass while it
+        // was saved, and its timer compare values (CVAL) keep their meaning.
+        for register in &state.registers {
+            if let Err(e) = self.fd.set_one_reg(register.id, &register.value) {
+                // KVM refuses to change the invariant identification registers (MIDR, REVIDR, AIDR...) but accepts
+                // their own value: a refusal is only fine if the register already holds what was saved.
+                let mut current = vec![0u8; register.value.len()];
+                let unchanged = self.fd.get_one_reg(register.id, &mut current).is_ok() && current == register.value;
+                if !unchanged {
+                    return Err(invalid("KVM_SET_ONE_REG", format!("KVM refused register {:#x}: {e}", register.id)));
+                }
+            }
+        }
+        // After the registers: a vCPU made runnable again starts from them.
+        let mp_state = match state.power_state {
+            PowerState::Runnable => KVM_MP_STATE_RUNNABLE,
+            PowerState::Stopped => KVM_MP_STATE_STOPPED,
+            PowerState::Suspended => KVM_MP_STATE_SUSPENDED,
+        };
+        self.fd.set_mp_state(kvm_mp_state { mp_state }).map_err(|e| Error::new("KVM_SET_MP_STATE", e))
+    }
 }
 
+/// A state that cannot be loaded on this host: one error line saying which part and why.
+fn invalid(operation: &'static str, problem: String) -> Error {
+    Error::new(operation, std::io::Error::new(std::io::ErrorKind::InvalidData, problem))
+}
+
+/// The most registers a vCPU may list: KVM lists a few hundred without SVE (about 600 with it); past this the
+/// answer is not believed.
+const MAX_REGISTERS: usize = 4096;
+
 impl KvmVcpu {
+    /// This vCPU's register ids, read from KVM the first time. KVM answers E2BIG (and the count it needs) to a
+    /// list too short; the list is then allocated again, larger, rather than trusting the count.
+    fn register_list(&self) -> Result<&[u64]> {
+        if let Some(list) = self.arch.registers.get() {
+            return Ok(list);
+        }
+        let mut capacity = 512;
+        let ids = loop {
+            let mut list =
+                RegList::new(capacity).map_err(|_| Error::new("KVM_GET_REG_LIST", std::io::ErrorKind::InvalidInput))?;
+            match self.fd.get_reg_list(&mut list) {
+                Ok(()) => break list.as_slice().to_vec(),
+                Err(e) if e.errno() == libc::E2BIG && capacity < MAX_REGISTERS => capacity *= 2,
+                Err(e) => return Err(Error::new("KVM_GET_REG_LIST", e)),
+            }
+        };
+        Ok(self.arch.registers.get_or_init(|| ids))
+    }
+
     fn get_register(&self, id: u64) -> std::result::Result<u64, kvm_ioctls::Error> {
         let mut bytes = [0u8; 8];
         self.fd.get_one_reg(id, &mut bytes)?;
