@@ -237,7 +237,8 @@ const LAPIC_LVT_LINT0: usize = 0x350;
 const PIT_SPEAKER_CHANNEL: usize = 2;
 
 /// Gives the source VM state that a fresh VM does not have, so that a restore which loaded nothing cannot pass:
-/// MSRs a guest kernel programs, LAPIC LINT wiring, a debug register, PIC and IOAPIC masks and a PIT count.
+/// MSRs a guest kernel programs, LAPIC LINT wiring, a debug register, blocked NMIs, PIC and IOAPIC masks and a PIT
+/// count.
 fn seed_distinct_state(test: &TestVm) {
     test.vcpu.set_lapic_lints().expect("wiring LINT0/LINT1");
     let msrs = [(MSR_LSTAR, 0xffff_ffff_8100_0000), (MSR_KERNEL_GS_BASE, 0xffff_8880_0000_0000), (MSR_PAT, PAT)];
@@ -245,7 +246,9 @@ fn seed_distinct_state(test: &TestVm) {
     test.vcpu.set_msrs(&msrs).expect("setting MSRs");
     let mut state = test.vcpu.save_state().expect("saving");
     state.debug_regs.db[0] = DR0;
-    test.vcpu.restore_state(&state).expect("setting DR0");
+    // As after an NMI handler that has not returned yet: NMIs stay blocked until the guest's next IRET.
+    state.events.nmi_masked = true;
+    test.vcpu.restore_state(&state).expect("setting DR0 and the NMI mask");
 
     let mut vm = test.vm.save_state().expect("saving the VM state");
     vm.pic_master.imr = PIC_MASK;
@@ -299,6 +302,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     assert_eq!(msr(&vcpu_state, MSR_KERNEL_GS_BASE), Some(0xffff_8880_0000_0000));
     assert_eq!(msr(&vcpu_state, MSR_PAT), Some(PAT));
     assert_eq!(vcpu_state.debug_regs.db[0], DR0);
+    assert!(vcpu_state.events.nmi_masked, "NMIs are still blocked (the guest ran no IRET)");
     assert_eq!(vcpu_state.lapic[LAPIC_LVT_LINT0 + 1] & 0x7, 0x7, "LINT0 is ExtINT in the saved LAPIC");
     assert_eq!(vm_state.pic_master.imr, PIC_MASK);
     assert_eq!(vm_state.ioapic.redirection_table[4], IOAPIC_ENTRY);

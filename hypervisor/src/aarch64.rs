@@ -14,6 +14,10 @@ pub trait VmAarch64: Vm {
     /// Creates and initialises the in-kernel GIC at `arch::aarch64::layout`'s addresses, with redistributors for
     /// `vcpu_count` vCPUs and `irq_count` interrupt IDs (SGIs, PPIs and SPIs together). Must come after every vCPU
     /// has been created and before any runs. A GICv3 when the host can emulate one, else a GICv2; returns which.
+    ///
+    /// Its state (distributor and redistributor registers, the CPU interfaces' ICC_* system registers, line
+    /// levels) cannot be saved yet: a snapshot of an aarch64 VM needs that next (issue 16), through the vGIC
+    /// device's KVM_DEV_ARM_VGIC_GRP_DIST_REGS, REDIST_REGS, CPU_SYSREGS and LEVEL_INFO attributes.
     fn create_gic(&self, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
 }
 
