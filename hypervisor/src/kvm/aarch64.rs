@@ -223,26 +223,24 @@ fn invalid(operation: &'static str, problem: String) -> Error {
     Error::new(operation, std::io::Error::new(std::io::ErrorKind::InvalidData, problem))
 }
 
-/// The most registers a vCPU may list: KVM lists a few hundred without SVE (about 600 with it); past this the
-/// answer is not believed.
-const MAX_REGISTERS: usize = 4096;
+/// The most registers a vCPU may list: the most kvm-bindings' RegList holds. KVM lists a few hundred without SVE,
+/// which Kestrel does not enable.
+const MAX_REGISTERS: usize = 500;
 
 impl KvmVcpu {
-    /// This vCPU's register ids, read from KVM the first time. KVM answers E2BIG (and the count it needs) to a
-    /// list too short; the list is then allocated again, larger, rather than trusting the count.
+    /// This vCPU's register ids, read from KVM the first time.
     fn register_list(&self) -> Result<&[u64]> {
         if let Some(list) = self.arch.registers.get() {
             return Ok(list);
         }
-        let mut capacity = 512;
-        let ids = loop {
-            let mut list =
-                RegList::new(capacity).map_err(|_| Error::new("KVM_GET_REG_LIST", std::io::ErrorKind::InvalidInput))?;
-            match self.fd.get_reg_list(&mut list) {
-                Ok(()) => break list.as_slice().to_vec(),
-                Err(e) if e.errno() == libc::E2BIG && capacity < MAX_REGISTERS => capacity *= 2,
-                Err(e) => return Err(Error::new("KVM_GET_REG_LIST", e)),
+        let mut list = RegList::new(MAX_REGISTERS)
+            .map_err(|_| Error::new("KVM_GET_REG_LIST", std::io::ErrorKind::InvalidInput))?;
+        let ids = match self.fd.get_reg_list(&mut list) {
+            Ok(()) => list.as_slice().to_vec(),
+            Err(e) if e.errno() == libc::E2BIG => {
+                return Err(invalid("KVM_GET_REG_LIST", format!("KVM lists more than {MAX_REGISTERS} registers")))
             }
+            Err(e) => return Err(Error::new("KVM_GET_REG_LIST", e)),
         };
         Ok(self.arch.registers.get_or_init(|| ids))
     }
