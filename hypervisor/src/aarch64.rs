@@ -15,10 +15,17 @@ pub trait VmAarch64: Vm {
     /// `vcpu_count` vCPUs and `irq_count` interrupt IDs (SGIs, PPIs and SPIs together). Must come after every vCPU
     /// has been created and before any runs. A GICv3 when the host can emulate one, else a GICv2; returns which.
     ///
-    /// Its state (distributor and redistributor registers, the CPU interfaces' ICC_* system registers, line
-    /// levels) cannot be saved yet: a snapshot of an aarch64 VM needs that next (issue 16), through the vGIC
-    /// device's KVM_DEV_ARM_VGIC_GRP_DIST_REGS, REDIST_REGS, CPU_SYSREGS and LEVEL_INFO attributes.
     fn create_gic(&self, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
+
+    /// The GICv3's state as data: distributor, each vCPU's redistributor and CPU interface (named by the vCPUs'
+    /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2 is
+    /// refused (not supported yet).
+    fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64>;
+
+    /// Loads a saved [`GicStateAarch64`] into the GICv3 of a VM built the same way (vCPU count, interrupt count),
+    /// before any vCPU runs. The register layout is checked against this GIC's first; a refused state changes
+    /// nothing.
+    fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()>;
 }
 
 pub trait VcpuAarch64: Vcpu {
@@ -68,4 +75,41 @@ pub enum PowerState {
 pub struct VcpuStateAarch64 {
     pub registers: Vec<Register>,
     pub power_state: PowerState,
+}
+
+/// One 32-bit GIC register by its offset in the distributor or redistributor frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicRegister {
+    pub offset: u32,
+    pub value: u32,
+}
+
+/// One GIC CPU interface system register (ICC_*_EL1) by its encoding (op0, op1, CRn, CRm, op2 packed as in
+/// MRS/MSR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicSystemRegister {
+    pub encoding: u16,
+    pub value: u64,
+}
+
+/// One vCPU's part of the GICv3: its redistributor (SGIs and PPIs) and its CPU interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicCpuState {
+    pub mpidr: u64,
+    pub redistributor: Vec<GicRegister>,
+    pub cpu_interface: Vec<GicSystemRegister>,
+}
+
+/// A GICv3's state: registers in the order they are restored in. No ITS and no LPIs (Kestrel creates none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicStateAarch64 {
+    /// GICD_CTLR and the SPIs' group, routing, configuration, priority, pending, active and enable bits.
+    pub distributor: Vec<GicRegister>,
+    /// The SPIs' input line levels, one word per 32 interrupts from interrupt 32.
+    pub line_levels: Vec<u32>,
+    pub cpus: Vec<GicCpuState>,
 }
