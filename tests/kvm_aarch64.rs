@@ -311,6 +311,7 @@ fn hostile_vcpu_and_gic_states_are_refused_with_a_clear_error() {
     refuse(&state, &[mpidr], "line-level words");
     refuse(&good, &[mpidr, mpidr + 1], "1 CPUs, this VM has 2");
     refuse(&good, &[mpidr + 1], "where this VM has");
+    refuse(&good, &[], "no vCPUs");
     let mut state = good.clone();
     state.cpus[0].cpu_interface.pop();
     refuse(&state, &[mpidr], "CPU interface registers");

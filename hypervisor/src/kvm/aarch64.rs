@@ -144,6 +144,7 @@ impl VmAarch64 for KvmVm {
         const OPERATION: &str = "restoring the vGIC state";
         let gic = self.gic_v3()?;
         let spis = gic.spi_count()?;
+        let first = *mpidrs.first().ok_or_else(|| invalid(OPERATION, "no vCPUs".into()))?;
         // Everything is checked against this GIC's layout before anything is written.
         let distributor = distributor_layout(spis);
         same_offsets("distributor", &distributor, &state.distributor)?;
@@ -194,7 +195,7 @@ impl VmAarch64 for KvmVm {
         }
         // Line levels before the pending bits: for a level-triggered SPI, pending follows the line.
         for (i, &level) in state.line_levels.iter().enumerate() {
-            gic.write_line_level(mpidrs[0], 32 + 32 * i as u32, level)?;
+            gic.write_line_level(first, 32 + 32 * i as u32, level)?;
         }
         write_banks(spi_banks, &state.distributor[1..], &|offset, value| gic.write_dist(offset, value))?;
         for cpu in &state.cpus {
