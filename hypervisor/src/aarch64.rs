@@ -1,7 +1,8 @@
-//! aarch64 extensions: the in-kernel GIC, vCPU initialisation (PSCI, secondaries powered off), boot registers and
-//! the MPIDR the FDT must name each vCPU by.
+//! aarch64 extensions: the in-kernel GIC, vCPU initialisation (PSCI, secondaries powered off), boot registers,
+//! the MPIDR the FDT must name each vCPU by, and the vCPU state a snapshot holds.
 
 use arch::aarch64::{BootRegisters, GicVersion};
+use serde::{Deserialize, Serialize};
 
 use crate::{Result, Vcpu, Vm};
 
@@ -13,7 +14,18 @@ pub trait VmAarch64: Vm {
     /// Creates and initialises the in-kernel GIC at `arch::aarch64::layout`'s addresses, with redistributors for
     /// `vcpu_count` vCPUs and `irq_count` interrupt IDs (SGIs, PPIs and SPIs together). Must come after every vCPU
     /// has been created and before any runs. A GICv3 when the host can emulate one, else a GICv2; returns which.
+    ///
     fn create_gic(&self, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
+
+    /// The GICv3's state as data: distributor, each vCPU's redistributor and CPU interface (named by the vCPUs'
+    /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2 is
+    /// refused (not supported yet).
+    fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64>;
+
+    /// Loads a saved [`GicStateAarch64`] into the GICv3 of a VM built the same way (vCPU count, interrupt count),
+    /// before any vCPU runs. The register layout is checked against this GIC's first; a refused state changes
+    /// nothing.
+    fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()>;
 }
 
 pub trait VcpuAarch64: Vcpu {
@@ -22,4 +34,82 @@ pub trait VcpuAarch64: Vcpu {
 
     /// The vCPU's MPIDR_EL1, which the hypervisor assigns and the FDT's cpu nodes must match.
     fn mpidr(&self) -> Result<u64>;
+
+    /// Every register the hypervisor lists for this vCPU, and its power state, as data. The vCPU must be
+    /// initialised and outside `run`, and an MMIO exit completed by one more `run` (with `set_immediate_exit`).
+    fn save_state(&self) -> Result<VcpuStateAarch64>;
+
+    /// Loads a saved [`VcpuStateAarch64`] into an initialised vCPU that has not run yet. Register ids, sizes and
+    /// the count are checked against this vCPU's register list before anything is written; a hypervisor refusal
+    /// part-way leaves the vCPU unfit to run (the caller discards it).
+    fn restore_state(&self, state: &VcpuStateAarch64) -> Result<()>;
+}
+
+/// One register, by its hypervisor id (KVM's ONE_REG encoding: architecture, size, and the register group and
+/// number; for system registers the op0/op1/CRn/CRm/op2 encoding of the architecture), little-endian bytes as long
+/// as the id's size field says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub id: u64,
+    pub value: Vec<u8>,
+}
+
+/// A vCPU's power state as PSCI sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerState {
+    #[default]
+    Runnable,
+    /// Off (never started, or after PSCI CPU_OFF): waits for a CPU_ON.
+    Stopped,
+    /// In PSCI SYSTEM_SUSPEND, waiting for a wake-up event.
+    Suspended,
+}
+
+/// One aarch64 vCPU's state: the core registers (X0-X30, SP, PC, PSTATE, the EL1 banked registers, the FP/SIMD
+/// registers), the system registers (including the virtual and physical timers' CTL, CVAL and counter), and the
+/// firmware pseudo-registers (PSCI version, SMCCC workarounds), all as the hypervisor lists them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuStateAarch64 {
+    pub registers: Vec<Register>,
+    pub power_state: PowerState,
+}
+
+/// One 32-bit GIC register by its offset in the distributor or redistributor frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicRegister {
+    pub offset: u32,
+    pub value: u32,
+}
+
+/// One GIC CPU interface system register (ICC_*_EL1) by its encoding (op0, op1, CRn, CRm, op2 packed as in
+/// MRS/MSR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicSystemRegister {
+    pub encoding: u16,
+    pub value: u64,
+}
+
+/// One vCPU's part of the GICv3: its redistributor (SGIs and PPIs) and its CPU interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicCpuState {
+    pub mpidr: u64,
+    pub redistributor: Vec<GicRegister>,
+    pub cpu_interface: Vec<GicSystemRegister>,
+}
+
+/// A GICv3's state: registers in the order they are restored in. No ITS and no LPIs (Kestrel creates none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicStateAarch64 {
+    /// GICD_CTLR and the SPIs' group, routing, configuration, priority, pending, active and enable bits.
+    pub distributor: Vec<GicRegister>,
+    /// The SPIs' input line levels, one word per 32 interrupts from interrupt 32.
+    pub line_levels: Vec<u32>,
+    pub cpus: Vec<GicCpuState>,
 }

@@ -1,6 +1,8 @@
-//! x86_64 extensions: CPUID, MSRs, the PC irqchip and boot register state.
+//! x86_64 extensions: CPUID, MSRs, the PC irqchip and boot register state, and the vCPU and VM state a snapshot
+//! holds.
 
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
+use serde::{Deserialize, Serialize};
 
 use crate::{Hypervisor, Result, Vcpu, Vm};
 
@@ -13,6 +15,15 @@ pub trait VmX86_64: Vm {
     /// Creates the PC interrupt controllers (dual 8259, IOAPIC, local APICs) and the 8254 PIT inside the
     /// hypervisor. Must come before the first vCPU is created.
     fn create_pc_irqchip(&self, tss_address: u64) -> Result<()>;
+
+    /// The in-kernel PICs, IOAPIC and PIT and the paravirtual clock, as data. Every vCPU must be stopped (outside
+    /// `run`), or the state read is already stale.
+    fn save_state(&self) -> Result<VmStateX86_64>;
+
+    /// Loads a saved [`VmStateX86_64`] into a VM made by [`create_pc_irqchip`](Self::create_pc_irqchip). The state
+    /// is checked first; a refused one changes nothing. The clock is set last, so that it starts from the saved
+    /// value as close as possible to the vCPUs resuming.
+    fn restore_state(&self, state: &VmStateX86_64) -> Result<()>;
 }
 
 pub trait VcpuX86_64: Vcpu {
@@ -22,4 +33,270 @@ pub trait VcpuX86_64: Vcpu {
     fn set_cpu_state(&self, state: &CpuState) -> Result<()>;
     /// Wires local APIC LINT0 to ExtINT (the 8259) and LINT1 to NMI, as firmware does on a PC.
     fn set_lapic_lints(&self) -> Result<()>;
+
+    /// Everything this vCPU's guest can observe, as data. The vCPU must be outside `run`, and an I/O or MMIO exit
+    /// must have been completed by one more `run` (with `set_immediate_exit`) first: until then the instruction
+    /// behind the exit is half done and RIP still points at it.
+    fn save_state(&self) -> Result<VcpuStateX86_64>;
+
+    /// Loads a saved [`VcpuStateX86_64`] into a vCPU of a VM whose irqchip exists and whose CPUID is already set
+    /// (the MSRs a guest may have depend on its CPUID). Lengths, counts and MSR indices are checked before
+    /// anything is written; a hypervisor refusal part-way leaves the vCPU unfit to run (the caller discards it).
+    fn restore_state(&self, state: &VcpuStateX86_64) -> Result<()>;
+}
+
+/// The general-purpose registers, RIP and RFLAGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registers {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A segment register with its hidden descriptor cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentRegister {
+    pub base: u64,
+    pub limit: u32,
+    pub selector: u16,
+    pub type_: u8,
+    pub present: bool,
+    pub dpl: u8,
+    pub db: bool,
+    pub s: bool,
+    pub l: bool,
+    pub g: bool,
+    pub avl: bool,
+    pub unusable: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorTableRegister {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// Segments, descriptor tables, control registers, EFER and the APIC base.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialRegisters {
+    pub cs: SegmentRegister,
+    pub ds: SegmentRegister,
+    pub es: SegmentRegister,
+    pub fs: SegmentRegister,
+    pub gs: SegmentRegister,
+    pub ss: SegmentRegister,
+    pub tr: SegmentRegister,
+    pub ldt: SegmentRegister,
+    pub gdt: DescriptorTableRegister,
+    pub idt: DescriptorTableRegister,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+    /// An external interrupt pending injection, one bit per vector (only used without an in-kernel LAPIC).
+    pub interrupt_bitmap: [u64; 4],
+}
+
+/// The legacy FXSAVE-format state: x87 and SSE. XSAVE, where the host has it, holds the same and more; both
+/// are kept so that a host without XSAVE still restores the FPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FpuState {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+/// One extended control register (XCR0 is the one that matters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendedControlRegister {
+    pub index: u32,
+    pub value: u64,
+}
+
+/// One model-specific register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpecificRegister {
+    pub index: u32,
+    pub value: u64,
+}
+
+/// Exceptions, interrupts, NMIs and SMIs in flight between the CPU and the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuEvents {
+    pub exception_injected: bool,
+    pub exception_pending: bool,
+    pub exception_vector: u8,
+    pub exception_error_code: Option<u32>,
+    /// The exception's payload (CR2 or DR6) when the hypervisor delivers it separately, if enabled.
+    pub exception_payload: Option<u64>,
+    pub interrupt_injected: bool,
+    pub interrupt_vector: u8,
+    pub interrupt_soft: bool,
+    /// STI or MOV SS blocking for one instruction (the hypervisor's interrupt shadow bits).
+    pub interrupt_shadow: u8,
+    pub nmi_injected: bool,
+    pub nmi_pending: bool,
+    pub nmi_masked: bool,
+    pub sipi_vector: u32,
+    pub smm: bool,
+    pub smi_pending: bool,
+    pub smm_inside_nmi: bool,
+    pub latched_init: bool,
+    /// Present where the hypervisor reports it.
+    pub triple_fault_pending: Option<bool>,
+}
+
+/// The debug registers DR0-DR3, DR6 and DR7.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugRegisters {
+    pub db: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// Where the vCPU is in its life: running, halted, waiting for INIT/SIPI...
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MpState {
+    #[default]
+    Runnable,
+    Uninitialized,
+    InitReceived,
+    Halted,
+    SipiReceived,
+}
+
+/// One x86_64 vCPU's state. Restored in the order documented at the backend's `restore_state`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuStateX86_64 {
+    pub regs: Registers,
+    pub sregs: SpecialRegisters,
+    pub fpu: FpuState,
+    /// The XSAVE area as the hypervisor lays it out (the hardware's standard format), or `None` without XSAVE.
+    pub xsave: Option<Vec<u8>>,
+    pub xcrs: Vec<ExtendedControlRegister>,
+    /// The MSRs the hypervisor saves that make up guest-visible state, TSC first.
+    pub msrs: Vec<ModelSpecificRegister>,
+    /// The local APIC's register page (1 KiB, the registers at their MMIO offsets).
+    pub lapic: Vec<u8>,
+    pub events: VcpuEvents,
+    pub mp_state: MpState,
+    pub debug_regs: DebugRegisters,
+    /// The guest's TSC frequency, when the hypervisor reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// One 8259 PIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PicState {
+    pub last_irr: u8,
+    pub irr: u8,
+    pub imr: u8,
+    pub isr: u8,
+    pub priority_add: u8,
+    pub irq_base: u8,
+    pub read_reg_select: u8,
+    pub poll: u8,
+    pub special_mask: u8,
+    pub init_state: u8,
+    pub auto_eoi: u8,
+    pub rotate_on_auto_eoi: u8,
+    pub special_fully_nested_mode: u8,
+    pub init4: u8,
+    pub elcr: u8,
+    pub elcr_mask: u8,
+}
+
+/// The IOAPIC.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoapicState {
+    pub base_address: u64,
+    pub ioregsel: u32,
+    pub id: u32,
+    pub irr: u32,
+    /// One 64-bit entry per pin.
+    pub redirection_table: Vec<u64>,
+}
+
+/// One 8254 PIT channel. The time its count was loaded is not kept: it is a host clock reading, and the
+/// hypervisor reloads every count at restore anyway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PitChannelState {
+    pub count: u32,
+    pub latched_count: u16,
+    pub count_latched: u8,
+    pub status_latched: u8,
+    pub status: u8,
+    pub read_state: u8,
+    pub write_state: u8,
+    pub write_latch: u8,
+    pub rw_mode: u8,
+    pub mode: u8,
+    pub bcd: u8,
+    pub gate: u8,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PitState {
+    pub channels: [PitChannelState; 3],
+    /// The hypervisor's PIT flags (HPET legacy routing, speaker).
+    pub flags: u32,
+}
+
+/// The hypervisor's paravirtual clock (kvmclock's base), in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockState {
+    pub nanoseconds: u64,
+    /// Whether the clock read was stable across every vCPU's TSC (informative; not loaded).
+    pub tsc_stable: bool,
+}
+
+/// The VM-wide state of an x86_64 VM with the PC irqchip.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateX86_64 {
+    pub pic_master: PicState,
+    pub pic_slave: PicState,
+    pub ioapic: IoapicState,
+    pub pit: PitState,
+    pub clock: ClockState,
 }

@@ -5,10 +5,10 @@
 //! entry and re-created with each VM (the VM is re-created on every guest reset), while KVM_SIGNAL_MSI needs no
 //! state at all and costs one syscall per interrupt, as writing an irqfd does.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_msi, kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{DeviceFd, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
@@ -16,8 +16,10 @@ use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         mod x86_64;
+        use x86_64::{VcpuData, VmData};
     } else if #[cfg(target_arch = "aarch64")] {
         mod aarch64;
+        use aarch64::{VcpuData, VmData};
     }
 }
 
@@ -38,7 +40,8 @@ impl Hypervisor for KvmHypervisor {
 
     fn create_vm(&self) -> Result<KvmVm> {
         let fd = self.kvm.create_vm().map_err(|e| Error::new("KVM_CREATE_VM", e))?;
-        Ok(KvmVm { fd: Arc::new(fd), _in_kernel_devices: Mutex::new(Vec::new()) })
+        let arch = VmData::new(&self.kvm, &fd)?;
+        Ok(KvmVm { fd: Arc::new(fd), arch })
     }
 
     fn max_vcpus(&self) -> u32 {
@@ -48,8 +51,8 @@ impl Hypervisor for KvmHypervisor {
 
 pub struct KvmVm {
     fd: Arc<VmFd>,
-    /// Devices KVM emulates for this VM (an interrupt controller), held open for as long as the VM lives.
-    _in_kernel_devices: Mutex<Vec<DeviceFd>>,
+    /// What the architecture's code needs to know about this VM's host (which MSRs KVM saves, say).
+    arch: VmData,
 }
 
 impl Vm for KvmVm {
@@ -69,7 +72,8 @@ impl Vm for KvmVm {
 
     fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
         let fd = self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::new("KVM_CREATE_VCPU", e))?;
-        Ok(KvmVcpu { fd })
+        let arch = self.arch.vcpu_data(&self.fd);
+        Ok(KvmVcpu { fd, arch })
     }
 
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
@@ -105,6 +109,7 @@ impl Vm for KvmVm {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+    arch: VcpuData,
 }
 
 impl Vcpu for KvmVcpu {
