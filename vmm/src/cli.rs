@@ -47,6 +47,10 @@ Options (QEMU's spelling in brackets, where it has one):
   --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
   --name NAME           VM name shown over QMP [-name NAME or -name guest=NAME]
   --uuid UUID           VM UUID shown over QMP [-uuid]
+  --sandbox on|off      confine each thread to the system calls it needs (seccomp; default: on). off is for
+                        debugging: a call outside the filter ends Kestrel with a line naming it
+                        [-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]: accepted;
+                        Kestrel's filters deny all of those calls]
   -h, --help            print this help
   -V, --version         print the version
 
@@ -134,6 +138,7 @@ enum Opt {
     NoShutdown,
     Name,
     Uuid,
+    Sandbox,
     /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
     Ignored,
 }
@@ -166,6 +171,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--no-shutdown", "-no-shutdown"], Opt::NoShutdown, false),
     (&["--name", "-name"], Opt::Name, true),
     (&["--uuid", "-uuid"], Opt::Uuid, true),
+    (&["--sandbox", "-sandbox"], Opt::Sandbox, true),
     (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
 ];
@@ -400,6 +406,32 @@ fn parse_cpus(value: &str) -> Result<u8, CliError> {
 }
 
 /// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
+/// `on` or `off`, with QEMU's suboptions (7.2: `obsolete=allow|deny`, `elevateprivileges=allow|deny|children`,
+/// `spawn=allow|deny`, `resourcecontrol=allow|deny`), which libvirt passes. Kestrel's filters deny all four kinds
+/// of call whatever they say (it never needs them), so they are checked, not used.
+fn parse_sandbox(option: &str, value: &str) -> Result<bool, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let mut enabled = match first.as_deref() {
+        Some(setting) => Some(on_off(option, value, "the setting", setting)?),
+        None => None,
+    };
+    for (key, setting) in &pairs {
+        let allowed: &[&str] = match key.as_str() {
+            "enable" => {
+                enabled = Some(on_off(option, value, key, setting)?);
+                continue;
+            }
+            "obsolete" | "spawn" | "resourcecontrol" => &["allow", "deny"],
+            "elevateprivileges" => &["allow", "deny", "children"],
+            _ => return Err(invalid(option, value, format!("unknown suboption '{key}'"))),
+        };
+        if !allowed.contains(&setting.as_str()) {
+            return Err(invalid(option, value, format!("{key} must be {}", allowed.join(" or "))));
+        }
+    }
+    enabled.ok_or_else(|| invalid(option, value, "use on or off"))
+}
+
 fn parse_name(value: &str) -> String {
     let (first, pairs) = split_qemu_opts(value);
     first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
@@ -439,6 +471,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     let mut serial = None;
     let mut name = None;
     let mut uuid = None;
+    let mut sandbox = None;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -501,6 +534,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             Opt::NoReboot => flags.0 = true,
             Opt::NoShutdown => flags.1 = true,
             Opt::Name => set_once(&mut name, &spelling, parse_name(&value))?,
+            Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, &value)?)?,
             Opt::Uuid => set_once(&mut uuid, &spelling, parse_uuid(&value).ok_or(CliError::Uuid(value))?)?,
             Opt::Ignored => match (spelling.as_str(), value.as_str()) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
@@ -566,6 +600,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     config.console = console;
     config.name = name;
     config.uuid = uuid;
+    config.sandbox = sandbox.unwrap_or(true);
     Ok(Command::Run(Box::new(config)))
 }
 
@@ -893,6 +928,32 @@ mod tests {
     fn help_and_version() {
         assert_eq!(parse_str("--help"), Ok(Command::Help));
         assert_eq!(parse_str("--kernel k -V"), Ok(Command::Version));
+    }
+
+    #[test]
+    fn sandbox_is_on_unless_turned_off_in_either_spelling() {
+        let sandbox = |args: &str| match parse_str(args) {
+            Ok(Command::Run(config)) => Ok(config.sandbox),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(sandbox("--kernel k"), Ok(true));
+        assert_eq!(sandbox("--kernel k --sandbox off"), Ok(false));
+        assert_eq!(sandbox("--kernel k --sandbox=on"), Ok(true));
+        assert_eq!(sandbox("--kernel k -sandbox off"), Ok(false));
+        assert_eq!(sandbox("--kernel k -sandbox enable=off"), Ok(false));
+        // What libvirt passes.
+        let libvirt = "--kernel k -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+        assert_eq!(sandbox(libvirt), Ok(true));
+        assert_eq!(sandbox("--kernel k -sandbox on,elevateprivileges=children,spawn=allow"), Ok(true));
+        for bad in [
+            "--kernel k -sandbox maybe",
+            "--kernel k -sandbox on,spawn=children",
+            "--kernel k -sandbox on,network=deny",
+            "--kernel k -sandbox obsolete=deny",
+        ] {
+            assert!(matches!(parse_str(bad), Err(CliError::Invalid { .. })), "{bad:?}: {:?}", parse_str(bad));
+        }
+        assert_eq!(parse_str("--kernel k --sandbox on -sandbox off"), Err(CliError::Repeated("-sandbox".into())));
     }
 
     #[test]

@@ -1,0 +1,32 @@
+//! aarch64's part of the seccomp filters (see `crate::seccomp`): the KVM ioctls by number. aarch64 has none of
+//! x86_64's legacy calls (`open`, `poll`, `epoll_wait`, ...): glibc uses the generic ones the shared lists have.
+
+use kvm_bindings::{kvm_msi, kvm_one_reg, KVMIO};
+use seccompiler::TargetArch;
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+
+use crate::seccomp::{allow_values, Syscall, ThreadKind};
+
+pub(crate) use super::syscall_names::SYSCALL_NAMES;
+
+pub const TARGET: TargetArch = TargetArch::aarch64;
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iow_nr!(KVM_GET_ONE_REG, KVMIO, 0xab, kvm_one_reg);
+ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+
+/// The aarch64-only calls a thread of `kind` makes, and the ioctls it may issue.
+pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
+    match kind {
+        ThreadKind::Main => Vec::new(),
+        // Running the guest; the registers for a failure's report.
+        ThreadKind::Vcpu => {
+            vec![allow_values(libc::SYS_ioctl, 1, &[KVM_RUN(), KVM_GET_ONE_REG()])]
+        }
+        ThreadKind::DeviceWorker
+        | ThreadKind::ConsoleInput
+        | ThreadKind::ConsoleOutput
+        | ThreadKind::Signals
+        | ThreadKind::InterruptResample => Vec::new(),
+    }
+}

@@ -1,0 +1,45 @@
+//! x86_64's part of the seccomp filters (see `crate::seccomp`): the system calls only this architecture has
+//! (glibc picks them over their generic forms), and the KVM ioctls by number (their sizes are x86_64's).
+
+use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs, KVMIO};
+use seccompiler::TargetArch;
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+
+use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
+
+pub(crate) use super::syscall_names::SYSCALL_NAMES;
+
+pub const TARGET: TargetArch = TargetArch::x86_64;
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+
+/// The x86_64-only calls a thread of `kind` makes, and the ioctls it may issue.
+pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
+    match kind {
+        ThreadKind::Main => vec![
+            // mio's event loop: glibc's epoll_wait is the system call of that name here.
+            allow(libc::SYS_epoll_wait),
+            // Reading /proc and sysfs for host facts at reset (glibc's sysconf, std's available_parallelism).
+            allow(libc::SYS_open),
+            allow(libc::SYS_stat),
+            allow(libc::SYS_poll),
+            // QMP socket files removed at exit: glibc's unlink is the system call of that name here.
+            allow(libc::SYS_unlink),
+        ],
+        ThreadKind::Vcpu => vec![
+            // Running the guest; the registers for a failure's report; MSIs a device raises during the access.
+            allow_values(libc::SYS_ioctl, 1, &[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_SIGNAL_MSI()]),
+        ],
+        ThreadKind::DeviceWorker => vec![
+            allow(libc::SYS_epoll_wait),
+            // PCI devices' MSI-X interrupts.
+            allow_values(libc::SYS_ioctl, 1, &[KVM_SIGNAL_MSI()]),
+        ],
+        // Guest input raises the device's interrupt: an MSI on PCI.
+        ThreadKind::ConsoleInput => vec![allow_values(libc::SYS_ioctl, 1, &[KVM_SIGNAL_MSI()])],
+        ThreadKind::ConsoleOutput | ThreadKind::Signals | ThreadKind::InterruptResample => Vec::new(),
+    }
+}
