@@ -92,6 +92,12 @@ fn allow_main_ioctls() -> Syscall {
     (libc::SYS_ioctl, rules)
 }
 
+/// openat without a flag that writes or creates.
+fn allow_read_only_opens() -> Syscall {
+    let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    allow_without_bits(libc::SYS_openat, 2, writes)
+}
+
 /// The `type` byte of every KVM ioctl request (KVMIO).
 const KVM_IOCTL_TYPE: u64 = 0xAE;
 
@@ -136,21 +142,20 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
     let mut list = common();
     match kind {
         ThreadKind::Main => list.extend([
-            // Building each boot's VM: KVM's ioctls on /dev/kvm, the VM and its vCPUs, each vCPU's run area, the
-            // kernel and initrd read again at every reset.
+            // Building each boot's VM: KVM's ioctls on /dev/kvm, the VM and its vCPUs (and the terminal's), each
+            // vCPU's run area (mmap above), the kernel and initrd read again at every reset.
             allow_main_ioctls(),
             allow(libc::SYS_read),
-            allow(libc::SYS_pread64),
             allow(libc::SYS_lseek),
+            // query-block's image sizes (statx; static glibc's stat family may use fstat/newfstatat).
+            allow(libc::SYS_statx),
             allow(libc::SYS_fstat),
             allow(libc::SYS_newfstatat),
-            allow(libc::SYS_statx),
-            allow(libc::SYS_eventfd2),
-            allow(libc::SYS_fcntl),
-            allow(libc::SYS_dup),
-            allow(libc::SYS_openat),
-            // Starting vCPU threads (at boot and every reset): glibc's pthread_create, and each thread confining
-            // itself (it inherits this filter, so these must be here too).
+            // Read-only opens: glibc reads /sys/devices/system/cpu/online when a thread's first allocation makes
+            // a malloc arena, and vCPU threads make theirs under this filter (they inherit it).
+            allow_read_only_opens(),
+            // Starting vCPU threads (at boot and every reset): glibc's pthread_create, and each thread's start
+            // and confining itself (it inherits this filter until it adds its own).
             allow(libc::SYS_clone),
             allow(libc::SYS_clone3),
             allow(libc::SYS_set_robust_list),
@@ -160,22 +165,17 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow_values(libc::SYS_seccomp, 0, &[libc::SECCOMP_SET_MODE_FILTER as u64]),
             // Kicking vCPUs out of the guest (pause, stop): pthread_kill with the kick signal.
             allow_values(libc::SYS_tgkill, 2, &[libc::SIGRTMIN() as u64, libc::SIGABRT as u64]),
-            // The event loop (mio's epoll) and QMP's sockets (qmpsig).
+            // The event loop (mio's epoll) and the QMP sockets' clients (qmpsig).
             allow(libc::SYS_epoll_pwait),
             allow(libc::SYS_epoll_ctl),
             allow(libc::SYS_accept4),
             allow(libc::SYS_recvfrom),
             allow(libc::SYS_sendto),
             allow(libc::SYS_shutdown),
-            allow(libc::SYS_getsockopt),
-            allow(libc::SYS_getsockname),
-            allow(libc::SYS_getpeername),
-            // QMP socket files removed at exit; block statistics (query-block's actual size).
+            // Waiting for the first QMP client (wait=on): glibc's poll (x86_64 adds its own poll).
+            allow(libc::SYS_ppoll),
+            // QMP socket files removed at exit.
             allow(libc::SYS_unlinkat),
-            // Event timestamps (vDSO normally, the system call under some emulators).
-            allow(libc::SYS_gettimeofday),
-            // Exit: the terminal's settings put back (ioctl above), still-queued console output waited for.
-            allow(libc::SYS_rt_sigaction),
         ]),
         ThreadKind::Vcpu => list.extend([
             // Device accesses complete on the vCPU: interrupts through irqfds and ioeventfd-less notifications

@@ -22,9 +22,7 @@ pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
         ThreadKind::Main => vec![
             // mio's event loop: glibc's epoll_wait is the system call of that name here.
             allow(libc::SYS_epoll_wait),
-            // Reading /proc and sysfs for host facts at reset (glibc's sysconf, std's available_parallelism).
-            allow(libc::SYS_open),
-            allow(libc::SYS_stat),
+            // Waiting for the first QMP client (wait=on): glibc's poll is the system call of that name here.
             allow(libc::SYS_poll),
             // QMP socket files removed at exit: glibc's unlink is the system call of that name here.
             allow(libc::SYS_unlink),
