@@ -190,7 +190,7 @@ fn forbidden_call_child() {
 fn a_forbidden_call_ends_the_process_with_a_line_naming_thread_and_call() {
     let cases = [
         ("vcpu-socket", "vcpu0", libc::SYS_socket, "socket"),
-        ("vcpu-ioctl", "vcpu0", libc::SYS_ioctl, "ioctl"),
+        ("vcpu-ioctl", "vcpu0", libc::SYS_ioctl, "ioctl 0xae01"),
         ("worker-execve", "virtio-blk0", libc::SYS_execve, "execve"),
     ];
     for (case, thread, number, name) in cases {

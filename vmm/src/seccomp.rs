@@ -337,7 +337,7 @@ fn install_sigsys_handler() -> Result<(), Error> {
 
 /// The line a forbidden call ends the process with: `kestrel: seccomp: thread vcpu0 made forbidden system call 41
 /// (socket)`.
-fn forbidden_call_line(thread: &[u8], number: i64, out: &mut [u8; 160]) -> usize {
+fn forbidden_call_line(thread: &[u8], number: i64, ioctl_request: u64, out: &mut [u8; 160]) -> usize {
     let mut len = 0;
     let mut push = |bytes: &[u8]| {
         for &b in bytes {
@@ -351,27 +351,35 @@ fn forbidden_call_line(thread: &[u8], number: i64, out: &mut [u8; 160]) -> usize
     push(thread);
     push(b" made forbidden system call ");
     let mut digits = [0u8; 20];
-    let mut n = number.unsigned_abs();
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     if number < 0 {
         push(b"-");
     }
-    push(&digits[start..]);
+    push(format_digits(number.unsigned_abs(), 10, &mut digits));
     if let Some(name) = syscall_name(number) {
         push(b" (");
         push(name.as_bytes());
+        if number == libc::SYS_ioctl {
+            // Which ioctl: the number to look up, as the kernel's headers spell them.
+            push(b" 0x");
+            push(format_digits(ioctl_request, 16, &mut digits));
+        }
         push(b")");
     }
     push(b"\n");
     len
+}
+
+/// `n` in `base` (10 or 16), in the tail of `buf`.
+fn format_digits(mut n: u64, base: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b"0123456789abcdef"[(n % base) as usize];
+        n /= base;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 /// The system call's name on this architecture, if it has one.
@@ -381,7 +389,7 @@ pub fn syscall_name(number: i64) -> Option<&'static str> {
 
 /// SIGSYS handler: writes the line and ends the process. Only async-signal-safe steps: a thread-local read, stack
 /// buffers, and the raw write and exit_group calls every filter allows.
-extern "C" fn report_forbidden_call(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+extern "C" fn report_forbidden_call(_signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SIGSYS from seccomp carries the call in siginfo's `_sigsys` member: after the three ints and padding
     // (16 bytes on 64-bit targets), the calling address (a pointer), then the call number (an int).
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; offset 24 lies within its 128 bytes.
@@ -390,7 +398,9 @@ extern "C" fn report_forbidden_call(_signal: libc::c_int, info: *mut libc::sigin
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     let thread: &[u8] = if name_len == 0 { b"?" } else { &name[..name_len] };
     let mut line = [0u8; 160];
-    let len = forbidden_call_line(thread, i64::from(number), &mut line);
+    // SAFETY: the kernel passes an SA_SIGINFO handler its ucontext_t.
+    let request = unsafe { arch::second_argument(context.cast()) };
+    let len = forbidden_call_line(thread, i64::from(number), request, &mut line);
     // SAFETY: writes a stack buffer to stderr and ends the process; both are async-signal-safe system calls.
     unsafe {
         libc::syscall(libc::SYS_write, 2, line.as_ptr(), len);
@@ -413,12 +423,19 @@ mod tests {
     #[test]
     fn the_line_names_thread_number_and_call() {
         let mut out = [0u8; 160];
-        let len = forbidden_call_line(b"vcpu0", libc::SYS_socket, &mut out);
+        let len = forbidden_call_line(b"vcpu0", libc::SYS_socket, 7, &mut out);
         let line = std::str::from_utf8(&out[..len]).unwrap();
         assert_eq!(
             line,
             format!("kestrel: seccomp: thread vcpu0 made forbidden system call {} (socket)\n", libc::SYS_socket)
         );
+        let len = forbidden_call_line(b"main", libc::SYS_ioctl, 0x4040ae79, &mut out);
+        let line = std::str::from_utf8(&out[..len]).unwrap();
+        let expected = format!(
+            "kestrel: seccomp: thread main made forbidden system call {} (ioctl 0x4040ae79)\n",
+            libc::SYS_ioctl
+        );
+        assert_eq!(line, expected);
     }
 
     #[test]

@@ -15,6 +15,15 @@ ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_iow_nr!(KVM_GET_ONE_REG, KVMIO, 0xab, kvm_one_reg);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 
+/// The second argument of the system call that raised SIGSYS (an ioctl's request), from the signal's context.
+///
+/// # Safety
+/// `context` must be the `ucontext_t` the kernel passed to an SA_SIGINFO handler.
+pub unsafe fn second_argument(context: *const libc::ucontext_t) -> u64 {
+    // SAFETY: the caller passes the kernel's context; x1 holds the second argument on system call entry.
+    unsafe { (*context).uc_mcontext.regs[1] }
+}
+
 /// The aarch64-only calls a thread of `kind` makes, and the ioctls it may issue.
 pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
     match kind {
