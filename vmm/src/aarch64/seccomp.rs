@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_msi, kvm_one_reg, KVMIO};
 use seccompiler::TargetArch;
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
-use crate::seccomp::{allow_values, Syscall, ThreadKind};
+use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
 
 pub(crate) use super::syscall_names::SYSCALL_NAMES;
 
@@ -27,7 +27,9 @@ pub unsafe fn second_argument(context: *const libc::ucontext_t) -> u64 {
 /// The aarch64-only calls a thread of `kind` makes, and the ioctls it may issue.
 pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
     match kind {
-        ThreadKind::Main => Vec::new(),
+        // Every boot's device tree carries fresh host entropy for the guest's random pool (/chosen/rng-seed), as
+        // QEMU's virt does (found by the aarch64 runner's Linux guests).
+        ThreadKind::Main => vec![allow(libc::SYS_getrandom)],
         // Running the guest; the registers for a failure's report.
         ThreadKind::Vcpu => {
             vec![allow_values(libc::SYS_ioctl, 1, &[KVM_RUN(), KVM_GET_ONE_REG()])]
