@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{ListenSocket, SerialConfig, SocketAddress};
 use crate::listen::{bind_private_unix, resolve_tcp};
-use crate::seccomp::{confined, ThreadKind};
+use crate::seccomp::{self, ThreadKind};
 
 /// The host side of a console: where guest output goes and, if anywhere, where guest input comes from.
 pub struct ConsoleBackend {
@@ -41,27 +41,25 @@ impl ConsoleInput {
     pub fn start(self, name: &str, mut deliver: impl FnMut(&[u8]) -> bool + Send + 'static) {
         let ConsoleInput { input, slave } = self;
         let Some(mut input) = input else { return };
-        let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(confined(
-            ThreadKind::ConsoleInput,
-            move || {
-                // A pty's slave end stays open as long as this thread reads its master, or reads would fail while no
-                // user is attached.
-                let _slave = slave;
-                let mut buf = [0u8; 512];
-                loop {
-                    match input.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            while !deliver(&buf[..n]) {
-                                std::thread::sleep(std::time::Duration::from_millis(10));
-                            }
+        let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
+            seccomp::apply_or_exit(ThreadKind::ConsoleInput);
+            // A pty's slave end stays open as long as this thread reads its master, or reads would fail while no
+            // user is attached.
+            let _slave = slave;
+            let mut buf = [0u8; 512];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        while !deliver(&buf[..n]) {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => break,
                     }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
                 }
-            },
-        ));
+            }
+        });
         if let Err(e) = spawned {
             eprintln!("kestrel: {name} input disabled: {e}");
         }
@@ -154,31 +152,31 @@ impl QueuedOutput {
     fn start(mut sink: Box<dyn Write + Send>, label: &str) -> io::Result<Self> {
         let queue = Arc::new(OutputQueue::default());
         let writer = queue.clone();
-        std::thread::Builder::new().name(format!("{label}-output")).spawn(confined(
-            ThreadKind::ConsoleOutput,
-            move || loop {
-                {
-                    let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-                    while state.bytes.is_empty() {
-                        state.idle = true;
-                        state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-                    }
-                    state.idle = false;
-                    state.writing = true;
-                }
-                std::thread::sleep(OUTPUT_COALESCE);
-                let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
-                let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
+        let write_batches = move || loop {
+            {
                 let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.writing = false;
-                state.broken |= !ok;
-                if state.full || state.bytes.is_empty() {
-                    // Writes waiting for room, and finish_output, hear about it.
-                    state.full = false;
-                    writer.changed.notify_all();
+                while state.bytes.is_empty() {
+                    state.idle = true;
+                    state = writer.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
-            },
-        ))?;
+                state.idle = false;
+                state.writing = true;
+            }
+            std::thread::sleep(OUTPUT_COALESCE);
+            let batch = std::mem::take(&mut writer.state.lock().unwrap_or_else(|p| p.into_inner()).bytes);
+            let ok = sink.write_all(&batch).and_then(|()| sink.flush()).is_ok();
+            let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.writing = false;
+            state.broken |= !ok;
+            if state.full || state.bytes.is_empty() {
+                // Writes waiting for room, and finish_output, hear about it.
+                state.full = false;
+                writer.changed.notify_all();
+            }
+        };
+        std::thread::Builder::new()
+            .name(format!("{label}-output"))
+            .spawn(seccomp::confined(ThreadKind::ConsoleOutput, write_batches))?;
         QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
         Ok(QueuedOutput { queue })
     }
