@@ -49,6 +49,10 @@ Options (QEMU's spelling in brackets, where it has one):
   --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
   --name NAME           VM name shown over QMP [-name NAME or -name guest=NAME]
   --uuid UUID           VM UUID shown over QMP [-uuid]
+  --sandbox on|off      confine each thread to the system calls it needs (seccomp; default: on). off is for
+                        debugging: a call outside the filter ends Kestrel with a line naming it
+                        [-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]: accepted;
+                        Kestrel's filters deny all of those calls]
   -h, --help            print this help
   -V, --version         print the version
 
@@ -171,6 +175,7 @@ enum Opt {
     NoShutdown,
     Name,
     Uuid,
+    Sandbox,
     /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
     Ignored,
 }
@@ -203,6 +208,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--no-shutdown", "-no-shutdown"], Opt::NoShutdown, false),
     (&["--name", "-name"], Opt::Name, true),
     (&["--uuid", "-uuid"], Opt::Uuid, true),
+    (&["--sandbox", "-sandbox"], Opt::Sandbox, true),
     (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
 ];
@@ -447,6 +453,32 @@ fn parse_cpus(value: &str) -> Result<u8, CliError> {
 }
 
 /// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
+/// `on` or `off`, with QEMU's suboptions (7.2: `obsolete=allow|deny`, `elevateprivileges=allow|deny|children`,
+/// `spawn=allow|deny`, `resourcecontrol=allow|deny`), which libvirt passes. Kestrel's filters deny all four kinds
+/// of call whatever they say (it never needs them), so they are checked, not used.
+fn parse_sandbox(option: &str, value: &str) -> Result<bool, CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    let mut enabled = match first.as_deref() {
+        Some(setting) => Some(on_off(option, value, "the setting", setting)?),
+        None => None,
+    };
+    for (key, setting) in &pairs {
+        let allowed: &[&str] = match key.as_str() {
+            "enable" => {
+                enabled = Some(on_off(option, value, key, setting)?);
+                continue;
+            }
+            "obsolete" | "spawn" | "resourcecontrol" => &["allow", "deny"],
+            "elevateprivileges" => &["allow", "deny", "children"],
+            _ => return Err(invalid(option, value, format!("unknown suboption '{key}'"))),
+        };
+        if !allowed.contains(&setting.as_str()) {
+            return Err(invalid(option, value, format!("{key} must be {}", allowed.join(" or "))));
+        }
+    }
+    enabled.ok_or_else(|| invalid(option, value, "use on or off"))
+}
+
 fn parse_name(value: &str) -> String {
     let (first, pairs) = split_qemu_opts(value);
     first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
@@ -505,6 +537,7 @@ where
     let mut serial = None;
     let mut name = None;
     let mut uuid = None;
+    let mut sandbox = None;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -570,6 +603,7 @@ where
             Opt::NoReboot => flags.0 = true,
             Opt::NoShutdown => flags.1 = true,
             Opt::Name => set_once(&mut name, &spelling, parse_name(text()?))?,
+            Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, text()?)?)?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -639,6 +673,7 @@ where
     config.console = console;
     config.name = name;
     config.uuid = uuid;
+    config.sandbox = sandbox.unwrap_or(true);
     Ok(Command::Run(Box::new(config)))
 }
 
@@ -978,6 +1013,32 @@ mod tests {
     fn help_and_version() {
         assert_eq!(parse_str("--help"), Ok(Command::Help));
         assert_eq!(parse_str("--kernel k -V"), Ok(Command::Version));
+    }
+
+    #[test]
+    fn sandbox_is_on_unless_turned_off_in_either_spelling() {
+        let sandbox = |args: &str| match parse_str(args) {
+            Ok(Command::Run(config)) => Ok(config.sandbox),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(sandbox("--kernel k"), Ok(true));
+        assert_eq!(sandbox("--kernel k --sandbox off"), Ok(false));
+        assert_eq!(sandbox("--kernel k --sandbox=on"), Ok(true));
+        assert_eq!(sandbox("--kernel k -sandbox off"), Ok(false));
+        assert_eq!(sandbox("--kernel k -sandbox enable=off"), Ok(false));
+        // What libvirt passes.
+        let libvirt = "--kernel k -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+        assert_eq!(sandbox(libvirt), Ok(true));
+        assert_eq!(sandbox("--kernel k -sandbox on,elevateprivileges=children,spawn=allow"), Ok(true));
+        for bad in [
+            "--kernel k -sandbox maybe",
+            "--kernel k -sandbox on,spawn=children",
+            "--kernel k -sandbox on,network=deny",
+            "--kernel k -sandbox obsolete=deny",
+        ] {
+            assert!(matches!(parse_str(bad), Err(CliError::Invalid { .. })), "{bad:?}: {:?}", parse_str(bad));
+        }
+        assert_eq!(parse_str("--kernel k --sandbox on -sandbox off"), Err(CliError::Repeated("-sandbox".into())));
     }
 
     #[test]

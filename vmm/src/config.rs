@@ -144,6 +144,8 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// Canonical lower-case 8-4-4-4-12 form.
     pub uuid: Option<String>,
+    /// Each thread confined by a seccomp filter (`--sandbox on`, the default).
+    pub sandbox: bool,
 }
 
 impl VmConfig {
@@ -167,6 +169,7 @@ impl VmConfig {
             machine: None,
             name: None,
             uuid: None,
+            sandbox: true,
         }
     }
 }

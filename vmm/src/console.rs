@@ -14,6 +14,7 @@ use devices::InputRoom;
 
 use crate::config::{ListenSocket, SerialConfig, SocketAddress};
 use crate::listen::{bind_private_unix, resolve_tcp};
+use crate::seccomp::{self, ThreadKind};
 
 /// The host side of a console: where guest output goes and, if anywhere, where guest input comes from.
 pub struct ConsoleBackend {
@@ -49,6 +50,7 @@ impl ConsoleInput {
     pub fn start(self, name: &str, room: Arc<InputRoom>, mut deliver: impl FnMut(&[u8]) -> usize + Send + 'static) {
         let Some(mut input) = self.input else { return };
         let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
+            seccomp::apply_or_exit(ThreadKind::ConsoleInput);
             let mut buf = [0u8; INPUT_CHUNK];
             loop {
                 match input.read(&mut buf) {
@@ -170,8 +172,7 @@ impl QueuedOutput {
     fn start(mut sink: Box<dyn Write + Send>, label: &str) -> io::Result<Self> {
         let queue = Arc::new(OutputQueue::default());
         let writer = queue.clone();
-        let thread = std::thread::Builder::new().name(format!("{label}-output")).stack_size(OUTPUT_THREAD_STACK);
-        thread.spawn(move || {
+        let write_batches = move || {
             let mut last_write: Option<Instant> = None;
             loop {
                 {
@@ -203,7 +204,11 @@ impl QueuedOutput {
                     writer.changed.notify_all();
                 }
             }
-        })?;
+        };
+        std::thread::Builder::new()
+            .name(format!("{label}-output"))
+            .stack_size(OUTPUT_THREAD_STACK)
+            .spawn(seccomp::confined(ThreadKind::ConsoleOutput, write_batches))?;
         QUEUED_OUTPUTS.lock().unwrap_or_else(|p| p.into_inner()).push(queue.clone());
         Ok(QueuedOutput { queue })
     }

@@ -22,6 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use crate::arch_platform::{BootFiles, Platform};
 use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
 use crate::qmp_server::{Handlers, QmpServer};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{VcpuEvent, VcpuThreads};
 use crate::{console, signals, Error, Outcome};
 
@@ -83,6 +84,9 @@ pub struct Vmm<'a> {
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    if config.sandbox {
+        seccomp::enable()?;
+    }
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
     let vmm = match Vmm::new(config, &poll) {
         Ok(vmm) => vmm,
@@ -93,6 +97,8 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         Err(e) => return Err(e),
     };
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
+    // Every other thread has started and confined itself; the vCPUs start under this filter and add theirs.
+    seccomp::apply(ThreadKind::Main)?;
     EventLoop { qmp, poll, vmm }.run()
 }
 

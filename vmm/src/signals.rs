@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::seccomp::{confined, ThreadKind};
 use crate::Error;
 
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -76,14 +77,14 @@ pub fn forward_termination_signals(handler: impl Fn(i32) + Send + 'static) -> Re
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
+        .spawn(confined(ThreadKind::Signals, move || loop {
             let mut signal = 0;
             // SAFETY: waits for one of the blocked signals in `set`, writing its number to `signal`.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
                 note_termination(signal);
                 handler(signal);
             }
-        })
+        }))
         .map_err(|e| Error::Host("starting the signal thread", e))?;
     Ok(())
 }

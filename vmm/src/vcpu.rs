@@ -9,6 +9,7 @@ use std::time::Duration;
 use devices::{Bus, PlatformRequest};
 use hypervisor::{Vcpu, VcpuExit};
 
+use crate::seccomp::{self, ThreadKind};
 use crate::Error;
 use crate::{console, signals};
 
@@ -82,6 +83,9 @@ impl VcpuThreads {
                 // SAFETY: gettid takes no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
                 thread_ids[id].store(tid, Ordering::SeqCst);
+                if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
+                    return report(VcpuEvent::Failed { id: id as u32, reason: e.to_string(), state: String::new() });
+                }
                 exits.run(vcpu, &shared, report)
             });
             match thread {

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Frontend, VirtioTransport, VmConfig};
 use crate::console;
+use crate::seccomp::{confined, ThreadKind};
 use crate::Error;
 
 /// A device, the name its worker thread and error messages use, and the transport it sits on.
@@ -120,7 +121,7 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
     }
     thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || {
+        .spawn(confined(ThreadKind::DeviceWorker, move || {
             let mut events = Events::with_capacity((queue_events.len() + host_sources.len()).max(1));
             loop {
                 if let Err(e) = poll.poll(&mut events, None) {
@@ -150,7 +151,7 @@ pub fn spawn_worker(name: &str, queue_events: Vec<EventFd>, handler: QueueHandle
                     }
                 }
             }
-        })
+        }))
         .map(drop)
         .map_err(|e| Error::Host("starting a device worker", e))
 }

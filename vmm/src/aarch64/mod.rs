@@ -2,6 +2,9 @@
 //! GPIO controller carrying the power key, and virtio-mmio devices, all described to the guest by the FDT that
 //! `arch::aarch64` builds. No port I/O and no PCI (yet): virtio devices sit on virtio-mmio.
 
+pub mod seccomp;
+mod syscall_names;
+
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
 
@@ -53,14 +57,14 @@ impl LevelSpi {
         let (line, resample) = (self.line.clone(), self.resample.clone());
         std::thread::Builder::new()
             .name(format!("{name}-resample"))
-            .spawn(move || {
+            .spawn(confined(ThreadKind::InterruptResample, move || {
                 while resample.read().is_ok() {
                     if asserted() {
                         // A failed write leaves the line low until the device's next edge; nothing better to do.
                         let _ = line.trigger();
                     }
                 }
-            })
+            }))
             .map(drop)
             .map_err(|e| Error::Host("starting an interrupt resample thread", e))
     }

@@ -1,6 +1,8 @@
 //! The x86_64 PC platform: which devices sit at which ports, and how a VM is prepared to boot.
 
 mod pci;
+pub mod seccomp;
+mod syscall_names;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
 
@@ -219,11 +222,11 @@ impl Platform {
 fn forward_sci_acknowledgements(resample: Arc<EventFd>, acpi_pm: Arc<Mutex<AcpiPmBlock>>) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("sci-resample".into())
-        .spawn(move || {
+        .spawn(confined(ThreadKind::InterruptResample, move || {
             while resample.read().is_ok() {
                 acpi_pm.lock().unwrap_or_else(|p| p.into_inner()).resample();
             }
-        })
+        }))
         .map(drop)
         .map_err(|e| Error::Host("starting the SCI thread", e))
 }

@@ -1,0 +1,43 @@
+//! aarch64's part of the seccomp filters (see `crate::seccomp`): the KVM ioctls by number. aarch64 has none of
+//! x86_64's legacy calls (`open`, `poll`, `epoll_wait`, ...): glibc uses the generic ones the shared lists have.
+
+use kvm_bindings::{kvm_msi, kvm_one_reg, KVMIO};
+use seccompiler::TargetArch;
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+
+use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
+
+pub(crate) use super::syscall_names::SYSCALL_NAMES;
+
+pub const TARGET: TargetArch = TargetArch::aarch64;
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iow_nr!(KVM_GET_ONE_REG, KVMIO, 0xab, kvm_one_reg);
+ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+
+/// The second argument of the system call that raised SIGSYS (an ioctl's request), from the signal's context.
+///
+/// # Safety
+/// `context` must be the `ucontext_t` the kernel passed to an SA_SIGINFO handler.
+pub unsafe fn second_argument(context: *const libc::ucontext_t) -> u64 {
+    // SAFETY: the caller passes the kernel's context; x1 holds the second argument on system call entry.
+    unsafe { (*context).uc_mcontext.regs[1] }
+}
+
+/// The aarch64-only calls a thread of `kind` makes, and the ioctls it may issue.
+pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
+    match kind {
+        // Every boot's device tree carries fresh host entropy for the guest's random pool (/chosen/rng-seed), as
+        // QEMU's virt does (found by the aarch64 runner's Linux guests).
+        ThreadKind::Main => vec![allow(libc::SYS_getrandom)],
+        // Running the guest; the registers for a failure's report.
+        ThreadKind::Vcpu => {
+            vec![allow_values(libc::SYS_ioctl, 1, &[KVM_RUN(), KVM_GET_ONE_REG()])]
+        }
+        ThreadKind::DeviceWorker
+        | ThreadKind::ConsoleInput
+        | ThreadKind::ConsoleOutput
+        | ThreadKind::Signals
+        | ThreadKind::InterruptResample => Vec::new(),
+    }
+}
