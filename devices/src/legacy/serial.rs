@@ -4,14 +4,17 @@
 //! as the FIFO has room and the guest is ready for it (see [`ReceiveGate`]); the rest waits on the host side.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::Trigger;
 
 use super::receive_gate::ReceiveGate;
 use crate::bus::reply_byte;
-use crate::{BusDevice, InputRoom, InterruptLine};
+use crate::{BusDevice, InputRoom, InterruptLine, Persist, StateError};
 
 const DATA: u8 = 0;
 /// Read: the interrupt identification register; write: the FIFO control register.
@@ -29,14 +32,27 @@ const LSR_DATA_READY: u8 = 1 << 0;
 /// vm-superio's receive FIFO: the depth with FIFOs enabled.
 pub const RECEIVE_FIFO_DEPTH: usize = 64;
 
-/// Adapts an `InterruptLine` to vm-superio's trigger.
-struct LineTrigger(Arc<dyn InterruptLine>);
+/// Adapts an `InterruptLine` to vm-superio's trigger. `muted` is only set while a state is loaded: vm-superio's
+/// `from_state` raises the interrupts the state has pending, and a restore raises none (see [`Persist`]).
+struct LineTrigger {
+    line: Arc<dyn InterruptLine>,
+    muted: AtomicBool,
+}
+
+impl LineTrigger {
+    fn new(line: Arc<dyn InterruptLine>, muted: bool) -> Self {
+        LineTrigger { line, muted: AtomicBool::new(muted) }
+    }
+}
 
 impl Trigger for LineTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.trigger()
+        if self.muted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.line.trigger()
     }
 }
 
@@ -52,7 +68,11 @@ pub struct Serial {
 impl Serial {
     /// `room` is notified when the guest is ready for more input (see [`receive`](Self::receive)).
     pub fn new(interrupt: Arc<dyn InterruptLine>, output: Box<dyn Write + Send>, room: Arc<InputRoom>) -> Self {
-        Serial { uart: Uart::new(LineTrigger(interrupt), output), fifos_enabled: false, gate: ReceiveGate::new(room) }
+        Serial {
+            uart: Uart::new(LineTrigger::new(interrupt, false), output),
+            fifos_enabled: false,
+            gate: ReceiveGate::new(room),
+        }
     }
 
     /// Takes as much host input as the guest is ready for now, raising the receive interrupt, and returns how many
@@ -88,7 +108,7 @@ impl Serial {
     /// stays with the input thread for the next one.
     pub fn reset(&mut self) {
         let Serial { uart, .. } = self;
-        let trigger = LineTrigger(uart.interrupt_evt().0.clone());
+        let trigger = LineTrigger::new(uart.interrupt_evt().line.clone(), false);
         let output = std::mem::replace(uart.writer_mut(), Box::new(io::sink()));
         *uart = Uart::new(trigger, output);
         self.fifos_enabled = false;
@@ -117,6 +137,112 @@ impl Serial {
             let _ = self.uart.write(LCR, lcr);
         }
         self.gate.emptied(Instant::now());
+    }
+}
+
+/// The 16550A as data: vm-superio's registers and receive FIFO, and the FIFO control register's enable bit.
+///
+/// The receive gate's pacing (whether the guest has looked at an empty FIFO) is host-side timing, not state: a
+/// restored UART starts it afresh, so input enters an empty FIFO at the latest after the gate's grace period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDeviceState {
+    pub divisor_low: u8,
+    pub divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// The receive FIFO, oldest byte first.
+    pub receive_fifo: Vec<u8>,
+    pub fifos_enabled: bool,
+}
+
+const DEVICE: &str = "16550A UART";
+/// IER bits a 16550A has (vm-superio keeps only these).
+const IER_VALID: u8 = 0x0f;
+/// IIR "no interrupt pending", and the two interrupts vm-superio raises: transmitter empty and received data.
+const IIR_NONE: u8 = 0x01;
+const IIR_PENDING: u8 = 0x06;
+/// LSR bits vm-superio always reports set: transmitter holding and shift registers empty.
+const LSR_ALWAYS: u8 = 0x60;
+/// MSR as vm-superio reports it outside loopback: CTS, DSR and DCD; it never changes.
+const MSR_FIXED: u8 = 0xb0;
+
+impl Persist for Serial {
+    type State = SerialDeviceState;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            receive_fifo: s.in_buffer,
+            fifos_enabled: self.fifos_enabled,
+        }
+    }
+
+    fn restore(&mut self, state: &SerialDeviceState) -> Result<(), StateError> {
+        let refuse = |field: &str, problem: String| Err(StateError::new(DEVICE, field, problem));
+        if state.receive_fifo.len() > RECEIVE_FIFO_DEPTH {
+            let problem = format!("{} bytes in a {RECEIVE_FIFO_DEPTH}-byte FIFO", state.receive_fifo.len());
+            return refuse("receive_fifo", problem);
+        }
+        if state.interrupt_enable & !IER_VALID != 0 {
+            return refuse("interrupt_enable", format!("{:#x} sets bits a 16550A lacks", state.interrupt_enable));
+        }
+        let iir = state.interrupt_identification;
+        if iir != IIR_NONE && (iir & !IIR_PENDING != 0 || iir == 0) {
+            return refuse("interrupt_identification", format!("{iir:#x} is not an interrupt this UART raises"));
+        }
+        let data_ready = if state.receive_fifo.is_empty() { 0 } else { LSR_DATA_READY };
+        if state.line_status != LSR_ALWAYS | data_ready {
+            let problem = format!(
+                "{:#x} disagrees with the FIFO ({} bytes: {:#x})",
+                state.line_status,
+                state.receive_fifo.len(),
+                LSR_ALWAYS | data_ready
+            );
+            return refuse("line_status", problem);
+        }
+        if state.modem_status != MSR_FIXED {
+            return refuse("modem_status", format!("{:#x}; this UART's is always {MSR_FIXED:#x}", state.modem_status));
+        }
+        let superio_state = SerialState {
+            baud_divisor_low: state.divisor_low,
+            baud_divisor_high: state.divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.receive_fifo.clone(),
+        };
+        let trigger = LineTrigger::new(self.uart.interrupt_evt().line.clone(), true);
+        // vm-superio refuses only an overfull FIFO, checked above; the writer moves over once it has accepted.
+        let sink: Box<dyn Write + Send> = Box::new(io::sink());
+        let mut uart = match Uart::from_state(&superio_state, trigger, vm_superio::serial::NoEvents, sink) {
+            Ok(uart) => uart,
+            Err(error) => return refuse("receive_fifo", format!("vm-superio refused the state: {error:?}")),
+        };
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        uart.interrupt_evt().muted.store(false, Ordering::Relaxed);
+        self.uart = uart;
+        self.fifos_enabled = state.fifos_enabled;
+        self.gate.emptied(Instant::now());
+        Ok(())
     }
 }
 
@@ -161,6 +287,7 @@ impl BusDevice for Serial {
 mod tests {
     use super::*;
     use crate::legacy::receive_gate::UNSEEN_EMPTY_GRACE;
+    use crate::persist::testing::{assert_refused, fuzz_restore, through_json};
     use crate::test_utils::{CountingLine, SharedBuffer};
 
     const RBR: u64 = 0;
@@ -336,5 +463,107 @@ mod tests {
         assert_eq!(data, [0xff; 2]);
         serial.write(1 << 40, &[1]);
         serial.write(0, &[]);
+    }
+
+    /// Every register a guest can read, the divisor latch included, without reading the data register or IIR
+    /// (which have side effects).
+    fn registers(serial: &mut Serial) -> Vec<u8> {
+        let lcr = read(serial, LCR_REGISTER);
+        serial.write(LCR_REGISTER, &[lcr | LCR_DLAB]);
+        let mut values = vec![read(serial, 0), read(serial, 1)];
+        serial.write(LCR_REGISTER, &[lcr & !LCR_DLAB]);
+        values.extend([1, 3, 4, 5, 6, 7].map(|offset| read(serial, offset)));
+        serial.write(LCR_REGISTER, &[lcr]);
+        values
+    }
+
+    /// A UART in use: divisor set, FIFOs on, receive interrupt enabled and pending, bytes waiting, scratch used.
+    fn used_serial() -> (Serial, Arc<CountingLine>) {
+        let (mut serial, line, _) = serial();
+        serial.write(LCR_REGISTER, &[LCR_DLAB | 0x03]);
+        serial.write(0, &[0x01]);
+        serial.write(1, &[0x02]);
+        serial.write(LCR_REGISTER, &[0x1b]);
+        serial.write(7, &[0x5a]);
+        serial.write(4, &[0x0b]);
+        enable_fifos(&mut serial);
+        serial.write(IER, &[1]);
+        assert_eq!(serial.receive(b"pending"), 7);
+        (serial, line)
+    }
+
+    #[test]
+    fn state_round_trips_with_the_fifo_and_no_interrupt() {
+        let (mut used, _) = used_serial();
+        let state = through_json(&used.save());
+        assert_eq!(state.receive_fifo, b"pending");
+        assert!(state.fifos_enabled);
+        let (mut restored, line, _) = serial();
+        restored.restore(&state).unwrap();
+        assert_eq!(line.count(), 0, "a restore raises no interrupt, though one is pending");
+        assert_eq!(registers(&mut restored), registers(&mut used));
+        assert_ne!(registers(&mut serial().0), registers(&mut used), "the comparison sees the difference");
+        assert_eq!(read(&mut restored, IIR), read(&mut used, IIR), "the pending interrupt is identified alike");
+        assert_eq!(drain(&mut restored), b"pending");
+        assert_eq!(used.receive(&[b'x'; 100]), 0, "(the original still holds its bytes)");
+        // FIFOs on after the restore: a burst fills all 64 bytes once the guest has looked.
+        assert_eq!(restored.receive(&[b'x'; 100]), RECEIVE_FIFO_DEPTH);
+    }
+
+    #[test]
+    fn a_restored_uart_keeps_writing_to_its_own_output() {
+        let out = SharedBuffer::default();
+        let mut serial =
+            Serial::new(Arc::new(CountingLine::default()), Box::new(out.clone()), Arc::new(InputRoom::default()));
+        let (mut used, _) = used_serial();
+        serial.restore(&used.save()).unwrap();
+        serial.write(4, &[0x0b]); // out of loopback, as the used UART was
+        serial.write(0, b"k");
+        used.write(0, b"-");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"k");
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (serial_in_use, _) = used_serial();
+        let good = serial_in_use.save();
+        let (mut target, ..) = serial();
+        let bad = |change: fn(&mut SerialDeviceState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            state
+        };
+        assert_refused(&mut target, &bad(|s| s.receive_fifo = vec![0; RECEIVE_FIFO_DEPTH + 1]), "receive_fifo");
+        assert_refused(&mut target, &bad(|s| s.interrupt_enable = 0x10), "interrupt_enable");
+        assert_refused(&mut target, &bad(|s| s.interrupt_identification = 0), "interrupt_identification");
+        assert_refused(&mut target, &bad(|s| s.interrupt_identification = 0x03), "interrupt_identification");
+        assert_refused(&mut target, &bad(|s| s.interrupt_identification = 0xc4), "interrupt_identification");
+        assert_refused(&mut target, &bad(|s| s.receive_fifo.clear()), "line_status");
+        assert_refused(&mut target, &bad(|s| s.line_status = 0xff), "line_status");
+        assert_refused(&mut target, &bad(|s| s.modem_status = 0), "modem_status");
+        let unknown = serde_json::to_string(&good).unwrap().replace("\"scratch\"", "\"fcr\":1,\"scratch\"");
+        assert!(serde_json::from_str::<SerialDeviceState>(&unknown).is_err(), "fields from elsewhere are refused");
+    }
+
+    #[test]
+    fn mutated_states_never_panic() {
+        let (serial_in_use, _) = used_serial();
+        let counts = fuzz_restore(
+            || serial().0,
+            &serial_in_use.save(),
+            |dev| {
+                registers(dev);
+                read(dev, IIR);
+                dev.write(IER, &[0x0f]);
+                dev.write(FCR, &[0]);
+                // The data register selected, so that the drain reads the FIFO (not the divisor) and ends.
+                dev.write(LCR_REGISTER, &[0x03]);
+                dev.receive(b"abc");
+                drain(dev);
+                dev.write(0, b"z");
+            },
+            2000,
+        );
+        assert!(counts.refused > 0 && counts.loaded > 0, "{counts:?}");
     }
 }
