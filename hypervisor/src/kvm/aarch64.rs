@@ -394,15 +394,6 @@ impl KvmVm {
     }
 }
 
-/// Nothing about the host is kept on aarch64.
-pub(super) struct HostData;
-
-impl HostData {
-    pub(super) fn new() -> Self {
-        HostData
-    }
-}
-
 /// The VM's in-kernel GIC, once created.
 pub(super) struct VmData {
     gic: OnceLock<(GicVersion, DeviceFd)>,

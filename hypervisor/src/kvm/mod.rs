@@ -16,26 +16,22 @@ use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         mod x86_64;
-        use x86_64::{HostData, VcpuData, VmData};
+        use x86_64::{VcpuData, VmData};
     } else if #[cfg(target_arch = "aarch64")] {
         mod aarch64;
-        use aarch64::{HostData, VcpuData, VmData};
+        use aarch64::{VcpuData, VmData};
     }
 }
 
 /// An open `/dev/kvm`.
 pub struct KvmHypervisor {
     kvm: Kvm,
-    /// What the architecture's code asks the host once and keeps (x86_64's supported CPUID leaves; nothing yet
-    /// on aarch64, hence the allowance).
-    #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
-    arch: HostData,
 }
 
 impl KvmHypervisor {
     pub fn new() -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| Error::new("opening /dev/kvm", e))?;
-        Ok(KvmHypervisor { kvm, arch: HostData::new() })
+        Ok(KvmHypervisor { kvm })
     }
 }
 

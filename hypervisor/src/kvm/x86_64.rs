@@ -1,8 +1,7 @@
 //! KVM on x86_64: the PC irqchip, CPUID, MSRs and register state.
 
 use std::fmt::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use arch::x86_64::cpu_state::{DescriptorTable, Segment};
 use arch::x86_64::layout::{pc_irq_routes, IrqChipPin, IOAPIC_PINS, IOAPIC_START};
@@ -37,57 +36,17 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 impl HypervisorX86_64 for KvmHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
-        self.arch.supported_cpuid(&self.kvm)
-    }
-}
-
-/// What KVM answers about the host, asked once per process: it does not change while Kestrel runs.
-pub(super) struct HostData {
-    /// KVM_GET_SUPPORTED_CPUID takes about as long as creating a VM (~0.3 ms), so it is asked on a short-lived
-    /// thread of its own as soon as `/dev/kvm` is open, while the rest of the machine is set up; the first
-    /// boot takes the answer from here.
-    fetching: Mutex<Option<JoinHandle<Result<Vec<CpuidEntry>>>>>,
-    /// The answer, for every later boot (a guest reset builds a new VM and new vCPUs).
-    supported_cpuid: OnceLock<Vec<CpuidEntry>>,
-}
-
-impl HostData {
-    pub(super) fn new() -> Self {
-        // The thread opens /dev/kvm for itself and only issues two ioctls: it is done long before any guest
-        // runs (the first boot waits for it), so it needs no seccomp filter of its own. If it cannot start or
-        // fails, the first boot asks again itself and reports the error as usual.
-        let fetching = std::thread::Builder::new()
-            .name("cpuid-fetch".into())
-            .stack_size(CPUID_FETCH_STACK)
-            .spawn(|| fetch_supported_cpuid(&Kvm::new().map_err(|e| Error::new("opening /dev/kvm", e))?))
-            .ok();
-        HostData { fetching: Mutex::new(fetching), supported_cpuid: OnceLock::new() }
-    }
-
-    fn supported_cpuid(&self, kvm: &Kvm) -> Result<Vec<CpuidEntry>> {
-        if let Some(entries) = self.supported_cpuid.get() {
-            return Ok(entries.clone());
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::new("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(from_kvm_cpuid).collect();
+        // KVM emulates the TSC-deadline timer in its local APIC but does not report it in the supported leaves.
+        if self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            arch::x86_64::cpuid::offer_tsc_deadline(&mut entries);
         }
-        let fetched = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).take().and_then(|t| t.join().ok());
-        let entries = match fetched {
-            Some(Ok(entries)) => entries,
-            _ => fetch_supported_cpuid(kvm)?,
-        };
-        Ok(self.supported_cpuid.get_or_init(|| entries).clone())
+        Ok(entries)
     }
-}
-
-/// The background CPUID fetch only holds KVM's answer (a few KiB, on the heap): a small stack is plenty.
-const CPUID_FETCH_STACK: usize = 64 << 10;
-
-fn fetch_supported_cpuid(kvm: &Kvm) -> Result<Vec<CpuidEntry>> {
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::new("KVM_GET_SUPPORTED_CPUID", e))?;
-    let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(from_kvm_cpuid).collect();
-    // KVM emulates the TSC-deadline timer in its local APIC but does not report it in the supported leaves.
-    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
-        arch::x86_64::cpuid::offer_tsc_deadline(&mut entries);
-    }
-    Ok(entries)
 }
 
 impl VmX86_64 for KvmVm {
