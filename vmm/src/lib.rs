@@ -13,6 +13,7 @@ cfg_if::cfg_if! {
         mod qmp_server;
         pub mod seccomp;
         mod signals;
+        mod syscall_names;
         mod vcpu;
         mod virtio;
         pub use machine::run as run_vm;

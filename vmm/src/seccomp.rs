@@ -388,7 +388,8 @@ fn format_digits(mut n: u64, base: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// The system call's name on this architecture, if it has one.
 pub fn syscall_name(number: i64) -> Option<&'static str> {
-    arch::SYSCALL_NAMES.iter().find(|(n, _)| *n == number).map(|(_, name)| *name)
+    let mut names = crate::syscall_names::COMMON_SYSCALL_NAMES.iter().chain(arch::ARCH_SYSCALL_NAMES);
+    names.find(|(n, _)| *n == number).and_then(|(_, name)| name.strip_prefix("SYS_"))
 }
 
 /// SIGSYS handler: writes the line and ends the process. Only async-signal-safe steps: a thread-local read, stack

@@ -3,7 +3,6 @@
 //! `arch::aarch64` builds. No port I/O and no PCI (yet): virtio devices sit on virtio-mmio.
 
 pub mod seccomp;
-mod syscall_names;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};

@@ -7,7 +7,8 @@ use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
 use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
 
-pub(crate) use super::syscall_names::SYSCALL_NAMES;
+/// aarch64 has no system calls beyond the generic table (`crate::syscall_names`).
+pub(crate) const ARCH_SYSCALL_NAMES: &[(i64, &str)] = &[];
 
 pub const TARGET: TargetArch = TargetArch::aarch64;
 

@@ -7,7 +7,7 @@ use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
 use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
 
-pub(crate) use super::syscall_names::SYSCALL_NAMES;
+pub(crate) use super::syscall_names::ARCH_SYSCALL_NAMES;
 
 pub const TARGET: TargetArch = TargetArch::x86_64;
 
