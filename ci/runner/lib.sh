@@ -228,9 +228,13 @@ runner_check() {
   for name in "$@"; do
     spec="$specdir/$name.spec"
     # A case whose first attempt died in early boot with a known signature of the emulated environment was run
-    # again by L1 (ci/runner/init-l1); say so loudly, whatever the second attempt did.
+    # again by L1 (up to BUDGET_EARLY_RETRIES times, ci/runner/case-loop.sh), or by a new L1 when L1 itself
+    # stopped during it; say so loudly, whatever the last attempt did.
     local retry
     retry="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name RETRY first attempt: //p" | head -n1)"
+    local more
+    more="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name RETRY \(attempt [0-9]*: .*\)/\1/p")"
+    [ -n "$more" ] && retry="$retry; then $(paste -sd ';' <<<"$more" | sed 's/;/; /g')"
     if [ -n "$retry" ]; then
       n_retried=$((n_retried + 1)) retried_names+=("$name")
       printf 'RETRIED: %s first attempt: %s\n' "$name" "$retry"
