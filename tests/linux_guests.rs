@@ -9,9 +9,13 @@
 //! KESTREL_REQUIRE_RUNNER=1, and otherwise print SKIPPED with the reason.
 //!
 //! A case whose guest died in early boot with a known signature of the emulated environment (a hang or triple
-//! fault before /init; see `ci/runner/compare-qemu`) is run a second time by L1 and judged on that attempt; every
-//! such retry is printed as `RETRIED: <case> first attempt: <signature>` on the test binary's stderr, outside
-//! the test harness's capture, so it is never silent.
+//! fault before /init; see `ci/runner/compare-qemu`) is run again by L1, up to twice, and judged on the last
+//! attempt; a case during which L1 itself stopped is run by a new L1. Every such retry is printed as
+//! `RETRIED: <case> first attempt: <signature>` on the test binary's stderr, outside the test harness's capture,
+//! so it is never silent.
+//!
+//! The runners run one at a time: two TCG L1s sharing a two-core machine slow each other down, and the emulated
+//! environment's early-boot faults grow more frequent with load.
 #![cfg(target_arch = "x86_64")]
 
 use std::collections::HashMap;
@@ -71,7 +75,12 @@ fn runner(arch: Arch) -> Option<&'static Runner> {
         Arch::X86_64 => &X86_64,
         Arch::Aarch64 => &AARCH64,
     };
-    let result = once.get_or_init(|| run_runner(arch));
+    // One L1 at a time (see the module's documentation); the lock is only held while a runner runs.
+    static ONE_L1_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let result = once.get_or_init(|| {
+        let _running = ONE_L1_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        run_runner(arch)
+    });
     match result {
         Ok(runner) => Some(runner),
         Err(reason) => {
@@ -835,17 +844,19 @@ fn a_hang_after_the_first_boot_ends_at_a_multiple_of_it() {
 }
 
 /// Whatever the reference says (here an L1 that took a minute to boot), a case ends at the ceiling; a guest that
-/// never printed its marker is retried once (the emulated environment's early-boot hang) and ends there again.
+/// never printed its marker is retried twice (the emulated environment's early-boot hang) and ends there again.
 #[test]
 fn a_case_ends_at_the_ceiling_whatever_the_reference() {
     let run = run_case_loop("hung-boot", "exec sleep 1000", None, 60_000, &[("BUDGET_CEILING_MS", "1500")]);
     assert_eq!(run.end_field("reason"), "timeout", "{}", run.output);
     assert!(run.output.contains("=== CASE hung-boot RETRY first attempt: hang in early boot"), "{}", run.output);
+    assert!(run.output.contains("=== CASE hung-boot RETRY attempt 2: hang in early boot"), "{}", run.output);
+    assert!(!run.output.contains("RETRY attempt 3"), "two retries at most:\n{}", run.output);
     let last = run.timing().last().copied().unwrap_or_default().to_string();
     assert!(
         last.starts_with("boot 1: not done after ") && last.contains("the case's ceiling of 1.5 s"),
         "{}",
         run.output
     );
-    assert!(run.wall.as_secs_f64() < 15.0, "two attempts of 1.5 s took {:?}:\n{}", run.wall, run.output);
+    assert!(run.wall.as_secs_f64() < 15.0, "three attempts of 1.5 s took {:?}:\n{}", run.wall, run.output);
 }

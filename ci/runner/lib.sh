@@ -228,9 +228,13 @@ runner_check() {
   for name in "$@"; do
     spec="$specdir/$name.spec"
     # A case whose first attempt died in early boot with a known signature of the emulated environment was run
-    # again by L1 (ci/runner/init-l1); say so loudly, whatever the second attempt did.
+    # again by L1 (up to BUDGET_EARLY_RETRIES times, ci/runner/case-loop.sh), or by a new L1 when L1 itself
+    # stopped during it; say so loudly, whatever the last attempt did.
     local retry
     retry="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name RETRY first attempt: //p" | head -n1)"
+    local more
+    more="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name RETRY \(attempt [0-9]*: .*\)/\1/p")"
+    [ -n "$more" ] && retry="$retry; then $(paste -sd ';' <<<"$more" | sed 's/;/; /g')"
     if [ -n "$retry" ]; then
       n_retried=$((n_retried + 1)) retried_names+=("$name")
       printf 'RETRIED: %s first attempt: %s\n' "$name" "$retry"
@@ -239,7 +243,9 @@ runner_check() {
     out="$(case_section "$log" "$name" out)"
     end="$(case_section "$log" "$name" end)"
     if [ -z "$end" ]; then
-      problems+=("no result (L1 did not finish the case)")
+      local abandoned
+      abandoned="$(tr -d '\r' <"$log" | sed -n "s/.*=== CASE $name ABANDONED: //p" | head -n1)"
+      problems+=("no result (L1 did not finish the case${abandoned:+: $abandoned})")
     else
       code="$(end_field "$end" exit)" reason="$(end_field "$end" reason)"
       if [ -n "$(spec_get "$spec" until)" ]; then
@@ -298,7 +304,7 @@ runner_check() {
     fi
   done
   printf 'runner %s: %d passed, %d failed, %d retried%s\n' "$RUNNER_ARCH" "$n_pass" "$n_fail" "$n_retried" \
-    "${retried_names[*]:+ (RETRIED: ${retried_names[*]}; early-boot failures of the emulated environment, see ci/runner/compare-qemu)}"
+    "${retried_names[*]:+ (RETRIED: ${retried_names[*]}; failures of the emulated environment: early-boot faults, see ci/runner/compare-qemu, or L1 stopping)}"
   return $failed
 }
 
@@ -389,29 +395,58 @@ runner_main() {
   t_built="$(date +%s%N)"
   rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s), console: $log"
 
-  local qemu_rc=0 last_silence=?
+  local qemu_rc=0 last_silence=? l1_boots=1 max_l1_boots="${KESTREL_RUNNER_L1_BOOTS:-4}"
   runner_boot_watched "$work/l1-initrd.cpio" "$total" "$log" || qemu_rc=$?
-  # L1 itself stopped responding (seen rarely: nested SVM under TCG livelocks or panics L1): boot a new L1 once
-  # for the cases without a result, saying so loudly.
-  local missing=() stuck=""
-  for d in "$work/cases"/*/; do
-    grep -aq "=== CASE $(cat "$d/name") END " "$log" || missing+=("$d")
-  done
-  [ ${#missing[@]} -gt 0 ] && stuck="$(tr -d '\r' <"$log" | sed -n 's/.*=== CASE \([A-Za-z0-9_.-]*\) START$/\1/p' | tail -n 1)"
-  if [ -n "$stuck" ] && grep -aq '=== RUNNER KVM-READY' "$log"; then
-    rlog "L1 stopped during case ${stuck:-?} (QEMU exit $qemu_rc); booting a new L1 for the ${#missing[@]} case(s) without a result"
+  # L1 itself stops now and then (nested SVM under TCG: L1 panics with a kernel stack overflow in a vCPU thread,
+  # or a soft lockup; see ../shared/notes/emulation.md). Then a new L1 runs the cases without a result, saying so
+  # loudly, up to max_l1_boots L1s in all. A case L1 stopped in twice gets no third L1: that may be the case's own
+  # doing, and it fails with the reason.
+  local missing=() stuck="" boot_log="$log" d rerun
+  while :; do
+    missing=()
+    for d in "$work/cases"/*/; do
+      grep -aq "=== CASE $(cat "$d/name") END " "$log" && continue
+      grep -aq "=== CASE $(cat "$d/name") ABANDONED" "$log" && continue
+      missing+=("$d")
+    done
+    [ ${#missing[@]} -gt 0 ] || break
+    # The case the last L1 was in when it stopped (none when it stopped before its first case).
+    stuck="$(tr -d '\r' <"$boot_log" | sed -n 's/.*=== CASE \([A-Za-z0-9_.-]*\) START$/\1/p' | tail -n 1)"
+    if [ "$l1_boots" -ge "$max_l1_boots" ]; then
+      rlog "L1 stopped $l1_boots times (last during case ${stuck:-?}, QEMU exit $qemu_rc): no more L1s"
+      [ -n "$stuck" ] && echo "=== CASE $stuck ABANDONED: L1 stopped during it, the last of $l1_boots L1s (QEMU exit $qemu_rc)" >>"$log"
+      break
+    fi
+    # The first L1 never got KVM ready: every L1 would fail the same way, so no new one.
+    grep -aq '=== RUNNER KVM-READY' "$log" || break
+    rerun=()
+    for d in "${missing[@]}"; do
+      if [ -n "$stuck" ] && [ "$(cat "$d/name")" = "$stuck" ] \
+          && grep -aq "=== CASE $stuck RETRY first attempt: L1 stopped" "$log"; then
+        echo "=== CASE $stuck ABANDONED: L1 stopped during it twice (QEMU exit $qemu_rc)" >>"$log"
+        rlog "L1 stopped during case $stuck twice: it gets no third L1"
+        continue
+      fi
+      rerun+=("$d")
+    done
+    [ ${#rerun[@]} -gt 0 ] || break
+    l1_boots=$((l1_boots + 1))
+    rlog "L1 stopped during case ${stuck:-? (before its first case)} (QEMU exit $qemu_rc); booting L1 number $l1_boots for the ${#rerun[@]} case(s) without a result"
     rm -rf "$work/cases2"; mkdir -p "$work/cases2"
-    for d in "${missing[@]}"; do cp -r "$d" "$work/cases2/"; done
+    for d in "${rerun[@]}"; do cp -r "$d" "$work/cases2/"; done
     runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases2"
     {
-      echo "=== RUNNER L1 RERUN: the first L1 stopped during case ${stuck:-?}; a new L1 runs the cases without a result"
-      [ -n "$stuck" ] && echo "=== CASE $stuck RETRY first attempt: L1 stopped responding during the case (QEMU exit $qemu_rc, watchdog ${last_silence}s): the emulated runner, not the guest"
+      echo "=== RUNNER L1 RERUN: L1 number $((l1_boots - 1)) stopped during case ${stuck:-?}; L1 number $l1_boots runs the cases without a result"
+      if [ -n "$stuck" ] && ! grep -aq "=== CASE $stuck ABANDONED" "$log"; then
+        echo "=== CASE $stuck RETRY first attempt: L1 stopped responding during the case (QEMU exit $qemu_rc, watchdog ${last_silence}s): the emulated runner, not the guest"
+      fi
     } >>"$log"
     qemu_rc=0
-    runner_boot_watched "$work/l1-initrd.cpio" "$total" "$log.rerun" || qemu_rc=$?
-    cat "$log.rerun" >>"$log"
-    rm -f "$log.rerun"
-  fi
+    boot_log="$log.rerun"
+    runner_boot_watched "$work/l1-initrd.cpio" "$total" "$boot_log" || qemu_rc=$?
+    cat "$boot_log" >>"$log"
+  done
+  rm -f "$log.rerun"
   local t_end
   t_end="$(date +%s%N)"
   local l1_up done_line
