@@ -52,8 +52,6 @@ static LOG: GuestErrorLog = GuestErrorLog::new("virtio-console");
 pub struct Console {
     acked_features: u64,
     active: Option<ActiveQueues>,
-    /// The driver corrupted the receiveq's rings; ignored until reset (the transmitq's state is in `active`).
-    rx_broken: bool,
     /// Host input accepted and not yet written into a receive buffer, oldest first.
     pending_input: VecDeque<u8>,
     output: Box<dyn Write + Send>,
@@ -67,7 +65,6 @@ impl Console {
         Console {
             acked_features: 0,
             active: None,
-            rx_broken: false,
             pending_input: VecDeque::new(),
             output,
             output_failed: false,
@@ -118,22 +115,13 @@ impl Console {
     /// whether the driver wants an interrupt.
     fn deliver_input(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else { return false };
-        if self.rx_broken || self.pending_input.is_empty() {
+        if self.pending_input.is_empty() {
             return false;
         }
-        let Some(queue) = active.queues.get_mut(RX_QUEUE) else { return false };
-        if !queue.ready() {
-            return false;
-        }
-        match fill_receive_buffers(queue, &active.mem, &mut self.pending_input) {
+        let Some((queue, mem)) = active.usable(RX_QUEUE) else { return false };
+        match fill_receive_buffers(queue, mem, &mut self.pending_input) {
             Ok(notify) => notify,
-            Err(why) => {
-                LOG.report(format_args!("queue {RX_QUEUE} is broken ({why}); the device needs a reset"));
-                self.rx_broken = true;
-                active.interrupt.set_needs_reset();
-                // Whatever was used before the breakage is there for the driver to see.
-                true
-            }
+            Err(why) => active.break_queue(RX_QUEUE, &LOG, &why),
         }
     }
 
@@ -297,7 +285,6 @@ impl VirtioDevice for Console {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        self.rx_broken = false;
         // Input that arrived before the driver: deliver it if buffers are already posted.
         self.deliver_and_signal();
         Ok(())
@@ -307,7 +294,6 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        self.rx_broken = false;
     }
 
     fn has_backlog(&self, index: usize) -> bool {

@@ -375,27 +375,37 @@ impl ActiveQueues {
         log: &GuestErrorLog,
         mut handle: impl FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
     ) -> bool {
-        let (Some(queue), Some(false)) = (self.queues.get_mut(index), self.broken.get(index).copied()) else {
-            return false;
-        };
-        if !queue.ready() {
-            return false;
-        }
+        let Some((queue, mem)) = self.usable(index) else { return false };
         let budget = usize::from(queue.size());
-        match drain(queue, &self.mem, budget, &mut handle) {
+        match drain(queue, mem, budget, &mut handle) {
             Ok(Drained { notify, backlog }) => {
                 self.backlog[index] = backlog;
                 notify
             }
-            Err(why) => {
-                log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
-                self.broken[index] = true;
-                self.backlog[index] = false;
-                self.interrupt.set_needs_reset();
-                // Whatever was used before the breakage is there for the driver to see.
-                true
-            }
+            Err(why) => self.break_queue(index, log, &why),
         }
+    }
+
+    /// Queue `index` for a device that takes chains off it only while it has something for them (receive queues,
+    /// through [`pop_available`]), with guest memory: `None` when the queue does not exist, is not ready or is
+    /// broken.
+    pub(crate) fn usable(&mut self, index: usize) -> Option<(&mut Queue, &GuestMemoryMmap)> {
+        let usable = !self.broken.get(index).copied().unwrap_or(true);
+        let queue = self.queues.get_mut(index).filter(|q| usable && q.ready())?;
+        Some((queue, &self.mem))
+    }
+
+    /// The driver corrupted queue `index`'s rings (`why`): the device asks for a reset and ignores the queue until
+    /// then. Returns `true`: whatever was used before the breakage is there for the driver to see, so the caller
+    /// interrupts it.
+    pub(crate) fn break_queue(&mut self, index: usize, log: &GuestErrorLog, why: &str) -> bool {
+        log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
+        if let (Some(broken), Some(backlog)) = (self.broken.get_mut(index), self.backlog.get_mut(index)) {
+            *broken = true;
+            *backlog = false;
+        }
+        self.interrupt.set_needs_reset();
+        true
     }
 
     /// Whether queue `index`'s last [`process`](Self::process) left available chains for later.

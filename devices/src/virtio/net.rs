@@ -166,8 +166,6 @@ pub struct Net {
     backend: Box<dyn NetBackend>,
     acked_features: u64,
     active: Option<ActiveQueues>,
-    /// The driver corrupted the receiveq's rings; ignored until reset.
-    rx_broken: bool,
     /// Read buffer; `rx_held` bytes of it are a frame (with header) read from the backend and not yet delivered
     /// (the chain offered for it was unusable).
     rx_buffer: Vec<u8>,
@@ -186,7 +184,6 @@ impl Net {
             backend,
             acked_features: 0,
             active: None,
-            rx_broken: false,
             rx_buffer: vec![0; RX_READ_LEN],
             rx_held: None,
             tx_buffer: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN),
@@ -214,13 +211,7 @@ impl Net {
     /// wants an interrupt.
     fn receive(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else { return false };
-        if self.rx_broken {
-            return false;
-        }
-        let Some(queue) = active.queues.get_mut(RX_QUEUE) else { return false };
-        if !queue.ready() {
-            return false;
-        }
+        let Some((queue, mem)) = active.usable(RX_QUEUE) else { return false };
         let mut rx = Receiver {
             backend: &mut *self.backend,
             buffer: &mut self.rx_buffer,
@@ -229,16 +220,11 @@ impl Net {
             oversized_reported: &mut self.oversized_reported,
             backend_error: None,
         };
-        let result = rx.run(queue, &active.mem);
+        let result = rx.run(queue, mem);
         let backend_error = rx.backend_error.take();
         let notify = match result {
             Ok(notify) => notify,
-            Err(why) => {
-                LOG.report(format_args!("queue {RX_QUEUE} is broken ({why}); the device needs a reset"));
-                self.rx_broken = true;
-                active.interrupt.set_needs_reset();
-                true
-            }
+            Err(why) => active.break_queue(RX_QUEUE, &LOG, &why),
         };
         if let Some(e) = backend_error {
             self.backend_failed("reading from", &e);
@@ -482,7 +468,6 @@ impl VirtioDevice for Net {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        self.rx_broken = false;
         // Frames that waited in the backend, for buffers posted before DRIVER_OK.
         self.receive_and_signal();
         Ok(())
@@ -493,7 +478,6 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        self.rx_broken = false;
         if self.rx_held.take().is_some() {
             self.counters.rx_dropped += 1;
         }
