@@ -31,12 +31,15 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::chain::{self, Chain, Segment};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -79,6 +82,8 @@ pub mod feature {
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Length of the configuration space we fill in (through `write_zeroes_may_unmap` and its padding).
 const CONFIG_LEN: usize = 60;
+/// Where `blk_size` is in it.
+const CONFIG_BLK_SIZE: usize = 20;
 
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-blk");
 
@@ -260,7 +265,7 @@ impl Block {
         let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
         put(12, &SEG_MAX.to_le_bytes());
-        put(20, &block_size.to_le_bytes());
+        put(CONFIG_BLK_SIZE, &block_size.to_le_bytes());
         put(34, &1u16.to_le_bytes()); // num_queues
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
@@ -297,6 +302,34 @@ impl Block {
 
     pub fn stats(&self) -> BlockStats {
         self.disk.stats
+    }
+}
+
+/// virtio-blk as data: what the guest learnt about the disk, checked against the disk restored into. Requests
+/// are carried out synchronously while the device holds its lock, so a saved device has none in flight (see
+/// [`transport`](super::transport)), and the disk's contents are the image's business. The I/O statistics are
+/// the host's accounting of this process (QMP's `query-blockstats`) and start afresh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// In 512-byte sectors, as the configuration space announces it.
+    pub capacity: u64,
+    /// The logical block size announced (4096 with O_DIRECT).
+    pub block_size: u32,
+    /// What GET_ID answers.
+    pub serial: String,
+}
+
+impl Block {
+    fn block_size(&self) -> u32 {
+        let at = CONFIG_BLK_SIZE;
+        u32::from_le_bytes([self.config[at], self.config[at + 1], self.config[at + 2], self.config[at + 3]])
+    }
+
+    /// The serial as given (GET_ID pads it with zeros).
+    fn serial(&self) -> String {
+        let end = self.disk.serial.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+        String::from_utf8_lossy(&self.disk.serial[..end]).into_owned()
     }
 }
 
@@ -346,6 +379,49 @@ impl VirtioDevice for Block {
 
     fn has_backlog(&self, index: usize) -> bool {
         self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            capacity: self.capacity(),
+            block_size: self.block_size(),
+            serial: self.serial(),
+        })
+    }
+
+    /// Refuses the state of another disk: a guest that saw one capacity, block size or serial must not find
+    /// another under its feet.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Block(state) = state else { return Err(state.mismatch(LOG.device)) };
+        let refuse = |field: &str, saved: &dyn std::fmt::Debug, here: &dyn std::fmt::Debug| {
+            let problem = format!("{saved:?} in the snapshot, {here:?} for this disk (another image or options?)");
+            Err(StateError::new(LOG.device, field, problem))
+        };
+        if state.capacity != self.capacity() {
+            return refuse("capacity", &state.capacity, &self.capacity());
+        }
+        if state.block_size != self.block_size() {
+            return refuse("block_size", &state.block_size, &self.block_size());
+        }
+        if state.serial != self.serial() {
+            return refuse("serial", &state.serial, &self.serial());
+        }
+        self.disk.features = acked_features & self.avail_features;
+        self.active = active;
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> bool {

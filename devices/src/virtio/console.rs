@@ -30,10 +30,14 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::chain::{self, Chain};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The receiveq (host → guest).
@@ -62,13 +66,7 @@ pub struct Console {
 impl Console {
     /// A console whose guest output goes to `output`.
     pub fn new(output: Box<dyn Write + Send>) -> Self {
-        Console {
-            acked_features: 0,
-            active: None,
-            pending_input: VecDeque::new(),
-            output,
-            output_failed: false,
-        }
+        Console { acked_features: 0, active: None, pending_input: VecDeque::new(), output, output_failed: false }
     }
 
     /// Queues host input for the guest and delivers as much of it as the driver has receive buffers for, raising
@@ -254,6 +252,16 @@ fn send(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Output<'_>, scratch: &mu
     }
 }
 
+/// virtio-console as data: the host input it accepted and has not delivered yet (the host has let go of it). Guest
+/// output is written to the host in the lock hold that took it off the transmitq, so a saved device has none in
+/// flight (see [`transport`](super::transport)); whether the host writer failed is the host's affair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    /// Oldest first, at most [`MAX_PENDING_INPUT`] bytes.
+    pub pending_input: Vec<u8>,
+}
+
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         super::TYPE_CONSOLE
@@ -306,6 +314,41 @@ impl VirtioDevice for Console {
             TX_QUEUE => self.transmit(),
             _ => false,
         }
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Console(ConsoleState { pending_input: self.pending_input.iter().copied().collect() })
+    }
+
+    /// The saved input goes ahead of input this console accepted before the restore: the destination's host input
+    /// thread runs from the moment the device is built, and what it typed then comes after what the source's
+    /// guest had not read yet.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Console(state) = state else { return Err(state.mismatch(LOG.device)) };
+        if state.pending_input.len() > MAX_PENDING_INPUT {
+            let problem =
+                format!("{} bytes, more than the {MAX_PENDING_INPUT} a console holds", state.pending_input.len());
+            return Err(StateError::new(LOG.device, "pending_input", problem));
+        }
+        self.acked_features = acked_features & self.avail_features();
+        self.active = active;
+        let typed_here = std::mem::take(&mut self.pending_input);
+        self.pending_input.extend(&state.pending_input);
+        self.pending_input.extend(typed_here);
+        Ok(())
     }
 }
 

@@ -29,7 +29,9 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::InterruptLine;
+use serde::{Deserialize, Serialize};
+
+use crate::{InterruptLine, StateError};
 
 pub use virtio_queue::{Queue, QueueT};
 
@@ -141,6 +143,69 @@ pub trait VirtioDevice: Send {
     fn has_backlog(&self, _index: usize) -> bool {
         false
     }
+
+    /// The device's queues while it runs (from `activate` to `reset`), `None` before: the transport saves their
+    /// positions and quiesces and resumes the device through them.
+    fn active_queues(&self) -> Option<&ActiveQueues>;
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues>;
+
+    /// The device's own state as data: what it holds beside its queues (see [`VirtioDeviceState`]). Status,
+    /// features and queues are the transport's ([`transport::VirtioState`]).
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Loads the device's own `state` (checked against this device's configuration), the features negotiated
+    /// (`acked_features`, 0 before FEATURES_OK) and, if it was running, its queues (`active`, already checked by
+    /// the transport and quiesced), as `ack_features` and `activate` would but without `activate`'s side effects:
+    /// no interrupt, no host input looked at until the transport resumes the device. On `Err` nothing changed.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError>;
+}
+
+/// A device's own state, by device type: what each keeps beside the transport's registers and its queues. Each
+/// type's state is defined, saved and checked in the device's module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Rng(rng::RngState),
+    Console(console::ConsoleState),
+}
+
+impl VirtioDeviceState {
+    /// The virtio device type the state belongs to.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            VirtioDeviceState::Block(_) => TYPE_BLOCK,
+            VirtioDeviceState::Net(_) => TYPE_NET,
+            VirtioDeviceState::Rng(_) => TYPE_RNG,
+            VirtioDeviceState::Console(_) => TYPE_CONSOLE,
+        }
+    }
+
+    /// The refusal of a state of another device type than `device`'s.
+    pub(crate) fn mismatch(&self, device: &'static str) -> StateError {
+        StateError::new(
+            device,
+            "device",
+            format!("the state is of a {}, not a {device}", device_name(self.device_type())),
+        )
+    }
+}
+
+/// The name a device type goes by in messages.
+pub(crate) fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_NET => "virtio-net",
+        TYPE_RNG => "virtio-rng",
+        TYPE_CONSOLE => "virtio-console",
+        _ => "virtio device of an unknown type",
+    }
 }
 
 /// Per-cause interrupt delivery (MSI-X on PCI): a transport whose interrupts say *which* queue or the
@@ -246,6 +311,14 @@ impl VirtioInterrupt {
         self.status.swap(0, Ordering::SeqCst)
     }
 
+    /// Loads saved values (see [`transport::VirtioState`]) without interrupting anyone: what was pending at save
+    /// time was delivered then, and lives on in the interrupt controller's or the MSI-X table's own state.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation.store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Device reset: nothing pending, no error.
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -321,13 +394,18 @@ impl QueueHandler {
 }
 
 /// A device's state between `activate` and `reset`: guest memory, its queues and the shared interrupt state.
-pub(crate) struct ActiveQueues {
+/// Devices touch their queues only through it, so it is also where a device is quiesced (see
+/// [`transport::TransportState::quiesce`]) and where the queues' positions are saved and restored.
+pub struct ActiveQueues {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) queues: Vec<Queue>,
     /// Queues the driver broke (see [`ActiveQueues::process`]); they stay dead until the device is reset.
     broken: Vec<bool>,
     /// Queues whose last `process` stopped at its budget with chains still available.
     backlog: Vec<bool>,
+    /// No queue work until the transport resumes the device: no chain taken, nothing written to guest memory, no
+    /// interrupt. Host-side control, not state: a restored device starts quiesced.
+    quiesced: bool,
     pub(crate) interrupt: Arc<VirtioInterrupt>,
 }
 
@@ -358,7 +436,41 @@ impl ActiveQueues {
         }
         let broken = vec![false; queues.len()];
         let backlog = vec![false; queues.len()];
-        ActiveQueues { mem, queues, broken, backlog, interrupt }
+        ActiveQueues { mem, queues, broken, backlog, quiesced: false, interrupt }
+    }
+
+    /// The queues of a device that was running when its state was saved: `queues` at their saved positions
+    /// (checked against guest memory by the transport, as for `activate`), `broken` as saved. Quiesced until the
+    /// transport resumes the device.
+    pub(crate) fn restored(
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        broken: Vec<bool>,
+        interrupt: Arc<VirtioInterrupt>,
+        acked_features: u64,
+    ) -> Self {
+        let mut active = Self::new(mem, queues, interrupt, acked_features);
+        active.broken = broken;
+        active.quiesced = true;
+        active
+    }
+
+    /// Where the device is in queue `index`'s rings, if the queue is in use (ready).
+    pub(crate) fn position(&self, index: usize) -> Option<transport::RingPosition> {
+        let queue = self.queues.get(index).filter(|q| q.ready())?;
+        Some(transport::RingPosition {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+            broken: self.broken.get(index).copied().unwrap_or(false),
+        })
+    }
+
+    pub(crate) fn set_quiesced(&mut self, quiesced: bool) {
+        self.quiesced = quiesced;
+    }
+
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced
     }
 
     /// Hands the chains the driver made available on queue `index` to `handle`, which returns the number of
@@ -388,9 +500,9 @@ impl ActiveQueues {
 
     /// Queue `index` for a device that takes chains off it only while it has something for them (receive queues,
     /// through [`pop_available`]), with guest memory: `None` when the queue does not exist, is not ready or is
-    /// broken.
+    /// broken, or the device is quiesced.
     pub(crate) fn usable(&mut self, index: usize) -> Option<(&mut Queue, &GuestMemoryMmap)> {
-        let usable = !self.broken.get(index).copied().unwrap_or(true);
+        let usable = !self.quiesced && !self.broken.get(index).copied().unwrap_or(true);
         let queue = self.queues.get_mut(index).filter(|q| usable && q.ready())?;
         Some((queue, &self.mem))
     }
@@ -408,9 +520,10 @@ impl ActiveQueues {
         true
     }
 
-    /// Whether queue `index`'s last [`process`](Self::process) left available chains for later.
+    /// Whether queue `index`'s last [`process`](Self::process) left available chains for later. Never while
+    /// quiesced: the work waits for the transport's resume, which notifies every queue.
     pub(crate) fn has_backlog(&self, index: usize) -> bool {
-        self.backlog.get(index).copied().unwrap_or(false)
+        !self.quiesced && self.backlog.get(index).copied().unwrap_or(false)
     }
 }
 

@@ -40,12 +40,15 @@ use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueOwnedT;
 
 use super::chain::{self, Chain};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The receiveq (host → guest).
@@ -430,6 +433,20 @@ fn deliver(mem: &GuestMemoryMmap, chain: &Chain, data: &mut [u8], read_len: usiz
     }
 }
 
+/// virtio-net as data: its MAC (checked against the device restored into: the guest knows it) and the frame it
+/// read from the host for the guest and could not deliver yet (the chain offered for it was unusable), which is
+/// the guest's next frame. Frames still in the tap stay there. Transmit and receive are carried out while the
+/// device holds its lock, so a saved device has no chain in flight (see [`transport`](super::transport)). The
+/// counters are the host's accounting of this process and start afresh, and so do the once-only reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// As `52:54:00:12:34:56`.
+    pub mac: String,
+    /// With its header, as the backend gave it.
+    pub held_frame: Option<Vec<u8>>,
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         super::TYPE_NET
@@ -493,6 +510,52 @@ impl VirtioDevice for Net {
             TX_QUEUE => self.transmit(),
             _ => false,
         }
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            mac: self.mac.to_string(),
+            held_frame: self.rx_held.map(|len| self.rx_buffer[..len].to_vec()),
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Net(state) = state else { return Err(state.mismatch(LOG.device)) };
+        let refuse = |field: &str, problem: String| Err(StateError::new(LOG.device, field, problem));
+        match state.mac.parse::<MacAddress>() {
+            Ok(mac) if mac == self.mac => {}
+            Ok(_) => return refuse("mac", format!("{} in the snapshot, this device has {}", state.mac, self.mac)),
+            Err(e) => return refuse("mac", format!("{:?}: {e}", state.mac)),
+        }
+        if let Some(frame) = &state.held_frame {
+            if frame.len() > self.rx_buffer.len() {
+                let problem = format!("{} bytes, more than a read from the host gives", frame.len());
+                return refuse("held_frame", problem);
+            }
+            if active.is_none() {
+                return refuse("held_frame", "a frame held for a device that is not running".into());
+            }
+        }
+        self.acked_features = acked_features & self.avail_features();
+        self.active = active;
+        self.rx_held = state.held_frame.as_ref().map(|frame| {
+            self.rx_buffer[..frame.len()].copy_from_slice(frame);
+            frame.len()
+        });
+        Ok(())
     }
 
     fn host_event_sources(&self) -> Vec<RawFd> {
