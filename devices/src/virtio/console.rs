@@ -713,4 +713,59 @@ mod tests {
         assert_eq!(rig.rx_used(), [2]);
         assert_eq!(rig.read(0x12000, 2), b"89");
     }
+
+    /// A console behind a virtio-mmio transport on `mem`.
+    fn transported(console: Console, mem: &GuestMemoryMmap) -> crate::virtio::mmio::MmioTransport {
+        let device = Arc::new(Mutex::new(console));
+        crate::virtio::mmio::MmioTransport::new(mem.clone(), device, CountingLine::new()).unwrap()
+    }
+
+    #[test]
+    fn input_the_guest_had_not_read_reaches_it_after_restore_ahead_of_new_input() {
+        use crate::virtio::testing::MmioDriver;
+        use crate::Persist;
+        let (source_console, _) = console();
+        let mut rig = Rig::new();
+        let source_device = Arc::new(Mutex::new(source_console));
+        let mut source =
+            crate::virtio::mmio::MmioTransport::new(rig.mem.clone(), source_device.clone(), CountingLine::new())
+                .unwrap();
+        MmioDriver(&mut source).start(features::VERSION_1, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 4)]);
+        assert!(source_device.lock().unwrap().queue_input(b"abcdef"));
+        assert_eq!(rig.rx_used(), [4]);
+        source.quiesce();
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x11000, 64)]);
+        assert!(source_device.lock().unwrap().queue_input(b"gh"), "input is still accepted while quiesced");
+        assert_eq!(rig.rx.used_idx(&rig.mem), 1, "but not delivered");
+        rig.mem.write_slice(b"out", GuestAddress(0x20000)).unwrap();
+        rig.tx.add_chain(&rig.mem, &[Desc::r(0x20000, 3)]);
+        let state = crate::persist::testing::through_json(&source.save());
+        assert_eq!(state.device, VirtioDeviceState::Console(ConsoleState { pending_input: b"efgh".to_vec() }));
+
+        // The destination's console already took some input before the restore.
+        let (mut console, out) = console();
+        assert!(console.queue_input(b"ij"));
+        let mut restored = transported(console, &rig.mem);
+        restored.restore(&state).unwrap();
+        restored.resume();
+        assert!(restored.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [6]);
+        assert_eq!(rig.read(0x11000, 6), b"efghij");
+        assert!(restored.queue_handler().handle(TX_QUEUE));
+        assert_eq!(out.take(), b"out", "the waiting output, written once");
+        assert_eq!(rig.tx_used(), [0]);
+    }
+
+    #[test]
+    fn too_much_pending_input_is_refused() {
+        use crate::persist::testing::assert_refused;
+        let rig = Rig::new();
+        let mut target = transported(console().0, &rig.mem);
+        let mut state = crate::Persist::save(&target);
+        state.device = VirtioDeviceState::Console(ConsoleState { pending_input: vec![b'x'; MAX_PENDING_INPUT + 1] });
+        assert_refused(&mut target, &state, "pending_input");
+        state.device = VirtioDeviceState::Console(ConsoleState { pending_input: vec![b'x'; MAX_PENDING_INPUT] });
+        crate::Persist::restore(&mut target, &state).unwrap();
+    }
 }

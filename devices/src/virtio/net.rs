@@ -976,4 +976,110 @@ mod tests {
         assert_eq!(MacAddress::default_for(1).to_string(), "52:54:00:12:34:57");
         assert_eq!(MacAddress::default_for(1), MacAddress::default_for(1));
     }
+
+    /// A device behind a virtio-mmio transport on `mem`.
+    fn transported(net: Net, mem: &GuestMemoryMmap) -> crate::virtio::mmio::MmioTransport {
+        let device = Arc::new(std::sync::Mutex::new(net));
+        crate::virtio::mmio::MmioTransport::new(mem.clone(), device, CountingLine::new()).unwrap()
+    }
+
+    /// A running device quiesced with a frame held for the guest (its receive chain was unusable), a transmit
+    /// chain waiting, and a frame still in the backend; its saved state, and the source's peer.
+    fn saved_net() -> (Rig, crate::virtio::transport::VirtioState, Peer, Vec<u8>) {
+        use crate::virtio::testing::MmioDriver;
+        use crate::Persist;
+        let (net, peer) = net();
+        let mut rig = Rig::new();
+        let mut source = transported(net, &rig.mem);
+        let wanted = features::VERSION_1 | feature::MAC | feature::STATUS;
+        MmioDriver(&mut source).start(wanted, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::r(0x10000, 2048)]); // unusable: the frame is held
+        let held = frame(100, 1);
+        peer.send_frame(&held);
+        source.queue_handler().handle_host_event(0);
+        assert_eq!(rig.rx_used(), [0]);
+        source.quiesce();
+        peer.send_frame(&frame(60, 2));
+        assert!(!source.queue_handler().handle_host_event(0), "quiesced: the frame stays in the backend");
+        rig.put_packet(0x30000, 0, &frame(64, 3));
+        rig.tx.add_chain(&rig.mem, &[Desc::r(0x30000, (VNET_HDR_LEN + 64) as u32)]);
+        assert!(!source.queue_handler().handle(TX_QUEUE));
+        assert_eq!(peer.received(), Vec::<Vec<u8>>::new());
+        let state = crate::persist::testing::through_json(&source.save());
+        (rig, state, peer, held)
+    }
+
+    #[test]
+    fn a_restored_device_delivers_the_held_frame_and_sends_the_waiting_one_once() {
+        use crate::Persist;
+        let (mut rig, state, _source_peer, held) = saved_net();
+        let VirtioDeviceState::Net(ref net_state) = state.device else { panic!("a network state: {state:?}") };
+        assert_eq!(net_state.mac, "52:54:00:ab:cd:ef");
+        assert_eq!(net_state.held_frame.as_deref().map(<[u8]>::len), Some(VNET_HDR_LEN + held.len()));
+        // The destination's own tap.
+        let (net, peer) = net();
+        let mut restored = transported(net, &rig.mem);
+        restored.restore(&state).unwrap();
+        assert_eq!(restored.save(), state);
+        assert!(!restored.queue_handler().handle(TX_QUEUE), "no work before resume");
+        restored.resume();
+        assert!(restored.queue_handler().handle(TX_QUEUE));
+        assert_eq!(rig.tx_used(), [0]);
+        assert_eq!(peer.received(), [header_then(&frame(64, 3))], "the waiting frame, sent once");
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x20000, 2048)]);
+        assert!(restored.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [(VNET_HDR_LEN + held.len()) as u32]);
+        assert_eq!(rig.read(0x20000 + VNET_HDR_LEN as u64, held.len()), held, "the held frame comes first");
+        // The destination's host traffic follows.
+        let next = frame(70, 4);
+        peer.send_frame(&next);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x40000, 2048)]);
+        assert!(restored.queue_handler().handle_host_event(0));
+        assert_eq!(rig.read(0x40000 + VNET_HDR_LEN as u64, next.len()), next);
+    }
+
+    #[test]
+    fn the_source_reads_what_waited_in_its_backend_once_resumed() {
+        use crate::virtio::testing::MmioDriver;
+        let (net, peer) = net();
+        let mut rig = Rig::new();
+        let mut source = transported(net, &rig.mem);
+        MmioDriver(&mut source).start(features::VERSION_1, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
+        source.quiesce();
+        peer.send_frame(&frame(60, 5));
+        assert!(!source.queue_handler().handle_host_event(0));
+        assert_eq!(rig.rx.used_idx(&rig.mem), 0);
+        // No new edge comes for a frame already waiting: the resume's notification gets it.
+        source.resume();
+        assert_eq!(source.queue_events()[RX_QUEUE].read().unwrap(), 1);
+        assert!(source.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [72]);
+    }
+
+    #[test]
+    fn a_network_state_is_refused_by_another_device() {
+        use crate::persist::testing::assert_refused;
+        let (rig, state, ..) = saved_net();
+        let other_mac =
+            Net::new(MacAddress([2, 0, 0, 0, 0, 1]), Box::new(DatagramBackend(UnixDatagram::pair().unwrap().0)));
+        assert_refused(&mut transported(other_mac, &rig.mem), &state, "mac");
+        let change = |change: &dyn Fn(&mut NetState)| {
+            let mut bad = state.clone();
+            if let VirtioDeviceState::Net(n) = &mut bad.device {
+                change(n);
+            }
+            bad
+        };
+        let mut target = transported(net().0, &rig.mem);
+        assert_refused(&mut target, &change(&|n| n.mac = "52:54:00:ab:cd".into()), "mac");
+        assert_refused(&mut target, &change(&|n| n.held_frame = Some(vec![0; RX_READ_LEN + 1])), "held_frame");
+        // A frame held by a device that is not running.
+        let mut stopped = Net::new(MAC, Box::new(DatagramBackend(UnixDatagram::pair().unwrap().0)));
+        let VirtioDeviceState::Net(n) = &state.device else { panic!("a network state") };
+        assert_eq!(stopped.restore_state(&state.device, 0, None).unwrap_err().field, "held_frame");
+        assert!(n.held_frame.is_some() && stopped.rx_held.is_none());
+        // The MAC is compared as an address, not as text.
+        crate::Persist::restore(&mut target, &change(&|n| n.mac = n.mac.to_uppercase())).unwrap();
+    }
 }
