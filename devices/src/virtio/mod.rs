@@ -6,8 +6,8 @@
 //! A transport sits on an MMIO (or, later, PCI) bus behind the bus's `Mutex` and is driven by vCPU threads. It
 //! owns its device as an `Arc<Mutex<dyn VirtioDevice>>` and hands a clone of that `Arc` (inside a
 //! [`QueueHandler`]) to whoever does the device work: the VMM's event loop, woken by the per-queue notification
-//! eventfds. Lock order is always transport → device; a device never reaches back into its transport, so the two
-//! threads cannot deadlock. A reset (driver writes 0 to the status register) takes the device lock, so it waits for
+//! eventfds. Lock order is always transport → device (→ the MSI-X table, when an interrupt is raised with the device
+//! lock held); a device never reaches back into its transport, so the two threads cannot deadlock. A reset (driver writes 0 to the status register) takes the device lock, so it waits for
 //! queue work in progress and the device has dropped guest memory and queues before the vCPU returns to the guest.
 //!
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
@@ -363,11 +363,17 @@ impl QueueHandler {
     }
 
     /// Processes queue `index`. Returns whether the guest was interrupted.
+    ///
+    /// The interrupt is raised before the device lock is released, so that a transport's `quiesce`, which takes
+    /// that lock, returns with the work done and the guest told: a snapshot never holds used buffers whose
+    /// interrupt comes after it.
     pub fn handle(&self, index: usize) -> bool {
-        let notify = lock_device(&self.device).process_queue(index);
+        let mut device = lock_device(&self.device);
+        let notify = device.process_queue(index);
         if notify {
             self.interrupt.signal_used_queue(index);
         }
+        drop(device);
         notify
     }
 
@@ -385,10 +391,13 @@ impl QueueHandler {
     /// Host source `index` became readable: let the device consume it, then interrupt the guest if it wants to
     /// hear about it. Returns whether the guest was interrupted.
     pub fn handle_host_event(&self, index: usize) -> bool {
-        let used = lock_device(&self.device).process_host_event(index);
+        // Signalled under the device lock, as in `handle`.
+        let mut device = lock_device(&self.device);
+        let used = device.process_host_event(index);
         if let Some(queue) = used {
             self.interrupt.signal_used_queue(queue);
         }
+        drop(device);
         used.is_some()
     }
 }
@@ -691,6 +700,41 @@ mod tests {
         active.process(0, &log, |_: &GuestMemoryMmap, _: virtio_queue::DescriptorChain<&GuestMemoryMmap>| 16);
         assert!(!active.has_backlog(0));
         assert!(!active.broken[0]);
+    }
+
+    /// The queue handler raises the interrupt while it holds the device lock: whoever takes that lock (a reset, a
+    /// transport's quiesce) finds the work done and the guest told, never used buffers with their interrupt to come.
+    #[test]
+    fn queue_interrupts_are_raised_under_the_device_lock() {
+        use crate::virtio::mmio::MmioTransport;
+        use crate::virtio::testing::{guest_memory, Desc, MmioDriver, TestQueue};
+        use std::sync::OnceLock;
+        use vm_memory::GuestAddress;
+
+        /// Records, at each interrupt, whether the device lock was held.
+        #[derive(Default)]
+        struct LockProbe {
+            device: OnceLock<Arc<Mutex<dyn VirtioDevice>>>,
+            held: Mutex<Vec<bool>>,
+        }
+        impl InterruptLine for LockProbe {
+            fn trigger(&self) -> std::io::Result<()> {
+                let held = self.device.get().is_some_and(|d| d.try_lock().is_err());
+                self.held.lock().unwrap().push(held);
+                Ok(())
+            }
+        }
+
+        let mem = guest_memory(1 << 20);
+        let probe = Arc::new(LockProbe::default());
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(rng::Rng::new()));
+        let _ = probe.device.set(device.clone());
+        let mut transport = MmioTransport::new(mem.clone(), device, probe.clone()).unwrap();
+        let mut ring = TestQueue::new(GuestAddress(0x1000), 16);
+        MmioDriver(&mut transport).start(features::VERSION_1, &[&ring]);
+        ring.add_chain(&mem, &[Desc::w(0x8000, 16)]);
+        assert!(transport.queue_handler().handle(0));
+        assert_eq!(*probe.held.lock().unwrap(), [true]);
     }
 
     #[test]

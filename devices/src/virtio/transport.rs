@@ -9,8 +9,8 @@
 //! holds because of when the state is saved:
 //!
 //! 1. [`quiesce`](TransportState::quiesce) the device, with the VM's vCPUs stopped. It waits for queue work in
-//!    progress (the device lock) and from then on the device takes no chain, writes nothing to guest memory and
-//!    raises no interrupt: queue notifications, the device worker's backlog, a tap's frames and console input
+//!    progress, the interrupt it raises included (the device lock), and from then on the device takes no chain,
+//!    writes nothing to guest memory and raises no interrupt: queue notifications, the device worker's backlog, a tap's frames and console input
 //!    are left where they are (in the available ring, the tap, the device's pending input).
 //! 2. Save the device, then guest memory. Every Kestrel device completes a request in the same lock hold that
 //!    took it off the ring (block I/O is synchronous, transmit and receive copy at once), so a quiesced device
