@@ -7,8 +7,9 @@
 //! owns its device as an `Arc<Mutex<dyn VirtioDevice>>` and hands a clone of that `Arc` (inside a
 //! [`QueueHandler`]) to whoever does the device work: the VMM's event loop, woken by the per-queue notification
 //! eventfds. Lock order is always transport → device (→ the MSI-X table, when an interrupt is raised with the device
-//! lock held); a device never reaches back into its transport, so the two threads cannot deadlock. A reset (driver writes 0 to the status register) takes the device lock, so it waits for
-//! queue work in progress and the device has dropped guest memory and queues before the vCPU returns to the guest.
+//! lock held); a device never reaches back into its transport, so the two threads cannot deadlock. A reset (driver
+//! writes 0 to the status register) takes the device lock, so it waits for queue work in progress and the device
+//! has dropped guest memory and queues before the vCPU returns to the guest.
 //!
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
@@ -148,6 +149,7 @@ pub trait VirtioDevice: Send {
     /// positions and quiesces and resumes the device through them.
     fn active_queues(&self) -> Option<&ActiveQueues>;
 
+    /// [`active_queues`](Self::active_queues), to quiesce and resume the device.
     fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues>;
 
     /// The device's own state as data: what it holds beside its queues (see [`VirtioDeviceState`]). Status,
@@ -476,10 +478,6 @@ impl ActiveQueues {
 
     pub(crate) fn set_quiesced(&mut self, quiesced: bool) {
         self.quiesced = quiesced;
-    }
-
-    pub fn is_quiesced(&self) -> bool {
-        self.quiesced
     }
 
     /// Hands the chains the driver made available on queue `index` to `handle`, which returns the number of

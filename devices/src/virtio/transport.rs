@@ -10,13 +10,15 @@
 //!
 //! 1. [`quiesce`](TransportState::quiesce) the device, with the VM's vCPUs stopped. It waits for queue work in
 //!    progress, the interrupt it raises included (the device lock), and from then on the device takes no chain,
-//!    writes nothing to guest memory and raises no interrupt: queue notifications, the device worker's backlog, a tap's frames and console input
-//!    are left where they are (in the available ring, the tap, the device's pending input).
+//!    writes nothing to guest memory and raises no interrupt: queue notifications, the device worker's backlog, a
+//!    tap's frames and console input are left where they are (in the available ring, the tap, the device's
+//!    pending input).
 //! 2. Save the device, then guest memory. Every Kestrel device completes a request in the same lock hold that
 //!    took it off the ring (block I/O is synchronous, transmit and receive copy at once), so a quiesced device
-//!    has no request in flight: on every queue that works, `next_used == next_avail`. The saved `next_avail` is
-//!    where the device stopped; whatever the driver added behind it is in guest memory and is read again after
-//!    the restore. A restore refuses a state with requests taken and not completed.
+//!    has no request in flight and needs no drain: on every queue that works, `next_used == next_avail`. The
+//!    saved `next_avail` is where the device stopped; whatever the driver added behind it is in guest memory and
+//!    is read again after the restore. A restore refuses a state with requests taken and not completed (a device
+//!    that some day completes requests asynchronously must complete them in `quiesce`).
 //! 3. After a restore (the device comes up quiesced) or to let the source run on, [`resume`](TransportState::resume)
 //!    the device: it treats every queue as notified, since the notifications it left alone are gone with the
 //!    host's eventfds (or were consumed while it was quiesced) and the backlog and host readiness with them.
@@ -29,10 +31,9 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
-
-use serde::{Deserialize, Serialize};
 
 use super::{device_name, ActivateError, ActiveQueues, VirtioDeviceState, VirtioInterrupt, INT_CONFIG, INT_VRING};
 use super::{features, lock_device, status, GuestErrorLog, GuestMemoryMmap, Queue, QueueHandler, QueueT, VirtioDevice};
