@@ -31,12 +31,15 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::chain::{self, Chain, Segment};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -79,6 +82,8 @@ pub mod feature {
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Length of the configuration space we fill in (through `write_zeroes_may_unmap` and its padding).
 const CONFIG_LEN: usize = 60;
+/// Where `blk_size` is in it.
+const CONFIG_BLK_SIZE: usize = 20;
 
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-blk");
 
@@ -260,7 +265,7 @@ impl Block {
         let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
         put(12, &SEG_MAX.to_le_bytes());
-        put(20, &block_size.to_le_bytes());
+        put(CONFIG_BLK_SIZE, &block_size.to_le_bytes());
         put(34, &1u16.to_le_bytes()); // num_queues
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
@@ -297,6 +302,34 @@ impl Block {
 
     pub fn stats(&self) -> BlockStats {
         self.disk.stats
+    }
+}
+
+/// virtio-blk as data: what the guest learnt about the disk, checked against the disk restored into. Requests
+/// are carried out synchronously while the device holds its lock, so a saved device has none in flight (see
+/// [`transport`](super::transport)), and the disk's contents are the image's business. The I/O statistics are
+/// the host's accounting of this process (QMP's `query-blockstats`) and start afresh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// In 512-byte sectors, as the configuration space announces it.
+    pub capacity: u64,
+    /// The logical block size announced (4096 with O_DIRECT).
+    pub block_size: u32,
+    /// What GET_ID answers.
+    pub serial: String,
+}
+
+impl Block {
+    fn block_size(&self) -> u32 {
+        let at = CONFIG_BLK_SIZE;
+        u32::from_le_bytes([self.config[at], self.config[at + 1], self.config[at + 2], self.config[at + 3]])
+    }
+
+    /// The serial as given (GET_ID pads it with zeros).
+    fn serial(&self) -> String {
+        let end = self.disk.serial.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+        String::from_utf8_lossy(&self.disk.serial[..end]).into_owned()
     }
 }
 
@@ -346,6 +379,49 @@ impl VirtioDevice for Block {
 
     fn has_backlog(&self, index: usize) -> bool {
         self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            capacity: self.capacity(),
+            block_size: self.block_size(),
+            serial: self.serial(),
+        })
+    }
+
+    /// Refuses the state of another disk: a guest that saw one capacity, block size or serial must not find
+    /// another under its feet.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Block(state) = state else { return Err(state.mismatch(LOG.device)) };
+        let refuse = |field: &str, saved: &dyn std::fmt::Debug, here: &dyn std::fmt::Debug| {
+            let problem = format!("{saved:?} in the snapshot, {here:?} for this disk (another image or options?)");
+            Err(StateError::new(LOG.device, field, problem))
+        };
+        if state.capacity != self.capacity() {
+            return refuse("capacity", &state.capacity, &self.capacity());
+        }
+        if state.block_size != self.block_size() {
+            return refuse("block_size", &state.block_size, &self.block_size());
+        }
+        if state.serial != self.serial() {
+            return refuse("serial", &state.serial, &self.serial());
+        }
+        self.disk.features = acked_features & self.avail_features;
+        self.active = active;
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
@@ -680,6 +756,7 @@ impl Disk {
 mod tests {
     use std::collections::hash_map::DefaultHasher;
     use std::hash::{Hash, Hasher};
+    use std::sync::Mutex;
 
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
@@ -1243,5 +1320,109 @@ mod tests {
         f.tq.add_chain(&f.mem, &[Desc::r(HDR, 16), Desc::w(STATUS, 1)]);
         assert!(f.blk.process_queue(0));
         assert_eq!(f.tq.used_idx(&f.mem), 3);
+    }
+
+    /// A disk behind a virtio-mmio transport on `mem`, and the disk itself (for its statistics).
+    fn transported(blk: Block, mem: &GuestMemoryMmap) -> (crate::virtio::mmio::MmioTransport, Arc<Mutex<Block>>) {
+        let blk = Arc::new(Mutex::new(blk));
+        let transport = crate::virtio::mmio::MmioTransport::new(mem.clone(), blk.clone(), CountingLine::new());
+        (transport.unwrap(), blk)
+    }
+
+    /// Makes a write of `sectors` sectors of `byte` at `sector` available; its header, data and status live at
+    /// `slot`-th places after HDR, DATA and STATUS.
+    fn queue_write(mem: &GuestMemoryMmap, ring: &mut TestQueue, slot: u64, sector: u64, byte: u8) {
+        let (hdr, data, status) = (HDR + 16 * slot, DATA + 512 * slot, STATUS + slot);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        mem.write_slice(&[byte; 512], GuestAddress(data)).unwrap();
+        mem.write_obj(0xaau8, GuestAddress(status)).unwrap();
+        ring.add_chain(mem, &[Desc::r(hdr, 16), Desc::r(data, 512), Desc::w(status, 1)]);
+    }
+
+    fn sector(image: &TempFile, sector: usize) -> Vec<u8> {
+        std::fs::read(image.as_path()).unwrap()[sector * 512..(sector + 1) * 512].to_vec()
+    }
+
+    fn options() -> BlockOptions {
+        BlockOptions { serial: "kestrel-disk-0".into(), ..Default::default() }
+    }
+
+    /// A disk that wrote one request, then was quiesced with two more writes waiting, and its saved state.
+    fn saved_disk() -> (TempFile, GuestMemoryMmap, TestQueue, crate::virtio::transport::VirtioState) {
+        use crate::virtio::testing::MmioDriver;
+        use crate::Persist;
+        let image = image();
+        let mem = guest_memory(MEM);
+        let mut ring = TestQueue::new(GuestAddress(0x1000), 16);
+        let (mut source, disk) = transported(Block::open(image.as_path(), &options()).unwrap(), &mem);
+        MmioDriver(&mut source).start(features::VERSION_1 | feature::FLUSH, &[&ring]);
+        queue_write(&mem, &mut ring, 0, 1, 0x11);
+        source.queue_handler().handle(0);
+        assert_eq!(ring.pop_used(&mem), Some((0, 1)));
+        source.quiesce();
+        queue_write(&mem, &mut ring, 1, 2, 0x22);
+        queue_write(&mem, &mut ring, 2, 3, 0x33);
+        source.queue_handler().handle(0);
+        assert_eq!(ring.pop_used(&mem), None, "quiesced: the writes wait");
+        assert_eq!(sector(&image, 2), pattern(DISK as usize)[1024..1536]);
+        assert_eq!(disk.lock().unwrap().stats().wr_operations, 1);
+        let state = crate::persist::testing::through_json(&source.save());
+        (image, mem, ring, state)
+    }
+
+    #[test]
+    fn a_restored_disk_carries_out_each_waiting_write_once() {
+        use crate::Persist;
+        let (image, mem, mut ring, state) = saved_disk();
+        let VirtioDeviceState::Block(ref disk_state) = state.device else { panic!("a disk's state: {state:?}") };
+        assert_eq!((disk_state.capacity, disk_state.block_size), (DISK / 512, 512));
+        assert_eq!(disk_state.serial, "kestrel-disk-0");
+        // The destination opens the same image, as the same command line says.
+        let (mut restored, disk) = transported(Block::open(image.as_path(), &options()).unwrap(), &mem);
+        restored.restore(&state).unwrap();
+        assert_eq!(restored.save(), state);
+        restored.resume();
+        restored.queue_events()[0].read().unwrap();
+        restored.queue_handler().handle(0);
+        let used: Vec<_> = std::iter::from_fn(|| ring.pop_used(&mem)).collect();
+        assert_eq!(used, [(3, 1), (6, 1)], "the two waiting writes (heads 3 and 6), once each");
+        assert_eq!(disk.lock().unwrap().stats().wr_operations, 2, "the write done before the save is not redone");
+        assert_eq!((sector(&image, 2), sector(&image, 3)), (vec![0x22; 512], vec![0x33; 512]));
+        assert_eq!(sector(&image, 1), vec![0x11; 512]);
+        for slot in 0..3 {
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + slot)).unwrap(), S_OK);
+        }
+        // The negotiated features came along: FLUSH is served.
+        mem.write_slice(&[T_FLUSH as u8, 0, 0, 0], GuestAddress(HDR)).unwrap();
+        ring.add_chain(&mem, &[Desc::r(HDR, 16), Desc::w(STATUS, 1)]);
+        restored.queue_handler().handle(0);
+        assert_eq!(ring.pop_used(&mem).map(|u| u.1), Some(1));
+        assert_eq!(disk.lock().unwrap().stats().flush_operations, 1);
+    }
+
+    #[test]
+    fn a_disk_state_is_refused_by_another_disk() {
+        use crate::persist::testing::assert_refused;
+        let (image, mem, _, state) = saved_disk();
+        let other = |options: BlockOptions, size: u64| {
+            let file = TempFile::new_with_prefix("/tmp/kestrel-blk-test").unwrap();
+            file.as_file().set_len(size).unwrap();
+            let (transport, _) = transported(Block::with_file(file.into_file(), &options).unwrap(), &mem);
+            transport
+        };
+        assert_refused(&mut other(options(), DISK * 2), &state, "capacity");
+        let serial = BlockOptions { serial: "another".into(), ..options() };
+        assert_refused(&mut other(serial, DISK), &state, "serial");
+        assert_refused(&mut other(BlockOptions { direct: true, ..options() }, DISK), &state, "block_size");
+        let read_only = BlockOptions { read_only: true, ..options() };
+        let (mut transport, _) = transported(Block::open(image.as_path(), &read_only).unwrap(), &mem);
+        assert_refused(&mut transport, &state, "device_features");
+        let rng = VirtioDeviceState::Rng(crate::virtio::rng::RngState {});
+        let mut blk = Block::open(image.as_path(), &options()).unwrap();
+        assert_eq!(blk.restore_state(&rng, 0, None).unwrap_err().field, "device");
+        assert_eq!(blk.save_state(), state.device, "the refusal changed nothing");
     }
 }

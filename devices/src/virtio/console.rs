@@ -30,10 +30,14 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::chain::{self, Chain};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The receiveq (host → guest).
@@ -52,8 +56,6 @@ static LOG: GuestErrorLog = GuestErrorLog::new("virtio-console");
 pub struct Console {
     acked_features: u64,
     active: Option<ActiveQueues>,
-    /// The driver corrupted the receiveq's rings; ignored until reset (the transmitq's state is in `active`).
-    rx_broken: bool,
     /// Host input accepted and not yet written into a receive buffer, oldest first.
     pending_input: VecDeque<u8>,
     output: Box<dyn Write + Send>,
@@ -64,14 +66,7 @@ pub struct Console {
 impl Console {
     /// A console whose guest output goes to `output`.
     pub fn new(output: Box<dyn Write + Send>) -> Self {
-        Console {
-            acked_features: 0,
-            active: None,
-            rx_broken: false,
-            pending_input: VecDeque::new(),
-            output,
-            output_failed: false,
-        }
+        Console { acked_features: 0, active: None, pending_input: VecDeque::new(), output, output_failed: false }
     }
 
     /// Queues host input for the guest and delivers as much of it as the driver has receive buffers for, raising
@@ -118,22 +113,13 @@ impl Console {
     /// whether the driver wants an interrupt.
     fn deliver_input(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else { return false };
-        if self.rx_broken || self.pending_input.is_empty() {
+        if self.pending_input.is_empty() {
             return false;
         }
-        let Some(queue) = active.queues.get_mut(RX_QUEUE) else { return false };
-        if !queue.ready() {
-            return false;
-        }
-        match fill_receive_buffers(queue, &active.mem, &mut self.pending_input) {
+        let Some((queue, mem)) = active.usable(RX_QUEUE) else { return false };
+        match fill_receive_buffers(queue, mem, &mut self.pending_input) {
             Ok(notify) => notify,
-            Err(why) => {
-                LOG.report(format_args!("queue {RX_QUEUE} is broken ({why}); the device needs a reset"));
-                self.rx_broken = true;
-                active.interrupt.set_needs_reset();
-                // Whatever was used before the breakage is there for the driver to see.
-                true
-            }
+            Err(why) => active.break_queue(RX_QUEUE, &LOG, &why),
         }
     }
 
@@ -266,6 +252,16 @@ fn send(mem: &GuestMemoryMmap, chain: &Chain, out: &mut Output<'_>, scratch: &mu
     }
 }
 
+/// virtio-console as data: the host input it accepted and has not delivered yet (the host has let go of it). Guest
+/// output is written to the host in the lock hold that took it off the transmitq, so a saved device has none in
+/// flight (see [`transport`](super::transport)); whether the host writer failed is the host's affair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    /// Oldest first, at most [`MAX_PENDING_INPUT`] bytes.
+    pub pending_input: Vec<u8>,
+}
+
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         super::TYPE_CONSOLE
@@ -297,7 +293,6 @@ impl VirtioDevice for Console {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        self.rx_broken = false;
         // Input that arrived before the driver: deliver it if buffers are already posted.
         self.deliver_and_signal();
         Ok(())
@@ -307,7 +302,6 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        self.rx_broken = false;
     }
 
     fn has_backlog(&self, index: usize) -> bool {
@@ -320,6 +314,41 @@ impl VirtioDevice for Console {
             TX_QUEUE => self.transmit(),
             _ => false,
         }
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Console(ConsoleState { pending_input: self.pending_input.iter().copied().collect() })
+    }
+
+    /// The saved input goes ahead of input this console accepted before the restore: the destination's host input
+    /// thread runs from the moment the device is built, and what it typed then comes after what the source's
+    /// guest had not read yet.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Console(state) = state else { return Err(state.mismatch(LOG.device)) };
+        if state.pending_input.len() > MAX_PENDING_INPUT {
+            let problem =
+                format!("{} bytes, more than the {MAX_PENDING_INPUT} a console holds", state.pending_input.len());
+            return Err(StateError::new(LOG.device, "pending_input", problem));
+        }
+        self.acked_features = acked_features & self.avail_features();
+        self.active = active;
+        let typed_here = std::mem::take(&mut self.pending_input);
+        self.pending_input.extend(&state.pending_input);
+        self.pending_input.extend(typed_here);
+        Ok(())
     }
 }
 
@@ -683,5 +712,60 @@ mod tests {
         assert!(console.process_queue(RX_QUEUE));
         assert_eq!(rig.rx_used(), [2]);
         assert_eq!(rig.read(0x12000, 2), b"89");
+    }
+
+    /// A console behind a virtio-mmio transport on `mem`.
+    fn transported(console: Console, mem: &GuestMemoryMmap) -> crate::virtio::mmio::MmioTransport {
+        let device = Arc::new(Mutex::new(console));
+        crate::virtio::mmio::MmioTransport::new(mem.clone(), device, CountingLine::new()).unwrap()
+    }
+
+    #[test]
+    fn input_the_guest_had_not_read_reaches_it_after_restore_ahead_of_new_input() {
+        use crate::virtio::testing::MmioDriver;
+        use crate::Persist;
+        let (source_console, _) = console();
+        let mut rig = Rig::new();
+        let source_device = Arc::new(Mutex::new(source_console));
+        let mut source =
+            crate::virtio::mmio::MmioTransport::new(rig.mem.clone(), source_device.clone(), CountingLine::new())
+                .unwrap();
+        MmioDriver(&mut source).start(features::VERSION_1, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 4)]);
+        assert!(source_device.lock().unwrap().queue_input(b"abcdef"));
+        assert_eq!(rig.rx_used(), [4]);
+        source.quiesce();
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x11000, 64)]);
+        assert!(source_device.lock().unwrap().queue_input(b"gh"), "input is still accepted while quiesced");
+        assert_eq!(rig.rx.used_idx(&rig.mem), 1, "but not delivered");
+        rig.mem.write_slice(b"out", GuestAddress(0x20000)).unwrap();
+        rig.tx.add_chain(&rig.mem, &[Desc::r(0x20000, 3)]);
+        let state = crate::persist::testing::through_json(&source.save());
+        assert_eq!(state.device, VirtioDeviceState::Console(ConsoleState { pending_input: b"efgh".to_vec() }));
+
+        // The destination's console already took some input before the restore.
+        let (mut console, out) = console();
+        assert!(console.queue_input(b"ij"));
+        let mut restored = transported(console, &rig.mem);
+        restored.restore(&state).unwrap();
+        restored.resume();
+        assert!(restored.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [6]);
+        assert_eq!(rig.read(0x11000, 6), b"efghij");
+        assert!(restored.queue_handler().handle(TX_QUEUE));
+        assert_eq!(out.take(), b"out", "the waiting output, written once");
+        assert_eq!(rig.tx_used(), [0]);
+    }
+
+    #[test]
+    fn too_much_pending_input_is_refused() {
+        use crate::persist::testing::assert_refused;
+        let rig = Rig::new();
+        let mut target = transported(console().0, &rig.mem);
+        let mut state = crate::Persist::save(&target);
+        state.device = VirtioDeviceState::Console(ConsoleState { pending_input: vec![b'x'; MAX_PENDING_INPUT + 1] });
+        assert_refused(&mut target, &state, "pending_input");
+        state.device = VirtioDeviceState::Console(ConsoleState { pending_input: vec![b'x'; MAX_PENDING_INPUT] });
+        crate::Persist::restore(&mut target, &state).unwrap();
     }
 }

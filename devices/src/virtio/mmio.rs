@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::TransportState;
+use super::transport::{TransportState, VirtioState};
 use super::{lock_device, GuestErrorLog, GuestMemoryMmap, QueueHandler, VirtioDevice, VirtioInterrupt};
-use crate::{BusDevice, InterruptLine};
+use crate::{BusDevice, InterruptLine, Persist, StateError};
 
 /// The size of a transport's MMIO window: registers up to 0x100, device configuration after.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -32,32 +32,32 @@ pub const VERSION: u32 = 2;
 /// Vendor id "KSTL".
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"KSTL");
 
-const MAGIC_VALUE: u64 = 0x000;
-const VERSION_REG: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const VENDOR_ID_REG: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const SHM_SEL: u64 = 0x0ac;
-const SHM_LEN_LOW: u64 = 0x0b0;
-const SHM_BASE_HIGH: u64 = 0x0bc;
-const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+pub(crate) const MAGIC_VALUE: u64 = 0x000;
+pub(crate) const VERSION_REG: u64 = 0x004;
+pub(crate) const DEVICE_ID: u64 = 0x008;
+pub(crate) const VENDOR_ID_REG: u64 = 0x00c;
+pub(crate) const DEVICE_FEATURES: u64 = 0x010;
+pub(crate) const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(crate) const DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const QUEUE_SEL: u64 = 0x030;
+pub(crate) const QUEUE_NUM_MAX: u64 = 0x034;
+pub(crate) const QUEUE_NUM: u64 = 0x038;
+pub(crate) const QUEUE_READY: u64 = 0x044;
+pub(crate) const INTERRUPT_STATUS: u64 = 0x060;
+pub(crate) const INTERRUPT_ACK: u64 = 0x064;
+pub(crate) const STATUS: u64 = 0x070;
+pub(crate) const QUEUE_DESC_LOW: u64 = 0x080;
+pub(crate) const QUEUE_DESC_HIGH: u64 = 0x084;
+pub(crate) const QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(crate) const QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(crate) const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(crate) const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(crate) const SHM_SEL: u64 = 0x0ac;
+pub(crate) const SHM_LEN_LOW: u64 = 0x0b0;
+pub(crate) const SHM_BASE_HIGH: u64 = 0x0bc;
+pub(crate) const CONFIG_GENERATION: u64 = 0x0fc;
+pub(crate) const CONFIG: u64 = 0x100;
 
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-mmio");
 
@@ -161,6 +161,29 @@ impl MmioTransport {
     /// machine resets.
     pub fn reset(&mut self) {
         self.state.reset();
+    }
+
+    /// Stops the device's work on guest memory, for a snapshot (see [`transport`](super::transport)).
+    pub fn quiesce(&self) {
+        self.state.quiesce();
+    }
+
+    /// Lets a quiesced or restored device work again; every queue counts as notified.
+    pub fn resume(&self) {
+        self.state.resume();
+    }
+}
+
+/// The transport's registers are all in [`VirtioState`]; InterruptStatus is its `interrupt_status`.
+impl Persist for MmioTransport {
+    type State = VirtioState;
+
+    fn save(&self) -> VirtioState {
+        self.state.save()
+    }
+
+    fn restore(&mut self, state: &VirtioState) -> Result<(), StateError> {
+        self.state.restore(state)
     }
 }
 

@@ -6,9 +6,10 @@
 //! A transport sits on an MMIO (or, later, PCI) bus behind the bus's `Mutex` and is driven by vCPU threads. It
 //! owns its device as an `Arc<Mutex<dyn VirtioDevice>>` and hands a clone of that `Arc` (inside a
 //! [`QueueHandler`]) to whoever does the device work: the VMM's event loop, woken by the per-queue notification
-//! eventfds. Lock order is always transport → device; a device never reaches back into its transport, so the two
-//! threads cannot deadlock. A reset (driver writes 0 to the status register) takes the device lock, so it waits for
-//! queue work in progress and the device has dropped guest memory and queues before the vCPU returns to the guest.
+//! eventfds. Lock order is always transport → device (→ the MSI-X table, when an interrupt is raised with the device
+//! lock held); a device never reaches back into its transport, so the two threads cannot deadlock. A reset (driver
+//! writes 0 to the status register) takes the device lock, so it waits for queue work in progress and the device
+//! has dropped guest memory and queues before the vCPU returns to the guest.
 //!
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
@@ -29,7 +30,9 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::InterruptLine;
+use serde::{Deserialize, Serialize};
+
+use crate::{InterruptLine, StateError};
 
 pub use virtio_queue::{Queue, QueueT};
 
@@ -141,6 +144,70 @@ pub trait VirtioDevice: Send {
     fn has_backlog(&self, _index: usize) -> bool {
         false
     }
+
+    /// The device's queues while it runs (from `activate` to `reset`), `None` before: the transport saves their
+    /// positions and quiesces and resumes the device through them.
+    fn active_queues(&self) -> Option<&ActiveQueues>;
+
+    /// [`active_queues`](Self::active_queues), to quiesce and resume the device.
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues>;
+
+    /// The device's own state as data: what it holds beside its queues (see [`VirtioDeviceState`]). Status,
+    /// features and queues are the transport's ([`transport::VirtioState`]).
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Loads the device's own `state` (checked against this device's configuration), the features negotiated
+    /// (`acked_features`, 0 before FEATURES_OK) and, if it was running, its queues (`active`, already checked by
+    /// the transport and quiesced), as `ack_features` and `activate` would but without `activate`'s side effects:
+    /// no interrupt, no host input looked at until the transport resumes the device. On `Err` nothing changed.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError>;
+}
+
+/// A device's own state, by device type: what each keeps beside the transport's registers and its queues. Each
+/// type's state is defined, saved and checked in the device's module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Rng(rng::RngState),
+    Console(console::ConsoleState),
+}
+
+impl VirtioDeviceState {
+    /// The virtio device type the state belongs to.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            VirtioDeviceState::Block(_) => TYPE_BLOCK,
+            VirtioDeviceState::Net(_) => TYPE_NET,
+            VirtioDeviceState::Rng(_) => TYPE_RNG,
+            VirtioDeviceState::Console(_) => TYPE_CONSOLE,
+        }
+    }
+
+    /// The refusal of a state of another device type than `device`'s.
+    pub(crate) fn mismatch(&self, device: &'static str) -> StateError {
+        StateError::new(
+            device,
+            "device",
+            format!("the state is of a {}, not a {device}", device_name(self.device_type())),
+        )
+    }
+}
+
+/// The name a device type goes by in messages.
+pub(crate) fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_NET => "virtio-net",
+        TYPE_RNG => "virtio-rng",
+        TYPE_CONSOLE => "virtio-console",
+        _ => "virtio device of an unknown type",
+    }
 }
 
 /// Per-cause interrupt delivery (MSI-X on PCI): a transport whose interrupts say *which* queue or the
@@ -246,6 +313,14 @@ impl VirtioInterrupt {
         self.status.swap(0, Ordering::SeqCst)
     }
 
+    /// Loads saved values (see [`transport::VirtioState`]) without interrupting anyone: what was pending at save
+    /// time was delivered then, and lives on in the interrupt controller's or the MSI-X table's own state.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation.store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Device reset: nothing pending, no error.
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -290,11 +365,17 @@ impl QueueHandler {
     }
 
     /// Processes queue `index`. Returns whether the guest was interrupted.
+    ///
+    /// The interrupt is raised before the device lock is released, so that a transport's `quiesce`, which takes
+    /// that lock, returns with the work done and the guest told: a snapshot never holds used buffers whose
+    /// interrupt comes after it.
     pub fn handle(&self, index: usize) -> bool {
-        let notify = lock_device(&self.device).process_queue(index);
+        let mut device = lock_device(&self.device);
+        let notify = device.process_queue(index);
         if notify {
             self.interrupt.signal_used_queue(index);
         }
+        drop(device);
         notify
     }
 
@@ -312,22 +393,30 @@ impl QueueHandler {
     /// Host source `index` became readable: let the device consume it, then interrupt the guest if it wants to
     /// hear about it. Returns whether the guest was interrupted.
     pub fn handle_host_event(&self, index: usize) -> bool {
-        let used = lock_device(&self.device).process_host_event(index);
+        // Signalled under the device lock, as in `handle`.
+        let mut device = lock_device(&self.device);
+        let used = device.process_host_event(index);
         if let Some(queue) = used {
             self.interrupt.signal_used_queue(queue);
         }
+        drop(device);
         used.is_some()
     }
 }
 
 /// A device's state between `activate` and `reset`: guest memory, its queues and the shared interrupt state.
-pub(crate) struct ActiveQueues {
+/// Devices touch their queues only through it, so it is also where a device is quiesced (see
+/// [`transport::TransportState::quiesce`]) and where the queues' positions are saved and restored.
+pub struct ActiveQueues {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) queues: Vec<Queue>,
     /// Queues the driver broke (see [`ActiveQueues::process`]); they stay dead until the device is reset.
     broken: Vec<bool>,
     /// Queues whose last `process` stopped at its budget with chains still available.
     backlog: Vec<bool>,
+    /// No queue work until the transport resumes the device: no chain taken, nothing written to guest memory, no
+    /// interrupt. Host-side control, not state: a restored device starts quiesced.
+    quiesced: bool,
     pub(crate) interrupt: Arc<VirtioInterrupt>,
 }
 
@@ -358,7 +447,37 @@ impl ActiveQueues {
         }
         let broken = vec![false; queues.len()];
         let backlog = vec![false; queues.len()];
-        ActiveQueues { mem, queues, broken, backlog, interrupt }
+        ActiveQueues { mem, queues, broken, backlog, quiesced: false, interrupt }
+    }
+
+    /// The queues of a device that was running when its state was saved: `queues` at their saved positions
+    /// (checked against guest memory by the transport, as for `activate`), `broken` as saved. Quiesced until the
+    /// transport resumes the device.
+    pub(crate) fn restored(
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        broken: Vec<bool>,
+        interrupt: Arc<VirtioInterrupt>,
+        acked_features: u64,
+    ) -> Self {
+        let mut active = Self::new(mem, queues, interrupt, acked_features);
+        active.broken = broken;
+        active.quiesced = true;
+        active
+    }
+
+    /// Where the device is in queue `index`'s rings, if the queue is in use (ready).
+    pub(crate) fn position(&self, index: usize) -> Option<transport::RingPosition> {
+        let queue = self.queues.get(index).filter(|q| q.ready())?;
+        Some(transport::RingPosition {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+            broken: self.broken.get(index).copied().unwrap_or(false),
+        })
+    }
+
+    pub(crate) fn set_quiesced(&mut self, quiesced: bool) {
+        self.quiesced = quiesced;
     }
 
     /// Hands the chains the driver made available on queue `index` to `handle`, which returns the number of
@@ -375,32 +494,43 @@ impl ActiveQueues {
         log: &GuestErrorLog,
         mut handle: impl FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
     ) -> bool {
-        let (Some(queue), Some(false)) = (self.queues.get_mut(index), self.broken.get(index).copied()) else {
-            return false;
-        };
-        if !queue.ready() {
-            return false;
-        }
+        let Some((queue, mem)) = self.usable(index) else { return false };
         let budget = usize::from(queue.size());
-        match drain(queue, &self.mem, budget, &mut handle) {
+        match drain(queue, mem, budget, &mut handle) {
             Ok(Drained { notify, backlog }) => {
                 self.backlog[index] = backlog;
                 notify
             }
-            Err(why) => {
-                log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
-                self.broken[index] = true;
-                self.backlog[index] = false;
-                self.interrupt.set_needs_reset();
-                // Whatever was used before the breakage is there for the driver to see.
-                true
-            }
+            Err(why) => self.break_queue(index, log, &why),
         }
     }
 
-    /// Whether queue `index`'s last [`process`](Self::process) left available chains for later.
+    /// Queue `index` for a device that takes chains off it only while it has something for them (receive queues,
+    /// through [`pop_available`]), with guest memory: `None` when the queue does not exist, is not ready or is
+    /// broken, or the device is quiesced.
+    pub(crate) fn usable(&mut self, index: usize) -> Option<(&mut Queue, &GuestMemoryMmap)> {
+        let usable = !self.quiesced && !self.broken.get(index).copied().unwrap_or(true);
+        let queue = self.queues.get_mut(index).filter(|q| usable && q.ready())?;
+        Some((queue, &self.mem))
+    }
+
+    /// The driver corrupted queue `index`'s rings (`why`): the device asks for a reset and ignores the queue until
+    /// then. Returns `true`: whatever was used before the breakage is there for the driver to see, so the caller
+    /// interrupts it.
+    pub(crate) fn break_queue(&mut self, index: usize, log: &GuestErrorLog, why: &str) -> bool {
+        log.report(format_args!("queue {index} is broken ({why}); the device needs a reset"));
+        if let (Some(broken), Some(backlog)) = (self.broken.get_mut(index), self.backlog.get_mut(index)) {
+            *broken = true;
+            *backlog = false;
+        }
+        self.interrupt.set_needs_reset();
+        true
+    }
+
+    /// Whether queue `index`'s last [`process`](Self::process) left available chains for later. Never while
+    /// quiesced: the work waits for the transport's resume, which notifies every queue.
     pub(crate) fn has_backlog(&self, index: usize) -> bool {
-        self.backlog.get(index).copied().unwrap_or(false)
+        !self.quiesced && self.backlog.get(index).copied().unwrap_or(false)
     }
 }
 
@@ -568,6 +698,41 @@ mod tests {
         active.process(0, &log, |_: &GuestMemoryMmap, _: virtio_queue::DescriptorChain<&GuestMemoryMmap>| 16);
         assert!(!active.has_backlog(0));
         assert!(!active.broken[0]);
+    }
+
+    /// The queue handler raises the interrupt while it holds the device lock: whoever takes that lock (a reset, a
+    /// transport's quiesce) finds the work done and the guest told, never used buffers with their interrupt to come.
+    #[test]
+    fn queue_interrupts_are_raised_under_the_device_lock() {
+        use crate::virtio::mmio::MmioTransport;
+        use crate::virtio::testing::{guest_memory, Desc, MmioDriver, TestQueue};
+        use std::sync::OnceLock;
+        use vm_memory::GuestAddress;
+
+        /// Records, at each interrupt, whether the device lock was held.
+        #[derive(Default)]
+        struct LockProbe {
+            device: OnceLock<Arc<Mutex<dyn VirtioDevice>>>,
+            held: Mutex<Vec<bool>>,
+        }
+        impl InterruptLine for LockProbe {
+            fn trigger(&self) -> std::io::Result<()> {
+                let held = self.device.get().is_some_and(|d| d.try_lock().is_err());
+                self.held.lock().unwrap().push(held);
+                Ok(())
+            }
+        }
+
+        let mem = guest_memory(1 << 20);
+        let probe = Arc::new(LockProbe::default());
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(rng::Rng::new()));
+        let _ = probe.device.set(device.clone());
+        let mut transport = MmioTransport::new(mem.clone(), device, probe.clone()).unwrap();
+        let mut ring = TestQueue::new(GuestAddress(0x1000), 16);
+        MmioDriver(&mut transport).start(features::VERSION_1, &[&ring]);
+        ring.add_chain(&mem, &[Desc::w(0x8000, 16)]);
+        assert!(transport.queue_handler().handle(0));
+        assert_eq!(*probe.held.lock().unwrap(), [true]);
     }
 
     #[test]

@@ -40,12 +40,15 @@ use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueOwnedT;
 
 use super::chain::{self, Chain};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The receiveq (host → guest).
@@ -166,8 +169,6 @@ pub struct Net {
     backend: Box<dyn NetBackend>,
     acked_features: u64,
     active: Option<ActiveQueues>,
-    /// The driver corrupted the receiveq's rings; ignored until reset.
-    rx_broken: bool,
     /// Read buffer; `rx_held` bytes of it are a frame (with header) read from the backend and not yet delivered
     /// (the chain offered for it was unusable).
     rx_buffer: Vec<u8>,
@@ -186,7 +187,6 @@ impl Net {
             backend,
             acked_features: 0,
             active: None,
-            rx_broken: false,
             rx_buffer: vec![0; RX_READ_LEN],
             rx_held: None,
             tx_buffer: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN),
@@ -214,13 +214,7 @@ impl Net {
     /// wants an interrupt.
     fn receive(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else { return false };
-        if self.rx_broken {
-            return false;
-        }
-        let Some(queue) = active.queues.get_mut(RX_QUEUE) else { return false };
-        if !queue.ready() {
-            return false;
-        }
+        let Some((queue, mem)) = active.usable(RX_QUEUE) else { return false };
         let mut rx = Receiver {
             backend: &mut *self.backend,
             buffer: &mut self.rx_buffer,
@@ -229,16 +223,11 @@ impl Net {
             oversized_reported: &mut self.oversized_reported,
             backend_error: None,
         };
-        let result = rx.run(queue, &active.mem);
+        let result = rx.run(queue, mem);
         let backend_error = rx.backend_error.take();
         let notify = match result {
             Ok(notify) => notify,
-            Err(why) => {
-                LOG.report(format_args!("queue {RX_QUEUE} is broken ({why}); the device needs a reset"));
-                self.rx_broken = true;
-                active.interrupt.set_needs_reset();
-                true
-            }
+            Err(why) => active.break_queue(RX_QUEUE, &LOG, &why),
         };
         if let Some(e) = backend_error {
             self.backend_failed("reading from", &e);
@@ -444,6 +433,20 @@ fn deliver(mem: &GuestMemoryMmap, chain: &Chain, data: &mut [u8], read_len: usiz
     }
 }
 
+/// virtio-net as data: its MAC (checked against the device restored into: the guest knows it) and the frame it
+/// read from the host for the guest and could not deliver yet (the chain offered for it was unusable), which is
+/// the guest's next frame. Frames still in the tap stay there. Transmit and receive are carried out while the
+/// device holds its lock, so a saved device has no chain in flight (see [`transport`](super::transport)). The
+/// counters are the host's accounting of this process and start afresh, and so do the once-only reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// As `52:54:00:12:34:56`.
+    pub mac: String,
+    /// With its header, as the backend gave it.
+    pub held_frame: Option<Vec<u8>>,
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         super::TYPE_NET
@@ -482,7 +485,6 @@ impl VirtioDevice for Net {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        self.rx_broken = false;
         // Frames that waited in the backend, for buffers posted before DRIVER_OK.
         self.receive_and_signal();
         Ok(())
@@ -493,7 +495,6 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        self.rx_broken = false;
         if self.rx_held.take().is_some() {
             self.counters.rx_dropped += 1;
         }
@@ -509,6 +510,52 @@ impl VirtioDevice for Net {
             TX_QUEUE => self.transmit(),
             _ => false,
         }
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            mac: self.mac.to_string(),
+            held_frame: self.rx_held.map(|len| self.rx_buffer[..len].to_vec()),
+        })
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Net(state) = state else { return Err(state.mismatch(LOG.device)) };
+        let refuse = |field: &str, problem: String| Err(StateError::new(LOG.device, field, problem));
+        match state.mac.parse::<MacAddress>() {
+            Ok(mac) if mac == self.mac => {}
+            Ok(_) => return refuse("mac", format!("{} in the snapshot, this device has {}", state.mac, self.mac)),
+            Err(e) => return refuse("mac", format!("{:?}: {e}", state.mac)),
+        }
+        if let Some(frame) = &state.held_frame {
+            if frame.len() > self.rx_buffer.len() {
+                let problem = format!("{} bytes, more than a read from the host gives", frame.len());
+                return refuse("held_frame", problem);
+            }
+            if active.is_none() {
+                return refuse("held_frame", "a frame held for a device that is not running".into());
+            }
+        }
+        self.acked_features = acked_features & self.avail_features();
+        self.active = active;
+        self.rx_held = state.held_frame.as_ref().map(|frame| {
+            self.rx_buffer[..frame.len()].copy_from_slice(frame);
+            frame.len()
+        });
+        Ok(())
     }
 
     fn host_event_sources(&self) -> Vec<RawFd> {
@@ -928,5 +975,111 @@ mod tests {
         assert_eq!(MacAddress::default_for(0).to_string(), "52:54:00:12:34:56");
         assert_eq!(MacAddress::default_for(1).to_string(), "52:54:00:12:34:57");
         assert_eq!(MacAddress::default_for(1), MacAddress::default_for(1));
+    }
+
+    /// A device behind a virtio-mmio transport on `mem`.
+    fn transported(net: Net, mem: &GuestMemoryMmap) -> crate::virtio::mmio::MmioTransport {
+        let device = Arc::new(std::sync::Mutex::new(net));
+        crate::virtio::mmio::MmioTransport::new(mem.clone(), device, CountingLine::new()).unwrap()
+    }
+
+    /// A running device quiesced with a frame held for the guest (its receive chain was unusable), a transmit
+    /// chain waiting, and a frame still in the backend; its saved state, and the source's peer.
+    fn saved_net() -> (Rig, crate::virtio::transport::VirtioState, Peer, Vec<u8>) {
+        use crate::virtio::testing::MmioDriver;
+        use crate::Persist;
+        let (net, peer) = net();
+        let mut rig = Rig::new();
+        let mut source = transported(net, &rig.mem);
+        let wanted = features::VERSION_1 | feature::MAC | feature::STATUS;
+        MmioDriver(&mut source).start(wanted, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::r(0x10000, 2048)]); // unusable: the frame is held
+        let held = frame(100, 1);
+        peer.send_frame(&held);
+        source.queue_handler().handle_host_event(0);
+        assert_eq!(rig.rx_used(), [0]);
+        source.quiesce();
+        peer.send_frame(&frame(60, 2));
+        assert!(!source.queue_handler().handle_host_event(0), "quiesced: the frame stays in the backend");
+        rig.put_packet(0x30000, 0, &frame(64, 3));
+        rig.tx.add_chain(&rig.mem, &[Desc::r(0x30000, (VNET_HDR_LEN + 64) as u32)]);
+        assert!(!source.queue_handler().handle(TX_QUEUE));
+        assert_eq!(peer.received(), Vec::<Vec<u8>>::new());
+        let state = crate::persist::testing::through_json(&source.save());
+        (rig, state, peer, held)
+    }
+
+    #[test]
+    fn a_restored_device_delivers_the_held_frame_and_sends_the_waiting_one_once() {
+        use crate::Persist;
+        let (mut rig, state, _source_peer, held) = saved_net();
+        let VirtioDeviceState::Net(ref net_state) = state.device else { panic!("a network state: {state:?}") };
+        assert_eq!(net_state.mac, "52:54:00:ab:cd:ef");
+        assert_eq!(net_state.held_frame.as_deref().map(<[u8]>::len), Some(VNET_HDR_LEN + held.len()));
+        // The destination's own tap.
+        let (net, peer) = net();
+        let mut restored = transported(net, &rig.mem);
+        restored.restore(&state).unwrap();
+        assert_eq!(restored.save(), state);
+        assert!(!restored.queue_handler().handle(TX_QUEUE), "no work before resume");
+        restored.resume();
+        assert!(restored.queue_handler().handle(TX_QUEUE));
+        assert_eq!(rig.tx_used(), [0]);
+        assert_eq!(peer.received(), [header_then(&frame(64, 3))], "the waiting frame, sent once");
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x20000, 2048)]);
+        assert!(restored.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [(VNET_HDR_LEN + held.len()) as u32]);
+        assert_eq!(rig.read(0x20000 + VNET_HDR_LEN as u64, held.len()), held, "the held frame comes first");
+        // The destination's host traffic follows.
+        let next = frame(70, 4);
+        peer.send_frame(&next);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x40000, 2048)]);
+        assert!(restored.queue_handler().handle_host_event(0));
+        assert_eq!(rig.read(0x40000 + VNET_HDR_LEN as u64, next.len()), next);
+    }
+
+    #[test]
+    fn the_source_reads_what_waited_in_its_backend_once_resumed() {
+        use crate::virtio::testing::MmioDriver;
+        let (net, peer) = net();
+        let mut rig = Rig::new();
+        let mut source = transported(net, &rig.mem);
+        MmioDriver(&mut source).start(features::VERSION_1, &[&rig.rx, &rig.tx]);
+        rig.rx.add_chain(&rig.mem, &[Desc::w(0x10000, 2048)]);
+        source.quiesce();
+        peer.send_frame(&frame(60, 5));
+        assert!(!source.queue_handler().handle_host_event(0));
+        assert_eq!(rig.rx.used_idx(&rig.mem), 0);
+        // No new edge comes for a frame already waiting: the resume's notification gets it.
+        source.resume();
+        assert_eq!(source.queue_events()[RX_QUEUE].read().unwrap(), 1);
+        assert!(source.queue_handler().handle(RX_QUEUE));
+        assert_eq!(rig.rx_used(), [72]);
+    }
+
+    #[test]
+    fn a_network_state_is_refused_by_another_device() {
+        use crate::persist::testing::assert_refused;
+        let (rig, state, ..) = saved_net();
+        let other_mac =
+            Net::new(MacAddress([2, 0, 0, 0, 0, 1]), Box::new(DatagramBackend(UnixDatagram::pair().unwrap().0)));
+        assert_refused(&mut transported(other_mac, &rig.mem), &state, "mac");
+        let change = |change: &dyn Fn(&mut NetState)| {
+            let mut bad = state.clone();
+            if let VirtioDeviceState::Net(n) = &mut bad.device {
+                change(n);
+            }
+            bad
+        };
+        let mut target = transported(net().0, &rig.mem);
+        assert_refused(&mut target, &change(&|n| n.mac = "52:54:00:ab:cd".into()), "mac");
+        assert_refused(&mut target, &change(&|n| n.held_frame = Some(vec![0; RX_READ_LEN + 1])), "held_frame");
+        // A frame held by a device that is not running.
+        let mut stopped = Net::new(MAC, Box::new(DatagramBackend(UnixDatagram::pair().unwrap().0)));
+        let VirtioDeviceState::Net(n) = &state.device else { panic!("a network state") };
+        assert_eq!(stopped.restore_state(&state.device, 0, None).unwrap_err().field, "held_frame");
+        assert!(n.held_frame.is_some() && stopped.rx_held.is_none());
+        // The MAC is compared as an address, not as text.
+        crate::Persist::restore(&mut target, &change(&|n| n.mac = n.mac.to_uppercase())).unwrap();
     }
 }

@@ -28,13 +28,15 @@ use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{QueueConfig, TransportState};
+use super::transport::{QueueConfig, TransportState, VirtioState};
 use super::{lock_device, GuestErrorLog, GuestMemoryMmap, QueueHandler, VectorDelivery, VirtioDevice};
 use super::{VirtioInterrupt, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG};
 use crate::pci::msix::{self, MsixLayout};
-use crate::pci::{Bar, ConfigSpace, MsiSender, MsixTable, PciDevice, PciIdentity};
+use crate::pci::{Bar, ConfigSpace, ConfigSpaceState, MsiSender, MsixTable, MsixTableState, PciDevice, PciIdentity};
+use crate::{Persist, StateError};
 
 pub const VENDOR_ID: u16 = 0x1af4;
 /// Modern device IDs are this plus the virtio device type.
@@ -142,6 +144,20 @@ impl PciVectors {
     }
 }
 
+/// A virtio-pci function as data: its configuration space and MSI-X table, the vectors the driver chose, and the
+/// virtio device behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioPciState {
+    pub config_space: ConfigSpaceState,
+    pub msix: MsixTableState,
+    /// `config_msix_vector`: an MSI-X table entry or [`NO_VECTOR`].
+    pub config_vector: u16,
+    /// Each queue's `queue_msix_vector`, in queue order.
+    pub queue_vectors: Vec<u16>,
+    pub virtio: VirtioState,
+}
+
 impl VectorDelivery for PciVectors {
     fn signal_queue(&self, index: usize) {
         if let Some(vector) = self.queues.get(index) {
@@ -241,6 +257,16 @@ impl VirtioPciDevice {
         };
         let msix_cap = msix::add_capability(&mut config, layout)?;
         Ok((config, msix_cap, pci_cfg))
+    }
+
+    /// Stops the device's work on guest memory, for a snapshot (see [`transport`](super::transport)).
+    pub fn quiesce(&self) {
+        self.state.quiesce();
+    }
+
+    /// Lets a quiesced or restored device work again; every queue counts as notified.
+    pub fn resume(&self) {
+        self.state.resume();
     }
 
     /// Where each queue's notifications arrive: (BAR, offset in it, the queue's eventfd), in queue order.
@@ -414,6 +440,57 @@ impl VirtioPciDevice {
             && bar_offset.is_multiple_of(length as u64)
             && bar_offset + length as u64 <= size;
         valid.then_some((bar, bar_offset))
+    }
+}
+
+impl Persist for VirtioPciDevice {
+    type State = VirtioPciState;
+
+    fn save(&self) -> VirtioPciState {
+        VirtioPciState {
+            config_space: self.config.save(),
+            msix: lock_table(&self.msix).save(),
+            config_vector: self.vectors.config.load(Ordering::SeqCst),
+            queue_vectors: self.vectors.queues.iter().map(|v| v.load(Ordering::SeqCst)).collect(),
+            virtio: self.state.save(),
+        }
+    }
+
+    /// The configuration space and the MSI-X table are restored into copies and checked together (the capability's
+    /// enable and mask bits must be the table's), the vectors against the table; the virtio state goes last, and
+    /// only when it loads are the copies and vectors swapped in. Where the BARs now decode is the PCI root's
+    /// business ([`PciRoot::refresh_all`](crate::pci::PciRoot::refresh_all)).
+    fn restore(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
+        let mut config = self.config.clone();
+        config.restore(&state.config_space)?;
+        let mut table = lock_table(&self.msix).clone();
+        table.restore(&state.msix)?;
+        msix::check_control(&config, self.msix_capability, &table)?;
+        let device = super::device_name(self.state.device_type);
+        if state.queue_vectors.len() != self.vectors.queues.len() {
+            let problem = format!(
+                "{} in the snapshot, this device has {} queues",
+                state.queue_vectors.len(),
+                self.vectors.queues.len()
+            );
+            return Err(StateError::new(device, "queue_vectors", problem));
+        }
+        let vectors = std::iter::once(("config_vector".to_string(), state.config_vector))
+            .chain(state.queue_vectors.iter().enumerate().map(|(i, &v)| (format!("queue_vectors[{i}]"), v)));
+        for (field, vector) in vectors {
+            if vector != NO_VECTOR && usize::from(vector) >= table.len() {
+                let problem = format!("{vector}, and the MSI-X table has {} entries", table.len());
+                return Err(StateError::new(device, field, problem));
+            }
+        }
+        self.state.restore(&state.virtio)?;
+        self.config = config;
+        *lock_table(&self.msix) = table;
+        self.vectors.config.store(state.config_vector, Ordering::SeqCst);
+        for (slot, &vector) in self.vectors.queues.iter().zip(&state.queue_vectors) {
+            slot.store(vector, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 

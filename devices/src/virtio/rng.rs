@@ -5,10 +5,14 @@
 use std::io;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::chain::{self, Segment};
 use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioInterrupt,
+    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt,
 };
+use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of entropy handed out per request at most.
@@ -32,6 +36,12 @@ impl Default for Rng {
         Rng::new()
     }
 }
+
+/// virtio-rng keeps nothing beside its queue and the negotiated features (the transport's): each request is filled
+/// and used in one go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngState {}
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
@@ -73,6 +83,30 @@ impl VirtioDevice for Rng {
 
     fn has_backlog(&self, index: usize) -> bool {
         self.active.as_ref().is_some_and(|active| active.has_backlog(index))
+    }
+
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.active.as_ref()
+    }
+
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.active.as_mut()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng(RngState {})
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        acked_features: u64,
+        active: Option<ActiveQueues>,
+    ) -> Result<(), StateError> {
+        let VirtioDeviceState::Rng(RngState {}) = state else { return Err(state.mismatch(LOG.device)) };
+        self.acked_features = acked_features & self.avail_features();
+        self.active = active;
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> bool {

@@ -110,6 +110,12 @@ impl TestQueue {
         mem.write_obj(idx.to_le(), GuestAddress(self.avail_ring.0 + 2)).unwrap();
     }
 
+    /// Writes the available ring's `used_event` (EVENT_IDX): the driver wants an interrupt once the used index
+    /// passes `idx`.
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, idx: u16) {
+        mem.write_obj(idx.to_le(), GuestAddress(self.avail_ring.0 + 4 + 2 * u64::from(self.size))).unwrap();
+    }
+
     /// The used ring's index.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         u16::from_le(mem.read_obj(GuestAddress(self.used_ring.0 + 2)).unwrap())
@@ -156,6 +162,98 @@ impl InterruptLine for CountingLine {
     fn trigger(&self) -> std::io::Result<()> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// A driver's side of a virtio-mmio transport, through its registers as Linux uses them.
+pub struct MmioDriver<'t>(pub &'t mut super::mmio::MmioTransport);
+
+impl MmioDriver<'_> {
+    pub fn read(&mut self, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        crate::BusDevice::read(self.0, offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    pub fn write(&mut self, offset: u64, value: u32) {
+        crate::BusDevice::write(self.0, offset, &value.to_le_bytes());
+    }
+
+    /// ACKNOWLEDGE, DRIVER, `features`, FEATURES_OK; returns the status read back.
+    pub fn negotiate(&mut self, features: u64) -> u32 {
+        use super::mmio::{DRIVER_FEATURES, DRIVER_FEATURES_SEL, STATUS};
+        use super::status;
+        self.write(STATUS, status::ACKNOWLEDGE);
+        self.write(STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        for word in 0..2 {
+            self.write(DRIVER_FEATURES_SEL, word);
+            self.write(DRIVER_FEATURES, (features >> (32 * word)) as u32);
+        }
+        self.write(STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        self.read(STATUS)
+    }
+
+    /// Configures queue `index` on `ring`'s addresses and enables it; returns whether it is ready.
+    pub fn set_up_queue(&mut self, index: u32, ring: &TestQueue) -> bool {
+        use super::mmio::{QUEUE_DESC_LOW, QUEUE_DEVICE_LOW, QUEUE_DRIVER_LOW, QUEUE_NUM, QUEUE_READY, QUEUE_SEL};
+        self.write(QUEUE_SEL, index);
+        self.write(QUEUE_NUM, u32::from(ring.size));
+        for (low, addr) in
+            [(QUEUE_DESC_LOW, ring.desc_table), (QUEUE_DRIVER_LOW, ring.avail_ring), (QUEUE_DEVICE_LOW, ring.used_ring)]
+        {
+            self.write(low, addr.0 as u32);
+            self.write(low + 4, (addr.0 >> 32) as u32);
+        }
+        self.write(QUEUE_READY, 1);
+        self.read(QUEUE_READY) == 1
+    }
+
+    /// Negotiates `features`, sets up queue `i` on `rings[i]` and sets DRIVER_OK; returns the status read back.
+    pub fn start(&mut self, features: u64, rings: &[&TestQueue]) -> u32 {
+        use super::mmio::STATUS;
+        self.negotiate(features);
+        for (index, ring) in rings.iter().enumerate() {
+            assert!(self.set_up_queue(index as u32, ring), "queue {index} accepted");
+        }
+        let s = self.read(STATUS);
+        self.write(STATUS, s | super::status::DRIVER_OK);
+        self.read(STATUS)
+    }
+
+    /// What the driver sees of the transport: every register with its queue selector at each queue, and the
+    /// first `config_len` bytes of the device configuration.
+    pub fn registers(&mut self, queues: u32, config_len: u64) -> Vec<u32> {
+        use super::mmio::*;
+        let mut seen = Vec::new();
+        let selected = self.read(QUEUE_SEL);
+        for sel in 0..2 {
+            self.write(DEVICE_FEATURES_SEL, sel);
+            seen.push(self.read(DEVICE_FEATURES));
+        }
+        for reg in [STATUS, INTERRUPT_STATUS, CONFIG_GENERATION] {
+            seen.push(self.read(reg));
+        }
+        for queue in 0..queues {
+            self.write(QUEUE_SEL, queue);
+            let registers = [
+                QUEUE_NUM_MAX,
+                QUEUE_READY,
+                QUEUE_DESC_LOW,
+                QUEUE_DESC_HIGH,
+                QUEUE_DRIVER_LOW,
+                QUEUE_DRIVER_HIGH,
+                QUEUE_DEVICE_LOW,
+                QUEUE_DEVICE_HIGH,
+            ];
+            for reg in registers {
+                seen.push(self.read(reg));
+            }
+        }
+        self.write(QUEUE_SEL, selected);
+        for offset in (0..config_len).step_by(4) {
+            seen.push(self.read(CONFIG + offset));
+        }
+        seen
     }
 }
 

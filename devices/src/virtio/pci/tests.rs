@@ -20,19 +20,20 @@ const FEATURES: u64 = features::VERSION_1;
 
 impl Driver {
     fn new() -> Self {
-        let mem = guest_memory(1 << 20);
+        Self::on(guest_memory(1 << 20))
+    }
+    /// A fresh function on `mem`.
+    fn on(mem: GuestMemoryMmap) -> Self {
         let msi = Arc::new(RecordingSender::default());
         let dev =
             VirtioPciDevice::new(mem.clone(), Arc::new(Mutex::new(Rng::new())), msi.clone(), "rng0".into()).unwrap();
         Driver { dev, msi, mem }
     }
     fn read(&mut self, offset: u64, len: usize) -> u64 {
-        let mut data = [0u8; 8];
-        self.dev.read_bar(VIRTIO_BAR, offset, &mut data[..len]);
-        u64::from_le_bytes(data)
+        bar_read(&mut self.dev, offset, len)
     }
     fn write(&mut self, offset: u64, len: usize, value: u64) {
-        self.dev.write_bar(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
+        bar_write(&mut self.dev, offset, len, value);
     }
     fn status(&mut self) -> u8 {
         self.read(DEVICE_STATUS, 1) as u8
@@ -90,6 +91,16 @@ impl Driver {
         }
         caps
     }
+}
+
+fn bar_read(dev: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+    let mut data = [0u8; 8];
+    dev.read_bar(VIRTIO_BAR, offset, &mut data[..len]);
+    u64::from_le_bytes(data)
+}
+
+fn bar_write(dev: &mut VirtioPciDevice, offset: u64, len: usize, value: u64) {
+    dev.write_bar(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
 }
 
 #[test]
@@ -324,4 +335,133 @@ fn through_a_pci_root_the_function_answers_where_its_bar_decodes() {
     assert_eq!(u16::from_le_bytes(data), 1);
     assert!(msi.take().is_empty());
     assert_eq!(root.functions()[0].qdev_id, "rng0");
+}
+
+/// What a driver reads of the function: the common configuration (with queue 0 selected for the queue registers),
+/// the MSI-X table and configuration space.
+fn visible(dev: &mut VirtioPciDevice) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for (offset, len) in [
+        (DEVICE_FEATURE_SELECT, 4),
+        (DRIVER_FEATURE_SELECT, 4),
+        (CONFIG_MSIX_VECTOR, 2),
+        (DEVICE_STATUS, 1),
+        (CONFIG_GENERATION, 1),
+        (QUEUE_SELECT, 2),
+    ] {
+        seen.push(bar_read(dev, offset, len));
+    }
+    let (features_selected, queue_selected) = (seen[1], seen[5]);
+    for sel in 0..2 {
+        bar_write(dev, DRIVER_FEATURE_SELECT, 4, sel);
+        seen.push(bar_read(dev, DRIVER_FEATURE, 4));
+    }
+    bar_write(dev, QUEUE_SELECT, 2, 0);
+    for (offset, len) in [
+        (QUEUE_SIZE, 2),
+        (QUEUE_MSIX_VECTOR, 2),
+        (QUEUE_ENABLE, 2),
+        (QUEUE_DESC, 8),
+        (QUEUE_DRIVER, 8),
+        (QUEUE_DEVICE, 8),
+    ] {
+        seen.push(bar_read(dev, offset, len));
+    }
+    bar_write(dev, DRIVER_FEATURE_SELECT, 4, features_selected);
+    bar_write(dev, QUEUE_SELECT, 2, queue_selected);
+    for at in (0..0x20).step_by(8) {
+        let mut entry = [0u8; 8];
+        dev.read_bar(MSIX_BAR, at, &mut entry);
+        seen.push(u64::from_le_bytes(entry));
+    }
+    for at in (0..0x100).step_by(4) {
+        let mut word = [0u8; 4];
+        dev.read_config(at, &mut word);
+        seen.push(u64::from(u32::from_le_bytes(word)));
+    }
+    seen
+}
+
+/// A running function with MSI-X on, one request served and one made available while it was quiesced.
+fn saved_function() -> (Driver, TestQueue, VirtioPciState) {
+    let mut d = Driver::new();
+    let mut tq = TestQueue::new(GuestAddress(0x8_0000), 16);
+    d.negotiate(FEATURES);
+    d.write(CONFIG_MSIX_VECTOR, 2, 0);
+    d.setup_queue(0, &tq, 1);
+    d.enable_msix(&[(0, 0xfee0_0000, 0x30), (1, 0xfee0_1000, 0x31)]);
+    d.set_status(status::DRIVER_OK);
+    tq.add_chain(&d.mem, &[Desc::w(0x1_0000, 16)]);
+    assert!(d.dev.queue_handler().handle(0));
+    assert_eq!(d.msi.take(), vec![(0xfee0_1000, 0x31)]);
+    assert!(tq.pop_used(&d.mem).is_some());
+    d.dev.quiesce();
+    tq.add_chain(&d.mem, &[Desc::w(0x2_0000, 24)]);
+    assert!(!d.dev.queue_handler().handle(0));
+    let state = crate::persist::testing::through_json(&d.dev.save());
+    (d, tq, state)
+}
+
+#[test]
+fn a_restored_function_reads_the_same_and_interrupts_on_the_saved_vectors() {
+    let (mut source, mut tq, state) = saved_function();
+    assert_eq!((state.config_vector, state.queue_vectors.as_slice()), (0, &[1][..]));
+    let mut d = Driver::on(source.mem.clone());
+    assert_ne!(visible(&mut d.dev), visible(&mut source.dev), "the comparison sees the difference");
+    d.dev.restore(&state).unwrap();
+    assert_eq!(d.dev.save(), state);
+    assert_eq!(visible(&mut d.dev), visible(&mut source.dev));
+    assert_eq!(d.msi.take(), vec![], "a restore sends no message");
+    d.dev.resume();
+    assert_eq!(d.dev.queue_events()[0].read().unwrap(), 1);
+    assert!(d.dev.queue_handler().handle(0));
+    assert_eq!(tq.pop_used(&d.mem).map(|u| u.1), Some(24), "the waiting request, once");
+    assert_eq!(tq.pop_used(&d.mem), None);
+    assert_eq!(d.msi.take(), vec![(0xfee0_1000, 0x31)], "on the queue's vector");
+    d.dev.interrupt().signal_config_change();
+    assert_eq!(d.msi.take(), vec![(0xfee0_0000, 0x30)], "configuration changes on the config vector");
+    assert_eq!(d.read(CONFIG_GENERATION, 1), 1);
+}
+
+#[test]
+fn bad_function_states_are_refused_and_change_nothing() {
+    use crate::persist::testing::assert_refused;
+    let (_, _, good) = saved_function();
+    let mut target = Driver::new().dev;
+    let bad = |change: &dyn Fn(&mut VirtioPciState)| {
+        let mut state = good.clone();
+        change(&mut state);
+        state
+    };
+    assert_refused(&mut target, &bad(&|s| s.config_vector = 2), "config_vector");
+    assert_refused(&mut target, &bad(&|s| s.queue_vectors[0] = 0x7ff), "queue_vectors[0]");
+    assert_refused(&mut target, &bad(&|s| s.queue_vectors.push(0)), "queue_vectors");
+    assert_refused(&mut target, &bad(&|s| s.config_space.bytes[0] ^= 1), "bytes[0x000]");
+    assert_refused(&mut target, &bad(&|s| s.msix.enabled = false), "message control");
+    assert_refused(&mut target, &bad(&|s| s.msix.vectors.truncate(1)), "vectors");
+    assert_refused(&mut target, &bad(&|s| s.virtio.queues[0].size = 3), "queues[0]");
+    assert_refused(&mut target, &bad(&|s| s.virtio.status |= status::NEEDS_RESET), "status");
+    let json = serde_json::to_string(&good).unwrap().replacen("\"queue_vectors\"", "\"isr\":0,\"queue_vectors\"", 1);
+    assert!(serde_json::from_str::<VirtioPciState>(&json).is_err(), "fields from elsewhere are refused");
+}
+
+#[test]
+fn mutated_function_states_never_panic() {
+    use crate::persist::testing::fuzz_restore;
+    let (source, _, state) = saved_function();
+    let mem = source.mem.clone();
+    let fresh = || {
+        let msi = Arc::new(RecordingSender::default());
+        VirtioPciDevice::new(mem.clone(), Arc::new(Mutex::new(Rng::new())), msi, "rng0".into()).unwrap()
+    };
+    let exercise = |dev: &mut VirtioPciDevice| {
+        dev.resume();
+        dev.queue_handler().handle(0);
+        visible(dev);
+        bar_read(dev, ISR_OFFSET, 1);
+        bar_write(dev, DEVICE_STATUS, 1, 0xff);
+        dev.quiesce();
+    };
+    let counts = fuzz_restore(fresh, &state, exercise, 2000);
+    assert!(counts.loaded > 50 && counts.refused > 100 && counts.unparsable > 100, "{counts:?}");
 }
