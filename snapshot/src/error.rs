@@ -70,6 +70,12 @@ fn quoted_list(items: &[String]) -> String {
     items.iter().map(|item| format!("{item:?}")).collect::<Vec<_>>().join(", ")
 }
 
+/// Text from a decoder (serde's messages quote field names and values as they are in the file) with its control
+/// characters escaped, so that an error stays one line and cannot drive the terminal.
+pub(crate) fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// A byte count as people write it: "256 MiB" when it is a whole number of MiB or KiB, else bytes.
 pub(crate) fn size(bytes: u64) -> String {
     const KIB: u64 = 1 << 10;
@@ -85,6 +91,11 @@ pub(crate) fn size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_decoder_messages_are_escaped() {
+        assert_eq!(escape_controls("unknown field `a\x7fb\nc`, é"), "unknown field `a\\u{7f}b\\nc`, é");
+    }
 
     #[test]
     fn sizes_read_as_people_write_them() {

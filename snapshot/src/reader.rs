@@ -7,7 +7,7 @@ use std::ops::RangeInclusive;
 
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{escape_controls, Error, Result};
 use crate::header::{CpuIdentity, Header};
 use crate::memory::{check_layout_matches, GuestRegionMut, MemoryImage, PageMap, RegionLayout};
 use crate::record::{
@@ -89,7 +89,7 @@ impl Section<'_> {
         serde_json::from_slice(self.payload).map_err(|e| Error::BadState {
             name: self.name.into(),
             version: self.version,
-            problem: e.to_string(),
+            problem: escape_controls(&e.to_string()),
         })
     }
 }
@@ -180,8 +180,10 @@ impl<R: Read + Seek> Snapshot<R> {
         let mut summed = start;
         summed.extend_from_slice(&header_bytes);
         verify(checksum(&summed) == sum, "the header", 0)?;
-        let header: Header = serde_json::from_slice(&header_bytes)
-            .map_err(|e| Error::Malformed { offset: PREAMBLE_LEN as u64, problem: format!("header: {e}") })?;
+        let header: Header = serde_json::from_slice(&header_bytes).map_err(|e| Error::Malformed {
+            offset: PREAMBLE_LEN as u64,
+            problem: format!("header: {}", escape_controls(&e.to_string())),
+        })?;
         check_header(&header, expected)?;
 
         // The sections, up to the end record.

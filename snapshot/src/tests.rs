@@ -4,7 +4,7 @@ use std::io::{self, Cursor, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{checksum, le_u32, RecordHeader, PREAMBLE_LEN, RECORD_FIXED_LEN, SECTION_TAG};
+use crate::record::{self, checksum, le_u32, RecordHeader, PREAMBLE_LEN, RECORD_FIXED_LEN, SECTION_TAG};
 use crate::*;
 
 const PAGE: usize = 4096;
@@ -691,5 +691,34 @@ fn a_write_error_is_reported_with_where_it_happened() {
             }
             other => panic!("{left} bytes of room: {other:?}"),
         }
+    }
+}
+
+/// serde quotes unknown field names as the file spells them (found by the fuzz target): they are escaped.
+#[test]
+fn control_characters_from_the_file_stay_out_of_messages() {
+    let json = br#"{"kestrel\u007fversion":"0.1.0"}"#;
+    let json = String::from_utf8_lossy(json).replace("\\u007f", "\x7f");
+    let mut bytes = record::encode_preamble(FORMAT_VERSION, json.len() as u32).to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    let sum = checksum(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    match refusal(&bytes, &small_expected()) {
+        Error::Malformed { problem, .. } => assert!(problem.contains(r"kestrel\u{7f}version"), "{problem}"),
+        other => panic!("{other}"),
+    }
+
+    let mut writer = Writer::new(Vec::new(), &header()).unwrap();
+    writer.state("uart", 1, &serde_json::json!({"lcr": 3, "fifo": [], "evil\u{1b}[2J": 1})).unwrap();
+    writer.state("vcpu.0", 1, &vcpu(0)).unwrap();
+    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &small_memory() }]).unwrap();
+    let bytes = writer.finish().unwrap();
+    let snapshot = open(&bytes, &small_expected()).unwrap();
+    match snapshot.state::<Uart>("uart") {
+        Err(error @ Error::BadState { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains(r"evil\u{1b}[2J") && !message.chars().any(char::is_control), "{message}");
+        }
+        other => panic!("{other:?}"),
     }
 }
