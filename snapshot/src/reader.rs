@@ -370,6 +370,9 @@ impl<R: Read + Seek> Snapshot<R> {
 
     /// Copies the stored pages into `regions` (which must hold zeros: other pages are not written) and checks
     /// their checksum. On `Err` the regions hold part of the pages: the guest must not run on them.
+    ///
+    /// Runs of pages are read one `read_exact` each: over a file, give [`Snapshot::open`] a `BufReader` with a
+    /// large buffer (1 MiB copied scattered pages twice as fast as the default 8 KiB).
     pub fn read_memory_into(&mut self, regions: &mut [GuestRegionMut<'_>]) -> Result<()> {
         let layout: Vec<RegionLayout> =
             regions.iter().map(|r| RegionLayout { guest_addr: r.guest_addr, size: r.bytes.len() as u64 }).collect();

@@ -650,6 +650,14 @@ fn the_writer_refuses_what_no_reader_would_take() {
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     writer.memory(PAGE as u32, &regions).unwrap();
     assert!(matches!(writer.memory(PAGE as u32, &regions), Err(Error::DuplicateSection { .. })));
+
+    // A header the reader would refuse as too long (64 KiB of JSON at most).
+    let bloated =
+        Header { cpu: CpuIdentity::new("GenuineIntel", (0..5000).map(|i| format!("feature{i}"))), ..header() };
+    match Writer::new(Vec::new(), &bloated) {
+        Err(Error::InvalidHeader(problem)) => assert!(problem.contains("more than 65536"), "{problem}"),
+        other => panic!("{:?}", other.map(drop)),
+    }
 }
 
 /// A sink that takes `left` bytes and then fails, as a full disk or a closed pipe does.
