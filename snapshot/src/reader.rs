@@ -144,199 +144,18 @@ impl<R: Read + Seek> Snapshot<R> {
     pub(crate) fn open_with(mut source: R, expected: &Expected, verify_checksums: bool) -> Result<Self> {
         let file_len = source.seek(SeekFrom::End(0)).map_err(|source| Error::Io { offset: 0, source })?;
         source.seek(SeekFrom::Start(0)).map_err(|source| Error::Io { offset: 0, source })?;
-        let mut input = Input { source: &mut source, pos: 0, file_len };
-        let verify = |sum_ok: bool, what: &str, offset: u64| match sum_ok || !verify_checksums {
-            true => Ok(()),
-            false => Err(Error::Corrupted { what: what.into(), offset }),
+        let mut pass = Pass {
+            input: Input { source: &mut source, pos: 0, file_len },
+            expected,
+            verify_checksums,
+            sections: BTreeMap::new(),
+            map: None,
+            memory: None,
+            count: 0,
         };
-
-        // The preamble: magic and format version are checked before anything else is believed.
-        let start = input.read(file_len.min(PREAMBLE_LEN as u64), String::new)?;
-        let magic_len = start.len().min(MAGIC.len());
-        if start[..magic_len] != MAGIC[..magic_len] {
-            return Err(Error::BadMagic);
-        }
-        if start.len() < PREAMBLE_LEN {
-            return Err(Error::Truncated { what: "the preamble".into(), file_len });
-        }
-        let format_version = le_u32(&start, 8);
-        let versions = (OLDEST_FORMAT_VERSION, FORMAT_VERSION);
-        if format_version > FORMAT_VERSION {
-            return Err(Error::FormatTooNew { found: format_version, oldest: versions.0, newest: versions.1 });
-        }
-        if format_version < OLDEST_FORMAT_VERSION {
-            return Err(Error::FormatTooOld { found: format_version, oldest: versions.0, newest: versions.1 });
-        }
-        let header_len = le_u32(&start, 12);
-        if header_len > MAX_HEADER_LEN {
-            return Err(Error::Malformed {
-                offset: 12,
-                problem: format!("a {header_len}-byte header is longer than {MAX_HEADER_LEN} bytes"),
-            });
-        }
-        let mut header_bytes = input.read(u64::from(header_len) + CHECKSUM_LEN, || "the header".into())?;
-        let sum = le_u32(&header_bytes, header_len as usize);
-        header_bytes.truncate(header_len as usize);
-        let mut summed = start;
-        summed.extend_from_slice(&header_bytes);
-        verify(checksum(&summed) == sum, "the header", 0)?;
-        let header: Header = serde_json::from_slice(&header_bytes).map_err(|e| Error::Malformed {
-            offset: PREAMBLE_LEN as u64,
-            problem: format!("header: {}", escape_controls(&e.to_string())),
-        })?;
-        check_header(&header, expected)?;
-
-        // The sections, up to the end record.
-        let mut sections = BTreeMap::new();
-        let mut map: Option<(PageMap, u64)> = None;
-        let mut memory = None;
-        let mut count: u32 = 0;
-        loop {
-            let record_at = input.pos;
-            let tag = input.read(4.min(input.remaining()), String::new)?;
-            if tag.len() < 4 {
-                return Err(Error::Truncated { what: "the snapshot (it has no end record)".into(), file_len });
-            }
-            if tag == END_TAG {
-                let end = input.read(END_RECORD_LEN as u64 - 4, || "the end record".into())?;
-                let mut summed = tag;
-                summed.extend_from_slice(&end[..4]);
-                verify(checksum(&summed) == le_u32(&end, 4), "the end record", record_at)?;
-                let counted = le_u32(&end, 0);
-                if counted != count {
-                    return Err(Error::Malformed {
-                        offset: record_at,
-                        problem: format!("the end record counts {counted} sections; the file holds {count}"),
-                    });
-                }
-                if input.remaining() > 0 {
-                    return Err(Error::TrailingData { count: input.remaining() });
-                }
-                break;
-            }
-            if tag != SECTION_TAG {
-                return Err(Error::Malformed {
-                    offset: record_at,
-                    problem: format!("expected a section or the end record, found the bytes {tag:02x?}"),
-                });
-            }
-            let what = || format!("the section record at byte {record_at}");
-            let rest = input.read(RECORD_FIXED_LEN as u64 - 4, what)?;
-            let mut fixed = [0; RECORD_FIXED_LEN];
-            fixed[..4].copy_from_slice(&tag);
-            fixed[4..].copy_from_slice(&rest);
-            let name_and_sum = input.read(RecordHeader::name_len(&fixed) as u64 + CHECKSUM_LEN, what)?;
-            let (name, sum) = name_and_sum.split_at(name_and_sum.len() - CHECKSUM_LEN as usize);
-            let mut summed = fixed.to_vec();
-            summed.extend_from_slice(name);
-            verify(checksum(&summed) == le_u32(sum, 0), &what(), record_at)?;
-            let record = RecordHeader::decode(&fixed, name)
-                .map_err(|problem| Error::Malformed { offset: record_at, problem })?;
-            let name = record.name.as_str();
-            count = count.saturating_add(1);
-
-            // What the record is, before its payload is read: a duplicate, a section nobody asked for, a version
-            // this Kestrel does not read.
-            let seen = sections.contains_key(name)
-                || (name == MEMORY_MAP_SECTION && map.is_some())
-                || (name == MEMORY_PAGES_SECTION && memory.is_some());
-            if seen {
-                return Err(Error::DuplicateSection { name: name.into() });
-            }
-            let versions = match name {
-                MEMORY_MAP_SECTION | MEMORY_PAGES_SECTION => MEMORY_SECTION_VERSION..=MEMORY_SECTION_VERSION,
-                _ => match expected.sections.iter().find(|spec| spec.name == name) {
-                    Some(spec) => spec.versions.clone(),
-                    None => return Err(Error::UnknownSection { name: name.into() }),
-                },
-            };
-            if !versions.contains(&record.version) {
-                return Err(Error::SectionVersion {
-                    name: name.into(),
-                    found: record.version,
-                    oldest: *versions.start(),
-                    newest: *versions.end(),
-                });
-            }
-
-            let padding = input.read(u64::from(record.padding), || format!("the padding of section {name:?}"))?;
-            if padding.iter().any(|&b| b != 0) {
-                return Err(Error::Malformed {
-                    offset: input.pos - padding.len() as u64,
-                    problem: format!("the padding before section {name:?} is not zero"),
-                });
-            }
-            let payload_at = input.pos;
-            if name != MEMORY_PAGES_SECTION && record.payload_len > MAX_SECTION_LEN {
-                return Err(Error::SectionTooLarge {
-                    name: name.into(),
-                    length: record.payload_len,
-                    max: MAX_SECTION_LEN,
-                });
-            }
-            if record.payload_len.saturating_add(CHECKSUM_LEN) > input.remaining() {
-                return Err(Error::SectionBeyondFile {
-                    name: name.into(),
-                    offset: payload_at,
-                    length: record.payload_len,
-                    file_len,
-                });
-            }
-
-            if name == MEMORY_PAGES_SECTION {
-                let Some((map, map_at)) = map.as_ref() else {
-                    return Err(Error::Malformed {
-                        offset: record_at,
-                        problem: format!("guest memory pages come before their map (section {MEMORY_MAP_SECTION:?})"),
-                    });
-                };
-                let page = u64::from(map.page_size);
-                let stored_pages = map.stored_pages();
-                if record.payload_len != stored_pages * page {
-                    return Err(Error::Malformed {
-                        offset: record_at,
-                        problem: format!(
-                            "{} bytes of guest memory pages where the map (at byte {map_at}) marks {stored_pages} \
-                             pages of {page} bytes",
-                            record.payload_len
-                        ),
-                    });
-                }
-                if !payload_at.is_multiple_of(page) {
-                    return Err(Error::Malformed {
-                        offset: payload_at,
-                        problem: format!("guest memory pages start at byte {payload_at}, not on a {page}-byte page"),
-                    });
-                }
-                input.skip(record.payload_len)?;
-                let sum = input.read(CHECKSUM_LEN, what)?;
-                memory = Some(MemoryImage {
-                    map: map.clone(),
-                    stored_pages,
-                    data_offset: payload_at,
-                    data_checksum: le_u32(&sum, 0),
-                });
-                continue;
-            }
-
-            let mut payload = input.read(record.payload_len + CHECKSUM_LEN, what)?;
-            let sum = le_u32(&payload, record.payload_len as usize);
-            payload.truncate(record.payload_len as usize);
-            verify(checksum(&payload) == sum, &format!("section {name:?}"), payload_at)?;
-            if name == MEMORY_MAP_SECTION {
-                map = Some((PageMap::decode(&payload, payload_at, &expected.memory)?, payload_at));
-            } else {
-                sections.insert(record.name, StoredSection { version: record.version, payload });
-            }
-        }
-
-        let Some(memory) = memory else {
-            let name = if map.is_none() { MEMORY_MAP_SECTION } else { MEMORY_PAGES_SECTION };
-            return Err(Error::MissingSection { name: name.into() });
-        };
-        if let Some(spec) = expected.sections.iter().find(|s| s.required && !sections.contains_key(&s.name)) {
-            return Err(Error::MissingSection { name: spec.name.clone() });
-        }
+        let header = pass.header()?;
+        while pass.record()? {}
+        let (sections, memory) = pass.finish()?;
         Ok(Snapshot { source, file_len, header, sections, memory, verify_checksums })
     }
 
@@ -421,6 +240,241 @@ impl<R: Read + Seek> Snapshot<R> {
     /// The source, for a restore that maps guest memory from it.
     pub fn into_inner(self) -> R {
         self.source
+    }
+}
+
+/// One reading of a file, front to back: where it is and what it has found.
+struct Pass<'a, R> {
+    input: Input<'a, R>,
+    expected: &'a Expected,
+    verify_checksums: bool,
+    sections: BTreeMap<String, StoredSection>,
+    /// The page map and its offset, once its section is read.
+    map: Option<(PageMap, u64)>,
+    memory: Option<MemoryImage>,
+    count: u32,
+}
+
+impl<R: Read + Seek> Pass<'_, R> {
+    fn check_sum(&self, sum_ok: bool, what: &str, offset: u64) -> Result<()> {
+        match sum_ok || !self.verify_checksums {
+            true => Ok(()),
+            false => Err(Error::Corrupted { what: what.into(), offset }),
+        }
+    }
+
+    /// The preamble and the header: magic and format version are checked before anything else is believed, the
+    /// header against the machine before any section is read.
+    fn header(&mut self) -> Result<Header> {
+        let file_len = self.input.file_len;
+        let start = self.input.read(file_len.min(PREAMBLE_LEN as u64), String::new)?;
+        let magic_len = start.len().min(MAGIC.len());
+        if start[..magic_len] != MAGIC[..magic_len] {
+            return Err(Error::BadMagic);
+        }
+        if start.len() < PREAMBLE_LEN {
+            return Err(Error::Truncated { what: "the preamble".into(), file_len });
+        }
+        let (found, oldest, newest) = (le_u32(&start, 8), OLDEST_FORMAT_VERSION, FORMAT_VERSION);
+        if found > newest {
+            return Err(Error::FormatTooNew { found, oldest, newest });
+        }
+        if found < oldest {
+            return Err(Error::FormatTooOld { found, oldest, newest });
+        }
+        let header_len = le_u32(&start, 12);
+        if header_len > MAX_HEADER_LEN {
+            return Err(Error::Malformed {
+                offset: 12,
+                problem: format!("a {header_len}-byte header is longer than {MAX_HEADER_LEN} bytes"),
+            });
+        }
+        let mut header_bytes = self.input.read(u64::from(header_len) + CHECKSUM_LEN, || "the header".into())?;
+        let sum = le_u32(&header_bytes, header_len as usize);
+        header_bytes.truncate(header_len as usize);
+        let mut summed = start;
+        summed.extend_from_slice(&header_bytes);
+        self.check_sum(checksum(&summed) == sum, "the header", 0)?;
+        let header: Header = serde_json::from_slice(&header_bytes).map_err(|e| Error::Malformed {
+            offset: PREAMBLE_LEN as u64,
+            problem: format!("header: {}", escape_controls(&e.to_string())),
+        })?;
+        check_header(&header, self.expected)?;
+        Ok(header)
+    }
+
+    /// Reads one record: `Ok(false)` after the end record.
+    fn record(&mut self) -> Result<bool> {
+        let record_at = self.input.pos;
+        let tag = self.input.read(4.min(self.input.remaining()), String::new)?;
+        if tag.len() < 4 {
+            return Err(Error::Truncated {
+                what: "the snapshot (it has no end record)".into(),
+                file_len: self.input.file_len,
+            });
+        }
+        if tag == END_TAG {
+            self.end_record(record_at)?;
+            return Ok(false);
+        }
+        if tag != SECTION_TAG {
+            return Err(Error::Malformed {
+                offset: record_at,
+                problem: format!("expected a section or the end record, found the bytes {tag:02x?}"),
+            });
+        }
+        let record = self.record_header(record_at)?;
+        self.count = self.count.saturating_add(1);
+        self.check_record(&record)?;
+
+        let name = record.name.as_str();
+        let padding = self.input.read(u64::from(record.padding), || format!("the padding of section {name:?}"))?;
+        if padding.iter().any(|&b| b != 0) {
+            return Err(Error::Malformed {
+                offset: self.input.pos - padding.len() as u64,
+                problem: format!("the padding before section {name:?} is not zero"),
+            });
+        }
+        let payload_at = self.input.pos;
+        if name != MEMORY_PAGES_SECTION && record.payload_len > MAX_SECTION_LEN {
+            return Err(Error::SectionTooLarge { name: name.into(), length: record.payload_len, max: MAX_SECTION_LEN });
+        }
+        if record.payload_len.saturating_add(CHECKSUM_LEN) > self.input.remaining() {
+            return Err(Error::SectionBeyondFile {
+                name: name.into(),
+                offset: payload_at,
+                length: record.payload_len,
+                file_len: self.input.file_len,
+            });
+        }
+        match name {
+            MEMORY_PAGES_SECTION => self.pages(&record, record_at)?,
+            _ => self.payload(record, payload_at)?,
+        }
+        Ok(true)
+    }
+
+    /// The end record: its count of sections must be the file's, and nothing may follow it.
+    fn end_record(&mut self, record_at: u64) -> Result<()> {
+        let end = self.input.read(END_RECORD_LEN as u64 - 4, || "the end record".into())?;
+        let mut summed = END_TAG.to_vec();
+        summed.extend_from_slice(&end[..4]);
+        self.check_sum(checksum(&summed) == le_u32(&end, 4), "the end record", record_at)?;
+        let counted = le_u32(&end, 0);
+        if counted != self.count {
+            return Err(Error::Malformed {
+                offset: record_at,
+                problem: format!("the end record counts {counted} sections; the file holds {}", self.count),
+            });
+        }
+        if self.input.remaining() > 0 {
+            return Err(Error::TrailingData { count: self.input.remaining() });
+        }
+        Ok(())
+    }
+
+    /// A section record's header, its tag already read.
+    fn record_header(&mut self, record_at: u64) -> Result<RecordHeader> {
+        let what = || format!("the section record at byte {record_at}");
+        let mut fixed = [0; RECORD_FIXED_LEN];
+        fixed[..4].copy_from_slice(&SECTION_TAG);
+        fixed[4..].copy_from_slice(&self.input.read(RECORD_FIXED_LEN as u64 - 4, what)?);
+        let name_and_sum = self.input.read(RecordHeader::name_len(&fixed) as u64 + CHECKSUM_LEN, what)?;
+        let (name, sum) = name_and_sum.split_at(name_and_sum.len() - CHECKSUM_LEN as usize);
+        let mut summed = fixed.to_vec();
+        summed.extend_from_slice(name);
+        self.check_sum(checksum(&summed) == le_u32(sum, 0), &what(), record_at)?;
+        RecordHeader::decode(&fixed, name).map_err(|problem| Error::Malformed { offset: record_at, problem })
+    }
+
+    /// What the record is, before its payload is read: a duplicate, a section nobody asked for, a version this
+    /// Kestrel does not read.
+    fn check_record(&self, record: &RecordHeader) -> Result<()> {
+        let name = record.name.as_str();
+        let seen = self.sections.contains_key(name)
+            || (name == MEMORY_MAP_SECTION && self.map.is_some())
+            || (name == MEMORY_PAGES_SECTION && self.memory.is_some());
+        if seen {
+            return Err(Error::DuplicateSection { name: name.into() });
+        }
+        let versions = match name {
+            MEMORY_MAP_SECTION | MEMORY_PAGES_SECTION => MEMORY_SECTION_VERSION..=MEMORY_SECTION_VERSION,
+            _ => match self.expected.sections.iter().find(|spec| spec.name == name) {
+                Some(spec) => spec.versions.clone(),
+                None => return Err(Error::UnknownSection { name: name.into() }),
+            },
+        };
+        if !versions.contains(&record.version) {
+            return Err(Error::SectionVersion {
+                name: name.into(),
+                found: record.version,
+                oldest: *versions.start(),
+                newest: *versions.end(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The guest's pages: their length and place are checked against the map, and they are skipped, not read.
+    fn pages(&mut self, record: &RecordHeader, record_at: u64) -> Result<()> {
+        let payload_at = self.input.pos;
+        let Some((map, map_at)) = self.map.as_ref() else {
+            return Err(Error::Malformed {
+                offset: record_at,
+                problem: format!("guest memory pages come before their map (section {MEMORY_MAP_SECTION:?})"),
+            });
+        };
+        let page = u64::from(map.page_size);
+        let stored_pages = map.stored_pages();
+        if record.payload_len != stored_pages * page {
+            return Err(Error::Malformed {
+                offset: record_at,
+                problem: format!(
+                    "{} bytes of guest memory pages where the map (at byte {map_at}) marks {stored_pages} pages of \
+                     {page} bytes",
+                    record.payload_len
+                ),
+            });
+        }
+        if !payload_at.is_multiple_of(page) {
+            return Err(Error::Malformed {
+                offset: payload_at,
+                problem: format!("guest memory pages start at byte {payload_at}, not on a {page}-byte page"),
+            });
+        }
+        let map = map.clone();
+        self.input.skip(record.payload_len)?;
+        let sum = self.input.read(CHECKSUM_LEN, || "the guest memory pages' checksum".into())?;
+        self.memory = Some(MemoryImage { map, stored_pages, data_offset: payload_at, data_checksum: le_u32(&sum, 0) });
+        Ok(())
+    }
+
+    /// A payload read whole and checked against its checksum: the page map, or a component's state.
+    fn payload(&mut self, record: RecordHeader, payload_at: u64) -> Result<()> {
+        let name = record.name;
+        let mut payload = self.input.read(record.payload_len + CHECKSUM_LEN, || format!("section {name:?}"))?;
+        let sum = le_u32(&payload, record.payload_len as usize);
+        payload.truncate(record.payload_len as usize);
+        self.check_sum(checksum(&payload) == sum, &format!("section {name:?}"), payload_at)?;
+        if name == MEMORY_MAP_SECTION {
+            self.map = Some((PageMap::decode(&payload, payload_at, &self.expected.memory)?, payload_at));
+        } else {
+            self.sections.insert(name, StoredSection { version: record.version, payload });
+        }
+        Ok(())
+    }
+
+    /// What the file held, once the end record is read: guest memory and every required section must be there.
+    fn finish(self) -> Result<(BTreeMap<String, StoredSection>, MemoryImage)> {
+        let Some(memory) = self.memory else {
+            let name = if self.map.is_none() { MEMORY_MAP_SECTION } else { MEMORY_PAGES_SECTION };
+            return Err(Error::MissingSection { name: name.into() });
+        };
+        let sections = self.sections;
+        if let Some(spec) = self.expected.sections.iter().find(|s| s.required && !sections.contains_key(&s.name)) {
+            return Err(Error::MissingSection { name: spec.name.clone() });
+        }
+        Ok((sections, memory))
     }
 }
 
