@@ -26,18 +26,27 @@ pub fn kvm_available() -> bool {
     match verdict {
         Ok(()) => true,
         Err(reason) => {
-            // ci/test runs the foreign targets' tests under qemu-user, where no VM can be created, and says why.
-            let not_expected = std::env::var("KESTREL_NO_KVM_HERE").ok().filter(|why| !why.is_empty());
-            let required = std::env::var_os("KESTREL_REQUIRE_KVM").is_some();
-            let expected = required || (std::env::var_os("CI").is_some() && not_expected.is_none());
-            assert!(!expected, "KVM is required here (CI or KESTREL_REQUIRE_KVM is set) but {reason}");
-            match not_expected {
+            assert!(!kvm_expected(), "KVM is required here (CI or KESTREL_REQUIRE_KVM is set) but {reason}");
+            match kvm_not_expected_because() {
                 Some(why) => eprintln!("SKIPPED: {reason} ({why})"),
                 None => eprintln!("SKIPPED: {reason}; set KESTREL_REQUIRE_KVM=1 to make this a failure"),
             }
             false
         }
     }
+}
+
+/// Whether this machine must run guests with everything the tests use: under CI (unless KESTREL_NO_KVM_HERE says
+/// why not) or with KESTREL_REQUIRE_KVM set. A test that finds KVM or one of its ioctls missing fails there.
+pub fn kvm_expected() -> bool {
+    std::env::var_os("KESTREL_REQUIRE_KVM").is_some()
+        || (std::env::var_os("CI").is_some() && kvm_not_expected_because().is_none())
+}
+
+/// Why KVM is not expected here even under CI (ci/test runs the foreign targets' tests under qemu-user, where no
+/// VM can be created, and says why in KESTREL_NO_KVM_HERE).
+fn kvm_not_expected_because() -> Option<String> {
+    std::env::var("KESTREL_NO_KVM_HERE").ok().filter(|why| !why.is_empty())
 }
 
 /// The repo's guest payloads, assembled once per test binary.
