@@ -253,10 +253,23 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::Error> {
     Ok(filter.try_into()?)
 }
 
-/// Whether threads confine themselves, and their compiled filters (compiled once, up front, so a mistake in a
-/// list is an error at start, not in a thread).
+/// Whether threads confine themselves.
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static FILTERS: OnceLock<Vec<(ThreadKind, BpfProgram)>> = OnceLock::new();
+
+/// Each kind's compiled filter (indexed by `ThreadKind as usize`), built by the first thread of that kind to
+/// confine itself: the work is spread over the threads, off the main thread's way to the guest, and done once per
+/// process. The lists are fixed, so a mistake in one fails `every_kind_compiles_to_a_filter`, not a run.
+static FILTERS: [OnceLock<BpfProgram>; KINDS.len()] = [const { OnceLock::new() }; KINDS.len()];
+
+fn filter(kind: ThreadKind) -> Result<&'static BpfProgram, Error> {
+    let slot = FILTERS.get(kind as usize).ok_or_else(|| Error::Seccomp(format!("no filter for {kind:?} threads")))?;
+    if let Some(program) = slot.get() {
+        return Ok(program);
+    }
+    let program = compile(kind).map_err(|e| Error::Seccomp(format!("building the {kind:?} filter: {e}")))?;
+    // Two threads of a kind may both have built it: either program will do.
+    Ok(slot.get_or_init(|| program))
+}
 
 /// A count of threads that are to confine themselves and have not yet, and a wait for it to reach zero.
 struct Unconfined {
@@ -336,16 +349,9 @@ pub fn wait_until_every_thread_is_confined() {
     UNCONFINED.wait_for_none();
 }
 
-/// Turns confinement on for every thread started from now on (and the main thread, at its `apply`): compiles the
-/// filters, sets no_new_privs for the process, and installs the SIGSYS handler. Must be called before any other
-/// thread starts.
+/// Turns confinement on for every thread started from now on (and the main thread, at its `apply`): sets
+/// no_new_privs for the process and installs the SIGSYS handler. Must be called before any other thread starts.
 pub fn enable() -> Result<(), Error> {
-    let mut filters = Vec::with_capacity(KINDS.len());
-    for kind in KINDS {
-        let program = compile(kind).map_err(|e| Error::Seccomp(format!("building the {kind:?} filter: {e}")))?;
-        filters.push((kind, program));
-    }
-    let _ = FILTERS.set(filters);
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(Error::Seccomp(format!("setting no_new_privs: {}", std::io::Error::last_os_error())));
@@ -364,12 +370,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     }
     let name = std::thread::current().name().unwrap_or("main").to_string();
     remember_thread_name(&name);
-    let program = FILTERS
-        .get()
-        .and_then(|filters| filters.iter().find(|(k, _)| *k == kind))
-        .map(|(_, program)| program)
-        .ok_or_else(|| Error::Seccomp(format!("no filter for {kind:?} threads")))?;
-    seccompiler::apply_filter(program).map_err(|e| Error::Seccomp(format!("confining thread {name}: {e}")))?;
+    seccompiler::apply_filter(filter(kind)?).map_err(|e| Error::Seccomp(format!("confining thread {name}: {e}")))?;
     if kind == ThreadKind::Main {
         UNCONFINED.remove();
     }
@@ -501,6 +502,14 @@ extern "C" fn report_forbidden_call(_signal: libc::c_int, info: *mut libc::sigin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_listed_in_declaration_order() {
+        // `FILTERS` is indexed by `kind as usize`.
+        for (index, kind) in KINDS.into_iter().enumerate() {
+            assert_eq!(kind as usize, index, "{kind:?}");
+        }
+    }
 
     #[test]
     fn every_kind_compiles_to_a_filter() {
