@@ -49,27 +49,29 @@ impl ConsoleInput {
     /// nothing piles up. No input (a file, or none): nothing to do.
     pub fn start(self, name: &str, room: Arc<InputRoom>, mut deliver: impl FnMut(&[u8]) -> usize + Send + 'static) {
         let Some(mut input) = self.input else { return };
-        let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(move || {
-            seccomp::apply_or_exit(ThreadKind::ConsoleInput);
-            let mut buf = [0u8; INPUT_CHUNK];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let mut rest = &buf[..n];
-                        while !rest.is_empty() {
-                            let seen = room.generation();
-                            rest = &rest[deliver(rest).min(rest.len())..];
-                            if !rest.is_empty() {
-                                room.wait_past(seen, INPUT_RETRY);
+        let spawned = std::thread::Builder::new().name(format!("{name}-input")).spawn(seccomp::confined(
+            ThreadKind::ConsoleInput,
+            move || {
+                let mut buf = [0u8; INPUT_CHUNK];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let mut rest = &buf[..n];
+                            while !rest.is_empty() {
+                                let seen = room.generation();
+                                rest = &rest[deliver(rest).min(rest.len())..];
+                                if !rest.is_empty() {
+                                    room.wait_past(seen, INPUT_RETRY);
+                                }
                             }
                         }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
                 }
-            }
-        });
+            },
+        ));
         if let Err(e) = spawned {
             eprintln!("kestrel: {name} input disabled: {e}");
         }

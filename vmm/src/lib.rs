@@ -31,8 +31,6 @@ cfg_if::cfg_if! {
                 ConsoleInput,
             }
 
-            pub fn apply_or_exit(_kind: ThreadKind) {}
-
             pub fn confined<T>(_kind: ThreadKind, body: impl FnOnce() -> T) -> impl FnOnce() -> T {
                 body
             }

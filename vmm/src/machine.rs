@@ -79,8 +79,10 @@ pub struct Vmm<'a> {
     quit: bool,
     /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
     disks: Vec<crate::virtio::Disk>,
-    /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::start`).
+    /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::spawn`).
     platform_requested: Arc<AtomicBool>,
+    /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
+    first_boot_vcpus: Option<VcpuThreads>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
@@ -97,7 +99,9 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         Err(e) => return Err(e),
     };
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
-    // Every other thread has started and confined itself; the vCPUs start under this filter and add theirs.
+    // Every other thread has started and confines itself (the first boot's vCPU threads too: they carry their own
+    // filter only, later boots' add theirs to this one). No vCPU enters the guest before all of them, and this
+    // thread, are confined (`seccomp::wait_until_every_thread_is_confined`).
     seccomp::apply(ThreadKind::Main)?;
     EventLoop { qmp, poll, vmm }.run()
 }
@@ -137,10 +141,13 @@ impl<'a> Vmm<'a> {
         if let Some(fd) = signals::termination_fd() {
             console::give_up_waiting_when_readable(fd);
         }
+        // Started first (after the signal mask they inherit), so that their start and confinement overlap with
+        // building the machine and its first VM.
+        let platform_requested = Arc::new(AtomicBool::new(false));
+        let first_boot_vcpus = VcpuThreads::spawn(usize::from(config.vcpus), platform_requested.clone())?;
 
         let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
         // A device's reset or power-off request also holds every vCPU out of the guest until the VMM acts on it.
-        let platform_requested = Arc::new(AtomicBool::new(false));
         let platform_events = PlatformEvents::new({
             let sender = sender.clone();
             let requested = platform_requested.clone();
@@ -168,11 +175,16 @@ impl<'a> Vmm<'a> {
             quit: false,
             disks,
             platform_requested,
+            first_boot_vcpus: Some(first_boot_vcpus),
         })
     }
 
     /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
     fn boot(&mut self) -> Result<(), Error> {
+        let mut threads = match self.first_boot_vcpus.take() {
+            Some(threads) => threads,
+            None => VcpuThreads::spawn(usize::from(self.config.vcpus), self.platform_requested.clone())?,
+        };
         let vm = Arc::new(self.hypervisor.create_vm()?);
         map_guest_memory(vm.as_ref(), &self.memory)?;
         let boot = BootFiles {
@@ -189,9 +201,8 @@ impl<'a> Vmm<'a> {
         };
         let paused = self.state != RunState::Running;
         self.platform_requested.store(false, Ordering::SeqCst);
-        let held = self.platform_requested.clone();
-        let vcpus = VcpuThreads::start(vcpus, &self.platform.pio, &self.platform.mmio, paused, held, report)?;
-        self.guest = Some(Guest { vcpus, _vm: vm });
+        threads.start(vcpus, &self.platform.pio, &self.platform.mmio, paused, report)?;
+        self.guest = Some(Guest { vcpus: threads, _vm: vm });
         Ok(())
     }
 

@@ -14,7 +14,7 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
@@ -253,26 +253,112 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::Error> {
     Ok(filter.try_into()?)
 }
 
-/// Whether threads confine themselves, and their compiled filters (compiled once, up front, so a mistake in a
-/// list is an error at start, not in a thread).
+/// Whether threads confine themselves.
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static FILTERS: OnceLock<Vec<(ThreadKind, BpfProgram)>> = OnceLock::new();
 
-/// Turns confinement on for every thread started from now on (and the main thread, at its `apply`): compiles the
-/// filters, sets no_new_privs for the process, and installs the SIGSYS handler. Must be called before any other
-/// thread starts.
-pub fn enable() -> Result<(), Error> {
-    let mut filters = Vec::with_capacity(KINDS.len());
-    for kind in KINDS {
-        let program = compile(kind).map_err(|e| Error::Seccomp(format!("building the {kind:?} filter: {e}")))?;
-        filters.push((kind, program));
+/// Each kind's compiled filter (indexed by `ThreadKind as usize`), built by the first thread of that kind to
+/// confine itself: the work is spread over the threads, off the main thread's way to the guest, and done once per
+/// process. The lists are fixed, so a mistake in one fails `every_kind_compiles_to_a_filter`, not a run.
+static FILTERS: [OnceLock<BpfProgram>; KINDS.len()] = [const { OnceLock::new() }; KINDS.len()];
+
+fn filter(kind: ThreadKind) -> Result<&'static BpfProgram, Error> {
+    let slot = FILTERS.get(kind as usize).ok_or_else(|| Error::Seccomp(format!("no filter for {kind:?} threads")))?;
+    if let Some(program) = slot.get() {
+        return Ok(program);
     }
-    let _ = FILTERS.set(filters);
+    let program = compile(kind).map_err(|e| Error::Seccomp(format!("building the {kind:?} filter: {e}")))?;
+    // Two threads of a kind may both have built it: either program will do.
+    Ok(slot.get_or_init(|| program))
+}
+
+/// A count of threads that are to confine themselves and have not yet, and a wait for it to reach zero.
+struct Unconfined {
+    count: Mutex<usize>,
+    none_left: Condvar,
+}
+
+impl Unconfined {
+    const fn new() -> Self {
+        Unconfined { count: Mutex::new(0), none_left: Condvar::new() }
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self) {
+        *self.count() += 1;
+    }
+
+    fn remove(&self) {
+        let mut count = self.count();
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.none_left.notify_all();
+        }
+    }
+
+    fn wait_for_none(&self) {
+        let mut count = self.count();
+        while *count > 0 {
+            count = self.none_left.wait(count).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Kestrel's threads that are to confine themselves and have not yet: the main thread from `enable` to its
+/// `apply`, every other thread from its spawn (see [`Confinement`]). The guest waits for none to be left (see
+/// [`wait_until_every_thread_is_confined`]), so no thread of Kestrel's runs unconfined once the guest runs,
+/// however the threads' starts happen to be scheduled.
+static UNCONFINED: Unconfined = Unconfined::new();
+
+/// A thread's pledge to confine itself, made on the spawning thread before the spawn and kept by the new thread
+/// (see [`UNCONFINED`]). Dropped unkept (the spawn failed, or the thread could not confine itself and ends without
+/// doing its work) it stops counting as well.
+pub struct Confinement {
+    counted: bool,
+}
+
+impl Confinement {
+    /// Counts a thread about to be spawned as unconfined (nothing when the sandbox is off).
+    pub fn pledge() -> Self {
+        let counted = ENABLED.load(Ordering::SeqCst);
+        if counted {
+            UNCONFINED.add();
+        }
+        Confinement { counted }
+    }
+
+    /// On the new thread: confines it to `kind`'s calls.
+    pub fn keep(self, kind: ThreadKind) -> Result<(), Error> {
+        apply(kind)
+    }
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        if self.counted {
+            UNCONFINED.remove();
+        }
+    }
+}
+
+/// Returns once every thread started so far, and the main thread, has confined itself (at once when the sandbox is
+/// off). vCPU threads call it before they first enter the guest.
+pub fn wait_until_every_thread_is_confined() {
+    UNCONFINED.wait_for_none();
+}
+
+/// Turns confinement on for every thread started from now on (and the main thread, at its `apply`): sets
+/// no_new_privs for the process and installs the SIGSYS handler. Must be called before any other thread starts.
+pub fn enable() -> Result<(), Error> {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(Error::Seccomp(format!("setting no_new_privs: {}", std::io::Error::last_os_error())));
     }
     install_sigsys_handler()?;
+    // The main thread: confined at its `apply`.
+    UNCONFINED.add();
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -284,30 +370,31 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     }
     let name = std::thread::current().name().unwrap_or("main").to_string();
     remember_thread_name(&name);
-    let program = FILTERS
-        .get()
-        .and_then(|filters| filters.iter().find(|(k, _)| *k == kind))
-        .map(|(_, program)| program)
-        .ok_or_else(|| Error::Seccomp(format!("no filter for {kind:?} threads")))?;
-    seccompiler::apply_filter(program).map_err(|e| Error::Seccomp(format!("confining thread {name}: {e}")))
-}
-
-/// For threads with no channel to report on: confines the thread, or ends the process with one line (a thread
-/// that cannot be confined must not run unconfined when the user asked for the sandbox).
-pub fn apply_or_exit(kind: ThreadKind) {
-    if let Err(e) = apply(kind) {
-        eprintln!("kestrel: {e}");
-        crate::console::restore_terminal();
-        // SAFETY: _exit ends the process at once; nothing here relies on destructors running.
-        unsafe { libc::_exit(1) };
+    seccompiler::apply_filter(filter(kind)?).map_err(|e| Error::Seccomp(format!("confining thread {name}: {e}")))?;
+    if kind == ThreadKind::Main {
+        UNCONFINED.remove();
     }
+    Ok(())
 }
 
-/// A thread body that first confines its thread to `kind`'s calls (see `apply_or_exit`): wraps the closure given
-/// to `spawn`, so a thread start stays one line.
+/// For threads with no channel to report on: ends the process with one line (a thread that cannot be confined
+/// must not run unconfined when the user asked for the sandbox).
+fn exit_unconfined(error: &Error) -> ! {
+    eprintln!("kestrel: {error}");
+    crate::console::restore_terminal();
+    // SAFETY: _exit ends the process at once; nothing here relies on destructors running.
+    unsafe { libc::_exit(1) }
+}
+
+/// A thread body that first confines its thread to `kind`'s calls, or ends the process: wraps the closure given
+/// to `spawn`, so a thread start stays one line. Call it on the spawning thread, right before the spawn: the new
+/// thread counts as unconfined from then on (see [`Confinement`]).
 pub fn confined<T>(kind: ThreadKind, body: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let confinement = Confinement::pledge();
     move || {
-        apply_or_exit(kind);
+        if let Err(e) = confinement.keep(kind) {
+            exit_unconfined(&e);
+        }
         body()
     }
 }
@@ -418,11 +505,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kinds_are_listed_in_declaration_order() {
+        // `FILTERS` is indexed by `kind as usize`.
+        for (index, kind) in KINDS.into_iter().enumerate() {
+            assert_eq!(kind as usize, index, "{kind:?}");
+        }
+    }
+
+    #[test]
     fn every_kind_compiles_to_a_filter() {
         for kind in KINDS {
             let program = compile(kind).unwrap();
             assert!(program.len() > 20, "{kind:?}: {} instructions", program.len());
         }
+    }
+
+    #[test]
+    fn the_wait_for_confinement_ends_when_the_last_thread_is_confined() {
+        static COUNT: Unconfined = Unconfined::new();
+        COUNT.add();
+        COUNT.add();
+        let waiter = std::thread::spawn(|| COUNT.wait_for_none());
+        COUNT.remove();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "the wait ended with a thread still unconfined");
+        COUNT.remove();
+        waiter.join().unwrap();
+        // Nothing left: no wait at all.
+        COUNT.wait_for_none();
     }
 
     #[test]

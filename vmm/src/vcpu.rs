@@ -2,6 +2,7 @@
 //! from the VMM's main thread.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -46,65 +47,95 @@ impl Shared {
     }
 }
 
-/// The running vCPU threads of one boot.
+/// The vCPU threads of one boot. They are started before the VM is built (`spawn`), confine themselves and wait for
+/// their vCPU meanwhile, and enter the guest once given it (`start`): a thread's start and confinement are off the
+/// path to the guest's first instruction.
 pub struct VcpuThreads {
     threads: Vec<JoinHandle<()>>,
     thread_ids: Arc<Vec<AtomicI32>>,
     shared: Arc<Shared>,
+    /// Each thread's way to its vCPU, until `start` sends it (dropped, it ends the waiting thread).
+    work: Vec<Sender<VcpuWork>>,
 }
 
+/// What a waiting vCPU thread is given to do, with the outcome of its confinement.
+type VcpuWork = Box<dyn FnOnce(&Shared, Result<(), Error>) + Send>;
+
 impl VcpuThreads {
-    /// Starts one thread per vCPU; with `paused`, none enters the guest until `resume`. Once
-    /// `platform_requested` is set (a device asked for a reset or power-off: a reset register, the ACPI sleep
-    /// control), no vCPU enters the guest again and a triple fault is taken as part of that request: the guest
-    /// must not run on while the VMM acts, or Linux, its reset not taking effect at once, falls back to the
-    /// keyboard controller and at last to a triple fault.
-    pub fn start<C: Vcpu + 'static>(
-        vcpus: Vec<C>,
-        pio: &Bus,
-        mmio: &Bus,
-        paused: bool,
-        platform_requested: Arc<AtomicBool>,
-        report: impl Fn(VcpuEvent) + Clone + Send + 'static,
-    ) -> Result<Self, Error> {
+    /// Starts `count` threads that confine themselves and wait for `start`. Once `platform_requested` is set (a
+    /// device asked for a reset or power-off: a reset register, the ACPI sleep control), no vCPU enters the guest
+    /// again and a triple fault is taken as part of that request: the guest must not run on while the VMM acts,
+    /// or Linux, its reset not taking effect at once, falls back to the keyboard controller and at last to a
+    /// triple fault.
+    pub fn spawn(count: usize, platform_requested: Arc<AtomicBool>) -> Result<Self, Error> {
         let shared = Arc::new(Shared { platform_requested, ..Shared::default() });
-        shared.lock().paused = paused;
-        shared.attention.store(paused, Ordering::SeqCst);
-        let thread_ids: Arc<Vec<AtomicI32>> = Arc::new(vcpus.iter().map(|_| AtomicI32::new(0)).collect());
-        let mut running = VcpuThreads { threads: Vec::with_capacity(vcpus.len()), thread_ids, shared };
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone() };
-            let shared = running.shared.clone();
-            let thread_ids = running.thread_ids.clone();
-            let report = report.clone();
+        let thread_ids: Arc<Vec<AtomicI32>> = Arc::new((0..count).map(|_| AtomicI32::new(0)).collect());
+        let mut waiting =
+            VcpuThreads { threads: Vec::with_capacity(count), thread_ids, shared, work: Vec::with_capacity(count) };
+        for id in 0..count {
+            let (sender, receiver) = channel::<VcpuWork>();
+            let shared = waiting.shared.clone();
+            let thread_ids = waiting.thread_ids.clone();
+            let confinement = seccomp::Confinement::pledge();
             let thread = thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
                 // The raw system call: glibc's gettid() wrapper is a weak symbol that a static link leaves
                 // unresolved.
                 // SAFETY: gettid takes no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
                 thread_ids[id].store(tid, Ordering::SeqCst);
-                if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
-                    return report(VcpuEvent::Failed { id: id as u32, reason: e.to_string(), state: String::new() });
+                let confined = confinement.keep(ThreadKind::Vcpu);
+                // No vCPU (the boot failed, or the VMM is going): nothing to do.
+                let Ok(work) = receiver.recv() else { return };
+                if confined.is_ok() {
+                    seccomp::wait_until_every_thread_is_confined();
                 }
-                exits.run(vcpu, &shared, report)
+                work(&shared, confined)
             });
             match thread {
-                Ok(thread) => running.threads.push(thread),
-                Err(e) => {
-                    running.stop();
-                    return Err(Error::Host("starting a vCPU thread", e));
+                Ok(thread) => {
+                    waiting.threads.push(thread);
+                    waiting.work.push(sender);
                 }
+                Err(e) => return Err(Error::Host("starting a vCPU thread", e)),
             }
+        }
+        Ok(waiting)
+    }
+
+    /// Gives each thread its vCPU, in order; with `paused`, none enters the guest until `resume`.
+    pub fn start<C: Vcpu + 'static>(
+        &mut self,
+        vcpus: Vec<C>,
+        pio: &Bus,
+        mmio: &Bus,
+        paused: bool,
+        report: impl Fn(VcpuEvent) + Clone + Send + 'static,
+    ) -> Result<(), Error> {
+        if vcpus.len() != self.work.len() {
+            return Err(Error::Boot(format!("{} vCPUs for {} vCPU threads", vcpus.len(), self.work.len())));
+        }
+        self.shared.lock().paused = paused;
+        self.shared.attention.store(paused, Ordering::SeqCst);
+        for ((id, vcpu), sender) in vcpus.into_iter().enumerate().zip(self.work.drain(..)) {
+            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone() };
+            let report = report.clone();
+            let work: VcpuWork = Box::new(move |shared, confined| match confined {
+                Ok(()) => exits.run(vcpu, shared, report),
+                Err(e) => report(VcpuEvent::Failed { id: id as u32, reason: e.to_string(), state: String::new() }),
+            });
+            // A thread that already ended (it could not start its work) shows in `is_finished`; the VMM hears of it
+            // no other way, as before its vCPU existed.
+            let _ = sender.send(work);
         }
         // Management tools ask for the vCPU thread ids (query-cpus-fast) as soon as QMP answers, to pin them: have
         // every thread's id before returning. Each thread publishes it first thing, so this is a short wait.
-        while running.thread_ids.iter().any(|t| t.load(Ordering::SeqCst) == 0) {
-            if running.threads.iter().any(|t| t.is_finished()) {
+        while self.thread_ids.iter().any(|t| t.load(Ordering::SeqCst) == 0) {
+            if self.threads.iter().any(|t| t.is_finished()) {
                 break;
             }
             thread::yield_now();
         }
-        Ok(running)
+        Ok(())
     }
 
     /// The host thread id of each vCPU (0 until the thread has started).
@@ -139,12 +170,9 @@ impl VcpuThreads {
         self.shared.changed.notify_all();
     }
 
-    /// Stops every vCPU thread and waits for it.
-    pub fn stop(mut self) {
-        self.stop_threads();
-    }
-
     fn stop_threads(&mut self) {
+        // Threads still waiting for their vCPU end when their channel closes.
+        self.work.clear();
         {
             let mut control = self.shared.lock();
             control.stop = true;
