@@ -8,22 +8,63 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 /// Binds `path` with no access for anyone but the owner, replacing a stale socket as QEMU does (anything else
-/// at `path` is left alone and the bind fails).
+/// at `path` is left alone and the bind fails). The socket is bound and listening under a temporary name in the
+/// same directory first and then renamed into place, so a client that waits for the file to appear (libvirt,
+/// scripts, the tests) never finds it before it accepts connections: between bind and listen a unix socket's
+/// file exists but refuses connections.
 pub fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             std::fs::remove_file(path)?;
         }
     }
+    let staging = staging_path(path);
+    let bound = staging.as_deref().unwrap_or(path);
     // The umask makes the socket 0600 from its creation; no window where others could connect.
     // SAFETY: umask only changes this process's file creation mask, restored right after.
     let previous = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
+    let listener = UnixListener::bind(bound);
     // SAFETY: as above.
     unsafe { libc::umask(previous) };
     let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let placed = std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o600)).and_then(|()| {
+        if bound == path {
+            Ok(())
+        } else {
+            rename_no_replace(bound, path)
+        }
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(bound);
+        return Err(e);
+    }
     Ok(listener)
+}
+
+/// A hidden sibling of `path` to bind before renaming, or None when that name would not fit a socket address
+/// (then `path` is bound directly).
+fn staging_path(path: &Path) -> Option<std::path::PathBuf> {
+    /// `sun_path`'s size, less its terminating NUL.
+    const MAX_SOCKET_PATH: usize = 107;
+    let name = path.file_name()?.to_string_lossy();
+    let staging = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    (staging.as_os_str().len() <= MAX_SOCKET_PATH).then_some(staging)
+}
+
+/// Renames `from` to `to` unless something took `to` meanwhile (then fails with `AlreadyExists`): what stood at
+/// `to` when the bind began was a stale socket, removed, and nothing else may be replaced.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: two valid NUL-terminated paths; renameat2 reads them and touches no memory of ours.
+    let done =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The first address `host` resolves to, with `port`.
@@ -53,6 +94,45 @@ mod tests {
         std::fs::write(&file, b"keep").unwrap();
         assert!(bind_private_unix(&file).is_err());
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_socket_file_accepts_connections_from_the_moment_it_appears() {
+        let dir = std::env::temp_dir().join(format!("kestrel-listen-appear-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.sock");
+        for _ in 0..50 {
+            let watcher = {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    while !path.exists() {
+                        std::thread::yield_now();
+                    }
+                    std::os::unix::net::UnixStream::connect(&path).map(drop)
+                })
+            };
+            let listener = bind_private_unix(&path).unwrap();
+            watcher.join().unwrap().expect("the socket listens as soon as its file exists");
+            drop(listener);
+            std::fs::remove_file(&path).unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "no staging file is left behind: {left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_too_long_to_stage_is_bound_directly() {
+        let dir = std::env::temp_dir().join(format!("kestrel-listen-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 105 bytes in all: a socket address still, but not with the staging name's extra ~15.
+        let name = "s".repeat(105 - dir.as_os_str().len() - 1);
+        let path = dir.join(name);
+        assert_eq!(path.as_os_str().len(), 105);
+        assert!(staging_path(&path).is_none(), "no staging name past sun_path's size");
+        let _listener = bind_private_unix(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).expect("connects");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
