@@ -27,6 +27,10 @@ struct Control {
     stop: bool,
     /// Threads currently waiting in the paused state.
     parked: usize,
+    /// Bumped to ask every parked vCPU for its state (see `VcpuThreads::save_states`).
+    save_round: u64,
+    /// Each vCPU's answer to the current round, by vCPU index.
+    saved: Vec<Option<Result<serde_json::Value, String>>>,
 }
 
 /// Shared between the VMM and its vCPU threads.
@@ -45,6 +49,9 @@ impl Shared {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// How a vCPU thread reads its vCPU's state for a snapshot (the architecture's, see `Platform::save_vcpu`).
+pub type SaveVcpu<C> = fn(&mut C) -> Result<serde_json::Value, String>;
 
 /// The running vCPU threads of one boot.
 pub struct VcpuThreads {
@@ -65,6 +72,7 @@ impl VcpuThreads {
         mmio: &Bus,
         paused: bool,
         platform_requested: Arc<AtomicBool>,
+        save: SaveVcpu<C>,
         report: impl Fn(VcpuEvent) + Clone + Send + 'static,
     ) -> Result<Self, Error> {
         let shared = Arc::new(Shared { platform_requested, ..Shared::default() });
@@ -73,7 +81,7 @@ impl VcpuThreads {
         let thread_ids: Arc<Vec<AtomicI32>> = Arc::new(vcpus.iter().map(|_| AtomicI32::new(0)).collect());
         let mut running = VcpuThreads { threads: Vec::with_capacity(vcpus.len()), thread_ids, shared };
         for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone() };
+            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone(), save, save_round: 0 };
             let shared = running.shared.clone();
             let thread_ids = running.thread_ids.clone();
             let report = report.clone();
@@ -131,6 +139,29 @@ impl VcpuThreads {
         }
     }
 
+    /// Every vCPU's state, in vCPU order, read by each vCPU's own thread (which owns it). The vCPUs must be paused
+    /// (`pause`): a thread answers while it is parked.
+    pub fn save_states(&self) -> Result<Vec<serde_json::Value>, String> {
+        let count = self.threads.len();
+        let mut control = self.shared.lock();
+        if !control.paused {
+            return Err("the vCPUs are not paused".into());
+        }
+        control.save_round += 1;
+        control.saved = vec![None; count];
+        self.shared.changed.notify_all();
+        loop {
+            if control.saved.iter().all(Option::is_some) {
+                break;
+            }
+            if let Some(id) = self.threads.iter().position(|t| t.is_finished()) {
+                return Err(format!("vCPU {id} has stopped"));
+            }
+            control = self.shared.changed.wait_timeout(control, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        std::mem::take(&mut control.saved).into_iter().flatten().collect()
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         let mut control = self.shared.lock();
@@ -176,10 +207,27 @@ impl Drop for VcpuThreads {
     }
 }
 
-struct ExitHandler {
+/// Enters the vCPU once with an immediate exit: the hypervisor finishes the instruction behind the last I/O or
+/// MMIO exit (the device already answered it) and comes straight back, so the state read next lies between
+/// instructions and a restore does not repeat the access.
+fn complete_pending_exit<C: Vcpu>(vcpu: &mut C) -> Result<(), String> {
+    vcpu.set_immediate_exit(true);
+    let outcome = match vcpu.run() {
+        Ok(VcpuExit::Interrupted) => Ok(()),
+        Ok(_) => Err("the vCPU left the guest for another reason while completing its last instruction".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    vcpu.set_immediate_exit(false);
+    outcome
+}
+
+struct ExitHandler<C> {
     id: u32,
     pio: Bus,
     mmio: Bus,
+    save: SaveVcpu<C>,
+    /// The last save round this vCPU answered.
+    save_round: u64,
 }
 
 /// Unmapped MMIO accesses are reported, but only the first few: a guest probing for hardware must not flood the
@@ -196,13 +244,14 @@ fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
     }
 }
 
-impl ExitHandler {
-    fn failed<C: Vcpu>(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
+impl<C: Vcpu> ExitHandler<C> {
+    fn failed(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
         VcpuEvent::Failed { id: self.id, reason: reason.to_string(), state: vcpu.dump_state() }
     }
 
-    /// Whether the thread should go on running the guest, after honouring any pause request.
-    fn may_run(shared: &Shared) -> bool {
+    /// Whether the thread should go on running the guest, after honouring any pause request (and, while paused,
+    /// any request for the vCPU's state).
+    fn may_run(&mut self, vcpu: &mut C, shared: &Shared) -> bool {
         if !shared.attention.load(Ordering::SeqCst) {
             return true;
         }
@@ -211,6 +260,17 @@ impl ExitHandler {
             control.parked += 1;
             shared.changed.notify_all();
             while control.paused && !control.stop {
+                if control.save_round != self.save_round {
+                    self.save_round = control.save_round;
+                    drop(control);
+                    let state = complete_pending_exit(vcpu).and_then(|()| (self.save)(vcpu));
+                    control = shared.lock();
+                    if let Some(slot) = control.saved.get_mut(self.id as usize) {
+                        *slot = Some(state);
+                    }
+                    shared.changed.notify_all();
+                    continue;
+                }
                 control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
             }
             control.parked -= 1;
@@ -218,9 +278,9 @@ impl ExitHandler {
         !control.stop
     }
 
-    fn run<C: Vcpu>(self, mut vcpu: C, shared: &Shared, report: impl Fn(VcpuEvent)) {
+    fn run(mut self, mut vcpu: C, shared: &Shared, report: impl Fn(VcpuEvent)) {
         let event = loop {
-            if !Self::may_run(shared) {
+            if !self.may_run(&mut vcpu, shared) {
                 return;
             }
             if shared.platform_requested.load(Ordering::SeqCst) {
@@ -270,7 +330,7 @@ impl ExitHandler {
         }
         // After a platform request or a failure the vCPU stays out of the guest until the VMM decides (reset,
         // power off, stop), still honouring pause and stop.
-        while Self::may_run(shared) {
+        while self.may_run(&mut vcpu, shared) {
             let mut control = shared.lock();
             while !control.stop && !control.paused {
                 control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
