@@ -20,7 +20,7 @@ use qmp::{
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch_platform::{BootFiles, Platform};
+use crate::arch_platform::{BootFiles, Platform, VcpuState};
 use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::seccomp::{self, ThreadKind};
@@ -58,7 +58,7 @@ const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
-    vcpus: VcpuThreads,
+    vcpus: VcpuThreads<VcpuState>,
     vm: Arc<KvmVm>,
 }
 

@@ -64,10 +64,10 @@ impl Component {
 }
 
 /// Everything a save collected before guest memory is written.
-pub struct SavedMachine {
+pub struct SavedMachine<V> {
     pub header: Header,
     pub vm: Value,
-    pub vcpus: Vec<Value>,
+    pub vcpus: Vec<V>,
     pub devices: Vec<(String, Value)>,
 }
 
@@ -88,7 +88,7 @@ pub fn page_size() -> u32 {
 }
 
 /// Writes `machine` and guest memory to `path` (created or truncated), synced to disk before it returns.
-pub fn write(path: &Path, machine: &SavedMachine, memory: &GuestMemoryMmap) -> Result<SaveStats, String> {
+pub fn write<V: serde::Serialize>(path: &Path, machine: &SavedMachine<V>, memory: &GuestMemoryMmap) -> Result<SaveStats, String> {
     let file = File::create(path).map_err(|e| format!("cannot create '{}': {e}", path.display()))?;
     let failed = |e: snapshot::Error| format!("writing '{}': {e}", path.display());
     let mut writer = snapshot::Writer::new(BufWriter::with_capacity(1 << 20, file), &machine.header).map_err(failed)?;

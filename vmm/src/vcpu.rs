@@ -29,8 +29,8 @@ struct Control {
     parked: usize,
     /// Bumped to ask every parked vCPU for its state (see `VcpuThreads::save_states`).
     save_round: u64,
-    /// Each vCPU's answer to the current round, by vCPU index.
-    saved: Vec<Option<Result<serde_json::Value, String>>>,
+    /// How many vCPUs answered the current round.
+    answered: usize,
 }
 
 /// Shared between the VMM and its vCPU threads.
@@ -50,17 +50,21 @@ impl Shared {
     }
 }
 
-/// How a vCPU thread reads its vCPU's state for a snapshot (the architecture's, see `Platform::save_vcpu`).
-pub type SaveVcpu<C> = fn(&mut C) -> Result<serde_json::Value, String>;
+/// How a vCPU thread reads its vCPU's state `S` for a snapshot (the architecture's, see `Platform::save_vcpu`).
+pub type SaveVcpu<C, S> = fn(&mut C) -> Result<S, String>;
 
-/// The running vCPU threads of one boot.
-pub struct VcpuThreads {
+/// Each vCPU's answer to the current save round, by vCPU index.
+type SavedStates<S> = Arc<Mutex<Vec<Option<Result<S, String>>>>>;
+
+/// The running vCPU threads of one boot; `S` is a vCPU's state as a snapshot holds it.
+pub struct VcpuThreads<S> {
     threads: Vec<JoinHandle<()>>,
     thread_ids: Arc<Vec<AtomicI32>>,
     shared: Arc<Shared>,
+    saved: SavedStates<S>,
 }
 
-impl VcpuThreads {
+impl<S> VcpuThreads<S> {
     /// Starts one thread per vCPU; with `paused`, none enters the guest until `resume`. Once
     /// `platform_requested` is set (a device asked for a reset or power-off: a reset register, the ACPI sleep
     /// control), no vCPU enters the guest again and a triple fault is taken as part of that request: the guest
@@ -72,16 +76,27 @@ impl VcpuThreads {
         mmio: &Bus,
         paused: bool,
         platform_requested: Arc<AtomicBool>,
-        save: SaveVcpu<C>,
+        save: SaveVcpu<C, S>,
         report: impl Fn(VcpuEvent) + Clone + Send + 'static,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, Error>
+    where
+        S: Send + 'static,
+    {
         let shared = Arc::new(Shared { platform_requested, ..Shared::default() });
         shared.lock().paused = paused;
         shared.attention.store(paused, Ordering::SeqCst);
         let thread_ids: Arc<Vec<AtomicI32>> = Arc::new(vcpus.iter().map(|_| AtomicI32::new(0)).collect());
-        let mut running = VcpuThreads { threads: Vec::with_capacity(vcpus.len()), thread_ids, shared };
+        let saved = Arc::new(Mutex::new(Vec::new()));
+        let mut running = VcpuThreads { threads: Vec::with_capacity(vcpus.len()), thread_ids, shared, saved };
         for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone(), save, save_round: 0 };
+            let exits = ExitHandler {
+                id: id as u32,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                save,
+                save_round: 0,
+                saved: running.saved.clone(),
+            };
             let shared = running.shared.clone();
             let thread_ids = running.thread_ids.clone();
             let report = report.clone();
@@ -141,17 +156,18 @@ impl VcpuThreads {
 
     /// Every vCPU's state, in vCPU order, read by each vCPU's own thread (which owns it). The vCPUs must be paused
     /// (`pause`): a thread answers while it is parked.
-    pub fn save_states(&self) -> Result<Vec<serde_json::Value>, String> {
+    pub fn save_states(&self) -> Result<Vec<S>, String> {
         let count = self.threads.len();
         let mut control = self.shared.lock();
         if !control.paused {
             return Err("the vCPUs are not paused".into());
         }
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = (0..count).map(|_| None).collect();
         control.save_round += 1;
-        control.saved = vec![None; count];
+        control.answered = 0;
         self.shared.changed.notify_all();
         loop {
-            if control.saved.iter().all(Option::is_some) {
+            if control.answered >= count {
                 break;
             }
             if let Some(id) = self.threads.iter().position(|t| t.is_finished()) {
@@ -159,7 +175,9 @@ impl VcpuThreads {
             }
             control = self.shared.changed.wait_timeout(control, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        std::mem::take(&mut control.saved).into_iter().flatten().collect()
+        drop(control);
+        let saved = std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()));
+        saved.into_iter().map(|state| state.unwrap_or_else(|| Err("a vCPU gave no state".into()))).collect()
     }
 
     /// Lets paused vCPUs run again.
@@ -201,7 +219,7 @@ impl VcpuThreads {
     }
 }
 
-impl Drop for VcpuThreads {
+impl<S> Drop for VcpuThreads<S> {
     fn drop(&mut self) {
         self.stop_threads();
     }
@@ -221,13 +239,14 @@ fn complete_pending_exit<C: Vcpu>(vcpu: &mut C) -> Result<(), String> {
     outcome
 }
 
-struct ExitHandler<C> {
+struct ExitHandler<C, S> {
     id: u32,
     pio: Bus,
     mmio: Bus,
-    save: SaveVcpu<C>,
+    save: SaveVcpu<C, S>,
     /// The last save round this vCPU answered.
     save_round: u64,
+    saved: SavedStates<S>,
 }
 
 /// Unmapped MMIO accesses are reported, but only the first few: a guest probing for hardware must not flood the
@@ -244,7 +263,7 @@ fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
     }
 }
 
-impl<C: Vcpu> ExitHandler<C> {
+impl<C: Vcpu, S> ExitHandler<C, S> {
     fn failed(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
         VcpuEvent::Failed { id: self.id, reason: reason.to_string(), state: vcpu.dump_state() }
     }
@@ -264,10 +283,11 @@ impl<C: Vcpu> ExitHandler<C> {
                     self.save_round = control.save_round;
                     drop(control);
                     let state = complete_pending_exit(vcpu).and_then(|()| (self.save)(vcpu));
-                    control = shared.lock();
-                    if let Some(slot) = control.saved.get_mut(self.id as usize) {
+                    if let Some(slot) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).get_mut(self.id as usize) {
                         *slot = Some(state);
                     }
+                    control = shared.lock();
+                    control.answered += 1;
                     shared.changed.notify_all();
                     continue;
                 }

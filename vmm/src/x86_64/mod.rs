@@ -41,6 +41,9 @@ const I8042_PORTS: u64 = 5;
 const CMOS_PORTS: u64 = 2;
 const ACPI_PM_PORTS: u64 = devices::legacy::ACPI_PM_BLOCK_LEN;
 
+/// One vCPU's state as a snapshot holds it.
+pub type VcpuState = hypervisor::x86_64::VcpuStateX86_64;
+
 /// The devices of one machine. They outlive guest resets (CMOS NVRAM, console input, the serial output stream).
 pub struct Platform {
     pub pio: Bus,

@@ -9,7 +9,7 @@ use hypervisor::Vm;
 use serde_json::Value;
 use snapshot::CpuIdentity;
 
-use super::Platform;
+use super::{Platform, VcpuState};
 use crate::snapshot::{restore_components, state, vcpu_section, Component, Incoming, VM_SECTION};
 use crate::Error;
 
@@ -83,9 +83,8 @@ impl Platform {
     }
 
     /// One vCPU's state as data; run on the vCPU's thread, which owns it, once its last exit is complete.
-    pub fn save_vcpu<C: VcpuX86_64>(vcpu: &mut C) -> Result<Value, String> {
-        let state = vcpu.save_state().map_err(|e| e.to_string())?;
-        serde_json::to_value(state).map_err(|e| e.to_string())
+    pub fn save_vcpu<C: VcpuX86_64>(vcpu: &mut C) -> Result<VcpuState, String> {
+        vcpu.save_state().map_err(|e| e.to_string())
     }
 
     /// The PIC, IOAPIC, PIT and clock, with every vCPU held.
