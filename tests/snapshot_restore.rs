@@ -120,11 +120,7 @@ impl Drop for Vm {
 /// The counts in complete `probe: flood N` lines, in order. A line cut by the save (its start in the source's
 /// console, its end in the restored one's) is in neither.
 fn counts(console: &str) -> Vec<u64> {
-    console
-        .split("\r\n")
-        .filter_map(|line| line.strip_prefix("probe: flood "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    console.split("\r\n").filter_map(|line| line.strip_prefix("probe: flood ")).filter_map(|n| n.parse().ok()).collect()
 }
 
 fn tail(text: &str) -> &str {
@@ -224,8 +220,7 @@ fn save_and_restore(name: &str, machine: &[&str], spelling: &str) {
     source.wait_for_count(200);
     let mut qmp = source.client();
     let seen = qmp.migrate(&snapshot);
-    let expected =
-        events(&[("MIGRATION", "setup"), ("MIGRATION", "active"), ("STOP", ""), ("MIGRATION", "completed")]);
+    let expected = events(&[("MIGRATION", "setup"), ("MIGRATION", "active"), ("STOP", ""), ("MIGRATION", "completed")]);
     assert_eq!(seen, expected);
     assert_eq!(qmp.status(), "postmigrate");
     let (_, info) = qmp.execute(r#"{"execute": "query-migrate"}"#);

@@ -413,7 +413,10 @@ pub static COMMANDS: &[Command] = &[
         let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
         c.machine.migrate(uri, c.events).map(|()| json!({}))
     }),
-    cmd!("query-migrate", T_EMPTY, MIGRATION_INFO, |_, c| Ok(c.machine.migration().map_or(json!({}), |m| migration_info(&m)))),
+    cmd!("query-migrate", T_EMPTY, MIGRATION_INFO, |_, c| Ok(c
+        .machine
+        .migration()
+        .map_or(json!({}), |m| migration_info(&m)))),
 ];
 
 /// Every event Kestrel emits.

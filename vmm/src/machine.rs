@@ -20,7 +20,7 @@ use qmp::{
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch_platform::{BootFiles, Platform, VcpuState};
+use crate::arch_platform::{BootFiles, Platform, VcpuState, VmState};
 use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::seccomp::{self, ThreadKind};
@@ -169,6 +169,7 @@ impl<'a> Vmm<'a> {
         let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
         let incoming = match &config.incoming {
             Some(path) => {
+                Platform::check_restore_supported()?;
                 let components = platform.components();
                 let machine = snapshot_file::Machine {
                     machine_type: machine_name(config),
@@ -209,8 +210,13 @@ impl<'a> Vmm<'a> {
         map_guest_memory(vm.as_ref(), &self.memory)?;
         let vcpus = match self.incoming.take() {
             Some(mut incoming) => {
+                let vcpu_states = (0..usize::from(self.config.vcpus))
+                    .map(|i| snapshot_file::state::<VcpuState>(&incoming, &snapshot_file::vcpu_section(i)))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let vm_state: VmState = snapshot_file::state(&incoming, snapshot_file::VM_SECTION)?;
+                snapshot_file::restore_components(&incoming, &self.platform.components())?;
                 snapshot_file::load_memory(&mut incoming, &self.memory)?;
-                let vcpus = self.platform.restore(&self.hypervisor, &vm, self.config.vcpus, &incoming)?;
+                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state)?;
                 self.platform.resume_devices();
                 vcpus
             }
@@ -538,11 +544,7 @@ impl Machine for Vmm<'_> {
         let path = match uri.split_once(':') {
             Some(("file", path)) if !path.is_empty() => std::path::PathBuf::from(path),
             Some(("file", _)) => return Err(QmpError::generic("file: needs a path")),
-            _ => {
-                return Err(QmpError::generic(format!(
-                    "Kestrel saves to file:PATH only, not to '{uri}'"
-                )))
-            }
+            _ => return Err(QmpError::generic(format!("Kestrel saves to file:PATH only, not to '{uri}'"))),
         };
         if self.state.needs_reset() || self.guest.is_none() {
             return Err(QmpError::generic(format!("cannot save the VM in state '{}'", self.state.as_str())));

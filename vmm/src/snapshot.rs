@@ -64,9 +64,9 @@ impl Component {
 }
 
 /// Everything a save collected before guest memory is written.
-pub struct SavedMachine<V> {
+pub struct SavedMachine<M, V> {
     pub header: Header,
-    pub vm: Value,
+    pub vm: M,
     pub vcpus: Vec<V>,
     pub devices: Vec<(String, Value)>,
 }
@@ -88,7 +88,11 @@ pub fn page_size() -> u32 {
 }
 
 /// Writes `machine` and guest memory to `path` (created or truncated), synced to disk before it returns.
-pub fn write<V: serde::Serialize>(path: &Path, machine: &SavedMachine<V>, memory: &GuestMemoryMmap) -> Result<SaveStats, String> {
+pub fn write<M: serde::Serialize, V: serde::Serialize>(
+    path: &Path,
+    machine: &SavedMachine<M, V>,
+    memory: &GuestMemoryMmap,
+) -> Result<SaveStats, String> {
     let file = File::create(path).map_err(|e| format!("cannot create '{}': {e}", path.display()))?;
     let failed = |e: snapshot::Error| format!("writing '{}': {e}", path.display());
     let mut writer = snapshot::Writer::new(BufWriter::with_capacity(1 << 20, file), &machine.header).map_err(failed)?;
@@ -135,12 +139,10 @@ pub fn open(path: &Path, machine: &Machine<'_>) -> Result<Incoming, Error> {
     let refused = |e: snapshot::Error| Error::Snapshot(format!("cannot restore '{}': {e}", path.display()));
     let file = File::open(path).map_err(|source| Error::Open { what: "snapshot", path: path.to_path_buf(), source })?;
     let mut sections = vec![SectionSpec::required(VM_SECTION, SECTION_VERSION..=SECTION_VERSION)];
-    sections.extend(
-        (0..machine.vcpus).map(|i| SectionSpec::required(vcpu_section(i), SECTION_VERSION..=SECTION_VERSION)),
-    );
-    sections.extend(
-        machine.components.iter().map(|c| SectionSpec::required(&c.name, SECTION_VERSION..=SECTION_VERSION)),
-    );
+    sections
+        .extend((0..machine.vcpus).map(|i| SectionSpec::required(vcpu_section(i), SECTION_VERSION..=SECTION_VERSION)));
+    sections
+        .extend(machine.components.iter().map(|c| SectionSpec::required(&c.name, SECTION_VERSION..=SECTION_VERSION)));
     let expected = Expected {
         arch: std::env::consts::ARCH.into(),
         machine: machine.machine_type.into(),

@@ -173,7 +173,12 @@ impl<S> VcpuThreads<S> {
             if let Some(id) = self.threads.iter().position(|t| t.is_finished()) {
                 return Err(format!("vCPU {id} has stopped"));
             }
-            control = self.shared.changed.wait_timeout(control, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
+            control = self
+                .shared
+                .changed
+                .wait_timeout(control, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         drop(control);
         let saved = std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()));

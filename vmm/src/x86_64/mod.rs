@@ -43,6 +43,8 @@ const ACPI_PM_PORTS: u64 = devices::legacy::ACPI_PM_BLOCK_LEN;
 
 /// One vCPU's state as a snapshot holds it.
 pub type VcpuState = hypervisor::x86_64::VcpuStateX86_64;
+/// The VM-wide state a snapshot holds: the PIC, IOAPIC, PIT and clock.
+pub type VmState = hypervisor::x86_64::VmStateX86_64;
 
 /// The devices of one machine. They outlive guest resets (CMOS NVRAM, console input, the serial output stream).
 pub struct Platform {

@@ -4,13 +4,12 @@
 use std::sync::Arc;
 
 use arch::x86_64::{cpuid, CpuidEntry};
-use hypervisor::x86_64::{HypervisorX86_64, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64};
+use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
-use serde_json::Value;
 use snapshot::CpuIdentity;
 
-use super::{Platform, VcpuState};
-use crate::snapshot::{restore_components, state, vcpu_section, Component, Incoming, VM_SECTION};
+use super::{Platform, VcpuState, VmState};
+use crate::snapshot::Component;
 use crate::Error;
 
 /// The CPUID registers whose bits are features a guest may rely on once it has seen them: leaf 1 ECX/EDX, leaf
@@ -31,6 +30,11 @@ impl Platform {
     /// `None` as.
     pub const DEFAULT_MACHINE_NAME: &'static str = "pc";
 
+    /// Restores are implemented here.
+    pub fn check_restore_supported() -> Result<(), Error> {
+        Ok(())
+    }
+
     /// The CPU a guest of `vcpu_count` vCPUs sees on this host: the vendor, and one name per feature bit of its
     /// CPUID (`<leaf>.<subleaf>.<register>.<bit>`), so that a refusal names the bits a host lacks.
     pub fn cpu_identity<H: HypervisorX86_64>(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error> {
@@ -44,7 +48,9 @@ impl Platform {
             let Some(entry) = leaf(function, index) else { continue };
             let bits = register_value(entry, register);
             features.extend(
-                (0..32).filter(|bit| bits & (1 << bit) != 0).map(|bit| format!("{function:#x}.{index}.e{register}x.{bit}")),
+                (0..32)
+                    .filter(|bit| bits & (1 << bit) != 0)
+                    .map(|bit| format!("{function:#x}.{index}.e{register}x.{bit}")),
             );
         }
         Ok(CpuIdentity::new(vendor, features))
@@ -88,42 +94,40 @@ impl Platform {
     }
 
     /// The PIC, IOAPIC, PIT and clock, with every vCPU held.
-    pub fn save_vm<V: VmX86_64>(vm: &V) -> Result<Value, String> {
-        let state = vm.save_state().map_err(|e| e.to_string())?;
-        serde_json::to_value(state).map_err(|e| e.to_string())
+    pub fn save_vm<V: VmX86_64>(vm: &V) -> Result<VmState, String> {
+        vm.save_state().map_err(|e| e.to_string())
     }
 
-    /// Builds a VM's machine state from `incoming` instead of booting a kernel: the same wiring as `boot`, then
-    /// the vCPUs (with the CPUID a boot gives them), the devices, and the irqchip and clock last (the clock starts
-    /// from its saved value as close to the vCPUs' start as possible). Returns the vCPUs, boot vCPU first; the
-    /// caller starts them only if all of it loaded.
+    /// Builds a fresh VM from saved states instead of booting a kernel, the devices' states already loaded: where
+    /// the PCI BARs decode follows from them, then the same wiring as `boot`, the vCPUs (with the CPUID a boot
+    /// gives them), and the irqchip and clock last (the clock starts from its saved value as close to the vCPUs'
+    /// start as possible). Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.
     pub fn restore<H: HypervisorX86_64>(
         &self,
         hypervisor: &H,
         vm: &Arc<H::Vm>,
-        vcpu_count: u8,
-        incoming: &Incoming,
+        vcpu_states: &[VcpuState],
+        vm_state: &VmState,
     ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
     where
         H::Vm: VmX86_64 + 'static,
         <H::Vm as Vm>::Vcpu: VcpuX86_64,
     {
-        self.wire_vm(vm)?;
-        let supported = hypervisor.supported_cpuid()?;
-        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-        for id in 0..vcpu_count {
-            let vcpu = vm.create_vcpu(u32::from(id))?;
-            vcpu.set_cpuid(&cpuid::normalise(&supported, id, vcpu_count))?;
-            let saved: VcpuStateX86_64 = state(incoming, &vcpu_section(usize::from(id)))?;
-            vcpu.restore_state(&saved).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}: {e}")))?;
-            vcpus.push(vcpu);
-        }
-        restore_components(incoming, &self.components())?;
         if let Some(pci) = &self.pci {
             pci.refresh();
         }
-        let saved: VmStateX86_64 = state(incoming, VM_SECTION)?;
-        vm.restore_state(&saved).map_err(|e| Error::Snapshot(format!("cannot restore the irqchip and clock: {e}")))?;
+        self.wire_vm(vm)?;
+        let supported = hypervisor.supported_cpuid()?;
+        let count = u8::try_from(vcpu_states.len()).map_err(|_| Error::Snapshot("too many vCPUs".into()))?;
+        let mut vcpus = Vec::with_capacity(vcpu_states.len());
+        for (id, saved) in (0..count).zip(vcpu_states) {
+            let vcpu = vm.create_vcpu(u32::from(id))?;
+            vcpu.set_cpuid(&cpuid::normalise(&supported, id, count))?;
+            vcpu.restore_state(saved).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}: {e}")))?;
+            vcpus.push(vcpu);
+        }
+        vm.restore_state(vm_state)
+            .map_err(|e| Error::Snapshot(format!("cannot restore the irqchip and clock: {e}")))?;
         Ok(vcpus)
     }
 }
