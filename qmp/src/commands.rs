@@ -4,8 +4,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::machine::{
-    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, PciDevice, PciRegion, QmpError,
-    RunState, ShutdownCause, Target,
+    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, MigrationInfo, MigrationStatus,
+    PciDevice, PciRegion, QmpError, RunState, ShutdownCause, Target,
 };
 use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
 use crate::session::ServerInfo;
@@ -312,6 +312,48 @@ static SHUTDOWN_DATA: Type =
 static RESET_DATA: Type =
     Type::Object(&ObjectType { members: &[req("guest", &BOOL), req("reason", &SHUTDOWN_CAUSE)], tag: None });
 
+/// QEMU 7.2's `migrate` arguments that Kestrel takes: the URI, and `detach`, which QEMU ignores too (every
+/// migration runs detached from the monitor). `blk`, `inc` and `resume` are not offered: Kestrel copies no disks
+/// and has no postcopy to resume.
+static MIGRATE_ARGS: Type = Type::Object(&ObjectType { members: &[req("uri", &STR), opt("detach", &BOOL)], tag: None });
+static MIGRATION_STATUS: Type = Type::Enum(MigrationStatus::NAMES);
+static MIGRATION_STATS: Type = Type::Object(&ObjectType {
+    members: &[
+        req("transferred", &INT),
+        req("remaining", &INT),
+        req("total", &INT),
+        req("duplicate", &INT),
+        req("skipped", &INT),
+        req("normal", &INT),
+        req("normal-bytes", &INT),
+        req("dirty-pages-rate", &INT),
+        req("mbps", &NUMBER),
+        req("dirty-sync-count", &INT),
+        req("postcopy-requests", &INT),
+        req("page-size", &INT),
+        req("multifd-bytes", &INT),
+        req("pages-per-second", &INT),
+        req("precopy-bytes", &INT),
+        req("downtime-bytes", &INT),
+        req("postcopy-bytes", &INT),
+        req("dirty-sync-missed-zero-copy", &INT),
+    ],
+    tag: None,
+});
+/// QEMU 7.2's `MigrationInfo`, reduced to the members a one-pass save to a file fills.
+static MIGRATION_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        opt("status", &MIGRATION_STATUS),
+        opt("ram", &MIGRATION_STATS),
+        opt("total-time", &INT),
+        opt("downtime", &INT),
+        opt("setup-time", &INT),
+        opt("error-desc", &STR),
+    ],
+    tag: None,
+});
+static MIGRATION_DATA: Type = Type::Object(&ObjectType { members: &[req("status", &MIGRATION_STATUS)], tag: None });
+
 macro_rules! cmd {
     ($name:literal, $args:expr, $ret:expr, $handler:expr) => {
         Command { name: $name, args: &$args, ret: &$ret, handler: $handler }
@@ -367,6 +409,14 @@ pub static COMMANDS: &[Command] = &[
         .collect())),
     cmd!("query-blockstats", QUERY_BLOCKSTATS_ARGS, BLOCK_STATS_LIST, query_blockstats),
     cmd!("query-pci", T_EMPTY, PCI_INFO_LIST, |_, c| Ok(query_pci(&c.machine.pci_devices()))),
+    cmd!("migrate", MIGRATE_ARGS, T_EMPTY, |args, c| {
+        let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
+        c.machine.migrate(uri, c.events).map(|()| json!({}))
+    }),
+    cmd!("query-migrate", T_EMPTY, MIGRATION_INFO, |_, c| Ok(c
+        .machine
+        .migration()
+        .map_or(json!({}), |m| migration_info(&m)))),
 ];
 
 /// Every event Kestrel emits.
@@ -376,6 +426,7 @@ pub static EVENTS: &[EventDef] = &[
     EventDef { name: "RESET", data: &RESET_DATA },
     EventDef { name: "STOP", data: &T_EMPTY },
     EventDef { name: "RESUME", data: &T_EMPTY },
+    EventDef { name: "MIGRATION", data: &MIGRATION_DATA },
 ];
 
 pub fn find(name: &str) -> Option<&'static Command> {
@@ -389,7 +440,41 @@ pub(crate) fn event_data(kind: &EventKind) -> Option<Value> {
         EventKind::Reset { guest, reason } | EventKind::Shutdown { guest, reason } => {
             Some(json!({"guest": guest, "reason": reason.as_str()}))
         }
+        EventKind::Migration { status } => Some(json!({"status": status.as_str()})),
     }
+}
+
+/// `query-migrate`'s answer, member for member as QEMU 7.2 fills it for an outgoing migration in that state: times
+/// and RAM counters once completed, `error-desc` once failed.
+fn migration_info(m: &MigrationInfo) -> Value {
+    let mut info = Map::new();
+    info.insert("status".into(), json!(m.status.as_str()));
+    if let Some(ram) = &m.ram {
+        info.insert(
+            "ram".into(),
+            json!({
+                "transferred": ram.transferred, "remaining": 0, "total": ram.total, "duplicate": ram.duplicate,
+                "skipped": 0, "normal": ram.normal, "normal-bytes": ram.normal * ram.page_size,
+                "dirty-pages-rate": 0, "mbps": ram.mbps, "dirty-sync-count": 1, "postcopy-requests": 0,
+                "page-size": ram.page_size, "multifd-bytes": 0, "pages-per-second": ram.pages_per_second,
+                "precopy-bytes": ram.transferred, "downtime-bytes": 0, "postcopy-bytes": 0,
+                "dirty-sync-missed-zero-copy": 0,
+            }),
+        );
+    }
+    if m.status != MigrationStatus::Setup {
+        info.insert("total-time".into(), json!(m.total_time_ms));
+    }
+    if let Some(downtime) = m.downtime_ms {
+        info.insert("downtime".into(), json!(downtime));
+    }
+    if m.status != MigrationStatus::Setup {
+        info.insert("setup-time".into(), json!(m.setup_time_ms));
+    }
+    if let Some(error) = &m.error {
+        info.insert("error-desc".into(), json!(error));
+    }
+    Value::Object(info)
 }
 
 /// `query-qmp-schema`'s answer.

@@ -42,7 +42,8 @@ pub mod session;
 pub use json::{to_qemu_json, Limits};
 pub use machine::{
     BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
-    PciDevice, PciRegion, QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target, Timestamp,
+    MigrationInfo, MigrationRam, MigrationStatus, PciDevice, PciRegion, QmpError, QomObject, QomProperty, RunState,
+    ShutdownCause, Target, Timestamp,
 };
 pub use session::{encode_event, ServerInfo, Session};
 

@@ -139,6 +139,59 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// QEMU's `MigrationStatus`: the `status` of `query-migrate` and of the `MIGRATION` event.
+    MigrationStatus {
+        None = "none",
+        Setup = "setup",
+        Cancelling = "cancelling",
+        Cancelled = "cancelled",
+        Active = "active",
+        PostcopyActive = "postcopy-active",
+        PostcopyPaused = "postcopy-paused",
+        PostcopyRecover = "postcopy-recover",
+        Completed = "completed",
+        Failed = "failed",
+        Colo = "colo",
+        PreSwitchover = "pre-switchover",
+        Device = "device",
+        WaitUnplug = "wait-unplug",
+    }
+}
+
+/// The last outgoing migration (a save to a file), for `query-migrate`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MigrationInfo {
+    pub status: MigrationStatus,
+    /// Milliseconds from `migrate` to the end (or until now while it runs).
+    pub total_time_ms: u64,
+    /// Milliseconds the guest was stopped for the copy (a completed save only).
+    pub downtime_ms: Option<u64>,
+    /// Milliseconds before the copy started.
+    pub setup_time_ms: u64,
+    /// What was written of guest memory (a completed save only).
+    pub ram: Option<MigrationRam>,
+    /// Why it failed (a failed one only).
+    pub error: Option<String>,
+}
+
+/// QEMU's `MigrationStats` as far as a one-pass save fills them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MigrationRam {
+    /// Bytes written in all.
+    pub transferred: u64,
+    /// Guest RAM in bytes.
+    pub total: u64,
+    /// Pages found all zero (not written).
+    pub duplicate: u64,
+    /// Pages written whole.
+    pub normal: u64,
+    pub page_size: u64,
+    /// Throughput in megabits per second.
+    pub mbps: f64,
+    pub pages_per_second: u64,
+}
+
 /// Wall-clock time of an event, as the QMP `timestamp` member (seconds and microseconds since the Unix epoch).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timestamp {
@@ -161,6 +214,9 @@ pub enum EventKind {
         guest: bool,
         reason: ShutdownCause,
     },
+    Migration {
+        status: MigrationStatus,
+    },
 }
 
 impl EventKind {
@@ -179,6 +235,7 @@ impl EventKind {
             EventKind::Powerdown => "POWERDOWN",
             EventKind::Reset { .. } => "RESET",
             EventKind::Shutdown { .. } => "SHUTDOWN",
+            EventKind::Migration { .. } => "MIGRATION",
         }
     }
 }
@@ -396,4 +453,13 @@ pub trait Machine {
 
     /// Every PCI function, by bus, slot and function (`query-pci`); empty on a machine without PCI.
     fn pci_devices(&self) -> Vec<PciDevice>;
+
+    /// `migrate`: save the VM to `uri` (QEMU's non-live save to a file: the vCPUs stop for the copy), pushing
+    /// `MIGRATION` events (`setup`, `active`, then `completed` or `failed`) and `STOP`/`RESUME` as the run state
+    /// changes. A failure to write is not an error reply (QEMU reports it through the events and
+    /// `query-migrate`); a URI the VMM cannot use, or a migration in a state that forbids one, is.
+    fn migrate(&mut self, uri: &str, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// The last migration, for `query-migrate`; `None` before the first (QEMU then answers `{}`).
+    fn migration(&self) -> Option<MigrationInfo>;
 }

@@ -183,6 +183,14 @@ impl Machine for FakeMachine {
         self.disks.clone()
     }
 
+    fn migrate(&mut self, uri: &str, _events: &mut Vec<Event>) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!("the fake machine cannot save itself to '{uri}'")))
+    }
+
+    fn migration(&self) -> Option<crate::machine::MigrationInfo> {
+        None
+    }
+
     fn pci_devices(&self) -> Vec<PciDevice> {
         self.pci.clone()
     }

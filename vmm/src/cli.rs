@@ -49,6 +49,10 @@ Options (QEMU's spelling in brackets, where it has one):
   --no-shutdown         stay alive, stopped, when the guest powers off [-no-shutdown]
   --name NAME           VM name shown over QMP [-name NAME or -name guest=NAME]
   --uuid UUID           VM UUID shown over QMP [-uuid]
+  --restore PATH        build the machine from the command line, then load it from a snapshot written by QMP
+                        `migrate` with {\"uri\": \"file:PATH\"} instead of booting the kernel (same memory, CPUs,
+                        machine and devices as when it was saved); runs at once, or stays paused with --paused
+                        [-incoming file:PATH]
   --sandbox on|off      confine each thread to the system calls it needs (seccomp; default: on). off is for
                         debugging: a call outside the filter ends Kestrel with a line naming it
                         [-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]: accepted;
@@ -176,6 +180,8 @@ enum Opt {
     Name,
     Uuid,
     Sandbox,
+    Incoming,
+    Restore,
     /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
     Ignored,
 }
@@ -209,6 +215,8 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--name", "-name"], Opt::Name, true),
     (&["--uuid", "-uuid"], Opt::Uuid, true),
     (&["--sandbox", "-sandbox"], Opt::Sandbox, true),
+    (&["-incoming"], Opt::Incoming, true),
+    (&["--restore"], Opt::Restore, true),
     (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
 ];
@@ -538,6 +546,7 @@ where
     let mut name = None;
     let mut uuid = None;
     let mut sandbox = None;
+    let mut incoming = None;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -604,6 +613,8 @@ where
             Opt::NoShutdown => flags.1 = true,
             Opt::Name => set_once(&mut name, &spelling, parse_name(text()?))?,
             Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, text()?)?)?,
+            Opt::Incoming => set_once(&mut incoming, "-incoming / --restore", parse_incoming(&value)?)?,
+            Opt::Restore => set_once(&mut incoming, "-incoming / --restore", PathBuf::from(&value))?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -674,7 +685,18 @@ where
     config.name = name;
     config.uuid = uuid;
     config.sandbox = sandbox.unwrap_or(true);
+    config.incoming = incoming;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// `-incoming file:PATH`: restore from a snapshot file. QEMU's other URIs (`defer`, `fd:`, `tcp:`, `exec:`) are
+/// not implemented and say so.
+fn parse_incoming(value: &OsStr) -> Result<PathBuf, CliError> {
+    match value.as_bytes().strip_prefix(b"file:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(OsStr::from_bytes(path))),
+        Some(_) => Err(invalid("-incoming", value, "file: needs a path")),
+        None => Err(invalid("-incoming", value, "Kestrel restores from file:PATH only")),
+    }
 }
 
 /// The fuzz body (fuzz/fuzz_targets/cli_args.rs, and `fuzz_smoke_corpus` under `cargo test`): the bytes split on

@@ -146,6 +146,9 @@ pub struct VmConfig {
     pub uuid: Option<String>,
     /// Each thread confined by a seccomp filter (`--sandbox on`, the default).
     pub sandbox: bool,
+    /// Restore the machine from this snapshot instead of booting the kernel (`-incoming file:PATH`,
+    /// `--restore PATH`).
+    pub incoming: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -170,6 +173,7 @@ impl VmConfig {
             name: None,
             uuid: None,
             sandbox: true,
+            incoming: None,
         }
     }
 }

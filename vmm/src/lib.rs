@@ -13,6 +13,7 @@ cfg_if::cfg_if! {
         mod qmp_server;
         pub mod seccomp;
         mod signals;
+        mod snapshot;
         mod syscall_names;
         mod vcpu;
         mod virtio;
@@ -94,6 +95,9 @@ pub enum Error {
     Host(&'static str, std::io::Error),
     #[error("seccomp: {0}")]
     Seccomp(String),
+    /// A snapshot that cannot be restored: what is wrong with it, on one line.
+    #[error("{0}")]
+    Snapshot(String),
     #[error("vCPU {id} stopped: {reason}\n{state}")]
     VcpuFailed { id: u32, reason: String, state: String },
 }

@@ -13,16 +13,18 @@ use hypervisor::kvm::{KvmHypervisor, KvmVm};
 use hypervisor::{Hypervisor, Vm};
 use mio::{Events, Poll, Token, Waker};
 use qmp::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, QmpError, QomObject,
-    QomProperty, RunState, ServerInfo, Session, ShutdownCause, Target, Timestamp,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, MigrationInfo,
+    MigrationRam, MigrationStatus, QmpError, QomObject, QomProperty, RunState, ServerInfo, Session, ShutdownCause,
+    Target, Timestamp,
 };
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch_platform::{BootFiles, Platform};
+use crate::arch_platform::{BootFiles, Platform, VcpuState, VmState};
 use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self as snapshot_file, Incoming, SavedMachine};
 use crate::vcpu::{VcpuEvent, VcpuThreads};
 use crate::{console, signals, Error, Outcome};
 
@@ -56,8 +58,8 @@ const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
 struct Guest {
-    vcpus: VcpuThreads,
-    _vm: Arc<KvmVm>,
+    vcpus: VcpuThreads<VcpuState>,
+    vm: Arc<KvmVm>,
 }
 
 /// The machine itself: what QMP commands act on.
@@ -82,7 +84,13 @@ pub struct Vmm<'a> {
     /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::spawn`).
     platform_requested: Arc<AtomicBool>,
     /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
-    first_boot_vcpus: Option<VcpuThreads>,
+    first_boot_vcpus: Option<VcpuThreads<VcpuState>>,
+    /// The CPU the guest sees, as a snapshot's header records it.
+    cpu: snapshot::CpuIdentity,
+    /// The snapshot to build the first boot from (`-incoming`), already checked against this machine.
+    incoming: Option<Incoming>,
+    /// The last save (`migrate`), for `query-migrate`.
+    migration: Option<MigrationInfo>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
@@ -156,10 +164,31 @@ impl<'a> Vmm<'a> {
                 sender.send(VmEvent::Platform(request))
             }
         });
-        let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
+        let state = match (config.start_paused, &config.incoming) {
+            (false, _) => RunState::Running,
+            (true, None) => RunState::Prelaunch,
+            // QEMU's state once an incoming migration completed without autostart.
+            (true, Some(_)) => RunState::Paused,
+        };
         let memory = create_guest_memory(config.memory_bytes)?;
         let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
         let platform = Platform::new(serial, platform_events, &memory, virtio_devices, transport)?;
+        let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
+        let incoming = match &config.incoming {
+            Some(path) => {
+                Platform::check_restore_supported()?;
+                let components = platform.components();
+                let machine = snapshot_file::Machine {
+                    machine_type: machine_name(config),
+                    cpu: cpu.clone(),
+                    ram_regions: Platform::ram_regions(config.memory_bytes),
+                    vcpus: usize::from(config.vcpus),
+                    components: &components,
+                };
+                Some(snapshot_file::open(path, &machine)?)
+            }
+            None => None,
+        };
         Ok(Vmm {
             config,
             hypervisor,
@@ -176,10 +205,14 @@ impl<'a> Vmm<'a> {
             disks,
             platform_requested,
             first_boot_vcpus: Some(first_boot_vcpus),
+            cpu,
+            incoming,
+            migration: None,
         })
     }
 
-    /// Builds a fresh VM, loads the kernel and starts the vCPU threads, held if the machine is not running.
+    /// Builds a fresh VM, loads the kernel (or, the first time with `-incoming`, the snapshot) and starts the vCPU
+    /// threads, held if the machine is not running.
     fn boot(&mut self) -> Result<(), Error> {
         let mut threads = match self.first_boot_vcpus.take() {
             Some(threads) => threads,
@@ -187,13 +220,28 @@ impl<'a> Vmm<'a> {
         };
         let vm = Arc::new(self.hypervisor.create_vm()?);
         map_guest_memory(vm.as_ref(), &self.memory)?;
-        let boot = BootFiles {
-            kernel: &mut self.kernel,
-            initrd: self.initrd.as_mut(),
-            cmdline: self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE),
-            vcpu_count: self.config.vcpus,
+        let vcpus = match self.incoming.take() {
+            Some(mut incoming) => {
+                let vcpu_states = (0..usize::from(self.config.vcpus))
+                    .map(|i| snapshot_file::state::<VcpuState>(&incoming, &snapshot_file::vcpu_section(i)))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let vm_state: VmState = snapshot_file::state(&incoming, snapshot_file::VM_SECTION)?;
+                snapshot_file::restore_components(&incoming, &self.platform.components())?;
+                snapshot_file::load_memory(&mut incoming, &self.memory)?;
+                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state)?;
+                self.platform.resume_devices();
+                vcpus
+            }
+            None => {
+                let boot = BootFiles {
+                    kernel: &mut self.kernel,
+                    initrd: self.initrd.as_mut(),
+                    cmdline: self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE),
+                    vcpu_count: self.config.vcpus,
+                };
+                self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
+            }
         };
-        let vcpus = self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?;
         let sender = self.sender.clone();
         let report = move |event| match event {
             VcpuEvent::Platform(request) => sender.send(VmEvent::Platform(request)),
@@ -201,8 +249,9 @@ impl<'a> Vmm<'a> {
         };
         let paused = self.state != RunState::Running;
         self.platform_requested.store(false, Ordering::SeqCst);
-        threads.start(vcpus, &self.platform.pio, &self.platform.mmio, paused, report)?;
-        self.guest = Some(Guest { vcpus: threads, _vm: vm });
+        let save = Platform::save_vcpu;
+        threads.start(vcpus, &self.platform.pio, &self.platform.mmio, paused, save, report)?;
+        self.guest = Some(Guest { vcpus: threads, vm });
         Ok(())
     }
 
@@ -238,6 +287,27 @@ impl<'a> Vmm<'a> {
             guest.vcpus.resume();
         }
         self.state = RunState::Running;
+    }
+
+    /// Writes the machine to `path`. The vCPUs must be held (`pause`); the devices are quiesced for the copy and
+    /// work again afterwards, whatever the outcome.
+    fn save(&self, path: &std::path::Path) -> Result<snapshot_file::SaveStats, String> {
+        let guest = self.guest.as_ref().ok_or("the machine has no VM")?;
+        let vcpus = guest.vcpus.save_states()?;
+        let vm = Platform::save_vm(guest.vm.as_ref())?;
+        self.platform.quiesce_devices();
+        let saved = (|| {
+            let devices = self
+                .platform
+                .components()
+                .into_iter()
+                .map(|c| c.device.save_value().map(|state| (c.name, state)))
+                .collect::<Result<Vec<_>, String>>()?;
+            let header = snapshot::Header::new(machine_name(self.config), self.cpu.clone());
+            snapshot_file::write(path, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
+        })();
+        self.platform.resume_devices();
+        saved
     }
 
     /// Host thread ids of the vCPUs, in vCPU order.
@@ -477,6 +547,92 @@ impl Machine for Vmm<'_> {
     fn pci_devices(&self) -> Vec<qmp::PciDevice> {
         self.platform.pci_functions().iter().map(pci_device).collect()
     }
+
+    /// QEMU's non-live save to a file: the vCPUs stop for the copy and the machine ends in `postmigrate` (`cont`
+    /// resumes it). The copy runs to its end before the reply, so its events come first; a write that fails
+    /// resumes a guest that was running and says why in `query-migrate`.
+    fn migrate(&mut self, uri: &str, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        let path = match uri.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => std::path::PathBuf::from(path),
+            Some(("file", _)) => return Err(QmpError::generic("file: needs a path")),
+            _ => return Err(QmpError::generic(format!("Kestrel saves to file:PATH only, not to '{uri}'"))),
+        };
+        if self.state.needs_reset() || self.guest.is_none() {
+            return Err(QmpError::generic(format!("cannot save the VM in state '{}'", self.state.as_str())));
+        }
+        let started = Instant::now();
+        let report = |vmm: &mut Self, events: &mut Vec<Event>, status| {
+            vmm.raise(events, qmp_event(EventKind::Migration { status }));
+        };
+        self.migration = Some(MigrationInfo {
+            status: MigrationStatus::Setup,
+            total_time_ms: 0,
+            downtime_ms: None,
+            setup_time_ms: 0,
+            ram: None,
+            error: None,
+        });
+        report(self, events, MigrationStatus::Setup);
+        let was_running = self.state == RunState::Running;
+        let setup_time_ms = started.elapsed().as_millis() as u64;
+        report(self, events, MigrationStatus::Active);
+        let stopped = Instant::now();
+        if was_running {
+            self.pause(RunState::FinishMigrate);
+            self.raise(events, qmp_event(EventKind::Stop));
+        }
+        let saved = self.save(&path);
+        let ms = |since: Instant| since.elapsed().as_millis() as u64;
+        match saved {
+            Ok(stats) => {
+                self.state = RunState::PostMigrate;
+                let seconds = started.elapsed().as_secs_f64().max(1e-6);
+                self.migration = Some(MigrationInfo {
+                    status: MigrationStatus::Completed,
+                    total_time_ms: ms(started),
+                    downtime_ms: Some(ms(stopped)),
+                    setup_time_ms,
+                    ram: Some(MigrationRam {
+                        transferred: stats.bytes,
+                        total: self.config.memory_bytes,
+                        duplicate: stats.pages - stats.stored_pages,
+                        normal: stats.stored_pages,
+                        page_size: stats.page_size,
+                        mbps: stats.bytes as f64 * 8.0 / 1e6 / seconds,
+                        pages_per_second: (stats.pages as f64 / seconds) as u64,
+                    }),
+                    error: None,
+                });
+                report(self, events, MigrationStatus::Completed);
+            }
+            Err(error) => {
+                eprintln!("kestrel: migrate to '{uri}' failed: {error}");
+                self.migration = Some(MigrationInfo {
+                    status: MigrationStatus::Failed,
+                    total_time_ms: ms(started),
+                    downtime_ms: None,
+                    setup_time_ms,
+                    ram: None,
+                    error: Some(error),
+                });
+                report(self, events, MigrationStatus::Failed);
+                if was_running {
+                    self.resume();
+                    self.raise(events, qmp_event(EventKind::Resume));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn migration(&self) -> Option<MigrationInfo> {
+        self.migration.clone()
+    }
+}
+
+/// The machine type a snapshot records: the one the command line names, or the platform's default.
+fn machine_name(config: &VmConfig) -> &'static str {
+    config.machine.map(|m| m.name()).unwrap_or(Platform::DEFAULT_MACHINE_NAME)
 }
 
 /// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a

@@ -98,6 +98,16 @@ fn allow_read_only_opens() -> Syscall {
     allow_without_bits(libc::SYS_openat, 2, writes)
 }
 
+/// openat exactly as `File::create` asks (write only, create, truncate; close-on-exec and the rest as they come):
+/// QMP `migrate` writing a snapshot file. Not read-write, not append.
+fn allow_file_creation() -> Syscall {
+    let checked = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    let wanted = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
+    let condition = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(checked), wanted)
+        .expect("argument index below 6");
+    (libc::SYS_openat, vec![SeccompRule::new(vec![condition]).expect("one condition")])
+}
+
 /// The `type` byte of every KVM ioctl request (KVMIO).
 const KVM_IOCTL_TYPE: u64 = 0xAE;
 
@@ -176,6 +186,10 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow(libc::SYS_ppoll),
             // QMP socket files removed at exit.
             allow(libc::SYS_unlinkat),
+            // QMP `migrate` to file:PATH: the snapshot file created, written (write, above) and synced to disk
+            // before `completed` is reported.
+            allow_file_creation(),
+            allow(libc::SYS_fsync),
         ]),
         ThreadKind::Vcpu => list.extend([
             // Device accesses complete on the vCPU: interrupts through irqfds and ioeventfd-less notifications

@@ -28,6 +28,10 @@ struct Control {
     stop: bool,
     /// Threads currently waiting in the paused state.
     parked: usize,
+    /// Bumped to ask every parked vCPU for its state (see `VcpuThreads::save_states`).
+    save_round: u64,
+    /// How many vCPUs answered the current round.
+    answered: usize,
 }
 
 /// Shared between the VMM and its vCPU threads.
@@ -49,19 +53,26 @@ impl Shared {
 
 /// The vCPU threads of one boot. They are started before the VM is built (`spawn`), confine themselves and wait for
 /// their vCPU meanwhile, and enter the guest once given it (`start`): a thread's start and confinement are off the
-/// path to the guest's first instruction.
-pub struct VcpuThreads {
+/// path to the guest's first instruction. `S` is a vCPU's state as a snapshot holds it.
+pub struct VcpuThreads<S> {
     threads: Vec<JoinHandle<()>>,
     thread_ids: Arc<Vec<AtomicI32>>,
     shared: Arc<Shared>,
     /// Each thread's way to its vCPU, until `start` sends it (dropped, it ends the waiting thread).
     work: Vec<Sender<VcpuWork>>,
+    saved: SavedStates<S>,
 }
+
+/// How a vCPU thread reads its vCPU's state `S` for a snapshot (the architecture's, see `Platform::save_vcpu`).
+pub type SaveVcpu<C, S> = fn(&mut C) -> Result<S, String>;
+
+/// Each vCPU's answer to the current save round, by vCPU index.
+type SavedStates<S> = Arc<Mutex<Vec<Option<Result<S, String>>>>>;
 
 /// What a waiting vCPU thread is given to do, with the outcome of its confinement.
 type VcpuWork = Box<dyn FnOnce(&Shared, Result<(), Error>) + Send>;
 
-impl VcpuThreads {
+impl<S> VcpuThreads<S> {
     /// Starts `count` threads that confine themselves and wait for `start`. Once `platform_requested` is set (a
     /// device asked for a reset or power-off: a reset register, the ACPI sleep control), no vCPU enters the guest
     /// again and a triple fault is taken as part of that request: the guest must not run on while the VMM acts,
@@ -70,8 +81,13 @@ impl VcpuThreads {
     pub fn spawn(count: usize, platform_requested: Arc<AtomicBool>) -> Result<Self, Error> {
         let shared = Arc::new(Shared { platform_requested, ..Shared::default() });
         let thread_ids: Arc<Vec<AtomicI32>> = Arc::new((0..count).map(|_| AtomicI32::new(0)).collect());
-        let mut waiting =
-            VcpuThreads { threads: Vec::with_capacity(count), thread_ids, shared, work: Vec::with_capacity(count) };
+        let mut waiting = VcpuThreads {
+            threads: Vec::with_capacity(count),
+            thread_ids,
+            shared,
+            work: Vec::with_capacity(count),
+            saved: Arc::new(Mutex::new(Vec::new())),
+        };
         for id in 0..count {
             let (sender, receiver) = channel::<VcpuWork>();
             let shared = waiting.shared.clone();
@@ -109,15 +125,26 @@ impl VcpuThreads {
         pio: &Bus,
         mmio: &Bus,
         paused: bool,
+        save: SaveVcpu<C, S>,
         report: impl Fn(VcpuEvent) + Clone + Send + 'static,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Error>
+    where
+        S: Send + 'static,
+    {
         if vcpus.len() != self.work.len() {
             return Err(Error::Boot(format!("{} vCPUs for {} vCPU threads", vcpus.len(), self.work.len())));
         }
         self.shared.lock().paused = paused;
         self.shared.attention.store(paused, Ordering::SeqCst);
         for ((id, vcpu), sender) in vcpus.into_iter().enumerate().zip(self.work.drain(..)) {
-            let exits = ExitHandler { id: id as u32, pio: pio.clone(), mmio: mmio.clone() };
+            let exits = ExitHandler {
+                id: id as u32,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                save,
+                save_round: 0,
+                saved: self.saved.clone(),
+            };
             let report = report.clone();
             let work: VcpuWork = Box::new(move |shared, confined| match confined {
                 Ok(()) => exits.run(vcpu, shared, report),
@@ -162,6 +189,37 @@ impl VcpuThreads {
         }
     }
 
+    /// Every vCPU's state, in vCPU order, read by each vCPU's own thread (which owns it). The vCPUs must be paused
+    /// (`pause`): a thread answers while it is parked.
+    pub fn save_states(&self) -> Result<Vec<S>, String> {
+        let count = self.threads.len();
+        let mut control = self.shared.lock();
+        if !control.paused {
+            return Err("the vCPUs are not paused".into());
+        }
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = (0..count).map(|_| None).collect();
+        control.save_round += 1;
+        control.answered = 0;
+        self.shared.changed.notify_all();
+        loop {
+            if control.answered >= count {
+                break;
+            }
+            if let Some(id) = self.threads.iter().position(|t| t.is_finished()) {
+                return Err(format!("vCPU {id} has stopped"));
+            }
+            control = self
+                .shared
+                .changed
+                .wait_timeout(control, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(control);
+        let saved = std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()));
+        saved.into_iter().map(|state| state.unwrap_or_else(|| Err("a vCPU gave no state".into()))).collect()
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         let mut control = self.shared.lock();
@@ -198,16 +256,34 @@ impl VcpuThreads {
     }
 }
 
-impl Drop for VcpuThreads {
+impl<S> Drop for VcpuThreads<S> {
     fn drop(&mut self) {
         self.stop_threads();
     }
 }
 
-struct ExitHandler {
+/// Enters the vCPU once with an immediate exit: the hypervisor finishes the instruction behind the last I/O or
+/// MMIO exit (the device already answered it) and comes straight back, so the state read next lies between
+/// instructions and a restore does not repeat the access.
+fn complete_pending_exit<C: Vcpu>(vcpu: &mut C) -> Result<(), String> {
+    vcpu.set_immediate_exit(true);
+    let outcome = match vcpu.run() {
+        Ok(VcpuExit::Interrupted) => Ok(()),
+        Ok(_) => Err("the vCPU left the guest for another reason while completing its last instruction".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    vcpu.set_immediate_exit(false);
+    outcome
+}
+
+struct ExitHandler<C, S> {
     id: u32,
     pio: Bus,
     mmio: Bus,
+    save: SaveVcpu<C, S>,
+    /// The last save round this vCPU answered.
+    save_round: u64,
+    saved: SavedStates<S>,
 }
 
 /// Unmapped MMIO accesses are reported, but only the first few: a guest probing for hardware must not flood the
@@ -224,13 +300,14 @@ fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
     }
 }
 
-impl ExitHandler {
-    fn failed<C: Vcpu>(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
+impl<C: Vcpu, S> ExitHandler<C, S> {
+    fn failed(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
         VcpuEvent::Failed { id: self.id, reason: reason.to_string(), state: vcpu.dump_state() }
     }
 
-    /// Whether the thread should go on running the guest, after honouring any pause request.
-    fn may_run(shared: &Shared) -> bool {
+    /// Whether the thread should go on running the guest, after honouring any pause request (and, while paused,
+    /// any request for the vCPU's state).
+    fn may_run(&mut self, vcpu: &mut C, shared: &Shared) -> bool {
         if !shared.attention.load(Ordering::SeqCst) {
             return true;
         }
@@ -239,6 +316,18 @@ impl ExitHandler {
             control.parked += 1;
             shared.changed.notify_all();
             while control.paused && !control.stop {
+                if control.save_round != self.save_round {
+                    self.save_round = control.save_round;
+                    drop(control);
+                    let state = complete_pending_exit(vcpu).and_then(|()| (self.save)(vcpu));
+                    if let Some(slot) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).get_mut(self.id as usize) {
+                        *slot = Some(state);
+                    }
+                    control = shared.lock();
+                    control.answered += 1;
+                    shared.changed.notify_all();
+                    continue;
+                }
                 control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
             }
             control.parked -= 1;
@@ -246,9 +335,9 @@ impl ExitHandler {
         !control.stop
     }
 
-    fn run<C: Vcpu>(self, mut vcpu: C, shared: &Shared, report: impl Fn(VcpuEvent)) {
+    fn run(mut self, mut vcpu: C, shared: &Shared, report: impl Fn(VcpuEvent)) {
         let event = loop {
-            if !Self::may_run(shared) {
+            if !self.may_run(&mut vcpu, shared) {
                 return;
             }
             if shared.platform_requested.load(Ordering::SeqCst) {
@@ -298,7 +387,7 @@ impl ExitHandler {
         }
         // After a platform request or a failure the vCPU stays out of the guest until the VMM decides (reset,
         // power off, stop), still honouring pause and stop.
-        while Self::may_run(shared) {
+        while self.may_run(&mut vcpu, shared) {
             let mut control = shared.lock();
             while !control.stop && !control.paused {
                 control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());

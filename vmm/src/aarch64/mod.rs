@@ -3,6 +3,7 @@
 //! `arch::aarch64` builds. No port I/O and no PCI (yet): virtio devices sit on virtio-mmio.
 
 pub mod seccomp;
+mod snapshot;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,11 @@ impl LevelSpi {
         Ok(())
     }
 }
+
+/// One vCPU's state as a snapshot holds it.
+pub type VcpuState = hypervisor::aarch64::VcpuStateAarch64;
+/// The VM-wide state a snapshot holds: the vGIC.
+pub type VmState = hypervisor::aarch64::GicStateAarch64;
 
 /// The devices of one machine. They outlive guest resets (the console's input, the UART's output stream).
 pub struct Platform {

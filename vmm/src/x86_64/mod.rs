@@ -2,6 +2,7 @@
 
 mod pci;
 pub mod seccomp;
+mod snapshot;
 mod syscall_names;
 
 use std::fs::File;
@@ -40,12 +41,20 @@ const I8042_PORTS: u64 = 5;
 const CMOS_PORTS: u64 = 2;
 const ACPI_PM_PORTS: u64 = devices::legacy::ACPI_PM_BLOCK_LEN;
 
+/// One vCPU's state as a snapshot holds it.
+pub type VcpuState = hypervisor::x86_64::VcpuStateX86_64;
+/// The VM-wide state a snapshot holds: the PIC, IOAPIC, PIT and clock.
+pub type VmState = hypervisor::x86_64::VmStateX86_64;
+
 /// The devices of one machine. They outlive guest resets (CMOS NVRAM, console input, the serial output stream).
 pub struct Platform {
     pub pio: Bus,
     pub mmio: Bus,
     serial: Arc<Mutex<Serial>>,
     serial_irq: Arc<EventFdLine>,
+    i8042: Arc<Mutex<I8042>>,
+    cmos: Arc<Mutex<Cmos>>,
+    reset_port: Arc<Mutex<ResetPort>>,
     acpi_pm: Arc<Mutex<AcpiPmBlock>>,
     sci: Arc<EventFdLine>,
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
@@ -97,22 +106,25 @@ impl Platform {
         });
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(COM1_PORT), UART_REGISTERS)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), u64::from(I8042_DATA_PORT), I8042_PORTS)?;
-        pio.insert(Arc::new(Mutex::new(Cmos::new())), u64::from(CMOS_PORT), CMOS_PORTS)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+        pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), I8042_PORTS)?;
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        pio.insert(cmos.clone(), u64::from(CMOS_PORT), CMOS_PORTS)?;
         let sci = Arc::new(EventFdLine::new().map_err(|e| Error::Host("creating an eventfd", e))?);
         let sci_resample = Arc::new(EventFd::new(0).map_err(|e| Error::Host("creating an eventfd", e))?);
         let acpi_pm = Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE, sci.clone())));
         pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
-        let reset_port: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(ResetPort::new(events)));
+        let reset_port = Arc::new(Mutex::new(ResetPort::new(events)));
+        let reset_control: Arc<Mutex<dyn BusDevice>> = reset_port.clone();
         forward_sci_acknowledgements(sci_resample.clone(), acpi_pm.clone())?;
         let mut mmio = Bus::new();
         let (pci_devices, mmio_devices): (Vec<_>, Vec<_>) =
             virtio_devices.into_iter().partition(|d| d.transport == VirtioTransport::Pci);
         let pci = if machine_transport == VirtioTransport::Pci || !pci_devices.is_empty() {
             // The reset register at 0xCF9 sits inside the PCI configuration ports.
-            Some(PciBus::new(&mut pio, &mut mmio, reset_port, memory, pci_devices)?)
+            Some(PciBus::new(&mut pio, &mut mmio, reset_control, memory, pci_devices)?)
         } else {
-            pio.insert(reset_port, u64::from(ACPI_RESET_PORT), 1)?;
+            pio.insert(reset_control, u64::from(ACPI_RESET_PORT), 1)?;
             None
         };
         let slot_count = (IOAPIC_PINS - FIRST_VIRTIO_GSI).min((PLATFORM_MMIO_SIZE / MMIO_LEN) as u32);
@@ -120,7 +132,7 @@ impl Platform {
             .map(|index| (PLATFORM_MMIO_START + u64::from(index) * MMIO_LEN, FIRST_VIRTIO_GSI + index))
             .collect();
         let virtio = attach_mmio(&mut mmio, memory, mmio_devices, &slots)?;
-        Ok(Platform { pio, mmio, serial, serial_irq, acpi_pm, sci, sci_resample, virtio, pci })
+        Ok(Platform { pio, mmio, serial, serial_irq, i8042, cmos, reset_port, acpi_pm, sci, sci_resample, virtio, pci })
     }
 
     /// Presses the ACPI power button; the guest decides whether and how to shut down.
@@ -158,19 +170,13 @@ impl Platform {
         H::Vm: VmX86_64 + 'static,
         <H::Vm as Vm>::Vcpu: VcpuX86_64,
     {
-        vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
-        vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
-        vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
+        self.wire_vm(vm)?;
         let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
         for (index, slot) in self.virtio.iter().enumerate() {
-            slot.attach(vm.as_ref())?;
             // Debian's kernels lack virtio-mmio command-line devices: ACPI is how the guest finds them.
             let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
                 .map_err(|e| Error::Boot(e.to_string()))?;
             dsdt_devices.push(aml);
-        }
-        if let Some(pci) = &self.pci {
-            pci.attach(vm)?;
         }
 
         let mut guest = GuestConfig {
@@ -197,6 +203,21 @@ impl Platform {
             vcpus.push(vcpu);
         }
         Ok(vcpus)
+    }
+
+    /// What every VM of this machine needs before its vCPUs exist, booted or restored: the interrupt controllers,
+    /// the devices' interrupt lines and queue notifiers.
+    fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
+        vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
+        vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
+        vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
+        for slot in &self.virtio {
+            slot.attach(vm.as_ref())?;
+        }
+        if let Some(pci) = &self.pci {
+            pci.attach(vm)?;
+        }
+        Ok(())
     }
 
     /// Back to power-on state for a guest reset. Devices not reset here keep state a real PC keeps (CMOS NVRAM)

@@ -14,6 +14,7 @@ use hypervisor::Vm;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::snapshot::Component;
 use crate::virtio::{spawn_worker, NamedDevice};
 use crate::Error;
 
@@ -90,10 +91,20 @@ impl BarObserver for Notifiers {
     }
 }
 
+/// A virtio-pci function, typed, for snapshots.
+struct VirtioFunction {
+    slot: u8,
+    name: String,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
 /// Bus 0 and what follows the VM.
 pub struct PciBus {
     root: Arc<PciRoot>,
     notifiers: Arc<Notifiers>,
+    config_io: Arc<Mutex<PciConfigIo>>,
+    host_bridge: Arc<Mutex<HostBridge>>,
+    functions: Vec<VirtioFunction>,
 }
 
 impl PciBus {
@@ -110,7 +121,9 @@ impl PciBus {
         let notifiers = Arc::new(Notifiers::default());
         let mut root = PciRoot::new(PCI_MMIO_START, PCI_MMIO_SIZE, Some(notifiers.clone()));
         let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
-        root.add(Arc::new(Mutex::new(HostBridge::new()))).map_err(pci_error)?;
+        let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
+        root.add(host_bridge.clone()).map_err(pci_error)?;
+        let mut functions = Vec::with_capacity(devices.len());
         for named in devices {
             let msi: Arc<dyn MsiSender> = notifiers.vm.clone();
             let function = VirtioPciDevice::new(memory.clone(), named.device, msi, named.qdev_id.clone())
@@ -122,15 +135,17 @@ impl PciBus {
                 .notifiers()
                 .map(|(bar, offset, event)| Ok(Notifier { bar, offset, event: clone(event)? }))
                 .collect::<Result<Vec<_>, Error>>()?;
-            let slot = root.add(Arc::new(Mutex::new(function))).map_err(pci_error)?;
+            let function = Arc::new(Mutex::new(function));
+            let slot = root.add(function.clone()).map_err(pci_error)?;
             notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
+            functions.push(VirtioFunction { slot, name: named.name, device: function });
         }
         let root = Arc::new(root);
-        let config_io = PciConfigIo::new(root.clone(), Some(reset_control));
-        pio.insert(Arc::new(Mutex::new(config_io)), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(reset_control))));
+        pio.insert(config_io.clone(), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
         mmio.insert(Arc::new(Mutex::new(PciEcam::new(root.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)?;
         mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))), PCI_MMIO_START, PCI_MMIO_SIZE)?;
-        Ok(PciBus { root, notifiers })
+        Ok(PciBus { root, notifiers, config_io, host_bridge, functions })
     }
 
     /// Hands the devices a freshly created VM: MSIs go to it, and the queue notifiers are registered where the
@@ -154,6 +169,39 @@ impl PciBus {
     pub fn reset(&self) {
         self.notifiers.vm.set(None);
         self.root.reset();
+    }
+
+    /// The bus's stateful parts for a snapshot: the configuration address register, the host bridge and each
+    /// virtio function (named by slot and device, so that a snapshot of another device set is refused by name).
+    pub fn components(&self) -> Vec<Component> {
+        let mut components = vec![
+            Component::new("pci.config-io", self.config_io.clone()),
+            Component::new("pci.00.0.host-bridge", self.host_bridge.clone()),
+        ];
+        components.extend(
+            self.functions.iter().map(|f| Component::new(format!("pci.{:02x}.0.{}", f.slot, f.name), f.device.clone())),
+        );
+        components
+    }
+
+    /// Stops the virtio functions' work on guest memory (see `devices::virtio::transport`).
+    pub fn quiesce(&self) {
+        for f in &self.functions {
+            f.device.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        }
+    }
+
+    /// Lets quiesced or restored functions work again.
+    pub fn resume(&self) {
+        for f in &self.functions {
+            f.device.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+    }
+
+    /// After the functions' states were loaded: BARs decode (and queue notifiers sit) where the loaded
+    /// configuration spaces say.
+    pub fn refresh(&self) {
+        self.root.refresh_all();
     }
 
     /// Every function on the bus, for QMP's `query-pci`.

@@ -1,9 +1,12 @@
 //! x86_64's part of the seccomp filters (see `crate::seccomp`): the system calls only this architecture has
 //! (glibc picks them over their generic forms), and the KVM ioctls by number (their sizes are x86_64's).
 
-use kvm_bindings::{kvm_ioeventfd, kvm_msi, kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::TargetArch;
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
 
@@ -15,6 +18,16 @@ ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 
 /// The second argument of the system call that raised SIGSYS (an ioctl's request), from the signal's context.
@@ -45,6 +58,23 @@ pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
                 libc::SYS_ioctl,
                 1,
                 &[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_SIGNAL_MSI(), KVM_IOEVENTFD()],
+            ),
+            // QMP `migrate`: each vCPU's thread, which owns it, reads its state while the vCPUs are held.
+            allow_values(
+                libc::SYS_ioctl,
+                1,
+                &[
+                    KVM_GET_MP_STATE(),
+                    KVM_GET_FPU(),
+                    KVM_GET_XSAVE(),
+                    KVM_GET_XSAVE2(),
+                    KVM_GET_XCRS(),
+                    KVM_GET_DEBUGREGS(),
+                    KVM_GET_LAPIC(),
+                    KVM_GET_MSRS(),
+                    KVM_GET_VCPU_EVENTS(),
+                    KVM_GET_TSC_KHZ(),
+                ],
             ),
         ],
         ThreadKind::DeviceWorker => vec![
