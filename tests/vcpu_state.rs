@@ -381,7 +381,7 @@ fn hostile_vcpu_and_vm_states_are_refused_with_a_clear_error() {
     state.lapic.resize(4096, 0);
     assert_vcpu_refuses(&target.vcpu, &state, "local APIC page of 4096 bytes");
     let mut state = good.clone();
-    state.msrs = vec![hypervisor::x86_64::ModelSpecificRegister { index: MSR_IA32_TSC, value: 0 }; 100_000];
+    state.msrs = vec![MsrEntry { index: MSR_IA32_TSC, value: 0 }; 100_000];
     assert_vcpu_refuses(&target.vcpu, &state, "100000 MSRs");
     let mut state = good.clone();
     state.msrs[0].index = 0xc000_0080;

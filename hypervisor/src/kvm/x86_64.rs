@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use arch::x86_64::cpu_state::{DescriptorTable, Segment};
+use arch::x86_64::cpu_state::{DescriptorTable, GeneralRegisters, Segment};
 use arch::x86_64::layout::{pc_irq_routes, IrqChipPin, IOAPIC_PINS, IOAPIC_START};
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use kvm_bindings::{
@@ -22,9 +22,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use super::{KvmHypervisor, KvmVcpu, KvmVm};
 use crate::x86_64::{
-    ClockState, DebugRegisters, DescriptorTableRegister, ExtendedControlRegister, FpuState, HypervisorX86_64,
-    IoapicState, ModelSpecificRegister, MpState, PicState, PitChannelState, PitState, Registers, SegmentRegister,
-    SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64,
+    ClockState, DebugRegisters, ExtendedControlRegister, FpuState, HypervisorX86_64, IoapicState, MpState, PicState,
+    PitChannelState, PitState, SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64,
 };
 use crate::{Error, Result};
 
@@ -97,43 +96,21 @@ impl VcpuX86_64 for KvmVcpu {
     fn set_cpu_state(&self, state: &CpuState) -> Result<()> {
         let mut sregs = self.fd.get_sregs().map_err(|e| Error::new("KVM_GET_SREGS", e))?;
         let s = &state.sregs;
-        sregs.cs = to_kvm_segment(&s.cs);
-        sregs.ds = to_kvm_segment(&s.ds);
-        sregs.es = to_kvm_segment(&s.es);
-        sregs.fs = to_kvm_segment(&s.fs);
-        sregs.gs = to_kvm_segment(&s.gs);
-        sregs.ss = to_kvm_segment(&s.ss);
-        sregs.tr = to_kvm_segment(&s.tr);
-        sregs.gdt = to_kvm_dtable(&s.gdt);
-        sregs.idt = to_kvm_dtable(&s.idt);
+        sregs.cs = segment_to_kvm(&s.cs);
+        sregs.ds = segment_to_kvm(&s.ds);
+        sregs.es = segment_to_kvm(&s.es);
+        sregs.fs = segment_to_kvm(&s.fs);
+        sregs.gs = segment_to_kvm(&s.gs);
+        sregs.ss = segment_to_kvm(&s.ss);
+        sregs.tr = segment_to_kvm(&s.tr);
+        sregs.gdt = descriptor_table_to_kvm(&s.gdt);
+        sregs.idt = descriptor_table_to_kvm(&s.idt);
         sregs.cr0 = s.cr0;
         sregs.cr3 = s.cr3;
         sregs.cr4 = s.cr4;
         sregs.efer = s.efer;
         self.fd.set_sregs(&sregs).map_err(|e| Error::new("KVM_SET_SREGS", e))?;
-
-        let r = &state.regs;
-        let regs = kvm_bindings::kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
-        self.fd.set_regs(&regs).map_err(|e| Error::new("KVM_SET_REGS", e))?;
+        self.fd.set_regs(&registers_to_kvm(&state.regs)).map_err(|e| Error::new("KVM_SET_REGS", e))?;
 
         let fpu = kvm_bindings::kvm_fpu { fcw: state.fpu.fcw, mxcsr: state.fpu.mxcsr, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(|e| Error::new("KVM_SET_FPU", e))
@@ -247,28 +224,6 @@ fn to_kvm_cpuid(e: &CpuidEntry) -> kvm_cpuid_entry2 {
         edx: e.edx,
         ..Default::default()
     }
-}
-
-fn to_kvm_segment(s: &Segment) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: u8::from(s.present),
-        dpl: s.dpl,
-        db: u8::from(s.db),
-        s: u8::from(s.s),
-        l: u8::from(s.l),
-        g: u8::from(s.g),
-        avl: u8::from(s.avl),
-        unusable: u8::from(s.unusable),
-        padding: 0,
-    }
-}
-
-fn to_kvm_dtable(t: &DescriptorTable) -> kvm_dtable {
-    kvm_dtable { base: t.base, limit: t.limit, ..Default::default() }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +354,7 @@ impl KvmVcpu {
     /// The saveable MSRs' values. KVM_GET_MSRS stops at the first MSR it cannot read for this vCPU (one its
     /// CPUID does not give it, typically) and says how many it read; such an MSR is not part of this guest's state,
     /// so it is dropped and the read goes on from the next one, as Cloud Hypervisor does.
-    fn save_msrs(&self) -> Result<Vec<ModelSpecificRegister>> {
+    fn save_msrs(&self) -> Result<Vec<MsrEntry>> {
         let mut pending: Vec<u32> = self.arch.saved_msrs.to_vec();
         let mut saved = Vec::with_capacity(pending.len());
         while !pending.is_empty() {
@@ -408,9 +363,7 @@ impl KvmVcpu {
             let mut msrs = Msrs::from_entries(&entries)
                 .map_err(|_| Error::new("KVM_GET_MSRS", std::io::ErrorKind::InvalidInput))?;
             let read = self.fd.get_msrs(&mut msrs).map_err(|e| Error::new("KVM_GET_MSRS", e))?;
-            saved.extend(
-                msrs.as_slice()[..read].iter().map(|e| ModelSpecificRegister { index: e.index, value: e.data }),
-            );
+            saved.extend(msrs.as_slice()[..read].iter().map(|e| MsrEntry { index: e.index, value: e.data }));
             // Skip the one KVM refused (if any) and retry the rest.
             pending.drain(..(read + 1).min(pending.len()));
         }
@@ -597,8 +550,7 @@ impl KvmVcpu {
             MSR_IA32_TSC_DEADLINE => 2,
             _ => 1,
         });
-        let entries: Vec<MsrEntry> = msrs.iter().map(|m| MsrEntry { index: m.index, value: m.value }).collect();
-        self.set_msrs(&entries)?;
+        self.set_msrs(&msrs)?;
         self.fd.set_vcpu_events(&events_to_kvm(&state.events)).map_err(|e| Error::new("KVM_SET_VCPU_EVENTS", e))
     }
 }
@@ -689,8 +641,8 @@ fn mp_state_to_kvm(state: MpState) -> kvm_mp_state {
     kvm_mp_state { mp_state }
 }
 
-fn registers_from_kvm(r: &kvm_regs) -> Registers {
-    Registers {
+fn registers_from_kvm(r: &kvm_regs) -> GeneralRegisters {
+    GeneralRegisters {
         rax: r.rax,
         rbx: r.rbx,
         rcx: r.rcx,
@@ -712,7 +664,7 @@ fn registers_from_kvm(r: &kvm_regs) -> Registers {
     }
 }
 
-fn registers_to_kvm(r: &Registers) -> kvm_regs {
+fn registers_to_kvm(r: &GeneralRegisters) -> kvm_regs {
     kvm_regs {
         rax: r.rax,
         rbx: r.rbx,
@@ -735,8 +687,8 @@ fn registers_to_kvm(r: &Registers) -> kvm_regs {
     }
 }
 
-fn segment_from_kvm(s: &kvm_segment) -> SegmentRegister {
-    SegmentRegister {
+fn segment_from_kvm(s: &kvm_segment) -> Segment {
+    Segment {
         base: s.base,
         limit: s.limit,
         selector: s.selector,
@@ -752,7 +704,7 @@ fn segment_from_kvm(s: &kvm_segment) -> SegmentRegister {
     }
 }
 
-fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
+fn segment_to_kvm(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
         limit: s.limit,
@@ -770,6 +722,14 @@ fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
     }
 }
 
+fn descriptor_table_from_kvm(t: &kvm_dtable) -> DescriptorTable {
+    DescriptorTable { base: t.base, limit: t.limit }
+}
+
+fn descriptor_table_to_kvm(t: &DescriptorTable) -> kvm_dtable {
+    kvm_dtable { base: t.base, limit: t.limit, ..Default::default() }
+}
+
 fn special_registers_from_kvm(s: &kvm_sregs) -> SpecialRegisters {
     SpecialRegisters {
         cs: segment_from_kvm(&s.cs),
@@ -780,8 +740,8 @@ fn special_registers_from_kvm(s: &kvm_sregs) -> SpecialRegisters {
         ss: segment_from_kvm(&s.ss),
         tr: segment_from_kvm(&s.tr),
         ldt: segment_from_kvm(&s.ldt),
-        gdt: DescriptorTableRegister { base: s.gdt.base, limit: s.gdt.limit },
-        idt: DescriptorTableRegister { base: s.idt.base, limit: s.idt.limit },
+        gdt: descriptor_table_from_kvm(&s.gdt),
+        idt: descriptor_table_from_kvm(&s.idt),
         cr0: s.cr0,
         cr2: s.cr2,
         cr3: s.cr3,
@@ -803,8 +763,8 @@ fn special_registers_to_kvm(s: &SpecialRegisters) -> kvm_sregs {
         ss: segment_to_kvm(&s.ss),
         tr: segment_to_kvm(&s.tr),
         ldt: segment_to_kvm(&s.ldt),
-        gdt: kvm_dtable { base: s.gdt.base, limit: s.gdt.limit, ..Default::default() },
-        idt: kvm_dtable { base: s.idt.base, limit: s.idt.limit, ..Default::default() },
+        gdt: descriptor_table_to_kvm(&s.gdt),
+        idt: descriptor_table_to_kvm(&s.idt),
         cr0: s.cr0,
         cr2: s.cr2,
         cr3: s.cr3,
@@ -1029,7 +989,7 @@ mod tests {
             avl: false,
             unusable: false,
         };
-        let k = to_kvm_segment(&seg);
+        let k = segment_to_kvm(&seg);
         assert_eq!((k.base, k.limit, k.selector, k.type_), (0x1000, 0xfffff, 0x10, 0xb));
         assert_eq!((k.present, k.s, k.l, k.g, k.db, k.avl, k.unusable), (1, 1, 1, 1, 0, 0, 0));
     }
