@@ -7,9 +7,11 @@
 
 mod support;
 
-use arch::x86_64::cpu_state::{GeneralRegisters, SpecialRegisters};
+use arch::x86_64::boot::long_mode_special_registers;
+use arch::x86_64::cpu_state::GeneralRegisters;
 use arch::x86_64::gdt::{self, SegmentMode};
 use arch::x86_64::layout::{KVM_TSS_ADDRESS, PML4_START};
+use arch::x86_64::msrs::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR};
 use arch::x86_64::{paging, CpuState, MsrEntry};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64};
@@ -39,14 +41,6 @@ const XSAVE_XMM0: usize = 160;
 /// The XSAVE header's first byte of XSTATE_BV, and its SSE bit.
 const XSTATE_BV: usize = 512;
 const XFEATURE_SSE: u8 = 1 << 1;
-
-const MSR_IA32_TSC: u32 = 0x10;
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 struct TestVm {
     // Dropped before `memory`: the VM maps it.
@@ -112,24 +106,9 @@ fn complete_pending_exit(vcpu: &mut KvmVcpu) {
 /// A guest at its first instruction: long mode on the boot GDT and identity page tables, RIP at CODE.
 /// False (with the reason said) where this host's KVM cannot save or load vCPU state.
 fn start_guest(vcpu: &KvmVcpu) -> bool {
-    let data = gdt::data_segment();
     let state = CpuState {
         regs: GeneralRegisters { rip: CODE, rflags: 1 << 1, ..Default::default() },
-        sregs: SpecialRegisters {
-            cs: gdt::code_segment(SegmentMode::Long),
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr: gdt::tss_segment(),
-            gdt: gdt::boot_gdtr(),
-            idt: gdt::boot_idtr(),
-            cr0: CR0_PE | CR0_ET | CR0_PG,
-            cr3: PML4_START,
-            cr4: CR4_PAE,
-            efer: EFER_LME | EFER_LMA,
-        },
+        sregs: long_mode_special_registers(PML4_START),
         fpu: Default::default(),
     };
     vcpu.set_cpu_state(&state).expect("loading the long-mode start state");
@@ -234,8 +213,6 @@ fn vm_without_time(vm: &VmStateX86_64) -> VmStateX86_64 {
     vm
 }
 
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_PAT: u32 = 0x277;
 const LAPIC_LVT_LINT0: usize = 0x350;
 const PIT_SPEAKER_CHANNEL: usize = 2;
