@@ -15,9 +15,10 @@ use arch::x86_64::msrs::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR};
 use arch::x86_64::{paging, CpuState, MsrEntry};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64};
-use hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm};
+use hypervisor::{Hypervisor, VcpuExit};
+use support::guest::{complete_pending_exit, memory_contents, run_collecting, TestVm};
 use support::kvm_available;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Where the guest's code and its in-memory counter live (above the boot GDT, stack and page tables).
 const CODE: u64 = 0x2_0000;
@@ -42,65 +43,22 @@ const XSAVE_XMM0: usize = 160;
 const XSTATE_BV: usize = 512;
 const XFEATURE_SSE: u8 = 1 << 1;
 
-struct TestVm {
-    // Dropped before `memory`: the VM maps it.
-    vcpu: KvmVcpu,
-    vm: KvmVm,
-    memory: GuestMemoryMmap<()>,
-}
-
 /// A VM with the PC irqchip, 1 MiB of memory holding `contents`, and one vCPU with the host's CPUID.
-fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm {
+fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
     let vm = hypervisor.create_vm().expect("creating a VM");
     vm.create_pc_irqchip(KVM_TSS_ADDRESS).expect("creating the PC irqchip");
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), contents.len())]).unwrap();
-    memory.write_slice(contents, GuestAddress(0)).unwrap();
-    let region = memory.iter().next().unwrap();
-    // SAFETY: `memory` is this test's own anonymous mapping and is dropped after the VM (field order of TestVm).
-    unsafe { vm.map_memory(0, 0, region.len(), region.as_ptr() as u64) }.expect("mapping guest memory");
-    let vcpu = vm.create_vcpu(0).expect("creating a vCPU");
+    let test = TestVm::new(vm, 0, contents);
     let cpuid = hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID");
-    vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");
-    TestVm { vcpu, vm, memory }
-}
-
-fn memory_contents(memory: &GuestMemoryMmap<()>) -> Vec<u8> {
-    let region = memory.iter().next().unwrap();
-    let mut contents = vec![0u8; region.len() as usize];
-    memory.read_slice(&mut contents, GuestAddress(0)).unwrap();
-    contents
+    test.vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");
+    test
 }
 
 /// Runs until `count` OUTs to PORT and returns the values written.
 fn run_outs(vcpu: &mut KvmVcpu, count: usize) -> Vec<u16> {
-    let mut values = Vec::new();
-    for _ in 0..count * 100 {
-        let outcome = match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut { port: PORT, data } if data.len() == 2 => Ok(Some(u16::from_le_bytes([data[0], data[1]]))),
-            VcpuExit::Interrupted => Ok(None),
-            other => Err(format!("{other:?}")),
-        };
-        match outcome {
-            Ok(Some(value)) => {
-                values.push(value);
-                if values.len() == count {
-                    return values;
-                }
-            }
-            Ok(None) => {}
-            Err(exit) => panic!("unexpected exit {exit}\n{}", vcpu.dump_state()),
-        }
-    }
-    panic!("only {} of {count} OUTs", values.len());
-}
-
-/// Completes the instruction behind the last exit (KVM finishes an OUT on the next KVM_RUN), as a VMM pausing a
-/// vCPU does, so that the state read next is the one after it.
-fn complete_pending_exit(vcpu: &mut KvmVcpu) {
-    vcpu.set_immediate_exit(true);
-    let exit = vcpu.run().expect("KVM_RUN with immediate_exit");
-    assert!(matches!(exit, VcpuExit::Interrupted), "immediate exit gave {exit:?}");
-    vcpu.set_immediate_exit(false);
+    run_collecting(vcpu, count, |exit| match exit {
+        VcpuExit::IoOut { port: PORT, data } if data.len() == 2 => Some(u16::from_le_bytes([data[0], data[1]])),
+        _ => None,
+    })
 }
 
 /// A guest at its first instruction: long mode on the boot GDT and identity page tables, RIP at CODE.
@@ -220,7 +178,7 @@ const PIT_SPEAKER_CHANNEL: usize = 2;
 /// Gives the source VM state that a fresh VM does not have, so that a restore which loaded nothing cannot pass:
 /// MSRs a guest kernel programs, LAPIC LINT wiring, a debug register, blocked NMIs, PIC and IOAPIC masks and a PIT
 /// count.
-fn seed_distinct_state(test: &TestVm) {
+fn seed_distinct_state(test: &TestVm<KvmVm>) {
     test.vcpu.set_lapic_lints().expect("wiring LINT0/LINT1");
     let msrs = [(MSR_LSTAR, 0xffff_ffff_8100_0000), (MSR_KERNEL_GS_BASE, 0xffff_8880_0000_0000), (MSR_PAT, PAT)];
     let msrs: Vec<MsrEntry> = msrs.iter().map(|&(index, value)| MsrEntry { index, value }).collect();
