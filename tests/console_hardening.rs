@@ -10,17 +10,20 @@ mod support;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{kestrel_binary, kvm_available, payload};
+use support::kvm_available;
+use support::probe_vm::{scratch_dir, unix_server_arg, ProbeVm};
+use support::qmp::QmpClient;
 
 /// How long a QMP command may take to answer: QEMU answers these in milliseconds; this allows for a loaded host.
 const ANSWER_BOUND: Duration = Duration::from_secs(2);
+/// How long connecting and negotiating may take while the guest floods its console.
+const NEGOTIATION_BOUND: Duration = Duration::from_secs(20);
 /// How long the process may take to exit once told to: Kestrel gives queued output up to 2 s to drain.
 const EXIT_BOUND: Duration = Duration::from_secs(8);
 /// How long the guest may take to fill a console nobody reads (seconds with the 64 KiB queue; a 1 MiB queue took
@@ -31,10 +34,9 @@ const HELD_FOR: Duration = Duration::from_millis(500);
 /// The x86_64 futex system call, as /proc/<pid>/task/<tid>/syscall shows it.
 const SYS_FUTEX: &str = "202";
 
-/// A running kestrel, killed if a test fails half-way.
+/// The probe with a QMP socket, its stderr in a file; killed if a test fails half-way.
 struct Vm {
-    child: Child,
-    dir: PathBuf,
+    process: ProbeVm,
 }
 
 impl Vm {
@@ -47,26 +49,22 @@ impl Vm {
     }
 
     fn spawn(command: &str, console: &[&str], stdout: Stdio) -> Vm {
-        let dir = std::env::temp_dir().join(format!("kestrel-console-hardening-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = payload("probe.pvh.elf");
-        let mut cmd = Command::new(kestrel_binary());
-        cmd.args(["--kernel", kernel.to_str().unwrap(), "--cmdline", command, "--memory", "64M"]);
-        cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
-        cmd.args(console);
-        // stderr goes to a file: a pipe nobody drains would be a second blocked console.
-        let stderr = File::create(dir.join("stderr.log")).unwrap();
-        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-        let child = cmd.spawn().expect("starting kestrel");
-        Vm { child, dir }
+        let process = ProbeVm::spawn("console-hardening", command, |cmd, dir| {
+            cmd.arg("--qmp").arg(unix_server_arg(&dir.join("qmp.sock")));
+            cmd.args(console);
+            // stderr goes to a file: a pipe nobody drains would be a second blocked console.
+            let stderr = File::create(dir.join("stderr.log")).unwrap();
+            cmd.stdout(stdout).stderr(stderr);
+        });
+        Vm { process }
     }
 
     fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.process.path("qmp.sock")
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+        std::fs::read_to_string(self.process.path("stderr.log")).unwrap_or_default()
     }
 
     #[track_caller]
@@ -80,7 +78,7 @@ impl Vm {
 
     /// The system call vCPU 0's thread is in, by number ("running" while not in one).
     fn vcpu0_syscall(&self) -> Option<String> {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).ok()?;
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.process.pid())).ok()?;
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             if comm.trim() == "vcpu0" {
@@ -121,91 +119,39 @@ impl Vm {
         true
     }
 
-    /// Waits up to `bound` for the process to exit.
     fn exited_within(&mut self, bound: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
+        self.process.exited_within(bound)
     }
 
     fn terminate(&self) {
-        // SAFETY: sends SIGTERM to our own child, which has not been reaped (we hold it).
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        self.process.signal(libc::SIGTERM);
     }
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::SeqCst)
-}
-
-/// A QMP client whose every read is bounded, so a VMM that never answers fails the test instead of hanging it.
-struct Qmp {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn negotiated(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connecting to the QMP socket");
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut qmp = Qmp { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) };
-        let greeting = qmp.line().expect("no QMP greeting");
-        assert!(greeting.get("QMP").is_some(), "{greeting}");
-        let reply = qmp.execute("qmp_capabilities", Duration::from_secs(20));
-        assert_eq!(reply, Ok(serde_json::json!({"return": {}})));
-        qmp
-    }
-
-    fn line(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("the QMP connection closed".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("not JSON ({e}): {line:?}")),
-            Err(e) => Err(format!("no answer: {e}")),
-        }
-    }
-
-    /// Sends `command` and returns its reply (events before it skipped), or why there was none within `bound`.
-    fn execute(&mut self, command: &str, bound: Duration) -> Result<Value, String> {
-        self.reader.get_ref().set_read_timeout(Some(bound)).unwrap();
-        let started = Instant::now();
-        self.writer.write_all(format!(r#"{{"execute": "{command}"}}"#).as_bytes()).unwrap();
-        loop {
-            let message = self.line().map_err(|e| format!("{command}: {e} after {:?}", started.elapsed()))?;
-            if message.get("event").is_none() {
-                return Ok(message);
-            }
+/// Sends `command` and returns its reply (events before it skipped), or why there was none within `bound`: a VMM
+/// that never answers fails the test instead of hanging it.
+fn execute_within(qmp: &mut QmpClient, command: &str, bound: Duration) -> Result<Value, String> {
+    qmp.set_read_timeout(bound);
+    let started = Instant::now();
+    qmp.send(&format!(r#"{{"execute": "{command}"}}"#));
+    loop {
+        let message = qmp.try_line().map_err(|e| format!("{command}: {e} after {:?}", started.elapsed()))?;
+        if message.get("event").is_none() {
+            return Ok(message);
         }
     }
 }
 
 /// `stop`, `system_reset` and `cont` each answer within [`ANSWER_BOUND`], then `quit` ends the process.
 fn commands_answer_and_quit_ends(vm: &mut Vm) {
-    let mut qmp = Qmp::negotiated(&vm.qmp_socket());
+    let mut qmp = QmpClient::negotiated_within(&vm.qmp_socket(), NEGOTIATION_BOUND);
     for command in ["stop", "system_reset", "cont"] {
         let started = Instant::now();
-        let reply = qmp.execute(command, ANSWER_BOUND);
+        let reply = execute_within(&mut qmp, command, ANSWER_BOUND);
         assert_eq!(reply, Ok(serde_json::json!({"return": {}})), "{command}; stderr:\n{}", vm.stderr());
         assert!(started.elapsed() <= ANSWER_BOUND, "{command} took {:?}", started.elapsed());
     }
-    let reply = qmp.execute("quit", ANSWER_BOUND);
+    let reply = execute_within(&mut qmp, "quit", ANSWER_BOUND);
     assert_eq!(reply, Ok(serde_json::json!({"return": {}})), "quit; stderr:\n{}", vm.stderr());
     let status = vm.exited_within(EXIT_BOUND);
     assert!(status.is_some_and(|s| s.success()), "quit did not end kestrel ({status:?}); stderr:\n{}", vm.stderr());
@@ -237,13 +183,27 @@ fn pty_path(vm: &Vm) -> String {
     path
 }
 
+/// The probe flooding a stdout pipe nobody reads, once its output has filled everything up to vCPU 0.
+fn flood_held_by_unread_stdout() -> Vm {
+    let vm = Vm::start("flood", &["--serial", "stdio"], Stdio::piped());
+    vm.wait_until_vcpu_held_by_console();
+    vm
+}
+
+/// The probe flooding a pty nobody attached to, for a few seconds, and the pty's path.
+fn flood_to_unattached_pty() -> (Vm, String) {
+    let vm = Vm::start("flood", &["--serial", "pty"], Stdio::null());
+    let path = pty_path(&vm);
+    thread::sleep(Duration::from_secs(3));
+    (vm, path)
+}
+
 #[test]
 fn stdout_pipe_never_read_does_not_wedge_qmp_or_quit() {
     if !kvm_available() {
         return;
     }
-    let mut vm = Vm::start("flood", &["--serial", "stdio"], Stdio::piped());
-    vm.wait_until_vcpu_held_by_console();
+    let mut vm = flood_held_by_unread_stdout();
     commands_answer_and_quit_ends(&mut vm);
 }
 
@@ -252,8 +212,7 @@ fn stdout_pipe_never_read_does_not_wedge_sigterm() {
     if !kvm_available() {
         return;
     }
-    let mut vm = Vm::start("flood", &["--serial", "stdio"], Stdio::piped());
-    vm.wait_until_vcpu_held_by_console();
+    let mut vm = flood_held_by_unread_stdout();
     terminate_ends(&mut vm);
 }
 
@@ -264,9 +223,7 @@ fn pty_nobody_attached_drops_output_and_does_not_wedge_qmp_or_quit() {
     if !kvm_available() {
         return;
     }
-    let mut vm = Vm::start("flood", &["--serial", "pty"], Stdio::null());
-    let path = pty_path(&vm);
-    thread::sleep(Duration::from_secs(3));
+    let (mut vm, path) = flood_to_unattached_pty();
     assert!(!vm.vcpu0_held(), "vCPU 0 waits for room in the console although its output should be dropped");
     commands_answer_and_quit_ends_after_attaching(&mut vm, &path);
 }
@@ -301,9 +258,7 @@ fn pty_nobody_attached_does_not_wedge_sigterm() {
     if !kvm_available() {
         return;
     }
-    let mut vm = Vm::start("flood", &["--serial", "pty"], Stdio::null());
-    pty_path(&vm);
-    thread::sleep(Duration::from_secs(3));
+    let (mut vm, _) = flood_to_unattached_pty();
     terminate_ends(&mut vm);
 }
 
@@ -340,12 +295,8 @@ fn pty_input_arrives_once_someone_attaches() {
 fn socket_console_args(dir: &Path) -> (PathBuf, PathBuf, Vec<String>) {
     let serial = dir.join("serial.sock");
     let console = dir.join("console.sock");
-    let args = vec![
-        "--serial".to_string(),
-        format!("unix:{},server=on,wait=off", serial.display()),
-        "--console".to_string(),
-        format!("unix:{},server=on,wait=off", console.display()),
-    ];
+    let args =
+        vec!["--serial".to_string(), unix_server_arg(&serial), "--console".to_string(), unix_server_arg(&console)];
     (serial, console, args)
 }
 
@@ -358,8 +309,7 @@ fn socket_console_files_are_removed_at_poweroff() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-console-sockets-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("console-sockets");
     let (serial, console, args) = socket_console_args(&dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::spawn("poweroff", &args, Stdio::null());
@@ -375,8 +325,7 @@ fn socket_console_files_are_removed_on_sigterm() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-console-sockets-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("console-sockets");
     let (serial, console, args) = socket_console_args(&dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::start("spin", &args, Stdio::null());

@@ -12,9 +12,9 @@ use arch::aarch64::layout::{PL011_START, RAM_START};
 use arch::aarch64::BootRegisters;
 use hypervisor::aarch64::{GicStateAarch64, Register, VcpuAarch64, VcpuStateAarch64, VmAarch64};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
-use hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm};
+use hypervisor::{Hypervisor, Vcpu, VcpuExit};
+use support::guest::{complete_pending_exit, memory_contents, run_collecting, TestVm};
 use support::kvm_available;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// The guest, at the start of RAM:
 ///   movz x0, #0x0900, lsl #16      x0 = PL011_START
@@ -28,6 +28,26 @@ const GUEST: [u32; 7] = [0xd2a1_2000, 0x5280_0961, 0x3900_0001, 0x5280_0100, 0x7
 
 /// Enough interrupt IDs for the SGIs, PPIs and a first block of SPIs.
 const GIC_IRQS: u32 = 64;
+/// The guests' RAM.
+const RAM_SIZE: usize = 2 << 20;
+
+/// A VM with the GIC (v3, or v2 where only that is emulated), RAM holding `contents`, and one vCPU initialised
+/// with PSCI 0.2.
+fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
+    let test = TestVm::new(hypervisor.create_vm().expect("creating a VM"), RAM_START, contents);
+    test.vm.init_vcpu(&test.vcpu, false).expect("KVM_ARM_VCPU_INIT with PSCI 0.2");
+    test.vm.create_gic(1, GIC_IRQS).expect("creating the in-kernel GIC");
+    test
+}
+
+/// RAM with `code` at its start.
+fn ram_image(code: &[u32]) -> Vec<u8> {
+    let mut ram = vec![0u8; RAM_SIZE];
+    for (word, bytes) in code.iter().zip(ram.chunks_exact_mut(4)) {
+        bytes.copy_from_slice(&word.to_le_bytes());
+    }
+    ram
+}
 
 #[test]
 fn a_vcpu_stores_to_the_uart_and_powers_off_through_psci() {
@@ -36,18 +56,8 @@ fn a_vcpu_stores_to_the_uart_and_powers_off_through_psci() {
     }
     assert_eq!(PL011_START, 0x0900_0000, "the guest's movz encodes this address");
     let hypervisor = KvmHypervisor::new().expect("opening /dev/kvm");
-    let vm = hypervisor.create_vm().expect("creating a VM");
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), 2 << 20)]).unwrap();
-    for (i, word) in GUEST.iter().enumerate() {
-        memory.write_obj(word.to_le(), GuestAddress(RAM_START + 4 * i as u64)).unwrap();
-    }
-    let region = memory.iter().next().unwrap();
-    // SAFETY: `memory` is this test's own anonymous mapping and outlives `vm` (declared before it is dropped at
-    // the end of the test, after the VM).
-    unsafe { vm.map_memory(0, RAM_START, region.len(), region.as_ptr() as u64) }.expect("mapping guest memory");
-    let mut vcpu = vm.create_vcpu(0).expect("creating a vCPU");
-    vm.init_vcpu(&vcpu, false).expect("KVM_ARM_VCPU_INIT with PSCI 0.2");
-    vm.create_gic(1, GIC_IRQS).expect("creating the in-kernel GIC (v3, or v2 where only that is emulated)");
+    let mut test = build_vm(&hypervisor, &ram_image(&GUEST));
+    let vcpu = &mut test.vcpu;
     // Affinity 0 for vCPU 0, and bit 31 (RES1) as every MPIDR_EL1 has it.
     let mpidr = vcpu.mpidr().expect("reading MPIDR_EL1");
     assert_eq!(mpidr & 0x80ff_ffff, 0x8000_0000, "MPIDR_EL1 {mpidr:#x}");
@@ -99,57 +109,14 @@ const COUNTERS: [u64; 2] = [0x6030_0000_0013_df1a, 0x6030_0000_0013_df01];
 const PC: u64 = 0x6030_0000_0010_0040;
 const X1: u64 = 0x6030_0000_0010_0002;
 
-struct CountingVm {
-    // Dropped before `memory`: the VM maps it.
-    vcpu: KvmVcpu,
-    vm: KvmVm,
-    memory: GuestMemoryMmap<()>,
-}
-
-/// A VM with the GIC, 2 MiB of RAM holding `contents`, and one initialised vCPU.
-fn counting_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> CountingVm {
-    let vm = hypervisor.create_vm().expect("creating a VM");
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), contents.len())]).unwrap();
-    memory.write_slice(contents, GuestAddress(RAM_START)).unwrap();
-    let region = memory.iter().next().unwrap();
-    // SAFETY: `memory` is this test's own anonymous mapping and is dropped after the VM (field order).
-    unsafe { vm.map_memory(0, RAM_START, region.len(), region.as_ptr() as u64) }.expect("mapping guest memory");
-    let vcpu = vm.create_vcpu(0).expect("creating a vCPU");
-    vm.init_vcpu(&vcpu, false).expect("KVM_ARM_VCPU_INIT with PSCI 0.2");
-    vm.create_gic(1, GIC_IRQS).expect("creating the in-kernel GIC");
-    CountingVm { vcpu, vm, memory }
-}
-
-fn ram_contents(memory: &GuestMemoryMmap<()>) -> Vec<u8> {
-    let region = memory.iter().next().unwrap();
-    let mut contents = vec![0u8; region.len() as usize];
-    memory.read_slice(&mut contents, GuestAddress(RAM_START)).unwrap();
-    contents
-}
-
 /// Runs until `count` MMIO stores to the PL011 and returns the values stored.
 fn run_stores(vcpu: &mut KvmVcpu, count: usize) -> Vec<u32> {
-    let mut values = Vec::new();
-    for _ in 0..count * 100 {
-        let outcome = match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::MmioWrite { addr: PL011_START, data } if data.len() == 4 => {
-                Ok(Some(u32::from_le_bytes(data.try_into().unwrap())))
-            }
-            VcpuExit::Interrupted => Ok(None),
-            other => Err(format!("{other:?}")),
-        };
-        match outcome {
-            Ok(Some(value)) => {
-                values.push(value);
-                if values.len() == count {
-                    return values;
-                }
-            }
-            Ok(None) => {}
-            Err(exit) => panic!("unexpected exit {exit}\n{}", vcpu.dump_state()),
+    run_collecting(vcpu, count, |exit| match exit {
+        VcpuExit::MmioWrite { addr: PL011_START, data } if data.len() == 4 => {
+            Some(u32::from_le_bytes((*data).try_into().unwrap()))
         }
-    }
-    panic!("only {} of {count} stores", values.len());
+        _ => None,
+    })
 }
 
 fn register(state: &VcpuStateAarch64, id: u64) -> u64 {
@@ -206,11 +173,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
         return;
     }
     let hypervisor = KvmHypervisor::new().expect("opening /dev/kvm");
-    let mut contents = vec![0u8; 2 << 20];
-    for (i, word) in COUNTING_GUEST.iter().enumerate() {
-        contents[4 * i..4 * i + 4].copy_from_slice(&word.to_le_bytes());
-    }
-    let mut source = counting_vm(&hypervisor, &contents);
+    let mut source = build_vm(&hypervisor, &ram_image(&COUNTING_GUEST));
     source.vcpu.set_boot_registers(&BootRegisters::new(RAM_START, 0)).expect("setting the boot registers");
     let mpidr = source.vcpu.mpidr().expect("reading MPIDR_EL1");
     let seeded = seed_gic_state(&source.vm, mpidr);
@@ -219,10 +182,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     assert_eq!(icc_value(&seeded, ICC_PMR_EL1), 0xf0);
     assert_eq!(icc_value(&seeded, ICC_IGRPEN1_EL1), 1);
     assert_eq!(run_stores(&mut source.vcpu, 50), (1..=50).collect::<Vec<u32>>(), "the guest counts from 1");
-    // KVM finishes an MMIO store (and moves PC past it) on the next KVM_RUN: a pausing VMM does that run first.
-    source.vcpu.set_immediate_exit(true);
-    assert!(matches!(source.vcpu.run().expect("KVM_RUN"), VcpuExit::Interrupted));
-    source.vcpu.set_immediate_exit(false);
+    complete_pending_exit(&mut source.vcpu);
 
     let state = source.vcpu.save_state().expect("saving the vCPU state");
     let gic = source.vm.save_gic_state(&[mpidr]).expect("saving the GIC state");
@@ -233,7 +193,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     }
     assert_eq!(icc_value(&gic, ICC_PMR_EL1), 0xf0);
     assert_eq!(icc_value(&gic, ICC_IGRPEN1_EL1), 1);
-    let memory = ram_contents(&source.memory);
+    let memory = memory_contents(&source.memory);
     eprintln!(
         "saved {} registers; GIC: {} distributor, {} redistributor, {} CPU interface registers",
         state.registers.len(),
@@ -249,7 +209,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     let state: VcpuStateAarch64 = serde_json::from_str(&text).expect("a saved state deserialises");
     drop(source);
 
-    let mut copy = counting_vm(&hypervisor, &memory);
+    let mut copy = build_vm(&hypervisor, &memory);
     assert_ne!(register(&copy.vcpu.save_state().expect("saving"), PC), AFTER_STORE, "a blank vCPU is elsewhere");
     assert_ne!(copy.vm.save_gic_state(&[mpidr]).expect("saving"), gic, "a blank GIC has other state");
     copy.vm.restore_gic_state(&[mpidr], &gic).expect("loading the GIC state");
@@ -261,7 +221,7 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     }
     assert_eq!(without_counters(&reloaded), without_counters(&state), "the restored vCPU saves as the original");
     assert_eq!(run_stores(&mut copy.vcpu, 10), (51..=60).collect::<Vec<u32>>(), "the guest goes on from 50");
-    let memory = ram_contents(&copy.memory);
+    let memory = memory_contents(&copy.memory);
     assert_eq!(u32::from_le_bytes(memory[COUNTER..COUNTER + 4].try_into().unwrap()), 60);
 }
 
@@ -271,7 +231,7 @@ fn hostile_vcpu_and_gic_states_are_refused_with_a_clear_error() {
         return;
     }
     let hypervisor = KvmHypervisor::new().expect("opening /dev/kvm");
-    let target = counting_vm(&hypervisor, &[0u8; 2 << 20]);
+    let target = build_vm(&hypervisor, &[0u8; RAM_SIZE]);
     let good = target.vcpu.save_state().expect("saving the vCPU state");
     let refuse = |state: &VcpuStateAarch64, expected: &str| {
         let error = target.vcpu.restore_state(state).expect_err("a hostile state must be refused").to_string();

@@ -8,166 +8,14 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{kestrel_binary, kvm_available, payload};
-
-const PVH: &str = "probe.pvh.elf";
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A running kestrel with QMP sockets, killed if a test fails half-way.
-struct Vm {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Vm {
-    /// Starts the probe payload running `command` with one QMP socket per name in `sockets`, plus `extra` args.
-    fn start(command: &str, sockets: &[&str], extra: &[&str]) -> Vm {
-        let dir = std::env::temp_dir().join(format!("kestrel-qmp-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = payload(PVH);
-        let mut cmd = Command::new(kestrel_binary());
-        cmd.args(["--kernel", kernel.to_str().unwrap(), "--cmdline", command, "--memory", "64M"]);
-        cmd.arg("--serial").arg(format!("file:{}", dir.join("console.log").display()));
-        for name in sockets {
-            cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", dir.join(name).display()));
-        }
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = cmd.spawn().expect("starting kestrel");
-        let vm = Vm { child: Some(child), dir };
-        for name in sockets {
-            vm.wait_for_socket(name);
-        }
-        vm
-    }
-
-    fn socket(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn wait_for_socket(&self, name: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.socket(name).exists() {
-            assert!(Instant::now() < deadline, "QMP socket {name} never appeared");
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// What the guest printed so far.
-    fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
-    }
-
-    fn wait_for_console(&self, needle: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.console().contains(needle) {
-            assert!(Instant::now() < deadline, "the guest never printed {needle:?}: {}", self.console());
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Waits for the process to exit and returns (success, guest console, stderr).
-    fn wait(mut self) -> (bool, String, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("kestrel did not exit");
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        let output = child.wait_with_output().unwrap();
-        (output.status.success(), self.console(), String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::SeqCst)
-}
-
-/// A raw QMP client: writes bytes, reads `\r\n`-terminated JSON lines.
-struct Client {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let stream = UnixStream::connect(path).expect("connecting to the QMP socket");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Client { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
-    }
-
-    /// The next line, exactly as sent (with its terminator).
-    fn raw_line(&mut self) -> String {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("reading from the QMP socket");
-        line
-    }
-
-    fn line(&mut self) -> Value {
-        let line = self.raw_line();
-        assert!(line.ends_with("\r\n"), "QMP lines end in CRLF: {line:?}");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-    }
-
-    fn send(&mut self, bytes: &str) {
-        self.writer.write_all(bytes.as_bytes()).unwrap();
-    }
-
-    /// Connects, checks the greeting and negotiates.
-    fn negotiated(path: &Path) -> Client {
-        let mut client = Client::connect(path);
-        let greeting = client.line();
-        assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 7, "{greeting}");
-        assert_eq!(greeting["QMP"]["capabilities"], serde_json::json!([]));
-        client.send(r#"{"execute": "qmp_capabilities"}"#);
-        assert_eq!(client.line(), serde_json::json!({"return": {}}));
-        client
-    }
-
-    /// Sends a command and returns its reply, collecting the events that came before it.
-    fn execute(&mut self, command: &str) -> (Vec<Value>, Value) {
-        self.send(command);
-        let mut events = Vec::new();
-        loop {
-            let line = self.line();
-            if line.get("event").is_some() {
-                events.push(line);
-            } else {
-                return (events, line);
-            }
-        }
-    }
-
-    fn status(&mut self) -> String {
-        let (_, reply) = self.execute(r#"{"execute": "query-status"}"#);
-        reply["return"]["status"].as_str().unwrap().to_string()
-    }
-}
+use support::kvm_available;
+use support::probe_vm::{scratch_dir, wait_for_path, ProbeVm, TIMEOUT};
+use support::qmp::QmpClient;
 
 fn event_names(events: &[Value]) -> Vec<&str> {
     events.iter().map(|e| e["event"].as_str().unwrap()).collect()
@@ -178,17 +26,17 @@ fn socket_is_private_and_goes_away_on_quit() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["qmp.sock"], &[]);
-    let mode = std::fs::metadata(vm.socket("qmp.sock")).unwrap().permissions().mode() & 0o777;
+    let mut vm = ProbeVm::with_qmp_sockets("spin", &["qmp.sock"], &[]);
+    let mode = std::fs::metadata(vm.path("qmp.sock")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let (events, reply) = client.execute(r#"{"execute": "quit", "id": 7}"#);
     assert_eq!(event_names(&events), ["SHUTDOWN"]);
     assert_eq!(events[0]["data"], serde_json::json!({"guest": false, "reason": "host-qmp-quit"}));
     assert_eq!(reply, serde_json::json!({"return": {}, "id": 7}));
-    let socket = vm.socket("qmp.sock");
-    let (ok, _, stderr) = vm.wait();
-    assert!(ok, "{stderr}");
+    let socket = vm.path("qmp.sock");
+    let exit = vm.wait(TIMEOUT);
+    assert!(exit.success, "{}", exit.stderr);
     assert!(!socket.exists(), "the socket file is removed on exit");
 }
 
@@ -197,8 +45,8 @@ fn negotiation_mode_and_id_echo() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["qmp.sock"], &[]);
-    let mut client = Client::connect(&vm.socket("qmp.sock"));
+    let vm = ProbeVm::with_qmp_sockets("spin", &["qmp.sock"], &[]);
+    let mut client = QmpClient::connect(&vm.path("qmp.sock"));
     client.line();
     client.send(r#"{"execute": "query-status", "id": {"nested": [1, "two"]}}"#);
     let reply = client.line();
@@ -219,8 +67,8 @@ fn stop_and_cont_raise_events_before_their_replies() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["qmp.sock"], &["--cpus", "2"]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let vm = ProbeVm::with_qmp_sockets("spin", &["qmp.sock"], &["--cpus", "2"]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     assert_eq!(client.status(), "running");
     let (events, reply) = client.execute(r#"{"execute": "stop"}"#);
     assert_eq!(event_names(&events), ["STOP"]);
@@ -248,8 +96,8 @@ fn prelaunch_until_cont() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("poweroff", &["qmp.sock"], &["-S"]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("poweroff", &["qmp.sock"], &["-S"]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     assert_eq!(client.status(), "prelaunch");
     thread::sleep(Duration::from_millis(200));
     assert_eq!(client.status(), "prelaunch", "nothing runs before cont");
@@ -258,9 +106,9 @@ fn prelaunch_until_cont() {
     let shutdown = client.line();
     assert_eq!(shutdown["event"], "SHUTDOWN");
     assert_eq!(shutdown["data"], serde_json::json!({"guest": true, "reason": "guest-shutdown"}));
-    let (ok, stdout, stderr) = vm.wait();
-    assert!(ok, "{stderr}");
-    assert!(stdout.contains("probe: poweroff"), "{stdout}");
+    let exit = vm.wait(TIMEOUT);
+    assert!(exit.success, "{}", exit.stderr);
+    assert!(vm.console().contains("probe: poweroff"), "{}", vm.console());
 }
 
 #[test]
@@ -268,8 +116,8 @@ fn system_powerdown_presses_the_acpi_power_button() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("acpi", &["qmp.sock"], &[]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("acpi", &["qmp.sock"], &[]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let (_, hmp) =
         client.execute(r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info status"}}"#);
     assert_eq!(hmp["return"], "VM status: running\r\n");
@@ -281,9 +129,9 @@ fn system_powerdown_presses_the_acpi_power_button() {
     let shutdown = client.line();
     assert_eq!(shutdown["event"], "SHUTDOWN", "the guest powers off: {shutdown}");
     assert_eq!(shutdown["data"]["reason"], "guest-shutdown");
-    let (ok, stdout, stderr) = vm.wait();
-    assert!(ok, "{stderr}");
-    assert!(stdout.contains("probe: power button"), "{stdout}");
+    let exit = vm.wait(TIMEOUT);
+    assert!(exit.success, "{}", exit.stderr);
+    assert!(vm.console().contains("probe: power button"), "{}", vm.console());
 }
 
 #[test]
@@ -291,8 +139,8 @@ fn no_shutdown_keeps_the_machine_until_reset() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("poweroff", &["qmp.sock"], &["-no-shutdown", "-S"]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("poweroff", &["qmp.sock"], &["-no-shutdown", "-S"]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let (events, _) = client.execute(r#"{"execute": "cont"}"#);
     assert_eq!(event_names(&events), ["RESUME"]);
     let shutdown = client.line();
@@ -305,7 +153,7 @@ fn no_shutdown_keeps_the_machine_until_reset() {
     assert_eq!(event_names(&events), ["RESET"]);
     assert_eq!(client.status(), "prelaunch");
     client.execute(r#"{"execute": "quit"}"#);
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
 }
 
 #[test]
@@ -313,11 +161,11 @@ fn events_reach_every_monitor_and_each_socket_serves_one_client_at_a_time() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["a.sock", "b.sock"], &[]);
-    let mut a = Client::negotiated(&vm.socket("a.sock"));
-    let mut b = Client::negotiated(&vm.socket("b.sock"));
+    let vm = ProbeVm::with_qmp_sockets("spin", &["a.sock", "b.sock"], &[]);
+    let mut a = QmpClient::negotiated(&vm.path("a.sock"));
+    let mut b = QmpClient::negotiated(&vm.path("b.sock"));
     // A second client on a busy socket waits, as with QEMU: no greeting yet.
-    let mut waiting = Client::connect(&vm.socket("b.sock"));
+    let mut waiting = QmpClient::connect(&vm.path("b.sock"));
     waiting.reader.get_ref().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let mut nothing = String::new();
     assert!(waiting.reader.read_line(&mut nothing).is_err(), "no greeting while another client is served");
@@ -341,11 +189,10 @@ fn qemu_chardev_and_mon_spelling() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-qmp-chardev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("qmp-chardev");
     let path = dir.join("monitor.sock");
     let chardev = format!("socket,id=charmonitor,path={},server=on,wait=off", path.display());
-    let vm = Vm::start(
+    let vm = ProbeVm::with_qmp_sockets(
         "spin",
         &[],
         &[
@@ -357,12 +204,8 @@ fn qemu_chardev_and_mon_spelling() {
             "guest=web1,debug-threads=on",
         ],
     );
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "monitor socket never appeared");
-        thread::sleep(Duration::from_millis(5));
-    }
-    let mut client = Client::negotiated(&path);
+    wait_for_path(&path, TIMEOUT);
+    let mut client = QmpClient::negotiated(&path);
     let (_, name) = client.execute(r#"{"execute": "query-name"}"#);
     assert_eq!(name["return"], serde_json::json!({"name": "web1"}));
     drop(vm);
@@ -374,20 +217,16 @@ fn wait_on_holds_the_guest_until_a_client_connects() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-qmp-wait-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("qmp-wait");
     let path = dir.join("qmp.sock");
-    let vm = Vm::start("poweroff", &[], &["--qmp", &format!("unix:{},server=on,wait=on", path.display())]);
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "socket never appeared");
-        thread::sleep(Duration::from_millis(5));
-    }
+    let mut vm =
+        ProbeVm::with_qmp_sockets("poweroff", &[], &["--qmp", &format!("unix:{},server=on,wait=on", path.display())]);
+    wait_for_path(&path, TIMEOUT);
     thread::sleep(Duration::from_millis(200));
     assert_eq!(vm.console(), "", "the guest has not run yet");
-    let mut client = Client::negotiated(&path);
+    let mut client = QmpClient::negotiated(&path);
     assert_eq!(client.line()["event"], "SHUTDOWN", "after the client came, the guest ran and powered off");
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -396,15 +235,14 @@ fn sigterm_sends_shutdown_host_signal() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["qmp.sock"], &[]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    let mut vm = ProbeVm::with_qmp_sockets("spin", &["qmp.sock"], &[]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
+    vm.signal(libc::SIGTERM);
     let shutdown = client.line();
     assert_eq!(shutdown["event"], "SHUTDOWN");
     assert_eq!(shutdown["data"], serde_json::json!({"guest": false, "reason": "host-signal"}));
-    let (ok, _, stderr) = vm.wait();
-    assert!(ok, "{stderr}");
+    let exit = vm.wait(TIMEOUT);
+    assert!(exit.success, "{}", exit.stderr);
 }
 
 #[test]
@@ -412,17 +250,17 @@ fn a_dead_vcpu_leaves_the_machine_in_internal_error_not_a_dead_process() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("triplefault", &["qmp.sock"], &["-S"]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("triplefault", &["qmp.sock"], &["-S"]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     client.execute(r#"{"execute": "cont"}"#);
     assert_eq!(client.line()["event"], "STOP");
     assert_eq!(client.status(), "internal-error");
     let (_, refused) = client.execute(r#"{"execute": "cont"}"#);
     assert_eq!(refused["error"]["class"], "GenericError");
     client.execute(r#"{"execute": "quit"}"#);
-    let (ok, _, stderr) = vm.wait();
-    assert!(ok, "quit ends it cleanly: {stderr}");
-    assert!(stderr.contains("rip="), "the vCPU state was reported: {stderr}");
+    let exit = vm.wait(TIMEOUT);
+    assert!(exit.success, "quit ends it cleanly: {}", exit.stderr);
+    assert!(exit.stderr.contains("rip="), "the vCPU state was reported: {}", exit.stderr);
 }
 
 #[test]
@@ -430,8 +268,8 @@ fn hostile_input_leaves_the_connection_usable() {
     if !kvm_available() {
         return;
     }
-    let vm = Vm::start("spin", &["qmp.sock"], &[]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("spin", &["qmp.sock"], &[]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let deep = "[".repeat(2000);
     let huge = format!("{{\"execute\": \"{}\"}}", "x".repeat(1 << 20));
     for garbage in ["\u{1}\u{2}nonsense", "[1, 2, 3]", "\"just a string\"", "{\"execute\": 5}", &deep, &huge] {
@@ -451,7 +289,7 @@ fn hostile_input_leaves_the_connection_usable() {
         }
     }
     client.execute(r#"{"execute": "quit"}"#);
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
 }
 
 #[test]
@@ -461,7 +299,7 @@ fn qmp_over_tcp_on_loopback() {
     }
     // A port nobody uses right now (the small window before kestrel binds it is harmless here).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let vm = Vm::start("spin", &[], &["-qmp", &format!("tcp:127.0.0.1:{port},server=on,wait=off")]);
+    let mut vm = ProbeVm::with_qmp_sockets("spin", &[], &["-qmp", &format!("tcp:127.0.0.1:{port},server=on,wait=off")]);
     let deadline = Instant::now() + TIMEOUT;
     let stream = loop {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -486,7 +324,7 @@ fn qmp_over_tcp_on_loopback() {
     reader.read_line(&mut line).unwrap();
     assert!(line.contains("\"status\": \"running\""), "{line}");
     writer.write_all(b"{\"execute\": \"quit\"}").unwrap();
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
 }
 
 /// `query-block` and `query-blockstats` on two real disks (one read-only): names, files, sizes, flags and, after
@@ -496,8 +334,7 @@ fn query_block_and_blockstats_reflect_the_disks() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-qmp-block-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("qmp-block");
     let (a_path, b_path) = (dir.join("a.img"), dir.join("b.img"));
     let mut a_image = vec![0x11u8; 128 * 512];
     a_image[..8].copy_from_slice(b"ALPHAIMG");
@@ -507,12 +344,12 @@ fn query_block_and_blockstats_reflect_the_disks() {
     std::fs::write(&b_path, &b_image).unwrap();
     let a_arg = format!("path={}", a_path.display());
     let b_arg = format!("path={},readonly=on,serial=B", b_path.display());
-    let vm = Vm::start(
+    let mut vm = ProbeVm::with_qmp_sockets(
         "virtio",
         &["qmp.sock"],
         &["-S", "-no-shutdown", "-M", "microvm", "--disk", &a_arg, "--disk", &b_arg],
     );
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
 
     let (_, reply) = client.execute(r#"{"execute": "query-block"}"#);
     let block = reply["return"].as_array().unwrap_or_else(|| panic!("{reply}")).clone();
@@ -572,7 +409,7 @@ fn query_block_and_blockstats_reflect_the_disks() {
     assert_eq!(std::fs::read(&b_path).unwrap(), b_image, "the read-only disk is unchanged");
 
     client.execute(r#"{"execute": "quit"}"#);
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -584,17 +421,16 @@ fn query_pci_reflects_the_bus() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kestrel-qmp-pci-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("qmp-pci");
     let image = dir.join("a.img");
     std::fs::write(&image, vec![0u8; 64 * 512]).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", image.display());
-    let vm = Vm::start(
+    let mut vm = ProbeVm::with_qmp_sockets(
         "poweroff",
         &["qmp.sock"],
         &["-S", "-drive", &drive, "-device", "virtio-blk-pci,drive=d0,id=disk0", "-device", "virtio-rng-pci"],
     );
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let (_, reply) = client.execute(r#"{"execute": "query-pci"}"#);
     let buses = reply["return"].as_array().unwrap_or_else(|| panic!("{reply}")).clone();
     assert_eq!(buses.len(), 1, "{reply}");
@@ -627,13 +463,13 @@ fn query_pci_reflects_the_bus() {
         }
     }
     client.execute(r#"{"execute": "quit"}"#);
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
 
-    let vm = Vm::start("poweroff", &["qmp.sock"], &["-S", "-M", "microvm", "--rng"]);
-    let mut client = Client::negotiated(&vm.socket("qmp.sock"));
+    let mut vm = ProbeVm::with_qmp_sockets("poweroff", &["qmp.sock"], &["-S", "-M", "microvm", "--rng"]);
+    let mut client = QmpClient::negotiated(&vm.path("qmp.sock"));
     let (_, reply) = client.execute(r#"{"execute": "query-pci"}"#);
     assert_eq!(reply["return"], serde_json::json!([]), "{reply}");
     client.execute(r#"{"execute": "quit"}"#);
-    assert!(vm.wait().0);
+    assert!(vm.wait(TIMEOUT).success);
     let _ = std::fs::remove_dir_all(dir);
 }

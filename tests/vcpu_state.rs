@@ -7,15 +7,18 @@
 
 mod support;
 
-use arch::x86_64::cpu_state::{GeneralRegisters, SpecialRegisters};
+use arch::x86_64::boot::long_mode_special_registers;
+use arch::x86_64::cpu_state::GeneralRegisters;
 use arch::x86_64::gdt::{self, SegmentMode};
 use arch::x86_64::layout::{KVM_TSS_ADDRESS, PML4_START};
+use arch::x86_64::msrs::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR};
 use arch::x86_64::{paging, CpuState, MsrEntry};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64};
-use hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm};
+use hypervisor::{Hypervisor, VcpuExit};
+use support::guest::{complete_pending_exit, memory_contents, run_collecting, TestVm};
 use support::kvm_available;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Where the guest's code and its in-memory counter live (above the boot GDT, stack and page tables).
 const CODE: u64 = 0x2_0000;
@@ -40,96 +43,30 @@ const XSAVE_XMM0: usize = 160;
 const XSTATE_BV: usize = 512;
 const XFEATURE_SSE: u8 = 1 << 1;
 
-const MSR_IA32_TSC: u32 = 0x10;
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-struct TestVm {
-    // Dropped before `memory`: the VM maps it.
-    vcpu: KvmVcpu,
-    vm: KvmVm,
-    memory: GuestMemoryMmap<()>,
-}
-
 /// A VM with the PC irqchip, 1 MiB of memory holding `contents`, and one vCPU with the host's CPUID.
-fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm {
+fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
     let vm = hypervisor.create_vm().expect("creating a VM");
     vm.create_pc_irqchip(KVM_TSS_ADDRESS).expect("creating the PC irqchip");
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), contents.len())]).unwrap();
-    memory.write_slice(contents, GuestAddress(0)).unwrap();
-    let region = memory.iter().next().unwrap();
-    // SAFETY: `memory` is this test's own anonymous mapping and is dropped after the VM (field order of TestVm).
-    unsafe { vm.map_memory(0, 0, region.len(), region.as_ptr() as u64) }.expect("mapping guest memory");
-    let vcpu = vm.create_vcpu(0).expect("creating a vCPU");
+    let test = TestVm::new(vm, 0, contents);
     let cpuid = hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID");
-    vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");
-    TestVm { vcpu, vm, memory }
-}
-
-fn memory_contents(memory: &GuestMemoryMmap<()>) -> Vec<u8> {
-    let region = memory.iter().next().unwrap();
-    let mut contents = vec![0u8; region.len() as usize];
-    memory.read_slice(&mut contents, GuestAddress(0)).unwrap();
-    contents
+    test.vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");
+    test
 }
 
 /// Runs until `count` OUTs to PORT and returns the values written.
 fn run_outs(vcpu: &mut KvmVcpu, count: usize) -> Vec<u16> {
-    let mut values = Vec::new();
-    for _ in 0..count * 100 {
-        let outcome = match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut { port: PORT, data } if data.len() == 2 => Ok(Some(u16::from_le_bytes([data[0], data[1]]))),
-            VcpuExit::Interrupted => Ok(None),
-            other => Err(format!("{other:?}")),
-        };
-        match outcome {
-            Ok(Some(value)) => {
-                values.push(value);
-                if values.len() == count {
-                    return values;
-                }
-            }
-            Ok(None) => {}
-            Err(exit) => panic!("unexpected exit {exit}\n{}", vcpu.dump_state()),
-        }
-    }
-    panic!("only {} of {count} OUTs", values.len());
-}
-
-/// Completes the instruction behind the last exit (KVM finishes an OUT on the next KVM_RUN), as a VMM pausing a
-/// vCPU does, so that the state read next is the one after it.
-fn complete_pending_exit(vcpu: &mut KvmVcpu) {
-    vcpu.set_immediate_exit(true);
-    let exit = vcpu.run().expect("KVM_RUN with immediate_exit");
-    assert!(matches!(exit, VcpuExit::Interrupted), "immediate exit gave {exit:?}");
-    vcpu.set_immediate_exit(false);
+    run_collecting(vcpu, count, |exit| match exit {
+        VcpuExit::IoOut { port: PORT, data } if data.len() == 2 => Some(u16::from_le_bytes([data[0], data[1]])),
+        _ => None,
+    })
 }
 
 /// A guest at its first instruction: long mode on the boot GDT and identity page tables, RIP at CODE.
 /// False (with the reason said) where this host's KVM cannot save or load vCPU state.
 fn start_guest(vcpu: &KvmVcpu) -> bool {
-    let data = gdt::data_segment();
     let state = CpuState {
         regs: GeneralRegisters { rip: CODE, rflags: 1 << 1, ..Default::default() },
-        sregs: SpecialRegisters {
-            cs: gdt::code_segment(SegmentMode::Long),
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr: gdt::tss_segment(),
-            gdt: gdt::boot_gdtr(),
-            idt: gdt::boot_idtr(),
-            cr0: CR0_PE | CR0_ET | CR0_PG,
-            cr3: PML4_START,
-            cr4: CR4_PAE,
-            efer: EFER_LME | EFER_LMA,
-        },
+        sregs: long_mode_special_registers(PML4_START),
         fpu: Default::default(),
     };
     vcpu.set_cpu_state(&state).expect("loading the long-mode start state");
@@ -234,8 +171,6 @@ fn vm_without_time(vm: &VmStateX86_64) -> VmStateX86_64 {
     vm
 }
 
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_PAT: u32 = 0x277;
 const LAPIC_LVT_LINT0: usize = 0x350;
 const PIT_SPEAKER_CHANNEL: usize = 2;
@@ -243,7 +178,7 @@ const PIT_SPEAKER_CHANNEL: usize = 2;
 /// Gives the source VM state that a fresh VM does not have, so that a restore which loaded nothing cannot pass:
 /// MSRs a guest kernel programs, LAPIC LINT wiring, a debug register, blocked NMIs, PIC and IOAPIC masks and a PIT
 /// count.
-fn seed_distinct_state(test: &TestVm) {
+fn seed_distinct_state(test: &TestVm<KvmVm>) {
     test.vcpu.set_lapic_lints().expect("wiring LINT0/LINT1");
     let msrs = [(MSR_LSTAR, 0xffff_ffff_8100_0000), (MSR_KERNEL_GS_BASE, 0xffff_8880_0000_0000), (MSR_PAT, PAT)];
     let msrs: Vec<MsrEntry> = msrs.iter().map(|&(index, value)| MsrEntry { index, value }).collect();
@@ -381,7 +316,7 @@ fn hostile_vcpu_and_vm_states_are_refused_with_a_clear_error() {
     state.lapic.resize(4096, 0);
     assert_vcpu_refuses(&target.vcpu, &state, "local APIC page of 4096 bytes");
     let mut state = good.clone();
-    state.msrs = vec![hypervisor::x86_64::ModelSpecificRegister { index: MSR_IA32_TSC, value: 0 }; 100_000];
+    state.msrs = vec![MsrEntry { index: MSR_IA32_TSC, value: 0 }; 100_000];
     assert_vcpu_refuses(&target.vcpu, &state, "100000 MSRs");
     let mut state = good.clone();
     state.msrs[0].index = 0xc000_0080;

@@ -1,6 +1,7 @@
 //! x86_64 extensions: CPUID, MSRs, the PC irqchip and boot register state, and the vCPU and VM state a snapshot
 //! holds.
 
+use arch::x86_64::cpu_state::{DescriptorTable, GeneralRegisters, Segment};
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use serde::{Deserialize, Serialize};
 
@@ -45,69 +46,21 @@ pub trait VcpuX86_64: Vcpu {
     fn restore_state(&self, state: &VcpuStateX86_64) -> Result<()>;
 }
 
-/// The general-purpose registers, RIP and RFLAGS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Registers {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rsp: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rip: u64,
-    pub rflags: u64,
-}
-
-/// A segment register with its hidden descriptor cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SegmentRegister {
-    pub base: u64,
-    pub limit: u32,
-    pub selector: u16,
-    pub type_: u8,
-    pub present: bool,
-    pub dpl: u8,
-    pub db: bool,
-    pub s: bool,
-    pub l: bool,
-    pub g: bool,
-    pub avl: bool,
-    pub unusable: bool,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DescriptorTableRegister {
-    pub base: u64,
-    pub limit: u16,
-}
-
-/// Segments, descriptor tables, control registers, EFER and the APIC base.
+/// Segments, descriptor tables, control registers, EFER and the APIC base: all of them, where the boot state
+/// ([`arch::x86_64::cpu_state::SpecialRegisters`]) has only what a boot protocol sets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecialRegisters {
-    pub cs: SegmentRegister,
-    pub ds: SegmentRegister,
-    pub es: SegmentRegister,
-    pub fs: SegmentRegister,
-    pub gs: SegmentRegister,
-    pub ss: SegmentRegister,
-    pub tr: SegmentRegister,
-    pub ldt: SegmentRegister,
-    pub gdt: DescriptorTableRegister,
-    pub idt: DescriptorTableRegister,
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub ss: Segment,
+    pub tr: Segment,
+    pub ldt: Segment,
+    pub gdt: DescriptorTable,
+    pub idt: DescriptorTable,
     pub cr0: u64,
     pub cr2: u64,
     pub cr3: u64,
@@ -139,14 +92,6 @@ pub struct FpuState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendedControlRegister {
-    pub index: u32,
-    pub value: u64,
-}
-
-/// One model-specific register.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpecificRegister {
     pub index: u32,
     pub value: u64,
 }
@@ -203,14 +148,14 @@ pub enum MpState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VcpuStateX86_64 {
-    pub regs: Registers,
+    pub regs: GeneralRegisters,
     pub sregs: SpecialRegisters,
     pub fpu: FpuState,
     /// The XSAVE area as the hypervisor lays it out (the hardware's standard format), or `None` without XSAVE.
     pub xsave: Option<Vec<u8>>,
     pub xcrs: Vec<ExtendedControlRegister>,
     /// The MSRs the hypervisor saves that make up guest-visible state, TSC first.
-    pub msrs: Vec<ModelSpecificRegister>,
+    pub msrs: Vec<MsrEntry>,
     /// The local APIC's register page (1 KiB, the registers at their MMIO offsets).
     pub lapic: Vec<u8>,
     pub events: VcpuEvents,

@@ -9,6 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod guest;
+pub mod probe_vm;
+pub mod qmp;
+
 pub fn kestrel_binary() -> &'static str {
     env!("CARGO_BIN_EXE_kestrel")
 }

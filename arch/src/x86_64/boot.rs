@@ -534,14 +534,20 @@ fn long_mode_cpu_state(entry: u64, cr3: u64) -> CpuState {
             rflags: RFLAGS_RESERVED,
             ..Default::default()
         },
-        sregs: SpecialRegisters {
-            cr0: CR0_PE | CR0_ET | CR0_PG,
-            cr3,
-            cr4: CR4_PAE,
-            efer: EFER_LME | EFER_LMA,
-            ..segments(SegmentMode::Long)
-        },
+        sregs: long_mode_special_registers(cr3),
         fpu: Default::default(),
+    }
+}
+
+/// Long mode (64-bit, paging on with the PML4 at `cr3`) on the boot GDT's flat segments: what the 64-bit boot
+/// protocol starts a kernel in, and any other guest code that wants to start in 64-bit mode.
+pub fn long_mode_special_registers(cr3: u64) -> SpecialRegisters {
+    SpecialRegisters {
+        cr0: CR0_PE | CR0_ET | CR0_PG,
+        cr3,
+        cr4: CR4_PAE,
+        efer: EFER_LME | EFER_LMA,
+        ..segments(SegmentMode::Long)
     }
 }
 

@@ -1,8 +1,13 @@
 //! The register state a vCPU starts from, as plain data. The hypervisor backend translates it to its own
 //! structures, keeping whatever this does not mention (APIC base, CR8, ...) at the hypervisor's reset values.
+//! The pieces a saved vCPU state shares with it (general registers, segments, descriptor tables, MSRs) are these
+//! same types, hence serde: `hypervisor::x86_64::VcpuStateX86_64` is built from them.
+
+use serde::{Deserialize, Serialize};
 
 /// A segment register in its unpacked (VMCS/VMCB-like) form.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Segment {
     pub base: u64,
     pub limit: u32,
@@ -23,7 +28,8 @@ pub struct Segment {
     pub unusable: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
@@ -46,7 +52,8 @@ pub struct SpecialRegisters {
     pub efer: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GeneralRegisters {
     pub rax: u64,
     pub rbx: u64,
@@ -82,8 +89,9 @@ impl Default for FpuState {
     }
 }
 
-/// A model-specific register and the value to load into it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A model-specific register and its value (to load, or as saved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MsrEntry {
     pub index: u32,
     pub value: u64,

@@ -424,8 +424,8 @@ pub(crate) mod tests {
         assert_eq!((t.table_size(), t.pba_size()), (32, 8));
     }
 
-    #[test]
-    fn the_capability_controls_the_table() {
+    /// A configuration space with an MSI-X capability for 5 vectors, and the capability's offset.
+    fn config_with_capability() -> (ConfigSpace, usize) {
         let identity = PciIdentity {
             vendor_id: 1,
             device_id: 2,
@@ -437,6 +437,12 @@ pub(crate) mod tests {
         let mut config = ConfigSpace::new(identity);
         let layout = MsixLayout { vectors: 5, table_bar: 1, table_offset: 0, pba_bar: 1, pba_offset: 0x800 };
         let cap = add_capability(&mut config, layout).unwrap();
+        (config, cap)
+    }
+
+    #[test]
+    fn the_capability_controls_the_table() {
+        let (mut config, cap) = config_with_capability();
         assert_eq!(config.u32_at(cap) & 0xffff_00ff, 4 << 16 | 0x11);
         assert_eq!(config.u32_at(cap + 4), 1);
         assert_eq!(config.u32_at(cap + 8), 0x801);
@@ -521,16 +527,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_restored_capability_and_table_must_agree() {
-        let mut config = ConfigSpace::new(PciIdentity {
-            vendor_id: 1,
-            device_id: 2,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-            revision: 0,
-            class_code: 0,
-        });
-        let layout = MsixLayout { vectors: 5, table_bar: 1, table_offset: 0, pba_bar: 1, pba_offset: 0x800 };
-        let cap = add_capability(&mut config, layout).unwrap();
+        let (mut config, cap) = config_with_capability();
         let (t, _) = used_table();
         let error = check_control(&config, cap, &t).unwrap_err();
         assert!(error.to_string().contains("message control"), "{error}");

@@ -29,16 +29,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::chain::{self, Chain, Segment};
-use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt,
-};
+use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -215,7 +211,6 @@ struct Disk {
     file: File,
     size: u64,
     read_only: bool,
-    features: u64,
     serial: [u8; ID_BYTES],
     stats: BlockStats,
     /// 64 KiB of zeros, 4 KiB aligned (O_DIRECT), for write-zeroes where fallocate cannot.
@@ -226,7 +221,7 @@ pub struct Block {
     disk: Disk,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
-    active: Option<ActiveQueues>,
+    driver: DriverState,
 }
 
 impl Block {
@@ -276,18 +271,10 @@ impl Block {
 
         let zeros = vec![0u8; (64 << 10) + 4096];
         Ok(Block {
-            disk: Disk {
-                file,
-                size,
-                read_only: options.read_only,
-                features: 0,
-                serial,
-                stats: BlockStats::default(),
-                zeros,
-            },
+            disk: Disk { file, size, read_only: options.read_only, serial, stats: BlockStats::default(), zeros },
             avail_features,
             config,
-            active: None,
+            driver: DriverState::default(),
         })
     }
 
@@ -346,10 +333,6 @@ impl VirtioDevice for Block {
         self.avail_features
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.disk.features = features & self.avail_features;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let Ok(start) = usize::try_from(offset) else { return };
@@ -362,31 +345,12 @@ impl VirtioDevice for Block {
     /// The only writable field, `writeback`, needs VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        self.active = Some(ActiveQueues::with_count(1, mem, queues, interrupt, self.disk.features)?);
-        Ok(())
+    fn driver(&self) -> &DriverState {
+        &self.driver
     }
 
-    fn reset(&mut self) {
-        self.active = None;
-        self.disk.features = 0;
-    }
-
-    fn has_backlog(&self, index: usize) -> bool {
-        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
-    }
-
-    fn active_queues(&self) -> Option<&ActiveQueues> {
-        self.active.as_ref()
-    }
-
-    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
-        self.active.as_mut()
+    fn driver_mut(&mut self) -> &mut DriverState {
+        &mut self.driver
     }
 
     fn save_state(&self) -> VirtioDeviceState {
@@ -399,12 +363,7 @@ impl VirtioDevice for Block {
 
     /// Refuses the state of another disk: a guest that saw one capacity, block size or serial must not find
     /// another under its feet.
-    fn restore_state(
-        &mut self,
-        state: &VirtioDeviceState,
-        acked_features: u64,
-        active: Option<ActiveQueues>,
-    ) -> Result<(), StateError> {
+    fn restore_device_state(&mut self, state: &VirtioDeviceState, _running: bool) -> Result<(), StateError> {
         let VirtioDeviceState::Block(state) = state else { return Err(state.mismatch(LOG.device)) };
         let refuse = |field: &str, saved: &dyn std::fmt::Debug, here: &dyn std::fmt::Debug| {
             let problem = format!("{saved:?} in the snapshot, {here:?} for this disk (another image or options?)");
@@ -419,15 +378,13 @@ impl VirtioDevice for Block {
         if state.serial != self.serial() {
             return refuse("serial", &state.serial, &self.serial());
         }
-        self.disk.features = acked_features & self.avail_features;
-        self.active = active;
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
-        let disk = &mut self.disk;
-        active.process(index, &LOG, |mem, chain| disk.handle(mem, chain::parse(chain, MAX_DESCRIPTORS)))
+        let Some(active) = self.driver.active.as_mut() else { return false };
+        let (disk, features) = (&mut self.disk, self.driver.acked_features);
+        active.process(index, &LOG, |mem, chain| disk.handle(mem, chain::parse(chain, MAX_DESCRIPTORS), features))
     }
 }
 
@@ -550,10 +507,10 @@ fn request<M: GuestMemory + ?Sized>(
 }
 
 impl Disk {
-    /// Serves one chain; returns the bytes written into its device-writable part.
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: Result<Chain, chain::ChainError>) -> u32 {
+    /// Serves one chain under the negotiated `features`; returns the bytes written into its device-writable part.
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: Result<Chain, chain::ChainError>, features: u64) -> u32 {
         let parsed = chain.and_then(|c| {
-            parse_request(mem, &c, self.size, self.read_only, self.features).map(|p| (p, request_kind(mem, &c)))
+            parse_request(mem, &c, self.size, self.read_only, features).map(|p| (p, request_kind(mem, &c)))
         });
         let (parsed, kind) = match parsed {
             Ok(parsed) => parsed,
@@ -756,7 +713,7 @@ impl Disk {
 mod tests {
     use std::collections::hash_map::DefaultHasher;
     use std::hash::{Hash, Hasher};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
@@ -764,6 +721,7 @@ mod tests {
     use super::*;
     use crate::virtio::testing::{guest_memory, write_desc_at, CountingLine, Desc, TestQueue};
     use crate::virtio::testing::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+    use crate::virtio::VirtioInterrupt;
 
     const DISK: u64 = 64 << 10;
     const HDR: u64 = 0x10000;

@@ -28,15 +28,11 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::chain::{self, Chain};
-use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
-    VirtioDeviceState, VirtioInterrupt,
-};
+use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -54,8 +50,8 @@ const OUTPUT_CHUNK: usize = 64 << 10;
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-console");
 
 pub struct Console {
-    acked_features: u64,
-    active: Option<ActiveQueues>,
+    /// All a reset drops: host input not yet delivered and the writer are kept.
+    driver: DriverState,
     /// Host input accepted and not yet written into a receive buffer, oldest first.
     pending_input: VecDeque<u8>,
     output: Box<dyn Write + Send>,
@@ -66,7 +62,7 @@ pub struct Console {
 impl Console {
     /// A console whose guest output goes to `output`.
     pub fn new(output: Box<dyn Write + Send>) -> Self {
-        Console { acked_features: 0, active: None, pending_input: VecDeque::new(), output, output_failed: false }
+        Console { driver: DriverState::default(), pending_input: VecDeque::new(), output, output_failed: false }
     }
 
     /// Queues host input for the guest and delivers as much of it as the driver has receive buffers for, raising
@@ -103,7 +99,7 @@ impl Console {
     /// Delivers pending input and interrupts the guest if it wants to hear about it (outside `process_queue`).
     fn deliver_and_signal(&mut self) {
         if self.deliver_input() {
-            if let Some(active) = &self.active {
+            if let Some(active) = &self.driver.active {
                 active.interrupt.signal_used_queue(RX_QUEUE);
             }
         }
@@ -112,7 +108,7 @@ impl Console {
     /// Writes pending input into the receive buffers the driver made available, while there is input. Returns
     /// whether the driver wants an interrupt.
     fn deliver_input(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
+        let Some(active) = self.driver.active.as_mut() else { return false };
         if self.pending_input.is_empty() {
             return false;
         }
@@ -124,7 +120,7 @@ impl Console {
     }
 
     fn transmit(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
+        let Some(active) = self.driver.active.as_mut() else { return false };
         let mut out = Output { writer: &mut *self.output, failed: &mut self.output_failed };
         let mut scratch = Vec::new();
         let notify = active.process(TX_QUEUE, &LOG, |mem, chain| {
@@ -275,10 +271,6 @@ impl VirtioDevice for Console {
         features::COMMON
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr: none is valid without the features not offered; all read as zero.
         data.fill(0);
@@ -286,26 +278,17 @@ impl VirtioDevice for Console {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        // Input that arrived before the driver: deliver it if buffers are already posted.
+    fn driver(&self) -> &DriverState {
+        &self.driver
+    }
+
+    fn driver_mut(&mut self) -> &mut DriverState {
+        &mut self.driver
+    }
+
+    /// Input that arrived before the driver: deliver it if buffers are already posted.
+    fn activated(&mut self) {
         self.deliver_and_signal();
-        Ok(())
-    }
-
-    /// Drops guest memory, queues and features; host input not yet delivered and the writer are kept.
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn has_backlog(&self, index: usize) -> bool {
-        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
@@ -316,14 +299,6 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn active_queues(&self) -> Option<&ActiveQueues> {
-        self.active.as_ref()
-    }
-
-    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
-        self.active.as_mut()
-    }
-
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Console(ConsoleState { pending_input: self.pending_input.iter().copied().collect() })
     }
@@ -331,20 +306,13 @@ impl VirtioDevice for Console {
     /// The saved input goes ahead of input this console accepted before the restore: the destination's host input
     /// thread runs from the moment the device is built, and what it typed then comes after what the source's
     /// guest had not read yet.
-    fn restore_state(
-        &mut self,
-        state: &VirtioDeviceState,
-        acked_features: u64,
-        active: Option<ActiveQueues>,
-    ) -> Result<(), StateError> {
+    fn restore_device_state(&mut self, state: &VirtioDeviceState, _running: bool) -> Result<(), StateError> {
         let VirtioDeviceState::Console(state) = state else { return Err(state.mismatch(LOG.device)) };
         if state.pending_input.len() > MAX_PENDING_INPUT {
             let problem =
                 format!("{} bytes, more than the {MAX_PENDING_INPUT} a console holds", state.pending_input.len());
             return Err(StateError::new(LOG.device, "pending_input", problem));
         }
-        self.acked_features = acked_features & self.avail_features();
-        self.active = active;
         let typed_here = std::mem::take(&mut self.pending_input);
         self.pending_input.extend(&state.pending_input);
         self.pending_input.extend(typed_here);
@@ -354,12 +322,13 @@ impl VirtioDevice for Console {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue};
+    use crate::virtio::VirtioInterrupt;
 
     #[derive(Clone, Default)]
     struct SharedBuffer(Arc<Mutex<Vec<u8>>>);

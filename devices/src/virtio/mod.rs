@@ -91,9 +91,18 @@ pub trait VirtioDevice: Send {
     /// Feature bits the device offers (including [`features::VERSION_1`]).
     fn avail_features(&self) -> u64;
 
+    /// What the driver set up on this device ([`DriverState`]), which the provided methods below work on.
+    fn driver(&self) -> &DriverState;
+
+    /// [`driver`](Self::driver), to change.
+    fn driver_mut(&mut self) -> &mut DriverState;
+
     /// The features the driver accepted, a subset of [`avail_features`](Self::avail_features) (the transport
     /// refuses FEATURES_OK otherwise). Called once per negotiation, before `activate`.
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: u64) {
+        let avail = self.avail_features();
+        self.driver_mut().acked_features = features & avail;
+    }
 
     /// Reads the device-specific configuration space; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
@@ -110,10 +119,26 @@ pub trait VirtioDevice: Send {
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError>;
+    ) -> Result<(), ActivateError> {
+        let count = self.queue_max_sizes().len();
+        let driver = self.driver_mut();
+        driver.active = Some(ActiveQueues::with_count(count, mem, queues, interrupt, driver.acked_features)?);
+        self.activated();
+        Ok(())
+    }
+
+    /// Called at the end of [`activate`](Self::activate), the queues in place: work that waited for the driver
+    /// (host input, frames), for buffers it posted before DRIVER_OK.
+    fn activated(&mut self) {}
 
     /// Back to the state before `activate`: drop guest memory, queues and negotiated features.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        *self.driver_mut() = DriverState::default();
+        self.reset_device();
+    }
+
+    /// Called at the end of [`reset`](Self::reset): what the device itself drops on a reset.
+    fn reset_device(&mut self) {}
 
     /// The driver notified queue `index`: consume what it made available. Returns whether used buffers were
     /// added and the driver wants to hear about it (the caller then raises [`INT_VRING`]). A broken queue is
@@ -141,16 +166,20 @@ pub trait VirtioDevice: Send {
     /// available: each call handles at most a queue's worth ([`ActiveQueues::process`]), so a driver that keeps
     /// adding chains cannot keep the device's thread (and lock) on one queue forever. The caller then calls
     /// `process_queue` again after giving other queues and devices their turn.
-    fn has_backlog(&self, _index: usize) -> bool {
-        false
+    fn has_backlog(&self, index: usize) -> bool {
+        self.active_queues().is_some_and(|active| active.has_backlog(index))
     }
 
     /// The device's queues while it runs (from `activate` to `reset`), `None` before: the transport saves their
     /// positions and quiesces and resumes the device through them.
-    fn active_queues(&self) -> Option<&ActiveQueues>;
+    fn active_queues(&self) -> Option<&ActiveQueues> {
+        self.driver().active.as_ref()
+    }
 
     /// [`active_queues`](Self::active_queues), to quiesce and resume the device.
-    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues>;
+    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
+        self.driver_mut().active.as_mut()
+    }
 
     /// The device's own state as data: what it holds beside its queues (see [`VirtioDeviceState`]). Status,
     /// features and queues are the transport's ([`transport::VirtioState`]).
@@ -165,7 +194,25 @@ pub trait VirtioDevice: Send {
         state: &VirtioDeviceState,
         acked_features: u64,
         active: Option<ActiveQueues>,
-    ) -> Result<(), StateError>;
+    ) -> Result<(), StateError> {
+        self.restore_device_state(state, active.is_some())?;
+        let avail = self.avail_features();
+        *self.driver_mut() = DriverState { acked_features: acked_features & avail, active };
+        Ok(())
+    }
+
+    /// The device's part of [`restore_state`](Self::restore_state): checks its own `state` (of its type, and
+    /// against its configuration) and loads it; `running` says whether queues come with it. On `Err` nothing
+    /// changed.
+    fn restore_device_state(&mut self, state: &VirtioDeviceState, running: bool) -> Result<(), StateError>;
+}
+
+/// What the driver set up on a device, alike for every device: the features it accepted and, from `activate` to
+/// `reset`, the device's queues. Each device keeps one; [`VirtioDevice`]'s provided methods work on it.
+#[derive(Default)]
+pub struct DriverState {
+    acked_features: u64,
+    active: Option<ActiveQueues>,
 }
 
 /// A device's own state, by device type: what each keeps beside the transport's registers and its queues. Each

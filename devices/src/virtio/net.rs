@@ -38,16 +38,12 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueOwnedT;
 
 use super::chain::{self, Chain};
-use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice,
-    VirtioDeviceState, VirtioInterrupt,
-};
+use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -167,8 +163,7 @@ pub struct NetCounters {
 pub struct Net {
     mac: MacAddress,
     backend: Box<dyn NetBackend>,
-    acked_features: u64,
-    active: Option<ActiveQueues>,
+    driver: DriverState,
     /// Read buffer; `rx_held` bytes of it are a frame (with header) read from the backend and not yet delivered
     /// (the chain offered for it was unusable).
     rx_buffer: Vec<u8>,
@@ -185,8 +180,7 @@ impl Net {
         Net {
             mac,
             backend,
-            acked_features: 0,
-            active: None,
+            driver: DriverState::default(),
             rx_buffer: vec![0; RX_READ_LEN],
             rx_held: None,
             tx_buffer: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN),
@@ -213,7 +207,7 @@ impl Net {
     /// Moves frames from the backend into receive buffers until either runs out. Returns whether the driver
     /// wants an interrupt.
     fn receive(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
+        let Some(active) = self.driver.active.as_mut() else { return false };
         let Some((queue, mem)) = active.usable(RX_QUEUE) else { return false };
         let mut rx = Receiver {
             backend: &mut *self.backend,
@@ -237,14 +231,14 @@ impl Net {
 
     fn receive_and_signal(&mut self) {
         if self.receive() {
-            if let Some(active) = &self.active {
+            if let Some(active) = &self.driver.active {
                 active.interrupt.signal_used_queue(RX_QUEUE);
             }
         }
     }
 
     fn transmit(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
+        let Some(active) = self.driver.active.as_mut() else { return false };
         let backend = &mut *self.backend;
         let buffer = &mut self.tx_buffer;
         let counters = &mut self.counters;
@@ -460,10 +454,6 @@ impl VirtioDevice for Net {
         features::COMMON | feature::MAC | feature::STATUS
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
     /// `mac` (6 bytes), then `status` (le16); fields of features not offered read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
@@ -478,30 +468,25 @@ impl VirtioDevice for Net {
     /// The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (not offered), and so is the status.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        self.active = Some(ActiveQueues::with_count(2, mem, queues, interrupt, self.acked_features)?);
-        // Frames that waited in the backend, for buffers posted before DRIVER_OK.
-        self.receive_and_signal();
-        Ok(())
+    fn driver(&self) -> &DriverState {
+        &self.driver
     }
 
-    /// Drops guest memory, queues and features, and the frame held for a bad receive chain (counted as dropped);
-    /// frames still in the backend wait for the next driver.
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+    fn driver_mut(&mut self) -> &mut DriverState {
+        &mut self.driver
+    }
+
+    /// Frames that waited in the backend, for buffers posted before DRIVER_OK.
+    fn activated(&mut self) {
+        self.receive_and_signal();
+    }
+
+    /// The frame held for a bad receive chain is dropped (and counted); frames still in the backend wait for the
+    /// next driver.
+    fn reset_device(&mut self) {
         if self.rx_held.take().is_some() {
             self.counters.rx_dropped += 1;
         }
-    }
-
-    fn has_backlog(&self, index: usize) -> bool {
-        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
@@ -512,14 +497,6 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn active_queues(&self) -> Option<&ActiveQueues> {
-        self.active.as_ref()
-    }
-
-    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
-        self.active.as_mut()
-    }
-
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Net(NetState {
             mac: self.mac.to_string(),
@@ -527,12 +504,7 @@ impl VirtioDevice for Net {
         })
     }
 
-    fn restore_state(
-        &mut self,
-        state: &VirtioDeviceState,
-        acked_features: u64,
-        active: Option<ActiveQueues>,
-    ) -> Result<(), StateError> {
+    fn restore_device_state(&mut self, state: &VirtioDeviceState, running: bool) -> Result<(), StateError> {
         let VirtioDeviceState::Net(state) = state else { return Err(state.mismatch(LOG.device)) };
         let refuse = |field: &str, problem: String| Err(StateError::new(LOG.device, field, problem));
         match state.mac.parse::<MacAddress>() {
@@ -545,12 +517,10 @@ impl VirtioDevice for Net {
                 let problem = format!("{} bytes, more than a read from the host gives", frame.len());
                 return refuse("held_frame", problem);
             }
-            if active.is_none() {
+            if !running {
                 return refuse("held_frame", "a frame held for a device that is not running".into());
             }
         }
-        self.acked_features = acked_features & self.avail_features();
-        self.active = active;
         self.rx_held = state.held_frame.as_ref().map(|frame| {
             self.rx_buffer[..frame.len()].copy_from_slice(frame);
             frame.len()
@@ -571,11 +541,13 @@ impl VirtioDevice for Net {
 mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
 
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue, DESC_F_NEXT};
+    use crate::virtio::VirtioInterrupt;
 
     /// One end of a datagram socket pair: frames keep their boundaries, as on a tap.
     struct DatagramBackend(UnixDatagram);

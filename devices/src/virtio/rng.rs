@@ -3,15 +3,11 @@
 //! thread spin on the host's entropy source.
 
 use std::io;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::chain::{self, Segment};
-use super::{
-    features, ActivateError, ActiveQueues, GuestErrorLog, GuestMemoryMmap, Queue, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt,
-};
+use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -21,13 +17,12 @@ pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 static LOG: GuestErrorLog = GuestErrorLog::new("virtio-rng");
 
 pub struct Rng {
-    acked_features: u64,
-    active: Option<ActiveQueues>,
+    driver: DriverState,
 }
 
 impl Rng {
     pub fn new() -> Self {
-        Rng { acked_features: 0, active: None }
+        Rng { driver: DriverState::default() }
     }
 }
 
@@ -56,61 +51,31 @@ impl VirtioDevice for Rng {
         features::COMMON
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        self.active = Some(ActiveQueues::with_count(1, mem, queues, interrupt, self.acked_features)?);
-        Ok(())
+    fn driver(&self) -> &DriverState {
+        &self.driver
     }
 
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn has_backlog(&self, index: usize) -> bool {
-        self.active.as_ref().is_some_and(|active| active.has_backlog(index))
-    }
-
-    fn active_queues(&self) -> Option<&ActiveQueues> {
-        self.active.as_ref()
-    }
-
-    fn active_queues_mut(&mut self) -> Option<&mut ActiveQueues> {
-        self.active.as_mut()
+    fn driver_mut(&mut self) -> &mut DriverState {
+        &mut self.driver
     }
 
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Rng(RngState {})
     }
 
-    fn restore_state(
-        &mut self,
-        state: &VirtioDeviceState,
-        acked_features: u64,
-        active: Option<ActiveQueues>,
-    ) -> Result<(), StateError> {
+    fn restore_device_state(&mut self, state: &VirtioDeviceState, _running: bool) -> Result<(), StateError> {
         let VirtioDeviceState::Rng(RngState {}) = state else { return Err(state.mismatch(LOG.device)) };
-        self.acked_features = acked_features & self.avail_features();
-        self.active = active;
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut() else { return false };
+        let Some(active) = self.active_queues_mut() else { return false };
         let mut entropy = vec![0u8; MAX_BYTES_PER_REQUEST];
         active.process(index, &LOG, |mem, chain| match chain::parse(chain, usize::from(QUEUE_SIZE)) {
             Ok(c) => fill(mem, &c, &mut entropy),
@@ -162,10 +127,12 @@ pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue};
+    use crate::virtio::VirtioInterrupt;
 
     fn active_rng() -> (Rng, GuestMemoryMmap, TestQueue, Arc<VirtioInterrupt>) {
         let mem = guest_memory(1 << 20);

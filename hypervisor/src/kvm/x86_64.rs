@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use arch::x86_64::cpu_state::{DescriptorTable, Segment};
+use arch::x86_64::cpu_state::{DescriptorTable, GeneralRegisters, Segment};
 use arch::x86_64::layout::{pc_irq_routes, IrqChipPin, IOAPIC_PINS, IOAPIC_START};
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use kvm_bindings::{
@@ -22,9 +22,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use super::{KvmHypervisor, KvmVcpu, KvmVm};
 use crate::x86_64::{
-    ClockState, DebugRegisters, DescriptorTableRegister, ExtendedControlRegister, FpuState, HypervisorX86_64,
-    IoapicState, ModelSpecificRegister, MpState, PicState, PitChannelState, PitState, Registers, SegmentRegister,
-    SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64,
+    ClockState, DebugRegisters, ExtendedControlRegister, FpuState, HypervisorX86_64, IoapicState, MpState, PicState,
+    PitChannelState, PitState, SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64,
 };
 use crate::{Error, Result};
 
@@ -97,43 +96,21 @@ impl VcpuX86_64 for KvmVcpu {
     fn set_cpu_state(&self, state: &CpuState) -> Result<()> {
         let mut sregs = self.fd.get_sregs().map_err(|e| Error::new("KVM_GET_SREGS", e))?;
         let s = &state.sregs;
-        sregs.cs = to_kvm_segment(&s.cs);
-        sregs.ds = to_kvm_segment(&s.ds);
-        sregs.es = to_kvm_segment(&s.es);
-        sregs.fs = to_kvm_segment(&s.fs);
-        sregs.gs = to_kvm_segment(&s.gs);
-        sregs.ss = to_kvm_segment(&s.ss);
-        sregs.tr = to_kvm_segment(&s.tr);
-        sregs.gdt = to_kvm_dtable(&s.gdt);
-        sregs.idt = to_kvm_dtable(&s.idt);
+        sregs.cs = segment_to_kvm(&s.cs);
+        sregs.ds = segment_to_kvm(&s.ds);
+        sregs.es = segment_to_kvm(&s.es);
+        sregs.fs = segment_to_kvm(&s.fs);
+        sregs.gs = segment_to_kvm(&s.gs);
+        sregs.ss = segment_to_kvm(&s.ss);
+        sregs.tr = segment_to_kvm(&s.tr);
+        sregs.gdt = descriptor_table_to_kvm(&s.gdt);
+        sregs.idt = descriptor_table_to_kvm(&s.idt);
         sregs.cr0 = s.cr0;
         sregs.cr3 = s.cr3;
         sregs.cr4 = s.cr4;
         sregs.efer = s.efer;
         self.fd.set_sregs(&sregs).map_err(|e| Error::new("KVM_SET_SREGS", e))?;
-
-        let r = &state.regs;
-        let regs = kvm_bindings::kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
-        self.fd.set_regs(&regs).map_err(|e| Error::new("KVM_SET_REGS", e))?;
+        self.fd.set_regs(&registers_to_kvm(&state.regs)).map_err(|e| Error::new("KVM_SET_REGS", e))?;
 
         let fpu = kvm_bindings::kvm_fpu { fcw: state.fpu.fcw, mxcsr: state.fpu.mxcsr, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(|e| Error::new("KVM_SET_FPU", e))
@@ -247,28 +224,6 @@ fn to_kvm_cpuid(e: &CpuidEntry) -> kvm_cpuid_entry2 {
         edx: e.edx,
         ..Default::default()
     }
-}
-
-fn to_kvm_segment(s: &Segment) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: u8::from(s.present),
-        dpl: s.dpl,
-        db: u8::from(s.db),
-        s: u8::from(s.s),
-        l: u8::from(s.l),
-        g: u8::from(s.g),
-        avl: u8::from(s.avl),
-        unusable: u8::from(s.unusable),
-        padding: 0,
-    }
-}
-
-fn to_kvm_dtable(t: &DescriptorTable) -> kvm_dtable {
-    kvm_dtable { base: t.base, limit: t.limit, ..Default::default() }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +354,7 @@ impl KvmVcpu {
     /// The saveable MSRs' values. KVM_GET_MSRS stops at the first MSR it cannot read for this vCPU (one its
     /// CPUID does not give it, typically) and says how many it read; such an MSR is not part of this guest's state,
     /// so it is dropped and the read goes on from the next one, as Cloud Hypervisor does.
-    fn save_msrs(&self) -> Result<Vec<ModelSpecificRegister>> {
+    fn save_msrs(&self) -> Result<Vec<MsrEntry>> {
         let mut pending: Vec<u32> = self.arch.saved_msrs.to_vec();
         let mut saved = Vec::with_capacity(pending.len());
         while !pending.is_empty() {
@@ -408,9 +363,7 @@ impl KvmVcpu {
             let mut msrs = Msrs::from_entries(&entries)
                 .map_err(|_| Error::new("KVM_GET_MSRS", std::io::ErrorKind::InvalidInput))?;
             let read = self.fd.get_msrs(&mut msrs).map_err(|e| Error::new("KVM_GET_MSRS", e))?;
-            saved.extend(
-                msrs.as_slice()[..read].iter().map(|e| ModelSpecificRegister { index: e.index, value: e.data }),
-            );
+            saved.extend(msrs.as_slice()[..read].iter().map(|e| MsrEntry { index: e.index, value: e.data }));
             // Skip the one KVM refused (if any) and retry the rest.
             pending.drain(..(read + 1).min(pending.len()));
         }
@@ -597,8 +550,7 @@ impl KvmVcpu {
             MSR_IA32_TSC_DEADLINE => 2,
             _ => 1,
         });
-        let entries: Vec<MsrEntry> = msrs.iter().map(|m| MsrEntry { index: m.index, value: m.value }).collect();
-        self.set_msrs(&entries)?;
+        self.set_msrs(&msrs)?;
         self.fd.set_vcpu_events(&events_to_kvm(&state.events)).map_err(|e| Error::new("KVM_SET_VCPU_EVENTS", e))
     }
 }
@@ -689,161 +641,62 @@ fn mp_state_to_kvm(state: MpState) -> kvm_mp_state {
     kvm_mp_state { mp_state }
 }
 
-fn registers_from_kvm(r: &kvm_regs) -> Registers {
-    Registers {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+/// Writes a pair of conversions between a state struct here and KVM's struct of the same fields, so that the
+/// field list is written once for both directions. `copy` fields have the same type on both sides; `flag` fields
+/// are a `bool` here and a 0/1 `u8` in KVM; `via` fields go through the named pair of conversions; KVM's fields
+/// not named (padding, reserved words, a PIT channel's count load time, which the host clock sets) are zero.
+macro_rules! kvm_conversions {
+    (
+        $ours:ident <=> $kvm:ident: $from_kvm:ident, $to_kvm:ident {
+            copy: [$($copy:ident),* $(,)?]
+            $(, flag: [$($flag:ident),* $(,)?])?
+            $(, via $field_from_kvm:ident / $field_to_kvm:ident: [$($via:ident),* $(,)?])*
+            $(,)?
+        }
+    ) => {
+        fn $from_kvm(k: &$kvm) -> $ours {
+            $ours {
+                $($copy: k.$copy,)*
+                $($($flag: k.$flag != 0,)*)?
+                $($($via: $field_from_kvm(&k.$via),)*)*
+            }
+        }
+
+        // Some of KVM's structs have no fields past ours, which makes the update redundant for them.
+        #[allow(clippy::needless_update)]
+        fn $to_kvm(ours: &$ours) -> $kvm {
+            $kvm {
+                $($copy: ours.$copy,)*
+                $($($flag: u8::from(ours.$flag),)*)?
+                $($($via: $field_to_kvm(&ours.$via),)*)*
+                ..Default::default()
+            }
+        }
+    };
 }
 
-fn registers_to_kvm(r: &Registers) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
+kvm_conversions!(GeneralRegisters <=> kvm_regs: registers_from_kvm, registers_to_kvm {
+    copy: [rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags],
+});
 
-fn segment_from_kvm(s: &kvm_segment) -> SegmentRegister {
-    SegmentRegister {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present != 0,
-        dpl: s.dpl,
-        db: s.db != 0,
-        s: s.s != 0,
-        l: s.l != 0,
-        g: s.g != 0,
-        avl: s.avl != 0,
-        unusable: s.unusable != 0,
-    }
-}
+kvm_conversions!(Segment <=> kvm_segment: segment_from_kvm, segment_to_kvm {
+    copy: [base, limit, selector, type_, dpl],
+    flag: [present, db, s, l, g, avl, unusable],
+});
 
-fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: u8::from(s.present),
-        dpl: s.dpl,
-        db: u8::from(s.db),
-        s: u8::from(s.s),
-        l: u8::from(s.l),
-        g: u8::from(s.g),
-        avl: u8::from(s.avl),
-        unusable: u8::from(s.unusable),
-        padding: 0,
-    }
-}
+kvm_conversions!(DescriptorTable <=> kvm_dtable: descriptor_table_from_kvm, descriptor_table_to_kvm {
+    copy: [base, limit],
+});
 
-fn special_registers_from_kvm(s: &kvm_sregs) -> SpecialRegisters {
-    SpecialRegisters {
-        cs: segment_from_kvm(&s.cs),
-        ds: segment_from_kvm(&s.ds),
-        es: segment_from_kvm(&s.es),
-        fs: segment_from_kvm(&s.fs),
-        gs: segment_from_kvm(&s.gs),
-        ss: segment_from_kvm(&s.ss),
-        tr: segment_from_kvm(&s.tr),
-        ldt: segment_from_kvm(&s.ldt),
-        gdt: DescriptorTableRegister { base: s.gdt.base, limit: s.gdt.limit },
-        idt: DescriptorTableRegister { base: s.idt.base, limit: s.idt.limit },
-        cr0: s.cr0,
-        cr2: s.cr2,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        cr8: s.cr8,
-        efer: s.efer,
-        apic_base: s.apic_base,
-        interrupt_bitmap: s.interrupt_bitmap,
-    }
-}
+kvm_conversions!(SpecialRegisters <=> kvm_sregs: special_registers_from_kvm, special_registers_to_kvm {
+    copy: [cr0, cr2, cr3, cr4, cr8, efer, apic_base, interrupt_bitmap],
+    via segment_from_kvm / segment_to_kvm: [cs, ds, es, fs, gs, ss, tr, ldt],
+    via descriptor_table_from_kvm / descriptor_table_to_kvm: [gdt, idt],
+});
 
-fn special_registers_to_kvm(s: &SpecialRegisters) -> kvm_sregs {
-    kvm_sregs {
-        cs: segment_to_kvm(&s.cs),
-        ds: segment_to_kvm(&s.ds),
-        es: segment_to_kvm(&s.es),
-        fs: segment_to_kvm(&s.fs),
-        gs: segment_to_kvm(&s.gs),
-        ss: segment_to_kvm(&s.ss),
-        tr: segment_to_kvm(&s.tr),
-        ldt: segment_to_kvm(&s.ldt),
-        gdt: kvm_dtable { base: s.gdt.base, limit: s.gdt.limit, ..Default::default() },
-        idt: kvm_dtable { base: s.idt.base, limit: s.idt.limit, ..Default::default() },
-        cr0: s.cr0,
-        cr2: s.cr2,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        cr8: s.cr8,
-        efer: s.efer,
-        apic_base: s.apic_base,
-        interrupt_bitmap: s.interrupt_bitmap,
-    }
-}
-
-fn fpu_from_kvm(f: &kvm_fpu) -> FpuState {
-    FpuState {
-        fpr: f.fpr,
-        fcw: f.fcw,
-        fsw: f.fsw,
-        ftwx: f.ftwx,
-        last_opcode: f.last_opcode,
-        last_ip: f.last_ip,
-        last_dp: f.last_dp,
-        xmm: f.xmm,
-        mxcsr: f.mxcsr,
-    }
-}
-
-fn fpu_to_kvm(f: &FpuState) -> kvm_fpu {
-    kvm_fpu {
-        fpr: f.fpr,
-        fcw: f.fcw,
-        fsw: f.fsw,
-        ftwx: f.ftwx,
-        last_opcode: f.last_opcode,
-        last_ip: f.last_ip,
-        last_dp: f.last_dp,
-        xmm: f.xmm,
-        mxcsr: f.mxcsr,
-        ..Default::default()
-    }
-}
+kvm_conversions!(FpuState <=> kvm_fpu: fpu_from_kvm, fpu_to_kvm {
+    copy: [fpr, fcw, fsw, ftwx, last_opcode, last_ip, last_dp, xmm, mxcsr],
+});
 
 fn events_from_kvm(e: &kvm_vcpu_events) -> VcpuEvents {
     VcpuEvents {
@@ -906,47 +759,12 @@ fn events_to_kvm(e: &VcpuEvents) -> kvm_vcpu_events {
     events
 }
 
-fn pic_from_kvm(p: &kvm_pic_state) -> PicState {
-    PicState {
-        last_irr: p.last_irr,
-        irr: p.irr,
-        imr: p.imr,
-        isr: p.isr,
-        priority_add: p.priority_add,
-        irq_base: p.irq_base,
-        read_reg_select: p.read_reg_select,
-        poll: p.poll,
-        special_mask: p.special_mask,
-        init_state: p.init_state,
-        auto_eoi: p.auto_eoi,
-        rotate_on_auto_eoi: p.rotate_on_auto_eoi,
-        special_fully_nested_mode: p.special_fully_nested_mode,
-        init4: p.init4,
-        elcr: p.elcr,
-        elcr_mask: p.elcr_mask,
-    }
-}
-
-fn pic_to_kvm(p: &PicState) -> kvm_pic_state {
-    kvm_pic_state {
-        last_irr: p.last_irr,
-        irr: p.irr,
-        imr: p.imr,
-        isr: p.isr,
-        priority_add: p.priority_add,
-        irq_base: p.irq_base,
-        read_reg_select: p.read_reg_select,
-        poll: p.poll,
-        special_mask: p.special_mask,
-        init_state: p.init_state,
-        auto_eoi: p.auto_eoi,
-        rotate_on_auto_eoi: p.rotate_on_auto_eoi,
-        special_fully_nested_mode: p.special_fully_nested_mode,
-        init4: p.init4,
-        elcr: p.elcr,
-        elcr_mask: p.elcr_mask,
-    }
-}
+kvm_conversions!(PicState <=> kvm_pic_state: pic_from_kvm, pic_to_kvm {
+    copy: [
+        last_irr, irr, imr, isr, priority_add, irq_base, read_reg_select, poll, special_mask, init_state, auto_eoi,
+        rotate_on_auto_eoi, special_fully_nested_mode, init4, elcr, elcr_mask,
+    ],
+});
 
 fn ioapic_from_kvm(s: &kvm_ioapic_state) -> IoapicState {
     IoapicState {
@@ -974,40 +792,10 @@ fn ioapic_to_kvm(s: &IoapicState) -> kvm_ioapic_state {
     ioapic
 }
 
-fn pit_channel_from_kvm(c: &kvm_pit_channel_state) -> PitChannelState {
-    PitChannelState {
-        count: c.count,
-        latched_count: c.latched_count,
-        count_latched: c.count_latched,
-        status_latched: c.status_latched,
-        status: c.status,
-        read_state: c.read_state,
-        write_state: c.write_state,
-        write_latch: c.write_latch,
-        rw_mode: c.rw_mode,
-        mode: c.mode,
-        bcd: c.bcd,
-        gate: c.gate,
-    }
-}
-
-fn pit_channel_to_kvm(c: &PitChannelState) -> kvm_pit_channel_state {
-    kvm_pit_channel_state {
-        count: c.count,
-        latched_count: c.latched_count,
-        count_latched: c.count_latched,
-        status_latched: c.status_latched,
-        status: c.status,
-        read_state: c.read_state,
-        write_state: c.write_state,
-        write_latch: c.write_latch,
-        rw_mode: c.rw_mode,
-        mode: c.mode,
-        bcd: c.bcd,
-        gate: c.gate,
-        count_load_time: 0,
-    }
-}
+kvm_conversions!(PitChannelState <=> kvm_pit_channel_state: pit_channel_from_kvm, pit_channel_to_kvm {
+    copy: [count, latched_count, count_latched, status_latched, status, read_state, write_state, write_latch, rw_mode,
+        mode, bcd, gate],
+});
 
 #[cfg(test)]
 mod tests {
@@ -1029,9 +817,40 @@ mod tests {
             avl: false,
             unusable: false,
         };
-        let k = to_kvm_segment(&seg);
+        let k = segment_to_kvm(&seg);
         assert_eq!((k.base, k.limit, k.selector, k.type_), (0x1000, 0xfffff, 0x10, 0xb));
         assert_eq!((k.present, k.s, k.l, k.g, k.db, k.avl, k.unusable), (1, 1, 1, 1, 0, 0, 0));
+    }
+
+    #[test]
+    fn register_conversions_round_trip() {
+        let segment =
+            |selector: u16| Segment { selector, base: u64::from(selector) << 12, present: true, ..Default::default() };
+        let sregs = SpecialRegisters {
+            cs: Segment { l: true, g: true, ..segment(0x10) },
+            ds: segment(0x18),
+            es: segment(0x20),
+            fs: segment(0x28),
+            gs: segment(0x30),
+            ss: segment(0x38),
+            tr: Segment { s: false, type_: 0xb, ..segment(0x40) },
+            ldt: Segment { unusable: true, ..segment(0x48) },
+            gdt: DescriptorTable { base: 0x500, limit: 0x1f },
+            idt: DescriptorTable { base: 0x520, limit: 0x7 },
+            cr0: 1,
+            cr2: 2,
+            cr3: 3,
+            cr4: 4,
+            cr8: 8,
+            efer: 0x500,
+            apic_base: 0xfee0_0900,
+            interrupt_bitmap: [1, 2, 3, 4],
+        };
+        assert_eq!(special_registers_from_kvm(&special_registers_to_kvm(&sregs)), sregs);
+        let regs = GeneralRegisters { rax: 1, r15: 15, rip: 0x10_0000, rflags: 2, ..Default::default() };
+        assert_eq!(registers_from_kvm(&registers_to_kvm(&regs)), regs);
+        let fpu = FpuState { fcw: 0x37f, mxcsr: 0x1f80, fpr: [[7; 16]; 8], last_ip: 9, ..Default::default() };
+        assert_eq!(fpu_from_kvm(&fpu_to_kvm(&fpu)), fpu);
     }
 
     #[test]
