@@ -23,6 +23,8 @@ pub struct FakeMachine {
     pub disks: Vec<BlockDevice>,
     /// PCI functions for `query-pci`.
     pub pci: Vec<PciDevice>,
+    /// The last `migrate` (for `query-migrate`): a `file:` URI "completes" at once, writing nothing.
+    pub migration: Option<crate::machine::MigrationInfo>,
 }
 
 fn prop(name: &str, type_name: &str, value: Value) -> QomProperty {
@@ -48,6 +50,7 @@ impl Default for FakeMachine {
             quit_requested: false,
             disks: Vec::new(),
             pci: Vec::new(),
+            migration: None,
             qom: vec![
                 (
                     "/".into(),
@@ -184,11 +187,22 @@ impl Machine for FakeMachine {
     }
 
     fn migrate(&mut self, uri: &str, _events: &mut Vec<Event>) -> Result<(), QmpError> {
-        Err(QmpError::generic(format!("the fake machine cannot save itself to '{uri}'")))
+        if !uri.starts_with("file:") {
+            return Err(QmpError::generic(format!("the fake machine cannot save itself to '{uri}'")));
+        }
+        self.migration = Some(crate::machine::MigrationInfo {
+            status: crate::machine::MigrationStatus::Completed,
+            total_time_ms: 1,
+            downtime_ms: Some(1),
+            setup_time_ms: 0,
+            ram: Some(crate::machine::MigrationRam::default()),
+            error: None,
+        });
+        Ok(())
     }
 
     fn migration(&self) -> Option<crate::machine::MigrationInfo> {
-        None
+        self.migration.clone()
     }
 
     fn pci_devices(&self) -> Vec<PciDevice> {

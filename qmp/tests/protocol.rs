@@ -257,6 +257,7 @@ fn returns_match_declared_types() {
                 "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info cpus\"}}".to_string()
             }
             "qom-list" => "{\"execute\":\"qom-list\",\"arguments\":{\"path\":\"/\"}}".to_string(),
+            "migrate" => "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"file:/nonexistent/vm\"}}".to_string(),
             "qom-get" => "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\",\"property\":\"type\"}}".to_string(),
             n => format!("{{\"execute\":\"{n}\"}}"),
         };
