@@ -18,7 +18,7 @@ use support::{run_with_timeout, Run};
 const NO_KERNEL: &str = "/nonexistent/kestrel-cli-hardening/kernel";
 
 fn kestrel_os(args: &[&OsStr]) -> Command {
-    let mut cmd = Command::new(support::kestrel_binary());
+    let mut cmd = support::kestrel_command();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }

@@ -23,11 +23,11 @@ const CHILD_CASE: &str = "KESTREL_SECCOMP_TEST_CHILD";
 #[cfg(target_arch = "x86_64")]
 mod booted {
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Child, Stdio};
     use std::thread;
     use std::time::{Duration, Instant};
 
-    use crate::support::{kestrel_binary, kvm_available, payload};
+    use crate::support::{kestrel_command, kvm_available, payload};
 
     /// The threads of a running kestrel and the lines of their /proc status that matter here: name, `Seccomp:`,
     /// `NoNewPrivs:`, `Seccomp_filters:`.
@@ -69,7 +69,7 @@ mod booted {
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
         let qmp = dir.join("qmp.sock");
         let kernel = payload("probe.pvh.elf");
-        let mut cmd = Command::new(kestrel_binary());
+        let mut cmd = kestrel_command();
         cmd.args(["--kernel", kernel.to_str().unwrap(), "--cmdline", "spin", "--cpus", "2", "--memory", "128M"])
             .args(["--qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
             .args(["--disk", &format!("path={}", disk.display()), "--rng", "--console", "pty"])

@@ -17,6 +17,25 @@ pub fn kestrel_binary() -> &'static str {
     env!("CARGO_BIN_EXE_kestrel")
 }
 
+/// A command that runs the kestrel under test. Under qemu-user (ci/test runs the foreign targets' tests with
+/// cargo's `CARGO_TARGET_<TRIPLE>_RUNNER`, no binfmt_misc) a foreign kestrel cannot be executed directly: it is
+/// run through that same runner, found by this target's architecture.
+pub fn kestrel_command() -> Command {
+    let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    let runner = std::env::vars()
+        .find(|(key, value)| key.starts_with(&arch_prefix) && key.ends_with("_RUNNER") && !value.trim().is_empty());
+    match runner {
+        // The host's own architecture never has a runner here; a foreign one's is "qemu-<arch>-static -L <sysroot>".
+        Some((_, runner)) => {
+            let mut words = runner.split_whitespace();
+            let mut command = Command::new(words.next().expect("a non-empty runner"));
+            command.args(words).arg(kestrel_binary());
+            command
+        }
+        None => Command::new(kestrel_binary()),
+    }
+}
+
 /// Decides whether this machine can run guests, by creating a VM (opening /dev/kvm is not enough: under
 /// qemu-user it opens and every ioctl fails). Where KVM is expected (CI, or KESTREL_REQUIRE_KVM set) a machine
 /// that cannot is a test failure; elsewhere the test says it is skipped and why. KESTREL_NO_KVM_HERE=<why> says KVM
@@ -99,7 +118,7 @@ impl Run {
 }
 
 pub fn kestrel(args: &[&str]) -> Command {
-    let mut cmd = Command::new(kestrel_binary());
+    let mut cmd = kestrel_command();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }

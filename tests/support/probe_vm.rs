@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{kestrel_binary, payload};
+use super::{kestrel_command, payload};
 
 /// The probe payload booted through PVH (x86_64).
 pub const PROBE_PVH: &str = "probe.pvh.elf";
@@ -60,7 +60,7 @@ impl ProbeVm {
     pub fn spawn(purpose: &str, command: &str, configure: impl FnOnce(&mut Command, &Path)) -> ProbeVm {
         let dir = scratch_dir(purpose);
         let kernel = payload(PROBE_PVH);
-        let mut cmd = Command::new(kestrel_binary());
+        let mut cmd = kestrel_command();
         cmd.args(["--kernel", kernel.to_str().unwrap(), "--cmdline", command, "--memory", "64M"]);
         cmd.stdin(Stdio::null());
         configure(&mut cmd, &dir);
