@@ -1,6 +1,8 @@
 // firstbyte: run a command with its stdout on a pipe and report, on our stdout, one line
 //   first_ms=<ms to the first byte> exit_ms=<ms to exit> maxrss_kib=<child's peak RSS> status=<exit status> bytes=<n>
 // Times are CLOCK_MONOTONIC from just before fork(). With -o FILE the child's output is saved there.
+// For a guest that never exits (ci/bench/snapshot): -k BYTES sends the child SIGKILL once it has written at least
+// BYTES bytes, -t MS once MS milliseconds have passed since the fork; exit_ms is then the time to its death.
 //
 // Peak RSS comes from wait4()'s rusage. On exec the kernel folds the pre-exec mm's high-water mark into the
 // process's maxrss, so a fork-then-exec child reports at least what the forked copy of this harness had
@@ -12,6 +14,8 @@
 #define _GNU_SOURCE // pipe2
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +46,7 @@ static long rss_anon_kib(void) {
 
 int main(int argc, char **argv) {
     const char *outfile = NULL;
+    long kill_after_bytes = -1, kill_after_ms = -1;
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (!strcmp(argv[i], "--")) {
@@ -49,12 +54,16 @@ int main(int argc, char **argv) {
             break;
         } else if (!strcmp(argv[i], "-o") && i + 1 < argc) {
             outfile = argv[++i];
+        } else if (!strcmp(argv[i], "-k") && i + 1 < argc) {
+            kill_after_bytes = strtol(argv[++i], NULL, 10);
+        } else if (!strcmp(argv[i], "-t") && i + 1 < argc) {
+            kill_after_ms = strtol(argv[++i], NULL, 10);
         } else {
             break;
         }
     }
     if (i >= argc) {
-        fprintf(stderr, "usage: %s [-o FILE] [--] COMMAND [ARGS...]\n", argv[0]);
+        fprintf(stderr, "usage: %s [-o FILE] [-k BYTES] [-t MS] [--] COMMAND [ARGS...]\n", argv[0]);
         return 2;
     }
     int out = -1;
@@ -89,7 +98,18 @@ int main(int argc, char **argv) {
     static char buf[65536];
     double t_first = -1;
     size_t total = 0;
+    int killed = 0;
     for (;;) {
+        if (kill_after_ms >= 0 && !killed) {
+            // Wait for output no longer than the deadline; past it, kill the child and drain to EOF.
+            long left = kill_after_ms - (long)(now_ms() - t0);
+            struct pollfd pfd = {.fd = p[0], .events = POLLIN};
+            if (left <= 0 || poll(&pfd, 1, (int)left) == 0) {
+                kill(pid, SIGKILL);
+                killed = 1;
+                continue;
+            }
+        }
         ssize_t n = read(p[0], buf, sizeof(buf));
         if (n < 0 && errno == EINTR)
             continue;
@@ -98,6 +118,10 @@ int main(int argc, char **argv) {
         if (t_first < 0)
             t_first = now_ms();
         total += n;
+        if (kill_after_bytes >= 0 && !killed && total >= (size_t)kill_after_bytes) {
+            kill(pid, SIGKILL);
+            killed = 1;
+        }
         if (out >= 0 && write(out, buf, n) != n) {
             perror("write");
             return 2;
