@@ -738,6 +738,19 @@ mod tests {
     }
 
     #[test]
+    fn incoming_reads_a_file_an_inherited_descriptor_or_waits() {
+        let incoming = |value: &str| config(&format!("--kernel k -incoming {value}")).incoming;
+        assert_eq!(incoming("file:/s/vm"), Some(Incoming::File(PathBuf::from("/s/vm"))));
+        assert_eq!(config("--kernel k --restore /s/vm").incoming, Some(Incoming::File(PathBuf::from("/s/vm"))));
+        assert_eq!(incoming("fd:27"), Some(Incoming::Fd(27)));
+        assert_eq!(incoming("defer"), Some(Incoming::Defer));
+        for bad in ["fd:", "fd:x", "fd:-1", "file:", "tcp:0:4444", "deferred"] {
+            let error = parse_str(&format!("--kernel k -incoming {bad}")).unwrap_err().to_string();
+            assert!(error.contains("-incoming"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn full_native_command_line() {
         let config = config(
             "--kernel vmlinux --initrd initrd.img --memory 2G --cpus 4 --serial file:/tmp/out --no-reboot \

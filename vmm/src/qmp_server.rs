@@ -133,12 +133,16 @@ impl Write for Stream {
 /// Tokens from here up belong to QMP sockets: two per socket (listener, client).
 pub const FIRST_TOKEN: usize = 16;
 
+/// Handles one read of a connection: its protocol state, the bytes and the descriptors that came with them;
+/// returns what to send back.
+pub type InputHandler<'h, P> = &'h mut dyn FnMut(&mut P, &[u8], Vec<OwnedFd>) -> Vec<u8>;
+
 /// What the event loop supplies for each connection: its protocol state `P` with the greeting to send when a
 /// client connects, and the handling of input and the descriptors that came with it (returning what to send
 /// back).
 pub struct Handlers<'h, P> {
     pub connect: &'h mut dyn FnMut() -> (P, Vec<u8>),
-    pub input: &'h mut dyn FnMut(&mut P, &[u8], Vec<OwnedFd>) -> Vec<u8>,
+    pub input: InputHandler<'h, P>,
 }
 
 struct Client<P> {
