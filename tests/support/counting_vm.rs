@@ -54,14 +54,9 @@ impl Vm {
 
     /// `start`, with the command adjusted by `configure` first (descriptors it inherits, say).
     pub fn start_with(dir: &Dir, name: &str, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Vm {
-        let console = dir.path(&format!("{name}.log"));
-        let qmp = dir.path(&format!("{name}.qmp"));
-        let mut cmd = kestrel_command();
-        cmd.args(["--kernel", payload(PVH).to_str().unwrap(), "--cmdline", "flood"]);
-        cmd.arg("--serial").arg(format!("file:{}", console.display()));
-        cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut cmd = flood_command(dir, name, extra);
         configure(&mut cmd);
+        let (console, qmp) = (dir.path(&format!("{name}.log")), dir.path(&format!("{name}.qmp")));
         let mut vm = Vm { child: Some(cmd.spawn().expect("starting kestrel")), console, qmp };
         let deadline = Instant::now() + TIMEOUT;
         while !vm.qmp.exists() {
@@ -136,6 +131,16 @@ impl Vm {
         }
         child.wait_with_output().unwrap()
     }
+}
+
+/// The command `Vm::start` runs: the payload counting, its console in `<name>.log`, QMP on `<name>.qmp`.
+pub fn flood_command(dir: &Dir, name: &str, extra: &[&str]) -> Command {
+    let mut cmd = kestrel_command();
+    cmd.args(["--kernel", payload(PVH).to_str().unwrap(), "--cmdline", "flood"]);
+    cmd.arg("--serial").arg(format!("file:{}", dir.path(&format!("{name}.log")).display()));
+    cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", dir.path(&format!("{name}.qmp")).display()));
+    cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd
 }
 
 impl Drop for Vm {
