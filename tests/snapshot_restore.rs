@@ -8,204 +8,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use support::counting_vm::{
+    assert_count_continues, counts, enable_migration_events, events, file_uri, migrate, running_save_events, Dir, Vm,
+    PVH,
+};
 use support::{kestrel_command, kvm_available, payload};
-
-const PVH: &str = "probe.pvh.elf";
-const TIMEOUT: Duration = Duration::from_secs(20);
-const BANNER: &str = "kestrel-probe: entry=";
-
-/// A scratch directory for one test's files, removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!("kestrel-snap-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running kestrel with one QMP socket and its serial console in a file; killed if the test fails half-way.
-struct Vm {
-    child: Option<Child>,
-    console: PathBuf,
-    qmp: PathBuf,
-}
-
-impl Vm {
-    /// The probe payload running `flood` with `extra` arguments, its console in `<name>.log`.
-    fn start(dir: &Dir, name: &str, extra: &[&str]) -> Vm {
-        let console = dir.path(&format!("{name}.log"));
-        let qmp = dir.path(&format!("{name}.qmp"));
-        let mut cmd = kestrel_command();
-        cmd.args(["--kernel", payload(PVH).to_str().unwrap(), "--cmdline", "flood"]);
-        cmd.arg("--serial").arg(format!("file:{}", console.display()));
-        cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut vm = Vm { child: Some(cmd.spawn().expect("starting kestrel")), console, qmp };
-        let deadline = Instant::now() + TIMEOUT;
-        while !vm.qmp.exists() {
-            let child = vm.child.as_mut().unwrap();
-            if child.try_wait().unwrap().is_some() {
-                let output = vm.child.take().unwrap().wait_with_output().unwrap();
-                panic!("kestrel exited at start: {}", String::from_utf8_lossy(&output.stderr));
-            }
-            assert!(Instant::now() < deadline, "QMP socket never appeared");
-            thread::sleep(Duration::from_millis(2));
-        }
-        vm
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-
-    /// The console once it has stopped growing, for a paused guest: output the guest wrote before the pause
-    /// still goes through kestrel's console writer (which batches for a few milliseconds) after the pause.
-    fn settled_console(&self) -> String {
-        let mut seen = self.console();
-        loop {
-            thread::sleep(Duration::from_millis(100));
-            let now = self.console();
-            if now == seen {
-                return now;
-            }
-            seen = now;
-        }
-    }
-
-    /// Waits until the guest has counted to at least `n` (in this process) and returns the count seen.
-    fn wait_for_count(&self, n: u64) -> u64 {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(&last) = counts(&self.console()).last() {
-                if last >= n {
-                    return last;
-                }
-            }
-            assert!(Instant::now() < deadline, "the guest never counted to {n}: {:?}", tail(&self.console()));
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::negotiated(&self.qmp)
-    }
-
-    /// Quits over QMP and waits for the process; returns its stderr.
-    fn quit(mut self) -> String {
-        let mut client = self.client();
-        client.execute(r#"{"execute": "quit"}"#);
-        let child = self.child.take().unwrap();
-        let output = child.wait_with_output().unwrap();
-        assert!(output.status.success(), "kestrel failed at quit: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The counts in complete `probe: flood N` lines, in order. A line cut by the save (its start in the source's
-/// console, its end in the restored one's) is in neither.
-/// The counts on the console's complete lines (a save or a quit may cut the last line short).
-fn counts(console: &str) -> Vec<u64> {
-    let complete = console.rsplit_once("\r\n").map_or("", |(lines, _unfinished)| lines);
-    complete
-        .split("\r\n")
-        .filter_map(|line| line.strip_prefix("probe: flood "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-fn tail(text: &str) -> &str {
-    &text[text.len().saturating_sub(300)..]
-}
-
-/// A QMP client that collects the events before each reply.
-struct Client {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Client {
-    fn negotiated(path: &Path) -> Client {
-        let stream = UnixStream::connect(path).expect("connecting to the QMP socket");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut client = Client { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) };
-        client.line();
-        let (_, reply) = client.execute(r#"{"execute": "qmp_capabilities"}"#);
-        assert_eq!(reply, json!({"return": {}}));
-        client
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("reading from the QMP socket");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-    }
-
-    fn execute(&mut self, command: &str) -> (Vec<Value>, Value) {
-        self.writer.write_all(command.as_bytes()).unwrap();
-        let mut events = Vec::new();
-        loop {
-            let line = self.line();
-            if line.get("event").is_some() {
-                events.push(line);
-            } else {
-                return (events, line);
-            }
-        }
-    }
-
-    fn status(&mut self) -> String {
-        let (_, reply) = self.execute(r#"{"execute": "query-status"}"#);
-        reply["return"]["status"].as_str().unwrap().to_string()
-    }
-
-    /// `migrate` to `path`; returns the events as (name, MIGRATION status or "") pairs.
-    fn migrate(&mut self, path: &Path) -> Vec<(String, String)> {
-        let command = json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", path.display())}});
-        let (events, reply) = self.execute(&command.to_string());
-        assert_eq!(reply, json!({"return": {}}), "{events:?}");
-        events
-            .iter()
-            .map(|e| {
-                let name = e["event"].as_str().unwrap().to_string();
-                (name, e["data"]["status"].as_str().unwrap_or_default().to_string())
-            })
-            .collect()
-    }
-}
-
-fn events(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
-}
 
 /// Runs kestrel to restore `snapshot` with `extra` arguments; the restored VM.
 fn restore(dir: &Dir, name: &str, snapshot: &Path, spelling: &str, extra: &[&str]) -> Vm {
@@ -218,26 +30,6 @@ fn restore(dir: &Dir, name: &str, snapshot: &Path, spelling: &str, extra: &[&str
     Vm::start(dir, name, &args)
 }
 
-/// The count goes on across the save exactly where it stopped: the source's console up to the save, followed by
-/// the restored guest's, reads as one unbroken count (a line the save cut short is finished by the restored guest,
-/// even between its "\r" and "\n"), and the restored guest counted on and did not boot again.
-fn assert_count_continues(source: &str, restored: &str) {
-    let restored_counts = counts(restored);
-    assert!(restored_counts.len() > 1, "the restored guest did not count on: {:?}", tail(restored));
-    assert!(!restored.contains(BANNER), "the restored guest booted again: {:?}", tail(restored));
-    let joined = format!("{source}{restored}");
-    let all = counts(&joined);
-    if let Some(at) = all.windows(2).position(|w| w[1] != w[0] + 1) {
-        panic!(
-            "the count breaks at {} -> {}: the source ended {:?}, the restored guest began {:?}",
-            all[at],
-            all[at + 1],
-            tail(source),
-            &restored[..restored.len().min(300)]
-        );
-    }
-}
-
 fn save_and_restore(name: &str, machine: &[&str], spelling: &str) {
     if !kvm_available() {
         return;
@@ -247,9 +39,9 @@ fn save_and_restore(name: &str, machine: &[&str], spelling: &str) {
     let source = Vm::start(&dir, "source", machine);
     source.wait_for_count(200);
     let mut qmp = source.client();
-    let seen = qmp.migrate(&snapshot);
-    let expected = events(&[("MIGRATION", "setup"), ("MIGRATION", "active"), ("STOP", ""), ("MIGRATION", "completed")]);
-    assert_eq!(seen, expected);
+    enable_migration_events(&mut qmp);
+    let seen = migrate(&mut qmp, &file_uri(&snapshot));
+    assert_eq!(seen, running_save_events());
     assert_eq!(qmp.status(), "postmigrate");
     let (_, info) = qmp.execute(r#"{"execute": "query-migrate"}"#);
     assert_eq!(info["return"]["status"], "completed", "{info}");
@@ -303,8 +95,9 @@ fn a_paused_save_restores_paused_until_cont_and_the_source_can_go_on() {
     let source = Vm::start(&dir, "source", &["--memory", "64M"]);
     source.wait_for_count(100);
     let mut qmp = source.client();
+    enable_migration_events(&mut qmp);
     qmp.execute(r#"{"execute": "stop"}"#);
-    let seen = qmp.migrate(&snapshot);
+    let seen = migrate(&mut qmp, &file_uri(&snapshot));
     assert_eq!(seen, events(&[("MIGRATION", "setup"), ("MIGRATION", "active"), ("MIGRATION", "completed")]));
     assert_eq!(qmp.status(), "postmigrate");
     let saved_console = source.settled_console();
@@ -338,7 +131,8 @@ fn a_save_that_cannot_be_written_fails_and_the_guest_runs_on() {
     let source = Vm::start(&dir, "source", &["--memory", "64M"]);
     source.wait_for_count(50);
     let mut qmp = source.client();
-    let seen = qmp.migrate(Path::new("/nonexistent-dir/vm.ksnap"));
+    enable_migration_events(&mut qmp);
+    let seen = migrate(&mut qmp, &file_uri(Path::new("/nonexistent-dir/vm.ksnap")));
     let expected = events(&[
         ("MIGRATION", "setup"),
         ("MIGRATION", "active"),
@@ -355,7 +149,7 @@ fn a_save_that_cannot_be_written_fails_and_the_guest_runs_on() {
     source.wait_for_count(last + 100);
     // A URI Kestrel cannot use is an error reply, with nothing started.
     let (events, reply) = qmp.execute(r#"{"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444"}}"#);
-    assert!(events.is_empty() && reply["error"]["desc"].as_str().unwrap().contains("file:PATH"), "{reply}");
+    assert!(events.is_empty() && reply["error"]["desc"].as_str().unwrap().contains("file:PATH or fd:NAME"), "{reply}");
     drop(qmp);
     source.quit();
 }
@@ -388,7 +182,7 @@ fn hostile_and_mismatched_snapshots_are_refused_with_one_line() {
     let snapshot = dir.path("vm.ksnap");
     let source = Vm::start(&dir, "source", &["--memory", "64M"]);
     source.wait_for_count(10);
-    source.client().migrate(&snapshot);
+    migrate(&mut source.client(), &file_uri(&snapshot));
     source.quit();
     let bytes = std::fs::read(&snapshot).unwrap();
 

@@ -3,9 +3,10 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::fds::{MigrationChannel, PassedFds};
 use crate::machine::{
-    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, MigrationInfo, MigrationStatus,
-    PciDevice, PciRegion, QmpError, RunState, ShutdownCause, Target,
+    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, MigrationCapability, MigrationInfo,
+    MigrationStatus, PciDevice, PciRegion, QmpError, RunState, ShutdownCause, Target,
 };
 use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
 use crate::session::ServerInfo;
@@ -17,6 +18,8 @@ pub(crate) struct Ctx<'a> {
     pub info: &'a ServerInfo,
     /// Whether capabilities negotiation is over; `qmp_capabilities` ends it.
     pub negotiated: &'a mut bool,
+    /// The connection's passed descriptors (`getfd`, `fd:NAME`).
+    pub fds: &'a mut PassedFds,
 }
 
 type Handler = fn(&Map<String, Value>, &mut Ctx) -> Result<Value, QmpError>;
@@ -316,6 +319,14 @@ static RESET_DATA: Type =
 /// migration runs detached from the monitor). `blk`, `inc` and `resume` are not offered: Kestrel copies no disks
 /// and has no postcopy to resume.
 static MIGRATE_ARGS: Type = Type::Object(&ObjectType { members: &[req("uri", &STR), opt("detach", &BOOL)], tag: None });
+static MIGRATE_INCOMING_ARGS: Type = Type::Object(&ObjectType { members: &[req("uri", &STR)], tag: None });
+static FDNAME_ARGS: Type = Type::Object(&ObjectType { members: &[req("fdname", &STR)], tag: None });
+static MIGRATION_CAPABILITY: Type = Type::Enum(MigrationCapability::NAMES);
+static MIGRATION_CAPABILITY_STATUS: Type =
+    Type::Object(&ObjectType { members: &[req("capability", &MIGRATION_CAPABILITY), req("state", &BOOL)], tag: None });
+static MIGRATION_CAPABILITY_STATUS_LIST: Type = Type::Array(&MIGRATION_CAPABILITY_STATUS);
+static MIGRATE_SET_CAPABILITIES_ARGS: Type =
+    Type::Object(&ObjectType { members: &[req("capabilities", &MIGRATION_CAPABILITY_STATUS_LIST)], tag: None });
 static MIGRATION_STATUS: Type = Type::Enum(MigrationStatus::NAMES);
 static MIGRATION_STATS: Type = Type::Object(&ObjectType {
     members: &[
@@ -409,9 +420,24 @@ pub static COMMANDS: &[Command] = &[
         .collect())),
     cmd!("query-blockstats", QUERY_BLOCKSTATS_ARGS, BLOCK_STATS_LIST, query_blockstats),
     cmd!("query-pci", T_EMPTY, PCI_INFO_LIST, |_, c| Ok(query_pci(&c.machine.pci_devices()))),
+    cmd!("getfd", FDNAME_ARGS, T_EMPTY, |args, c| c.fds.getfd(str_arg(args, "fdname")).map(|()| json!({}))),
+    cmd!("closefd", FDNAME_ARGS, T_EMPTY, |args, c| c.fds.closefd(str_arg(args, "fdname")).map(|()| json!({}))),
+    cmd!("query-migrate-capabilities", T_EMPTY, MIGRATION_CAPABILITY_STATUS_LIST, |_, c| {
+        let capabilities = c.machine.migration_capabilities();
+        Ok(MigrationCapability::NAMES
+            .iter()
+            .filter_map(|name| MigrationCapability::from_name(name))
+            .map(|cap| json!({"capability": cap.as_str(), "state": capabilities.get(cap)}))
+            .collect())
+    }),
+    cmd!("migrate-set-capabilities", MIGRATE_SET_CAPABILITIES_ARGS, T_EMPTY, migrate_set_capabilities),
     cmd!("migrate", MIGRATE_ARGS, T_EMPTY, |args, c| {
-        let uri = args.get("uri").and_then(Value::as_str).unwrap_or_default();
-        c.machine.migrate(uri, c.events).map(|()| json!({}))
+        let channel = MigrationChannel::resolve(str_arg(args, "uri"), c.fds)?;
+        c.machine.migrate(channel, c.events).map(|()| json!({}))
+    }),
+    cmd!("migrate-incoming", MIGRATE_INCOMING_ARGS, T_EMPTY, |args, c| {
+        let channel = MigrationChannel::resolve(str_arg(args, "uri"), c.fds)?;
+        c.machine.migrate_incoming(channel, c.events).map(|()| json!({}))
     }),
     cmd!("query-migrate", T_EMPTY, MIGRATION_INFO, |_, c| Ok(c
         .machine
@@ -449,6 +475,9 @@ pub(crate) fn event_data(kind: &EventKind) -> Option<Value> {
 fn migration_info(m: &MigrationInfo) -> Value {
     let mut info = Map::new();
     info.insert("status".into(), json!(m.status.as_str()));
+    if m.incoming {
+        return Value::Object(info);
+    }
     if let Some(ram) = &m.ram {
         info.insert(
             "ram".into(),
@@ -487,6 +516,25 @@ pub fn schema() -> Value {
         b.event(e.name, e.data);
     }
     b.finish()
+}
+
+/// A string argument the schema check has already required.
+fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> &'a str {
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// `migrate-set-capabilities`: the schema check has refused capabilities Kestrel does not implement (the enum
+/// holds only those it does), so every entry applies; all of them or, if the machine refuses, none.
+fn migrate_set_capabilities(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let mut capabilities = c.machine.migration_capabilities();
+    for entry in args.get("capabilities").and_then(Value::as_array).into_iter().flatten() {
+        let name = entry.get("capability").and_then(Value::as_str).unwrap_or_default();
+        let state = entry.get("state").and_then(Value::as_bool).unwrap_or_default();
+        let capability = MigrationCapability::from_name(name)
+            .ok_or_else(|| QmpError::generic(format!("Kestrel has no migration capability '{name}'")))?;
+        capabilities.set(capability, state);
+    }
+    c.machine.set_migration_capabilities(capabilities).map(|()| json!({}))
 }
 
 fn qmp_capabilities(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {

@@ -34,16 +34,18 @@
 //! ```
 
 pub mod commands;
+pub mod fds;
 pub mod json;
 pub mod machine;
 pub mod schema;
 pub mod session;
 
+pub use fds::{MigrationChannel, PassedFds};
 pub use json::{to_qemu_json, Limits};
 pub use machine::{
     BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
-    MigrationInfo, MigrationRam, MigrationStatus, PciDevice, PciRegion, QmpError, QomObject, QomProperty, RunState,
-    ShutdownCause, Target, Timestamp,
+    MigrationCapabilities, MigrationCapability, MigrationInfo, MigrationRam, MigrationStatus, PciDevice, PciRegion,
+    QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target, Timestamp,
 };
 pub use session::{encode_event, ServerInfo, Session};
 

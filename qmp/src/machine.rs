@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::fds::MigrationChannel;
+
 /// Classes of QMP errors, named as QEMU names them on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -159,10 +161,12 @@ wire_enum! {
     }
 }
 
-/// The last outgoing migration (a save to a file), for `query-migrate`.
+/// The last migration (a save, or on a machine started with `-incoming`, the restore), for `query-migrate`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MigrationInfo {
     pub status: MigrationStatus,
+    /// An incoming migration: QEMU reports its status only.
+    pub incoming: bool,
     /// Milliseconds from `migrate` to the end (or until now while it runs).
     pub total_time_ms: u64,
     /// Milliseconds the guest was stopped for the copy (a completed save only).
@@ -190,6 +194,34 @@ pub struct MigrationRam {
     /// Throughput in megabits per second.
     pub mbps: f64,
     pub pages_per_second: u64,
+}
+
+wire_enum! {
+    /// The migration capabilities Kestrel implements: QEMU's `MigrationCapability`, reduced to those.
+    MigrationCapability {
+        /// Send `MIGRATION` events (off until a client turns it on, as in QEMU).
+        Events = "events",
+    }
+}
+
+/// The state of every migration capability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationCapabilities {
+    pub events: bool,
+}
+
+impl MigrationCapabilities {
+    pub fn get(&self, capability: MigrationCapability) -> bool {
+        match capability {
+            MigrationCapability::Events => self.events,
+        }
+    }
+
+    pub fn set(&mut self, capability: MigrationCapability, state: bool) {
+        match capability {
+            MigrationCapability::Events => self.events = state,
+        }
+    }
 }
 
 /// Wall-clock time of an event, as the QMP `timestamp` member (seconds and microseconds since the Unix epoch).
@@ -454,12 +486,23 @@ pub trait Machine {
     /// Every PCI function, by bus, slot and function (`query-pci`); empty on a machine without PCI.
     fn pci_devices(&self) -> Vec<PciDevice>;
 
-    /// `migrate`: save the VM to `uri` (QEMU's non-live save to a file: the vCPUs stop for the copy), pushing
-    /// `MIGRATION` events (`setup`, `active`, then `completed` or `failed`) and `STOP`/`RESUME` as the run state
-    /// changes. A failure to write is not an error reply (QEMU reports it through the events and
-    /// `query-migrate`); a URI the VMM cannot use, or a migration in a state that forbids one, is.
-    fn migrate(&mut self, uri: &str, events: &mut Vec<Event>) -> Result<(), QmpError>;
+    /// `migrate`: save the VM to `channel` (QEMU's non-live save: the vCPUs stop for the copy), pushing
+    /// `MIGRATION` events (`setup`, `active`, then `completed` or `failed`; only while the `events` capability is
+    /// on) and `STOP`/`RESUME` as the run state changes. A failure to write is not an error reply (QEMU reports
+    /// it through the events and `query-migrate`); a channel the VMM cannot use, or a migration in a state that
+    /// forbids one, is. A passed descriptor is closed once the save is over.
+    fn migrate(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError>;
+
+    /// `migrate-incoming`: on a machine started with `-incoming defer`, load the VM from `channel`; a machine
+    /// started otherwise refuses.
+    fn migrate_incoming(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError>;
 
     /// The last migration, for `query-migrate`; `None` before the first (QEMU then answers `{}`).
     fn migration(&self) -> Option<MigrationInfo>;
+
+    /// `query-migrate-capabilities`.
+    fn migration_capabilities(&self) -> MigrationCapabilities;
+
+    /// `migrate-set-capabilities`, all or nothing.
+    fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError>;
 }

@@ -3,6 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::commands::{self, Ctx};
+use crate::fds::PassedFds;
 use crate::json::{to_qemu_json, JsonStream, Limits, Message};
 use crate::machine::{ErrorClass, Event, Machine, QmpError};
 use crate::schema::{check_arguments, Type};
@@ -42,6 +43,7 @@ pub struct Session {
     stream: JsonStream,
     info: ServerInfo,
     negotiated: bool,
+    fds: PassedFds,
 }
 
 impl Session {
@@ -53,13 +55,18 @@ impl Session {
     pub fn with_limits(info: ServerInfo, limits: Limits) -> (Session, Vec<u8>) {
         // Kestrel advertises no capability: it does not implement out-of-band execution.
         let greeting = json!({"QMP": {"version": info.version_value(), "capabilities": []}});
-        let session = Session { stream: JsonStream::new(limits), info, negotiated: false };
+        let session = Session { stream: JsonStream::new(limits), info, negotiated: false, fds: PassedFds::default() };
         (session, line(&greeting))
     }
 
     /// Whether `qmp_capabilities` has succeeded (events are delivered only then).
     pub fn is_negotiated(&self) -> bool {
         self.negotiated
+    }
+
+    /// Keeps descriptors that arrived over the socket (SCM_RIGHTS) with the bytes about to be fed, for `getfd`.
+    pub fn receive_fds(&mut self, fds: impl IntoIterator<Item = std::os::fd::OwnedFd>) {
+        self.fds.receive(fds);
     }
 
     /// Consumes bytes read from the client (any split, any number of requests) and returns the bytes to write back:
@@ -148,7 +155,7 @@ impl Session {
         if let Type::Object(ty) = cmd.args {
             check_arguments(args, ty).map_err(QmpError::generic)?;
         }
-        let mut ctx = Ctx { machine, events, info: &self.info, negotiated: &mut self.negotiated };
+        let mut ctx = Ctx { machine, events, info: &self.info, negotiated: &mut self.negotiated, fds: &mut self.fds };
         (cmd.handler)(args, &mut ctx)
     }
 }

@@ -25,6 +25,9 @@ pub struct FakeMachine {
     pub pci: Vec<PciDevice>,
     /// The last `migrate` (for `query-migrate`): a `file:` URI "completes" at once, writing nothing.
     pub migration: Option<crate::machine::MigrationInfo>,
+    pub migration_capabilities: MigrationCapabilities,
+    /// Started with `-incoming defer` and not restored yet.
+    pub awaiting_incoming: bool,
 }
 
 fn prop(name: &str, type_name: &str, value: Value) -> QomProperty {
@@ -51,6 +54,8 @@ impl Default for FakeMachine {
             disks: Vec::new(),
             pci: Vec::new(),
             migration: None,
+            migration_capabilities: MigrationCapabilities::default(),
+            awaiting_incoming: false,
             qom: vec![
                 (
                     "/".into(),
@@ -186,12 +191,11 @@ impl Machine for FakeMachine {
         self.disks.clone()
     }
 
-    fn migrate(&mut self, uri: &str, _events: &mut Vec<Event>) -> Result<(), QmpError> {
-        if !uri.starts_with("file:") {
-            return Err(QmpError::generic(format!("the fake machine cannot save itself to '{uri}'")));
-        }
+    /// A save "completes" at once, writing nothing (a passed descriptor is closed).
+    fn migrate(&mut self, _channel: crate::MigrationChannel, _events: &mut Vec<Event>) -> Result<(), QmpError> {
         self.migration = Some(crate::machine::MigrationInfo {
             status: crate::machine::MigrationStatus::Completed,
+            incoming: false,
             total_time_ms: 1,
             downtime_ms: Some(1),
             setup_time_ms: 0,
@@ -201,8 +205,39 @@ impl Machine for FakeMachine {
         Ok(())
     }
 
+    /// A restore "completes" at once, reading nothing, on a machine waiting for one.
+    fn migrate_incoming(
+        &mut self,
+        _channel: crate::MigrationChannel,
+        _events: &mut Vec<Event>,
+    ) -> Result<(), QmpError> {
+        if !std::mem::take(&mut self.awaiting_incoming) {
+            return Err(QmpError::generic("'-incoming' was not specified on the command line"));
+        }
+        self.state = RunState::Paused;
+        self.migration = Some(crate::machine::MigrationInfo {
+            status: crate::machine::MigrationStatus::Completed,
+            incoming: true,
+            total_time_ms: 1,
+            downtime_ms: None,
+            setup_time_ms: 0,
+            ram: None,
+            error: None,
+        });
+        Ok(())
+    }
+
     fn migration(&self) -> Option<crate::machine::MigrationInfo> {
         self.migration.clone()
+    }
+
+    fn migration_capabilities(&self) -> MigrationCapabilities {
+        self.migration_capabilities
+    }
+
+    fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError> {
+        self.migration_capabilities = capabilities;
+        Ok(())
     }
 
     fn pci_devices(&self) -> Vec<PciDevice> {

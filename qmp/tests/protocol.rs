@@ -258,6 +258,20 @@ fn returns_match_declared_types() {
             }
             "qom-list" => "{\"execute\":\"qom-list\",\"arguments\":{\"path\":\"/\"}}".to_string(),
             "migrate" => "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"file:/nonexistent/vm\"}}".to_string(),
+            "migrate-incoming" => {
+                m.awaiting_incoming = true;
+                "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"file:/nonexistent/vm\"}}".to_string()
+            }
+            "migrate-set-capabilities" => "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":\
+                                           [{\"capability\":\"events\",\"state\":true}]}}"
+                .to_string(),
+            // getfd names a descriptor that came with the request; closefd (after it in the table) closes it.
+            "getfd" => {
+                let (reader, _writer) = std::io::pipe().unwrap();
+                s.receive_fds([reader.into()]);
+                "{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"f\"}}".to_string()
+            }
+            "closefd" => "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"f\"}}".to_string(),
             "qom-get" => "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\",\"property\":\"type\"}}".to_string(),
             n => format!("{{\"execute\":\"{n}\"}}"),
         };
@@ -590,4 +604,48 @@ fn hmp_run_state_commands_are_their_qmp_commands() {
         assert!(help.contains(name), "help lists {name}: {help}");
     }
     assert!(hmp(&mut s, &mut m, "q").contains("\"event\": \"SHUTDOWN\""));
+}
+
+/// libvirt's start-up pair: the capabilities Kestrel has (only `events`, off until set), and a capability it
+/// does not implement refused by the schema rather than accepted and ignored.
+#[test]
+fn migration_capabilities_are_the_implemented_ones() {
+    let (mut s, mut m) = negotiated();
+    let query = "{\"execute\":\"query-migrate-capabilities\"}";
+    assert_eq!(ask(&mut s, &mut m, query), "{\"return\": [{\"state\": false, \"capability\": \"events\"}]}\r\n");
+    let set = "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"events\",\
+               \"state\":true}]}}";
+    assert_eq!(ask(&mut s, &mut m, set), "{\"return\": {}}\r\n");
+    assert!(m.migration_capabilities.events);
+    assert_eq!(ask(&mut s, &mut m, query), "{\"return\": [{\"state\": true, \"capability\": \"events\"}]}\r\n");
+    let unknown = "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\
+                   \"events\",\"state\":false},{\"capability\":\"xbzrle\",\"state\":true}]}}";
+    let out = ask(&mut s, &mut m, unknown);
+    assert!(out.contains("GenericError") && out.contains("xbzrle"), "{out}");
+    assert!(m.migration_capabilities.events, "a refused request changed a capability");
+}
+
+/// A descriptor passed with the request is named by getfd and used up by `migrate fd:NAME`; a name nobody gave
+/// and a getfd with nothing passed are refused as QEMU refuses them.
+#[test]
+fn getfd_then_migrate_to_the_named_descriptor() {
+    let (mut s, mut m) = negotiated();
+    let out = ask(&mut s, &mut m, "{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"migrate\"}}");
+    assert!(out.contains("No file descriptor supplied via SCM_RIGHTS"), "{out}");
+    let out = ask(&mut s, &mut m, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"fd:migrate\"}}");
+    assert!(out.contains("File descriptor named 'migrate' has not been found"), "{out}");
+    assert!(m.migration.is_none());
+    let (reader, _writer) = std::io::pipe().unwrap();
+    s.receive_fds([reader.into()]);
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"migrate\"}}"),
+        "{\"return\": {}}\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"fd:migrate\"}}"),
+        "{\"return\": {}}\r\n"
+    );
+    assert!(m.migration.is_some());
+    let out = ask(&mut s, &mut m, "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"migrate\"}}");
+    assert!(out.contains("File descriptor named 'migrate' not found"), "{out}");
 }

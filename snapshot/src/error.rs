@@ -16,7 +16,8 @@ pub enum Error {
     },
     #[error("not a Kestrel snapshot (no magic number at its start)")]
     BadMagic,
-    #[error("snapshot is truncated: the file ends at byte {file_len}, inside {what}")]
+    /// `file_len` is where the input ended: a file's length, or what a stream delivered before it ended.
+    #[error("snapshot is truncated: it ends at byte {file_len}, inside {what}")]
     Truncated { what: String, file_len: u64 },
     #[error("snapshot format version {found} is newer than this Kestrel reads (versions {oldest} to {newest})")]
     FormatTooNew { found: u32, oldest: u32, newest: u32 },

@@ -3,8 +3,9 @@
 //!
 //! A snapshot is a header that says what it was taken on, then one section per stateful component, each with
 //! its own version, then guest memory without its zero pages. [`Writer`] streams one out to any `Write`;
-//! [`Snapshot::open`] reads one back and checks all of it against what the restoring machine is ([`Expected`])
-//! before handing out any state: a truncated, corrupted, foreign or mismatched file is one [`Error`] variant
+//! [`Snapshot::open`] reads one back from a file and checks all of it against what the restoring machine is
+//! ([`Expected`]) before handing out any state, and [`read_stream`] does the same in one pass over a stream that
+//! cannot seek (a pipe, as libvirt restores through), copying the pages into guest memory as they arrive: a truncated, corrupted, foreign or mismatched file is one [`Error`] variant
 //! with a one-line message, never a panic, and no length in the file makes the reader allocate more than the file
 //! holds (nor more than [`MAX_SECTION_LEN`] for a section's state).
 //!
@@ -74,7 +75,7 @@ mod writer;
 pub use error::{Error, Result};
 pub use header::{CpuIdentity, Header};
 pub use memory::{Extent, GuestRegion, GuestRegionMut, MemoryImage, MemoryStats, RegionLayout};
-pub use reader::{Expected, Section, SectionSpec, Snapshot};
+pub use reader::{read_stream, Expected, Section, SectionSpec, Snapshot, StreamedSnapshot};
 pub use record::{check_name, MAX_NAME_LEN};
 pub use writer::Writer;
 

@@ -94,22 +94,62 @@ impl Section<'_> {
     }
 }
 
-/// The reader's position in the file, with every read checked against the file's length first.
+/// Where a snapshot comes from: a file, whose length is known and whose pages can be skipped (and read again
+/// later), or a stream (a pipe), read once front to back.
+trait Source: Read {
+    /// Moves from `pos` to `pos + len`, past bytes that are not needed now.
+    fn advance(&mut self, pos: u64, len: u64) -> io::Result<()>;
+}
+
+impl<R: Read + Seek> Source for R {
+    fn advance(&mut self, pos: u64, len: u64) -> io::Result<()> {
+        self.seek(SeekFrom::Start(pos + len)).map(drop)
+    }
+}
+
+/// A source that can only be read front to back, once.
+struct Stream<R>(R);
+
+impl<R: Read> Read for Stream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read> Source for Stream<R> {
+    fn advance(&mut self, _: u64, len: u64) -> io::Result<()> {
+        let skipped = io::copy(&mut (&mut self.0).take(len), &mut io::sink())?;
+        match skipped == len {
+            true => Ok(()),
+            false => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
+/// The reader's position in the input, with every read checked against the input's length first when it has one.
+/// A stream's length is what arrives: a read past its end is [`Error::Truncated`] at the byte where it ended,
+/// and no read allocates more than has arrived.
 struct Input<'a, R> {
     source: &'a mut R,
     pos: u64,
-    file_len: u64,
+    /// `None` for a stream.
+    file_len: Option<u64>,
 }
 
-impl<R: Read + Seek> Input<'_, R> {
+impl<R: Source> Input<'_, R> {
+    /// What is left of a file; a stream's remainder is unknown, taken as unbounded.
     fn remaining(&self) -> u64 {
-        self.file_len - self.pos
+        self.file_len.map_or(u64::MAX - self.pos, |len| len - self.pos)
+    }
+
+    fn truncated(&self, what: String, ends_at: u64) -> Error {
+        Error::Truncated { what, file_len: self.file_len.unwrap_or(ends_at) }
     }
 
     fn io(&self, source: io::Error) -> Error {
         if source.kind() == io::ErrorKind::UnexpectedEof {
-            // The file shrank under us: what the length check allowed is not there.
-            Error::Truncated { what: "the file as it was opened".into(), file_len: self.file_len }
+            // The file shrank under us (what the length check allowed is not there), or the stream ended.
+            self.truncated("the file as it was opened".into(), self.pos)
         } else {
             Error::Io { offset: self.pos, source }
         }
@@ -117,18 +157,127 @@ impl<R: Read + Seek> Input<'_, R> {
 
     fn read(&mut self, len: u64, what: impl FnOnce() -> String) -> Result<Vec<u8>> {
         if len > self.remaining() {
-            return Err(Error::Truncated { what: what(), file_len: self.file_len });
+            return Err(self.truncated(what(), self.pos));
         }
-        let mut bytes = vec![0; len as usize];
-        self.source.read_exact(&mut bytes).map_err(|e| self.io(e))?;
+        // Grown as bytes arrive rather than allocated up front: a stream's length fields are not checked against
+        // anything yet.
+        let mut bytes = Vec::new();
+        (&mut *self.source).take(len).read_to_end(&mut bytes).map_err(|e| self.io(e))?;
+        if (bytes.len() as u64) < len {
+            return Err(self.truncated(what(), self.pos + bytes.len() as u64));
+        }
         self.pos += len;
         Ok(bytes)
     }
 
-    fn skip(&mut self, len: u64) -> Result<()> {
-        self.pos += len;
-        self.source.seek(SeekFrom::Start(self.pos)).map_err(|e| self.io(e))?;
+    /// Up to `len` bytes: fewer only where the input ends.
+    fn read_up_to(&mut self, len: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        (&mut *self.source).take(len).read_to_end(&mut bytes).map_err(|e| self.io(e))?;
+        self.pos += bytes.len() as u64;
+        Ok(bytes)
+    }
+
+    /// Fills `buf` whole: a stream that ends first is [`Error::Truncated`] at the byte where it ended.
+    fn read_exact(&mut self, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.source.read(&mut buf[filled..]) {
+                Ok(0) => return Err(self.truncated(what(), self.pos + filled as u64)),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Io { offset: self.pos + filled as u64, source: e }),
+            }
+        }
+        self.pos += buf.len() as u64;
         Ok(())
+    }
+
+    fn skip(&mut self, len: u64) -> Result<()> {
+        self.source.advance(self.pos, len).map_err(|e| self.io(e))?;
+        self.pos += len;
+        Ok(())
+    }
+}
+
+/// Copies the stored pages, `input` at their first byte, into `regions` as `map` places them; returns their
+/// checksum.
+fn load_pages<R: Source>(input: &mut Input<'_, R>, map: &PageMap, regions: &mut [GuestRegionMut<'_>]) -> Result<u32> {
+    let page = map.page_size as usize;
+    let mut sum = crc32fast::Hasher::new();
+    for run in map.runs() {
+        let start = run.first_page as usize * page;
+        let pages = &mut regions[run.region].bytes[start..start + run.pages as usize * page];
+        input.read_exact(pages, || "the guest memory pages".into())?;
+        sum.update(pages);
+    }
+    Ok(sum.finalize())
+}
+
+/// A snapshot read from a stream in one pass ([`read_stream`]): its guest memory is already loaded, its states
+/// are checked and held here.
+pub struct StreamedSnapshot {
+    header: Header,
+    sections: BTreeMap<String, StoredSection>,
+}
+
+impl StreamedSnapshot {
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The section `name`: [`Error::MissingSection`] if the stream had none (only possible for an optional one).
+    pub fn section(&self, name: &str) -> Result<Section<'_>> {
+        find_section(&self.sections, name)
+    }
+
+    /// The state in section `name`, decoded as `T`.
+    pub fn state<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        self.section(name)?.decode()
+    }
+
+    /// The names of the component sections the stream held, in name order.
+    pub fn section_names(&self) -> impl Iterator<Item = &str> {
+        self.sections.keys().map(String::as_str)
+    }
+}
+
+/// Reads a snapshot from `source` front to back, once, without seeking (a pipe, a socket, a file from where it
+/// stands): the framing, checksums, header and sections are checked as for [`Snapshot::open`], and the stored
+/// pages are copied into `regions` as they arrive. Besides guest memory it holds only the states (each at most
+/// [`MAX_SECTION_LEN`]) and the page map. `regions` must hold zeros and match `expected.memory`.
+///
+/// Reading stops at the end record: what may follow it in the stream is not read. On `Err` the regions may hold
+/// part of the pages: the guest must not run on them.
+pub fn read_stream<R: Read>(
+    source: R,
+    expected: &Expected,
+    regions: &mut [GuestRegionMut<'_>],
+) -> Result<StreamedSnapshot> {
+    let layout: Vec<RegionLayout> =
+        regions.iter().map(|r| RegionLayout { guest_addr: r.guest_addr, size: r.bytes.len() as u64 }).collect();
+    check_layout_matches(&expected.memory, &layout)?;
+    let mut source = Stream(source);
+    let mut pass = Pass {
+        input: Input { source: &mut source, pos: 0, file_len: None },
+        expected,
+        verify_checksums: true,
+        sections: BTreeMap::new(),
+        map: None,
+        memory: None,
+        load_into: Some(regions),
+        count: 0,
+    };
+    let header = pass.header()?;
+    while pass.record()? {}
+    let (sections, _) = pass.finish()?;
+    Ok(StreamedSnapshot { header, sections })
+}
+
+fn find_section<'a>(sections: &'a BTreeMap<String, StoredSection>, name: &str) -> Result<Section<'a>> {
+    match sections.get_key_value(name) {
+        Some((name, stored)) => Ok(Section { name, version: stored.version, payload: &stored.payload }),
+        None => Err(Error::MissingSection { name: name.into() }),
     }
 }
 
@@ -145,12 +294,13 @@ impl<R: Read + Seek> Snapshot<R> {
         let file_len = source.seek(SeekFrom::End(0)).map_err(|source| Error::Io { offset: 0, source })?;
         source.seek(SeekFrom::Start(0)).map_err(|source| Error::Io { offset: 0, source })?;
         let mut pass = Pass {
-            input: Input { source: &mut source, pos: 0, file_len },
+            input: Input { source: &mut source, pos: 0, file_len: Some(file_len) },
             expected,
             verify_checksums,
             sections: BTreeMap::new(),
             map: None,
             memory: None,
+            load_into: None,
             count: 0,
         };
         let header = pass.header()?;
@@ -165,10 +315,7 @@ impl<R: Read + Seek> Snapshot<R> {
 
     /// The section `name`: [`Error::MissingSection`] if the file has none (only possible for an optional one).
     pub fn section(&self, name: &str) -> Result<Section<'_>> {
-        match self.sections.get_key_value(name) {
-            Some((name, stored)) => Ok(Section { name, version: stored.version, payload: &stored.payload }),
-            None => Err(Error::MissingSection { name: name.into() }),
-        }
+        find_section(&self.sections, name)
     }
 
     /// The state in section `name`, decoded as `T` whatever its version (see [`Section::version`] when a
@@ -197,33 +344,24 @@ impl<R: Read + Seek> Snapshot<R> {
             regions.iter().map(|r| RegionLayout { guest_addr: r.guest_addr, size: r.bytes.len() as u64 }).collect();
         check_layout_matches(&self.memory.map.regions, &layout)?;
         let Snapshot { source, file_len, memory, .. } = self;
-        let mut input = Input { source, pos: memory.data_offset, file_len: *file_len };
-        input.skip(0)?;
-        let page = memory.map.page_size as usize;
-        let mut sum = crc32fast::Hasher::new();
-        for run in memory.map.runs() {
-            let start = run.first_page as usize * page;
-            let pages = &mut regions[run.region].bytes[start..start + run.pages as usize * page];
-            input.source.read_exact(pages).map_err(|e| input.io(e))?;
-            input.pos += pages.len() as u64;
-            sum.update(pages);
-        }
-        self.check_memory_checksum(sum.finalize())
+        let mut input = Input { source, pos: 0, file_len: Some(*file_len) };
+        input.skip(memory.data_offset)?;
+        let sum = load_pages(&mut input, &memory.map, regions)?;
+        self.check_memory_checksum(sum)
     }
 
     /// Reads the stored pages through and checks their checksum, copying nothing: for a restore that maps guest
     /// memory from the file and wants the pages checked first.
     pub fn verify_memory(&mut self) -> Result<()> {
         let Snapshot { source, file_len, memory, .. } = self;
-        let mut input = Input { source, pos: memory.data_offset, file_len: *file_len };
-        input.skip(0)?;
+        let mut input = Input { source, pos: 0, file_len: Some(*file_len) };
+        input.skip(memory.data_offset)?;
         let mut left = memory.stored_pages * u64::from(memory.map.page_size);
         let mut sum = crc32fast::Hasher::new();
         let mut chunk = vec![0; (1 << 20).min(left) as usize];
         while left > 0 {
             let bytes = &mut chunk[..left.min(1 << 20) as usize];
-            input.source.read_exact(bytes).map_err(|e| input.io(e))?;
-            input.pos += bytes.len() as u64;
+            input.read_exact(bytes, || "the guest memory pages".into())?;
             sum.update(bytes);
             left -= bytes.len() as u64;
         }
@@ -243,8 +381,8 @@ impl<R: Read + Seek> Snapshot<R> {
     }
 }
 
-/// One reading of a file, front to back: where it is and what it has found.
-struct Pass<'a, R> {
+/// One reading of a file or stream, front to back: where it is and what it has found.
+struct Pass<'a, 'r, 'm, R> {
     input: Input<'a, R>,
     expected: &'a Expected,
     verify_checksums: bool,
@@ -252,10 +390,12 @@ struct Pass<'a, R> {
     /// The page map and its offset, once its section is read.
     map: Option<(PageMap, u64)>,
     memory: Option<MemoryImage>,
+    /// Where a stream's pages go as they arrive; `None`: the pages are skipped, to be read or mapped later.
+    load_into: Option<&'r mut [GuestRegionMut<'m>]>,
     count: u32,
 }
 
-impl<R: Read + Seek> Pass<'_, R> {
+impl<R: Source> Pass<'_, '_, '_, R> {
     fn check_sum(&self, sum_ok: bool, what: &str, offset: u64) -> Result<()> {
         match sum_ok || !self.verify_checksums {
             true => Ok(()),
@@ -266,14 +406,13 @@ impl<R: Read + Seek> Pass<'_, R> {
     /// The preamble and the header: magic and format version are checked before anything else is believed, the
     /// header against the machine before any section is read.
     fn header(&mut self) -> Result<Header> {
-        let file_len = self.input.file_len;
-        let start = self.input.read(file_len.min(PREAMBLE_LEN as u64), String::new)?;
+        let start = self.input.read_up_to(PREAMBLE_LEN as u64)?;
         let magic_len = start.len().min(MAGIC.len());
         if start[..magic_len] != MAGIC[..magic_len] {
             return Err(Error::BadMagic);
         }
         if start.len() < PREAMBLE_LEN {
-            return Err(Error::Truncated { what: "the preamble".into(), file_len });
+            return Err(self.input.truncated("the preamble".into(), self.input.pos));
         }
         let (found, oldest, newest) = (le_u32(&start, 8), OLDEST_FORMAT_VERSION, FORMAT_VERSION);
         if found > newest {
@@ -306,12 +445,9 @@ impl<R: Read + Seek> Pass<'_, R> {
     /// Reads one record: `Ok(false)` after the end record.
     fn record(&mut self) -> Result<bool> {
         let record_at = self.input.pos;
-        let tag = self.input.read(4.min(self.input.remaining()), String::new)?;
+        let tag = self.input.read_up_to(4)?;
         if tag.len() < 4 {
-            return Err(Error::Truncated {
-                what: "the snapshot (it has no end record)".into(),
-                file_len: self.input.file_len,
-            });
+            return Err(self.input.truncated("the snapshot (it has no end record)".into(), self.input.pos));
         }
         if tag == END_TAG {
             self.end_record(record_at)?;
@@ -339,13 +475,15 @@ impl<R: Read + Seek> Pass<'_, R> {
         if name != MEMORY_PAGES_SECTION && record.payload_len > MAX_SECTION_LEN {
             return Err(Error::SectionTooLarge { name: name.into(), length: record.payload_len, max: MAX_SECTION_LEN });
         }
-        if record.payload_len.saturating_add(CHECKSUM_LEN) > self.input.remaining() {
-            return Err(Error::SectionBeyondFile {
-                name: name.into(),
-                offset: payload_at,
-                length: record.payload_len,
-                file_len: self.input.file_len,
-            });
+        if let Some(file_len) = self.input.file_len {
+            if record.payload_len.saturating_add(CHECKSUM_LEN) > self.input.remaining() {
+                return Err(Error::SectionBeyondFile {
+                    name: name.into(),
+                    offset: payload_at,
+                    length: record.payload_len,
+                    file_len,
+                });
+            }
         }
         match name {
             MEMORY_PAGES_SECTION => self.pages(&record, record_at)?,
@@ -367,7 +505,8 @@ impl<R: Read + Seek> Pass<'_, R> {
                 problem: format!("the end record counts {counted} sections; the file holds {}", self.count),
             });
         }
-        if self.input.remaining() > 0 {
+        // A stream ends at its end record; a file must end there too.
+        if self.input.file_len.is_some() && self.input.remaining() > 0 {
             return Err(Error::TrailingData { count: self.input.remaining() });
         }
         Ok(())
@@ -443,9 +582,18 @@ impl<R: Read + Seek> Pass<'_, R> {
             });
         }
         let map = map.clone();
-        self.input.skip(record.payload_len)?;
-        let sum = self.input.read(CHECKSUM_LEN, || "the guest memory pages' checksum".into())?;
-        self.memory = Some(MemoryImage { map, stored_pages, data_offset: payload_at, data_checksum: le_u32(&sum, 0) });
+        let loaded_sum = match self.load_into.as_deref_mut() {
+            Some(regions) => Some(load_pages(&mut self.input, &map, regions)?),
+            None => {
+                self.input.skip(record.payload_len)?;
+                None
+            }
+        };
+        let sum = le_u32(&self.input.read(CHECKSUM_LEN, || "the guest memory pages' checksum".into())?, 0);
+        if let Some(loaded_sum) = loaded_sum {
+            self.check_sum(loaded_sum == sum, "the guest memory pages", payload_at)?;
+        }
+        self.memory = Some(MemoryImage { map, stored_pages, data_offset: payload_at, data_checksum: sum });
         Ok(())
     }
 

@@ -131,6 +131,24 @@ fn check_message(error: &Error) {
 /// states and pages must read or be refused cleanly.
 pub fn fuzz_read(data: &[u8]) {
     let expected = fixture_expected();
+    {
+        // The same bytes as a stream (a pipe at restore): read once, pages straight into the guest's regions.
+        let (mut low, mut high) = (vec![0u8; LOW.size as usize], vec![0u8; HIGH.size as usize]);
+        let mut regions = [
+            GuestRegionMut { guest_addr: LOW.guest_addr, bytes: &mut low },
+            GuestRegionMut { guest_addr: HIGH.guest_addr, bytes: &mut high },
+        ];
+        match crate::read_stream(data, &expected, &mut regions) {
+            Ok(snapshot) => {
+                for name in snapshot.section_names() {
+                    if let Err(error) = snapshot.state::<serde_json::Value>(name) {
+                        check_message(&error);
+                    }
+                }
+            }
+            Err(error) => check_message(&error),
+        }
+    }
     for verify_checksums in [true, false] {
         let mut snapshot = match Snapshot::open_with(Cursor::new(data), &expected, verify_checksums) {
             Ok(snapshot) => snapshot,
@@ -176,9 +194,17 @@ pub fn fuzz_read(data: &[u8]) {
 mod tests {
     use super::*;
 
-    /// Whether `data` is refused somewhere between opening it and reading its memory.
+    /// Whether `data` is refused somewhere between opening it and reading its memory, as a file; as a stream it
+    /// must be refused too.
     fn refused(data: &[u8]) -> bool {
+        let (mut low, mut high) = (vec![0u8; LOW.size as usize], vec![0u8; HIGH.size as usize]);
+        let mut regions = [
+            GuestRegionMut { guest_addr: LOW.guest_addr, bytes: &mut low },
+            GuestRegionMut { guest_addr: HIGH.guest_addr, bytes: &mut high },
+        ];
+        let streamed = crate::read_stream(data, &fixture_expected(), &mut regions).is_ok();
         let Ok(mut snapshot) = Snapshot::open(Cursor::new(data), &fixture_expected()) else {
+            assert!(!streamed, "refused as a file, read as a stream");
             return true;
         };
         let (mut low, mut high) = (vec![0u8; LOW.size as usize], vec![0u8; HIGH.size as usize]);
@@ -186,7 +212,9 @@ mod tests {
             GuestRegionMut { guest_addr: LOW.guest_addr, bytes: &mut low },
             GuestRegionMut { guest_addr: HIGH.guest_addr, bytes: &mut high },
         ];
-        snapshot.read_memory_into(&mut regions).is_err()
+        let refused = snapshot.read_memory_into(&mut regions).is_err();
+        assert_eq!(refused, !streamed, "a file and a stream of the same bytes disagree");
+        refused
     }
 
     /// The fuzz body over the fixture cut short at every length and with bits flipped throughout; every one of

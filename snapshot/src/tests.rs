@@ -730,3 +730,143 @@ fn control_characters_from_the_file_stay_out_of_messages() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A reader that hands out at most `chunk` bytes per read, as a pipe does, and counts what was taken.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    chunk: usize,
+    taken: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.chunk).min(self.bytes.len() - self.taken);
+        buf[..n].copy_from_slice(&self.bytes[self.taken..self.taken + n]);
+        self.taken += n;
+        Ok(n)
+    }
+}
+
+/// `bytes` read as a stream into fresh regions laid out as `layout`: the snapshot and the regions' contents.
+fn stream(bytes: &[u8], expected: &Expected, layout: &[(u64, usize)]) -> Result<(StreamedSnapshot, Vec<Vec<u8>>)> {
+    let mut buffers: Vec<Vec<u8>> = layout.iter().map(|&(_, size)| vec![0u8; size]).collect();
+    let mut regions: Vec<GuestRegionMut> =
+        layout.iter().zip(&mut buffers).map(|(&(guest_addr, _), bytes)| GuestRegionMut { guest_addr, bytes }).collect();
+    let snapshot = read_stream(Trickle { bytes, chunk: 1000, taken: 0 }, expected, &mut regions)?;
+    Ok((snapshot, buffers))
+}
+
+/// A stream (a pipe, no seeking) gives back what a file does: the states, and the pages copied as they arrive,
+/// whether the pages come last or states follow them (the fixture's `rtc`).
+#[test]
+fn a_stream_reads_back_what_a_file_does() {
+    let bytes = small_snapshot();
+    let (snapshot, memory) = stream(&bytes, &small_expected(), &[(0, 16 * PAGE)]).unwrap();
+    assert_eq!(snapshot.header(), &header());
+    assert_eq!(snapshot.section_names().collect::<Vec<_>>(), ["uart", "vcpu.0"]);
+    assert_eq!(snapshot.state::<Uart>("uart").unwrap(), uart());
+    assert_eq!(snapshot.section("vcpu.0").unwrap().version(), 2);
+    assert_eq!(memory, [small_memory()]);
+
+    let fixture = testing::fixture_v1().unwrap();
+    let expected = testing::fixture_expected();
+    let layout: Vec<(u64, usize)> = expected.memory.iter().map(|r| (r.guest_addr, r.size as usize)).collect();
+    let (snapshot, memory) = stream(&fixture, &expected, &layout).unwrap();
+    assert_eq!(snapshot.state::<testing::FixtureRtc>("rtc").unwrap(), testing::fixture_rtc());
+    let (low, high) = testing::fixture_memory();
+    assert_eq!(memory, [low, high]);
+}
+
+/// Through a real pipe, written by another thread as a save writes it.
+#[test]
+fn a_stream_reads_from_a_pipe() {
+    let (reader, writer) = io::pipe().unwrap();
+    let saver = std::thread::spawn(move || {
+        let memory = small_memory();
+        let mut writer = Writer::new(writer, &header()).unwrap();
+        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+        writer.state("uart", 1, &uart()).unwrap();
+        writer.state("vcpu.0", 2, &vcpu(0)).unwrap();
+        writer.finish().unwrap();
+    });
+    let mut memory = vec![0u8; 16 * PAGE];
+    let mut regions = [GuestRegionMut { guest_addr: 0, bytes: &mut memory }];
+    let snapshot = read_stream(reader, &small_expected(), &mut regions).unwrap();
+    saver.join().unwrap();
+    assert_eq!(snapshot.state::<Vcpu>("vcpu.0").unwrap(), vcpu(0));
+    assert_eq!(memory, small_memory());
+}
+
+/// A stream cut anywhere is refused as truncated at the byte where it ended, whatever its length fields claimed.
+#[test]
+fn a_truncated_stream_says_where_it_ends() {
+    let bytes = small_snapshot();
+    for len in 0..bytes.len() {
+        match stream(&bytes[..len], &small_expected(), &[(0, 16 * PAGE)]) {
+            Err(Error::Truncated { file_len, what }) => {
+                assert_eq!(file_len, len as u64, "cut at {len}: inside {what}");
+                assert!(!what.is_empty(), "cut at {len}");
+            }
+            Err(Error::BadMagic) if len == 0 => {}
+            Err(other) => panic!("cut at {len}: {other}"),
+            Ok(_) => panic!("the snapshot cut at {len} bytes was read"),
+        }
+    }
+}
+
+/// A stream's lengths cannot be checked against a file's size: a section that claims more than arrives is
+/// refused where the stream ends, having allocated no more than arrived; one that claims more than any section
+/// may hold is refused before it is read.
+#[test]
+fn a_streamed_length_past_the_data_is_refused_where_the_data_ends() {
+    let mut bytes = small_snapshot();
+    rewrite_record(&mut bytes, "uart", |header| header.payload_len = 60 << 20);
+    match stream(&bytes, &small_expected(), &[(0, 16 * PAGE)]) {
+        Err(Error::Truncated { what, file_len }) => {
+            assert_eq!(file_len, bytes.len() as u64);
+            assert!(what.contains("uart"), "{what}");
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let mut bytes = small_snapshot();
+    rewrite_record(&mut bytes, "uart", |header| header.payload_len = MAX_SECTION_LEN + 1);
+    assert!(matches!(
+        stream(&bytes, &small_expected(), &[(0, 16 * PAGE)]),
+        Err(Error::SectionTooLarge { name, .. }) if name == "uart"
+    ));
+}
+
+/// Damage anywhere in a stream is refused, the guest's pages by their checksum once they are in; bytes after the
+/// end record are left unread (they belong to whoever sent the stream).
+#[test]
+fn a_damaged_stream_is_refused_and_reading_stops_at_the_end_record() {
+    let bytes = small_snapshot();
+    let pages = record(&bytes, "memory.pages");
+    for at in (0..bytes.len()).step_by(7) {
+        let mut damaged = bytes.clone();
+        damaged[at] ^= 0x10;
+        assert!(stream(&damaged, &small_expected(), &[(0, 16 * PAGE)]).is_err(), "byte {at} damaged was read");
+    }
+    let mut damaged = bytes.clone();
+    damaged[pages.payload_at() + 5] ^= 1;
+    assert!(matches!(
+        stream(&damaged, &small_expected(), &[(0, 16 * PAGE)]),
+        Err(Error::Corrupted { what, .. }) if what == "the guest memory pages"
+    ));
+
+    let mut followed = bytes.clone();
+    followed.extend_from_slice(b"more");
+    let mut memory = vec![0u8; 16 * PAGE];
+    let mut regions = [GuestRegionMut { guest_addr: 0, bytes: &mut memory }];
+    let mut source = Trickle { bytes: &followed, chunk: 1 << 20, taken: 0 };
+    read_stream(&mut source, &small_expected(), &mut regions).unwrap();
+    assert_eq!(source.taken, bytes.len());
+}
+
+/// Regions that do not match the machine the snapshot is checked against are refused before anything is read.
+#[test]
+fn a_stream_into_regions_other_than_the_machines_is_refused() {
+    let bytes = small_snapshot();
+    let error = stream(&bytes, &small_expected(), &[(0, 8 * PAGE)]).err().unwrap();
+    assert!(matches!(error, Error::MemorySize { .. } | Error::MemoryLayout { .. }), "{error}");
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod counting_vm;
 pub mod guest;
 pub mod probe_vm;
 pub mod qmp;

@@ -7,8 +7,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ListenSocket, MacAddress, MachineType,
-    NetConfig, SerialConfig, SocketAddress, VmConfig,
+    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
+    MachineType, NetConfig, SerialConfig, SocketAddress, VmConfig,
 };
 
 mod qemu_devices;
@@ -52,7 +52,8 @@ Options (QEMU's spelling in brackets, where it has one):
   --restore PATH        build the machine from the command line, then load it from a snapshot written by QMP
                         `migrate` with {\"uri\": \"file:PATH\"} instead of booting the kernel (same memory, CPUs,
                         machine and devices as when it was saved); runs at once, or stays paused with --paused
-                        [-incoming file:PATH]
+                        [-incoming file:PATH; -incoming fd:N reads the snapshot streamed on inherited descriptor N
+                        (a pipe); -incoming defer waits for QMP migrate-incoming with file:PATH or fd:N]
   --sandbox on|off      confine each thread to the system calls it needs (seccomp; default: on). off is for
                         debugging: a call outside the filter ends Kestrel with a line naming it
                         [-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]: accepted;
@@ -614,7 +615,7 @@ where
             Opt::Name => set_once(&mut name, &spelling, parse_name(text()?))?,
             Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, text()?)?)?,
             Opt::Incoming => set_once(&mut incoming, "-incoming / --restore", parse_incoming(&value)?)?,
-            Opt::Restore => set_once(&mut incoming, "-incoming / --restore", PathBuf::from(&value))?,
+            Opt::Restore => set_once(&mut incoming, "-incoming / --restore", Incoming::File(PathBuf::from(&value)))?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -689,13 +690,21 @@ where
     Ok(Command::Run(Box::new(config)))
 }
 
-/// `-incoming file:PATH`: restore from a snapshot file. QEMU's other URIs (`defer`, `fd:`, `tcp:`, `exec:`) are
-/// not implemented and say so.
-fn parse_incoming(value: &OsStr) -> Result<PathBuf, CliError> {
-    match value.as_bytes().strip_prefix(b"file:") {
-        Some(path) if !path.is_empty() => Ok(PathBuf::from(OsStr::from_bytes(path))),
+/// `-incoming file:PATH`, `fd:N` or `defer`. QEMU's other URIs (`tcp:`, `exec:`, ...) are not implemented and say
+/// so.
+fn parse_incoming(value: &OsStr) -> Result<Incoming, CliError> {
+    let bytes = value.as_bytes();
+    if bytes == b"defer" {
+        return Ok(Incoming::Defer);
+    }
+    if let Some(number) = bytes.strip_prefix(b"fd:") {
+        let number = std::str::from_utf8(number).ok().and_then(|n| n.parse::<i32>().ok()).filter(|&n| n >= 0);
+        return number.map(Incoming::Fd).ok_or_else(|| invalid("-incoming", value, "fd: needs a descriptor number"));
+    }
+    match bytes.strip_prefix(b"file:") {
+        Some(path) if !path.is_empty() => Ok(Incoming::File(PathBuf::from(OsStr::from_bytes(path)))),
         Some(_) => Err(invalid("-incoming", value, "file: needs a path")),
-        None => Err(invalid("-incoming", value, "Kestrel restores from file:PATH only")),
+        None => Err(invalid("-incoming", value, "Kestrel restores from file:PATH, fd:N or defer only")),
     }
 }
 
@@ -725,6 +734,19 @@ mod tests {
         match parse_str(args) {
             Ok(Command::Run(config)) => *config,
             other => panic!("expected a run command from {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn incoming_reads_a_file_an_inherited_descriptor_or_waits() {
+        let incoming = |value: &str| config(&format!("--kernel k -incoming {value}")).incoming;
+        assert_eq!(incoming("file:/s/vm"), Some(Incoming::File(PathBuf::from("/s/vm"))));
+        assert_eq!(config("--kernel k --restore /s/vm").incoming, Some(Incoming::File(PathBuf::from("/s/vm"))));
+        assert_eq!(incoming("fd:27"), Some(Incoming::Fd(27)));
+        assert_eq!(incoming("defer"), Some(Incoming::Defer));
+        for bad in ["fd:", "fd:x", "fd:-1", "file:", "tcp:0:4444", "deferred"] {
+            let error = parse_str(&format!("--kernel k -incoming {bad}")).unwrap_err().to_string();
+            assert!(error.contains("-incoming"), "{bad}: {error}");
         }
     }
 

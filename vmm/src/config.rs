@@ -146,9 +146,19 @@ pub struct VmConfig {
     pub uuid: Option<String>,
     /// Each thread confined by a seccomp filter (`--sandbox on`, the default).
     pub sandbox: bool,
-    /// Restore the machine from this snapshot instead of booting the kernel (`-incoming file:PATH`,
-    /// `--restore PATH`).
-    pub incoming: Option<PathBuf>,
+    /// Restore the machine from a snapshot instead of booting the kernel (`-incoming`, `--restore PATH`).
+    pub incoming: Option<Incoming>,
+}
+
+/// Where a restore's snapshot comes from (`-incoming`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// `file:PATH`, `--restore PATH`: a snapshot file, checked against the machine before anything runs.
+    File(PathBuf),
+    /// `fd:N`: a stream (a pipe) on descriptor N, which Kestrel inherited; read once, front to back.
+    Fd(i32),
+    /// `defer`: QMP `migrate-incoming` names the source later; the machine waits in `inmigrate` until then.
+    Defer,
 }
 
 impl VmConfig {

@@ -13,20 +13,20 @@ use hypervisor::kvm::{KvmHypervisor, KvmVm};
 use hypervisor::{Hypervisor, Vm};
 use mio::{Events, Poll, Token, Waker};
 use qmp::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, MigrationInfo,
-    MigrationRam, MigrationStatus, QmpError, QomObject, QomProperty, RunState, ServerInfo, Session, ShutdownCause,
-    Target, Timestamp,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, MigrationCapabilities,
+    MigrationChannel, MigrationInfo, MigrationRam, MigrationStatus, QmpError, QomObject, QomProperty, RunState,
+    ServerInfo, Session, ShutdownCause, Target, Timestamp,
 };
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch_platform::{BootFiles, Platform, VcpuState, VmState};
-use crate::config::{SerialConfig, VmConfig, MIN_MEMORY_BYTES};
+use crate::config::{Incoming as IncomingConfig, SerialConfig, VmConfig, MIN_MEMORY_BYTES};
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::seccomp::{self, ThreadKind};
-use crate::snapshot::{self as snapshot_file, Incoming, SavedMachine};
+use crate::snapshot::{self as snapshot_file, Incoming, SaveTarget, SavedMachine};
 use crate::vcpu::{VcpuEvent, VcpuThreads};
-use crate::{console, signals, Error, Outcome};
+use crate::{console, inherited, signals, Error, Outcome};
 
 /// Something the event loop must act on.
 pub enum VmEvent {
@@ -89,11 +89,21 @@ pub struct Vmm<'a> {
     cpu: snapshot::CpuIdentity,
     /// The snapshot to build the first boot from (`-incoming`), already checked against this machine.
     incoming: Option<Incoming>,
-    /// The last save (`migrate`), for `query-migrate`.
+    /// Started with `-incoming defer` and no `migrate-incoming` yet: no guest runs, the state is `inmigrate`.
+    waiting_for_incoming: bool,
+    /// Whether the guest runs once an incoming migration completed: not with `-S`; `cont` and `stop` in
+    /// `inmigrate` change it, as in QEMU.
+    autostart: bool,
+    /// The last migration (`migrate`, or the restore of `-incoming`), for `query-migrate`.
     migration: Option<MigrationInfo>,
+    migration_capabilities: MigrationCapabilities,
+    /// Why the run must end: an incoming stream failed after guest memory started to fill.
+    fatal: Option<Error>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    // Before anything is opened: which descriptors came from outside (`-incoming fd:N`).
+    inherited::record();
     if config.sandbox {
         seccomp::enable()?;
     }
@@ -165,29 +175,26 @@ impl<'a> Vmm<'a> {
             }
         });
         let state = match (config.start_paused, &config.incoming) {
+            // Until the stream is read; then as below.
+            (_, Some(IncomingConfig::Fd(_) | IncomingConfig::Defer)) => RunState::InMigrate,
             (false, _) => RunState::Running,
             (true, None) => RunState::Prelaunch,
             // QEMU's state once an incoming migration completed without autostart.
-            (true, Some(_)) => RunState::Paused,
+            (true, Some(IncomingConfig::File(_))) => RunState::Paused,
         };
         let memory = create_guest_memory(config.memory_bytes)?;
         let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
         let platform = Platform::new(serial, platform_events, &memory, virtio_devices, transport)?;
         let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
+        if config.incoming.is_some() {
+            Platform::check_restore_supported()?;
+        }
         let incoming = match &config.incoming {
-            Some(path) => {
-                Platform::check_restore_supported()?;
+            Some(IncomingConfig::File(path)) => {
                 let components = platform.components();
-                let machine = snapshot_file::Machine {
-                    machine_type: machine_name(config),
-                    cpu: cpu.clone(),
-                    ram_regions: Platform::ram_regions(config.memory_bytes),
-                    vcpus: usize::from(config.vcpus),
-                    components: &components,
-                };
-                Some(snapshot_file::open(path, &machine)?)
+                Some(snapshot_file::open(path, &snapshot_machine(config, &cpu, &components))?)
             }
-            None => None,
+            _ => None,
         };
         Ok(Vmm {
             config,
@@ -207,8 +214,98 @@ impl<'a> Vmm<'a> {
             first_boot_vcpus: Some(first_boot_vcpus),
             cpu,
             incoming,
+            waiting_for_incoming: config.incoming == Some(IncomingConfig::Defer),
+            autostart: !config.start_paused,
             migration: None,
+            migration_capabilities: MigrationCapabilities::default(),
+            fatal: None,
         })
+    }
+
+    /// The first boot: the kernel, or the snapshot of `-incoming file:`, or the stream on `-incoming fd:N` (read
+    /// now, before any QMP command is served); `-incoming defer` boots at `migrate-incoming`. The events a restore
+    /// raised are in `raised`, for every client.
+    fn start(&mut self) -> Result<(), Error> {
+        let mut events = Vec::new();
+        match self.config.incoming {
+            Some(IncomingConfig::Defer) => {}
+            Some(IncomingConfig::Fd(fd)) => {
+                let fd = inherited::claim(fd).map_err(|e| Error::Snapshot(format!("-incoming fd:{fd}: {e}")))?;
+                self.restore_stream(fd, &mut events)?;
+            }
+            _ => self.boot()?,
+        }
+        Ok(())
+    }
+
+    /// Raises a `MIGRATION` event, if the `events` capability is on.
+    fn report_migration(&mut self, events: &mut Vec<Event>, status: MigrationStatus) {
+        if self.migration_capabilities.events {
+            self.raise(events, qmp_event(EventKind::Migration { status }));
+        }
+    }
+
+    /// An incoming migration from `source`: `setup`, `active`, the restore, then the guest paused or running
+    /// (`autostart`) and `completed`. A file that does not fit is refused before guest memory is touched, and the
+    /// machine keeps waiting; a stream that fails leaves guest memory half-filled, so the error ends Kestrel
+    /// (QEMU exits too).
+    fn restore_incoming(&mut self, source: IncomingSource, events: &mut Vec<Event>) -> Result<(), Error> {
+        match source {
+            IncomingSource::File(path) => {
+                let components = self.platform.components();
+                let machine = snapshot_machine(self.config, &self.cpu, &components);
+                self.incoming = Some(snapshot_file::open(&path, &machine)?);
+                self.waiting_for_incoming = false;
+                self.migration = Some(incoming_info(MigrationStatus::Setup, None));
+                self.report_migration(events, MigrationStatus::Setup);
+                self.finish_incoming(Instant::now(), events)
+            }
+            IncomingSource::Stream(fd) => self.restore_stream(fd, events),
+        }
+    }
+
+    fn restore_stream(&mut self, fd: std::os::fd::OwnedFd, events: &mut Vec<Event>) -> Result<(), Error> {
+        let started = Instant::now();
+        self.waiting_for_incoming = false;
+        self.migration = Some(incoming_info(MigrationStatus::Setup, None));
+        self.report_migration(events, MigrationStatus::Setup);
+        let components = self.platform.components();
+        let machine = snapshot_machine(self.config, &self.cpu, &components);
+        self.migration = Some(incoming_info(MigrationStatus::Active, None));
+        self.report_migration(events, MigrationStatus::Active);
+        match snapshot_file::read_stream(fd, &machine, &self.memory) {
+            Ok(incoming) => {
+                self.incoming = Some(incoming);
+                self.finish_incoming(started, events)
+            }
+            Err(error) => {
+                self.migration = Some(incoming_info(MigrationStatus::Failed, Some(error.to_string())));
+                self.report_migration(events, MigrationStatus::Failed);
+                Err(error)
+            }
+        }
+    }
+
+    /// Boots from the checked snapshot and lets the guest run if it is to.
+    fn finish_incoming(&mut self, started: Instant, events: &mut Vec<Event>) -> Result<(), Error> {
+        if matches!(self.migration.as_ref().map(|m| m.status), Some(MigrationStatus::Setup)) {
+            self.migration = Some(incoming_info(MigrationStatus::Active, None));
+            self.report_migration(events, MigrationStatus::Active);
+        }
+        self.state = if self.autostart { RunState::Running } else { RunState::Paused };
+        if let Err(error) = self.boot() {
+            self.migration = Some(incoming_info(MigrationStatus::Failed, Some(error.to_string())));
+            self.report_migration(events, MigrationStatus::Failed);
+            return Err(error);
+        }
+        if self.autostart {
+            self.raise(events, qmp_event(EventKind::Resume));
+        }
+        let mut info = incoming_info(MigrationStatus::Completed, None);
+        info.total_time_ms = started.elapsed().as_millis() as u64;
+        self.migration = Some(info);
+        self.report_migration(events, MigrationStatus::Completed);
+        Ok(())
     }
 
     /// Builds a fresh VM, loads the kernel (or, the first time with `-incoming`, the snapshot) and starts the vCPU
@@ -289,9 +386,9 @@ impl<'a> Vmm<'a> {
         self.state = RunState::Running;
     }
 
-    /// Writes the machine to `path`. The vCPUs must be held (`pause`); the devices are quiesced for the copy and
+    /// Writes the machine to `target`. The vCPUs must be held (`pause`); the devices are quiesced for the copy and
     /// work again afterwards, whatever the outcome.
-    fn save(&self, path: &std::path::Path) -> Result<snapshot_file::SaveStats, String> {
+    fn save(&self, target: SaveTarget<'_>) -> Result<snapshot_file::SaveStats, String> {
         let guest = self.guest.as_ref().ok_or("the machine has no VM")?;
         let vcpus = guest.vcpus.save_states()?;
         let vm = Platform::save_vm(guest.vm.as_ref())?;
@@ -304,7 +401,7 @@ impl<'a> Vmm<'a> {
                 .map(|c| c.device.save_value().map(|state| (c.name, state)))
                 .collect::<Result<Vec<_>, String>>()?;
             let header = snapshot::Header::new(machine_name(self.config), self.cpu.clone());
-            snapshot_file::write(path, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
+            snapshot_file::write(target, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
         })();
         self.platform.resume_devices();
         saved
@@ -374,6 +471,10 @@ impl Machine for Vmm<'_> {
     }
 
     fn stop(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state == RunState::InMigrate {
+            self.autostart = false;
+            return Ok(());
+        }
         if self.state == RunState::Running {
             self.pause(RunState::Paused);
             self.raise(events, qmp_event(EventKind::Stop));
@@ -382,6 +483,11 @@ impl Machine for Vmm<'_> {
     }
 
     fn cont(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        // QEMU: the guest runs once the incoming migration completed.
+        if self.state == RunState::InMigrate {
+            self.autostart = true;
+            return Ok(());
+        }
         if self.state != RunState::Running {
             self.resume();
             self.raise(events, qmp_event(EventKind::Resume));
@@ -390,6 +496,9 @@ impl Machine for Vmm<'_> {
     }
 
     fn system_reset(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state == RunState::InMigrate {
+            return Err(QmpError::generic("the machine is waiting for its incoming migration"));
+        }
         if self.config.no_reboot {
             // QEMU with -no-reboot turns every reset request, the host's too, into a shutdown.
             self.raise(events, shutdown_event(ShutdownCause::HostQmpSystemReset));
@@ -548,24 +657,28 @@ impl Machine for Vmm<'_> {
         self.platform.pci_functions().iter().map(pci_device).collect()
     }
 
-    /// QEMU's non-live save to a file: the vCPUs stop for the copy and the machine ends in `postmigrate` (`cont`
-    /// resumes it). The copy runs to its end before the reply, so its events come first; a write that fails
-    /// resumes a guest that was running and says why in `query-migrate`.
-    fn migrate(&mut self, uri: &str, events: &mut Vec<Event>) -> Result<(), QmpError> {
-        let path = match uri.split_once(':') {
-            Some(("file", path)) if !path.is_empty() => std::path::PathBuf::from(path),
-            Some(("file", _)) => return Err(QmpError::generic("file: needs a path")),
-            _ => return Err(QmpError::generic(format!("Kestrel saves to file:PATH only, not to '{uri}'"))),
-        };
+    /// QEMU's non-live save to a file or a descriptor (a pipe is written front to back, then closed): the vCPUs
+    /// stop for the copy and the machine ends in `postmigrate` (`cont` resumes it). The copy runs to its end
+    /// before the reply, so its events come first; a write that fails resumes a guest that was running and says
+    /// why in `query-migrate`.
+    fn migrate(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError> {
         if self.state.needs_reset() || self.guest.is_none() {
             return Err(QmpError::generic(format!("cannot save the VM in state '{}'", self.state.as_str())));
         }
-        let started = Instant::now();
-        let report = |vmm: &mut Self, events: &mut Vec<Event>, status| {
-            vmm.raise(events, qmp_event(EventKind::Migration { status }));
+        let path;
+        let target = match channel {
+            MigrationChannel::File(file) => {
+                path = file;
+                SaveTarget::Path(&path)
+            }
+            MigrationChannel::Passed(fd) => SaveTarget::Fd(fd),
+            MigrationChannel::Inherited(fd) => SaveTarget::Fd(inherited::claim(fd).map_err(QmpError::generic)?),
         };
+        let started = Instant::now();
+        let report = |vmm: &mut Self, events: &mut Vec<Event>, status| vmm.report_migration(events, status);
         self.migration = Some(MigrationInfo {
             status: MigrationStatus::Setup,
+            incoming: false,
             total_time_ms: 0,
             downtime_ms: None,
             setup_time_ms: 0,
@@ -581,7 +694,8 @@ impl Machine for Vmm<'_> {
             self.pause(RunState::FinishMigrate);
             self.raise(events, qmp_event(EventKind::Stop));
         }
-        let saved = self.save(&path);
+        let what = target.describe();
+        let saved = self.save(target);
         let ms = |since: Instant| since.elapsed().as_millis() as u64;
         match saved {
             Ok(stats) => {
@@ -589,6 +703,7 @@ impl Machine for Vmm<'_> {
                 let seconds = started.elapsed().as_secs_f64().max(1e-6);
                 self.migration = Some(MigrationInfo {
                     status: MigrationStatus::Completed,
+                    incoming: false,
                     total_time_ms: ms(started),
                     downtime_ms: Some(ms(stopped)),
                     setup_time_ms,
@@ -606,9 +721,10 @@ impl Machine for Vmm<'_> {
                 report(self, events, MigrationStatus::Completed);
             }
             Err(error) => {
-                eprintln!("kestrel: migrate to '{uri}' failed: {error}");
+                eprintln!("kestrel: migrate to {what} failed: {error}");
                 self.migration = Some(MigrationInfo {
                     status: MigrationStatus::Failed,
+                    incoming: false,
                     total_time_ms: ms(started),
                     downtime_ms: None,
                     setup_time_ms,
@@ -625,8 +741,67 @@ impl Machine for Vmm<'_> {
         Ok(())
     }
 
+    /// `-incoming defer`'s second half. The channel's problems (a file that does not fit, a descriptor not
+    /// passed) are refused and the machine keeps waiting; a stream that fails once read ends Kestrel.
+    fn migrate_incoming(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if !self.waiting_for_incoming {
+            return Err(QmpError::generic(match self.config.incoming {
+                Some(IncomingConfig::Defer) => "The incoming migration has already been started",
+                _ => "'-incoming' was not specified on the command line",
+            }));
+        }
+        let source = match channel {
+            MigrationChannel::File(path) => IncomingSource::File(path),
+            MigrationChannel::Passed(fd) => IncomingSource::Stream(fd),
+            MigrationChannel::Inherited(fd) => IncomingSource::Stream(inherited::claim(fd).map_err(QmpError::generic)?),
+        };
+        let streamed = matches!(source, IncomingSource::Stream(_));
+        self.restore_incoming(source, events).map_err(|error| {
+            let message = error.to_string();
+            if streamed || !self.waiting_for_incoming {
+                self.fatal = Some(error);
+            }
+            QmpError::generic(message)
+        })
+    }
+
     fn migration(&self) -> Option<MigrationInfo> {
         self.migration.clone()
+    }
+
+    fn migration_capabilities(&self) -> MigrationCapabilities {
+        self.migration_capabilities
+    }
+
+    fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError> {
+        self.migration_capabilities = capabilities;
+        Ok(())
+    }
+}
+
+/// Where `migrate-incoming` reads from.
+enum IncomingSource {
+    File(std::path::PathBuf),
+    Stream(std::os::fd::OwnedFd),
+}
+
+/// `query-migrate` on the destination: QEMU reports the status only.
+fn incoming_info(status: MigrationStatus, error: Option<String>) -> MigrationInfo {
+    MigrationInfo { status, incoming: true, total_time_ms: 0, downtime_ms: None, setup_time_ms: 0, ram: None, error }
+}
+
+/// What a snapshot for this command line must match.
+fn snapshot_machine<'c>(
+    config: &VmConfig,
+    cpu: &snapshot::CpuIdentity,
+    components: &'c [crate::snapshot::Component],
+) -> snapshot_file::Machine<'c> {
+    snapshot_file::Machine {
+        machine_type: machine_name(config),
+        cpu: cpu.clone(),
+        ram_regions: Platform::ram_regions(config.memory_bytes),
+        vcpus: usize::from(config.vcpus),
+        components,
     }
 }
 
@@ -751,7 +926,10 @@ impl EventLoop<'_> {
         if waits.contains(&true) {
             let EventLoop { qmp, poll, vmm } = self;
             let mut connect = || Session::new(ServerInfo::kestrel());
-            let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+            let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                session.receive_fds(fds);
+                session.feed(bytes, vmm)
+            };
             let mut handlers = Handlers { connect: &mut connect, input: &mut input };
             if !qmp.wait_for_clients(&waits, signals::termination_fd(), poll.registry(), &mut handlers) {
                 // Only a termination signal interrupts the wait.
@@ -761,7 +939,10 @@ impl EventLoop<'_> {
         if let Some(outcome) = self.check_signal() {
             return Ok(outcome);
         }
-        self.vmm.boot()?;
+        self.vmm.start()?;
+        for event in std::mem::take(&mut self.vmm.raised) {
+            self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
+        }
         let mut events = Events::with_capacity(64);
         loop {
             match self.poll.poll(&mut events, None) {
@@ -780,7 +961,10 @@ impl EventLoop<'_> {
                 }
                 {
                     let mut connect = || Session::new(ServerInfo::kestrel());
-                    let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+                    let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                        session.receive_fds(fds);
+                        session.feed(bytes, vmm)
+                    };
                     let mut handlers = Handlers { connect: &mut connect, input: &mut input };
                     qmp.ready(token, poll.registry(), &mut handlers);
                 }
@@ -791,11 +975,17 @@ impl EventLoop<'_> {
                 if vmm.quit {
                     return Ok(Outcome::Quit);
                 }
+                if let Some(error) = vmm.fatal.take() {
+                    return Err(error);
+                }
             }
             {
                 // A client that went away while being sent an event leaves the next one still queued.
                 let mut connect = || Session::new(ServerInfo::kestrel());
-                let mut input = |session: &mut Session, bytes: &[u8]| session.feed(bytes, vmm);
+                let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                    session.receive_fds(fds);
+                    session.feed(bytes, vmm)
+                };
                 qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
             }
             while signals::received().is_none() {

@@ -3,13 +3,14 @@
 //! the VMM's event loop. The protocol itself is the `qmp` crate's.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::config::{ListenSocket, SocketAddress};
 use crate::listen::{bind_private_unix, resolve_tcp};
@@ -75,6 +76,38 @@ impl Stream {
     }
 }
 
+/// A unix stream socket as vmm-sys-util's SCM_RIGHTS receiver sees it.
+struct ScmStream(RawFd);
+
+impl ScmSocket for ScmStream {
+    fn socket_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Stream {
+    /// Reads what is there and, on a unix socket, the descriptors that came with it (SCM_RIGHTS, as libvirt passes
+    /// the stream of a save with `getfd`): at most `qmp::fds::MAX_RECEIVED` per read; a message with more is an
+    /// error, its descriptors closed.
+    fn read_with_fds(&mut self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let stream = match self {
+            Stream::Unix(stream) => stream,
+            Stream::Tcp(stream) => return stream.read(buf).map(|n| (n, Vec::new())),
+        };
+        let mut received = [-1; qmp::fds::MAX_RECEIVED];
+        let mut iovecs = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: the one iovec covers `buf`, which is ours to overwrite whole.
+        let (read, count) = unsafe { ScmStream(stream.as_raw_fd()).recv_with_fds(&mut iovecs, &mut received) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        let fds = received[..count]
+            .iter()
+            // SAFETY: recvmsg just created these descriptors in this process; nothing else knows them.
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        Ok((read, fds))
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -100,11 +133,16 @@ impl Write for Stream {
 /// Tokens from here up belong to QMP sockets: two per socket (listener, client).
 pub const FIRST_TOKEN: usize = 16;
 
+/// Handles one read of a connection: its protocol state, the bytes and the descriptors that came with them;
+/// returns what to send back.
+pub type InputHandler<'h, P> = &'h mut dyn FnMut(&mut P, &[u8], Vec<OwnedFd>) -> Vec<u8>;
+
 /// What the event loop supplies for each connection: its protocol state `P` with the greeting to send when a
-/// client connects, and the handling of input (returning what to send back).
+/// client connects, and the handling of input and the descriptors that came with it (returning what to send
+/// back).
 pub struct Handlers<'h, P> {
     pub connect: &'h mut dyn FnMut() -> (P, Vec<u8>),
-    pub input: &'h mut dyn FnMut(&mut P, &[u8]) -> Vec<u8>,
+    pub input: InputHandler<'h, P>,
 }
 
 struct Client<P> {
@@ -299,13 +337,13 @@ impl<P> Socket<P> {
         let mut buf = [0u8; 4096];
         let mut closed = false;
         loop {
-            match client.stream.read(&mut buf) {
-                Ok(0) => {
+            match client.stream.read_with_fds(&mut buf) {
+                Ok((0, _)) => {
                     closed = true;
                     break;
                 }
-                Ok(n) => {
-                    let reply = (handlers.input)(&mut client.protocol, &buf[..n]);
+                Ok((n, fds)) => {
+                    let reply = (handlers.input)(&mut client.protocol, &buf[..n], fds);
                     client.outgoing.extend_from_slice(&reply);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

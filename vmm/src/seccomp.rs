@@ -182,12 +182,15 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow(libc::SYS_recvfrom),
             allow(libc::SYS_sendto),
             allow(libc::SYS_shutdown),
+            // QMP unix sockets are read with recvmsg, for the descriptors a client passes with them (getfd).
+            allow(libc::SYS_recvmsg),
             // Waiting for the first QMP client (wait=on): glibc's poll (x86_64 adds its own poll).
             allow(libc::SYS_ppoll),
             // QMP socket files removed at exit.
             allow(libc::SYS_unlinkat),
             // QMP `migrate` to file:PATH: the snapshot file created, written (write, above) and synced to disk
-            // before `completed` is reported.
+            // before `completed` is reported; to fd:NAME, written (a regular file synced too). `migrate-incoming`
+            // reads its file or stream with read (above).
             allow_file_creation(),
             allow(libc::SYS_fsync),
         ]),

@@ -10,13 +10,16 @@
 //! vCPUs start only once everything loaded, so a refused file never runs a half-restored guest.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::persist::Persist;
 use serde_json::Value;
-use snapshot::{CpuIdentity, Expected, GuestRegion, GuestRegionMut, Header, RegionLayout, SectionSpec, Snapshot};
+use snapshot::{
+    CpuIdentity, Expected, GuestRegion, GuestRegionMut, Header, RegionLayout, SectionSpec, Snapshot, StreamedSnapshot,
+};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::Error;
@@ -87,15 +90,59 @@ pub fn page_size() -> u32 {
     u32::try_from(size).unwrap_or(4096)
 }
 
-/// Writes `machine` and guest memory to `path` (created or truncated), synced to disk before it returns.
+/// Where a save goes.
+pub enum SaveTarget<'a> {
+    /// Created or truncated, and synced to disk before the save reports success.
+    Path(&'a Path),
+    /// A descriptor passed by a client or inherited: a pipe or socket is written front to back (no seeking) and
+    /// closed after; a regular file is written from where it stands, synced, and closed.
+    Fd(OwnedFd),
+}
+
+impl SaveTarget<'_> {
+    /// What the target is called in an error line.
+    pub fn describe(&self) -> String {
+        match self {
+            SaveTarget::Path(path) => format!("'{}'", path.display()),
+            SaveTarget::Fd(_) => "the passed descriptor".into(),
+        }
+    }
+}
+
+/// Counts what goes through, for `query-migrate` (a pipe has no length to ask afterwards).
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `machine` and guest memory to `target`; a file is synced to disk before this returns.
 pub fn write<M: serde::Serialize, V: serde::Serialize>(
-    path: &Path,
+    target: SaveTarget<'_>,
     machine: &SavedMachine<M, V>,
     memory: &GuestMemoryMmap,
 ) -> Result<SaveStats, String> {
-    let file = File::create(path).map_err(|e| format!("cannot create '{}': {e}", path.display()))?;
-    let failed = |e: snapshot::Error| format!("writing '{}': {e}", path.display());
-    let mut writer = snapshot::Writer::new(BufWriter::with_capacity(1 << 20, file), &machine.header).map_err(failed)?;
+    let what = target.describe();
+    let file = match target {
+        SaveTarget::Path(path) => File::create(path).map_err(|e| format!("cannot create {what}: {e}"))?,
+        SaveTarget::Fd(fd) => File::from(fd),
+    };
+    // Only a regular file can (and must) be synced; a pipe refuses fsync.
+    let regular_file = file.metadata().map(|m| m.file_type().is_file()).unwrap_or(false);
+    let failed = |e: snapshot::Error| format!("writing {what}: {e}");
+    let out = Counted { inner: BufWriter::with_capacity(1 << 20, file), bytes: 0 };
+    let mut writer = snapshot::Writer::new(out, &machine.header).map_err(failed)?;
     writer.state(VM_SECTION, SECTION_VERSION, &machine.vm).map_err(failed)?;
     for (index, vcpu) in machine.vcpus.iter().enumerate() {
         writer.state(&vcpu_section(index), SECTION_VERSION, vcpu).map_err(failed)?;
@@ -114,10 +161,12 @@ pub fn write<M: serde::Serialize, V: serde::Serialize>(
         .collect();
     let page_size = page_size();
     let stats = writer.memory(page_size, &regions).map_err(failed)?;
-    let file = writer.finish().map_err(failed)?;
-    let file = file.into_inner().map_err(|e| format!("writing '{}': {}", path.display(), e.error()))?;
-    file.sync_all().map_err(|e| format!("writing '{}': {e}", path.display()))?;
-    let bytes = file.metadata().map(|m| m.len()).unwrap_or_default();
+    let out = writer.finish().map_err(failed)?;
+    let bytes = out.bytes;
+    let file = out.inner.into_inner().map_err(|e| format!("writing {what}: {}", e.error()))?;
+    if regular_file {
+        file.sync_all().map_err(|e| format!("writing {what}: {e}"))?;
+    }
     Ok(SaveStats { bytes, pages: stats.pages, stored_pages: stats.stored_pages, page_size: u64::from(page_size) })
 }
 
@@ -130,41 +179,79 @@ pub struct Machine<'a> {
     pub components: &'a [Component],
 }
 
-/// A snapshot checked against the machine the command line builds.
-pub type Incoming = Snapshot<BufReader<File>>;
+/// A snapshot checked against the machine the command line builds: a file whose pages are still to be loaded, or
+/// a stream already read whole, its pages in guest memory.
+pub enum Incoming {
+    File(Snapshot<BufReader<File>>),
+    Streamed(StreamedSnapshot),
+}
+
+impl Incoming {
+    fn section(&self, name: &str) -> snapshot::Result<snapshot::Section<'_>> {
+        match self {
+            Incoming::File(snapshot) => snapshot.section(name),
+            Incoming::Streamed(snapshot) => snapshot.section(name),
+        }
+    }
+}
+
+/// What a snapshot for `machine` must be.
+fn expected(machine: &Machine<'_>) -> Expected {
+    let mut sections = vec![SectionSpec::required(VM_SECTION, SECTION_VERSION..=SECTION_VERSION)];
+    sections
+        .extend((0..machine.vcpus).map(|i| SectionSpec::required(vcpu_section(i), SECTION_VERSION..=SECTION_VERSION)));
+    sections
+        .extend(machine.components.iter().map(|c| SectionSpec::required(&c.name, SECTION_VERSION..=SECTION_VERSION)));
+    Expected {
+        arch: std::env::consts::ARCH.into(),
+        machine: machine.machine_type.into(),
+        cpu: machine.cpu.clone(),
+        memory: machine.ram_regions.iter().map(|&(guest_addr, size)| RegionLayout { guest_addr, size }).collect(),
+        sections,
+    }
+}
 
 /// Opens `path` and checks everything in it but the pages' contents against `machine`: one error line if it does
 /// not fit.
 pub fn open(path: &Path, machine: &Machine<'_>) -> Result<Incoming, Error> {
     let refused = |e: snapshot::Error| Error::Snapshot(format!("cannot restore '{}': {e}", path.display()));
     let file = File::open(path).map_err(|source| Error::Open { what: "snapshot", path: path.to_path_buf(), source })?;
-    let mut sections = vec![SectionSpec::required(VM_SECTION, SECTION_VERSION..=SECTION_VERSION)];
-    sections
-        .extend((0..machine.vcpus).map(|i| SectionSpec::required(vcpu_section(i), SECTION_VERSION..=SECTION_VERSION)));
-    sections
-        .extend(machine.components.iter().map(|c| SectionSpec::required(&c.name, SECTION_VERSION..=SECTION_VERSION)));
-    let expected = Expected {
-        arch: std::env::consts::ARCH.into(),
-        machine: machine.machine_type.into(),
-        cpu: machine.cpu.clone(),
-        memory: machine.ram_regions.iter().map(|&(guest_addr, size)| RegionLayout { guest_addr, size }).collect(),
-        sections,
-    };
-    Snapshot::open(BufReader::with_capacity(1 << 20, file), &expected).map_err(refused)
+    let snapshot = Snapshot::open(BufReader::with_capacity(1 << 20, file), &expected(machine)).map_err(refused)?;
+    Ok(Incoming::File(snapshot))
 }
 
-/// Copies the snapshot's pages into guest memory, which must be fresh (all zero), and checks their checksum.
-pub fn load_memory(incoming: &mut Incoming, memory: &GuestMemoryMmap) -> Result<(), Error> {
-    let mut regions: Vec<GuestRegionMut<'_>> = memory
+/// Reads a snapshot streamed on `fd` (a pipe), front to back, checking it against `machine` and copying its pages
+/// into guest memory, which must be fresh (all zero) and used by no vCPU or device yet. On `Err` guest memory holds
+/// part of the pages: the guest must not run.
+pub fn read_stream(fd: OwnedFd, machine: &Machine<'_>, memory: &GuestMemoryMmap) -> Result<Incoming, Error> {
+    let refused = |e: snapshot::Error| Error::Snapshot(format!("cannot restore from the stream: {e}"));
+    let source = BufReader::with_capacity(1 << 20, File::from(fd));
+    let snapshot = snapshot::read_stream(source, &expected(machine), &mut guest_regions(memory)).map_err(refused)?;
+    Ok(Incoming::Streamed(snapshot))
+}
+
+/// Guest memory as the snapshot crate writes into it.
+fn guest_regions(memory: &GuestMemoryMmap) -> Vec<GuestRegionMut<'_>> {
+    memory
         .iter()
         .map(|region| {
             // SAFETY: the region is the VMM's own mapping of `len` bytes, alive while `memory` is borrowed; no vCPU
-            // runs and no device works yet, so this is the only access to it.
+            // runs and no device works yet (a restore only), so this is the only access to it.
             let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), region.len() as usize) };
             GuestRegionMut { guest_addr: region.start_addr().0, bytes }
         })
-        .collect();
-    incoming.read_memory_into(&mut regions).map_err(|e| Error::Snapshot(format!("cannot restore guest memory: {e}")))
+        .collect()
+}
+
+/// Copies a file snapshot's pages into guest memory, which must be fresh (all zero), and checks their checksum; a
+/// streamed one's are there already.
+pub fn load_memory(incoming: &mut Incoming, memory: &GuestMemoryMmap) -> Result<(), Error> {
+    match incoming {
+        Incoming::File(snapshot) => snapshot
+            .read_memory_into(&mut guest_regions(memory))
+            .map_err(|e| Error::Snapshot(format!("cannot restore guest memory: {e}"))),
+        Incoming::Streamed(_) => Ok(()),
+    }
 }
 
 /// Loads every component's state from `incoming`; the first refusal is the error.
@@ -181,5 +268,5 @@ pub fn restore_components(incoming: &Incoming, components: &[Component]) -> Resu
 
 /// The state in section `name`, decoded.
 pub fn state<T: serde::de::DeserializeOwned>(incoming: &Incoming, name: &str) -> Result<T, Error> {
-    incoming.state(name).map_err(|e| Error::Snapshot(e.to_string()))
+    incoming.section(name).and_then(|section| section.decode()).map_err(|e| Error::Snapshot(e.to_string()))
 }
