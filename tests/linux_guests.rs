@@ -616,9 +616,14 @@ fn counter_image(n: u64, size: usize) -> Vec<u8> {
 /// far as the saved guest had printed) and at the end (read by the guest with direct I/O and hashed by the host).
 #[test]
 fn a_counting_linux_guest_is_saved_and_restored_into_a_new_kestrel() {
+    let Some(c) = case(Arch::X86_64, "snapshot") else { return };
+    check_snapshot(c);
+}
+
+#[track_caller]
+fn check_snapshot(c: Checked) {
     const END: u64 = 60;
     const DISK: usize = 8 << 20;
-    let Some(c) = case(Arch::X86_64, "snapshot") else { return };
     let console = &c.case.console;
     let Some((saved, restored)) = console.split_once("\nKESTREL-RESTORE ") else {
         let why = console.lines().find(|l| l.starts_with("KESTREL-RESTORE-SKIPPED")).unwrap_or("no save");
