@@ -99,7 +99,8 @@ set_phase() {
 timing() { echo "$*" >>"$CASE_TMP/$name.timing"; }
 
 # qmp_save PID: saves kestrel PID's VM to $snap over QMP and quits it (see "Save and restore" above); the
-# transcript goes to $CASE_TMP/$name.qmp. The session stays open until kestrel exits.
+# transcript goes to $CASE_TMP/$name.qmp. The session stays open until kestrel exits. nc runs in the case's network
+# namespace, if it has one: kestrel's 127.0.0.1 is there.
 qmp_save() {
   {
     printf '{"execute": "qmp_capabilities"}\n'
@@ -111,7 +112,7 @@ qmp_save() {
     done
     printf '{"execute": "quit"}\n'
     while kill -0 "$1" 2>/dev/null; do sleep 0.2; done
-  } | nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1
+  } | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1
 }
 
 # qmp_transcript: appends the QMP session's transcript, if any, to the case's stderr.
@@ -208,7 +209,7 @@ attempt() {
         # The session stays open until kestrel exits (its budget bounds that), so no event is lost however slowly
         # a loaded runner answers.
         { printf '{"execute": "qmp_capabilities"}\n'; sleep 0.3; cat "$dir/qmp"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; } \
-          | nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
+          | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
         qmp_sent=1
       fi
       if [ "$typed" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
