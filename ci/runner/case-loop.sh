@@ -20,13 +20,26 @@
 #   - With "until N", boot k+1 (marker k to marker k+1): BUDGET_REBOOT_FACTOR x the case's own boot 1, at least
 #     BUDGET_STEP_FLOOR_MS.
 #   - Otherwise, the work after boot 1 (marker to exit): the case's "work" factor (default BUDGET_WORK_FACTOR) x
-#     its own boot 1, at least BUDGET_STEP_FLOOR_MS.
+#     its own boot 1, at least BUDGET_STEP_FLOOR_MS. With save-at, that phase includes the save.
+#   - With save-at, the restore (the restoring kestrel's start to its exit: loading the snapshot and the guest's
+#     work after it): BUDGET_RESTORE_FACTOR x the case's boot 1, at least BUDGET_STEP_FLOOR_MS.
 #   - Whatever the multiples say, a case ends BUDGET_CEILING_MS after its start.
 # A case whose guest died in early boot with a known signature of the emulated environment (early_failure below)
 # is run again, up to BUDGET_EARLY_RETRIES more times, each retry printed with the failed attempt's tail. The
 # flake grows with the machine's load, with old and new kestrel alike: one retry still failed cases at random.
 # The defaults below can be overridden by the caller (L1 reads /cases/budget first).
+#
+# Save and restore (the case's save-at file, a grep pattern): once kestrel's stdout matches it, the case loop saves
+# the VM over QMP (TCP 127.0.0.1:4444: qmp_capabilities, migrate to file:$CASE_TMP/<case>.ksnap, and once the
+# MIGRATION event says completed or failed, quit). When the saving kestrel has exited after a completed save, a
+# second kestrel starts with the same arguments plus -incoming file:$CASE_TMP/<case>.ksnap, its console appended
+# to the case's after the host's lines
+#   DISK-SHA256-SAVED <disk> <hash>           (each of the case's disks as the saved kestrel left it)
+#   KESTREL-RESTORE source_exit=<code> snapshot_bytes=<size> incoming=file:<path>
+# and its stderr to the case's after "--- restoring kestrel". The END line's exit and reason are the restoring
+# kestrel's. Without a completed save the console gets "KESTREL-RESTORE-SKIPPED: <why>" instead, and no restore.
 : "${BUDGET_L1_FACTOR:=6}" "${BUDGET_BOOT_FACTOR:=4}" "${BUDGET_REBOOT_FACTOR:=3}" "${BUDGET_WORK_FACTOR:=2}"
+: "${BUDGET_RESTORE_FACTOR:=4}"
 : "${BUDGET_BOOT_FLOOR_MS:=60000}" "${BUDGET_STEP_FLOOR_MS:=30000}" "${BUDGET_CEILING_MS:=600000}"
 : "${BUDGET_EARLY_RETRIES:=2}"
 : "${CASE_TMP:=/tmp}" "${marker:=KESTREL-GUEST-UP}"
@@ -48,12 +61,17 @@ budget_init() {
   echo "=== RUNNER BUDGET reference boot $(secs "$ref_ms") s (${ref_why}); first boot: ${BUDGET_BOOT_FACTOR}x it" \
     "(floor $(secs "$BUDGET_BOOT_FLOOR_MS") s); boot k+1: ${BUDGET_REBOOT_FACTOR}x the case's boot 1; work after boot 1:" \
     "the case's factor (default ${BUDGET_WORK_FACTOR}) x its boot 1 (floor $(secs "$BUDGET_STEP_FLOOR_MS") s);" \
+    "a restore: ${BUDGET_RESTORE_FACTOR}x the case's boot 1 (same floor);" \
     "ceiling $(secs "$BUDGET_CEILING_MS") s a case"
 }
 
 # set_phase: the deadline (ms after t0) and its explanation for the phase the case is in, from the markers seen.
 set_phase() {
-  if [ "$seen" = 0 ]; then
+  if [ "$restoring" = 1 ]; then
+    phase="restore" phase_start=$restore_start
+    budget=$((BUDGET_RESTORE_FACTOR * marker_ms)) floor=$BUDGET_STEP_FLOOR_MS
+    why="${BUDGET_RESTORE_FACTOR}x boot 1's $(secs "$marker_ms") s"
+  elif [ "$seen" = 0 ]; then
     phase="boot 1" phase_start=0
     budget=$((BUDGET_BOOT_FACTOR * ref_ms)) floor=$BUDGET_BOOT_FLOOR_MS
     why="${BUDGET_BOOT_FACTOR}x the reference boot's $(secs "$ref_ms") s"
@@ -79,6 +97,31 @@ set_phase() {
 
 # timing TEXT: one line of the case's TIMING report.
 timing() { echo "$*" >>"$CASE_TMP/$name.timing"; }
+
+# qmp_save PID: saves kestrel PID's VM to $snap over QMP and quits it (see "Save and restore" above); the
+# transcript goes to $CASE_TMP/$name.qmp. The session stays open until kestrel exits. nc runs in the case's network
+# namespace, if it has one: kestrel's 127.0.0.1 is there.
+qmp_save() {
+  {
+    printf '{"execute": "qmp_capabilities"}\n'
+    sleep 0.3
+    printf '{"execute": "migrate", "arguments": {"uri": "file:%s"}}\n' "$snap"
+    while kill -0 "$1" 2>/dev/null \
+        && ! grep -Eq '"MIGRATION".*"status": "(completed|failed)"' "$CASE_TMP/$name.qmp"; do
+      sleep 0.1
+    done
+    printf '{"execute": "quit"}\n'
+    while kill -0 "$1" 2>/dev/null; do sleep 0.2; done
+  } | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1
+}
+
+# qmp_transcript: appends the QMP session's transcript, if any, to the case's stderr.
+qmp_transcript() {
+  if [ -f "$CASE_TMP/$name.qmp" ]; then
+    { echo "--- QMP transcript"; tr -d '\r' <"$CASE_TMP/$name.qmp"; } >>"$err"
+    rm -f "$CASE_TMP/$name.qmp"
+  fi
+}
 
 # One attempt at the case in $dir: sets out, err, code, reason, marker_ms, t0, t1, epoch0, deadline.
 attempt() {
@@ -107,6 +150,10 @@ attempt() {
   qmp_sent=1
   [ -f "$dir/qmp" ] && qmp_sent=0
   rm -f "$CASE_TMP/$name.qmp"
+  # save=waiting: save once the console matches save-at; then sent; restoring=1 while the restoring kestrel runs.
+  save=none restoring=0 restore_start=0 first_output_ms=-1 snap="$CASE_TMP/$name.ksnap"
+  [ -f "$dir/save-at" ] && save=waiting
+  rm -f "$snap"
   ns_holder="" ns_out="$CASE_TMP/$name.netns"
   : >"$ns_out"
   if [ -f "$dir/netns" ]; then
@@ -139,59 +186,106 @@ attempt() {
   fi
   reason=exit marker_ms=-1 last_marker_ms=0 seen=0 term_at=0 alive_at=0
   set_phase
-  while kill -0 "$pid" 2>/dev/null; do
-    now="$(ms)"
-    elapsed=$((now - t0))
-    n="$(grep -c "$marker" "$out")"
-    # A marker ends a boot (several at once count as one); after boot 1, only "until" cases have more phases.
-    if [ "$n" -gt "$seen" ] && [ "$reason" = exit ] && { [ "$seen" = 0 ] || [ "$until_n" -gt 0 ]; }; then
-      [ "$seen" = 0 ] && marker_ms=$elapsed
-      timing "$phase: $(secs $((elapsed - phase_start))) s of a $(secs "$budget") s budget ($why)"
-      seen=$n last_marker_ms=$elapsed
-      set_phase
+  while :; do
+    while kill -0 "$pid" 2>/dev/null; do
+      now="$(ms)"
+      elapsed=$((now - t0))
+      if [ "$restoring" = 1 ] && [ "$first_output_ms" = -1 ] && [ "$(wc -c <"$out")" -gt "$restore_bytes" ]; then
+        first_output_ms=$((elapsed - restore_start))
+      fi
+      if [ "$save" = waiting ] && grep -q "$(cat "$dir/save-at")" "$out"; then
+        qmp_save "$pid" &
+        save=sent save_ms=$elapsed save_pid=$!
+      fi
+      n="$(grep -c "$marker" "$out")"
+      # A marker ends a boot (several at once count as one); after boot 1, only "until" cases have more phases.
+      if [ "$n" -gt "$seen" ] && [ "$reason" = exit ] && { [ "$seen" = 0 ] || [ "$until_n" -gt 0 ]; }; then
+        [ "$seen" = 0 ] && marker_ms=$elapsed
+        timing "$phase: $(secs $((elapsed - phase_start))) s of a $(secs "$budget") s budget ($why)"
+        seen=$n last_marker_ms=$elapsed
+        set_phase
+      fi
+      if [ "$qmp_sent" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
+        # The session stays open until kestrel exits (its budget bounds that), so no event is lost however slowly
+        # a loaded runner answers.
+        { printf '{"execute": "qmp_capabilities"}\n'; sleep 0.3; cat "$dir/qmp"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; } \
+          | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
+        qmp_sent=1
+      fi
+      if [ "$typed" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
+        sleep 0.2
+        printf '%b' "$(cat "$dir/input")" >&3
+        typed=1
+      fi
+      if [ "$until_n" -gt 0 ] && [ "$reason" = exit ] && [ "$seen" -ge "$until_n" ]; then
+        reason=until
+        kill -TERM "$pid"
+        term_at=$now
+      fi
+      if [ "$reason" = exit ] && [ "$elapsed" -ge "$deadline" ]; then
+        reason=timeout
+        timing "$phase: not done after $(secs $((elapsed - phase_start))) s: TIMEOUT, over its $(secs "$budget") s budget ($why)"
+        kill -TERM "$pid"
+        term_at=$now
+      fi
+      if [ "$term_at" != 0 ] && [ $((now - term_at)) -ge 3000 ]; then
+        kill -KILL "$pid" 2>/dev/null
+      fi
+      if [ $((elapsed - alive_at)) -ge 10000 ]; then
+        echo "=== CASE $name ALIVE ms=$elapsed markers=$seen phase=\"$phase\" deadline_ms=$deadline"
+        alive_at=$elapsed
+      fi
+      sleep 0.05
+    done
+    wait "$pid"
+    code=$?
+    t1="$(ms)"
+    if [ "$reason" = exit ]; then
+      timing "$phase: $(secs $((t1 - t0 - phase_start))) s of a $(secs "$budget") s budget ($why)$([ "$seen" = 0 ] && echo "; no marker on the console: the whole case")"
     fi
-    if [ "$qmp_sent" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
-      # The session stays open until kestrel exits (its budget bounds that), so no event is lost however slowly
-      # a loaded runner answers.
-      { printf '{"execute": "qmp_capabilities"}\n'; sleep 0.3; cat "$dir/qmp"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; } \
-        | nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
-      qmp_sent=1
+    if [ "$save" = sent ]; then
+      # The saving kestrel is gone: its QMP session ends with it (within seconds; not waited for beyond that).
+      for i in $(seq 1 100); do kill -0 "$save_pid" 2>/dev/null || break; sleep 0.1; done
+      kill "$save_pid" 2>/dev/null
+      save=done
+      qmp_transcript
+      timing "save: the saved kestrel exited $(secs $((t1 - t0 - save_ms))) s after the console showed save-at (exit $code; within the work phase)"
+      echo >>"$out"   # a save may cut the guest's line short
+      if [ "$reason" != exit ]; then
+        echo "KESTREL-RESTORE-SKIPPED: the saving kestrel was stopped (reason=$reason)" >>"$out"
+      elif ! grep -Eq '"MIGRATION".*"status": "completed"' "$err"; then
+        echo "KESTREL-RESTORE-SKIPPED: no MIGRATION completed event (the QMP transcript is in the case's stderr)" >>"$out"
+      else
+        if [ -f "$dir/disks" ]; then
+          while read -r disk size byte; do
+            echo "DISK-SHA256-SAVED $disk $(sha256sum "/tmp/$disk" | cut -d' ' -f1)" >>"$out"
+          done <"$dir/disks"
+        fi
+        echo "KESTREL-RESTORE source_exit=$code snapshot_bytes=$(wc -c <"$snap") incoming=file:$snap" >>"$out"
+        echo "--- restoring kestrel" >>"$err"
+        restore_bytes="$(wc -c <"$out")"
+        "$@" -incoming "file:$snap" </dev/null >>"$out" 2>>"$err" &
+        pid=$!
+        restoring=1 restore_start=$(($(ms) - t0))
+        set_phase
+        continue
+      fi
     fi
-    if [ "$typed" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
-      sleep 0.2
-      printf '%b' "$(cat "$dir/input")" >&3
-      typed=1
+    if [ "$save" = waiting ]; then
+      echo "KESTREL-RESTORE-SKIPPED: the console never matched save-at before kestrel exited" >>"$out"
     fi
-    if [ "$until_n" -gt 0 ] && [ "$reason" = exit ] && [ "$seen" -ge "$until_n" ]; then
-      reason=until
-      kill -TERM "$pid"
-      term_at=$now
-    fi
-    if [ "$reason" = exit ] && [ "$elapsed" -ge "$deadline" ]; then
-      reason=timeout
-      timing "$phase: not done after $(secs $((elapsed - phase_start))) s: TIMEOUT, over its $(secs "$budget") s budget ($why)"
-      kill -TERM "$pid"
-      term_at=$now
-    fi
-    if [ "$term_at" != 0 ] && [ $((now - term_at)) -ge 3000 ]; then
-      kill -KILL "$pid" 2>/dev/null
-    fi
-    if [ $((elapsed - alive_at)) -ge 10000 ]; then
-      echo "=== CASE $name ALIVE ms=$elapsed markers=$seen phase=\"$phase\" deadline_ms=$deadline"
-      alive_at=$elapsed
-    fi
-    sleep 0.05
+    break
   done
-  wait "$pid"
-  code=$?
-  t1="$(ms)"
-  if [ "$reason" = exit ]; then
-    timing "$phase: $(secs $((t1 - t0 - phase_start))) s of a $(secs "$budget") s budget ($why)$([ "$seen" = 0 ] && echo "; no marker on the console: the whole case")"
+  if [ "$restoring" = 1 ]; then
+    if [ "$first_output_ms" = -1 ]; then
+      timing "restore: no guest output from the restoring kestrel"
+    else
+      timing "restore: the restored guest's first output $(secs "$first_output_ms") s after the restoring kestrel started"
+    fi
+    rm -f "$snap"
   fi
   if [ -f "$dir/input" ]; then exec 3>&-; fi
-  if [ -f "$CASE_TMP/$name.qmp" ]; then
-    { echo "--- QMP transcript"; tr -d '\r' <"$CASE_TMP/$name.qmp"; } >>"$err"
-  fi
+  qmp_transcript
   if [ -n "$ns_holder" ]; then
     in_netns sh "$dir/netns" teardown "$CASE_TMP/$name.netns.d" >>"$ns_out" 2>&1 || echo "NETNS-TEARDOWN-FAILED" >>"$ns_out"
     # Ending the holder ends the namespace, and the interfaces in it.

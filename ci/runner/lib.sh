@@ -49,7 +49,7 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|work|prompt|input|qmp|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same) ;;
+      arch|kernel|guest|cmdline|args|work|prompt|input|qmp|save-at|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same|expect-restored|expect-restored-none|expect-steps) ;;
       timeout) rdie "$file: case $name: 'timeout' is gone: budgets are multiples of boots measured in L1 (ci/runner/case-loop.sh); say 'work N' for a case whose work after boot 1 may take more than the default 2 boots" ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
@@ -99,6 +99,16 @@ runner_parse_cases() {
       spec_get "$spec" qmp >"$d/qmp"
       spec_get "$spec" prompt >"$d/prompt"
       [ -s "$d/prompt" ] || rdie "case $name: qmp needs a prompt"
+    fi
+    # save-at PATTERN: save over QMP once the console matches, then restore into a second kestrel (case-loop.sh).
+    local save_at
+    save_at="$(spec_get "$spec" save-at)"
+    if [ -n "$save_at" ]; then
+      [[ " $args " == *" --qmp tcp:127.0.0.1:4444,server=on,wait=off "* ]] \
+        || rdie "case $name: save-at needs '--qmp tcp:127.0.0.1:4444,server=on,wait=off' in its args"
+      [ -z "$(spec_get "$spec" qmp)" ] && [ -z "$(spec_get "$spec" until)" ] \
+        || rdie "case $name: save-at cannot be combined with qmp or until"
+      printf '%s\n' "$save_at" >"$d/save-at"
     fi
     # disk NAME SIZE_MIB [PATTERN]: a raw image made in L1 before the case, filled with PATTERN (a byte, as
     # printf %b escape) or zeros; its sha256 is printed after the case as DISK-SHA256 NAME <hash>.
@@ -276,6 +286,30 @@ runner_check() {
             v1="$(sed -n "s/^$k1=\([^ ]*\)\$/\1/p" <<<"$out" | head -n1)"
             v2="$(sed -n "s/^$k2=\([^ ]*\)\$/\1/p" <<<"$out" | head -n1)"
             { [ -n "$v1" ] && [ "$v1" = "$v2" ]; } || problems+=("$k1=${v1:-missing} and $k2=${v2:-missing} differ") ;;
+          expect-restored|expect-restored-none)
+            # The console after the restore's separator (case-loop.sh), which must be there.
+            local restored
+            restored="$(sed -n '/^KESTREL-RESTORE /,$p' <<<"$out" | tail -n +2)"
+            if ! grep -q '^KESTREL-RESTORE ' <<<"$out"; then
+              problems+=("$key /$value/: no restore (no KESTREL-RESTORE line; $(grep -m1 '^KESTREL-RESTORE-SKIPPED' <<<"$out" || echo 'no save either'))")
+            elif [ "$key" = expect-restored ]; then
+              grep -Eq -- "$value" <<<"$restored" || problems+=("no console line after the restore matches /$value/")
+            elif grep -Eq -- "$value" <<<"$restored"; then
+              problems+=("after the restore, the console has $(grep -Ec -- "$value" <<<"$restored") line(s) matching /$value/, e.g. $(grep -Em1 -- "$value" <<<"$restored")")
+            fi ;;
+          expect-steps)
+            # Each KEY=<number> field followed by more on its line (so never a line the save cut short), over
+            # the whole console: each value above the one before, by at most MAXSTEP.
+            local k maxstep bad
+            read -r k maxstep <<<"$value"
+            bad="$(awk -v k="$k=" -v max="$maxstep" '
+              { for (i = 1; i < NF; i++) if (index($i, k) == 1) {
+                  v = substr($i, length(k) + 1)
+                  if (v !~ /^[0-9]+(\.[0-9]+)?$/) continue
+                  if (n && !bad && !(v + 0 > prev + 0 && v - prev <= max + 0)) bad = prev " then " v
+                  prev = v; n++ } }
+              END { if (bad != "") print bad; else if (n < 2) print "fewer than two values" }' <<<"$out")"
+            [ -z "$bad" ] || problems+=("$k= does not step forward by at most $maxstep: $bad") ;;
           expect-epoch)
             local k tol v s e
             read -r k tol <<<"$value"
