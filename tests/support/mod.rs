@@ -18,10 +18,15 @@ pub fn kestrel_binary() -> &'static str {
     env!("CARGO_BIN_EXE_kestrel")
 }
 
-/// A command that runs the kestrel under test. Under qemu-user (ci/test runs the foreign targets' tests with
-/// cargo's `CARGO_TARGET_<TRIPLE>_RUNNER`, no binfmt_misc) a foreign kestrel cannot be executed directly: it is
-/// run through that same runner, found by this target's architecture.
+/// A command that runs the kestrel under test (see [`target_command`]).
 pub fn kestrel_command() -> Command {
+    target_command(Path::new(kestrel_binary()))
+}
+
+/// A command that runs `program`, a binary built for the target the tests were built for. Under qemu-user (ci/test
+/// runs the foreign targets' tests with cargo's `CARGO_TARGET_<TRIPLE>_RUNNER`, no binfmt_misc) a foreign binary
+/// cannot be executed directly: it is run through that same runner, found by this target's architecture.
+pub fn target_command(program: &Path) -> Command {
     let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
     let runner = std::env::vars()
         .find(|(key, value)| key.starts_with(&arch_prefix) && key.ends_with("_RUNNER") && !value.trim().is_empty());
@@ -30,10 +35,10 @@ pub fn kestrel_command() -> Command {
         Some((_, runner)) => {
             let mut words = runner.split_whitespace();
             let mut command = Command::new(words.next().expect("a non-empty runner"));
-            command.args(words).arg(kestrel_binary());
+            command.args(words).arg(program);
             command
         }
-        None => Command::new(kestrel_binary()),
+        None => Command::new(program),
     }
 }
 
