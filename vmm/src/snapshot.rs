@@ -22,6 +22,7 @@ use snapshot::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::populated;
 use crate::Error;
 
 /// The version of every component section Kestrel writes so far; a component whose state changes shape bumps its
@@ -150,16 +151,24 @@ pub fn write<M: serde::Serialize, V: serde::Serialize>(
     for (name, state) in &machine.devices {
         writer.state(name, SECTION_VERSION, state).map_err(failed)?;
     }
-    let regions: Vec<GuestRegion<'_>> = memory
+    let page_size = page_size();
+    let guest_bytes: Vec<(u64, &[u8])> = memory
         .iter()
         .map(|region| {
             // SAFETY: the region is the VMM's own mapping of `len` bytes, alive while `memory` is borrowed; the
             // vCPUs are held outside the guest and the devices quiesced, so nothing writes it while it is read.
             let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
-            GuestRegion { guest_addr: region.start_addr().0, bytes }
+            (region.start_addr().0, bytes)
         })
         .collect();
-    let page_size = page_size();
+    // Only the pages the host ever populated are read (`None`, where it cannot tell: all of them).
+    let populated: Vec<Option<Vec<u8>>> =
+        guest_bytes.iter().map(|(_, bytes)| populated::populated_pages(bytes, page_size)).collect();
+    let regions: Vec<GuestRegion<'_>> = guest_bytes
+        .iter()
+        .zip(&populated)
+        .map(|(&(guest_addr, bytes), populated)| GuestRegion { guest_addr, bytes, populated: populated.as_deref() })
+        .collect();
     let stats = writer.memory(page_size, &regions).map_err(failed)?;
     let out = writer.finish().map_err(failed)?;
     let bytes = out.bytes;
