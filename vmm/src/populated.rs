@@ -160,7 +160,7 @@ mod tests {
         bytes[20 * page] = 2;
         bytes[21 * page] = 3;
         bytes[21 * page] = 0; // written, holds zeros again: still populated, the scan finds it zero
-        // A read maps the shared zero page: present, so populated too.
+                              // A read maps the shared zero page: present, so populated too.
         assert_eq!(std::hint::black_box(bytes[36 * page + 1]), 0);
         let bits = populated_pages(bytes, page as u32).expect("this host has /proc/self/pagemap");
         assert_eq!(set_bits(&bits), [3, 20, 21, 36]);
