@@ -348,7 +348,8 @@ mod tests {
         for byte in &mut memory[10 * PAGE..13 * PAGE] {
             *byte = 0xaa;
         }
-        let map = PageMap::scan(4096, &[GuestRegion { guest_addr: 0x1000_0000, bytes: &memory, populated: None }]).unwrap();
+        let map =
+            PageMap::scan(4096, &[GuestRegion { guest_addr: 0x1000_0000, bytes: &memory, populated: None }]).unwrap();
         assert_eq!(map.stored_pages(), 5);
         assert_eq!(map.pages(), 20);
         let runs: Vec<(u64, u64)> = map.runs().map(|run| (run.first_page, run.pages)).collect();
@@ -426,7 +427,10 @@ mod tests {
         let low = vec![1u8; 3 * PAGE];
         let mut high = vec![0u8; 9 * PAGE];
         high[8 * PAGE + 5] = 2;
-        let regions = [GuestRegion { guest_addr: 0, bytes: &low, populated: None }, GuestRegion { guest_addr: 1 << 32, bytes: &high, populated: None }];
+        let regions = [
+            GuestRegion { guest_addr: 0, bytes: &low, populated: None },
+            GuestRegion { guest_addr: 1 << 32, bytes: &high, populated: None },
+        ];
         let map = PageMap::scan(4096, &regions).unwrap();
         let expected = layout(&[(0, 3 * PAGE as u64), (1 << 32, 9 * PAGE as u64)]);
         assert_eq!(PageMap::decode(&map.encode(), 0, &expected).unwrap(), map);
@@ -437,7 +441,8 @@ mod tests {
     #[test]
     fn a_map_for_other_memory_is_refused_before_its_bitmaps_are_read() {
         let memory = vec![0u8; 4 * PAGE];
-        let encoded = PageMap::scan(4096, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap().encode();
+        let encoded =
+            PageMap::scan(4096, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap().encode();
         match PageMap::decode(&encoded, 0, &layout(&[(0, 8 * PAGE as u64)])) {
             Err(Error::MemorySize { snapshot, expected }) => assert_eq!((snapshot, expected), (16 << 10, 32 << 10)),
             other => panic!("expected a size mismatch, got {other:?}"),
@@ -454,7 +459,8 @@ mod tests {
     #[test]
     fn a_malformed_map_is_refused_with_the_reason() {
         let memory = vec![0u8; 12 * PAGE];
-        let good = PageMap::scan(4096, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap().encode();
+        let good =
+            PageMap::scan(4096, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap().encode();
         let expected = layout(&[(0, 12 * PAGE as u64)]);
         let problem = |bytes: &[u8]| match PageMap::decode(bytes, 77, &expected) {
             Err(Error::Malformed { offset: 77, problem }) => problem,

@@ -638,7 +638,10 @@ fn the_writer_refuses_what_no_reader_would_take() {
     for bad in [
         &[GuestRegion { guest_addr: 0x800, bytes: &memory, populated: None }][..],
         &[GuestRegion { guest_addr: 0, bytes: &memory[..100], populated: None }],
-        &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }, GuestRegion { guest_addr: PAGE as u64, bytes: &memory, populated: None }],
+        &[
+            GuestRegion { guest_addr: 0, bytes: &memory, populated: None },
+            GuestRegion { guest_addr: PAGE as u64, bytes: &memory, populated: None },
+        ],
         &[],
     ] {
         assert!(matches!(writer.memory(PAGE as u32, bad), Err(Error::InvalidMemory(_))));

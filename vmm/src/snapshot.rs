@@ -325,20 +325,19 @@ pub fn load_memory(incoming: &mut Incoming, memory: &GuestMemoryMmap) -> Result<
         snapshot.read_memory_into(&mut guest_regions(memory)).map_err(|e| failed(e.to_string()))?;
         return Ok(None);
     }
-    map_extents(file, snapshot.memory(), memory).map_err(failed)?;
+    map_extents(file, snapshot.memory(), memory, MAX_MAPPED_EXTENTS).map_err(failed)?;
     snapshot.check_memory(&guest_regions_to_read(memory)).map_err(|e| failed(e.to_string()))?;
     Ok(Some(MappedFile::of(&metadata)))
 }
 
-/// Maps `image`'s runs of pages from `file` over guest memory, or copies the smallest ones past
-/// [`MAX_MAPPED_EXTENTS`].
-fn map_extents(file: &File, image: &MemoryImage, memory: &GuestMemoryMmap) -> Result<(), String> {
+/// Maps `image`'s runs of pages from `file` over guest memory, the `max_mapped` largest ones; copies the others.
+fn map_extents(file: &File, image: &MemoryImage, memory: &GuestMemoryMmap, max_mapped: usize) -> Result<(), String> {
     let extents: Vec<Extent> = image.extents().collect();
     let mut mapped = vec![true; extents.len()];
-    if extents.len() > MAX_MAPPED_EXTENTS {
+    if extents.len() > max_mapped {
         let mut by_size: Vec<usize> = (0..extents.len()).collect();
         by_size.sort_by_key(|&i| std::cmp::Reverse(extents[i].len));
-        for &i in &by_size[MAX_MAPPED_EXTENTS..] {
+        for &i in &by_size[max_mapped..] {
             mapped[i] = false;
         }
     }
@@ -417,4 +416,63 @@ pub fn restore_components(incoming: &Incoming, components: &[Component]) -> Resu
 /// The state in section `name`, decoded.
 pub fn state<T: serde::de::DeserializeOwned>(incoming: &Incoming, name: &str) -> Result<T, Error> {
     incoming.section(name).and_then(|section| section.decode()).map_err(|e| Error::Snapshot(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Snapshot-shaped guest memory: runs of 1, 3, 2 and 5 pages with data, zero pages between.
+    fn memory_with_runs(page: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; 32 * page];
+        for (first, pages) in [(1, 1), (4, 3), (10, 2), (20, 5)] {
+            for p in first..first + pages {
+                bytes[p * page..(p + 1) * page].fill(p as u8 + 1);
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_largest_runs_are_mapped_the_rest_copied_and_all_restored() {
+        let page = page_size() as usize;
+        let saved = memory_with_runs(page);
+        let path = std::env::temp_dir().join(format!("kestrel-map-extents-{}.ksnap", std::process::id()));
+        let header = Header::new("pc", CpuIdentity::default());
+        let mut writer = snapshot::Writer::new(File::create(&path).unwrap(), &header).unwrap();
+        writer.memory(page as u32, &[GuestRegion { guest_addr: 0, bytes: &saved, populated: None }]).unwrap();
+        writer.finish().unwrap();
+        let expected = Expected {
+            arch: std::env::consts::ARCH.into(),
+            machine: "pc".into(),
+            cpu: CpuIdentity::default(),
+            memory: vec![RegionLayout { guest_addr: 0, size: saved.len() as u64 }],
+            sections: Vec::new(),
+        };
+        let snapshot = Snapshot::open(BufReader::new(File::open(&path).unwrap()), &expected).unwrap();
+        std::fs::remove_file(&path).unwrap();
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), saved.len())]).unwrap();
+        map_extents(snapshot.get_ref().get_ref(), snapshot.memory(), &memory, 2).unwrap();
+        let region = memory.iter().next().unwrap();
+        // SAFETY: the test's own guest memory, `len` bytes, used by nothing else.
+        let restored = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
+        assert!(restored == saved.as_slice(), "guest memory differs from what was saved");
+        snapshot.check_memory(&guest_regions_to_read(&memory)).unwrap();
+
+        // The two largest runs (5 and 3 pages) are mappings of the (now unlinked) file; the others were copied.
+        let start = region.as_ptr() as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut mapped: Vec<(usize, usize)> = maps
+            .lines()
+            .filter(|line| line.contains("kestrel-map-extents"))
+            .map(|line| {
+                let (low, high) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
+                let (low, high) = (usize::from_str_radix(low, 16).unwrap(), usize::from_str_radix(high, 16).unwrap());
+                ((low - start) / page, (high - low) / page)
+            })
+            .collect();
+        mapped.sort();
+        assert_eq!(mapped, [(4, 3), (20, 5)]);
+    }
 }
