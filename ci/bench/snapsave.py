@@ -98,9 +98,8 @@ def save(qmp_path, console, snapshot, uri, command, stderr):
         wait_until("its QMP socket appeared", lambda: os.path.exists(qmp_path), vm)
         wait_until("the guest counted", lambda: console_bytes(console) >= CONSOLE_BYTES_BEFORE_SAVE, vm)
         qmp = Qmp(qmp_path)
-        if "exec:" in uri:
-            # QEMU sends MIGRATION events only with this capability; Kestrel always sends them.
-            qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+        # Both send MIGRATION events only with this capability (as libvirt turns it on at every start).
+        qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         # A non-live save, as libvirt's `virsh save` does it: the guest is paused for the whole copy.
         qmp.execute("stop")
         start = time.perf_counter()

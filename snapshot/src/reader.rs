@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{escape_controls, Error, Result};
 use crate::header::{CpuIdentity, Header};
-use crate::memory::{check_layout_matches, GuestRegionMut, MemoryImage, PageMap, RegionLayout};
+use crate::memory::{check_layout_matches, GuestRegion, GuestRegionMut, MemoryImage, PageMap, RegionLayout};
 use crate::record::{
     checksum, le_u32, RecordHeader, CHECKSUM_LEN, END_RECORD_LEN, END_TAG, MAGIC, MAX_HEADER_LEN, PREAMBLE_LEN,
     RECORD_FIXED_LEN, SECTION_TAG,
@@ -366,6 +366,31 @@ impl<R: Read + Seek> Snapshot<R> {
             left -= bytes.len() as u64;
         }
         self.check_memory_checksum(sum.finalize())
+    }
+
+    /// Checks the stored pages' checksum against guest memory as it now is, for a restore that mapped the pages
+    /// from the file (or copied them itself) along [`MemoryImage::extents`]: reading through such a mapping takes
+    /// the pages from the file, so a corrupted page is refused here before the guest runs. It cannot say anything
+    /// about the file's later changes: see the caller.
+    pub fn check_memory(&self, regions: &[GuestRegion<'_>]) -> Result<()> {
+        let layout: Vec<RegionLayout> =
+            regions.iter().map(|r| RegionLayout { guest_addr: r.guest_addr, size: r.bytes.len() as u64 }).collect();
+        check_layout_matches(&self.memory.map.regions, &layout)?;
+        let mut sum = crc32fast::Hasher::new();
+        for extent in self.memory.extents() {
+            let region = regions
+                .iter()
+                .find(|r| (r.guest_addr..r.guest_addr + r.bytes.len() as u64).contains(&extent.guest_addr))
+                .expect("extents lie in the layout checked above");
+            let start = (extent.guest_addr - region.guest_addr) as usize;
+            sum.update(&region.bytes[start..start + extent.len as usize]);
+        }
+        self.check_memory_checksum(sum.finalize())
+    }
+
+    /// The source, to map guest memory from it.
+    pub fn get_ref(&self) -> &R {
+        &self.source
     }
 
     fn check_memory_checksum(&self, sum: u32) -> Result<()> {

@@ -112,8 +112,8 @@ pub fn fixture_v1() -> Result<Vec<u8>> {
     writer.memory(
         PAGE as u32,
         &[
-            GuestRegion { guest_addr: LOW.guest_addr, bytes: &low },
-            GuestRegion { guest_addr: HIGH.guest_addr, bytes: &high },
+            GuestRegion { guest_addr: LOW.guest_addr, bytes: &low, populated: None },
+            GuestRegion { guest_addr: HIGH.guest_addr, bytes: &high, populated: None },
         ],
     )?;
     writer.state("rtc", 2, &fixture_rtc())?;

@@ -68,7 +68,7 @@ fn small_snapshot() -> Vec<u8> {
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     writer.state("uart", 1, &uart()).unwrap();
     writer.state("vcpu.0", 2, &vcpu(0)).unwrap();
-    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
     writer.finish().unwrap()
 }
 
@@ -220,9 +220,9 @@ fn sparse_memory_over_several_regions_maps_from_the_file() {
         .memory(
             PAGE as u32,
             &[
-                GuestRegion { guest_addr: 0, bytes: &low },
-                GuestRegion { guest_addr: 0x1000_0000, bytes: &empty },
-                GuestRegion { guest_addr: 0x1_0000_0000, bytes: &high },
+                GuestRegion { guest_addr: 0, bytes: &low, populated: None },
+                GuestRegion { guest_addr: 0x1000_0000, bytes: &empty, populated: None },
+                GuestRegion { guest_addr: 0x1_0000_0000, bytes: &high, populated: None },
             ],
         )
         .unwrap();
@@ -255,7 +255,7 @@ fn all_zero_and_all_full_memory() {
         let mut writer = Writer::new(Vec::new(), &header()).unwrap();
         writer.state("uart", 1, &uart()).unwrap();
         writer.state("vcpu.0", 1, &vcpu(1)).unwrap();
-        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
         let bytes = writer.finish().unwrap();
         let mut snapshot = open(&bytes, &expected(&[(0, memory.len())])).unwrap();
         assert_eq!(snapshot.memory().stats(), MemoryStats { pages: 8, stored_pages: stored });
@@ -271,7 +271,7 @@ fn large_pages_align_the_data_to_the_large_page() {
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     writer.state("uart", 1, &uart()).unwrap();
     writer.state("vcpu.0", 1, &vcpu(2)).unwrap();
-    writer.memory(64 << 10, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+    writer.memory(64 << 10, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
     let bytes = writer.finish().unwrap();
     let mut snapshot = open(&bytes, &expected(&[(0, memory.len())])).unwrap();
     assert_eq!(snapshot.memory().page_size(), 64 << 10);
@@ -288,7 +288,7 @@ fn the_writer_streams_through_a_pipe() {
         let mut writer = Writer::new(writer, &header()).unwrap();
         writer.state("uart", 1, &uart()).unwrap();
         writer.state("vcpu.0", 2, &vcpu(0)).unwrap();
-        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
         writer.finish().unwrap();
     });
     let mut bytes = Vec::new();
@@ -367,7 +367,7 @@ fn newer_and_older_format_versions_are_refused_with_the_versions_read() {
 fn a_snapshot_from_another_host_or_machine_is_refused_before_its_sections() {
     let with_header = |header: Header| {
         let mut writer = Writer::new(Vec::new(), &header).unwrap();
-        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &small_memory() }]).unwrap();
+        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &small_memory(), populated: None }]).unwrap();
         writer.finish().unwrap()
     };
     // None of these has the uart or vCPU sections: the header is refused first.
@@ -441,7 +441,7 @@ fn unknown_duplicate_and_missing_sections_are_each_named() {
     writer.state("uart", 1, &uart()).unwrap();
     writer.state("vcpu.0", 1, &vcpu(0)).unwrap();
     writer.state("virtio-gpu", 1, &[1, 2, 3]).unwrap();
-    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
     let bytes = writer.finish().unwrap();
     assert!(matches!(refusal(&bytes, &small_expected()), Error::UnknownSection { name } if name == "virtio-gpu"));
 
@@ -456,7 +456,7 @@ fn unknown_duplicate_and_missing_sections_are_each_named() {
     // (Written without it: removing a record from a file would move the pages off their alignment.)
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     writer.state("uart", 1, &uart()).unwrap();
-    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
     let bytes = writer.finish().unwrap();
     assert!(matches!(refusal(&bytes, &small_expected()), Error::MissingSection { name } if name == "vcpu.0"));
 }
@@ -628,7 +628,7 @@ fn a_header_that_is_not_json_is_refused() {
 #[test]
 fn the_writer_refuses_what_no_reader_would_take() {
     let memory = small_memory();
-    let regions = [GuestRegion { guest_addr: 0, bytes: &memory }];
+    let regions = [GuestRegion { guest_addr: 0, bytes: &memory, populated: None }];
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     for name in ["", "has space", MEMORY_MAP_SECTION, MEMORY_PAGES_SECTION] {
         assert!(matches!(writer.state(name, 1, &uart()), Err(Error::InvalidName { .. })), "{name:?}");
@@ -636,9 +636,12 @@ fn the_writer_refuses_what_no_reader_would_take() {
     writer.state("uart", 1, &uart()).unwrap();
     assert!(matches!(writer.state("uart", 1, &uart()), Err(Error::DuplicateSection { .. })));
     for bad in [
-        &[GuestRegion { guest_addr: 0x800, bytes: &memory }][..],
-        &[GuestRegion { guest_addr: 0, bytes: &memory[..100] }],
-        &[GuestRegion { guest_addr: 0, bytes: &memory }, GuestRegion { guest_addr: PAGE as u64, bytes: &memory }],
+        &[GuestRegion { guest_addr: 0x800, bytes: &memory, populated: None }][..],
+        &[GuestRegion { guest_addr: 0, bytes: &memory[..100], populated: None }],
+        &[
+            GuestRegion { guest_addr: 0, bytes: &memory, populated: None },
+            GuestRegion { guest_addr: PAGE as u64, bytes: &memory, populated: None },
+        ],
         &[],
     ] {
         assert!(matches!(writer.memory(PAGE as u32, bad), Err(Error::InvalidMemory(_))));
@@ -689,7 +692,7 @@ fn a_write_error_is_reported_with_where_it_happened() {
             let mut writer = Writer::new(Failing { left }, &header())?;
             writer.state("uart", 1, &uart())?;
             writer.state("vcpu.0", 2, &vcpu(0))?;
-            writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }])?;
+            writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }])?;
             writer.finish().map(drop)
         })();
         match result {
@@ -719,7 +722,7 @@ fn control_characters_from_the_file_stay_out_of_messages() {
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
     writer.state("uart", 1, &serde_json::json!({"lcr": 3, "fifo": [], "evil\u{1b}[2J": 1})).unwrap();
     writer.state("vcpu.0", 1, &vcpu(0)).unwrap();
-    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &small_memory() }]).unwrap();
+    writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &small_memory(), populated: None }]).unwrap();
     let bytes = writer.finish().unwrap();
     let snapshot = open(&bytes, &small_expected()).unwrap();
     match snapshot.state::<Uart>("uart") {
@@ -784,7 +787,7 @@ fn a_stream_reads_from_a_pipe() {
     let saver = std::thread::spawn(move || {
         let memory = small_memory();
         let mut writer = Writer::new(writer, &header()).unwrap();
-        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory }]).unwrap();
+        writer.memory(PAGE as u32, &[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
         writer.state("uart", 1, &uart()).unwrap();
         writer.state("vcpu.0", 2, &vcpu(0)).unwrap();
         writer.finish().unwrap();
@@ -869,4 +872,40 @@ fn a_stream_into_regions_other_than_the_machines_is_refused() {
     let bytes = small_snapshot();
     let error = stream(&bytes, &small_expected(), &[(0, 8 * PAGE)]).err().unwrap();
     assert!(matches!(error, Error::MemorySize { .. } | Error::MemoryLayout { .. }), "{error}");
+}
+
+/// Guest memory put together as a mapping restore does: each extent's bytes taken from the file where it says.
+fn memory_from_extents(bytes: &[u8], snapshot: &Snapshot<Cursor<&[u8]>>) -> Vec<u8> {
+    let mut memory = vec![0u8; 16 * PAGE];
+    for extent in snapshot.memory().extents() {
+        let (at, from, len) = (extent.guest_addr as usize, extent.file_offset as usize, extent.len as usize);
+        memory[at..at + len].copy_from_slice(&bytes[from..from + len]);
+    }
+    memory
+}
+
+#[test]
+fn memory_mapped_along_the_extents_is_checked_against_the_pages_checksum() {
+    let bytes = small_snapshot();
+    let snapshot = open(&bytes, &small_expected()).unwrap();
+    let memory = memory_from_extents(&bytes, &snapshot);
+    assert_eq!(memory, small_memory());
+    snapshot.check_memory(&[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]).unwrap();
+
+    // A page damaged in the file reaches memory through the mapping, and is refused there.
+    let mut damaged = small_snapshot();
+    let pages_at = record(&damaged, MEMORY_PAGES_SECTION).payload_at();
+    damaged[pages_at + PAGE + 7] ^= 0x10;
+    let snapshot = open(&damaged, &small_expected()).unwrap();
+    let memory = memory_from_extents(&damaged, &snapshot);
+    match snapshot.check_memory(&[GuestRegion { guest_addr: 0, bytes: &memory, populated: None }]) {
+        Err(Error::Corrupted { what, .. }) => assert_eq!(what, "the guest memory pages"),
+        other => panic!("expected the damaged page to be found, got {other:?}"),
+    }
+    // Memory that is not the snapshot's layout is refused before anything is summed.
+    let short = &memory[..8 * PAGE];
+    assert!(matches!(
+        snapshot.check_memory(&[GuestRegion { guest_addr: 0, bytes: short, populated: None }]),
+        Err(Error::MemorySize { .. })
+    ));
 }

@@ -71,6 +71,11 @@ impl Vm {
         vm
     }
 
+    /// The kestrel process's id, to look at it in /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the process runs").id()
+    }
+
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }

@@ -11,6 +11,7 @@ cfg_if::cfg_if! {
     if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
         mod inherited;
         mod machine;
+        mod populated;
         mod qmp_server;
         pub mod seccomp;
         mod signals;

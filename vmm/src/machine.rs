@@ -99,6 +99,9 @@ pub struct Vmm<'a> {
     migration_capabilities: MigrationCapabilities,
     /// Why the run must end: an incoming stream failed after guest memory started to fill.
     fatal: Option<Error>,
+    /// The snapshot file guest memory is partly mapped from, after a restore from a file: it stays so for the life
+    /// of the process (resets keep memory as it is), and a save must not overwrite it.
+    memory_file: Option<snapshot_file::MappedFile>,
 }
 
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
@@ -219,6 +222,7 @@ impl<'a> Vmm<'a> {
             migration: None,
             migration_capabilities: MigrationCapabilities::default(),
             fatal: None,
+            memory_file: None,
         })
     }
 
@@ -315,16 +319,25 @@ impl<'a> Vmm<'a> {
             Some(threads) => threads,
             None => VcpuThreads::spawn(usize::from(self.config.vcpus), self.platform_requested.clone())?,
         };
-        let vm = Arc::new(self.hypervisor.create_vm()?);
-        map_guest_memory(vm.as_ref(), &self.memory)?;
-        let vcpus = match self.incoming.take() {
+        // A restore loads guest memory before the VM exists: mapping pages from the snapshot file replaces parts
+        // of the host mapping, which is simplest before KVM has a memory slot on it (KVM would follow the change
+        // through its MMU notifier, but no vCPU can then have seen the old pages).
+        let restored = match self.incoming.take() {
             Some(mut incoming) => {
                 let vcpu_states = (0..usize::from(self.config.vcpus))
                     .map(|i| snapshot_file::state::<VcpuState>(&incoming, &snapshot_file::vcpu_section(i)))
                     .collect::<Result<Vec<_>, Error>>()?;
                 let vm_state: VmState = snapshot_file::state(&incoming, snapshot_file::VM_SECTION)?;
                 snapshot_file::restore_components(&incoming, &self.platform.components())?;
-                snapshot_file::load_memory(&mut incoming, &self.memory)?;
+                self.memory_file = snapshot_file::load_memory(&mut incoming, &self.memory)?;
+                Some((vcpu_states, vm_state))
+            }
+            None => None,
+        };
+        let vm = Arc::new(self.hypervisor.create_vm()?);
+        map_guest_memory(vm.as_ref(), &self.memory)?;
+        let vcpus = match restored {
+            Some((vcpu_states, vm_state)) => {
                 let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state)?;
                 self.platform.resume_devices();
                 vcpus
@@ -390,6 +403,7 @@ impl<'a> Vmm<'a> {
     /// work again afterwards, whatever the outcome.
     fn save(&self, target: SaveTarget<'_>) -> Result<snapshot_file::SaveStats, String> {
         let guest = self.guest.as_ref().ok_or("the machine has no VM")?;
+        snapshot_file::check_not_mapped(&target, self.memory_file)?;
         let vcpus = guest.vcpus.save_states()?;
         let vm = Platform::save_vm(guest.vm.as_ref())?;
         self.platform.quiesce_devices();

@@ -157,6 +157,9 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow_main_ioctls(),
             allow(libc::SYS_read),
             allow(libc::SYS_lseek),
+            // A restore from a snapshot file: pages mapped from it (mmap above, MAP_FIXED over guest memory), the
+            // runs past what is mapped read in place.
+            allow(libc::SYS_pread64),
             // query-block's image sizes (statx; static glibc's stat family may use fstat/newfstatat).
             allow(libc::SYS_statx),
             allow(libc::SYS_fstat),
