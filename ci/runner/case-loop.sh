@@ -30,9 +30,10 @@
 # The defaults below can be overridden by the caller (L1 reads /cases/budget first).
 #
 # Save and restore (the case's save-at file, a grep pattern): once kestrel's stdout matches it, the case loop saves
-# the VM over QMP (TCP 127.0.0.1:4444: qmp_capabilities, migrate to file:$CASE_TMP/<case>.ksnap, and once the
-# MIGRATION event says completed or failed, quit). When the saving kestrel has exited after a completed save, a
-# second kestrel starts with the same arguments plus -incoming file:$CASE_TMP/<case>.ksnap, its console appended
+# the VM over QMP (TCP 127.0.0.1:4444: qmp_capabilities, the events migration capability on, migrate to
+# file:$CASE_TMP/<case>.ksnap, and once the MIGRATION event says completed or failed, quit). When the saving
+# kestrel has exited after a completed save, a second kestrel starts with the same arguments plus
+# -incoming file:$CASE_TMP/<case>.ksnap, its console appended
 # to the case's after the host's lines
 #   DISK-SHA256-SAVED <disk> <hash>           (each of the case's disks as the saved kestrel left it)
 #   KESTREL-RESTORE source_exit=<code> snapshot_bytes=<size> incoming=file:<path>
@@ -104,6 +105,8 @@ timing() { echo "$*" >>"$CASE_TMP/$name.timing"; }
 qmp_save() {
   {
     printf '{"execute": "qmp_capabilities"}\n'
+    # MIGRATION events come only to a client that turned them on, as in QEMU (libvirt always does).
+    printf '{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events", "state": true}]}}\n'
     sleep 0.3
     printf '{"execute": "migrate", "arguments": {"uri": "file:%s"}}\n' "$snap"
     while kill -0 "$1" 2>/dev/null \
