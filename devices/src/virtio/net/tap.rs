@@ -105,10 +105,8 @@ impl Tap {
         let tap = Tap { file, name };
         let header_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which points at `header_len`.
-        tap.check(
-            unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &header_len) },
-            "vnet header size",
-        )?;
+        let set = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &header_len) };
+        tap.check(set, "vnet header size")?;
         // No TUN_F_* offloads: the device offers no checksum or segmentation offload to the guest, so the kernel
         // must complete checksums and segment before frames reach us.
         let offloads: libc::c_ulong = 0;
