@@ -85,8 +85,6 @@ pub struct Vmm<'a> {
     platform_requested: Arc<AtomicBool>,
     /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
     first_boot_vcpus: Option<VcpuThreads<VcpuState>>,
-    /// The CPU the guest sees, as a snapshot's header records it.
-    cpu: snapshot::CpuIdentity,
     /// The snapshot to build the first boot from (`-incoming`), already checked against this machine.
     incoming: Option<Incoming>,
     /// Started with `-incoming defer` and no `migrate-incoming` yet: no guest runs, the state is `inmigrate`.
@@ -188,12 +186,13 @@ impl<'a> Vmm<'a> {
         let memory = create_guest_memory(config.memory_bytes)?;
         let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
         let platform = Platform::new(serial, platform_events, &memory, virtio_devices, transport)?;
-        let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
         if config.incoming.is_some() {
             Platform::check_restore_supported()?;
         }
         let incoming = match &config.incoming {
             Some(IncomingConfig::File(path)) => {
+                // Only a save or a restore needs the CPU identity: the host's CPUID query costs ~0.5 ms of start-up.
+                let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
                 let components = platform.components();
                 Some(snapshot_file::open(path, &snapshot_machine(config, &cpu, &components))?)
             }
@@ -215,7 +214,6 @@ impl<'a> Vmm<'a> {
             disks,
             platform_requested,
             first_boot_vcpus: Some(first_boot_vcpus),
-            cpu,
             incoming,
             waiting_for_incoming: config.incoming == Some(IncomingConfig::Defer),
             autostart: !config.start_paused,
@@ -249,6 +247,12 @@ impl<'a> Vmm<'a> {
         }
     }
 
+    /// The CPU the guest sees, as a snapshot's header records it: asked of the host when a save or a restore
+    /// needs it, not at start-up.
+    fn cpu_identity(&self) -> Result<snapshot::CpuIdentity, Error> {
+        Platform::cpu_identity(&self.hypervisor, self.config.vcpus)
+    }
+
     /// An incoming migration from `source`: `setup`, `active`, the restore, then the guest paused or running
     /// (`autostart`) and `completed`. A file that does not fit is refused before guest memory is touched, and the
     /// machine keeps waiting; a stream that fails leaves guest memory half-filled, so the error ends Kestrel
@@ -256,8 +260,9 @@ impl<'a> Vmm<'a> {
     fn restore_incoming(&mut self, source: IncomingSource, events: &mut Vec<Event>) -> Result<(), Error> {
         match source {
             IncomingSource::File(path) => {
+                let cpu = self.cpu_identity()?;
                 let components = self.platform.components();
-                let machine = snapshot_machine(self.config, &self.cpu, &components);
+                let machine = snapshot_machine(self.config, &cpu, &components);
                 self.incoming = Some(snapshot_file::open(&path, &machine)?);
                 self.waiting_for_incoming = false;
                 self.migration = Some(incoming_info(MigrationStatus::Setup, None));
@@ -273,8 +278,9 @@ impl<'a> Vmm<'a> {
         self.waiting_for_incoming = false;
         self.migration = Some(incoming_info(MigrationStatus::Setup, None));
         self.report_migration(events, MigrationStatus::Setup);
+        let cpu = self.cpu_identity()?;
         let components = self.platform.components();
-        let machine = snapshot_machine(self.config, &self.cpu, &components);
+        let machine = snapshot_machine(self.config, &cpu, &components);
         self.migration = Some(incoming_info(MigrationStatus::Active, None));
         self.report_migration(events, MigrationStatus::Active);
         match snapshot_file::read_stream(fd, &machine, &self.memory) {
@@ -404,6 +410,7 @@ impl<'a> Vmm<'a> {
     fn save(&self, target: SaveTarget<'_>) -> Result<snapshot_file::SaveStats, String> {
         let guest = self.guest.as_ref().ok_or("the machine has no VM")?;
         snapshot_file::check_not_mapped(&target, self.memory_file)?;
+        let cpu = self.cpu_identity().map_err(|e| e.to_string())?;
         let vcpus = guest.vcpus.save_states()?;
         let vm = Platform::save_vm(guest.vm.as_ref())?;
         self.platform.quiesce_devices();
@@ -414,7 +421,7 @@ impl<'a> Vmm<'a> {
                 .into_iter()
                 .map(|c| c.device.save_value().map(|state| (c.name, state)))
                 .collect::<Result<Vec<_>, String>>()?;
-            let header = snapshot::Header::new(machine_name(self.config), self.cpu.clone());
+            let header = snapshot::Header::new(machine_name(self.config), cpu);
             snapshot_file::write(target, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
         })();
         self.platform.resume_devices();
