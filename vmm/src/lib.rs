@@ -11,6 +11,7 @@ cfg_if::cfg_if! {
     if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
         mod inherited;
         mod machine;
+        mod platform;
         mod populated;
         mod qmp_server;
         pub mod seccomp;
@@ -45,9 +46,13 @@ cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         mod x86_64;
         use x86_64 as arch_platform;
+        /// The machine this host's guests run on.
+        type HostPlatform = x86_64::Pc;
     } else if #[cfg(target_arch = "aarch64")] {
         mod aarch64;
         use aarch64 as arch_platform;
+        /// The machine this host's guests run on.
+        type HostPlatform = aarch64::Virt;
     }
 }
 

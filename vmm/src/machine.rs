@@ -20,8 +20,8 @@ use qmp::{
 use serde_json::json;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch_platform::{BootFiles, Platform, VcpuState, VmState};
 use crate::config::{Incoming as IncomingConfig, SerialConfig, VmConfig, MIN_MEMORY_BYTES};
+use crate::platform::{BootFiles, Platform};
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self as snapshot_file, Incoming, SaveTarget, SavedMachine};
@@ -56,17 +56,20 @@ const WAKER: Token = Token(0);
 /// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
 const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 
+/// The hypervisor the VMM runs on.
+type Hv = KvmHypervisor;
+
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
-struct Guest {
-    vcpus: VcpuThreads<VcpuState>,
+struct Guest<P: Platform<Hv>> {
+    vcpus: VcpuThreads<P::VcpuState>,
     vm: Arc<KvmVm>,
 }
 
-/// The machine itself: what QMP commands act on.
-pub struct Vmm<'a> {
+/// The machine itself, on platform `P`: what QMP commands act on.
+pub struct Vmm<'a, P: Platform<Hv>> {
     config: &'a VmConfig,
     hypervisor: KvmHypervisor,
-    platform: Platform,
+    platform: P,
     kernel: File,
     initrd: Option<File>,
     /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
@@ -74,7 +77,7 @@ pub struct Vmm<'a> {
     memory: GuestMemoryMmap,
     events: Receiver<VmEvent>,
     sender: EventSender,
-    guest: Option<Guest>,
+    guest: Option<Guest<P>>,
     state: RunState,
     /// Events raised by the QMP command being handled, for the other clients.
     raised: Vec<Event>,
@@ -84,7 +87,7 @@ pub struct Vmm<'a> {
     /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::spawn`).
     platform_requested: Arc<AtomicBool>,
     /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
-    first_boot_vcpus: Option<VcpuThreads<VcpuState>>,
+    first_boot_vcpus: Option<VcpuThreads<P::VcpuState>>,
     /// The snapshot to build the first boot from (`-incoming`), already checked against this machine.
     incoming: Option<Incoming>,
     /// Started with `-incoming defer` and no `migrate-incoming` yet: no guest runs, the state is `inmigrate`.
@@ -109,7 +112,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         seccomp::enable()?;
     }
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
-    let vmm = match Vmm::new(config, &poll) {
+    let vmm = match Vmm::<crate::HostPlatform>::new(config, &poll) {
         Ok(vmm) => vmm,
         // A console waiting for its first client gives up when Kestrel is told to terminate.
         Err(Error::Console(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
@@ -135,15 +138,15 @@ fn qmp_event(kind: EventKind) -> Event {
     Event { kind, timestamp: now() }
 }
 
-impl<'a> Vmm<'a> {
+impl<'a, P: Platform<Hv>> Vmm<'a, P> {
     fn new(config: &'a VmConfig, poll: &Poll) -> Result<Self, Error> {
-        let transport = Platform::virtio_transport(config.machine)?;
+        let transport = P::virtio_transport(config.machine)?;
         check_memory_size(config.memory_bytes)?;
         let kernel = open_input("kernel", &config.kernel)?;
         let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
 
         let hypervisor = KvmHypervisor::new()?;
-        let max_vcpus = hypervisor.max_vcpus().min(Platform::MAX_VCPUS);
+        let max_vcpus = hypervisor.max_vcpus().min(P::MAX_VCPUS);
         if u32::from(config.vcpus) > max_vcpus {
             return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
         }
@@ -183,18 +186,18 @@ impl<'a> Vmm<'a> {
             // QEMU's state once an incoming migration completed without autostart.
             (true, Some(IncomingConfig::File(_))) => RunState::Paused,
         };
-        let memory = create_guest_memory(config.memory_bytes)?;
+        let memory = create_guest_memory(P::ram_regions(config.memory_bytes))?;
         let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
-        let platform = Platform::new(serial, platform_events, &memory, virtio_devices, transport)?;
+        let platform = P::new(serial, platform_events, &memory, virtio_devices, transport)?;
         if config.incoming.is_some() {
-            Platform::check_restore_supported()?;
+            P::check_restore_supported()?;
         }
         let incoming = match &config.incoming {
             Some(IncomingConfig::File(path)) => {
                 // Only a save or a restore needs the CPU identity: the host's CPUID query costs ~0.5 ms of start-up.
-                let cpu = Platform::cpu_identity(&hypervisor, config.vcpus)?;
+                let cpu = P::cpu_identity(&hypervisor, config.vcpus)?;
                 let components = platform.components();
-                Some(snapshot_file::open(path, &snapshot_machine(config, &cpu, &components))?)
+                Some(snapshot_file::open(path, &snapshot_machine::<P>(config, &cpu, &components))?)
             }
             _ => None,
         };
@@ -250,7 +253,7 @@ impl<'a> Vmm<'a> {
     /// The CPU the guest sees, as a snapshot's header records it: asked of the host when a save or a restore
     /// needs it, not at start-up.
     fn cpu_identity(&self) -> Result<snapshot::CpuIdentity, Error> {
-        Platform::cpu_identity(&self.hypervisor, self.config.vcpus)
+        P::cpu_identity(&self.hypervisor, self.config.vcpus)
     }
 
     /// An incoming migration from `source`: `setup`, `active`, the restore, then the guest paused or running
@@ -262,7 +265,7 @@ impl<'a> Vmm<'a> {
             IncomingSource::File(path) => {
                 let cpu = self.cpu_identity()?;
                 let components = self.platform.components();
-                let machine = snapshot_machine(self.config, &cpu, &components);
+                let machine = snapshot_machine::<P>(self.config, &cpu, &components);
                 self.incoming = Some(snapshot_file::open(&path, &machine)?);
                 self.waiting_for_incoming = false;
                 self.migration = Some(incoming_info(MigrationStatus::Setup, None));
@@ -280,7 +283,7 @@ impl<'a> Vmm<'a> {
         self.report_migration(events, MigrationStatus::Setup);
         let cpu = self.cpu_identity()?;
         let components = self.platform.components();
-        let machine = snapshot_machine(self.config, &cpu, &components);
+        let machine = snapshot_machine::<P>(self.config, &cpu, &components);
         self.migration = Some(incoming_info(MigrationStatus::Active, None));
         self.report_migration(events, MigrationStatus::Active);
         match snapshot_file::read_stream(fd, &machine, &self.memory) {
@@ -331,9 +334,9 @@ impl<'a> Vmm<'a> {
         let restored = match self.incoming.take() {
             Some(mut incoming) => {
                 let vcpu_states = (0..usize::from(self.config.vcpus))
-                    .map(|i| snapshot_file::state::<VcpuState>(&incoming, &snapshot_file::vcpu_section(i)))
+                    .map(|i| snapshot_file::state::<P::VcpuState>(&incoming, &snapshot_file::vcpu_section(i)))
                     .collect::<Result<Vec<_>, Error>>()?;
-                let vm_state: VmState = snapshot_file::state(&incoming, snapshot_file::VM_SECTION)?;
+                let vm_state: P::VmState = snapshot_file::state(&incoming, snapshot_file::VM_SECTION)?;
                 snapshot_file::restore_components(&incoming, &self.platform.components())?;
                 self.memory_file = snapshot_file::load_memory(&mut incoming, &self.memory)?;
                 Some((vcpu_states, vm_state))
@@ -352,7 +355,7 @@ impl<'a> Vmm<'a> {
                 let boot = BootFiles {
                     kernel: &mut self.kernel,
                     initrd: self.initrd.as_mut(),
-                    cmdline: self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE),
+                    cmdline: self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE),
                     vcpu_count: self.config.vcpus,
                 };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
@@ -365,8 +368,8 @@ impl<'a> Vmm<'a> {
         };
         let paused = self.state != RunState::Running;
         self.platform_requested.store(false, Ordering::SeqCst);
-        let save = Platform::save_vcpu;
-        threads.start(vcpus, &self.platform.pio, &self.platform.mmio, paused, save, report)?;
+        let save = P::save_vcpu;
+        threads.start(vcpus, self.platform.pio(), self.platform.mmio(), paused, save, report)?;
         self.guest = Some(Guest { vcpus: threads, vm });
         Ok(())
     }
@@ -412,7 +415,7 @@ impl<'a> Vmm<'a> {
         snapshot_file::check_not_mapped(&target, self.memory_file)?;
         let cpu = self.cpu_identity().map_err(|e| e.to_string())?;
         let vcpus = guest.vcpus.save_states()?;
-        let vm = Platform::save_vm(guest.vm.as_ref())?;
+        let vm = P::save_vm(guest.vm.as_ref())?;
         self.platform.quiesce_devices();
         let saved = (|| {
             let devices = self
@@ -421,7 +424,7 @@ impl<'a> Vmm<'a> {
                 .into_iter()
                 .map(|c| c.device.save_value().map(|state| (c.name, state)))
                 .collect::<Result<Vec<_>, String>>()?;
-            let header = snapshot::Header::new(machine_name(self.config), cpu);
+            let header = snapshot::Header::new(machine_name::<P>(self.config), cpu);
             snapshot_file::write(target, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
         })();
         self.platform.resume_devices();
@@ -475,7 +478,7 @@ impl<'a> Vmm<'a> {
     }
 }
 
-impl Drop for Vmm<'_> {
+impl<P: Platform<Hv>> Drop for Vmm<'_, P> {
     /// The vCPUs stop and the VM goes before the guest memory it maps is unmapped.
     fn drop(&mut self) {
         self.guest = None;
@@ -486,7 +489,7 @@ fn shutdown_event(reason: ShutdownCause) -> Event {
     qmp_event(EventKind::Shutdown { guest: reason.is_guest(), reason })
 }
 
-impl Machine for Vmm<'_> {
+impl<P: Platform<Hv>> Machine for Vmm<'_, P> {
     fn run_state(&self) -> RunState {
         self.state
     }
@@ -550,8 +553,8 @@ impl Machine for Vmm<'_> {
                 cpu_index: index as i64,
                 qom_path: cpu_qom_path(index),
                 thread_id: i64::from(thread_id),
-                props: Platform::cpu_props(index as u32),
-                type_name: Platform::CPU_TYPE.to_string(),
+                props: P::cpu_props(index as u32),
+                type_name: P::CPU_TYPE.to_string(),
             })
             .collect()
     }
@@ -595,7 +598,7 @@ impl Machine for Vmm<'_> {
     }
 
     fn target(&self) -> Target {
-        Platform::QMP_TARGET
+        P::QMP_TARGET
     }
 
     fn kvm(&self) -> (bool, bool) {
@@ -604,14 +607,14 @@ impl Machine for Vmm<'_> {
 
     fn machines(&self) -> Vec<MachineInfo> {
         vec![MachineInfo {
-            name: Platform::MACHINE_TYPE.into(),
+            name: P::MACHINE_TYPE.into(),
             alias: None,
             is_default: true,
-            cpu_max: i64::from(Platform::MAX_VCPUS),
+            cpu_max: i64::from(P::MAX_VCPUS),
             hotpluggable_cpus: false,
             numa_mem_supported: false,
             deprecated: false,
-            default_cpu_type: Some(Platform::CPU_TYPE.into()),
+            default_cpu_type: Some(P::CPU_TYPE.into()),
             default_ram_id: None,
         }]
     }
@@ -629,26 +632,22 @@ impl Machine for Vmm<'_> {
                 type_name: "container".into(),
                 properties: vec![
                     prop("type", "string", json!("container")),
-                    prop("machine", &format!("child<{}>", Platform::MACHINE_QOM_TYPE), json!("/machine")),
+                    prop("machine", &format!("child<{}>", P::MACHINE_QOM_TYPE), json!("/machine")),
                 ],
             }),
             "/machine" => Some(QomObject {
-                type_name: Platform::MACHINE_QOM_TYPE.into(),
+                type_name: P::MACHINE_QOM_TYPE.into(),
                 properties: vec![
-                    prop("type", "string", json!(Platform::MACHINE_QOM_TYPE)),
+                    prop("type", "string", json!(P::MACHINE_QOM_TYPE)),
                     prop("unattached", "child<container>", json!("/machine/unattached")),
                     prop("kernel", "string", json!(self.config.kernel.display().to_string())),
-                    prop(
-                        "append",
-                        "string",
-                        json!(self.config.cmdline.as_deref().unwrap_or(Platform::DEFAULT_CMDLINE)),
-                    ),
+                    prop("append", "string", json!(self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE))),
                 ],
             }),
             "/machine/unattached" => {
                 let mut properties = vec![prop("type", "string", json!("container"))];
                 properties.extend((0..vcpus).map(|i| {
-                    prop(&format!("device[{i}]"), &format!("child<{}>", Platform::CPU_TYPE), json!(cpu_qom_path(i)))
+                    prop(&format!("device[{i}]"), &format!("child<{}>", P::CPU_TYPE), json!(cpu_qom_path(i)))
                 }));
                 Some(QomObject { type_name: "container".into(), properties })
             }
@@ -656,9 +655,9 @@ impl Machine for Vmm<'_> {
                 let index: usize =
                     other.strip_prefix("/machine/unattached/device[")?.strip_suffix(']')?.parse().ok()?;
                 (index < vcpus).then(|| QomObject {
-                    type_name: Platform::CPU_TYPE.into(),
+                    type_name: P::CPU_TYPE.into(),
                     properties: vec![
-                        prop("type", "string", json!(Platform::CPU_TYPE)),
+                        prop("type", "string", json!(P::CPU_TYPE)),
                         prop("realized", "bool", json!(true)),
                         prop("start-powered-off", "bool", json!(index != 0)),
                     ],
@@ -812,23 +811,23 @@ fn incoming_info(status: MigrationStatus, error: Option<String>) -> MigrationInf
 }
 
 /// What a snapshot for this command line must match.
-fn snapshot_machine<'c>(
+fn snapshot_machine<'c, P: Platform<Hv>>(
     config: &VmConfig,
     cpu: &snapshot::CpuIdentity,
     components: &'c [crate::snapshot::Component],
 ) -> snapshot_file::Machine<'c> {
     snapshot_file::Machine {
-        machine_type: machine_name(config),
+        machine_type: machine_name::<P>(config),
         cpu: cpu.clone(),
-        ram_regions: Platform::ram_regions(config.memory_bytes),
+        ram_regions: P::ram_regions(config.memory_bytes),
         vcpus: usize::from(config.vcpus),
         components,
     }
 }
 
 /// The machine type a snapshot records: the one the command line names, or the platform's default.
-fn machine_name(config: &VmConfig) -> &'static str {
-    config.machine.map(|m| m.name()).unwrap_or(Platform::DEFAULT_MACHINE_NAME)
+fn machine_name<P: Platform<Hv>>(config: &VmConfig) -> &'static str {
+    config.machine.map(|m| m.name()).unwrap_or(P::DEFAULT_MACHINE_NAME)
 }
 
 /// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a
@@ -907,7 +906,7 @@ fn cpu_qom_path(index: usize) -> String {
     format!("/machine/unattached/device[{index}]")
 }
 
-impl Vmm<'_> {
+impl<P: Platform<Hv>> Vmm<'_, P> {
     /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
     /// session through `raised`.
     fn raise(&mut self, events: &mut Vec<Event>, event: Event) {
@@ -919,13 +918,13 @@ impl Vmm<'_> {
 /// The VMM's main loop: guest and host events, and the QMP sockets.
 /// Field order is drop order: clients see their connection close before the VM's teardown (tens of ms with an
 /// in-kernel irqchip), as QEMU's do right after `quit`'s reply.
-struct EventLoop<'a> {
+struct EventLoop<'a, P: Platform<Hv>> {
     qmp: QmpServer<Session>,
     poll: Poll,
-    vmm: Vmm<'a>,
+    vmm: Vmm<'a, P>,
 }
 
-impl EventLoop<'_> {
+impl<P: Platform<Hv>> EventLoop<'_, P> {
     fn run(mut self) -> Result<Outcome, Error> {
         let outcome = self.serve();
         // Every way out, an error's too: clients get the rest of their replies and the last events first.
@@ -1045,11 +1044,10 @@ fn check_memory_size(bytes: u64) -> Result<(), Error> {
     Ok(())
 }
 
-fn create_guest_memory(memory_bytes: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = Platform::ram_regions(memory_bytes)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
+/// Guest RAM in the platform's `regions` (start, length).
+fn create_guest_memory(regions: Vec<(u64, u64)>) -> Result<GuestMemoryMmap, Error> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        regions.into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
 }
 

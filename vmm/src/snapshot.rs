@@ -1,6 +1,6 @@
 //! Saving a machine to a snapshot file and building one from it (issue 16): the order of the steps, which every
 //! architecture shares. What each architecture saves (its devices, irqchip, vCPUs) is its platform's business
-//! (`Platform::components`, `Platform::save_vm`, `Platform::restore`); the file format is the `snapshot` crate's.
+//! (`platform::Snapshots`: `components`, `save_vm`, `restore`); the file format is the `snapshot` crate's.
 //!
 //! Save, with every vCPU held outside the guest: the vCPUs' states (each read by its own thread, after one more
 //! entry that completes a half-done I/O instruction), the VM's, then the virtio devices are quiesced (no chain

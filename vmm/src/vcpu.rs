@@ -63,7 +63,7 @@ pub struct VcpuThreads<S> {
     saved: SavedStates<S>,
 }
 
-/// How a vCPU thread reads its vCPU's state `S` for a snapshot (the architecture's, see `Platform::save_vcpu`).
+/// How a vCPU thread reads its vCPU's state `S` for a snapshot (the architecture's, see `Snapshots::save_vcpu`).
 pub type SaveVcpu<C, S> = fn(&mut C) -> Result<S, String>;
 
 /// Each vCPU's answer to the current save round, by vCPU index.

@@ -5,7 +5,6 @@
 pub mod seccomp;
 mod snapshot;
 
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use arch::aarch64::layout::{
@@ -25,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::platform::{BootFiles, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -80,11 +80,22 @@ pub type VcpuState = hypervisor::aarch64::VcpuStateAarch64;
 /// The VM-wide state a snapshot holds: the vGIC.
 pub type VmState = hypervisor::aarch64::GicStateAarch64;
 
-/// The devices of one machine. They outlive guest resets (the console's input, the UART's output stream).
-pub struct Platform {
+/// The hypervisors the virt machine runs on: aarch64's extensions on its VMs and vCPUs.
+pub trait VirtHypervisor: Hypervisor<Vm: VmAarch64<Vcpu: VcpuAarch64> + 'static> {}
+
+impl<H> VirtHypervisor for H
+where
+    H: Hypervisor,
+    H::Vm: VmAarch64 + 'static,
+    VcpuOf<H>: VcpuAarch64,
+{
+}
+
+/// The virt machine: its devices. They outlive guest resets (the console's input, the UART's output stream).
+pub struct Virt {
     /// Empty: aarch64 has no port I/O. The vCPU threads take a bus for it all the same.
-    pub pio: Bus,
-    pub mmio: Bus,
+    pio: Bus,
+    mmio: Bus,
     uart: Arc<Mutex<Pl011>>,
     uart_spi: LevelSpi,
     gpio: Arc<Mutex<Pl061>>,
@@ -92,20 +103,20 @@ pub struct Platform {
     virtio: Vec<MmioSlot>,
 }
 
-impl Platform {
-    /// What QMP reports: the target, the machine type and QOM type, and the vCPUs' QOM type (QEMU's `-cpu host`).
-    /// The kernel command line without `--cmdline`: the console on the PL011.
-    pub const DEFAULT_CMDLINE: &'static str = "console=ttyAMA0";
-    pub const QMP_TARGET: Target = Target::Aarch64;
-    pub const MACHINE_TYPE: &'static str = "virt";
-    pub const MACHINE_QOM_TYPE: &'static str = "kestrel-virt-machine";
-    pub const CPU_TYPE: &'static str = "host-arm-cpu";
+impl<H: VirtHypervisor> Platform<H> for Virt {
+    /// The console on the PL011.
+    const DEFAULT_CMDLINE: &'static str = "console=ttyAMA0";
+    const QMP_TARGET: Target = Target::Aarch64;
+    const MACHINE_TYPE: &'static str = "virt";
+    const MACHINE_QOM_TYPE: &'static str = "kestrel-virt-machine";
+    /// QEMU's `-cpu host`.
+    const CPU_TYPE: &'static str = "host-arm-cpu";
 
     /// As many as the GIC layout has redistributors for.
-    pub const MAX_VCPUS: u32 = layout::MAX_VCPUS;
+    const MAX_VCPUS: u32 = layout::MAX_VCPUS;
 
-    /// Which transport virtio devices get on `machine`: virtio-mmio on `virt`, the only machine type here.
-    pub fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
+    /// Virtio-mmio on `virt`, the only machine type here.
+    fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
         match machine {
             None | Some(MachineType::Virt) => Ok(VirtioTransport::Mmio),
             Some(other) => Err(Error::Unsupported(format!(
@@ -116,7 +127,7 @@ impl Platform {
     }
 
     /// The virt machine's devices, with the PL011 on `serial`.
-    pub fn new(
+    fn new(
         serial: ConsoleBackend,
         _events: PlatformEvents,
         memory: &GuestMemoryMmap,
@@ -162,17 +173,24 @@ impl Platform {
         let slots: Vec<(u64, u32)> =
             (0..VIRTIO_MMIO_SLOTS).filter_map(layout::virtio_mmio_slot).map(|s| (s.base, s.spi)).collect();
         let virtio = attach_mmio(&mut mmio, memory, virtio_devices, &slots)?;
-        Ok(Platform { pio: Bus::new(), mmio, uart, uart_spi, gpio, gpio_spi, virtio })
+        Ok(Virt { pio: Bus::new(), mmio, uart, uart_spi, gpio, gpio_spi, virtio })
     }
 
-    /// Presses the power key on the PL061; the guest's gpio-keys driver decides whether and how to shut down.
-    pub fn press_power_button(&self) {
+    fn pio(&self) -> &Bus {
+        &self.pio
+    }
+
+    fn mmio(&self) -> &Bus {
+        &self.mmio
+    }
+
+    /// The power key on the PL061, for the guest's gpio-keys driver.
+    fn press_power_button(&self) {
         self.gpio.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
     }
 
-    /// Where vCPU `index` sits, as QEMU's virt reports it for `-smp N`: one socket and cluster, one core per
-    /// vCPU, one thread per core.
-    pub fn cpu_props(index: u32) -> CpuProps {
+    /// As QEMU's virt reports it for `-smp N`: one socket and cluster, one core per vCPU, one thread per core.
+    fn cpu_props(index: u32) -> CpuProps {
         CpuProps {
             node_id: None,
             socket_id: Some(0),
@@ -183,25 +201,20 @@ impl Platform {
         }
     }
 
-    /// Guest RAM as (start, length) regions: one, from `layout::RAM_START` (the FDT loader checks the size).
-    pub fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
+    /// One region, from `layout::RAM_START` (the FDT loader checks the size).
+    fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
         vec![(layout::RAM_START, memory_bytes)]
     }
 
-    /// Prepares a freshly created VM with mapped memory: vCPUs (secondaries powered off until PSCI CPU_ON), the
-    /// GIC, interrupt lines, the loaded kernel with its FDT, and the boot vCPU's registers. Returns the vCPUs,
-    /// boot vCPU first.
-    pub fn boot<H: Hypervisor>(
+    /// The vCPUs (secondaries powered off until PSCI CPU_ON), the GIC, interrupt lines, the loaded kernel with
+    /// its FDT, and the boot vCPU's registers.
+    fn boot(
         &self,
         _hypervisor: &H,
         vm: &Arc<H::Vm>,
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
-    ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
-    where
-        H::Vm: VmAarch64 + 'static,
-        <H::Vm as Vm>::Vcpu: VcpuAarch64,
-    {
+    ) -> Result<Vec<VcpuOf<H>>, Error> {
         let vcpu_count = u32::from(boot.vcpu_count);
         let mut vcpus = Vec::with_capacity(usize::from(boot.vcpu_count));
         for id in 0..vcpu_count {
@@ -240,8 +253,7 @@ impl Platform {
         Ok(vcpus)
     }
 
-    /// Back to power-on state for a guest reset.
-    pub fn reset(&self) {
+    fn reset(&self) {
         self.uart.lock().unwrap_or_else(|p| p.into_inner()).reset();
         self.gpio.lock().unwrap_or_else(|p| p.into_inner()).reset();
         for slot in &self.virtio {
@@ -250,7 +262,7 @@ impl Platform {
     }
 
     /// No PCI bus on this machine yet.
-    pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
+    fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         Vec::new()
     }
 }
@@ -260,16 +272,10 @@ fn memory_size(memory: &GuestMemoryMmap) -> u64 {
     memory.iter().map(|r| r.len()).sum()
 }
 
-/// What the kernel loader needs from the configuration, with the files already open.
-pub struct BootFiles<'a> {
-    pub kernel: &'a mut File,
-    pub initrd: Option<&'a mut File>,
-    pub cmdline: &'a str,
-    pub vcpu_count: u8,
-}
-
 #[cfg(test)]
 mod tests {
+    use hypervisor::kvm::KvmHypervisor;
+
     use super::*;
 
     #[test]
@@ -284,10 +290,13 @@ mod tests {
 
     #[test]
     fn only_the_virt_machine_and_virtio_mmio() {
-        assert_eq!(Platform::virtio_transport(None).unwrap(), VirtioTransport::Mmio);
-        assert_eq!(Platform::virtio_transport(Some(MachineType::Virt)).unwrap(), VirtioTransport::Mmio);
+        assert_eq!(<Virt as Platform<KvmHypervisor>>::virtio_transport(None).unwrap(), VirtioTransport::Mmio);
+        assert_eq!(
+            <Virt as Platform<KvmHypervisor>>::virtio_transport(Some(MachineType::Virt)).unwrap(),
+            VirtioTransport::Mmio
+        );
         for machine in [MachineType::Pc, MachineType::Q35, MachineType::Microvm] {
-            let err = Platform::virtio_transport(Some(machine)).unwrap_err().to_string();
+            let err = <Virt as Platform<KvmHypervisor>>::virtio_transport(Some(machine)).unwrap_err().to_string();
             assert!(err.contains(&format!("'{}' is not available on aarch64", machine.name())), "{err}");
         }
     }
@@ -304,7 +313,13 @@ mod tests {
         let new = |transport| {
             let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();
             let events = PlatformEvents::new(|_| {});
-            Platform::new(serial, events, &memory, vec![device(transport)], VirtioTransport::Mmio)
+            <Virt as Platform<KvmHypervisor>>::new(
+                serial,
+                events,
+                &memory,
+                vec![device(transport)],
+                VirtioTransport::Mmio,
+            )
         };
         let err = new(VirtioTransport::Pci).err().expect("a PCI device must be refused").to_string();
         assert!(err.starts_with("virtio-rng (id=rng0): virtio-*-pci devices need a PCI bus"), "{err}");
@@ -312,12 +327,12 @@ mod tests {
         assert_eq!(platform.virtio.len(), 1);
         assert_eq!(platform.virtio[0].base, layout::VIRTIO_MMIO_START);
         assert_eq!(platform.virtio[0].gsi, VIRTIO_MMIO_FIRST_SPI);
-        assert!(platform.pci_functions().is_empty());
+        assert!(Platform::<KvmHypervisor>::pci_functions(&platform).is_empty());
     }
 
     #[test]
     fn cpu_props_are_qemu_virt_s_for_one_socket() {
-        let props = Platform::cpu_props(1);
+        let props = <Virt as Platform<KvmHypervisor>>::cpu_props(1);
         assert_eq!(
             (props.socket_id, props.cluster_id, props.core_id, props.thread_id),
             (Some(0), Some(0), Some(1), Some(0))

@@ -5,7 +5,6 @@ pub mod seccomp;
 mod snapshot;
 mod syscall_names;
 
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use arch::x86_64::acpi::virtio_mmio_device_aml;
@@ -29,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::platform::{BootFiles, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -46,10 +46,21 @@ pub type VcpuState = hypervisor::x86_64::VcpuStateX86_64;
 /// The VM-wide state a snapshot holds: the PIC, IOAPIC, PIT and clock.
 pub type VmState = hypervisor::x86_64::VmStateX86_64;
 
-/// The devices of one machine. They outlive guest resets (CMOS NVRAM, console input, the serial output stream).
-pub struct Platform {
-    pub pio: Bus,
-    pub mmio: Bus,
+/// The hypervisors a PC runs on: x86_64's extensions on the hypervisor, its VMs and its vCPUs.
+pub trait PcHypervisor: HypervisorX86_64<Vm: VmX86_64<Vcpu: VcpuX86_64> + 'static> {}
+
+impl<H> PcHypervisor for H
+where
+    H: HypervisorX86_64,
+    H::Vm: VmX86_64 + 'static,
+    VcpuOf<H>: VcpuX86_64,
+{
+}
+
+/// The PC: its devices. They outlive guest resets (CMOS NVRAM, console input, the serial output stream).
+pub struct Pc {
+    pio: Bus,
+    mmio: Bus,
     serial: Arc<Mutex<Serial>>,
     serial_irq: Arc<EventFdLine>,
     i8042: Arc<Mutex<I8042>>,
@@ -64,20 +75,20 @@ pub struct Platform {
     pci: Option<PciBus>,
 }
 
-impl Platform {
-    /// What QMP reports: the target, the machine type and QOM type, and the vCPUs' QOM type (host CPUID).
-    /// The kernel command line without `--cmdline`: the console on COM1.
-    pub const DEFAULT_CMDLINE: &'static str = "console=ttyS0";
-    pub const QMP_TARGET: Target = Target::X86_64;
-    pub const MACHINE_TYPE: &'static str = "kestrel-pc";
-    pub const MACHINE_QOM_TYPE: &'static str = "kestrel-pc-machine";
-    pub const CPU_TYPE: &'static str = "host-x86_64-cpu";
+impl<H: PcHypervisor> Platform<H> for Pc {
+    /// The console on COM1.
+    const DEFAULT_CMDLINE: &'static str = "console=ttyS0";
+    const QMP_TARGET: Target = Target::X86_64;
+    const MACHINE_TYPE: &'static str = "kestrel-pc";
+    const MACHINE_QOM_TYPE: &'static str = "kestrel-pc-machine";
+    /// The host's CPUID.
+    const CPU_TYPE: &'static str = "host-x86_64-cpu";
 
     /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
-    pub const MAX_VCPUS: u32 = 254;
+    const MAX_VCPUS: u32 = 254;
 
-    /// Which transport virtio devices get by default on `machine`: PCI on pc/q35 (the default), mmio on microvm.
-    pub fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
+    /// PCI on pc/q35 (the default), mmio on microvm.
+    fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
         match machine {
             None | Some(MachineType::Pc | MachineType::Q35) => Ok(VirtioTransport::Pci),
             Some(MachineType::Microvm) => Ok(VirtioTransport::Mmio),
@@ -89,7 +100,7 @@ impl Platform {
     }
 
     /// The PC's devices, with the first serial port on `serial`.
-    pub fn new(
+    fn new(
         serial: ConsoleBackend,
         events: PlatformEvents,
         memory: &GuestMemoryMmap,
@@ -132,16 +143,24 @@ impl Platform {
             .map(|index| (PLATFORM_MMIO_START + u64::from(index) * MMIO_LEN, FIRST_VIRTIO_GSI + index))
             .collect();
         let virtio = attach_mmio(&mut mmio, memory, mmio_devices, &slots)?;
-        Ok(Platform { pio, mmio, serial, serial_irq, i8042, cmos, reset_port, acpi_pm, sci, sci_resample, virtio, pci })
+        Ok(Pc { pio, mmio, serial, serial_irq, i8042, cmos, reset_port, acpi_pm, sci, sci_resample, virtio, pci })
     }
 
-    /// Presses the ACPI power button; the guest decides whether and how to shut down.
-    pub fn press_power_button(&self) {
+    fn pio(&self) -> &Bus {
+        &self.pio
+    }
+
+    fn mmio(&self) -> &Bus {
+        &self.mmio
+    }
+
+    /// The ACPI power button.
+    fn press_power_button(&self) {
         self.acpi_pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
     }
 
-    /// Where vCPU `index` sits in the topology the CPUID leaves describe: one socket, one thread per core.
-    pub fn cpu_props(index: u32) -> CpuProps {
+    /// As the CPUID leaves describe it: one socket, one thread per core.
+    fn cpu_props(index: u32) -> CpuProps {
         CpuProps {
             node_id: None,
             socket_id: Some(0),
@@ -152,24 +171,20 @@ impl Platform {
         }
     }
 
-    /// Guest RAM as (start, length) regions for `memory_bytes` of RAM.
-    pub fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
+    /// Below the 32-bit PCI hole and, past it, above 4 GiB.
+    fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
         layout::ram_regions(memory_bytes)
     }
 
-    /// Prepares a freshly created VM with mapped memory: interrupt controllers, interrupt lines, the loaded
-    /// kernel and every vCPU's initial state. Returns the vCPUs, boot vCPU first.
-    pub fn boot<H: HypervisorX86_64>(
+    /// The PIC, IOAPIC and PIT, the ACPI tables (virtio-mmio devices in the DSDT), the kernel by the PVH or
+    /// Linux boot protocol, and each vCPU's CPUID and MSRs; application processors wait for INIT/SIPI.
+    fn boot(
         &self,
         hypervisor: &H,
         vm: &Arc<H::Vm>,
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
-    ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
-    where
-        H::Vm: VmX86_64 + 'static,
-        <H::Vm as Vm>::Vcpu: VcpuX86_64,
-    {
+    ) -> Result<Vec<VcpuOf<H>>, Error> {
         self.wire_vm(vm)?;
         let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
         for (index, slot) in self.virtio.iter().enumerate() {
@@ -205,6 +220,23 @@ impl Platform {
         Ok(vcpus)
     }
 
+    /// Devices not reset here keep state a real PC keeps (CMOS NVRAM) or have none worth resetting.
+    fn reset(&self) {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        for slot in &self.virtio {
+            slot.reset();
+        }
+        if let Some(pci) = &self.pci {
+            pci.reset();
+        }
+    }
+
+    fn pci_functions(&self) -> Vec<PciFunctionInfo> {
+        self.pci.as_ref().map(PciBus::functions).unwrap_or_default()
+    }
+}
+
+impl Pc {
     /// What every VM of this machine needs before its vCPUs exist, booted or restored: the interrupt controllers,
     /// the devices' interrupt lines and queue notifiers.
     fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
@@ -218,23 +250,6 @@ impl Platform {
             pci.attach(vm)?;
         }
         Ok(())
-    }
-
-    /// Back to power-on state for a guest reset. Devices not reset here keep state a real PC keeps (CMOS NVRAM)
-    /// or have none worth resetting.
-    pub fn reset(&self) {
-        self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
-        for slot in &self.virtio {
-            slot.reset();
-        }
-        if let Some(pci) = &self.pci {
-            pci.reset();
-        }
-    }
-
-    /// The functions on the PCI bus (none without one), for QMP's `query-pci`.
-    pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
-        self.pci.as_ref().map(PciBus::functions).unwrap_or_default()
     }
 }
 
@@ -250,12 +265,4 @@ fn forward_sci_acknowledgements(resample: Arc<EventFd>, acpi_pm: Arc<Mutex<AcpiP
         }))
         .map(drop)
         .map_err(|e| Error::Host("starting the SCI thread", e))
-}
-
-/// What the kernel loader needs from the configuration, with the files already open.
-pub struct BootFiles<'a> {
-    pub kernel: &'a mut File,
-    pub initrd: Option<&'a mut File>,
-    pub cmdline: &'a str,
-    pub vcpu_count: u8,
 }

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use arch::x86_64::{cpuid, CpuidEntry};
-use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
+use hypervisor::x86_64::{VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use snapshot::CpuIdentity;
 
-use super::{Platform, VcpuState, VmState};
+use super::{Pc, PcHypervisor, VcpuState, VmState};
+use crate::platform::{Snapshots, VcpuOf};
 use crate::snapshot::Component;
 use crate::Error;
 
@@ -25,19 +26,20 @@ const FEATURE_REGISTERS: &[(u32, u32, char)] = &[
     (0x8000_0001, 0, 'd'),
 ];
 
-impl Platform {
-    /// The machine type a snapshot records when the command line names none: what `virtio_transport` treats
-    /// `None` as.
-    pub const DEFAULT_MACHINE_NAME: &'static str = "pc";
+impl<H: PcHypervisor> Snapshots<H> for Pc {
+    type VcpuState = VcpuState;
+    type VmState = VmState;
+
+    const DEFAULT_MACHINE_NAME: &'static str = "pc";
 
     /// Restores are implemented here.
-    pub fn check_restore_supported() -> Result<(), Error> {
+    fn check_restore_supported() -> Result<(), Error> {
         Ok(())
     }
 
-    /// The CPU a guest of `vcpu_count` vCPUs sees on this host: the vendor, and one name per feature bit of its
-    /// CPUID (`<leaf>.<subleaf>.<register>.<bit>`), so that a refusal names the bits a host lacks.
-    pub fn cpu_identity<H: HypervisorX86_64>(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error> {
+    /// The vendor, and one name per feature bit of the guest's CPUID (`<leaf>.<subleaf>.<register>.<bit>`), so
+    /// that a refusal names the bits a host lacks.
+    fn cpu_identity(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error> {
         let leaves = cpuid::normalise(&hypervisor.supported_cpuid()?, 0, vcpu_count);
         let leaf = |function: u32, index: u32| leaves.iter().find(|e| e.function == function && e.index == index);
         let vendor: String = leaf(0, 0)
@@ -56,8 +58,7 @@ impl Platform {
         Ok(CpuIdentity::new(vendor, features))
     }
 
-    /// Every device whose state a snapshot holds, each with its section's name.
-    pub fn components(&self) -> Vec<Component> {
+    fn components(&self) -> Vec<Component> {
         let mut components = vec![
             Component::new("serial0", self.serial.clone()),
             Component::new("i8042", self.i8042.clone()),
@@ -72,47 +73,40 @@ impl Platform {
         components
     }
 
-    /// Stops every virtio device's work on guest memory, for a save (the vCPUs are already held).
-    pub fn quiesce_devices(&self) {
+    /// The virtio devices, on virtio-mmio and on the PCI bus.
+    fn quiesce_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.quiesce());
         if let Some(pci) = &self.pci {
             pci.quiesce();
         }
     }
 
-    /// Lets quiesced or restored virtio devices work again.
-    pub fn resume_devices(&self) {
+    fn resume_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.resume());
         if let Some(pci) = &self.pci {
             pci.resume();
         }
     }
 
-    /// One vCPU's state as data; run on the vCPU's thread, which owns it, once its last exit is complete.
-    pub fn save_vcpu<C: VcpuX86_64>(vcpu: &mut C) -> Result<VcpuState, String> {
+    fn save_vcpu(vcpu: &mut VcpuOf<H>) -> Result<VcpuState, String> {
         vcpu.save_state().map_err(|e| e.to_string())
     }
 
-    /// The PIC, IOAPIC, PIT and clock, with every vCPU held.
-    pub fn save_vm<V: VmX86_64>(vm: &V) -> Result<VmState, String> {
+    /// The PIC, IOAPIC, PIT and clock.
+    fn save_vm(vm: &H::Vm) -> Result<VmState, String> {
         vm.save_state().map_err(|e| e.to_string())
     }
 
-    /// Builds a fresh VM from saved states instead of booting a kernel, the devices' states already loaded: where
-    /// the PCI BARs decode follows from them, then the same wiring as `boot`, the vCPUs (with the CPUID a boot
-    /// gives them), and the irqchip and clock last (the clock starts from its saved value as close to the vCPUs'
-    /// start as possible). Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.
-    pub fn restore<H: HypervisorX86_64>(
+    /// Where the PCI BARs decode follows from the devices' loaded states, then the same wiring as `boot`, the
+    /// vCPUs (with the CPUID a boot gives them), and the irqchip and clock last (the clock starts from its saved
+    /// value as close to the vCPUs' start as possible).
+    fn restore(
         &self,
         hypervisor: &H,
         vm: &Arc<H::Vm>,
         vcpu_states: &[VcpuState],
         vm_state: &VmState,
-    ) -> Result<Vec<<H::Vm as Vm>::Vcpu>, Error>
-    where
-        H::Vm: VmX86_64 + 'static,
-        <H::Vm as Vm>::Vcpu: VcpuX86_64,
-    {
+    ) -> Result<Vec<VcpuOf<H>>, Error> {
         if let Some(pci) = &self.pci {
             pci.refresh();
         }

@@ -1,0 +1,151 @@
+//! The platform contract: what an architecture's machine provides to the generic VMM (`machine`, `snapshot`,
+//! `vcpu`), declared once. Each architecture implements it in its own module (`x86_64::Pc`, `aarch64::Virt`), for
+//! every hypervisor `H` that offers that architecture's extension traits; the generic code calls nothing else of
+//! the architecture. Which implementation a build uses is chosen once, by `crate::arch_platform`.
+//!
+//! The contract has two parts, each implemented in its own file of the architecture's module: [`Platform`] (the
+//! machine's devices, its boot, what QMP reports of it) and [`Snapshots`] (what a snapshot of it holds and how a
+//! VM is built from one).
+
+use std::fs::File;
+use std::sync::Arc;
+
+use devices::pci::PciFunctionInfo;
+use devices::{Bus, PlatformEvents};
+use hypervisor::{Hypervisor, Vm};
+use qmp::{CpuProps, Target};
+use snapshot::CpuIdentity;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{MachineType, VirtioTransport};
+use crate::console::ConsoleBackend;
+use crate::snapshot::Component;
+use crate::virtio::NamedDevice;
+use crate::Error;
+
+/// A vCPU of hypervisor `H`.
+pub type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
+
+/// What the kernel loader needs from the configuration, with the files already open.
+pub struct BootFiles<'a> {
+    pub kernel: &'a mut File,
+    pub initrd: Option<&'a mut File>,
+    pub cmdline: &'a str,
+    pub vcpu_count: u8,
+}
+
+/// One architecture's machine on hypervisor `H`: its devices (which outlive every VM the machine boots: console
+/// streams, NVRAM, PCI functions), how a fresh VM is prepared to boot, and what QMP reports about it.
+///
+/// The life of a platform: `new` once, before the first VM; then for each boot (the first and one per guest reset)
+/// a fresh VM with guest memory mapped is handed to `boot` (or, for a restore, `Snapshots::restore`) and the
+/// returned vCPUs are run against `pio` and `mmio`; between boots, `reset`.
+pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
+    /// The kernel command line when the user gives none: the console on the platform's first UART.
+    const DEFAULT_CMDLINE: &'static str;
+    /// What QMP's `query-target` reports.
+    const QMP_TARGET: Target;
+    /// The machine type `query-machines` lists, and its QOM type (`qom-list /machine`).
+    const MACHINE_TYPE: &'static str;
+    const MACHINE_QOM_TYPE: &'static str;
+    /// The vCPUs' QOM type.
+    const CPU_TYPE: &'static str;
+    /// The most vCPUs the platform can describe to a guest (the hypervisor may allow fewer).
+    const MAX_VCPUS: u32;
+
+    /// Which virtio transport devices get by default on `machine` (the platform's default machine for `None`), or
+    /// the one error line for a machine type this platform does not offer. Called first, before anything is built.
+    fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error>;
+
+    /// Guest RAM as (start, length) regions for `memory_bytes` of RAM, in ascending order. The guest memory the
+    /// VMM allocates, and a snapshot's memory layout, follow it.
+    fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)>;
+
+    /// Where vCPU `index` sits in the topology the guest is shown, for `query-cpus-fast`.
+    fn cpu_props(index: u32) -> CpuProps;
+
+    /// Builds the machine's devices once, before any VM exists: the first UART on `serial`, device requests
+    /// (reset, power-off) to `events`, and `virtio_devices` on their transports (`machine_transport` is what
+    /// `virtio_transport` returned). A device the platform cannot place is one error line.
+    fn new(
+        serial: ConsoleBackend,
+        events: PlatformEvents,
+        memory: &GuestMemoryMmap,
+        virtio_devices: Vec<NamedDevice>,
+        machine_transport: VirtioTransport,
+    ) -> Result<Self, Error>;
+
+    /// The port I/O bus the vCPUs complete I/O exits on (empty where the architecture has no port I/O).
+    fn pio(&self) -> &Bus;
+
+    /// The MMIO bus the vCPUs complete MMIO exits on.
+    fn mmio(&self) -> &Bus;
+
+    /// Prepares a freshly created VM, guest memory already mapped, to boot the kernel in `boot`: interrupt
+    /// controllers, the devices' interrupt lines and queue notifiers, the loaded kernel and its boot tables, every
+    /// vCPU's initial state. Returns the vCPUs, boot vCPU first; the caller starts them. Called at every boot.
+    fn boot(
+        &self,
+        hypervisor: &H,
+        vm: &Arc<H::Vm>,
+        memory: &GuestMemoryMmap,
+        boot: BootFiles<'_>,
+    ) -> Result<Vec<VcpuOf<H>>, Error>;
+
+    /// Puts the devices back in their power-on state for a guest reset, after the old VM is gone and before the
+    /// next `boot`. State a real machine keeps across a reset (NVRAM) stays.
+    fn reset(&self);
+
+    /// QMP `system_powerdown`: the platform's power button; the guest decides whether and how to shut down.
+    fn press_power_button(&self);
+
+    /// The functions on the PCI bus (none without one), for QMP's `query-pci`.
+    fn pci_functions(&self) -> Vec<PciFunctionInfo>;
+}
+
+/// What a snapshot of the machine holds, and how a VM is built from one. The order of the steps is
+/// `crate::snapshot`'s; a platform that cannot snapshot yet refuses in `check_restore_supported` and `save_vm`,
+/// with one line each.
+pub trait Snapshots<H: Hypervisor> {
+    /// One vCPU's state, as its snapshot section holds it.
+    type VcpuState: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+    /// The VM-wide state (in-kernel irqchip, clock), as the `vm` section holds it.
+    type VmState: serde::Serialize + serde::de::DeserializeOwned;
+
+    /// The machine type a snapshot records when the command line names none: what `virtio_transport` takes
+    /// `None` for.
+    const DEFAULT_MACHINE_NAME: &'static str;
+
+    /// Refuses `-incoming` before the machine is built, where restores are not implemented.
+    fn check_restore_supported() -> Result<(), Error>;
+
+    /// The CPU a guest of `vcpu_count` vCPUs sees on this host, as a snapshot's header records it (and a restore
+    /// checks). Called only when a save or a restore needs it.
+    fn cpu_identity(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error>;
+
+    /// Every device whose state a snapshot holds, each with its section's name. A snapshot of another device set
+    /// is refused by these names.
+    fn components(&self) -> Vec<Component>;
+
+    /// Stops every device's work on guest memory, for a save (the vCPUs are already held).
+    fn quiesce_devices(&self);
+
+    /// Lets quiesced or restored devices work again.
+    fn resume_devices(&self);
+
+    /// One vCPU's state as data. Runs on the vCPU's own thread, which owns it, once its last exit is complete.
+    fn save_vcpu(vcpu: &mut VcpuOf<H>) -> Result<Self::VcpuState, String>;
+
+    /// The VM-wide state, with every vCPU held.
+    fn save_vm(vm: &H::Vm) -> Result<Self::VmState, String>;
+
+    /// Builds a fresh VM (guest memory mapped, the devices' states already loaded) from saved states instead of
+    /// booting a kernel. Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.
+    fn restore(
+        &self,
+        hypervisor: &H,
+        vm: &Arc<H::Vm>,
+        vcpu_states: &[Self::VcpuState],
+        vm_state: &Self::VmState,
+    ) -> Result<Vec<VcpuOf<H>>, Error>;
+}
