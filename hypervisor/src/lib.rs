@@ -46,7 +46,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// A hypervisor able to create virtual machines.
 pub trait Hypervisor: Send + Sync {
-    type Vm: Vm;
+    /// Owned, not borrowed: a VM is shared with the threads that use it, for as long as they need it.
+    type Vm: Vm + 'static;
 
     /// Creates an empty VM (no memory, no vCPUs). Failing here is how a caller learns it cannot run guests:
     /// opening the device node is not enough (under qemu-user it opens and every ioctl then fails).
@@ -58,7 +59,8 @@ pub trait Hypervisor: Send + Sync {
 
 /// A virtual machine: guest memory, interrupt routing, vCPUs.
 pub trait Vm: Send + Sync {
-    type Vcpu: Vcpu;
+    /// Owned, not borrowed: each vCPU is moved to the thread that runs it.
+    type Vcpu: Vcpu + 'static;
 
     /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`, in memory slot `slot`.
     ///

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
 use devices::{PlatformEvents, PlatformRequest};
-use hypervisor::kvm::{KvmHypervisor, KvmVm};
+use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{Hypervisor, Vm};
 use mio::{Events, Poll, Token, Waker};
 use qmp::{
@@ -56,19 +56,16 @@ const WAKER: Token = Token(0);
 /// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
 const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 
-/// The hypervisor the VMM runs on.
-type Hv = KvmHypervisor;
-
 /// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
-struct Guest<P: Platform<Hv>> {
+struct Guest<H: Hypervisor, P: Platform<H>> {
     vcpus: VcpuThreads<P::VcpuState>,
-    vm: Arc<KvmVm>,
+    vm: Arc<H::Vm>,
 }
 
-/// The machine itself, on platform `P`: what QMP commands act on.
-pub struct Vmm<'a, P: Platform<Hv>> {
+/// The machine itself, platform `P` on hypervisor `H`: what QMP commands act on.
+pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     config: &'a VmConfig,
-    hypervisor: KvmHypervisor,
+    hypervisor: H,
     platform: P,
     kernel: File,
     initrd: Option<File>,
@@ -77,7 +74,7 @@ pub struct Vmm<'a, P: Platform<Hv>> {
     memory: GuestMemoryMmap,
     events: Receiver<VmEvent>,
     sender: EventSender,
-    guest: Option<Guest<P>>,
+    guest: Option<Guest<H, P>>,
     state: RunState,
     /// Events raised by the QMP command being handled, for the other clients.
     raised: Vec<Event>,
@@ -105,14 +102,24 @@ pub struct Vmm<'a, P: Platform<Hv>> {
     memory_file: Option<snapshot_file::MappedFile>,
 }
 
+/// Runs the machine `config` describes: this host's platform on KVM, the one place a backend is chosen.
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new)
+}
+
+/// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked).
+fn run_on<H, P>(config: &VmConfig, open: impl FnOnce() -> hypervisor::Result<H>) -> Result<Outcome, Error>
+where
+    H: Hypervisor,
+    P: Platform<H>,
+{
     // Before anything is opened: which descriptors came from outside (`-incoming fd:N`).
     inherited::record();
     if config.sandbox {
         seccomp::enable()?;
     }
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
-    let vmm = match Vmm::<crate::HostPlatform>::new(config, &poll) {
+    let vmm = match Vmm::<H, P>::new(config, open, &poll) {
         Ok(vmm) => vmm,
         // A console waiting for its first client gives up when Kestrel is told to terminate.
         Err(Error::Console(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
@@ -138,14 +145,18 @@ fn qmp_event(kind: EventKind) -> Event {
     Event { kind, timestamp: now() }
 }
 
-impl<'a, P: Platform<Hv>> Vmm<'a, P> {
-    fn new(config: &'a VmConfig, poll: &Poll) -> Result<Self, Error> {
+impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
+    fn new(
+        config: &'a VmConfig,
+        open_hypervisor: impl FnOnce() -> hypervisor::Result<H>,
+        poll: &Poll,
+    ) -> Result<Self, Error> {
         let transport = P::virtio_transport(config.machine)?;
         check_memory_size(config.memory_bytes)?;
         let kernel = open_input("kernel", &config.kernel)?;
         let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
 
-        let hypervisor = KvmHypervisor::new()?;
+        let hypervisor = open_hypervisor()?;
         let max_vcpus = hypervisor.max_vcpus().min(P::MAX_VCPUS);
         if u32::from(config.vcpus) > max_vcpus {
             return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
@@ -197,7 +208,7 @@ impl<'a, P: Platform<Hv>> Vmm<'a, P> {
                 // Only a save or a restore needs the CPU identity: the host's CPUID query costs ~0.5 ms of start-up.
                 let cpu = P::cpu_identity(&hypervisor, config.vcpus)?;
                 let components = platform.components();
-                Some(snapshot_file::open(path, &snapshot_machine::<P>(config, &cpu, &components))?)
+                Some(snapshot_file::open(path, &snapshot_machine::<H, P>(config, &cpu, &components))?)
             }
             _ => None,
         };
@@ -265,7 +276,7 @@ impl<'a, P: Platform<Hv>> Vmm<'a, P> {
             IncomingSource::File(path) => {
                 let cpu = self.cpu_identity()?;
                 let components = self.platform.components();
-                let machine = snapshot_machine::<P>(self.config, &cpu, &components);
+                let machine = snapshot_machine::<H, P>(self.config, &cpu, &components);
                 self.incoming = Some(snapshot_file::open(&path, &machine)?);
                 self.waiting_for_incoming = false;
                 self.migration = Some(incoming_info(MigrationStatus::Setup, None));
@@ -283,7 +294,7 @@ impl<'a, P: Platform<Hv>> Vmm<'a, P> {
         self.report_migration(events, MigrationStatus::Setup);
         let cpu = self.cpu_identity()?;
         let components = self.platform.components();
-        let machine = snapshot_machine::<P>(self.config, &cpu, &components);
+        let machine = snapshot_machine::<H, P>(self.config, &cpu, &components);
         self.migration = Some(incoming_info(MigrationStatus::Active, None));
         self.report_migration(events, MigrationStatus::Active);
         match snapshot_file::read_stream(fd, &machine, &self.memory) {
@@ -424,7 +435,7 @@ impl<'a, P: Platform<Hv>> Vmm<'a, P> {
                 .into_iter()
                 .map(|c| c.device.save_value().map(|state| (c.name, state)))
                 .collect::<Result<Vec<_>, String>>()?;
-            let header = snapshot::Header::new(machine_name::<P>(self.config), cpu);
+            let header = snapshot::Header::new(machine_name::<H, P>(self.config), cpu);
             snapshot_file::write(target, &SavedMachine { header, vm, vcpus, devices }, &self.memory)
         })();
         self.platform.resume_devices();
@@ -478,7 +489,7 @@ impl<'a, P: Platform<Hv>> Vmm<'a, P> {
     }
 }
 
-impl<P: Platform<Hv>> Drop for Vmm<'_, P> {
+impl<H: Hypervisor, P: Platform<H>> Drop for Vmm<'_, H, P> {
     /// The vCPUs stop and the VM goes before the guest memory it maps is unmapped.
     fn drop(&mut self) {
         self.guest = None;
@@ -489,7 +500,7 @@ fn shutdown_event(reason: ShutdownCause) -> Event {
     qmp_event(EventKind::Shutdown { guest: reason.is_guest(), reason })
 }
 
-impl<P: Platform<Hv>> Machine for Vmm<'_, P> {
+impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     fn run_state(&self) -> RunState {
         self.state
     }
@@ -811,13 +822,13 @@ fn incoming_info(status: MigrationStatus, error: Option<String>) -> MigrationInf
 }
 
 /// What a snapshot for this command line must match.
-fn snapshot_machine<'c, P: Platform<Hv>>(
+fn snapshot_machine<'c, H: Hypervisor, P: Platform<H>>(
     config: &VmConfig,
     cpu: &snapshot::CpuIdentity,
     components: &'c [crate::snapshot::Component],
 ) -> snapshot_file::Machine<'c> {
     snapshot_file::Machine {
-        machine_type: machine_name::<P>(config),
+        machine_type: machine_name::<H, P>(config),
         cpu: cpu.clone(),
         ram_regions: P::ram_regions(config.memory_bytes),
         vcpus: usize::from(config.vcpus),
@@ -826,7 +837,7 @@ fn snapshot_machine<'c, P: Platform<Hv>>(
 }
 
 /// The machine type a snapshot records: the one the command line names, or the platform's default.
-fn machine_name<P: Platform<Hv>>(config: &VmConfig) -> &'static str {
+fn machine_name<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> &'static str {
     config.machine.map(|m| m.name()).unwrap_or(P::DEFAULT_MACHINE_NAME)
 }
 
@@ -906,7 +917,7 @@ fn cpu_qom_path(index: usize) -> String {
     format!("/machine/unattached/device[{index}]")
 }
 
-impl<P: Platform<Hv>> Vmm<'_, P> {
+impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
     /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
     /// session through `raised`.
     fn raise(&mut self, events: &mut Vec<Event>, event: Event) {
@@ -918,13 +929,13 @@ impl<P: Platform<Hv>> Vmm<'_, P> {
 /// The VMM's main loop: guest and host events, and the QMP sockets.
 /// Field order is drop order: clients see their connection close before the VM's teardown (tens of ms with an
 /// in-kernel irqchip), as QEMU's do right after `quit`'s reply.
-struct EventLoop<'a, P: Platform<Hv>> {
+struct EventLoop<'a, H: Hypervisor, P: Platform<H>> {
     qmp: QmpServer<Session>,
     poll: Poll,
-    vmm: Vmm<'a, P>,
+    vmm: Vmm<'a, H, P>,
 }
 
-impl<P: Platform<Hv>> EventLoop<'_, P> {
+impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
     fn run(mut self) -> Result<Outcome, Error> {
         let outcome = self.serve();
         // Every way out, an error's too: clients get the rest of their replies and the last events first.

@@ -81,12 +81,12 @@ pub type VcpuState = hypervisor::aarch64::VcpuStateAarch64;
 pub type VmState = hypervisor::aarch64::GicStateAarch64;
 
 /// The hypervisors the virt machine runs on: aarch64's extensions on its VMs and vCPUs.
-pub trait VirtHypervisor: Hypervisor<Vm: VmAarch64<Vcpu: VcpuAarch64> + 'static> {}
+pub trait VirtHypervisor: Hypervisor<Vm: VmAarch64<Vcpu: VcpuAarch64>> {}
 
 impl<H> VirtHypervisor for H
 where
     H: Hypervisor,
-    H::Vm: VmAarch64 + 'static,
+    H::Vm: VmAarch64,
     VcpuOf<H>: VcpuAarch64,
 {
 }

@@ -47,12 +47,12 @@ pub type VcpuState = hypervisor::x86_64::VcpuStateX86_64;
 pub type VmState = hypervisor::x86_64::VmStateX86_64;
 
 /// The hypervisors a PC runs on: x86_64's extensions on the hypervisor, its VMs and its vCPUs.
-pub trait PcHypervisor: HypervisorX86_64<Vm: VmX86_64<Vcpu: VcpuX86_64> + 'static> {}
+pub trait PcHypervisor: HypervisorX86_64<Vm: VmX86_64<Vcpu: VcpuX86_64>> {}
 
 impl<H> PcHypervisor for H
 where
     H: HypervisorX86_64,
-    H::Vm: VmX86_64 + 'static,
+    H::Vm: VmX86_64,
     VcpuOf<H>: VcpuX86_64,
 {
 }
