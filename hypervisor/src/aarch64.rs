@@ -28,7 +28,12 @@ pub trait VmAarch64: Vm {
     fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()>;
 }
 
-pub trait VcpuAarch64: Vcpu {
+/// The exits only aarch64 has: none reaches the VMM yet. PSCI's SYSTEM_RESET and SYSTEM_OFF come as the
+/// common `VcpuExit::SystemReset`/`SystemPoweroff`, and the hypervisor handles CPU_ON and CPU_OFF itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitAarch64 {}
+
+pub trait VcpuAarch64: Vcpu<ArchExit = ExitAarch64> {
     /// Loads the boot protocol's registers (PC, PSTATE, X0-X3); everything else keeps its reset value.
     fn set_boot_registers(&self, regs: &BootRegisters) -> Result<()>;
 

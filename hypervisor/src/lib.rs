@@ -94,10 +94,11 @@ pub trait Vm: Send + Sync {
     fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()>;
 }
 
-/// Why `Vcpu::run` returned. I/O exits lend the vCPU's data buffer: a read is completed by filling `data`
-/// before the next `run`.
+/// Why `Vcpu::run` returned: the exits every architecture has, and `Arch` for the ones only the vCPU's
+/// architecture has (`A` is `Vcpu::ArchExit`), which the architecture's platform handles. I/O exits lend the
+/// vCPU's data buffer: a read is completed by filling `data` before the next `run`.
 #[derive(Debug)]
-pub enum VcpuExit<'a> {
+pub enum VcpuExit<'a, A> {
     IoIn {
         port: u16,
         data: &'a mut [u8],
@@ -116,9 +117,8 @@ pub enum VcpuExit<'a> {
     },
     /// The guest halted with no in-kernel irqchip to wait for interrupts.
     Hlt,
-    /// x86 triple fault, or an equivalent unrecoverable CPU shutdown.
-    Shutdown,
-    /// The guest asked the platform firmware (PSCI and the like) to reset or power off.
+    /// The guest asked its firmware interface (the one the architecture has: PSCI, RTAS, ...) to reset the
+    /// machine, or to power it off.
     SystemReset,
     SystemPoweroff,
     /// The run was interrupted by a signal or by `set_immediate_exit`.
@@ -129,13 +129,19 @@ pub enum VcpuExit<'a> {
     FailEntry {
         reason: u64,
     },
+    /// An exit only this architecture has.
+    Arch(A),
     /// Anything else, with the backend's description.
     Unhandled(String),
 }
 
 /// One virtual CPU. Owned by the thread that runs it.
 pub trait Vcpu: Send {
-    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// The exits only this vCPU's architecture has; the architecture's extension trait names the type
+    /// (`x86_64::ExitX86_64`, ...), so that its platform can handle them whatever the backend.
+    type ArchExit: fmt::Debug + Send;
+
+    fn run(&mut self) -> Result<VcpuExit<'_, Self::ArchExit>>;
 
     /// While set, `run` returns `Interrupted` without entering the guest; a signal handler or another thread
     /// sets it to stop a vCPU that might be just about to enter.

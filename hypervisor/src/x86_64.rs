@@ -27,7 +27,14 @@ pub trait VmX86_64: Vm {
     fn restore_state(&self, state: &VmStateX86_64) -> Result<()>;
 }
 
-pub trait VcpuX86_64: Vcpu {
+/// The exits only x86_64 has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitX86_64 {
+    /// The guest's CPU shut down: a triple fault (or an equivalent unrecoverable condition).
+    TripleFault,
+}
+
+pub trait VcpuX86_64: Vcpu<ArchExit = ExitX86_64> {
     fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
     /// Loads registers, segments, control registers and FPU state; everything else keeps its reset value.

@@ -39,7 +39,7 @@ pub fn memory_contents(memory: &GuestMemoryMmap<()>) -> Vec<u8> {
 pub fn run_collecting<V: Vcpu, T>(
     vcpu: &mut V,
     count: usize,
-    mut pick: impl FnMut(&VcpuExit<'_>) -> Option<T>,
+    mut pick: impl FnMut(&VcpuExit<'_, V::ArchExit>) -> Option<T>,
 ) -> Vec<T> {
     let mut values = Vec::new();
     for _ in 0..count * 100 {

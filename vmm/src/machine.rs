@@ -380,7 +380,8 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         let paused = self.state != RunState::Running;
         self.platform_requested.store(false, Ordering::SeqCst);
         let save = P::save_vcpu;
-        threads.start(vcpus, self.platform.pio(), self.platform.mmio(), paused, save, report)?;
+        let arch_exits = self.platform.exit_handler();
+        threads.start(vcpus, self.platform.pio(), self.platform.mmio(), paused, save, arch_exits, report)?;
         self.guest = Some(Guest { vcpus: threads, vm });
         Ok(())
     }

@@ -11,8 +11,8 @@ use std::fs::File;
 use std::sync::Arc;
 
 use devices::pci::PciFunctionInfo;
-use devices::{Bus, PlatformEvents};
-use hypervisor::{Hypervisor, Vm};
+use devices::{Bus, PlatformEvents, PlatformRequest};
+use hypervisor::{Hypervisor, Vcpu, Vm};
 use qmp::{CpuProps, Target};
 use snapshot::CpuIdentity;
 use vm_memory::GuestMemoryMmap;
@@ -34,13 +34,40 @@ pub struct BootFiles<'a> {
     pub vcpu_count: u8,
 }
 
+/// What a vCPU thread does after an exit only its architecture has (`VcpuExit::Arch`). x86_64's only such exit
+/// fails; `Resume` and `Request` are there for the architectures whose guests call their firmware through exits
+/// (ppc64 hypercalls and RTAS, s390x intercepts), and `vcpu`'s tests hold the loop to them.
+#[derive(Debug, PartialEq, Eq)]
+#[allow(dead_code)]
+pub enum ExitAction {
+    /// Enter the guest again.
+    Resume,
+    /// Ask the VMM to act on the whole machine (reset, power off); the vCPU stays out of the guest until it has.
+    Request(PlatformRequest),
+    /// The vCPU cannot go on, for this reason; the VMM reports it with the vCPU's registers. If a platform request
+    /// is already pending, the exit is taken as part of it instead (a guest whose reset did not take effect at
+    /// once may go on to fault).
+    Fail(String),
+}
+
+/// Handles the exits only the architecture has, on the thread of the vCPU they came from (its registers at hand,
+/// so a hypercall's arguments can be read and its result written back). Whatever device state it needs it holds
+/// itself: each boot's vCPU threads get a clone (`Platform::exit_handler`).
+pub trait ArchExitHandler<C: Vcpu>: Clone + Send + 'static {
+    fn handle(&self, vcpu: &mut C, exit: C::ArchExit) -> ExitAction;
+}
+
 /// One architecture's machine on hypervisor `H`: its devices (which outlive every VM the machine boots: console
 /// streams, NVRAM, PCI functions), how a fresh VM is prepared to boot, and what QMP reports about it.
 ///
 /// The life of a platform: `new` once, before the first VM; then for each boot (the first and one per guest reset)
 /// a fresh VM with guest memory mapped is handed to `boot` (or, for a restore, `Snapshots::restore`) and the
-/// returned vCPUs are run against `pio` and `mmio`; between boots, `reset`.
+/// returned vCPUs are run against `pio` and `mmio`, their architecture's own exits going to `exit_handler`'s
+/// handler; between boots, `reset`.
 pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
+    /// What the vCPU threads do with the exits only this architecture has.
+    type ExitHandler: ArchExitHandler<VcpuOf<H>>;
+
     /// The kernel command line when the user gives none: the console on the platform's first UART.
     const DEFAULT_CMDLINE: &'static str;
     /// What QMP's `query-target` reports.
@@ -91,6 +118,9 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error>;
+
+    /// The handler for the architecture's own exits, given to every vCPU thread of a boot before its vCPU starts.
+    fn exit_handler(&self) -> Self::ExitHandler;
 
     /// Puts the devices back in their power-on state for a guest reset, after the old VM is gone and before the
     /// next `boot`. State a real machine keeps across a reset (NVRAM) stays.

@@ -10,13 +10,15 @@ use std::time::Duration;
 use devices::{Bus, PlatformRequest};
 use hypervisor::{Vcpu, VcpuExit};
 
+use crate::platform::{ArchExitHandler, ExitAction};
 use crate::seccomp::{self, ThreadKind};
 use crate::Error;
 use crate::{console, signals};
 
 /// What a vCPU thread reports to the VMM.
 pub enum VcpuEvent {
-    /// A firmware-level request (PSCI and the like) the hypervisor turned into an exit.
+    /// A request for the whole machine (reset, power off) the guest made through its firmware interface or an
+    /// exit of its architecture.
     Platform(PlatformRequest),
     /// The vCPU cannot go on: the reason, and its register state for the report.
     Failed { id: u32, reason: String, state: String },
@@ -118,7 +120,9 @@ impl<S> VcpuThreads<S> {
         Ok(waiting)
     }
 
-    /// Gives each thread its vCPU, in order; with `paused`, none enters the guest until `resume`.
+    /// Gives each thread its vCPU, in order; with `paused`, none enters the guest until `resume`. The exits only
+    /// the architecture has go to `arch_exits`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start<C: Vcpu + 'static>(
         &mut self,
         vcpus: Vec<C>,
@@ -126,6 +130,7 @@ impl<S> VcpuThreads<S> {
         mmio: &Bus,
         paused: bool,
         save: SaveVcpu<C, S>,
+        arch_exits: impl ArchExitHandler<C>,
         report: impl Fn(VcpuEvent) + Clone + Send + 'static,
     ) -> Result<(), Error>
     where
@@ -137,10 +142,11 @@ impl<S> VcpuThreads<S> {
         self.shared.lock().paused = paused;
         self.shared.attention.store(paused, Ordering::SeqCst);
         for ((id, vcpu), sender) in vcpus.into_iter().enumerate().zip(self.work.drain(..)) {
-            let exits = ExitHandler {
+            let exits = VcpuLoop {
                 id: id as u32,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
+                arch_exits: arch_exits.clone(),
                 save,
                 save_round: 0,
                 saved: self.saved.clone(),
@@ -276,10 +282,12 @@ fn complete_pending_exit<C: Vcpu>(vcpu: &mut C) -> Result<(), String> {
     outcome
 }
 
-struct ExitHandler<C, S> {
+/// One vCPU thread's loop: the guest's exits completed on the buses, or handed to the architecture's handler.
+struct VcpuLoop<C, S, E> {
     id: u32,
     pio: Bus,
     mmio: Bus,
+    arch_exits: E,
     save: SaveVcpu<C, S>,
     /// The last save round this vCPU answered.
     save_round: u64,
@@ -300,7 +308,7 @@ fn report_unmapped_mmio(kind: &str, addr: u64, len: usize) {
     }
 }
 
-impl<C: Vcpu, S> ExitHandler<C, S> {
+impl<C: Vcpu, S, E: ArchExitHandler<C>> VcpuLoop<C, S, E> {
     fn failed(&self, vcpu: &mut C, reason: &str) -> VcpuEvent {
         VcpuEvent::Failed { id: self.id, reason: reason.to_string(), state: vcpu.dump_state() }
     }
@@ -363,16 +371,12 @@ impl<C: Vcpu, S> ExitHandler<C, S> {
                 Ok(VcpuExit::Interrupted) | Ok(VcpuExit::Hlt) => {}
                 Ok(VcpuExit::SystemReset) => break Some(VcpuEvent::Platform(PlatformRequest::Reset)),
                 Ok(VcpuExit::SystemPoweroff) => break Some(VcpuEvent::Platform(PlatformRequest::Poweroff)),
-                Ok(VcpuExit::Shutdown) if shared.platform_requested.load(Ordering::SeqCst) => break None,
-                Ok(VcpuExit::Shutdown) => {
-                    // On AMD, KVM reinitialises the VMCB on the SHUTDOWN intercept, so the dump that follows
-                    // shows the reset state (rip=0xfff0), not the state at the fault.
-                    break Some(self.failed(
-                        &mut vcpu,
-                        "triple fault (the guest's CPU shut down; on AMD hosts the registers below are the \
-                         reset state KVM put back, not the state at the fault)",
-                    ));
-                }
+                Ok(VcpuExit::Arch(exit)) => match self.arch_exits.handle(&mut vcpu, exit) {
+                    ExitAction::Resume => {}
+                    ExitAction::Request(request) => break Some(VcpuEvent::Platform(request)),
+                    ExitAction::Fail(_) if shared.platform_requested.load(Ordering::SeqCst) => break None,
+                    ExitAction::Fail(reason) => break Some(self.failed(&mut vcpu, &reason)),
+                },
                 Ok(VcpuExit::InternalError) => break Some(self.failed(&mut vcpu, "KVM internal error")),
                 Ok(VcpuExit::FailEntry { reason }) => {
                     let reason = format!("the hypervisor refused to enter the guest (hardware reason {reason:#x})");
@@ -393,5 +397,137 @@ impl<C: Vcpu, S> ExitHandler<C, S> {
                 control = shared.changed.wait(control).unwrap_or_else(|p| p.into_inner());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::mpsc::Receiver;
+
+    use super::*;
+
+    /// An architecture's own exits, as a ppc64 or s390x backend would bring them.
+    #[derive(Debug)]
+    enum TestExit {
+        Hypercall(u64),
+        PowerOff,
+        Fault,
+    }
+
+    /// A vCPU that leaves the guest with the scripted exits, then only ever for a signal. With `raise`, a device
+    /// asks for a platform request while the vCPU is in the guest (another vCPU wrote a reset register).
+    struct ScriptedVcpu {
+        exits: VecDeque<VcpuExit<'static, TestExit>>,
+        entries: Arc<AtomicU32>,
+        raise: Option<Arc<AtomicBool>>,
+    }
+
+    impl Vcpu for ScriptedVcpu {
+        type ArchExit = TestExit;
+
+        fn run(&mut self) -> hypervisor::Result<VcpuExit<'_, TestExit>> {
+            self.entries.fetch_add(1, Ordering::SeqCst);
+            if let Some(requested) = &self.raise {
+                requested.store(true, Ordering::SeqCst);
+            }
+            Ok(self.exits.pop_front().unwrap_or(VcpuExit::Interrupted))
+        }
+
+        fn set_immediate_exit(&mut self, _exit: bool) {}
+
+        fn dump_state(&mut self) -> String {
+            "scripted registers".into()
+        }
+    }
+
+    /// Handles hypercalls (recording their numbers), turns the power-off call into a platform request and a fault
+    /// into a failure.
+    #[derive(Clone, Default)]
+    struct TestExits {
+        hypercalls: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl ArchExitHandler<ScriptedVcpu> for TestExits {
+        fn handle(&self, _vcpu: &mut ScriptedVcpu, exit: TestExit) -> ExitAction {
+            match exit {
+                TestExit::Hypercall(number) => {
+                    self.hypercalls.lock().unwrap().push(number);
+                    ExitAction::Resume
+                }
+                TestExit::PowerOff => ExitAction::Request(PlatformRequest::Poweroff),
+                TestExit::Fault => ExitAction::Fail("the test's fault".into()),
+            }
+        }
+    }
+
+    /// Runs `exits` on one vCPU thread's loop until it reports an event (or, with none reported, 200 ms) and then
+    /// stops it. Returns the event, how many times the vCPU entered the guest, and the hypercalls handled.
+    fn run_script(
+        exits: Vec<VcpuExit<'static, TestExit>>,
+        request_while_in_guest: bool,
+    ) -> (Option<VcpuEvent>, u32, Vec<u64>) {
+        let shared = Arc::new(Shared::default());
+        let entries = Arc::new(AtomicU32::new(0));
+        let raise = request_while_in_guest.then(|| shared.platform_requested.clone());
+        let vcpu = ScriptedVcpu { exits: exits.into(), entries: entries.clone(), raise };
+        let handler = TestExits::default();
+        let vcpu_loop = VcpuLoop {
+            id: 3,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            arch_exits: handler.clone(),
+            save: |_: &mut ScriptedVcpu| Ok(()),
+            save_round: 0,
+            saved: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (sender, events): (_, Receiver<VcpuEvent>) = channel();
+        let thread = thread::spawn({
+            let shared = shared.clone();
+            move || vcpu_loop.run(vcpu, &shared, move |event| sender.send(event).unwrap())
+        });
+        let event = events.recv_timeout(Duration::from_millis(200)).ok();
+        {
+            let mut control = shared.lock();
+            control.stop = true;
+            shared.attention.store(true, Ordering::SeqCst);
+            shared.changed.notify_all();
+        }
+        thread.join().unwrap();
+        let hypercalls = handler.hypercalls.lock().unwrap().clone();
+        (event, entries.load(Ordering::SeqCst), hypercalls)
+    }
+
+    #[test]
+    fn an_architecture_s_exits_reach_its_handler_and_its_requests_the_vmm() {
+        let script = vec![
+            VcpuExit::Arch(TestExit::Hypercall(0x10)),
+            VcpuExit::Hlt,
+            VcpuExit::Arch(TestExit::Hypercall(0x2c)),
+            VcpuExit::Arch(TestExit::PowerOff),
+            VcpuExit::Arch(TestExit::Hypercall(0x99)),
+        ];
+        let (event, entries, hypercalls) = run_script(script, false);
+        assert!(matches!(event, Some(VcpuEvent::Platform(PlatformRequest::Poweroff))));
+        assert_eq!(hypercalls, [0x10, 0x2c]);
+        // Nothing after the request: the vCPU stays out of the guest until the VMM acts.
+        assert_eq!(entries, 4);
+    }
+
+    #[test]
+    fn an_architecture_s_failure_is_reported_with_the_registers() {
+        let (event, entries, _) = run_script(vec![VcpuExit::Arch(TestExit::Fault)], false);
+        let Some(VcpuEvent::Failed { id, reason, state }) = event else { panic!("no failure reported") };
+        assert_eq!((id, reason.as_str(), state.as_str()), (3, "the test's fault", "scripted registers"));
+        assert_eq!(entries, 1);
+    }
+
+    #[test]
+    fn a_failure_after_a_platform_request_is_part_of_it() {
+        // A reset requested while the vCPU was in the guest, which then faulted: the VMM acts on the reset alone,
+        // and the vCPU does not enter the guest again.
+        let (event, entries, _) = run_script(vec![VcpuExit::Arch(TestExit::Fault), VcpuExit::Hlt], true);
+        assert!(event.is_none(), "the failure was reported");
+        assert_eq!(entries, 1);
     }
 }

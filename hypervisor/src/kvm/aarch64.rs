@@ -16,14 +16,19 @@ use kvm_bindings::{
     KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_bindings::{kvm_mp_state, RegList, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED};
-use kvm_ioctls::{reg_size, DeviceFd};
+use kvm_ioctls::{reg_size, DeviceFd, VcpuExit as KvmExit};
 
 use super::{KvmVcpu, KvmVm};
 use crate::aarch64::{
-    GicCpuState, GicRegister, GicStateAarch64, GicSystemRegister, PowerState, Register, VcpuAarch64, VcpuStateAarch64,
-    VmAarch64,
+    ExitAarch64, GicCpuState, GicRegister, GicStateAarch64, GicSystemRegister, PowerState, Register, VcpuAarch64,
+    VcpuStateAarch64, VmAarch64,
 };
 use crate::{Error, Result};
+
+/// The exits of `KVM_RUN` that only aarch64 has: none that reaches the VMM yet (see `ExitAarch64`).
+pub(super) fn arch_exit(_exit: &KvmExit<'_>) -> Option<ExitAarch64> {
+    None
+}
 
 /// KVM_{GET,SET}_ONE_REG id of a 64-bit core register: its offset in `struct kvm_regs`, in 32-bit words.
 const fn core_register(offset: usize) -> u64 {

@@ -16,10 +16,12 @@ use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         mod x86_64;
-        use x86_64::{VcpuData, VmData};
+        use x86_64::{arch_exit, VcpuData, VmData};
+        use crate::x86_64::ExitX86_64 as ArchExit;
     } else if #[cfg(target_arch = "aarch64")] {
         mod aarch64;
-        use aarch64::{VcpuData, VmData};
+        use aarch64::{arch_exit, VcpuData, VmData};
+        use crate::aarch64::ExitAarch64 as ArchExit;
     }
 }
 
@@ -113,7 +115,9 @@ pub struct KvmVcpu {
 }
 
 impl Vcpu for KvmVcpu {
-    fn run(&mut self) -> Result<VcpuExit<'_>> {
+    type ArchExit = ArchExit;
+
+    fn run(&mut self) -> Result<VcpuExit<'_, ArchExit>> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(VcpuExit::Interrupted),
@@ -125,13 +129,15 @@ impl Vcpu for KvmVcpu {
             KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
             KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
             KvmExit::Hlt => VcpuExit::Hlt,
-            KvmExit::Shutdown => VcpuExit::Shutdown,
             KvmExit::Intr => VcpuExit::Interrupted,
             KvmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuExit::SystemReset,
             KvmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => VcpuExit::SystemPoweroff,
             KvmExit::InternalError => VcpuExit::InternalError,
             KvmExit::FailEntry(reason, _cpu) => VcpuExit::FailEntry { reason },
-            other => VcpuExit::Unhandled(format!("{other:?}")),
+            other => match arch_exit(&other) {
+                Some(exit) => VcpuExit::Arch(exit),
+                None => VcpuExit::Unhandled(format!("{other:?}")),
+            },
         })
     }
 

@@ -18,14 +18,23 @@ use kvm_bindings::{
     KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SIPI_VECTOR, KVM_VCPUEVENT_VALID_SMM,
     KVM_VCPUEVENT_VALID_TRIPLE_FAULT, KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VmFd};
 
 use super::{KvmHypervisor, KvmVcpu, KvmVm};
 use crate::x86_64::{
-    ClockState, DebugRegisters, ExtendedControlRegister, FpuState, HypervisorX86_64, IoapicState, MpState, PicState,
-    PitChannelState, PitState, SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64, VmX86_64,
+    ClockState, DebugRegisters, ExitX86_64, ExtendedControlRegister, FpuState, HypervisorX86_64, IoapicState, MpState,
+    PicState, PitChannelState, PitState, SpecialRegisters, VcpuEvents, VcpuStateX86_64, VcpuX86_64, VmStateX86_64,
+    VmX86_64,
 };
 use crate::{Error, Result};
+
+/// The exits of `KVM_RUN` that only x86_64 has.
+pub(super) fn arch_exit(exit: &KvmExit<'_>) -> Option<ExitX86_64> {
+    match exit {
+        KvmExit::Shutdown => Some(ExitX86_64::TripleFault),
+        _ => None,
+    }
+}
 
 /// Local APIC register offsets and LVT delivery modes used to wire LINT0/LINT1.
 const APIC_LVT_LINT0: usize = 0x350;

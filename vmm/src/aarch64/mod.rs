@@ -16,7 +16,7 @@ use devices::legacy::{Pl011, Pl031, Pl061};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::rng::getrandom;
 use devices::{Bus, EventFdLine, InputRoom, InterruptLine, PlatformEvents};
-use hypervisor::aarch64::{VcpuAarch64, VmAarch64};
+use hypervisor::aarch64::{ExitAarch64, VcpuAarch64, VmAarch64};
 use hypervisor::{Hypervisor, Vm};
 use qmp::{CpuProps, Target};
 use vm_memory::GuestMemoryMmap;
@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
-use crate::platform::{BootFiles, Platform, VcpuOf};
+use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -104,6 +104,8 @@ pub struct Virt {
 }
 
 impl<H: VirtHypervisor> Platform<H> for Virt {
+    type ExitHandler = VirtExits;
+
     /// The console on the PL011.
     const DEFAULT_CMDLINE: &'static str = "console=ttyAMA0";
     const QMP_TARGET: Target = Target::Aarch64;
@@ -253,6 +255,10 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         Ok(vcpus)
     }
 
+    fn exit_handler(&self) -> VirtExits {
+        VirtExits
+    }
+
     fn reset(&self) {
         self.uart.lock().unwrap_or_else(|p| p.into_inner()).reset();
         self.gpio.lock().unwrap_or_else(|p| p.into_inner()).reset();
@@ -264,6 +270,16 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
     /// No PCI bus on this machine yet.
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         Vec::new()
+    }
+}
+
+/// The virt machine's own exits: none reach the VMM yet (see `ExitAarch64`).
+#[derive(Clone, Copy)]
+pub struct VirtExits;
+
+impl<C: VcpuAarch64> ArchExitHandler<C> for VirtExits {
+    fn handle(&self, _vcpu: &mut C, exit: ExitAarch64) -> ExitAction {
+        match exit {}
     }
 }
 

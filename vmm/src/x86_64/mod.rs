@@ -19,7 +19,7 @@ use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::mmio::MMIO_LEN;
 use devices::{Bus, BusDevice, EventFdLine, InputRoom, PlatformEvents};
-use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
+use hypervisor::x86_64::{ExitX86_64, HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use qmp::{CpuProps, Target};
 use vm_memory::GuestMemoryMmap;
@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
-use crate::platform::{BootFiles, Platform, VcpuOf};
+use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -76,6 +76,8 @@ pub struct Pc {
 }
 
 impl<H: PcHypervisor> Platform<H> for Pc {
+    type ExitHandler = PcExits;
+
     /// The console on COM1.
     const DEFAULT_CMDLINE: &'static str = "console=ttyS0";
     const QMP_TARGET: Target = Target::X86_64;
@@ -220,6 +222,10 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         Ok(vcpus)
     }
 
+    fn exit_handler(&self) -> PcExits {
+        PcExits
+    }
+
     /// Devices not reset here keep state a real PC keeps (CMOS NVRAM) or have none worth resetting.
     fn reset(&self) {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).reset();
@@ -250,6 +256,25 @@ impl Pc {
             pci.attach(vm)?;
         }
         Ok(())
+    }
+}
+
+/// The PC's own exits. A triple fault is a failure: no PC firmware turns it into a reset behind Linux's back,
+/// and the register dump says where the guest was.
+#[derive(Clone, Copy)]
+pub struct PcExits;
+
+impl<C: VcpuX86_64> ArchExitHandler<C> for PcExits {
+    fn handle(&self, _vcpu: &mut C, exit: ExitX86_64) -> ExitAction {
+        match exit {
+            // On AMD, KVM reinitialises the VMCB on the SHUTDOWN intercept, so the dump that follows shows the
+            // reset state (rip=0xfff0), not the state at the fault.
+            ExitX86_64::TripleFault => ExitAction::Fail(
+                "triple fault (the guest's CPU shut down; on AMD hosts the registers below are the reset state KVM \
+                 put back, not the state at the fault)"
+                    .into(),
+            ),
+        }
     }
 }
 
