@@ -57,6 +57,25 @@ pub trait Hypervisor: Send + Sync {
     fn max_vcpus(&self) -> u32;
 }
 
+/// Where a guest write signals an ioeventfd. (s390x's virtio-ccw notifications, by subchannel, will be a third
+/// kind.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// An I/O port.
+    Pio(u16),
+    /// A guest physical MMIO address.
+    Mmio(u64),
+}
+
+/// The value a write must carry, at its width, for an ioeventfd to fire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datamatch {
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+}
+
 /// A virtual machine: guest memory, interrupt routing, vCPUs.
 pub trait Vm: Send + Sync {
     /// Owned, not borrowed: each vCPU is moved to the thread that runs it.
@@ -74,16 +93,13 @@ pub trait Vm: Send + Sync {
     /// Raises interrupt line `gsi` whenever `event` is written (an edge).
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
 
-    /// Makes a guest's 32-bit write of `value` to MMIO address `addr` signal `event` in the kernel, without an
-    /// exit to the VMM (a virtio queue notification, typically); other writes there still exit as usual.
-    fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
+    /// Makes a guest write to `address` signal `event` in the kernel, without an exit to the VMM (a virtio queue
+    /// notification, typically): any write with `datamatch` `None`, else only a write of that value at that width
+    /// (other writes there still exit as usual).
+    fn register_ioevent(&self, event: &EventFd, address: IoEventAddress, datamatch: Option<Datamatch>) -> Result<()>;
 
-    /// Makes a guest write of any width to MMIO address `addr` signal `event` in the kernel (virtio-pci
-    /// notifications: one address per queue, so the value does not matter).
-    fn register_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()>;
-
-    /// Undoes [`register_mmio_notifier_any_value`](Self::register_mmio_notifier_any_value) (the BAR moved).
-    fn unregister_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()>;
+    /// Undoes [`register_ioevent`](Self::register_ioevent) with the same arguments (a BAR moved).
+    fn unregister_ioevent(&self, event: &EventFd, address: IoEventAddress, datamatch: Option<Datamatch>) -> Result<()>;
 
     /// Delivers a message-signalled interrupt: what the guest programmed as MSI address and data.
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;

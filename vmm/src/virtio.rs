@@ -14,7 +14,7 @@ use devices::virtio::net::{MacAddress, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
 use devices::{Bus, EventFdLine, InputRoom};
-use hypervisor::Vm;
+use hypervisor::{Datamatch, IoEventAddress, Vm};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use vm_memory::GuestMemoryMmap;
@@ -174,7 +174,9 @@ impl MmioSlot {
     pub fn attach<V: Vm>(&self, vm: &V) -> Result<(), Error> {
         vm.register_irqfd(self.irq.eventfd(), self.gsi)?;
         for (queue, event) in self.queue_events.iter().enumerate() {
-            vm.register_mmio_notifier(event, self.base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+            // The transport's one notify register takes the queue's index: a 32-bit write of it, per queue.
+            let address = IoEventAddress::Mmio(self.base + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(event, address, Some(Datamatch::U32(queue as u32)))?;
         }
         Ok(())
     }

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_msi, kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress as KvmIoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{Error, Hypervisor, Result, Vcpu, VcpuExit, Vm};
+use crate::{Datamatch, Error, Hypervisor, IoEventAddress, Result, Vcpu, VcpuExit, Vm};
 
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
@@ -82,19 +82,12 @@ impl Vm for KvmVm {
         self.fd.register_irqfd(event, gsi).map_err(|e| Error::new("KVM_IRQFD", e))
     }
 
-    fn register_mmio_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()> {
-        self.fd.register_ioevent(event, &IoEventAddress::Mmio(addr), value).map_err(|e| Error::new("KVM_IOEVENTFD", e))
+    fn register_ioevent(&self, event: &EventFd, address: IoEventAddress, datamatch: Option<Datamatch>) -> Result<()> {
+        self.ioevent(Assign::Register, event, address, datamatch).map_err(|e| Error::new("KVM_IOEVENTFD", e))
     }
 
-    fn register_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()> {
-        self.fd
-            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(|e| Error::new("KVM_IOEVENTFD", e))
-    }
-
-    fn unregister_mmio_notifier_any_value(&self, event: &EventFd, addr: u64) -> Result<()> {
-        self.fd
-            .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+    fn unregister_ioevent(&self, event: &EventFd, address: IoEventAddress, datamatch: Option<Datamatch>) -> Result<()> {
+        self.ioevent(Assign::Unregister, event, address, datamatch)
             .map_err(|e| Error::new("KVM_IOEVENTFD (deassign)", e))
     }
 
@@ -106,6 +99,48 @@ impl Vm for KvmVm {
 
     fn register_level_irqfd(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd_with_resample(event, resample, gsi).map_err(|e| Error::new("KVM_IRQFD (resample)", e))
+    }
+}
+
+/// Whether `KvmVm::ioevent` adds an ioeventfd or removes it.
+#[derive(Clone, Copy)]
+enum Assign {
+    Register,
+    Unregister,
+}
+
+impl KvmVm {
+    /// KVM_IOEVENTFD: KVM takes the datamatch's width from its type (none for `NoDatamatch`: any width).
+    fn ioevent(
+        &self,
+        assign: Assign,
+        event: &EventFd,
+        address: IoEventAddress,
+        datamatch: Option<Datamatch>,
+    ) -> std::result::Result<(), kvm_ioctls::Error> {
+        fn call<T: Into<u64>>(
+            fd: &VmFd,
+            assign: Assign,
+            event: &EventFd,
+            address: &KvmIoEventAddress,
+            datamatch: T,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            match assign {
+                Assign::Register => fd.register_ioevent(event, address, datamatch),
+                Assign::Unregister => fd.unregister_ioevent(event, address, datamatch),
+            }
+        }
+        let address = match address {
+            IoEventAddress::Pio(port) => KvmIoEventAddress::Pio(u64::from(port)),
+            IoEventAddress::Mmio(addr) => KvmIoEventAddress::Mmio(addr),
+        };
+        match datamatch {
+            None => call(&self.fd, assign, event, &address, NoDatamatch),
+            Some(Datamatch::U8(value)) => call(&self.fd, assign, event, &address, value),
+            Some(Datamatch::U16(value)) => call(&self.fd, assign, event, &address, value),
+            Some(Datamatch::U32(value)) => call(&self.fd, assign, event, &address, value),
+            Some(Datamatch::U64(value)) => call(&self.fd, assign, event, &address, value),
+        }
     }
 }
 

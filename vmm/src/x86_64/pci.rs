@@ -10,7 +10,7 @@ use arch::x86_64::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_SIZE, PCI
 use devices::pci::{BarObserver, HostBridge, MsiSender, PciConfigIo, PciEcam, PciFunctionInfo, PciMmioWindow, PciRoot};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::{Bus, BusDevice};
-use hypervisor::Vm;
+use hypervisor::{IoEventAddress, Vm};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,11 +29,12 @@ impl<V: Vm> PciVm for V {
     fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
         Vm::signal_msi(self, address, data)
     }
+    /// Each queue has its own notify address, so a write of any value, at any width, notifies it.
     fn add_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()> {
-        self.register_mmio_notifier_any_value(event, address)
+        self.register_ioevent(event, IoEventAddress::Mmio(address), None)
     }
     fn remove_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()> {
-        self.unregister_mmio_notifier_any_value(event, address)
+        self.unregister_ioevent(event, IoEventAddress::Mmio(address), None)
     }
 }
 
@@ -155,7 +156,7 @@ impl PciBus {
         for (&slot, queue_notifiers) in by_slot.iter() {
             for (bar, base) in self.root.decoded_bars(slot) {
                 for n in queue_notifiers.iter().filter(|n| n.bar == bar) {
-                    vm.register_mmio_notifier_any_value(&n.event, base + n.offset)?;
+                    vm.add_notifier(&n.event, base + n.offset)?;
                 }
             }
         }
