@@ -9,7 +9,7 @@ mod support;
 use arch::x86_64::boot::long_mode_special_registers;
 use arch::x86_64::cpu_state::GeneralRegisters;
 use arch::x86_64::gdt::{self, SegmentMode};
-use arch::x86_64::layout::{KVM_TSS_ADDRESS, PML4_START};
+use arch::x86_64::layout::{pc_irqchip_layout, PML4_START};
 use arch::x86_64::{paging, CpuState};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use hypervisor::x86_64::{HypervisorX86_64, VcpuX86_64, VmX86_64};
@@ -36,7 +36,7 @@ fn build_vm(hypervisor: &KvmHypervisor) -> TestVm<KvmVm> {
     memory.write_slice(&GUEST, GuestAddress(CODE)).unwrap();
 
     let vm = hypervisor.create_vm().expect("creating a VM");
-    vm.create_pc_irqchip(KVM_TSS_ADDRESS).expect("creating the PC irqchip");
+    vm.create_pc_irqchip(&pc_irqchip_layout()).expect("creating the PC irqchip");
     let test = TestVm::new(vm, 0, &memory_contents(&memory));
     test.vcpu.set_cpuid(&hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID")).expect("KVM_SET_CPUID2");
     let state = CpuState {

@@ -8,7 +8,7 @@
 
 mod support;
 
-use arch::aarch64::layout::{PL011_START, RAM_START};
+use arch::aarch64::layout::{GIC_LAYOUT, PL011_START, RAM_START};
 use arch::aarch64::BootRegisters;
 use hypervisor::aarch64::{GicStateAarch64, Register, VcpuAarch64, VcpuStateAarch64, VmAarch64};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
@@ -36,7 +36,7 @@ const RAM_SIZE: usize = 2 << 20;
 fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
     let test = TestVm::new(hypervisor.create_vm().expect("creating a VM"), RAM_START, contents);
     test.vm.init_vcpu(&test.vcpu, false).expect("KVM_ARM_VCPU_INIT with PSCI 0.2");
-    test.vm.create_gic(1, GIC_IRQS).expect("creating the in-kernel GIC");
+    test.vm.create_gic(&GIC_LAYOUT, 1, GIC_IRQS).expect("creating the in-kernel GIC");
     test
 }
 

@@ -10,7 +10,7 @@ mod support;
 use arch::x86_64::boot::long_mode_special_registers;
 use arch::x86_64::cpu_state::GeneralRegisters;
 use arch::x86_64::gdt::{self, SegmentMode};
-use arch::x86_64::layout::{KVM_TSS_ADDRESS, PML4_START};
+use arch::x86_64::layout::{pc_irqchip_layout, PML4_START};
 use arch::x86_64::msrs::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR};
 use arch::x86_64::{paging, CpuState, MsrEntry};
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
@@ -46,7 +46,7 @@ const XFEATURE_SSE: u8 = 1 << 1;
 /// A VM with the PC irqchip, 1 MiB of memory holding `contents`, and one vCPU with the host's CPUID.
 fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
     let vm = hypervisor.create_vm().expect("creating a VM");
-    vm.create_pc_irqchip(KVM_TSS_ADDRESS).expect("creating the PC irqchip");
+    vm.create_pc_irqchip(&pc_irqchip_layout()).expect("creating the PC irqchip");
     let test = TestVm::new(vm, 0, contents);
     let cpuid = hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID");
     test.vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");

@@ -1,6 +1,7 @@
 //! aarch64 extensions: the in-kernel GIC, vCPU initialisation (PSCI, secondaries powered off), boot registers,
 //! the MPIDR the FDT must name each vCPU by, and the vCPU state a snapshot holds.
 
+use arch::aarch64::layout::GicLayout;
 use arch::aarch64::{BootRegisters, GicVersion};
 use serde::{Deserialize, Serialize};
 
@@ -11,11 +12,11 @@ pub trait VmAarch64: Vm {
     /// `powered_off` waits for the guest's PSCI CPU_ON, which the hypervisor handles without the VMM.
     fn init_vcpu(&self, vcpu: &Self::Vcpu, powered_off: bool) -> Result<()>;
 
-    /// Creates and initialises the in-kernel GIC at `arch::aarch64::layout`'s addresses, with redistributors for
-    /// `vcpu_count` vCPUs and `irq_count` interrupt IDs (SGIs, PPIs and SPIs together). Must come after every vCPU
-    /// has been created and before any runs. A GICv3 when the host can emulate one, else a GICv2; returns which.
-    ///
-    fn create_gic(&self, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
+    /// Creates and initialises the in-kernel GIC at the machine's `layout`, with redistributors for `vcpu_count`
+    /// vCPUs (at most as many as the layout has room for) and `irq_count` interrupt IDs (SGIs, PPIs and SPIs
+    /// together). Must come after every vCPU has been created and before any runs. A GICv3 when the host can emulate
+    /// one, else a GICv2; returns which.
+    fn create_gic(&self, layout: &GicLayout, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
 
     /// The GICv3's state as data: distributor, each vCPU's redistributor and CPU interface (named by the vCPUs'
     /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2 is

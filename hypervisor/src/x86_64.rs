@@ -2,6 +2,7 @@
 //! holds.
 
 use arch::x86_64::cpu_state::{DescriptorTable, GeneralRegisters, Segment};
+use arch::x86_64::layout::PcIrqchipLayout;
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use serde::{Deserialize, Serialize};
 
@@ -14,15 +15,15 @@ pub trait HypervisorX86_64: Hypervisor {
 
 pub trait VmX86_64: Vm {
     /// Creates the PC interrupt controllers (dual 8259, IOAPIC, local APICs) and the 8254 PIT inside the
-    /// hypervisor. Must come before the first vCPU is created.
-    fn create_pc_irqchip(&self, tss_address: u64) -> Result<()>;
+    /// hypervisor, laid out and wired as the machine's `layout` says. Must come before the first vCPU is created.
+    fn create_pc_irqchip(&self, layout: &PcIrqchipLayout) -> Result<()>;
 
     /// The in-kernel PICs, IOAPIC and PIT and the paravirtual clock, as data. Every vCPU must be stopped (outside
     /// `run`), or the state read is already stale.
     fn save_state(&self) -> Result<VmStateX86_64>;
 
     /// Loads a saved [`VmStateX86_64`] into a VM made by [`create_pc_irqchip`](Self::create_pc_irqchip). The state
-    /// is checked first; a refused one changes nothing. The clock is set last, so that it starts from the saved
+    /// is checked first (against that layout's IOAPIC too); a refused one changes nothing. The clock is set last, so that it starts from the saved
     /// value as close as possible to the vCPUs resuming.
     fn restore_state(&self, state: &VmStateX86_64) -> Result<()>;
 }

@@ -82,6 +82,27 @@ pub const INITRD_ALIGNMENT: u64 = 0x1_0000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 
 /// Redistributor region size for `vcpus` vCPUs.
+/// Where the GIC's frames go, passed to the hypervisor that creates it (`VmAarch64::create_gic`) so that the
+/// layout stays here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicLayout {
+    pub distributor: u64,
+    /// GICv3: the first redistributor; each further vCPU's follows `GIC_REDIST_SIZE_PER_CPU` bytes on.
+    pub redistributors: u64,
+    /// GICv3: how many redistributors fit before the next device.
+    pub max_vcpus: u32,
+    /// GICv2: the CPU interface.
+    pub cpu_interface: u64,
+}
+
+/// The virt machine's GIC.
+pub const GIC_LAYOUT: GicLayout = GicLayout {
+    distributor: GIC_DIST_START,
+    redistributors: GIC_REDIST_START,
+    max_vcpus: MAX_VCPUS,
+    cpu_interface: GIC_CPU_START,
+};
+
 pub fn gic_redist_size(vcpus: u32) -> Result<u64> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(Error::Cpus(format!("{vcpus} vCPUs requested, the GIC layout holds 1 to {MAX_VCPUS}")));

@@ -10,8 +10,8 @@
 //! 1. Create the VM with an IPA size that covers `layout::RAM_START + mem_size` (KVM's default 40 bits covers
 //!    `layout::MAX_RAM_SIZE`), and guest memory as one region `layout::ram_region(mem_size)`.
 //! 2. Create the vCPUs first, then the in-kernel GIC (KVM_CREATE_DEVICE `KVM_DEV_TYPE_ARM_VGIC_V3`, falling back to
-//!    V2 if the host refuses): distributor at `GIC_DIST_START`, redistributors at `GIC_REDIST_START` (or the V2
-//!    CPU interface at `GIC_CPU_START`); set `KVM_DEV_ARM_VGIC_GRP_NR_IRQS` to at least
+//!    V2 if the host refuses) at `layout::GIC_LAYOUT`, which the vmm passes the backend: distributor at
+//!    `GIC_DIST_START`, redistributors at `GIC_REDIST_START` (or the V2 CPU interface at `GIC_CPU_START`); set `KVM_DEV_ARM_VGIC_GRP_NR_IRQS` to at least
 //!    `layout::spi_intid(VIRTIO_MMIO_FIRST_SPI + VIRTIO_MMIO_SLOTS)` rounded up to a multiple of 32, then
 //!    `KVM_DEV_ARM_VGIC_CTRL_INIT`. KVM_ARM_VCPU_INIT each vCPU with the preferred target and
 //!    `KVM_ARM_VCPU_PSCI_0_2`, plus `KVM_ARM_VCPU_POWER_OFF` on every vCPU but the first.

@@ -104,6 +104,29 @@ pub enum IrqChipPin {
     Ioapic(u8),
 }
 
+/// The PC's interrupt controllers as a hypervisor sets them up, passed to it (`VmX86_64::create_pc_irqchip`) so
+/// that the layout stays here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcIrqchipLayout {
+    /// Where KVM's TSS region goes.
+    pub tss_address: u64,
+    /// Which controller inputs each GSI drives.
+    pub routes: Vec<(u32, IrqChipPin)>,
+    /// Where the IOAPIC sits and how many input pins it has (the ACPI tables say the same).
+    pub ioapic_start: u64,
+    pub ioapic_pins: u32,
+}
+
+/// The PC's irqchip layout.
+pub fn pc_irqchip_layout() -> PcIrqchipLayout {
+    PcIrqchipLayout {
+        tss_address: KVM_TSS_ADDRESS,
+        routes: pc_irq_routes(),
+        ioapic_start: IOAPIC_START,
+        ioapic_pins: IOAPIC_PINS,
+    }
+}
+
 /// The PC's GSI wiring: which controller inputs each global system interrupt drives. Devices raise GSIs by their
 /// ISA IRQ number (0-15) or IOAPIC pin (16-23).
 pub fn pc_irq_routes() -> Vec<(u32, IrqChipPin)> {

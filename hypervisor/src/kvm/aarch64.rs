@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::mem::offset_of;
 use std::sync::OnceLock;
 
-use arch::aarch64::layout::{gic_redist_size, GIC_CPU_START, GIC_DIST_START, GIC_REDIST_START};
+use arch::aarch64::layout::GicLayout;
 use arch::aarch64::{BootRegisters, GicVersion};
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
@@ -78,10 +78,13 @@ impl VmAarch64 for KvmVm {
         vcpu.fd.vcpu_init(&init).map_err(|e| Error::new("KVM_ARM_VCPU_INIT", e))
     }
 
-    fn create_gic(&self, vcpu_count: u32, irq_count: u32) -> Result<GicVersion> {
+    fn create_gic(&self, layout: &GicLayout, vcpu_count: u32, irq_count: u32) -> Result<GicVersion> {
         // KVM sizes the redistributor region from the vCPU count; the layout must have room for that many.
-        gic_redist_size(vcpu_count)
-            .map_err(|e| Error::new("creating the vGIC", std::io::Error::other(e.to_string())))?;
+        if vcpu_count == 0 || vcpu_count > layout.max_vcpus {
+            let refusal =
+                format!("vCPUs: {vcpu_count} vCPUs requested, the GIC layout holds 1 to {}", layout.max_vcpus);
+            return Err(Error::new("creating the vGIC", std::io::Error::other(refusal)));
+        }
         let mut refusal = std::io::Error::from(std::io::ErrorKind::Unsupported);
         for (version, type_) in GIC_DEVICES {
             let mut create = kvm_create_device { type_, fd: 0, flags: 0 };
@@ -89,12 +92,13 @@ impl VmAarch64 for KvmVm {
                 Ok(device) => {
                     let addresses: &[(u32, u64)] = match version {
                         GicVersion::V3 => &[
-                            (KVM_VGIC_V3_ADDR_TYPE_DIST, GIC_DIST_START),
-                            (KVM_VGIC_V3_ADDR_TYPE_REDIST, GIC_REDIST_START),
+                            (KVM_VGIC_V3_ADDR_TYPE_DIST, layout.distributor),
+                            (KVM_VGIC_V3_ADDR_TYPE_REDIST, layout.redistributors),
                         ],
-                        GicVersion::V2 => {
-                            &[(KVM_VGIC_V2_ADDR_TYPE_DIST, GIC_DIST_START), (KVM_VGIC_V2_ADDR_TYPE_CPU, GIC_CPU_START)]
-                        }
+                        GicVersion::V2 => &[
+                            (KVM_VGIC_V2_ADDR_TYPE_DIST, layout.distributor),
+                            (KVM_VGIC_V2_ADDR_TYPE_CPU, layout.cpu_interface),
+                        ],
                     };
                     for &(kind, address) in addresses {
                         set_gic_attr(&device, KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(kind), &address)?;

@@ -1,10 +1,10 @@
 //! KVM on x86_64: the PC irqchip, CPUID, MSRs and register state.
 
 use std::fmt::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arch::x86_64::cpu_state::{DescriptorTable, GeneralRegisters, Segment};
-use arch::x86_64::layout::{pc_irq_routes, IrqChipPin, IOAPIC_PINS, IOAPIC_START};
+use arch::x86_64::layout::{IrqChipPin, PcIrqchipLayout};
 use arch::x86_64::{CpuState, CpuidEntry, MsrEntry};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_fpu, kvm_ioapic_state,
@@ -58,15 +58,18 @@ impl HypervisorX86_64 for KvmHypervisor {
 }
 
 impl VmX86_64 for KvmVm {
-    fn create_pc_irqchip(&self, tss_address: u64) -> Result<()> {
-        let tss = usize::try_from(tss_address)
+    fn create_pc_irqchip(&self, layout: &PcIrqchipLayout) -> Result<()> {
+        let tss = usize::try_from(layout.tss_address)
             .map_err(|_| Error::new("KVM_SET_TSS_ADDR", std::io::ErrorKind::InvalidInput))?;
         self.fd.set_tss_address(tss).map_err(|e| Error::new("KVM_SET_TSS_ADDR", e))?;
         self.fd.create_irq_chip().map_err(|e| Error::new("KVM_CREATE_IRQCHIP", e))?;
         // KVM's default routing puts GSI 0 on IOAPIC pin 0; a PC (and the MADT we build) has the PIT on pin 2.
-        self.fd.set_gsi_routing(&pc_irq_routing()?).map_err(|e| Error::new("KVM_SET_GSI_ROUTING", e))?;
+        self.fd.set_gsi_routing(&irq_routing(&layout.routes)?).map_err(|e| Error::new("KVM_SET_GSI_ROUTING", e))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        self.fd.create_pit2(pit).map_err(|e| Error::new("KVM_CREATE_PIT2", e))
+        self.fd.create_pit2(pit).map_err(|e| Error::new("KVM_CREATE_PIT2", e))?;
+        // Kept for checking restored states against. One irqchip per VM: KVM_CREATE_IRQCHIP refused a second.
+        let _ = self.arch.ioapic.set(IoapicLayout { start: layout.ioapic_start, pins: layout.ioapic_pins });
+        Ok(())
     }
 
     fn save_state(&self) -> Result<VmStateX86_64> {
@@ -194,11 +197,11 @@ impl KvmVcpu {
     }
 }
 
-/// The PC's GSI wiring as KVM irqchip routes.
-fn pc_irq_routing() -> Result<KvmIrqRouting> {
-    let entries: Vec<kvm_irq_routing_entry> = pc_irq_routes()
-        .into_iter()
-        .map(|(gsi, input)| {
+/// The machine's GSI wiring as KVM irqchip routes.
+fn irq_routing(routes: &[(u32, IrqChipPin)]) -> Result<KvmIrqRouting> {
+    let entries: Vec<kvm_irq_routing_entry> = routes
+        .iter()
+        .map(|&(gsi, input)| {
             let (irqchip, pin) = match input {
                 IrqChipPin::PicPrimary(pin) => (KVM_IRQCHIP_PIC_MASTER, pin),
                 IrqChipPin::PicSecondary(pin) => (KVM_IRQCHIP_PIC_SLAVE, pin),
@@ -287,11 +290,20 @@ const UNLISTED_MSRS: &[u32] = &[
     0x20f, 0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
 ];
 
-/// What the vCPUs of one VM need to know about the host's KVM to save and restore their state.
+/// What the vCPUs of one VM need to know about the host's KVM to save and restore their state, and what a restore
+/// of the VM's own state is checked against.
 pub(super) struct VmData {
     /// The [`LISTED_MSRS`] this host's KVM lists as saveable, and the [`UNLISTED_MSRS`]: TSC first, the TSC
     /// deadline last.
     saved_msrs: Arc<[u32]>,
+    /// The IOAPIC the machine's layout gave `create_pc_irqchip`, once it ran.
+    ioapic: OnceLock<IoapicLayout>,
+}
+
+/// Where the machine has its IOAPIC, and how many pins.
+struct IoapicLayout {
+    start: u64,
+    pins: u32,
 }
 
 impl VmData {
@@ -303,7 +315,7 @@ impl VmData {
         let deadline = saved_msrs.iter().position(|&index| index == MSR_IA32_TSC_DEADLINE).unwrap_or(saved_msrs.len());
         saved_msrs.splice(deadline..deadline, UNLISTED_MSRS.iter().copied());
         let saved_msrs = saved_msrs.into();
-        Ok(VmData { saved_msrs })
+        Ok(VmData { saved_msrs, ioapic: OnceLock::new() })
     }
 
     pub(super) fn vcpu_data(&self, vm: &VmFd) -> VcpuData {
@@ -590,17 +602,20 @@ impl KvmVm {
 
     pub(super) fn restore_vm_state(&self, state: &VmStateX86_64) -> Result<()> {
         const OPERATION: &str = "restoring the irqchip state";
-        if state.ioapic.redirection_table.len() != IOAPIC_PINS as usize {
+        let Some(ioapic) = self.arch.ioapic.get() else {
+            return Err(invalid(OPERATION, "the VM has no PC irqchip to load it into".into()));
+        };
+        if state.ioapic.redirection_table.len() != ioapic.pins as usize {
             return Err(invalid(
                 OPERATION,
-                format!("IOAPIC with {} pins, the PC's has {IOAPIC_PINS}", state.ioapic.redirection_table.len()),
+                format!("IOAPIC with {} pins, the PC's has {}", state.ioapic.redirection_table.len(), ioapic.pins),
             ));
         }
         // KVM moves its IOAPIC to whatever base the state names; the machine (and its ACPI tables) has it here.
-        if state.ioapic.base_address != IOAPIC_START {
+        if state.ioapic.base_address != ioapic.start {
             return Err(invalid(
                 OPERATION,
-                format!("IOAPIC at {:#x}, not {IOAPIC_START:#x}", state.ioapic.base_address),
+                format!("IOAPIC at {:#x}, not {:#x}", state.ioapic.base_address, ioapic.start),
             ));
         }
         for (chip_id, pic) in [(KVM_IRQCHIP_PIC_MASTER, &state.pic_master), (KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave)] {
@@ -808,6 +823,8 @@ kvm_conversions!(PitChannelState <=> kvm_pit_channel_state: pit_channel_from_kvm
 
 #[cfg(test)]
 mod tests {
+    use arch::x86_64::layout::IOAPIC_START;
+
     use super::*;
 
     #[test]

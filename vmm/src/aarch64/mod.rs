@@ -225,7 +225,7 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
             vcpus.push(vcpu);
         }
         // KVM sizes the GIC's redistributors by the vCPUs that exist, so it comes after them.
-        let gic = vm.create_gic(vcpu_count, GIC_IRQ_COUNT)?;
+        let gic = vm.create_gic(&layout::GIC_LAYOUT, vcpu_count, GIC_IRQ_COUNT)?;
         let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
 
         self.uart_spi.attach(vm.as_ref())?;

@@ -11,7 +11,7 @@ use arch::x86_64::acpi::virtio_mmio_device_aml;
 use arch::x86_64::boot::setup_guest_with_acpi;
 use arch::x86_64::layout::{
     ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, CMOS_PORT, COM1_IRQ, COM1_PORT,
-    I8042_DATA_PORT, KVM_TSS_ADDRESS,
+    I8042_DATA_PORT,
 };
 use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START};
 use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
@@ -246,7 +246,7 @@ impl Pc {
     /// What every VM of this machine needs before its vCPUs exist, booted or restored: the interrupt controllers,
     /// the devices' interrupt lines and queue notifiers.
     fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
-        vm.create_pc_irqchip(KVM_TSS_ADDRESS)?;
+        vm.create_pc_irqchip(&layout::pc_irqchip_layout())?;
         vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
         vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
         for slot in &self.virtio {
