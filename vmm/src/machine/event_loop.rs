@@ -1,0 +1,125 @@
+//! The event loop: guest and host events, and the QMP sockets.
+
+use std::time::{Duration, Instant};
+
+use hypervisor::Hypervisor;
+use mio::{Events, Poll};
+use qmp::{Event, ServerInfo, Session, ShutdownCause};
+
+use crate::platform::Platform;
+use crate::qmp_server::{Handlers, QmpServer};
+use crate::{signals, Error, Outcome};
+
+use super::{shutdown_event, Vmm};
+
+/// How long, at most, QMP clients are given on the way out to read what they are still owed (the last reply, the
+/// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
+pub(super) const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
+
+/// The VMM's main loop: guest and host events, and the QMP sockets.
+/// Field order is drop order: clients see their connection close before the VM's teardown (tens of ms with an
+/// in-kernel irqchip), as QEMU's do right after `quit`'s reply.
+pub(super) struct EventLoop<'a, H: Hypervisor, P: Platform<H>> {
+    pub(super) qmp: QmpServer<Session>,
+    pub(super) poll: Poll,
+    pub(super) vmm: Vmm<'a, H, P>,
+}
+
+impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
+    pub(super) fn run(mut self) -> Result<Outcome, Error> {
+        let outcome = self.serve();
+        // Every way out, an error's too: clients get the rest of their replies and the last events first.
+        self.qmp.finish(Instant::now() + QMP_FINISH_GRACE);
+        self.qmp.remove_files();
+        outcome
+    }
+
+    /// Ends the run if Kestrel was told to terminate: a signal outranks whatever else is queued.
+    fn check_signal(&mut self) -> Option<Outcome> {
+        let signal = signals::received()?;
+        let event = shutdown_event(ShutdownCause::HostSignal);
+        self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
+        Some(Outcome::Signal(signal))
+    }
+
+    fn serve(&mut self) -> Result<Outcome, Error> {
+        let waits: Vec<bool> = self.vmm.config.qmp.iter().map(|s| s.wait).collect();
+        if waits.contains(&true) {
+            let EventLoop { qmp, poll, vmm } = self;
+            let mut connect = || Session::new(ServerInfo::kestrel());
+            let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                session.receive_fds(fds);
+                session.feed(bytes, vmm)
+            };
+            let mut handlers = Handlers { connect: &mut connect, input: &mut input };
+            if !qmp.wait_for_clients(&waits, signals::termination_fd(), poll.registry(), &mut handlers) {
+                // Only a termination signal interrupts the wait.
+                return Ok(self.check_signal().unwrap_or(Outcome::Signal(libc::SIGTERM)));
+            }
+        }
+        if let Some(outcome) = self.check_signal() {
+            return Ok(outcome);
+        }
+        self.vmm.start()?;
+        for event in std::mem::take(&mut self.vmm.raised) {
+            self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
+        }
+        let mut events = Events::with_capacity(64);
+        loop {
+            match self.poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Host("waiting for events", e)),
+            }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
+            }
+            let EventLoop { qmp, poll, vmm } = self;
+            for ready in events.iter() {
+                let token = ready.token();
+                if !qmp.owns(token) {
+                    continue;
+                }
+                {
+                    let mut connect = || Session::new(ServerInfo::kestrel());
+                    let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                        session.receive_fds(fds);
+                        session.feed(bytes, vmm)
+                    };
+                    let mut handlers = Handlers { connect: &mut connect, input: &mut input };
+                    qmp.ready(token, poll.registry(), &mut handlers);
+                }
+                let raised = std::mem::take(&mut vmm.raised);
+                for event in &raised {
+                    qmp.broadcast_except(Some(token), poll.registry(), |session| session.event_bytes(event));
+                }
+                if vmm.quit {
+                    return Ok(Outcome::Quit);
+                }
+                if let Some(error) = vmm.fatal.take() {
+                    return Err(error);
+                }
+            }
+            {
+                // A client that went away while being sent an event leaves the next one still queued.
+                let mut connect = || Session::new(ServerInfo::kestrel());
+                let mut input = |session: &mut Session, bytes: &[u8], fds| {
+                    session.receive_fds(fds);
+                    session.feed(bytes, vmm)
+                };
+                qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            }
+            while signals::received().is_none() {
+                let Ok(event) = vmm.events.try_recv() else { break };
+                let registry = poll.registry();
+                let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));
+                if let Some(outcome) = vmm.handle(event, &mut emit)? {
+                    return Ok(outcome);
+                }
+            }
+            if let Some(outcome) = self.check_signal() {
+                return Ok(outcome);
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Runs a VM: guest memory, the vCPU threads, and the event loop that turns device requests, vCPU failures,
+//! host signals and control commands into the machine's run state (running, paused, reset in place, shut down).
+//!
+//! `Vmm` is the machine, generic over the hypervisor and the platform (`run` picks KVM and this host's platform);
+//! its concerns each have a file: `lifecycle` (built, booted, reset, paused, a request acted on), `qmp_machine`
+//! (what QMP commands see and do), `migration` (save and restore through QMP and `-incoming`), `event_loop`
+//! (guest and host events, and the QMP sockets) and `memory` (guest RAM: checked, allocated, mapped).
+
+mod event_loop;
+mod lifecycle;
+mod memory;
+mod migration;
+mod qmp_machine;
+
+use std::fs::File;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use devices::PlatformRequest;
+use hypervisor::kvm::KvmHypervisor;
+use hypervisor::Hypervisor;
+use mio::{Poll, Token, Waker};
+use qmp::{Event, EventKind, MigrationCapabilities, MigrationInfo, RunState, ShutdownCause, Timestamp};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::platform::Platform;
+use crate::qmp_server::QmpServer;
+use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self as snapshot_file, Incoming};
+use crate::vcpu::VcpuThreads;
+use crate::{inherited, signals, Error, Outcome};
+use event_loop::EventLoop;
+
+/// Something the event loop must act on.
+pub enum VmEvent {
+    Platform(PlatformRequest),
+    VcpuFailed { id: u32, reason: String, state: String },
+    Signal(i32),
+}
+
+/// Sends events to the loop from any thread, waking it.
+#[derive(Clone)]
+pub struct EventSender {
+    sender: Arc<Mutex<Sender<VmEvent>>>,
+    waker: Arc<Waker>,
+}
+
+impl EventSender {
+    pub fn send(&self, event: VmEvent) {
+        // Both fail only while the VMM is exiting, when the event no longer matters.
+        let _ = self.sender.lock().unwrap_or_else(|p| p.into_inner()).send(event);
+        let _ = self.waker.wake();
+    }
+}
+
+const WAKER: Token = Token(0);
+
+/// One boot of the guest. Field order is drop order: vCPU threads stop before the VM goes.
+struct Guest<H: Hypervisor, P: Platform<H>> {
+    vcpus: VcpuThreads<P::VcpuState>,
+    vm: Arc<H::Vm>,
+}
+
+/// The machine itself, platform `P` on hypervisor `H`: what QMP commands act on.
+pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
+    config: &'a VmConfig,
+    hypervisor: H,
+    platform: P,
+    kernel: File,
+    initrd: Option<File>,
+    /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
+    /// its contents across resets, as a PC's RAM does.
+    memory: GuestMemoryMmap,
+    events: Receiver<VmEvent>,
+    sender: EventSender,
+    guest: Option<Guest<H, P>>,
+    state: RunState,
+    /// Events raised by the QMP command being handled, for the other clients.
+    raised: Vec<Event>,
+    quit: bool,
+    /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
+    disks: Vec<crate::virtio::Disk>,
+    /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::spawn`).
+    platform_requested: Arc<AtomicBool>,
+    /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
+    first_boot_vcpus: Option<VcpuThreads<P::VcpuState>>,
+    /// The snapshot to build the first boot from (`-incoming`), already checked against this machine.
+    incoming: Option<Incoming>,
+    /// Started with `-incoming defer` and no `migrate-incoming` yet: no guest runs, the state is `inmigrate`.
+    waiting_for_incoming: bool,
+    /// Whether the guest runs once an incoming migration completed: not with `-S`; `cont` and `stop` in
+    /// `inmigrate` change it, as in QEMU.
+    autostart: bool,
+    /// The last migration (`migrate`, or the restore of `-incoming`), for `query-migrate`.
+    migration: Option<MigrationInfo>,
+    migration_capabilities: MigrationCapabilities,
+    /// Why the run must end: an incoming stream failed after guest memory started to fill.
+    fatal: Option<Error>,
+    /// The snapshot file guest memory is partly mapped from, after a restore from a file: it stays so for the life
+    /// of the process (resets keep memory as it is), and a save must not overwrite it.
+    memory_file: Option<snapshot_file::MappedFile>,
+}
+
+/// Runs the machine `config` describes: this host's platform on KVM, the one place a backend is chosen.
+pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new)
+}
+
+/// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked).
+fn run_on<H, P>(config: &VmConfig, open: impl FnOnce() -> hypervisor::Result<H>) -> Result<Outcome, Error>
+where
+    H: Hypervisor,
+    P: Platform<H>,
+{
+    // Before anything is opened: which descriptors came from outside (`-incoming fd:N`).
+    inherited::record();
+    if config.sandbox {
+        seccomp::enable()?;
+    }
+    let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
+    let vmm = match Vmm::<H, P>::new(config, open, &poll) {
+        Ok(vmm) => vmm,
+        // A console waiting for its first client gives up when Kestrel is told to terminate.
+        Err(Error::Console(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+            return signals::received().map(Outcome::Signal).ok_or(Error::Console(e));
+        }
+        Err(e) => return Err(e),
+    };
+    let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
+    // Every other thread has started and confines itself (the first boot's vCPU threads too: they carry their own
+    // filter only, later boots' add theirs to this one). No vCPU enters the guest before all of them, and this
+    // thread, are confined (`seccomp::wait_until_every_thread_is_confined`).
+    seccomp::apply(ThreadKind::Main)?;
+    EventLoop { qmp, poll, vmm }.run()
+}
+
+/// Wall-clock time for event timestamps.
+fn now() -> Timestamp {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp { seconds: since_epoch.as_secs() as i64, microseconds: i64::from(since_epoch.subsec_micros()) }
+}
+
+fn qmp_event(kind: EventKind) -> Event {
+    Event { kind, timestamp: now() }
+}
+
+fn shutdown_event(reason: ShutdownCause) -> Event {
+    qmp_event(EventKind::Shutdown { guest: reason.is_guest(), reason })
+}

@@ -1,0 +1,291 @@
+//! The machine as QMP sees it: `qmp::Machine` for `Vmm`, and how Kestrel's devices and vCPUs are shown.
+
+use devices::virtio::block::Block;
+use hypervisor::Hypervisor;
+use qmp::{
+    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, MigrationCapabilities,
+    MigrationChannel, MigrationInfo, QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target,
+};
+use serde_json::json;
+
+use crate::config::SerialConfig;
+use crate::platform::Platform;
+
+use super::{qmp_event, shutdown_event, Vmm};
+
+impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
+    fn run_state(&self) -> RunState {
+        self.state
+    }
+    fn stop(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state == RunState::InMigrate {
+            self.autostart = false;
+            return Ok(());
+        }
+        if self.state == RunState::Running {
+            self.pause(RunState::Paused);
+            self.raise(events, qmp_event(EventKind::Stop));
+        }
+        Ok(())
+    }
+    fn cont(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        // QEMU: the guest runs once the incoming migration completed.
+        if self.state == RunState::InMigrate {
+            self.autostart = true;
+            return Ok(());
+        }
+        if self.state != RunState::Running {
+            self.resume();
+            self.raise(events, qmp_event(EventKind::Resume));
+        }
+        Ok(())
+    }
+    fn system_reset(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        if self.state == RunState::InMigrate {
+            return Err(QmpError::generic("the machine is waiting for its incoming migration"));
+        }
+        if self.config.no_reboot {
+            // QEMU with -no-reboot turns every reset request, the host's too, into a shutdown.
+            self.raise(events, shutdown_event(ShutdownCause::HostQmpSystemReset));
+            self.quit = true;
+            return Ok(());
+        }
+        self.raise(events, qmp_event(EventKind::Reset { guest: false, reason: ShutdownCause::HostQmpSystemReset }));
+        self.reset().map_err(|e| QmpError::generic(e.to_string()))
+    }
+    fn system_powerdown(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.raise(events, qmp_event(EventKind::Powerdown));
+        self.platform.press_power_button();
+        Ok(())
+    }
+    fn quit(&mut self, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.raise(events, shutdown_event(ShutdownCause::HostQmpQuit));
+        self.quit = true;
+        Ok(())
+    }
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.vcpu_thread_ids()
+            .into_iter()
+            .enumerate()
+            .map(|(index, thread_id)| CpuInfo {
+                cpu_index: index as i64,
+                qom_path: cpu_qom_path(index),
+                thread_id: i64::from(thread_id),
+                props: P::cpu_props(index as u32),
+                type_name: P::CPU_TYPE.to_string(),
+            })
+            .collect()
+    }
+    fn name(&self) -> Option<String> {
+        self.config.name.clone()
+    }
+    fn uuid(&self) -> [u8; 16] {
+        let hex: String = self.config.uuid.as_deref().unwrap_or_default().chars().filter(|c| *c != '-').collect();
+        let mut bytes = [0u8; 16];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+        }
+        bytes
+    }
+    fn memory_size(&self) -> u64 {
+        self.config.memory_bytes
+    }
+    fn plugged_memory(&self) -> Option<u64> {
+        None
+    }
+    fn chardevs(&self) -> Vec<ChardevInfo> {
+        let serial = match &self.config.serial {
+            SerialConfig::Stdio => Some("stdio".to_string()),
+            SerialConfig::Pty => Some("pty".to_string()),
+            SerialConfig::File(path) => Some(format!("file:{}", path.display())),
+            SerialConfig::None => None,
+            SerialConfig::Socket(socket) => Some(format!("{},server=on", socket.address)),
+        };
+        let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
+        let monitors = self.config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {
+            label: format!("compat_monitor{i}"),
+            filename: format!("{},server=on", socket.address),
+            frontend_open: true,
+        });
+        serial.into_iter().chain(monitors).collect()
+    }
+    fn target(&self) -> Target {
+        P::QMP_TARGET
+    }
+    fn kvm(&self) -> (bool, bool) {
+        (true, true)
+    }
+    fn machines(&self) -> Vec<MachineInfo> {
+        vec![MachineInfo {
+            name: P::MACHINE_TYPE.into(),
+            alias: None,
+            is_default: true,
+            cpu_max: i64::from(P::MAX_VCPUS),
+            hotpluggable_cpus: false,
+            numa_mem_supported: false,
+            deprecated: false,
+            default_cpu_type: Some(P::CPU_TYPE.into()),
+            default_ram_id: None,
+        }]
+    }
+    /// A small tree that tells the truth: the machine, its unattached container and one object per vCPU.
+    fn qom_object(&self, path: &str) -> Option<QomObject> {
+        let prop = |name: &str, type_name: &str, value| QomProperty {
+            name: name.into(),
+            type_name: type_name.into(),
+            value: Some(value),
+        };
+        let vcpus = usize::from(self.config.vcpus);
+        match path.trim_end_matches('/') {
+            "" => Some(QomObject {
+                type_name: "container".into(),
+                properties: vec![
+                    prop("type", "string", json!("container")),
+                    prop("machine", &format!("child<{}>", P::MACHINE_QOM_TYPE), json!("/machine")),
+                ],
+            }),
+            "/machine" => Some(QomObject {
+                type_name: P::MACHINE_QOM_TYPE.into(),
+                properties: vec![
+                    prop("type", "string", json!(P::MACHINE_QOM_TYPE)),
+                    prop("unattached", "child<container>", json!("/machine/unattached")),
+                    prop("kernel", "string", json!(self.config.kernel.display().to_string())),
+                    prop("append", "string", json!(self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE))),
+                ],
+            }),
+            "/machine/unattached" => {
+                let mut properties = vec![prop("type", "string", json!("container"))];
+                properties.extend((0..vcpus).map(|i| {
+                    prop(&format!("device[{i}]"), &format!("child<{}>", P::CPU_TYPE), json!(cpu_qom_path(i)))
+                }));
+                Some(QomObject { type_name: "container".into(), properties })
+            }
+            other => {
+                let index: usize =
+                    other.strip_prefix("/machine/unattached/device[")?.strip_suffix(']')?.parse().ok()?;
+                (index < vcpus).then(|| QomObject {
+                    type_name: P::CPU_TYPE.into(),
+                    properties: vec![
+                        prop("type", "string", json!(P::CPU_TYPE)),
+                        prop("realized", "bool", json!(true)),
+                        prop("start-powered-off", "bool", json!(index != 0)),
+                    ],
+                })
+            }
+        }
+    }
+    fn block_devices(&self) -> Vec<BlockDevice> {
+        let disks = self.config.disks.iter().zip(&self.disks).enumerate();
+        disks
+            .map(|(i, (config, block))| block_device(i, config, &block.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+    fn pci_devices(&self) -> Vec<qmp::PciDevice> {
+        self.platform.pci_functions().iter().map(pci_device).collect()
+    }
+    /// QEMU's non-live save (see `Vmm::save_to`).
+    fn migrate(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.save_to(channel, events)
+    }
+
+    /// `-incoming defer`'s second half (see `Vmm::load_from`).
+    fn migrate_incoming(&mut self, channel: MigrationChannel, events: &mut Vec<Event>) -> Result<(), QmpError> {
+        self.load_from(channel, events)
+    }
+
+    fn migration(&self) -> Option<MigrationInfo> {
+        self.migration.clone()
+    }
+    fn migration_capabilities(&self) -> MigrationCapabilities {
+        self.migration_capabilities
+    }
+    fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError> {
+        self.migration_capabilities = capabilities;
+        Ok(())
+    }
+}
+
+impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
+    /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
+    /// session through `raised`.
+    pub(super) fn raise(&mut self, events: &mut Vec<Event>, event: Event) {
+        self.raised.push(event);
+        events.push(event);
+    }
+}
+
+/// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a
+/// memory BAR placed before the guest starts.
+pub(super) fn pci_device(f: &devices::pci::PciFunctionInfo) -> qmp::PciDevice {
+    qmp::PciDevice {
+        bus: 0,
+        slot: f.slot,
+        function: f.function,
+        class: (f.class_code >> 8) as u16,
+        vendor_id: f.vendor_id,
+        device_id: f.device_id,
+        subsystem_vendor_id: f.subsystem_vendor_id,
+        subsystem_id: f.subsystem_id,
+        irq: None,
+        irq_pin: f.irq_pin,
+        qdev_id: f.qdev_id.clone(),
+        regions: f
+            .bars
+            .iter()
+            .map(|b| qmp::PciRegion {
+                bar: b.index as u8,
+                io: b.is_io,
+                address: Some(b.address),
+                size: b.size,
+                prefetchable: b.prefetchable,
+                is_64bit: b.is_64bit,
+            })
+            .collect(),
+    }
+}
+
+/// One disk as QMP shows it. The backend is named as QEMU names `-drive if=virtio` drives (`virtio0`, ...) and the
+/// node as QEMU names nodes it generated (`#block<N>`, a name no user can give). There is no `qdev`: Kestrel's QOM
+/// tree has no object for the device, and QMP must not name a path `qom-get` cannot resolve.
+pub(super) fn block_device(index: usize, config: &crate::config::DiskConfig, block: &Block) -> BlockDevice {
+    use std::os::unix::fs::MetadataExt;
+    let s = block.stats();
+    BlockDevice {
+        device: format!("virtio{index}"),
+        qdev: None,
+        node_name: format!("#block{index}"),
+        file: config.path.display().to_string(),
+        read_only: block.read_only(),
+        direct: config.direct,
+        virtual_size: block.capacity() * 512,
+        // st_blocks counts 512-byte units whatever the file system's block size.
+        actual_size: std::fs::metadata(&config.path).ok().map(|m| m.blocks() * 512),
+        stats: BlockDeviceStats {
+            rd_bytes: s.rd_bytes,
+            // QEMU accounts write-zeroes as writes and discards as unmaps.
+            wr_bytes: s.wr_bytes + s.write_zeroes_bytes,
+            unmap_bytes: s.discard_bytes,
+            rd_operations: s.rd_operations,
+            wr_operations: s.wr_operations + s.write_zeroes_operations,
+            flush_operations: s.flush_operations,
+            unmap_operations: s.discard_operations,
+            rd_total_time_ns: s.total_time_ns.read,
+            wr_total_time_ns: s.total_time_ns.write + s.total_time_ns.write_zeroes,
+            flush_total_time_ns: s.total_time_ns.flush,
+            unmap_total_time_ns: s.total_time_ns.discard,
+            wr_highest_offset: s.wr_highest_offset,
+            failed_rd_operations: s.failed.read,
+            failed_wr_operations: s.failed.write + s.failed.write_zeroes,
+            failed_flush_operations: s.failed.flush,
+            failed_unmap_operations: s.failed.discard,
+            invalid_rd_operations: s.invalid.read,
+            invalid_wr_operations: s.invalid.write + s.invalid.write_zeroes,
+            invalid_flush_operations: s.invalid.flush,
+            invalid_unmap_operations: s.invalid.discard,
+        },
+    }
+}
+
+pub(super) fn cpu_qom_path(index: usize) -> String {
+    format!("/machine/unattached/device[{index}]")
+}
