@@ -11,6 +11,8 @@ mod lifecycle;
 mod memory;
 mod migration;
 mod qmp_machine;
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
 use std::sync::atomic::AtomicBool;
