@@ -204,7 +204,7 @@ impl Platform {
         H::Vm: VmAarch64 + 'static,
         <H::Vm as Vm>::Vcpu: VcpuAarch64,
     {
-        let (vcpus, gic, mpidrs) = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
+        let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
         self.wire_vm(vm.as_ref())?;
         let slots: Vec<layout::VirtioMmioSlot> =
             (0..self.virtio.len() as u32).filter_map(layout::virtio_mmio_slot).collect();
@@ -254,10 +254,17 @@ impl Platform {
     }
 }
 
+/// A VM's vCPUs, boot vCPU first, and the GIC made for them.
+struct VcpusAndGic<C> {
+    vcpus: Vec<C>,
+    gic: GicVersion,
+    /// The vCPUs' MPIDRs, in vCPU order: what the FDT and the GIC's state name them by.
+    mpidrs: Vec<u64>,
+}
+
 /// Creates `count` vCPUs and initialises them (secondaries powered off until PSCI CPU_ON), then the GIC for them:
 /// KVM sizes the GIC's redistributors by the vCPUs that exist and creates no vCPU once the GIC is initialised.
-/// Returns the vCPUs, boot vCPU first, the GIC's version and the vCPUs' MPIDRs.
-fn create_vcpus_and_gic<V: VmAarch64>(vm: &V, count: u32) -> Result<(Vec<V::Vcpu>, GicVersion, Vec<u64>), Error>
+fn create_vcpus_and_gic<V: VmAarch64>(vm: &V, count: u32) -> Result<VcpusAndGic<V::Vcpu>, Error>
 where
     V::Vcpu: VcpuAarch64,
 {
@@ -269,7 +276,7 @@ where
     }
     let gic = vm.create_gic(count, GIC_IRQ_COUNT)?;
     let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
-    Ok((vcpus, gic, mpidrs))
+    Ok(VcpusAndGic { vcpus, gic, mpidrs })
 }
 
 fn memory_size(memory: &GuestMemoryMmap) -> u64 {

@@ -10,7 +10,7 @@ use hypervisor::aarch64::{system_register_id, VcpuAarch64, VcpuStateAarch64, VmA
 use hypervisor::{Hypervisor, Vm};
 use snapshot::CpuIdentity;
 
-use super::{create_vcpus_and_gic, Platform, VcpuState, VmState};
+use super::{create_vcpus_and_gic, Platform, VcpuState, VcpusAndGic, VmState};
 use crate::snapshot::Component;
 use crate::Error;
 
@@ -189,8 +189,9 @@ impl Platform {
     ///    absolute time on the guest's counter, and writing KVM_REG_ARM_TIMER_CNT sets the VM's counter offset so
     ///    that the guest's virtual counter reads the saved value now. The guest's counter (and with it its
     ///    clocksource and /proc/uptime) thus goes on from where the save stopped it instead of jumping by the time
-    ///    the VM spent saved, and a pending CVAL keeps its meaning; KVM evaluates the timers when the vCPU next
-    ///    loads, so the order of CTL, CVAL and CNT among themselves does not matter. The offset is the VM's: each
+    ///    the VM spent saved, and a pending CVAL keeps its meaning. KVM evaluates a timer's output after each of these
+    ///    writes and again when the vCPU loads, so what counts is their values once all are written, not their
+    ///    order (KVM lists, and a save stores, CVAL, CTL, then CNT). The offset is the VM's: each
     ///    vCPU's write sets it again, the last one wins, and the vCPUs' saved counts differ only by the
     ///    microseconds between their threads' reads, so every vCPU agrees on one counter.
     /// 4. The vGIC's state last: distributor, then each redistributor and CPU interface by MPIDR (so the MPIDRs
@@ -211,7 +212,7 @@ impl Platform {
             .ok()
             .filter(|&count| (1..=Self::MAX_VCPUS).contains(&count))
             .ok_or_else(|| Error::Snapshot(format!("cannot restore {} vCPUs", vcpu_states.len())))?;
-        let (vcpus, gic, mpidrs) = create_vcpus_and_gic(vm.as_ref(), count)?;
+        let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), count)?;
         if gic != GicVersion::V3 {
             return Err(Error::Snapshot(
                 "cannot restore: the snapshot holds a GICv3's state and this host's KVM emulates a GICv2 only".into(),
