@@ -12,7 +12,7 @@ use arch::aarch64::layout::{
     self, spi_intid, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_START, PL061_SIZE, PL061_SPI, PL061_START,
     VIRTIO_MMIO_FIRST_SPI, VIRTIO_MMIO_SLOTS,
 };
-use arch::aarch64::{setup_guest, GuestConfig};
+use arch::aarch64::{setup_guest, GicVersion, GuestConfig};
 use devices::legacy::{Pl011, Pl031, Pl061};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::rng::getrandom;
@@ -87,6 +87,7 @@ pub struct Platform {
     pub mmio: Bus,
     uart: Arc<Mutex<Pl011>>,
     uart_spi: LevelSpi,
+    rtc: Arc<Mutex<Pl031>>,
     gpio: Arc<Mutex<Pl061>>,
     gpio_spi: LevelSpi,
     virtio: Vec<MmioSlot>,
@@ -148,7 +149,8 @@ impl Platform {
         });
         mmio.insert(uart.clone(), PL011_START, PL011_SIZE)?;
 
-        mmio.insert(Arc::new(Mutex::new(Pl031::new())), PL031_START, PL031_SIZE)?;
+        let rtc = Arc::new(Mutex::new(Pl031::new()));
+        mmio.insert(rtc.clone(), PL031_START, PL031_SIZE)?;
 
         let gpio_spi = LevelSpi::new(PL061_SPI)?;
         let gpio_line: Arc<dyn InterruptLine> = gpio_spi.line.clone();
@@ -162,7 +164,7 @@ impl Platform {
         let slots: Vec<(u64, u32)> =
             (0..VIRTIO_MMIO_SLOTS).filter_map(layout::virtio_mmio_slot).map(|s| (s.base, s.spi)).collect();
         let virtio = attach_mmio(&mut mmio, memory, virtio_devices, &slots)?;
-        Ok(Platform { pio: Bus::new(), mmio, uart, uart_spi, gpio, gpio_spi, virtio })
+        Ok(Platform { pio: Bus::new(), mmio, uart, uart_spi, rtc, gpio, gpio_spi, virtio })
     }
 
     /// Presses the power key on the PL061; the guest's gpio-keys driver decides whether and how to shut down.
@@ -202,22 +204,8 @@ impl Platform {
         H::Vm: VmAarch64 + 'static,
         <H::Vm as Vm>::Vcpu: VcpuAarch64,
     {
-        let vcpu_count = u32::from(boot.vcpu_count);
-        let mut vcpus = Vec::with_capacity(usize::from(boot.vcpu_count));
-        for id in 0..vcpu_count {
-            let vcpu = vm.create_vcpu(id)?;
-            vm.init_vcpu(&vcpu, id != 0)?;
-            vcpus.push(vcpu);
-        }
-        // KVM sizes the GIC's redistributors by the vCPUs that exist, so it comes after them.
-        let gic = vm.create_gic(vcpu_count, GIC_IRQ_COUNT)?;
-        let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
-
-        self.uart_spi.attach(vm.as_ref())?;
-        self.gpio_spi.attach(vm.as_ref())?;
-        for slot in &self.virtio {
-            slot.attach(vm.as_ref())?;
-        }
+        let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
+        self.wire_vm(vm.as_ref())?;
         let slots: Vec<layout::VirtioMmioSlot> =
             (0..self.virtio.len() as u32).filter_map(layout::virtio_mmio_slot).collect();
 
@@ -240,6 +228,17 @@ impl Platform {
         Ok(vcpus)
     }
 
+    /// Connects the devices' interrupt lines (irqfds) and virtio notifications (ioeventfds) to a VM whose GIC
+    /// exists.
+    fn wire_vm<V: Vm>(&self, vm: &V) -> Result<(), Error> {
+        self.uart_spi.attach(vm)?;
+        self.gpio_spi.attach(vm)?;
+        for slot in &self.virtio {
+            slot.attach(vm)?;
+        }
+        Ok(())
+    }
+
     /// Back to power-on state for a guest reset.
     pub fn reset(&self) {
         self.uart.lock().unwrap_or_else(|p| p.into_inner()).reset();
@@ -253,6 +252,31 @@ impl Platform {
     pub fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         Vec::new()
     }
+}
+
+/// A VM's vCPUs, boot vCPU first, and the GIC made for them.
+struct VcpusAndGic<C> {
+    vcpus: Vec<C>,
+    gic: GicVersion,
+    /// The vCPUs' MPIDRs, in vCPU order: what the FDT and the GIC's state name them by.
+    mpidrs: Vec<u64>,
+}
+
+/// Creates `count` vCPUs and initialises them (secondaries powered off until PSCI CPU_ON), then the GIC for them:
+/// KVM sizes the GIC's redistributors by the vCPUs that exist and creates no vCPU once the GIC is initialised.
+fn create_vcpus_and_gic<V: VmAarch64>(vm: &V, count: u32) -> Result<VcpusAndGic<V::Vcpu>, Error>
+where
+    V::Vcpu: VcpuAarch64,
+{
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for id in 0..count {
+        let vcpu = vm.create_vcpu(id)?;
+        vm.init_vcpu(&vcpu, id != 0)?;
+        vcpus.push(vcpu);
+    }
+    let gic = vm.create_gic(count, GIC_IRQ_COUNT)?;
+    let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
+    Ok(VcpusAndGic { vcpus, gic, mpidrs })
 }
 
 fn memory_size(memory: &GuestMemoryMmap) -> u64 {
