@@ -19,11 +19,11 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One case's result as L1 printed it.
 #[derive(Debug, Default)]
@@ -100,16 +100,33 @@ fn run_runner(arch: Arch) -> Result<Runner, String> {
     let _ = std::fs::remove_file(&log);
     let script = repo().join("ci/runner").join(arch.name());
     let start = Instant::now();
-    let output = Command::new("bash")
+    let mut child = Command::new("bash")
         .arg(&script)
         .arg(repo().join("ci/runner/linux.cases"))
         .env("KESTREL_RUNNER_LOG", &log)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot start {}: {e}", script.display()))?;
+    // The runner's progress (its stderr: what it builds, each case as it ends, L1 restarts) goes to this
+    // process's stderr as it comes, outside the harness's capture, so a CI log shows how far a slow or stopped
+    // runner got; it is kept for the summary too.
+    let progress = child.stderr.take().expect("stderr was piped");
+    let echo = std::thread::spawn(move || {
+        let mut kept = String::new();
+        for line in BufReader::new(progress).lines().map_while(Result::ok) {
+            let _ = writeln!(std::io::stderr(), "{line}");
+            kept.push_str(&line);
+            kept.push('\n');
+        }
+        kept
+    });
+    let output = child.wait_with_output().map_err(|e| format!("cannot wait for {}: {e}", script.display()))?;
+    let stderr = echo.join().unwrap_or_default();
     let summary = format!(
         "{}{}(runner exit status {}, {:.1} s)",
         String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
+        stderr,
         output.status,
         start.elapsed().as_secs_f64()
     );
@@ -625,7 +642,13 @@ fn a_counting_linux_guest_is_saved_and_restored_into_a_new_kestrel() {
 #[test]
 fn a_linux_guest_with_a_network_card_is_saved_and_restored_and_the_network_answers() {
     let Some(c) = case(Arch::X86_64, "snapshot-net") else { return };
-    check_snapshot(&c);
+    check_snapshot_net(&c);
+}
+
+/// The snapshot-net case's checks: the snapshot case's, and the network up before the save and answering after.
+#[track_caller]
+fn check_snapshot_net(c: &Checked) {
+    check_snapshot(c);
     c.assert_line("NET-MAC=52:54:00:12:34:97");
     c.assert_line("NET-UP-PING-OK");
     let restored = c.case.console.split_once("\nKESTREL-RESTORE ").map(|(_, r)| r).unwrap_or_default();
@@ -799,12 +822,8 @@ fn aarch64_kvm_backend_tests_pass_for_real_in_l1() {
 
 /// SHA-256 by the host's `sha256sum`, so the expected digests come from the same tool as L1's.
 fn sha256_hex(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("running sha256sum");
+    let mut child =
+        Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("running sha256sum");
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
@@ -976,4 +995,82 @@ fn a_case_ends_at_the_ceiling_whatever_the_reference() {
         run.output
     );
     assert!(run.wall.as_secs_f64() < 15.0, "three attempts of 1.5 s took {:?}:\n{}", run.wall, run.output);
+}
+
+/// Runs ci/runner/lib.sh's `runner_boot_watched` (in a directory of its own, named after `name`) with `fake_l1` (a shell function body standing in for QEMU
+/// running L1: it writes its pid where the runner looks for L1's), a silence allowance of `silence` seconds and a
+/// wall-clock budget of `budget` seconds. Returns the status, the runner's stderr, and how long it took.
+fn run_watched_l1(name: &str, fake_l1: &str, silence: u32, budget: u32) -> (i32, String, Duration) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("watched-l1-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        r#"source "$0"
+set +e
+work="$1" RUNNER_ARCH=fake runner_started=$(date +%s) runner_budget={budget} budget_ran_out=0
+runner_deadline=$((runner_started + runner_budget))
+boot_l1() {{ echo $BASHPID >"$l1_pidfile"; {fake_l1}; }}
+runner_boot_watched initrd 600 "$work/console.log"
+rc=$?
+echo "status $rc budget_ran_out $budget_ran_out" >&2
+exit $rc"#
+    );
+    let start = Instant::now();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .arg(repo().join("ci/runner/lib.sh"))
+        .arg(&dir)
+        .env("KESTREL_RUNNER_SILENCE", silence.to_string())
+        .output()
+        .expect("running bash");
+    let wall = start.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned(), wall)
+}
+
+/// An L1 whose kernel goes on printing (soft lockup and RCU stall reports) while its case loop is stuck is
+/// stopped by the watchdog: only the case loop's frame lines count as signs of life. Before that, the case that
+/// ended is reported on stderr as it happened.
+#[test]
+fn a_wedged_l1_that_keeps_printing_kernel_reports_is_stopped() {
+    let (status, stderr, wall) = run_watched_l1(
+        "wedged",
+        "echo '=== CASE first END exit=0 reason=exit ms=5'; \
+         while :; do echo 'watchdog: BUG: soft lockup - CPU#0 stuck for 22s!'; sleep 0.5; done",
+        4,
+        600,
+    );
+    assert_eq!(status, 124, "{stderr}");
+    assert!(stderr.contains("case loop has been silent"), "{stderr}");
+    assert!(stderr.contains("budget_ran_out 0"), "{stderr}");
+    assert!(stderr.contains("ci/runner: fake +") && stderr.contains("s: first END exit=0"), "{stderr}");
+    assert!(wall < Duration::from_secs(20), "took {wall:?}: {stderr}");
+}
+
+/// An L1 that keeps its case loop alive but would run past the runner's wall-clock budget is stopped when the
+/// budget runs out, and says why.
+#[test]
+fn an_l1_past_the_runners_wall_clock_budget_is_stopped() {
+    let (status, stderr, wall) =
+        run_watched_l1("over-budget", "while :; do echo '=== CASE slow ALIVE ms=1'; sleep 0.5; done", 600, 4);
+    assert_eq!(status, 124, "{stderr}");
+    assert!(stderr.contains("wall-clock budget (4s, KESTREL_RUNNER_DEADLINE) ran out"), "{stderr}");
+    assert!(stderr.contains("budget_ran_out 1"), "{stderr}");
+    assert!(wall < Duration::from_secs(20), "took {wall:?}: {stderr}");
+}
+
+/// The snapshot case on the aarch64 virt machine: vCPU registers with the timers, the vGICv3, the PL011 and
+/// virtio-mmio disk saved and restored into a new kestrel; the guest counts on from where it was.
+#[test]
+fn aarch64_a_counting_linux_guest_is_saved_and_restored_into_a_new_kestrel() {
+    let Some(c) = case(Arch::Aarch64, "snapshot") else { return };
+    check_snapshot(&c);
+}
+
+/// The snapshot-net case on the aarch64 virt machine: virtio-net over mmio answers after the restore.
+#[test]
+fn aarch64_a_linux_guest_with_a_network_card_is_saved_and_restored_and_the_network_answers() {
+    let Some(c) = case(Arch::Aarch64, "snapshot-net") else { return };
+    check_snapshot_net(&c);
 }

@@ -342,11 +342,11 @@ runner_check() {
   return $failed
 }
 
-# runner_l1_silence LOG: how long L1's console may stay silent before L1 counts as stopped, in seconds. L1's case
-# loop prints a line at least every 10 s of L1 time (ci/runner/case-loop.sh), so silence means L1 itself stopped;
-# how long L1 may take for that scales with its measured speed: 30 times its boot to userspace (L1 is slow to the
-# same degree everywhere), at least 120 s. Before L1 has said how long it took to boot: 300 s (L1 boots in 2-10 s
-# under TCG). KESTREL_RUNNER_SILENCE overrides it (small values are for testing the watchdog).
+# runner_l1_silence LOG: how long L1's case loop may stay silent before L1 counts as stopped, in seconds. The case
+# loop prints a frame line ("=== ...") at least every 10 s of L1 time (ci/runner/case-loop.sh), so silence means L1
+# itself stopped; how long L1 may take for that scales with its measured speed: 30 times its boot to userspace (L1
+# is slow to the same degree everywhere), at least 120 s. Before L1 has said how long it took to boot: 300 s (L1
+# boots in 2-10 s under TCG). KESTREL_RUNNER_SILENCE overrides it (small values are for testing the watchdog).
 runner_l1_silence() {
   if [ -n "${KESTREL_RUNNER_SILENCE:-}" ]; then echo "$KESTREL_RUNNER_SILENCE"; return; fi
   local up
@@ -356,22 +356,50 @@ runner_l1_silence() {
   echo $((up > 120 ? up : 120))
 }
 
-# runner_boot_watched INITRD TOTAL LOG: boot_l1 with its console in LOG, killed when the console has been silent
-# for longer than runner_l1_silence allows. Returns QEMU's status (the watchdog's kill: 124).
+# runner_seconds_left: whole seconds of the runner's wall-clock budget (KESTREL_RUNNER_DEADLINE seconds from the
+# runner's start, every L1 included) that remain; 0 when it ran out.
+runner_seconds_left() {
+  local left=$(( runner_deadline - $(date +%s) ))
+  echo $(( left > 0 ? left : 0 ))
+}
+
+# runner_boot_watched INITRD TOTAL LOG: boot_l1 with its console in LOG, killed when the case loop's frame lines
+# ("=== ...") have stopped for longer than runner_l1_silence allows, or when the runner's wall-clock budget runs
+# out. Only frame lines count: a wedged L1 kernel can go on printing (soft lockup and RCU stall reports) while
+# the case loop that owes the heartbeats is stuck. Prints every finished case on stderr as it ends, so a CI log
+# shows how far the runner got and how long each case took. Returns QEMU's status (the watchdogs' kill: 124).
 runner_boot_watched() {
-  local initrd="$1" secs="$2" out="$3" pid size last_size=-1 quiet=0 rc=0 silence
+  local initrd="$1" secs="$2" out="$3" pid frames last_frames=-1 quiet=0 rc=0 silence reported=0 line
   l1_pidfile="$work/l1.pid"
   rm -f "$l1_pidfile"
+  local left
+  left="$(runner_seconds_left)"
+  [ "$secs" -le "$left" ] || secs="$left"
+  if [ "$secs" -le 0 ]; then
+    rlog "the runner's wall-clock budget (${runner_budget}s) is used up: no L1 boots"
+    return 124
+  fi
   boot_l1 "$initrd" "$secs" >"$out" 2>&1 </dev/null &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 2
-    size="$(stat -c %s "$out" 2>/dev/null || echo 0)"
-    if [ "$size" = "$last_size" ]; then quiet=$((quiet + 2)); else quiet=0 last_size="$size"; fi
+    frames="$(grep -ac '=== ' "$out" 2>/dev/null || true)"
+    if [ "$frames" = "$last_frames" ]; then quiet=$((quiet + 2)); else quiet=0 last_frames="$frames"; fi
+    while IFS= read -r line; do
+      reported=$((reported + 1))
+      rlog "$RUNNER_ARCH +$(( $(date +%s) - runner_started ))s: ${line#*=== CASE }"
+    done < <(tr -d '\r' <"$out" | grep -a '=== CASE [A-Za-z0-9_.-]* \(END\|RETRY\) ' | tail -n "+$((reported + 1))")
     silence="$(runner_l1_silence "$out")"
     if [ "$quiet" -ge "$silence" ] && [ -s "$l1_pidfile" ]; then
       last_silence=$silence
-      rlog "L1's console has been silent for ${quiet}s (allowed: ${silence}s): L1 stopped responding; killing it"
+      rlog "L1's case loop has been silent for ${quiet}s (allowed: ${silence}s): L1 stopped responding; killing it"
+      kill "$(cat "$l1_pidfile")" 2>/dev/null || true
+      wait "$pid" || true
+      return 124
+    fi
+    if [ "$(runner_seconds_left)" -le 0 ] && [ -s "$l1_pidfile" ]; then
+      budget_ran_out=1
+      rlog "the runner's wall-clock budget (${runner_budget}s, KESTREL_RUNNER_DEADLINE) ran out; killing L1"
       kill "$(cat "$l1_pidfile")" 2>/dev/null || true
       wait "$pid" || true
       return 124
@@ -384,8 +412,12 @@ runner_boot_watched() {
 # runner_main [CASES_FILE] : builds what is missing, boots L1 once for all cases, checks them.
 # Environment: KESTREL_RUNNER_LOG (L1 console log; default target/runner/<arch>/console-<pid>.log, with
 # console.log linking to the latest),
-# KESTREL_RUNNER_TIMEOUT (seconds for the whole L1 run, a backstop: default 300 + the cases' ceilings; the cases'
+# KESTREL_RUNNER_TIMEOUT (seconds for one L1 run, a backstop: default 300 + the cases' ceilings; the cases'
 # own budgets, multiples of measured boots, end a hung case long before, see ci/runner/case-loop.sh),
+# KESTREL_RUNNER_DEADLINE (seconds of wall clock for the whole runner, building and every L1 included; default
+# 1500: a whole run takes 5-8 minutes here, and CI has 90 minutes for everything, both runners included; when it
+# runs out, L1 is stopped and every case without a result fails as "not run: the runner's wall-clock budget ran
+# out"),
 # KESTREL_STATIC_BIN (use this static kestrel instead of building one),
 # KESTREL_RUNNER_SILENCE (seconds of console silence after which L1 counts as stopped; default: runner_l1_silence),
 # KESTREL_BUDGET_<X> (override case-loop.sh's BUDGET_<X>: factors, floors, the ceiling).
@@ -394,6 +426,9 @@ runner_main() {
   [ -f "$cases_file" ] || rdie "no cases file $cases_file"
   local t_start
   t_start="$(date +%s%N)"
+  runner_started="$(date +%s)" runner_budget="${KESTREL_RUNNER_DEADLINE:-1500}" budget_ran_out=0
+  [[ "$runner_budget" =~ ^[1-9][0-9]*$ ]] || rdie "KESTREL_RUNNER_DEADLINE must be a positive number of seconds"
+  runner_deadline=$((runner_started + runner_budget))
   # A private work directory per run: runs may overlap (a test run and a manual one).
   local top="${CARGO_TARGET_DIR:-$repo/target}/runner/$RUNNER_ARCH"
   mkdir -p "$top"
@@ -427,7 +462,7 @@ runner_main() {
   runner_l1_initrd "$work/l1-initrd.cpio" "$kestrel_bin" "$work/cases"
   local t_built
   t_built="$(date +%s%N)"
-  rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s), console: $log"
+  rlog "prepared in $(( (t_built - t_start) / 1000000 )) ms; booting L1 ($(wc -w <<<"$names") cases, timeout ${total}s, wall-clock budget left $(runner_seconds_left)s), console: $log"
 
   local qemu_rc=0 last_silence=? l1_boots=1 max_l1_boots="${KESTREL_RUNNER_L1_BOOTS:-4}"
   runner_boot_watched "$work/l1-initrd.cpio" "$total" "$log" || qemu_rc=$?
@@ -444,6 +479,13 @@ runner_main() {
       missing+=("$d")
     done
     [ ${#missing[@]} -gt 0 ] || break
+    if [ "$budget_ran_out" = 1 ] || [ "$(runner_seconds_left)" -lt 60 ]; then
+      for d in "${missing[@]}"; do
+        echo "=== CASE $(cat "$d/name") ABANDONED: not run to its end: the runner's wall-clock budget of ${runner_budget}s (KESTREL_RUNNER_DEADLINE) ran out" >>"$log"
+      done
+      rlog "the runner's wall-clock budget of ${runner_budget}s ran out with ${#missing[@]} case(s) without a result"
+      break
+    fi
     # The case the last L1 was in when it stopped (none when it stopped before its first case).
     stuck="$(tr -d '\r' <"$boot_log" | sed -n 's/.*=== CASE \([A-Za-z0-9_.-]*\) START$/\1/p' | tail -n 1)"
     if [ "$l1_boots" -ge "$max_l1_boots" ]; then

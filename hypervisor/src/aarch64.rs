@@ -27,6 +27,10 @@ pub trait VmAarch64: Vm {
     /// before any vCPU runs. The register layout is checked against this GIC's first; a refused state changes
     /// nothing.
     fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()>;
+
+    /// The MPIDRs of the vCPUs `init_vcpu` initialised, in that order: what the GIC's redistributors and CPU
+    /// interfaces are named by, for a save made where only the VM is at hand.
+    fn vcpu_mpidrs(&self) -> Vec<u64>;
 }
 
 /// The exits only aarch64 has: none reaches the VMM yet. PSCI's SYSTEM_RESET and SYSTEM_OFF come as the
@@ -41,6 +45,10 @@ pub trait VcpuAarch64: Vcpu<ArchExit = ExitAarch64> {
     /// The vCPU's MPIDR_EL1, which the hypervisor assigns and the FDT's cpu nodes must match.
     fn mpidr(&self) -> Result<u64>;
 
+    /// One 64-bit register by its id (see [`Register`]), such as an ID register a snapshot's CPU identity is
+    /// made of. The vCPU must be initialised.
+    fn read_register(&self, id: u64) -> Result<u64>;
+
     /// Every register the hypervisor lists for this vCPU, and its power state, as data. The vCPU must be
     /// initialised and outside `run`, and an MMIO exit completed by one more `run` (with `set_immediate_exit`).
     fn save_state(&self) -> Result<VcpuStateAarch64>;
@@ -49,6 +57,12 @@ pub trait VcpuAarch64: Vcpu<ArchExit = ExitAarch64> {
     /// the count are checked against this vCPU's register list before anything is written; a hypervisor refusal
     /// part-way leaves the vCPU unfit to run (the caller discards it).
     fn restore_state(&self, state: &VcpuStateAarch64) -> Result<()>;
+}
+
+/// The id of a 64-bit system register (see [`Register`]) by its architectural encoding (op0, op1, CRn, CRm, op2):
+/// KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG, then the encoding in the low 16 bits.
+pub const fn system_register_id(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+    0x6030_0000_0013_0000 | (op0 << 14) | (op1 << 11) | (crn << 7) | (crm << 3) | op2
 }
 
 /// One register, by its hypervisor id (KVM's ONE_REG encoding: architecture, size, and the register group and

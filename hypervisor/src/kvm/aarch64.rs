@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 use std::mem::offset_of;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use arch::aarch64::layout::GicLayout;
 use arch::aarch64::{BootRegisters, GicVersion};
@@ -11,17 +11,16 @@ use kvm_bindings::{
     kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs, kvm_vcpu_init, user_pt_regs, KVM_ARM_VCPU_POWER_OFF,
     KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
     KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG,
-    KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST,
-    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
+    KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_bindings::{kvm_mp_state, RegList, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED};
 use kvm_ioctls::{reg_size, DeviceFd, VcpuExit as KvmExit};
 
 use super::{KvmVcpu, KvmVm};
 use crate::aarch64::{
-    ExitAarch64, GicCpuState, GicRegister, GicStateAarch64, GicSystemRegister, PowerState, Register, VcpuAarch64,
-    VcpuStateAarch64, VmAarch64,
+    system_register_id, ExitAarch64, GicCpuState, GicRegister, GicStateAarch64, GicSystemRegister, PowerState,
+    Register, VcpuAarch64, VcpuStateAarch64, VmAarch64,
 };
 use crate::{Error, Result};
 
@@ -44,21 +43,9 @@ const PSTATE: u64 = core_register(offset_of!(kvm_regs, regs) + offset_of!(user_p
 const SP_EL0: u64 = core_register(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, sp));
 const SP_EL1: u64 = core_register(offset_of!(kvm_regs, sp_el1));
 
-/// KVM_{GET,SET}_ONE_REG id of a system register by its encoding (op0, op1, CRn, CRm, op2).
-const fn system_register(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
-    KVM_REG_ARM64
-        | KVM_REG_SIZE_U64
-        | KVM_REG_ARM64_SYSREG as u64
-        | (op0 << 14)
-        | (op1 << 11)
-        | (crn << 7)
-        | (crm << 3)
-        | op2
-}
-
-const MPIDR_EL1: u64 = system_register(3, 0, 0, 0, 5);
-const ESR_EL1: u64 = system_register(3, 0, 5, 2, 0);
-const FAR_EL1: u64 = system_register(3, 0, 6, 0, 0);
+const MPIDR_EL1: u64 = system_register_id(3, 0, 0, 0, 5);
+const ESR_EL1: u64 = system_register_id(3, 0, 5, 2, 0);
+const FAR_EL1: u64 = system_register_id(3, 0, 6, 0, 0);
 const ELR_EL1: u64 = core_register(offset_of!(kvm_regs, elr_el1));
 
 /// The vGIC models in order of preference: nested hosts often emulate only a GICv3, older ones only a GICv2.
@@ -75,7 +62,15 @@ impl VmAarch64 for KvmVm {
         if powered_off {
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
         }
-        vcpu.fd.vcpu_init(&init).map_err(|e| Error::new("KVM_ARM_VCPU_INIT", e))
+        vcpu.fd.vcpu_init(&init).map_err(|e| Error::new("KVM_ARM_VCPU_INIT", e))?;
+        // KVM gives the vCPU its MPIDR at KVM_ARM_VCPU_INIT.
+        let mpidr = vcpu.mpidr()?;
+        self.arch.mpidrs.lock().unwrap_or_else(|p| p.into_inner()).push(mpidr);
+        Ok(())
+    }
+
+    fn vcpu_mpidrs(&self) -> Vec<u64> {
+        self.arch.mpidrs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn create_gic(&self, layout: &GicLayout, vcpu_count: u32, irq_count: u32) -> Result<GicVersion> {
@@ -403,14 +398,15 @@ impl KvmVm {
     }
 }
 
-/// The VM's in-kernel GIC, once created.
+/// The VM's in-kernel GIC, once created, and its vCPUs' MPIDRs.
 pub(super) struct VmData {
     gic: OnceLock<(GicVersion, DeviceFd)>,
+    mpidrs: Mutex<Vec<u64>>,
 }
 
 impl VmData {
     pub(super) fn new(_kvm: &kvm_ioctls::Kvm, _vm: &kvm_ioctls::VmFd) -> Result<Self> {
-        Ok(VmData { gic: OnceLock::new() })
+        Ok(VmData { gic: OnceLock::new(), mpidrs: Mutex::new(Vec::new()) })
     }
 
     pub(super) fn vcpu_data(&self, _vm: &kvm_ioctls::VmFd) -> VcpuData {
@@ -442,6 +438,13 @@ impl VcpuAarch64 for KvmVcpu {
 
     fn mpidr(&self) -> Result<u64> {
         self.get_register(MPIDR_EL1).map_err(|e| Error::new("KVM_GET_ONE_REG (MPIDR_EL1)", e))
+    }
+
+    fn read_register(&self, id: u64) -> Result<u64> {
+        if reg_size(id) != 8 {
+            return Err(invalid("KVM_GET_ONE_REG", format!("register {id:#x} is not a 64-bit register")));
+        }
+        self.get_register(id).map_err(|e| Error::new("KVM_GET_ONE_REG", e))
     }
 
     fn save_state(&self) -> Result<VcpuStateAarch64> {
@@ -612,5 +615,9 @@ mod tests {
         assert_eq!(PSTATE, 0x6030_0000_0010_0042);
         assert_eq!(SP_EL1, 0x6030_0000_0010_0044);
         assert_eq!(MPIDR_EL1, 0x6030_0000_0013_c005);
+        // The backend-neutral constructor spells out the uapi's bits.
+        let sysreg = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | u64::from(kvm_bindings::KVM_REG_ARM64_SYSREG);
+        assert_eq!(system_register_id(0, 0, 0, 0, 0), sysreg);
+        assert_eq!(system_register_id(3, 3, 14, 3, 2), sysreg | 0xdf1a, "KVM_REG_ARM_TIMER_CNT");
     }
 }

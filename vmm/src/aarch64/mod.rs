@@ -11,7 +11,7 @@ use arch::aarch64::layout::{
     self, spi_intid, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_START, PL061_SIZE, PL061_SPI, PL061_START,
     VIRTIO_MMIO_FIRST_SPI, VIRTIO_MMIO_SLOTS,
 };
-use arch::aarch64::{setup_guest, GuestConfig};
+use arch::aarch64::{setup_guest, GicVersion, GuestConfig};
 use devices::legacy::{Pl011, Pl031, Pl061};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::rng::getrandom;
@@ -98,6 +98,7 @@ pub struct Virt {
     mmio: Bus,
     uart: Arc<Mutex<Pl011>>,
     uart_spi: LevelSpi,
+    rtc: Arc<Mutex<Pl031>>,
     gpio: Arc<Mutex<Pl061>>,
     gpio_spi: LevelSpi,
     virtio: Vec<MmioSlot>,
@@ -161,7 +162,8 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         });
         mmio.insert(uart.clone(), PL011_START, PL011_SIZE)?;
 
-        mmio.insert(Arc::new(Mutex::new(Pl031::new())), PL031_START, PL031_SIZE)?;
+        let rtc = Arc::new(Mutex::new(Pl031::new()));
+        mmio.insert(rtc.clone(), PL031_START, PL031_SIZE)?;
 
         let gpio_spi = LevelSpi::new(PL061_SPI)?;
         let gpio_line: Arc<dyn InterruptLine> = gpio_spi.line.clone();
@@ -175,7 +177,7 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         let slots: Vec<(u64, u32)> =
             (0..VIRTIO_MMIO_SLOTS).filter_map(layout::virtio_mmio_slot).map(|s| (s.base, s.spi)).collect();
         let virtio = attach_mmio(&mut mmio, memory, virtio_devices, &slots)?;
-        Ok(Virt { pio: Bus::new(), mmio, uart, uart_spi, gpio, gpio_spi, virtio })
+        Ok(Virt { pio: Bus::new(), mmio, uart, uart_spi, rtc, gpio, gpio_spi, virtio })
     }
 
     fn pio(&self) -> &Bus {
@@ -217,22 +219,8 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
-        let vcpu_count = u32::from(boot.vcpu_count);
-        let mut vcpus = Vec::with_capacity(usize::from(boot.vcpu_count));
-        for id in 0..vcpu_count {
-            let vcpu = vm.create_vcpu(id)?;
-            vm.init_vcpu(&vcpu, id != 0)?;
-            vcpus.push(vcpu);
-        }
-        // KVM sizes the GIC's redistributors by the vCPUs that exist, so it comes after them.
-        let gic = vm.create_gic(&layout::GIC_LAYOUT, vcpu_count, GIC_IRQ_COUNT)?;
-        let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
-
-        self.uart_spi.attach(vm.as_ref())?;
-        self.gpio_spi.attach(vm.as_ref())?;
-        for slot in &self.virtio {
-            slot.attach(vm.as_ref())?;
-        }
+        let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
+        self.wire_vm(vm.as_ref())?;
         let slots: Vec<layout::VirtioMmioSlot> =
             (0..self.virtio.len() as u32).filter_map(layout::virtio_mmio_slot).collect();
 
@@ -273,6 +261,19 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
     }
 }
 
+impl Virt {
+    /// Connects the devices' interrupt lines (irqfds) and virtio notifications (ioeventfds) to a VM whose GIC
+    /// exists.
+    fn wire_vm<V: Vm>(&self, vm: &V) -> Result<(), Error> {
+        self.uart_spi.attach(vm)?;
+        self.gpio_spi.attach(vm)?;
+        for slot in &self.virtio {
+            slot.attach(vm)?;
+        }
+        Ok(())
+    }
+}
+
 /// The virt machine's own exits: none reach the VMM yet (see `ExitAarch64`).
 #[derive(Clone, Copy)]
 pub struct VirtExits;
@@ -281,6 +282,31 @@ impl<C: VcpuAarch64> ArchExitHandler<C> for VirtExits {
     fn handle(&self, _vcpu: &mut C, exit: ExitAarch64) -> ExitAction {
         match exit {}
     }
+}
+
+/// A VM's vCPUs, boot vCPU first, and the GIC made for them.
+struct VcpusAndGic<C> {
+    vcpus: Vec<C>,
+    gic: GicVersion,
+    /// The vCPUs' MPIDRs, in vCPU order: what the FDT and the GIC's state name them by.
+    mpidrs: Vec<u64>,
+}
+
+/// Creates `count` vCPUs and initialises them (secondaries powered off until PSCI CPU_ON), then the GIC for them:
+/// KVM sizes the GIC's redistributors by the vCPUs that exist and creates no vCPU once the GIC is initialised.
+fn create_vcpus_and_gic<V: VmAarch64>(vm: &V, count: u32) -> Result<VcpusAndGic<V::Vcpu>, Error>
+where
+    V::Vcpu: VcpuAarch64,
+{
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for id in 0..count {
+        let vcpu = vm.create_vcpu(id)?;
+        vm.init_vcpu(&vcpu, id != 0)?;
+        vcpus.push(vcpu);
+    }
+    let gic = vm.create_gic(&layout::GIC_LAYOUT, count, GIC_IRQ_COUNT)?;
+    let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
+    Ok(VcpusAndGic { vcpus, gic, mpidrs })
 }
 
 fn memory_size(memory: &GuestMemoryMmap) -> u64 {

@@ -1,9 +1,9 @@
 //! aarch64's part of the seccomp filters (see `crate::seccomp`): the KVM ioctls by number. aarch64 has none of
 //! x86_64's legacy calls (`open`, `poll`, `epoll_wait`, ...): glibc uses the generic ones the shared lists have.
 
-use kvm_bindings::{kvm_msi, kvm_one_reg, KVMIO};
+use kvm_bindings::{kvm_mp_state, kvm_msi, kvm_one_reg, kvm_reg_list, KVMIO};
 use seccompiler::TargetArch;
-use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::seccomp::{allow, allow_values, Syscall, ThreadKind};
 
@@ -15,6 +15,8 @@ pub const TARGET: TargetArch = TargetArch::aarch64;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_iow_nr!(KVM_GET_ONE_REG, KVMIO, 0xab, kvm_one_reg);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_iowr_nr!(KVM_GET_REG_LIST, KVMIO, 0xb0, kvm_reg_list);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 
 /// The second argument of the system call that raised SIGSYS (an ioctl's request), from the signal's context.
 ///
@@ -31,14 +33,32 @@ pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
         // Every boot's device tree carries fresh host entropy for the guest's random pool (/chosen/rng-seed), as
         // QEMU's virt does (found by the aarch64 runner's Linux guests).
         ThreadKind::Main => vec![allow(libc::SYS_getrandom)],
-        // Running the guest; the registers for a failure's report.
+        // Running the guest; the registers for a failure's report; QMP `migrate`: each vCPU's thread, which owns
+        // it, reads its state (the register list, every register, the PSCI power state) while the vCPUs are held.
         ThreadKind::Vcpu => {
-            vec![allow_values(libc::SYS_ioctl, 1, &[KVM_RUN(), KVM_GET_ONE_REG()])]
+            vec![allow_values(
+                libc::SYS_ioctl,
+                1,
+                &[KVM_RUN(), KVM_GET_ONE_REG(), KVM_GET_REG_LIST(), KVM_GET_MP_STATE()],
+            )]
         }
         ThreadKind::DeviceWorker
         | ThreadKind::ConsoleInput
         | ThreadKind::ConsoleOutput
         | ThreadKind::Signals
         | ThreadKind::InterruptResample => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_ioctls_are_the_uapi_numbers() {
+        // _IOWR(KVMIO, 0xb0, struct kvm_reg_list) and _IOR(KVMIO, 0x98, struct kvm_mp_state), as the kernel's
+        // headers expand them for arm64.
+        assert_eq!(KVM_GET_REG_LIST(), 0xc008_aeb0);
+        assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
     }
 }
