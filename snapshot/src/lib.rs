@@ -75,7 +75,7 @@ mod writer;
 pub use error::{Error, Result};
 pub use header::{CpuIdentity, Header};
 pub use memory::{Extent, GuestRegion, GuestRegionMut, MemoryImage, MemoryStats, RegionLayout};
-pub use reader::{read_stream, Expected, Section, SectionSpec, Snapshot, StreamedSnapshot};
+pub use reader::{read_header, read_stream, Expected, Section, SectionSpec, Snapshot, StreamedSnapshot};
 pub use record::{check_name, MAX_NAME_LEN};
 pub use writer::Writer;
 

@@ -431,38 +431,7 @@ impl<R: Source> Pass<'_, '_, '_, R> {
     /// The preamble and the header: magic and format version are checked before anything else is believed, the
     /// header against the machine before any section is read.
     fn header(&mut self) -> Result<Header> {
-        let start = self.input.read_up_to(PREAMBLE_LEN as u64)?;
-        let magic_len = start.len().min(MAGIC.len());
-        if start[..magic_len] != MAGIC[..magic_len] {
-            return Err(Error::BadMagic);
-        }
-        if start.len() < PREAMBLE_LEN {
-            return Err(self.input.truncated("the preamble".into(), self.input.pos));
-        }
-        let (found, oldest, newest) = (le_u32(&start, 8), OLDEST_FORMAT_VERSION, FORMAT_VERSION);
-        if found > newest {
-            return Err(Error::FormatTooNew { found, oldest, newest });
-        }
-        if found < oldest {
-            return Err(Error::FormatTooOld { found, oldest, newest });
-        }
-        let header_len = le_u32(&start, 12);
-        if header_len > MAX_HEADER_LEN {
-            return Err(Error::Malformed {
-                offset: 12,
-                problem: format!("a {header_len}-byte header is longer than {MAX_HEADER_LEN} bytes"),
-            });
-        }
-        let mut header_bytes = self.input.read(u64::from(header_len) + CHECKSUM_LEN, || "the header".into())?;
-        let sum = le_u32(&header_bytes, header_len as usize);
-        header_bytes.truncate(header_len as usize);
-        let mut summed = start;
-        summed.extend_from_slice(&header_bytes);
-        self.check_sum(checksum(&summed) == sum, "the header", 0)?;
-        let header: Header = serde_json::from_slice(&header_bytes).map_err(|e| Error::Malformed {
-            offset: PREAMBLE_LEN as u64,
-            problem: format!("header: {}", escape_controls(&e.to_string())),
-        })?;
+        let header = read_preamble_and_header(&mut self.input, self.verify_checksums)?;
         check_header(&header, self.expected)?;
         Ok(header)
     }
@@ -652,6 +621,53 @@ impl<R: Source> Pass<'_, '_, '_, R> {
 }
 
 /// Refuses a snapshot made for another host or machine: architecture, machine type, then the CPU.
+/// The preamble and the header, `input` at the file's first byte: magic and format version are checked before
+/// anything else is believed, then the header's checksum (unless `verify_checksums` is off, for the fuzz target).
+fn read_preamble_and_header<R: Source>(input: &mut Input<'_, R>, verify_checksums: bool) -> Result<Header> {
+    let start = input.read_up_to(PREAMBLE_LEN as u64)?;
+    let magic_len = start.len().min(MAGIC.len());
+    if start[..magic_len] != MAGIC[..magic_len] {
+        return Err(Error::BadMagic);
+    }
+    if start.len() < PREAMBLE_LEN {
+        return Err(input.truncated("the preamble".into(), input.pos));
+    }
+    let (found, oldest, newest) = (le_u32(&start, 8), OLDEST_FORMAT_VERSION, FORMAT_VERSION);
+    if found > newest {
+        return Err(Error::FormatTooNew { found, oldest, newest });
+    }
+    if found < oldest {
+        return Err(Error::FormatTooOld { found, oldest, newest });
+    }
+    let header_len = le_u32(&start, 12);
+    if header_len > MAX_HEADER_LEN {
+        return Err(Error::Malformed {
+            offset: 12,
+            problem: format!("a {header_len}-byte header is longer than {MAX_HEADER_LEN} bytes"),
+        });
+    }
+    let mut header_bytes = input.read(u64::from(header_len) + CHECKSUM_LEN, || "the header".into())?;
+    let sum = le_u32(&header_bytes, header_len as usize);
+    header_bytes.truncate(header_len as usize);
+    let mut summed = start;
+    summed.extend_from_slice(&header_bytes);
+    if checksum(&summed) != sum && verify_checksums {
+        return Err(Error::Corrupted { what: "the header".into(), offset: 0 });
+    }
+    serde_json::from_slice(&header_bytes).map_err(|e| Error::Malformed {
+        offset: PREAMBLE_LEN as u64,
+        problem: format!("header: {}", escape_controls(&e.to_string())),
+    })
+}
+
+/// What a snapshot says it is: its header, with the magic, format version and the header's checksum checked, and
+/// nothing checked against a machine or read past the header. For tools and tests that look at a file before (or
+/// instead of) restoring it; a restore checks the header again in [`Snapshot::open`] or [`read_stream`].
+pub fn read_header<R: Read>(source: R) -> Result<Header> {
+    let mut source = Stream(source);
+    read_preamble_and_header(&mut Input { source: &mut source, pos: 0, file_len: None }, true)
+}
+
 fn check_header(header: &Header, expected: &Expected) -> Result<()> {
     if header.arch != expected.arch {
         return Err(Error::ForeignArchitecture { snapshot: header.arch.clone(), host: expected.arch.clone() });

@@ -394,6 +394,24 @@ fn a_snapshot_from_another_host_or_machine_is_refused_before_its_sections() {
 }
 
 #[test]
+fn the_header_alone_reads_without_a_machine_and_is_checked_as_in_a_restore() {
+    let bytes = small_snapshot();
+    // Only the preamble and the header are read: a file cut right after them still says what it is.
+    let header_end = PREAMBLE_LEN + le_u32(&bytes, 12) as usize + 4;
+    assert_eq!(read_header(&bytes[..header_end]).unwrap(), header());
+    assert_eq!(read_header(Cursor::new(&bytes)).unwrap(), header());
+
+    let mut damaged = bytes.clone();
+    damaged[PREAMBLE_LEN + 4] ^= 0x20;
+    assert!(matches!(read_header(&damaged[..]), Err(Error::Corrupted { what, offset: 0 }) if what == "the header"));
+    let mut future = bytes.clone();
+    set_format_version(&mut future, FORMAT_VERSION + 1);
+    assert!(matches!(read_header(&future[..]), Err(Error::FormatTooNew { .. })));
+    assert!(matches!(read_header(&b"not a snapshot"[..]), Err(Error::BadMagic)));
+    assert!(matches!(read_header(&bytes[..header_end - 1]), Err(Error::Truncated { .. })));
+}
+
+#[test]
 fn damage_is_refused_as_corruption_and_names_what_is_damaged() {
     let bytes = small_snapshot();
     let damaged = |at: usize| {
