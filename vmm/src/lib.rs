@@ -20,7 +20,7 @@ cfg_if::cfg_if! {
         mod syscall_names;
         mod vcpu;
         mod virtio;
-        pub use machine::run as run_vm;
+        pub use machine::{host_cpu_identity, run as run_vm};
     } else {
         /// Kestrel builds here so its generic parts are tested on every target, but it cannot run guests yet.
         pub fn run_vm(_config: &config::VmConfig) -> Result<Outcome, Error> {

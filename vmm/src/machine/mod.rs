@@ -27,7 +27,7 @@ use qmp::{Event, EventKind, MigrationCapabilities, MigrationInfo, RunState, Shut
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
-use crate::platform::Platform;
+use crate::platform::{Platform, Snapshots};
 use crate::qmp_server::QmpServer;
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self as snapshot_file, Incoming};
@@ -108,6 +108,14 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
 /// Runs the machine `config` describes: this host's platform on KVM, the one place a backend is chosen.
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new)
+}
+
+/// The CPU a guest of `vcpus` vCPUs sees on this host's KVM, as a save records it in a snapshot's header and a
+/// restore checks it ([`snapshot::CpuIdentity::check_can_run`]): for tools and tests that ask whether a snapshot
+/// can restore here without starting a machine.
+pub fn host_cpu_identity(vcpus: u8) -> Result<snapshot::CpuIdentity, Error> {
+    let hypervisor = KvmHypervisor::new()?;
+    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus)
 }
 
 /// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked).
