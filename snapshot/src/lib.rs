@@ -37,7 +37,8 @@
 //!   ([`OLDEST_FORMAT_VERSION`] is `FORMAT_VERSION - 1` from format version 2 on), and refuses newer ones (it
 //!   cannot know what they mean) and older ones, each with the versions it reads. When the format moves on, the
 //!   previous version's reader stays beside the new one for a release, and `tests/fixtures/snapshot-format-v<N>`
-//!   keeps a file of each readable version under test;
+//!   keeps a file of each readable version under test (and `tests/fixtures/snapshot-v<N>-probe-flood`, a payload
+//!   VM that version saved, `tests/snapshot_fixture.rs`);
 //! * a **section version** is the version of one component's state shape. A component that changes its state
 //!   bumps its section version, and keeps reading the previous one for as long as the format version it shipped
 //!   in is readable: its [`SectionSpec`] lists the versions it reads, [`Section::version`] says which one a file

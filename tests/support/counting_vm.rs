@@ -13,6 +13,8 @@ use super::qmp::QmpClient;
 use super::{kestrel_command, payload};
 
 pub const PVH: &str = "probe.pvh.elf";
+/// Loaded at 1 MiB (the PVH and ELF shapes at 16 MiB), so it runs in Kestrel's smallest guest memory.
+pub const BZIMAGE: &str = "probe.bzImage";
 /// For the guest to count, and kestrel to start: generous for a loaded machine, but a hang still fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub const BANNER: &str = "kestrel-probe: entry=";
@@ -56,6 +58,16 @@ impl Vm {
     pub fn start_with(dir: &Dir, name: &str, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Vm {
         let mut cmd = flood_command(dir, name, extra);
         configure(&mut cmd);
+        Vm::spawn(cmd, dir, name)
+    }
+
+    /// `start` with the payload's `kernel` shape ([`PVH`], [`BZIMAGE`]).
+    pub fn start_kernel(dir: &Dir, name: &str, kernel: &str, extra: &[&str]) -> Vm {
+        Vm::spawn(flood_command_of(kernel, dir, name, extra), dir, name)
+    }
+
+    /// Runs `cmd` (a [`flood_command`]) and waits for its QMP socket.
+    fn spawn(mut cmd: Command, dir: &Dir, name: &str) -> Vm {
         let (console, qmp) = (dir.path(&format!("{name}.log")), dir.path(&format!("{name}.qmp")));
         let mut vm = Vm { child: Some(cmd.spawn().expect("starting kestrel")), console, qmp };
         let deadline = Instant::now() + TIMEOUT;
@@ -140,8 +152,13 @@ impl Vm {
 
 /// The command `Vm::start` runs: the payload counting, its console in `<name>.log`, QMP on `<name>.qmp`.
 pub fn flood_command(dir: &Dir, name: &str, extra: &[&str]) -> Command {
+    flood_command_of(PVH, dir, name, extra)
+}
+
+/// `flood_command` with the payload's `kernel` shape.
+pub fn flood_command_of(kernel: &str, dir: &Dir, name: &str, extra: &[&str]) -> Command {
     let mut cmd = kestrel_command();
-    cmd.args(["--kernel", payload(PVH).to_str().unwrap(), "--cmdline", "flood"]);
+    cmd.args(["--kernel", payload(kernel).to_str().unwrap(), "--cmdline", "flood"]);
     cmd.arg("--serial").arg(format!("file:{}", dir.path(&format!("{name}.log")).display()));
     cmd.arg("--qmp").arg(format!("unix:{},server=on,wait=off", dir.path(&format!("{name}.qmp")).display()));
     cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
