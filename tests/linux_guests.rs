@@ -1074,3 +1074,28 @@ fn aarch64_a_linux_guest_with_a_network_card_is_saved_and_restored_and_the_netwo
     let Some(c) = case(Arch::Aarch64, "snapshot-net") else { return };
     check_snapshot_net(&c);
 }
+
+/// The emulated environment's triple fault also strikes after "Run /init" while /init loads its modules: before
+/// the guest's marker, it is retried as an early-boot fault; each attempt judged alike, so one that repeats fails.
+/// A guest that got past its marker and then failed is never retried.
+#[test]
+fn a_triple_fault_before_the_marker_is_retried_and_one_after_it_is_not() {
+    let faulting = "echo 'Run /init as init process'; echo 'kestrel: vCPU 1 stopped: triple fault' >&2; exit 1";
+    let run = run_case_loop("fault-in-init", faulting, None, 100, &[]);
+    assert!(
+        run.output.contains("=== CASE fault-in-init RETRY first attempt: triple fault in early boot"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.output.contains("=== CASE fault-in-init RETRY attempt 2: triple fault in early boot"),
+        "{}",
+        run.output
+    );
+    assert_eq!(run.end_field("exit"), "1", "{}", run.output);
+
+    let late = "echo KESTREL-GUEST-UP; echo 'kestrel: vCPU 1 stopped: triple fault' >&2; exit 1";
+    let run = run_case_loop("fault-after-marker", late, None, 100, &[]);
+    assert!(!run.output.contains("RETRY"), "{}", run.output);
+    assert_eq!(run.end_field("exit"), "1", "{}", run.output);
+}
