@@ -5,8 +5,9 @@ use serde_json::{json, Map, Value};
 
 use crate::fds::{MigrationChannel, PassedFds};
 use crate::machine::{
-    BlockDevice, BlockDeviceStats, CpuInfo, CpuProps, Event, EventKind, Machine, MigrationCapability, MigrationInfo,
-    MigrationStatus, PciDevice, PciRegion, QmpError, RunState, ShutdownCause, Target,
+    BlockDevice, BlockDeviceStats, CpuInfo, CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event, EventKind,
+    Machine, MigrationCapability, MigrationInfo, MigrationStatus, PciDevice, PciRegion, QmpError, QomType, RunState,
+    ShutdownCause, Target, TypeProperty,
 };
 use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
 use crate::session::ServerInfo;
@@ -309,6 +310,47 @@ static OBJECT_PROPERTY_INFO: Type = Type::Object(&ObjectType {
 });
 static OBJECT_PROPERTY_INFO_LIST: Type = Type::Array(&OBJECT_PROPERTY_INFO);
 
+static QOM_LIST_TYPES_ARGS: Type =
+    Type::Object(&ObjectType { members: &[opt("implements", &STR), opt("abstract", &BOOL)], tag: None });
+static OBJECT_TYPE_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("name", &STR), opt("abstract", &BOOL), opt("parent", &STR)], tag: None });
+static OBJECT_TYPE_INFO_LIST: Type = Type::Array(&OBJECT_TYPE_INFO);
+static TYPENAME_ARGS: Type = Type::Object(&ObjectType { members: &[req("typename", &STR)], tag: None });
+static CPU_DEFINITION_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("name", &STR),
+        opt("migration-safe", &BOOL),
+        req("static", &BOOL),
+        opt("unavailable-features", &STR_LIST),
+        req("typename", &STR),
+        opt("alias-of", &STR),
+        req("deprecated", &BOOL),
+    ],
+    tag: None,
+});
+static CPU_DEFINITION_INFO_LIST: Type = Type::Array(&CPU_DEFINITION_INFO);
+static CPU_MODEL_EXPANSION_TYPE: Type = Type::Enum(CpuModelExpansionType::NAMES);
+static CPU_MODEL_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("name", &STR), opt("props", &ANY)], tag: None });
+static CPU_MODEL_EXPANSION_ARGS: Type = Type::Object(&ObjectType {
+    members: &[req("type", &CPU_MODEL_EXPANSION_TYPE), req("model", &CPU_MODEL_INFO)],
+    tag: None,
+});
+static CPU_MODEL_EXPANSION_INFO: Type =
+    Type::Object(&ObjectType { members: &[req("model", &CPU_MODEL_INFO)], tag: None });
+static COMMAND_LINE_OPTIONS_ARGS: Type = Type::Object(&ObjectType { members: &[opt("option", &STR)], tag: None });
+static COMMAND_LINE_PARAMETER_TYPE: Type = Type::Enum(&["string", "boolean", "number", "size"]);
+static COMMAND_LINE_PARAMETER_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("name", &STR), req("type", &COMMAND_LINE_PARAMETER_TYPE), opt("help", &STR), opt("default", &STR)],
+    tag: None,
+});
+static COMMAND_LINE_PARAMETER_INFO_LIST: Type = Type::Array(&COMMAND_LINE_PARAMETER_INFO);
+static COMMAND_LINE_OPTION_INFO: Type = Type::Object(&ObjectType {
+    members: &[req("option", &STR), req("parameters", &COMMAND_LINE_PARAMETER_INFO_LIST)],
+    tag: None,
+});
+static COMMAND_LINE_OPTION_INFO_LIST: Type = Type::Array(&COMMAND_LINE_OPTION_INFO);
+
 static SHUTDOWN_CAUSE: Type = Type::Enum(ShutdownCause::NAMES);
 static SHUTDOWN_DATA: Type =
     Type::Object(&ObjectType { members: &[req("guest", &BOOL), req("reason", &SHUTDOWN_CAUSE)], tag: None });
@@ -412,6 +454,17 @@ pub static COMMANDS: &[Command] = &[
     cmd!("human-monitor-command", HMP_ARGS, STR, human_monitor_command),
     cmd!("qom-list", QOM_LIST_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list),
     cmd!("qom-get", QOM_GET_ARGS, ANY, qom_get),
+    cmd!("qom-list-types", QOM_LIST_TYPES_ARGS, OBJECT_TYPE_INFO_LIST, qom_list_types),
+    cmd!("device-list-properties", TYPENAME_ARGS, OBJECT_PROPERTY_INFO_LIST, device_list_properties),
+    cmd!("qom-list-properties", TYPENAME_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list_properties),
+    cmd!("query-cpu-definitions", T_EMPTY, CPU_DEFINITION_INFO_LIST, query_cpu_definitions),
+    cmd!("query-cpu-model-expansion", CPU_MODEL_EXPANSION_ARGS, CPU_MODEL_EXPANSION_INFO, query_cpu_model_expansion),
+    cmd!(
+        "query-command-line-options",
+        COMMAND_LINE_OPTIONS_ARGS,
+        COMMAND_LINE_OPTION_INFO_LIST,
+        query_command_line_options
+    ),
     cmd!("query-block", T_EMPTY, BLOCK_INFO_LIST, |_, c| Ok(c
         .machine
         .block_devices()
@@ -817,6 +870,129 @@ fn qom_get(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
         .ok_or_else(|| QmpError::property_not_found(&obj.type_name, name))?;
     // QEMU's answer for a property without a getter (QERR_PERMISSION_DENIED).
     prop.value.clone().ok_or_else(|| QmpError::generic("Insufficient permission to perform this operation"))
+}
+
+/// Whether `ty` is `ancestor` or derives from it, walking the parents `types` lists.
+fn implements(types: &[QomType], ty: &QomType, ancestor: &str) -> bool {
+    let mut current = Some(ty);
+    // Bounded by the number of types, so a parent cycle in the machine's list cannot loop forever.
+    for _ in 0..=types.len() {
+        let Some(t) = current else { return false };
+        if t.name == ancestor {
+            return true;
+        }
+        current = t.parent.as_deref().and_then(|p| types.iter().find(|candidate| candidate.name == p));
+    }
+    false
+}
+
+/// QEMU's `qom-list-types`: concrete types only unless `abstract` is true, those deriving from `implements` if
+/// given; `abstract` appears, as `true`, on abstract types only.
+fn qom_list_types(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let with_abstract = args.get("abstract").and_then(Value::as_bool).unwrap_or(false);
+    let filter = args.get("implements").and_then(Value::as_str);
+    let types = c.machine.qom_types();
+    Ok(types
+        .iter()
+        .filter(|t| with_abstract || !t.is_abstract)
+        .filter(|t| filter.is_none_or(|ancestor| implements(&types, t, ancestor)))
+        .map(|t| {
+            let mut info = Map::new();
+            info.insert("name".into(), json!(t.name));
+            if t.is_abstract {
+                info.insert("abstract".into(), json!(true));
+            }
+            if let Some(parent) = &t.parent {
+                info.insert("parent".into(), json!(parent));
+            }
+            Value::Object(info)
+        })
+        .collect())
+}
+
+fn property_info(p: &TypeProperty) -> Value {
+    let mut info = Map::new();
+    info.insert("name".into(), json!(p.name));
+    info.insert("type".into(), json!(p.type_name));
+    if let Some(description) = &p.description {
+        info.insert("description".into(), json!(description));
+    }
+    if let Some(default) = &p.default_value {
+        info.insert("default-value".into(), default.clone());
+    }
+    Value::Object(info)
+}
+
+/// QEMU's `device-list-properties`, with its errors: an unknown type is `DeviceNotFound` (libvirt asks for types
+/// a binary may lack and takes that answer as "no such device"), a type that is not a device or is abstract a
+/// generic error.
+fn device_list_properties(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let name = str_arg(args, "typename");
+    let types = c.machine.qom_types();
+    let ty = types
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| QmpError::new(ErrorClass::DeviceNotFound, format!("Device '{name}' not found")))?;
+    if !implements(&types, ty, "device") {
+        return Err(QmpError::generic("Parameter 'typename' expects device type"));
+    }
+    if ty.is_abstract {
+        return Err(QmpError::generic("Parameter 'typename' expects non-abstract device type"));
+    }
+    let properties = c.machine.type_properties(name).unwrap_or_default();
+    Ok(properties.iter().map(property_info).collect())
+}
+
+/// `qom-list-properties`: a type's properties, and for a type the binary does not have, an empty list. QEMU
+/// answers `DeviceNotFound` there, but it has every type libvirt asks about; libvirt 9.0 dereferences a NULL list
+/// on that error and crashes, and an empty list truthfully says there is nothing to configure.
+fn qom_list_properties(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let properties = c.machine.type_properties(str_arg(args, "typename")).unwrap_or_default();
+    Ok(properties.iter().map(property_info).collect())
+}
+
+fn query_cpu_definitions(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    Ok(c.machine
+        .cpu_definitions()
+        .iter()
+        .map(|d| {
+            json!({"name": d.name, "typename": d.type_name, "unavailable-features": d.unavailable_features,
+                   "static": d.is_static, "migration-safe": d.migration_safe, "deprecated": d.deprecated})
+        })
+        .collect())
+}
+
+fn query_cpu_model_expansion(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    // The schema check has made `type` one of the enum's names and `model` an object with a string name.
+    let expansion = CpuModelExpansionType::from_name(str_arg(args, "type")).unwrap_or(CpuModelExpansionType::Full);
+    let model = &args["model"];
+    let props = match model.get("props") {
+        None => Map::new(),
+        Some(Value::Object(props)) => props.clone(),
+        Some(_) => return Err(QmpError::generic("Invalid parameter type for 'model.props', expected: object")),
+    };
+    let asked = CpuModel { name: model["name"].as_str().unwrap_or_default().to_string(), props };
+    let expanded = c.machine.expand_cpu_model(expansion, &asked)?;
+    Ok(json!({"model": {"name": expanded.name, "props": expanded.props}}))
+}
+
+fn query_command_line_options(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let only = args.get("option").and_then(Value::as_str);
+    let options: Vec<Value> = c
+        .machine
+        .command_line_options()
+        .iter()
+        .filter(|o| only.is_none_or(|name| o.option == name))
+        .map(|o| {
+            let parameters: Vec<Value> =
+                o.parameters.iter().map(|p| json!({"name": p.name, "type": p.type_name})).collect();
+            json!({"parameters": parameters, "option": o.option})
+        })
+        .collect();
+    if only.is_some() && options.is_empty() {
+        return Err(QmpError::generic("Parameter 'option' expects an option name"));
+    }
+    Ok(Value::Array(options))
 }
 
 /// HMP commands that are the QMP command of the same meaning (`c` is QEMU's short form of `cont`, `q` of `quit`).

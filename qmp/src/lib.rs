@@ -43,9 +43,10 @@ pub mod session;
 pub use fds::{MigrationChannel, PassedFds};
 pub use json::{to_qemu_json, Limits};
 pub use machine::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CommandLineParameter, CpuDefinition, CpuInfo,
+    CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
     MigrationCapabilities, MigrationCapability, MigrationInfo, MigrationRam, MigrationStatus, PciDevice, PciRegion,
-    QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target, Timestamp,
+    QmpError, QomObject, QomProperty, QomType, RunState, ShutdownCause, Target, Timestamp, TypeProperty,
 };
 pub use session::{encode_event, ServerInfo, Session};
 

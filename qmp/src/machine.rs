@@ -318,6 +318,76 @@ pub struct MachineInfo {
     pub default_ram_id: Option<String>,
 }
 
+/// One QOM type, for `qom-list-types`: what the binary can create (devices, backends, machines, CPUs, accelerators),
+/// each with its parent so that `implements` filters can walk the hierarchy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QomType {
+    pub name: String,
+    /// `None` for the root (`object`).
+    pub parent: Option<String>,
+    /// Abstract types exist only as parents: listed with `abstract: true`, never created.
+    pub is_abstract: bool,
+}
+
+/// One property of a QOM type, as `device-list-properties` and `qom-list-properties` show it (`ObjectPropertyInfo`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TypeProperty {
+    pub name: String,
+    /// QEMU's property type name: `str`, `bool`, `uint32`, `link<...>`...
+    pub type_name: String,
+    pub description: Option<String>,
+    pub default_value: Option<Value>,
+}
+
+/// One CPU model, for `query-cpu-definitions` (`CpuDefinitionInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuDefinition {
+    /// The name `-cpu` takes.
+    pub name: String,
+    /// Its QOM type.
+    pub type_name: String,
+    /// Whether it is the same on every host (a named model), unlike `host`.
+    pub is_static: bool,
+    pub migration_safe: bool,
+    /// Features the model has that this host cannot give a guest; empty: usable here.
+    pub unavailable_features: Vec<String>,
+    pub deprecated: bool,
+}
+
+wire_enum! {
+    /// QEMU's `CpuModelExpansionType`.
+    CpuModelExpansionType {
+        /// Expanded into a static base model (`base`) plus the features that make it up.
+        Static = "static",
+        /// The model itself with every property it has.
+        Full = "full",
+    }
+}
+
+/// A CPU model and property settings (`CpuModelInfo`): asked for, or the result of an expansion.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuModel {
+    pub name: String,
+    /// Property name to value; features are booleans.
+    pub props: serde_json::Map<String, Value>,
+}
+
+/// One option of the command line and the parameters its value takes, for `query-command-line-options`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandLineOption {
+    /// Without the leading dash (`sandbox`).
+    pub option: String,
+    pub parameters: Vec<CommandLineParameter>,
+}
+
+/// One `key=` of a command-line option: its name and QEMU's `CommandLineParameterType` (`string`, `boolean`,
+/// `number`, `size`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandLineParameter {
+    pub name: String,
+    pub type_name: &'static str,
+}
+
 /// One entry of `query-chardev`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChardevInfo {
@@ -476,6 +546,23 @@ pub trait Machine {
 
     /// Machine types this binary can build (`query-machines`).
     fn machines(&self) -> Vec<MachineInfo>;
+
+    /// Every QOM type the binary can create, and their abstract parents (`qom-list-types`).
+    fn qom_types(&self) -> Vec<QomType>;
+
+    /// The properties of QOM type `type_name`, or `None` if the binary has no such type (`device-list-properties`,
+    /// `qom-list-properties`).
+    fn type_properties(&self, type_name: &str) -> Option<Vec<TypeProperty>>;
+
+    /// The CPU models `-cpu` takes (`query-cpu-definitions`).
+    fn cpu_definitions(&self) -> Vec<CpuDefinition>;
+
+    /// `query-cpu-model-expansion`: `model` with its properties applied, expanded as `expansion` asks; an unknown
+    /// model or property is an error.
+    fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError>;
+
+    /// The command-line options with parameters the binary takes (`query-command-line-options`).
+    fn command_line_options(&self) -> Vec<CommandLineOption>;
 
     /// Resolves a QOM path (`/machine`, `/machine/unattached/device[0]`...) to an object, or `None`.
     fn qom_object(&self, path: &str) -> Option<QomObject>;

@@ -28,6 +28,15 @@ pub struct FakeMachine {
     pub migration_capabilities: MigrationCapabilities,
     /// Started with `-incoming defer` and not restored yet.
     pub awaiting_incoming: bool,
+    /// QOM types (`qom-list-types`) and the properties of those that have some.
+    pub types: Vec<QomType>,
+    pub type_properties: Vec<(String, Vec<TypeProperty>)>,
+    /// The features of the one CPU model, `host`, with whether this "host" has each.
+    pub cpu_features: Vec<(String, bool)>,
+}
+
+fn qom_type(name: &str, parent: Option<&str>, is_abstract: bool) -> QomType {
+    QomType { name: name.into(), parent: parent.map(Into::into), is_abstract }
 }
 
 fn prop(name: &str, type_name: &str, value: Value) -> QomProperty {
@@ -56,6 +65,24 @@ impl Default for FakeMachine {
             migration: None,
             migration_capabilities: MigrationCapabilities::default(),
             awaiting_incoming: false,
+            types: vec![
+                qom_type("object", None, true),
+                qom_type("device", Some("object"), true),
+                qom_type("virtio-pci", Some("device"), true),
+                qom_type("virtio-rng-pci", Some("virtio-pci"), false),
+                qom_type("rng-backend", Some("object"), true),
+                qom_type("rng-random", Some("rng-backend"), false),
+            ],
+            type_properties: vec![(
+                "virtio-rng-pci".into(),
+                vec![TypeProperty {
+                    name: "rng".into(),
+                    type_name: "link<rng-backend>".into(),
+                    description: None,
+                    default_value: None,
+                }],
+            )],
+            cpu_features: vec![("fpu".into(), true), ("vmx".into(), false)],
             qom: vec![
                 (
                     "/".into(),
@@ -242,6 +269,58 @@ impl Machine for FakeMachine {
 
     fn pci_devices(&self) -> Vec<PciDevice> {
         self.pci.clone()
+    }
+
+    fn qom_types(&self) -> Vec<QomType> {
+        self.types.clone()
+    }
+
+    fn type_properties(&self, type_name: &str) -> Option<Vec<TypeProperty>> {
+        let known = self.types.iter().any(|t| t.name == type_name);
+        known.then(|| {
+            let found = self.type_properties.iter().find(|(name, _)| name == type_name);
+            found.map(|(_, properties)| properties.clone()).unwrap_or_default()
+        })
+    }
+
+    fn cpu_definitions(&self) -> Vec<CpuDefinition> {
+        vec![CpuDefinition {
+            name: "host".into(),
+            type_name: "host-x86_64-cpu".into(),
+            is_static: false,
+            migration_safe: false,
+            unavailable_features: Vec::new(),
+            deprecated: false,
+        }]
+    }
+
+    /// `host` only; `migratable` is its one property besides the features.
+    fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError> {
+        if model.name != "host" {
+            return Err(QmpError::generic(format!("The CPU type '{}' is not a recognized CPU type", model.name)));
+        }
+        let mut props: serde_json::Map<String, Value> =
+            self.cpu_features.iter().map(|(name, has)| (name.clone(), json!(has))).collect();
+        for (name, value) in &model.props {
+            if name != "migratable" && !props.contains_key(name) {
+                return Err(QmpError::property_not_found("host-x86_64-cpu", name));
+            }
+            if name != "migratable" {
+                props.insert(name.clone(), value.clone());
+            }
+        }
+        let name = match expansion {
+            CpuModelExpansionType::Static => "base",
+            CpuModelExpansionType::Full => "host",
+        };
+        Ok(CpuModel { name: name.into(), props })
+    }
+
+    fn command_line_options(&self) -> Vec<CommandLineOption> {
+        vec![CommandLineOption {
+            option: "sandbox".into(),
+            parameters: vec![CommandLineParameter { name: "enable".into(), type_name: "boolean" }],
+        }]
     }
 }
 

@@ -273,6 +273,12 @@ fn returns_match_declared_types() {
             }
             "closefd" => "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"f\"}}".to_string(),
             "qom-get" => "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\",\"property\":\"type\"}}".to_string(),
+            "device-list-properties" | "qom-list-properties" => {
+                format!("{{\"execute\":\"{}\",\"arguments\":{{\"typename\":\"virtio-rng-pci\"}}}}", c.name)
+            }
+            "query-cpu-model-expansion" => "{\"execute\":\"query-cpu-model-expansion\",\"arguments\":\
+                                            {\"type\":\"full\",\"model\":{\"name\":\"host\"}}}"
+                .to_string(),
             n => format!("{{\"execute\":\"{n}\"}}"),
         };
         let out = ask(&mut s, &mut m, &req);
@@ -648,4 +654,116 @@ fn getfd_then_migrate_to_the_named_descriptor() {
     assert!(m.migration.is_some());
     let out = ask(&mut s, &mut m, "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"migrate\"}}");
     assert!(out.contains("File descriptor named 'migrate' not found"), "{out}");
+}
+
+fn ask_json(s: &mut Session, m: &mut FakeMachine, req: &str) -> Value {
+    let out = ask(s, m, req);
+    serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("{req}: {e}: {out}"))
+}
+
+#[test]
+fn qom_list_types_filters_abstract_types_and_by_ancestor() {
+    let (mut s, mut m) = negotiated();
+    let names = |v: &Value| -> Vec<String> {
+        v["return"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+    };
+    let all = ask_json(&mut s, &mut m, "{\"execute\":\"qom-list-types\"}");
+    assert_eq!(names(&all), ["virtio-rng-pci", "rng-random"]);
+    // QEMU's member order and shape: no `abstract` member on concrete types.
+    assert_eq!(all["return"][0], serde_json::json!({"name": "virtio-rng-pci", "parent": "virtio-pci"}));
+    let devices =
+        ask_json(&mut s, &mut m, "{\"execute\":\"qom-list-types\",\"arguments\":{\"implements\":\"device\"}}");
+    assert_eq!(names(&devices), ["virtio-rng-pci"]);
+    let with_abstract = ask_json(
+        &mut s,
+        &mut m,
+        "{\"execute\":\"qom-list-types\",\"arguments\":{\"implements\":\"rng-backend\",\"abstract\":true}}",
+    );
+    assert_eq!(names(&with_abstract), ["rng-backend", "rng-random"]);
+    assert_eq!(with_abstract["return"][0]["abstract"], true);
+    let none = ask_json(&mut s, &mut m, "{\"execute\":\"qom-list-types\",\"arguments\":{\"implements\":\"nothing\"}}");
+    assert_eq!(none["return"], serde_json::json!([]));
+}
+
+#[test]
+fn device_list_properties_answers_like_qemu() {
+    let (mut s, mut m) = negotiated();
+    let ok = ask_json(
+        &mut s,
+        &mut m,
+        "{\"execute\":\"device-list-properties\",\"arguments\":{\"typename\":\"virtio-rng-pci\"}}",
+    );
+    assert_eq!(ok["return"], serde_json::json!([{"name": "rng", "type": "link<rng-backend>"}]));
+    let error = |s: &mut Session, m: &mut FakeMachine, typename: &str| {
+        let req = format!("{{\"execute\":\"device-list-properties\",\"arguments\":{{\"typename\":\"{typename}\"}}}}");
+        ask_json(s, m, &req)["error"].clone()
+    };
+    // libvirt tells a missing device from a failed probe by the class.
+    let missing = error(&mut s, &mut m, "virtio-net-ccw");
+    assert_eq!(missing["class"], "DeviceNotFound");
+    assert_eq!(missing["desc"], "Device 'virtio-net-ccw' not found");
+    assert_eq!(error(&mut s, &mut m, "rng-random")["desc"], "Parameter 'typename' expects device type");
+    assert_eq!(error(&mut s, &mut m, "virtio-pci")["desc"], "Parameter 'typename' expects non-abstract device type");
+    assert_eq!(error(&mut s, &mut m, "virtio-pci")["class"], "GenericError");
+}
+
+#[test]
+fn qom_list_properties_is_always_a_list() {
+    let (mut s, mut m) = negotiated();
+    let known = ask_json(
+        &mut s,
+        &mut m,
+        "{\"execute\":\"qom-list-properties\",\"arguments\":{\"typename\":\"virtio-rng-pci\"}}",
+    );
+    assert_eq!(known["return"][0]["name"], "rng");
+    // libvirt 9.0 crashes on an error here; a type the binary lacks has no properties to offer.
+    for typename in ["memory-backend-file", "max-x86_64-cpu", "rng-random"] {
+        let req = format!("{{\"execute\":\"qom-list-properties\",\"arguments\":{{\"typename\":\"{typename}\"}}}}");
+        assert_eq!(ask_json(&mut s, &mut m, &req)["return"], serde_json::json!([]), "{typename}");
+    }
+}
+
+#[test]
+fn cpu_definitions_and_host_model_expansion() {
+    let (mut s, mut m) = negotiated();
+    let defs = ret(&mut s, &mut m, "query-cpu-definitions");
+    assert_eq!(
+        defs,
+        serde_json::json!([{"name": "host", "typename": "host-x86_64-cpu", "unavailable-features": [],
+                            "static": false, "migration-safe": false, "deprecated": false}])
+    );
+    let expand = |s: &mut Session, m: &mut FakeMachine, args: &str| {
+        ask_json(s, m, &format!("{{\"execute\":\"query-cpu-model-expansion\",\"arguments\":{args}}}"))
+    };
+    let stat = expand(&mut s, &mut m, "{\"type\":\"static\",\"model\":{\"name\":\"host\"}}");
+    assert_eq!(stat["return"], serde_json::json!({"model": {"name": "base", "props": {"fpu": true, "vmx": false}}}));
+    let full =
+        expand(&mut s, &mut m, "{\"type\":\"full\",\"model\":{\"name\":\"host\",\"props\":{\"migratable\":false}}}");
+    assert_eq!(full["return"]["model"]["name"], "host");
+    assert_eq!(full["return"]["model"]["props"]["fpu"], true);
+    // What libvirt asks for hyper-v: a property the model lacks is QEMU's error.
+    let hv =
+        expand(&mut s, &mut m, "{\"type\":\"full\",\"model\":{\"name\":\"host\",\"props\":{\"hv-passthrough\":true}}}");
+    assert_eq!(hv["error"]["desc"], "Property 'host-x86_64-cpu.hv-passthrough' not found");
+    let unknown = expand(&mut s, &mut m, "{\"type\":\"static\",\"model\":{\"name\":\"Skylake\"}}");
+    assert!(unknown["error"]["desc"].as_str().unwrap().contains("Skylake"), "{unknown}");
+    let bad_type = expand(&mut s, &mut m, "{\"type\":\"baseline\",\"model\":{\"name\":\"host\"}}");
+    assert_eq!(bad_type["error"]["desc"], "Parameter 'type' does not accept value 'baseline'");
+    let bad_props = expand(&mut s, &mut m, "{\"type\":\"full\",\"model\":{\"name\":\"host\",\"props\":1}}");
+    assert_eq!(bad_props["error"]["class"], "GenericError");
+}
+
+#[test]
+fn command_line_options_list_and_filter() {
+    let (mut s, mut m) = negotiated();
+    assert_eq!(
+        ret(&mut s, &mut m, "query-command-line-options"),
+        serde_json::json!([{"parameters": [{"name": "enable", "type": "boolean"}], "option": "sandbox"}])
+    );
+    let one =
+        ask_json(&mut s, &mut m, "{\"execute\":\"query-command-line-options\",\"arguments\":{\"option\":\"sandbox\"}}");
+    assert_eq!(one["return"][0]["option"], "sandbox");
+    let missing =
+        ask_json(&mut s, &mut m, "{\"execute\":\"query-command-line-options\",\"arguments\":{\"option\":\"vnc\"}}");
+    assert_eq!(missing["error"]["desc"], "Parameter 'option' expects an option name");
 }

@@ -12,6 +12,7 @@ use crate::config::{
 };
 
 mod qemu_devices;
+pub use qemu_devices::{DeviceModel, DEVICE_MODELS, OBJECT_TYPES};
 use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
@@ -23,8 +24,11 @@ Options (QEMU's spelling in brackets, where it has one):
   --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry; arm64 Image on aarch64
                         (required) [-kernel]
   --machine TYPE        x86_64: pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm:
-                        virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree
-                        [-M TYPE, -machine TYPE[,accel=kvm] or type=TYPE]
+                        virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree.
+                        none: no guest (no kernel, RAM, vCPUs or devices), only the QMP monitors, as libvirt
+                        starts a binary to probe it. QEMU's versioned names mean the same: pc-i440fx-7.2,
+                        pc-q35-7.2, virt-7.2
+                        [-M TYPE, -machine TYPE[,accel=kvm] or type=TYPE; accel= may list others, as kvm:tcg]
   --initrd PATH         initial ramdisk [-initrd]
   --cmdline STR         kernel command line (default: the serial console: \"console=ttyS0\" on x86_64,
                         \"console=ttyAMA0\" on aarch64)
@@ -54,6 +58,10 @@ Options (QEMU's spelling in brackets, where it has one):
                         machine and devices as when it was saved); runs at once, or stays paused with --paused
                         [-incoming file:PATH; -incoming fd:N reads the snapshot streamed on inherited descriptor N
                         (a pipe); -incoming defer waits for QMP migrate-incoming with file:PATH or fd:N]
+  --daemonize           run in the background: return once the QMP sockets listen and the pid file is written;
+                        the daemon's stdin, stdout and stderr are /dev/null, so no console may be stdio (the
+                        serial port defaults to none) [-daemonize]
+  --pidfile PATH        write the process id to PATH, locked while Kestrel runs, removed when it exits [-pidfile]
   --sandbox on|off      confine each thread to the system calls it needs (seccomp; default: on). off is for
                         debugging: a call outside the filter ends Kestrel with a line naming it
                         [-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]: accepted;
@@ -72,7 +80,7 @@ QEMU's device options (key=value or libvirt's JSON form):
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none.
+-accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers).
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -115,6 +123,13 @@ pub enum CliError {
     Machine(String),
     #[error("no kernel given: use --kernel PATH (see --help)")]
     NoKernel,
+    /// A guest's option on the guest-less `none` machine.
+    #[error("{0} describes a guest, and -machine none runs none: leave it out or name a machine type")]
+    Guestless(String),
+    #[error(
+        "{0} cannot be stdio with --daemonize (the daemon's stdio is /dev/null): use pty, file:PATH, a socket or none"
+    )]
+    DaemonStdio(&'static str),
     /// An id given twice in one of QEMU's namespaces, in QEMU's words (`-device ARGS: Duplicate ID 'x' for device`),
     /// which management tools may match.
     #[error("{option} {}: {}", shown(value), shown(message))]
@@ -183,6 +198,9 @@ enum Opt {
     Sandbox,
     Incoming,
     Restore,
+    Daemonize,
+    Pidfile,
+    Cpu,
     /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
     Ignored,
 }
@@ -218,6 +236,9 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--sandbox", "-sandbox"], Opt::Sandbox, true),
     (&["-incoming"], Opt::Incoming, true),
     (&["--restore"], Opt::Restore, true),
+    (&["--daemonize", "-daemonize"], Opt::Daemonize, false),
+    (&["--pidfile", "-pidfile"], Opt::Pidfile, true),
+    (&["-cpu"], Opt::Cpu, true),
     (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
 ];
@@ -425,26 +446,43 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     Ok(NetConfig { tap, mac, frontend: Frontend::default() })
 }
 
-/// `pc`, `q35`, `microvm`, `virt`, with QEMU's `type=` spelling and `accel=kvm`; the platform decides which it runs.
+/// `pc`, `q35`, `microvm`, `virt`, `none` or their versioned names, with QEMU's `type=` spelling and `accel=`;
+/// the platform decides which it runs. `accel=` lists accelerators to try in order (`kvm:tcg`, as libvirt's probe
+/// asks): Kestrel has only KVM, so the list must name it.
 fn parse_machine(option: &str, value: &str) -> Result<MachineType, CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let mut machine = first;
     for (key, setting) in pairs {
         match key.as_str() {
             "type" if machine.is_none() => machine = Some(setting),
-            "accel" if setting == "kvm" => {}
-            "accel" => return Err(invalid(option, value, "Kestrel only supports accel=kvm")),
+            "accel" if setting.split(':').any(|accel| accel == "kvm") => {}
+            "accel" => return Err(invalid(option, value, "Kestrel only has KVM: accel= must list kvm")),
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
     match machine.as_deref() {
-        Some("pc") => Ok(MachineType::Pc),
-        Some("q35") => Ok(MachineType::Q35),
-        Some("microvm") => Ok(MachineType::Microvm),
-        Some("virt") => Ok(MachineType::Virt),
-        Some(other) => Err(CliError::Machine(other.to_string())),
+        Some(name) => MachineType::from_qemu_name(name).ok_or_else(|| CliError::Machine(name.to_string())),
         None => Err(invalid(option, value, "no machine type given")),
     }
+}
+
+/// `-cpu host[,migratable=on|off]`: the host's CPU is the one model Kestrel gives guests. A migratable host CPU
+/// in QEMU leaves out features that cannot be migrated; Kestrel's never has them (a snapshot restores on a host
+/// with the same CPU features), so both settings give the same CPU.
+fn parse_cpu_model(option: &str, value: &str) -> Result<(), CliError> {
+    let (first, pairs) = split_qemu_opts(value);
+    if first.as_deref() != Some("host") {
+        return Err(invalid(option, value, "Kestrel gives guests the host's CPU: use -cpu host"));
+    }
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "migratable" => {
+                on_off(option, value, &key, &setting)?;
+            }
+            _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    Ok(())
 }
 
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
@@ -461,7 +499,22 @@ fn parse_cpus(value: &str) -> Result<u8, CliError> {
     count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0).ok_or_else(|| CliError::Cpus(value.to_string()))
 }
 
-/// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
+/// `-sandbox`'s suboptions besides `enable`, and the settings each takes (QEMU 7.2's).
+const SANDBOX_SUBOPTIONS: &[(&str, &[&str])] = &[
+    ("obsolete", &["allow", "deny"]),
+    ("elevateprivileges", &["allow", "deny", "children"]),
+    ("spawn", &["allow", "deny"]),
+    ("resourcecontrol", &["allow", "deny"]),
+];
+
+/// The QEMU options whose values take `key=value` parameters, and the parameters Kestrel accepts, each with QEMU's
+/// parameter type, for QMP's `query-command-line-options` (libvirt decides from it whether to pass `-sandbox`).
+pub fn qemu_option_parameters() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
+    let sandbox =
+        std::iter::once(("enable", "boolean")).chain(SANDBOX_SUBOPTIONS.iter().map(|(name, _)| (*name, "string")));
+    vec![("sandbox", sandbox.collect()), ("machine", vec![("type", "string"), ("accel", "string")])]
+}
+
 /// `on` or `off`, with QEMU's suboptions (7.2: `obsolete=allow|deny`, `elevateprivileges=allow|deny|children`,
 /// `spawn=allow|deny`, `resourcecontrol=allow|deny`), which libvirt passes. Kestrel's filters deny all four kinds
 /// of call whatever they say (it never needs them), so they are checked, not used.
@@ -472,14 +525,12 @@ fn parse_sandbox(option: &str, value: &str) -> Result<bool, CliError> {
         None => None,
     };
     for (key, setting) in &pairs {
-        let allowed: &[&str] = match key.as_str() {
-            "enable" => {
-                enabled = Some(on_off(option, value, key, setting)?);
-                continue;
-            }
-            "obsolete" | "spawn" | "resourcecontrol" => &["allow", "deny"],
-            "elevateprivileges" => &["allow", "deny", "children"],
-            _ => return Err(invalid(option, value, format!("unknown suboption '{key}'"))),
+        if key == "enable" {
+            enabled = Some(on_off(option, value, key, setting)?);
+            continue;
+        }
+        let Some((_, allowed)) = SANDBOX_SUBOPTIONS.iter().find(|(name, _)| name == key) else {
+            return Err(invalid(option, value, format!("unknown suboption '{key}'")));
         };
         if !allowed.contains(&setting.as_str()) {
             return Err(invalid(option, value, format!("{key} must be {}", allowed.join(" or "))));
@@ -488,6 +539,7 @@ fn parse_sandbox(option: &str, value: &str) -> Result<bool, CliError> {
     enabled.ok_or_else(|| invalid(option, value, "use on or off"))
 }
 
+/// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
 fn parse_name(value: &str) -> String {
     let (first, pairs) = split_qemu_opts(value);
     first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
@@ -548,6 +600,8 @@ where
     let mut uuid = None;
     let mut sandbox = None;
     let mut incoming = None;
+    let mut pidfile = None;
+    let mut daemonize = false;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -616,6 +670,10 @@ where
             Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, text()?)?)?,
             Opt::Incoming => set_once(&mut incoming, "-incoming / --restore", parse_incoming(&value)?)?,
             Opt::Restore => set_once(&mut incoming, "-incoming / --restore", Incoming::File(PathBuf::from(&value)))?,
+            Opt::Daemonize => daemonize = true,
+            Opt::Pidfile if value.is_empty() => return Err(invalid(&spelling, &value, "the path is empty")),
+            Opt::Pidfile => set_once(&mut pidfile, &spelling, PathBuf::from(&value))?,
+            Opt::Cpu => parse_cpu_model(&spelling, text()?)?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -659,7 +717,24 @@ where
     disks.extend(qemu.disks);
     nets.extend(qemu.nics);
 
-    let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
+    let mut config = if machine == Some(MachineType::None) {
+        let guest_options = [
+            ("--kernel", kernel.is_some()),
+            ("--initrd", initrd.is_some()),
+            ("--cmdline", cmdline.is_some()),
+            ("a disk", !disks.is_empty()),
+            ("a network card", !nets.is_empty()),
+            ("--rng", rng.is_some()),
+            ("--console", console.is_some()),
+            ("-incoming", incoming.is_some()),
+        ];
+        if let Some((option, _)) = guest_options.into_iter().find(|(_, given)| *given) {
+            return Err(CliError::Guestless(option.to_string()));
+        }
+        VmConfig::guestless()
+    } else {
+        VmConfig::new(kernel.ok_or(CliError::NoKernel)?)
+    };
     config.initrd = initrd;
     if let Some(cmdline) = cmdline {
         config.cmdline = Some(cmdline);
@@ -670,8 +745,15 @@ where
     if let Some(cpus) = cpus {
         config.vcpus = cpus;
     }
-    if let Some(serial) = serial {
-        config.serial = serial;
+    match serial {
+        Some(SerialConfig::Stdio) if daemonize => return Err(CliError::DaemonStdio("the serial port")),
+        Some(serial) => config.serial = serial,
+        // stdio, the default, is /dev/null in a daemon.
+        None if daemonize => config.serial = SerialConfig::None,
+        None => {}
+    }
+    if daemonize && console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) {
+        return Err(CliError::DaemonStdio("the virtio console"));
     }
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
     config.qmp = qmp;
@@ -687,6 +769,8 @@ where
     config.uuid = uuid;
     config.sandbox = sandbox.unwrap_or(true);
     config.incoming = incoming;
+    config.daemonize = daemonize;
+    config.pidfile = pidfile;
     Ok(Command::Run(Box::new(config)))
 }
 
@@ -757,7 +841,7 @@ mod tests {
              --qmp unix:/tmp/q.sock,server=on,wait=off --paused --no-shutdown --name web1 \
              --uuid 3A0F5C9E-1B2C-4D5E-8F90-A1B2C3D4E5F6",
         );
-        assert_eq!(config.kernel, PathBuf::from("vmlinux"));
+        assert_eq!(config.kernel, Some(PathBuf::from("vmlinux")));
         assert_eq!(config.initrd, Some(PathBuf::from("initrd.img")));
         assert_eq!(config.memory_bytes, 2 << 30);
         assert_eq!(config.vcpus, 4);
@@ -777,7 +861,7 @@ mod tests {
              -chardev socket,id=charmonitor,path=/run/mon.sock,server=on,wait=off \
              -mon chardev=charmonitor,id=monitor,mode=control -qmp unix:/run/q2.sock,server,nowait",
         );
-        assert_eq!(config.kernel, PathBuf::from("bzImage"));
+        assert_eq!(config.kernel, Some(PathBuf::from("bzImage")));
         assert_eq!(config.memory_bytes, 1 << 30);
         assert_eq!(config.vcpus, 2);
         assert!(config.start_paused && config.no_shutdown);
@@ -792,6 +876,56 @@ mod tests {
     }
 
     #[test]
+    fn libvirts_probe_command_line_is_the_guestless_machine_as_a_daemon() {
+        let probe = config(
+            "-S -no-user-config -nodefaults -nographic -machine none,accel=kvm:tcg \
+             -qmp unix:/var/lib/libvirt/qemu/qmp-X/qmp.monitor,server=on,wait=off \
+             -pidfile /var/lib/libvirt/qemu/qmp-X/qmp.pid -daemonize",
+        );
+        assert_eq!(probe.machine, Some(MachineType::None));
+        assert_eq!(probe.kernel, None);
+        assert!(probe.daemonize && probe.start_paused);
+        assert_eq!(probe.pidfile, Some(PathBuf::from("/var/lib/libvirt/qemu/qmp-X/qmp.pid")));
+        assert_eq!(probe.qmp.len(), 1);
+        // The daemon's stdio is /dev/null: the serial port's default follows, and stdio is refused.
+        assert_eq!(probe.serial, SerialConfig::None);
+        assert_eq!(parse_str("--kernel k -daemonize -serial stdio"), Err(CliError::DaemonStdio("the serial port")));
+        assert_eq!(
+            parse_str("--kernel k --serial none --console stdio --daemonize"),
+            Err(CliError::DaemonStdio("the virtio console"))
+        );
+        assert_eq!(config("--kernel k --pidfile /run/k.pid").pidfile, Some(PathBuf::from("/run/k.pid")));
+        assert!(!config("--kernel k").daemonize);
+    }
+
+    #[test]
+    fn the_guestless_machine_takes_no_guest() {
+        for (args, option) in [
+            ("-machine none -kernel k", "--kernel"),
+            ("-machine none -initrd i", "--initrd"),
+            ("-machine none -append x", "--cmdline"),
+            ("-machine none --disk path=d", "a disk"),
+            ("-machine none --net tap=t0", "a network card"),
+            ("-machine none --rng", "--rng"),
+            ("-machine none --console pty", "--console"),
+            ("-machine none -incoming defer", "-incoming"),
+        ] {
+            assert_eq!(parse_str(args), Err(CliError::Guestless(option.into())), "{args}");
+        }
+        assert_eq!(parse_str("-machine pc"), Err(CliError::NoKernel));
+    }
+
+    #[test]
+    fn cpu_host_is_the_only_model() {
+        assert!(matches!(parse_str("--kernel k -cpu host"), Ok(Command::Run(_))));
+        assert!(matches!(parse_str("--kernel k -cpu host,migratable=on"), Ok(Command::Run(_))));
+        for bad in ["-cpu qemu64", "-cpu host,migratable=maybe", "-cpu host,pmu=off"] {
+            let error = parse_str(&format!("--kernel k {bad}")).unwrap_err();
+            assert!(matches!(error, CliError::Invalid { .. }), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn machine_types_in_every_spelling() {
         assert_eq!(config("--kernel k").machine, None);
         for (args, machine) in [
@@ -802,10 +936,19 @@ mod tests {
             ("-machine type=pc,accel=kvm", MachineType::Pc),
             ("-M virt", MachineType::Virt),
             ("-machine virt,accel=kvm", MachineType::Virt),
+            ("-machine pc-i440fx-7.2", MachineType::Pc),
+            ("-machine pc-q35-7.2,accel=kvm:tcg", MachineType::Q35),
+            ("-M virt-7.2,accel=tcg:kvm", MachineType::Virt),
         ] {
             assert_eq!(config(&format!("--kernel k {args}")).machine, Some(machine), "{args}");
         }
-        for bad in ["-machine pc,accel=tcg", "-machine pc,usb=on", "-machine accel=kvm", "-M microvm,pit=off"] {
+        for bad in [
+            "-machine pc,accel=tcg",
+            "-machine pc,accel=tcg:xen",
+            "-machine pc,usb=on",
+            "-machine accel=kvm",
+            "-M microvm,pit=off",
+        ] {
             assert!(matches!(parse_str(&format!("--kernel k {bad}")), Err(CliError::Invalid { .. })), "{bad}");
         }
     }
@@ -1169,7 +1312,7 @@ mod tests {
         ]);
         let Ok(Command::Run(config)) = parse(args) else { panic!("non-UTF-8 paths must parse") };
         let path = |bytes: &[u8]| PathBuf::from(OsStr::from_bytes(bytes));
-        assert_eq!(config.kernel, path(b"/k\xff"));
+        assert_eq!(config.kernel, Some(path(b"/k\xff")));
         assert_eq!(config.initrd, Some(path(b"/i\xfe")));
         assert_eq!(config.serial, SerialConfig::File(path(b"/s\xff")));
         let disk_paths: Vec<PathBuf> = config.disks.iter().map(|d| d.path.clone()).collect();

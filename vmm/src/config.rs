@@ -21,24 +21,49 @@ pub enum SerialConfig {
 }
 
 /// The machine types `--machine` names. Each host architecture's platform accepts its own (pc, q35 and microvm on
-/// x86_64, virt on aarch64) and derives the virtio transport from it.
+/// x86_64, virt on aarch64) and derives the virtio transport from it; `none` is on every host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MachineType {
     Pc,
     Q35,
     Microvm,
     Virt,
+    /// QEMU's `none`: no guest at all (no RAM, no vCPUs, no devices), only the monitor. What libvirt starts to
+    /// probe a binary's capabilities.
+    None,
 }
 
 impl MachineType {
-    /// QEMU's name for it.
+    pub const ALL: [MachineType; 5] =
+        [MachineType::Pc, MachineType::Q35, MachineType::Microvm, MachineType::Virt, MachineType::None];
+
+    /// QEMU's name for it (an alias of the versioned name, where there is one).
     pub fn name(self) -> &'static str {
         match self {
             MachineType::Pc => "pc",
             MachineType::Q35 => "q35",
             MachineType::Microvm => "microvm",
             MachineType::Virt => "virt",
+            MachineType::None => "none",
         }
+    }
+
+    /// The versioned name QEMU gives the machine of the release Kestrel answers as (`qmp::ServerInfo::kestrel`),
+    /// which libvirt writes into domains (`pc-q35-7.2`); `None` for the types QEMU does not version.
+    pub fn versioned_name(self) -> Option<String> {
+        let info = qmp::ServerInfo::kestrel();
+        let family = match self {
+            MachineType::Pc => "pc-i440fx",
+            MachineType::Q35 => "pc-q35",
+            MachineType::Virt => "virt",
+            MachineType::Microvm | MachineType::None => return None,
+        };
+        Some(format!("{family}-{}.{}", info.major, info.minor))
+    }
+
+    /// The machine type `-machine` names, by its name or its versioned name.
+    pub fn from_qemu_name(name: &str) -> Option<MachineType> {
+        Self::ALL.into_iter().find(|m| m.name() == name || m.versioned_name().as_deref() == Some(name))
     }
 }
 
@@ -119,7 +144,8 @@ pub struct ListenSocket {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// The kernel to boot; `None` only on the guest-less `none` machine.
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     /// The kernel command line; `None`: the platform's default, which names its serial console.
     pub cmdline: Option<String>,
@@ -148,6 +174,11 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// Restore the machine from a snapshot instead of booting the kernel (`-incoming`, `--restore PATH`).
     pub incoming: Option<Incoming>,
+    /// Run in the background (QEMU's `-daemonize`): the command returns once the monitors listen and the pid file
+    /// is written, and the daemon's stdin, stdout and stderr are /dev/null.
+    pub daemonize: bool,
+    /// Where to write Kestrel's process id (QEMU's `-pidfile`), locked while it runs and removed when it exits.
+    pub pidfile: Option<PathBuf>,
 }
 
 /// Where a restore's snapshot comes from (`-incoming`).
@@ -164,6 +195,15 @@ pub enum Incoming {
 impl VmConfig {
     /// A configuration with every optional setting at its default.
     pub fn new(kernel: PathBuf) -> Self {
+        Self::with_kernel(Some(kernel))
+    }
+
+    /// The guest-less `none` machine with every other setting at its default.
+    pub fn guestless() -> Self {
+        VmConfig { machine: Some(MachineType::None), ..Self::with_kernel(None) }
+    }
+
+    fn with_kernel(kernel: Option<PathBuf>) -> Self {
         VmConfig {
             kernel,
             initrd: None,
@@ -184,6 +224,8 @@ impl VmConfig {
             uuid: None,
             sandbox: true,
             incoming: None,
+            daemonize: false,
+            pidfile: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod listen;
 
 cfg_if::cfg_if! {
     if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
+        mod daemon;
         mod inherited;
         mod machine;
         mod platform;

@@ -72,9 +72,9 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     const DEFAULT_CMDLINE: &'static str;
     /// What QMP's `query-target` reports.
     const QMP_TARGET: Target;
-    /// The machine type `query-machines` lists, and its QOM type (`qom-list /machine`).
-    const MACHINE_TYPE: &'static str;
-    const MACHINE_QOM_TYPE: &'static str;
+    /// The machine types this platform builds (`virtio_transport` accepts exactly these), its default first:
+    /// what `query-machines` and `qom-list-types` list.
+    const MACHINE_TYPES: &'static [MachineType];
     /// The vCPUs' QOM type.
     const CPU_TYPE: &'static str;
     /// The most vCPUs the platform can describe to a guest (the hypervisor may allow fewer).
@@ -87,6 +87,10 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// Guest RAM as (start, length) regions for `memory_bytes` of RAM, in ascending order. The guest memory the
     /// VMM allocates, and a snapshot's memory layout, follow it.
     fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)>;
+
+    /// The CPU features a guest sees on this host, by QEMU's names, each with whether it has it (the expansion of
+    /// the `host` CPU model that libvirt's `host-model` is built from).
+    fn cpu_features(hypervisor: &H) -> Result<Vec<(&'static str, bool)>, Error>;
 
     /// Where vCPU `index` sits in the topology the guest is shown, for `query-cpus-fast`.
     fn cpu_props(index: u32) -> CpuProps;

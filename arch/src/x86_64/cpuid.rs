@@ -123,6 +123,273 @@ pub fn normalise(supported: &[CpuidEntry], vcpu_id: u8, vcpu_count: u8) -> Vec<C
     entries
 }
 
+/// A CPUID output register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Register {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// One word of feature bits: the leaf, subleaf and register, and QEMU's name for each bit (`""`: a bit QEMU does
+/// not name as a feature, e.g. one that reflects OS state such as OSXSAVE). The names are the ones QEMU's `-cpu`
+/// and `query-cpu-model-expansion` use, which libvirt maps onto its CPU models.
+pub struct FeatureWord {
+    pub function: u32,
+    pub index: u32,
+    pub register: Register,
+    pub names: [&'static str; 32],
+}
+
+/// The feature words a guest's CPU model is described by (QEMU 7.2's names).
+pub const FEATURE_WORDS: &[FeatureWord] = &[
+    FeatureWord {
+        function: 1,
+        index: 0,
+        register: Register::Edx,
+        names: [
+            "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "", "sep", "mtrr", "pge", "mca",
+            "cmov", "pat", "pse36", "pn", "clflush", "", "ds", "acpi", "mmx", "fxsr", "sse", "sse2", "ss", "ht", "tm",
+            "ia64", "pbe",
+        ],
+    },
+    FeatureWord {
+        function: 1,
+        index: 0,
+        register: Register::Ecx,
+        names: [
+            "pni",
+            "pclmulqdq",
+            "dtes64",
+            "monitor",
+            "ds-cpl",
+            "vmx",
+            "smx",
+            "est",
+            "tm2",
+            "ssse3",
+            "cid",
+            "",
+            "fma",
+            "cx16",
+            "xtpr",
+            "pdcm",
+            "",
+            "pcid",
+            "dca",
+            "sse4.1",
+            "sse4.2",
+            "x2apic",
+            "movbe",
+            "popcnt",
+            "tsc-deadline",
+            "aes",
+            "xsave",
+            "",
+            "avx",
+            "f16c",
+            "rdrand",
+            "hypervisor",
+        ],
+    },
+    FeatureWord {
+        function: 7,
+        index: 0,
+        register: Register::Ebx,
+        names: [
+            "fsgsbase",
+            "tsc-adjust",
+            "sgx",
+            "bmi1",
+            "hle",
+            "avx2",
+            "",
+            "smep",
+            "bmi2",
+            "erms",
+            "invpcid",
+            "rtm",
+            "",
+            "",
+            "mpx",
+            "",
+            "avx512f",
+            "avx512dq",
+            "rdseed",
+            "adx",
+            "smap",
+            "avx512ifma",
+            "pcommit",
+            "clflushopt",
+            "clwb",
+            "intel-pt",
+            "avx512pf",
+            "avx512er",
+            "avx512cd",
+            "sha-ni",
+            "avx512bw",
+            "avx512vl",
+        ],
+    },
+    FeatureWord {
+        function: 7,
+        index: 0,
+        register: Register::Ecx,
+        names: [
+            "",
+            "avx512vbmi",
+            "umip",
+            "pku",
+            "",
+            "waitpkg",
+            "avx512vbmi2",
+            "",
+            "gfni",
+            "vaes",
+            "vpclmulqdq",
+            "avx512vnni",
+            "avx512bitalg",
+            "",
+            "avx512-vpopcntdq",
+            "",
+            "la57",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "rdpid",
+            "",
+            "bus-lock-detect",
+            "cldemote",
+            "",
+            "movdiri",
+            "movdir64b",
+            "",
+            "sgxlc",
+            "pks",
+        ],
+    },
+    FeatureWord {
+        function: 7,
+        index: 0,
+        register: Register::Edx,
+        names: [
+            "",
+            "",
+            "avx512-4vnniw",
+            "avx512-4fmaps",
+            "fsrm",
+            "",
+            "",
+            "",
+            "avx512-vp2intersect",
+            "",
+            "md-clear",
+            "",
+            "",
+            "",
+            "serialize",
+            "",
+            "tsx-ldtrk",
+            "",
+            "",
+            "arch-lbr",
+            "",
+            "",
+            "amx-bf16",
+            "avx512-fp16",
+            "amx-tile",
+            "amx-int8",
+            "spec-ctrl",
+            "stibp",
+            "flush-l1d",
+            "arch-capabilities",
+            "core-capability",
+            "ssbd",
+        ],
+    },
+    FeatureWord {
+        function: 0xd,
+        index: 1,
+        register: Register::Eax,
+        names: [
+            "xsaveopt", "xsavec", "xgetbv1", "xsaves", "xfd", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
+            "", "", "", "", "", "", "", "", "", "", "", "", "",
+        ],
+    },
+    FeatureWord {
+        function: LEAF_EXT_FEATURES,
+        index: 0,
+        register: Register::Edx,
+        // The bits that repeat leaf 1's EDX on AMD are named there.
+        names: [
+            "", "", "", "", "", "", "", "", "", "", "", "syscall", "", "", "", "", "", "", "", "", "nx", "", "mmxext",
+            "", "", "fxsr-opt", "pdpe1gb", "rdtscp", "", "lm", "3dnowext", "3dnow",
+        ],
+    },
+    FeatureWord {
+        function: LEAF_EXT_FEATURES,
+        index: 0,
+        register: Register::Ecx,
+        names: [
+            "lahf-lm",
+            "cmp-legacy",
+            "svm",
+            "extapic",
+            "cr8legacy",
+            "abm",
+            "sse4a",
+            "misalignsse",
+            "3dnowprefetch",
+            "osvw",
+            "ibs",
+            "xop",
+            "skinit",
+            "wdt",
+            "",
+            "lwp",
+            "fma4",
+            "tce",
+            "",
+            "nodeid-msr",
+            "",
+            "tbm",
+            "topoext",
+            "perfctr-core",
+            "perfctr-nb",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ],
+    },
+];
+
+/// Every named feature of [`FEATURE_WORDS`] with whether `entries` (a vCPU's CPUID) has it, in table order. A
+/// leaf the table has no entry for has none of its features.
+pub fn named_features(entries: &[CpuidEntry]) -> Vec<(&'static str, bool)> {
+    let mut features = Vec::new();
+    for word in FEATURE_WORDS {
+        let bits = find(entries, word.function, word.index).map_or(0, |e| match word.register {
+            Register::Eax => e.eax,
+            Register::Ebx => e.ebx,
+            Register::Ecx => e.ecx,
+            Register::Edx => e.edx,
+        });
+        for (bit, name) in word.names.iter().enumerate() {
+            if !name.is_empty() {
+                features.push((*name, bits & (1 << bit) != 0));
+            }
+        }
+    }
+    features
+}
+
 fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<&CpuidEntry> {
     entries.iter().find(|e| e.function == function && e.index == index)
 }
@@ -286,5 +553,27 @@ mod tests {
     fn duplicates_are_dropped() {
         let out = normalise(&[intel_leaf0(1), intel_leaf0(1), entry(1, 0, 0, 0, 0, 0)], 0, 1);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn named_features_read_the_bits_qemu_names() {
+        // Leaf 1: FPU (EDX 0), SSE2 (EDX 26), VMX (ECX 5), hypervisor (ECX 31); leaf 7: AVX2 (EBX 5); nothing in
+        // the extended leaves, which are missing.
+        let entries = [entry(1, 0, 0, 0, (1 << 5) | (1 << 31), 1 | (1 << 26)), entry(7, 0, 0, 1 << 5, 0, 0)];
+        let features = named_features(&entries);
+        let has = |name: &str| features.iter().find(|(n, _)| *n == name).map(|(_, has)| *has);
+        for name in ["fpu", "sse2", "vmx", "hypervisor", "avx2"] {
+            assert_eq!(has(name), Some(true), "{name}");
+        }
+        for name in ["vme", "pni", "avx512f", "lm", "svm", "xsaveopt"] {
+            assert_eq!(has(name), Some(false), "{name}");
+        }
+        // Bits QEMU leaves unnamed are not features (OSXSAVE, leaf 1 ECX 27).
+        assert_eq!(has(""), None);
+        let mut names: Vec<&str> = features.iter().map(|(n, _)| *n).collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "a feature named twice");
     }
 }

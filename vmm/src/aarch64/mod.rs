@@ -110,13 +110,18 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
     /// The console on the PL011.
     const DEFAULT_CMDLINE: &'static str = "console=ttyAMA0";
     const QMP_TARGET: Target = Target::Aarch64;
-    const MACHINE_TYPE: &'static str = "virt";
-    const MACHINE_QOM_TYPE: &'static str = "kestrel-virt-machine";
+    const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Virt];
     /// QEMU's `-cpu host`.
     const CPU_TYPE: &'static str = "host-arm-cpu";
 
     /// As many as the GIC layout has redistributors for.
     const MAX_VCPUS: u32 = layout::MAX_VCPUS;
+
+    /// No features are named yet: QEMU names arm64 features by ID register fields (`sve`, `pmu`...), which Kestrel
+    /// does not map, and libvirt's arm64 `host-model` does not use the expansion. An empty list claims nothing.
+    fn cpu_features(_hypervisor: &H) -> Result<Vec<(&'static str, bool)>, Error> {
+        Ok(Vec::new())
+    }
 
     /// Virtio-mmio on `virt`, the only machine type here.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {

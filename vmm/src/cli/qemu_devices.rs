@@ -141,6 +141,55 @@ fn flatten(
 /// (`bus`, `addr`), boot order (the kernel is loaded directly), and tuning with one possible value here.
 const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "bootindex", "multifunction", "romfile", "rombar"];
 
+/// A device `-device` creates: its model (the driver, less the `-pci`/`-device` transport suffix of a virtio
+/// device) and the settings it takes, each with its QEMU property type. What QMP's probe answers
+/// (`qom-list-types`, `device-list-properties`) are generated from this table, so they claim nothing the command
+/// line refuses.
+pub struct DeviceModel {
+    pub model: &'static str,
+    /// A virtio device, named `<model>-pci` on PCI and `<model>-device` on virtio-mmio.
+    pub virtio: bool,
+    pub properties: &'static [(&'static str, &'static str)],
+}
+
+pub const DEVICE_MODELS: &[DeviceModel] = &[
+    DeviceModel {
+        model: "virtio-blk",
+        virtio: true,
+        properties: &[
+            ("drive", "str"),
+            ("serial", "str"),
+            ("num-queues", "uint16"),
+            ("config-wce", "bool"),
+            ("scsi", "bool"),
+            ("write-cache", "OnOffAuto"),
+        ],
+    },
+    DeviceModel {
+        model: "virtio-net",
+        virtio: true,
+        properties: &[("netdev", "str"), ("mac", "str"), ("mq", "bool"), ("vectors", "uint32")],
+    },
+    DeviceModel {
+        model: "virtio-rng",
+        virtio: true,
+        properties: &[("rng", "link<rng-backend>"), ("max-bytes", "uint64"), ("period", "uint32")],
+    },
+    DeviceModel { model: "virtio-serial", virtio: true, properties: &[("max_ports", "uint32"), ("vectors", "uint32")] },
+    DeviceModel {
+        model: "virtconsole",
+        virtio: false,
+        properties: &[("chardev", "str"), ("name", "str"), ("nr", "uint32")],
+    },
+];
+
+/// The `-object` types Kestrel creates (entropy sources for virtio-rng).
+pub const OBJECT_TYPES: &[&str] = &["rng-random", "rng-builtin"];
+
+fn model_settings(model: &str) -> impl Iterator<Item = &'static str> + '_ {
+    DEVICE_MODELS.iter().filter(move |m| m.model == model).flat_map(|m| m.properties.iter().map(|(name, _)| *name))
+}
+
 /// A host image as `-drive if=none` or `-blockdev` describes it, waiting for the `-device` that uses it.
 #[derive(Clone, Debug)]
 struct BlockBackend {
@@ -352,7 +401,7 @@ impl QemuDeviceOptions {
     pub fn object(&mut self, value: &str) -> Result<(), CliError> {
         let opts = Opts::parse("-object", OsStr::new(value), "qom-type", &[])?;
         match opts.first.as_deref() {
-            Some("rng-random" | "rng-builtin") => {}
+            Some(object_type) if OBJECT_TYPES.contains(&object_type) => {}
             Some(other) => return Err(invalid("-object", value, format!("object type '{other}' is not supported"))),
             None => return Err(invalid("-object", value, "the object type is required")),
         }
@@ -414,9 +463,10 @@ impl QemuDeviceOptions {
             let driver = opts.first.as_deref().unwrap_or_default();
             let (model, transport) = split_driver(driver);
             let frontend = Frontend { transport, id: opts.get("id").map(str::to_string) };
-            let known = |allowed: &[&str]| -> Result<(), CliError> {
+            let known = |model: &str| -> Result<(), CliError> {
                 for (key, _) in &opts.pairs {
-                    if !allowed.contains(&key.as_str()) && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
+                    let own = model_settings(model).any(|setting| setting == key);
+                    if !own && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
                         return Err(invalid("-device", value, format!("unsupported setting '{key}' for {driver}")));
                     }
                 }
@@ -424,7 +474,7 @@ impl QemuDeviceOptions {
             };
             match model {
                 "virtio-blk" => {
-                    known(&["drive", "serial", "num-queues", "config-wce", "scsi", "write-cache"])?;
+                    known("virtio-blk")?;
                     let drive = opts.get("drive").ok_or_else(|| invalid("-device", value, "drive= is required"))?;
                     let backend = self.take_backend(value, drive)?;
                     let serial = match opts.get("serial") {
@@ -435,7 +485,7 @@ impl QemuDeviceOptions {
                     out.disks.push(DiskConfig { path, read_only, serial, direct, frontend });
                 }
                 "virtio-net" => {
-                    known(&["netdev", "mac", "mq", "vectors"])?;
+                    known("virtio-net")?;
                     let id = opts.get("netdev").ok_or_else(|| invalid("-device", value, "netdev= is required"))?;
                     let (tap, used) = self
                         .netdevs
@@ -450,7 +500,7 @@ impl QemuDeviceOptions {
                     out.nics.push(NetConfig { tap: tap.ifname.clone(), mac: mac.transpose()?, frontend });
                 }
                 "virtio-rng" => {
-                    known(&["rng", "max-bytes", "period"])?;
+                    known("virtio-rng")?;
                     if let Some(rng) = opts.get("rng") {
                         if !self.rng_objects.iter().any(|(o, _)| o == rng) {
                             return Err(invalid("-device", value, format!("no -object with id '{rng}'")));
@@ -461,14 +511,14 @@ impl QemuDeviceOptions {
                     }
                 }
                 "virtio-serial" => {
-                    known(&["max_ports", "vectors"])?;
+                    known("virtio-serial")?;
                     if serial_bus.is_some() {
                         return Err(invalid("-device", value, "Kestrel supports one virtio-serial controller"));
                     }
                     serial_bus = Some((opts.get("id").unwrap_or_default().to_string(), frontend));
                 }
                 "virtconsole" if transport.is_none() => {
-                    known(&["chardev", "name", "nr"])?;
+                    known("virtconsole")?;
                     let chardev =
                         opts.get("chardev").ok_or_else(|| invalid("-device", value, "chardev= is required"))?;
                     if !chardevs.contains_key(chardev) {

@@ -4,13 +4,56 @@ use std::time::{Duration, Instant};
 
 use hypervisor::Hypervisor;
 use mio::{Events, Poll};
-use qmp::{Event, ServerInfo, Session, ShutdownCause};
+use qmp::{Event, Machine, ServerInfo, Session, ShutdownCause};
 
+use crate::config::ListenSocket;
 use crate::platform::Platform;
 use crate::qmp_server::{Handlers, QmpServer};
 use crate::{signals, Error, Outcome};
 
-use super::{shutdown_event, Vmm};
+use super::{shutdown_event, VmEvent, Vmm};
+
+/// What the event loop serves: a machine with a guest (`Vmm`) or the guest-less `none` machine.
+pub(super) trait Served: Machine {
+    /// The QMP sockets the configuration asked for.
+    fn qmp_sockets(&self) -> &[ListenSocket];
+    /// Starts the machine, once the clients that must be waited for are connected.
+    fn start(&mut self) -> Result<(), Error>;
+    /// The events raised by the last QMP command, for the clients that did not issue it.
+    fn take_raised(&mut self) -> Vec<Event>;
+    /// Whether a QMP `quit` asked the process to end.
+    fn quit_requested(&self) -> bool;
+    /// An error that ends the run.
+    fn take_fatal(&mut self) -> Option<Error>;
+    /// The next event from a device, a vCPU or a signal, if one is waiting.
+    fn next_event(&mut self) -> Option<VmEvent>;
+    /// Acts on an event from `next_event`, emitting the QMP events it causes; `Some` ends the run.
+    fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error>;
+}
+
+impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
+    fn qmp_sockets(&self) -> &[ListenSocket] {
+        &self.config.qmp
+    }
+    fn start(&mut self) -> Result<(), Error> {
+        Vmm::start(self)
+    }
+    fn take_raised(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.raised)
+    }
+    fn quit_requested(&self) -> bool {
+        self.quit
+    }
+    fn take_fatal(&mut self) -> Option<Error> {
+        self.fatal.take()
+    }
+    fn next_event(&mut self) -> Option<VmEvent> {
+        self.events.try_recv().ok()
+    }
+    fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error> {
+        Vmm::handle(self, event, emit)
+    }
+}
 
 /// How long, at most, QMP clients are given on the way out to read what they are still owed (the last reply, the
 /// SHUTDOWN event): a client that does not read must not keep Kestrel alive.
@@ -19,13 +62,13 @@ pub(super) const QMP_FINISH_GRACE: Duration = Duration::from_secs(1);
 /// The VMM's main loop: guest and host events, and the QMP sockets.
 /// Field order is drop order: clients see their connection close before the VM's teardown (tens of ms with an
 /// in-kernel irqchip), as QEMU's do right after `quit`'s reply.
-pub(super) struct EventLoop<'a, H: Hypervisor, P: Platform<H>> {
+pub(super) struct EventLoop<M: Served> {
     pub(super) qmp: QmpServer<Session>,
     pub(super) poll: Poll,
-    pub(super) vmm: Vmm<'a, H, P>,
+    pub(super) vmm: M,
 }
 
-impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
+impl<M: Served> EventLoop<M> {
     pub(super) fn run(mut self) -> Result<Outcome, Error> {
         let outcome = self.serve();
         // Every way out, an error's too: clients get the rest of their replies and the last events first.
@@ -43,7 +86,7 @@ impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
     }
 
     fn serve(&mut self) -> Result<Outcome, Error> {
-        let waits: Vec<bool> = self.vmm.config.qmp.iter().map(|s| s.wait).collect();
+        let waits: Vec<bool> = self.vmm.qmp_sockets().iter().map(|s| s.wait).collect();
         if waits.contains(&true) {
             let EventLoop { qmp, poll, vmm } = self;
             let mut connect = || Session::new(ServerInfo::kestrel());
@@ -61,7 +104,7 @@ impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
             return Ok(outcome);
         }
         self.vmm.start()?;
-        for event in std::mem::take(&mut self.vmm.raised) {
+        for event in self.vmm.take_raised() {
             self.qmp.broadcast_except(None, self.poll.registry(), |session| session.event_bytes(&event));
         }
         let mut events = Events::with_capacity(64);
@@ -89,14 +132,14 @@ impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
                     let mut handlers = Handlers { connect: &mut connect, input: &mut input };
                     qmp.ready(token, poll.registry(), &mut handlers);
                 }
-                let raised = std::mem::take(&mut vmm.raised);
+                let raised = vmm.take_raised();
                 for event in &raised {
                     qmp.broadcast_except(Some(token), poll.registry(), |session| session.event_bytes(event));
                 }
-                if vmm.quit {
+                if vmm.quit_requested() {
                     return Ok(Outcome::Quit);
                 }
-                if let Some(error) = vmm.fatal.take() {
+                if let Some(error) = vmm.take_fatal() {
                     return Err(error);
                 }
             }
@@ -110,7 +153,7 @@ impl<H: Hypervisor, P: Platform<H>> EventLoop<'_, H, P> {
                 qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
             }
             while signals::received().is_none() {
-                let Ok(event) = vmm.events.try_recv() else { break };
+                let Some(event) = vmm.next_event() else { break };
                 let registry = poll.registry();
                 let mut emit = |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event));
                 if let Some(outcome) = vmm.handle(event, &mut emit)? {

@@ -3,12 +3,11 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use devices::{PlatformEvents, PlatformRequest};
 use hypervisor::Hypervisor;
-use mio::{Poll, Waker};
+use mio::Poll;
 use qmp::{Event, EventKind, MigrationCapabilities, RunState, ShutdownCause};
 
 use crate::config::{Incoming as IncomingConfig, VmConfig};
@@ -19,7 +18,7 @@ use crate::{console, inherited, signals, Error, Outcome};
 
 use super::memory::{check_memory_size, create_guest_memory, map_guest_memory};
 use super::migration::snapshot_machine;
-use super::{qmp_event, shutdown_event, EventSender, Guest, VmEvent, Vmm, WAKER};
+use super::{event_channel, qmp_event, shutdown_event, Guest, VmEvent, Vmm};
 
 impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     pub(super) fn new(
@@ -29,7 +28,9 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     ) -> Result<Self, Error> {
         let transport = P::virtio_transport(config.machine)?;
         check_memory_size(config.memory_bytes)?;
-        let kernel = open_input("kernel", &config.kernel)?;
+        // The CLI gives every machine but the guest-less `none` (which never builds a `Vmm`) a kernel.
+        let kernel_path = config.kernel.as_deref().ok_or_else(|| Error::Boot("no kernel given".into()))?;
+        let kernel = open_input("kernel", kernel_path)?;
         let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
 
         let hypervisor = open_hypervisor()?;
@@ -38,15 +39,8 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             return Err(Error::TooManyCpus { requested: config.vcpus, max: max_vcpus });
         }
 
-        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Error::Host("creating the event loop", e))?;
-        let (sender, events) = channel();
-        let sender = EventSender { sender: Arc::new(Mutex::new(sender)), waker: Arc::new(waker) };
-
         signals::install_kick_handler()?;
-        signals::forward_termination_signals({
-            let sender = sender.clone();
-            move |signal| sender.send(VmEvent::Signal(signal))
-        })?;
+        let (sender, events) = event_channel(poll)?;
         if let Some(fd) = signals::termination_fd() {
             console::give_up_waiting_when_readable(fd);
         }

@@ -6,7 +6,9 @@
 //! (what QMP commands see and do), `migration` (save and restore through QMP and `-incoming`), `event_loop`
 //! (guest and host events, and the QMP sockets) and `memory` (guest RAM: checked, allocated, mapped).
 
+mod capabilities;
 mod event_loop;
+mod guestless;
 mod lifecycle;
 mod memory;
 mod migration;
@@ -26,14 +28,16 @@ use mio::{Poll, Token, Waker};
 use qmp::{Event, EventKind, MigrationCapabilities, MigrationInfo, RunState, ShutdownCause, Timestamp};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::VmConfig;
+use crate::config::{MachineType, VmConfig};
+use crate::daemon::{PidFile, Readiness};
 use crate::platform::{Platform, Snapshots};
 use crate::qmp_server::QmpServer;
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self as snapshot_file, Incoming};
 use crate::vcpu::VcpuThreads;
-use crate::{inherited, signals, Error, Outcome};
-use event_loop::EventLoop;
+use crate::{daemon, inherited, signals, Error, Outcome};
+use event_loop::{EventLoop, Served};
+use guestless::Guestless;
 
 /// Something the event loop must act on.
 pub enum VmEvent {
@@ -107,7 +111,11 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
 
 /// Runs the machine `config` describes: this host's platform on KVM, the one place a backend is chosen.
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
-    run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new)
+    // Before anything is opened (the daemon's pipe too): which descriptors came from outside (`-incoming fd:N`).
+    inherited::record();
+    // Before any thread starts: only the forking thread lives on in the daemon.
+    let readiness = if config.daemonize { Some(daemon::daemonize()?) } else { None };
+    run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new, readiness)
 }
 
 /// The CPU a guest of `vcpus` vCPUs sees on this host's KVM, as a save records it in a snapshot's header and a
@@ -118,18 +126,29 @@ pub fn host_cpu_identity(vcpus: u8) -> Result<snapshot::CpuIdentity, Error> {
     <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus)
 }
 
-/// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked).
-fn run_on<H, P>(config: &VmConfig, open: impl FnOnce() -> hypervisor::Result<H>) -> Result<Outcome, Error>
+/// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked): the
+/// machine with its guest, or the guest-less `none`. A daemon reports ready once the monitors listen.
+fn run_on<H, P>(
+    config: &VmConfig,
+    open: impl FnOnce() -> hypervisor::Result<H>,
+    readiness: Option<Readiness>,
+) -> Result<Outcome, Error>
 where
     H: Hypervisor,
     P: Platform<H>,
 {
-    // Before anything is opened: which descriptors came from outside (`-incoming fd:N`).
     inherited::record();
     if config.sandbox {
         seccomp::enable()?;
     }
     let poll = Poll::new().map_err(|e| Error::Host("creating the event loop", e))?;
+    // First, so that a second Kestrel given the same pid file stops before it touches anything the first uses.
+    let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
+    let started = Started { pidfile, readiness };
+    if config.machine == Some(MachineType::None) {
+        let machine = Guestless::<H, P>::new(config, open, &poll)?;
+        return serve(config, poll, machine, started);
+    }
     let vmm = match Vmm::<H, P>::new(config, open, &poll) {
         Ok(vmm) => vmm,
         // A console waiting for its first client gives up when Kestrel is told to terminate.
@@ -138,12 +157,46 @@ where
         }
         Err(e) => return Err(e),
     };
+    serve(config, poll, vmm, started)
+}
+
+/// The pid file (removed when it is dropped) and a daemon's report to its parent.
+struct Started {
+    pidfile: Option<PidFile>,
+    readiness: Option<Readiness>,
+}
+
+/// Opens the QMP sockets, tells a daemon's parent it is ready (the pid file is written), and runs the event loop.
+/// The pid file is removed on the way out.
+fn serve<M: Served>(config: &VmConfig, poll: Poll, machine: M, started: Started) -> Result<Outcome, Error> {
+    let Started { pidfile, readiness } = started;
     let qmp = QmpServer::bind(&config.qmp, poll.registry())?;
+    if let Some(readiness) = readiness {
+        if let Err(e) = readiness.ready() {
+            qmp.remove_files();
+            return Err(e);
+        }
+    }
     // Every other thread has started and confines itself (the first boot's vCPU threads too: they carry their own
     // filter only, later boots' add theirs to this one). No vCPU enters the guest before all of them, and this
     // thread, are confined (`seccomp::wait_until_every_thread_is_confined`).
     seccomp::apply(ThreadKind::Main)?;
-    EventLoop { qmp, poll, vmm }.run()
+    let outcome = EventLoop { qmp, poll, vmm: machine }.run();
+    drop(pidfile);
+    outcome
+}
+
+/// The channel the event loop receives machine events on, its wake-up registered with `poll`, with termination
+/// signals forwarded into it (from a thread of their own: the caller must not have started others yet).
+fn event_channel(poll: &Poll) -> Result<(EventSender, Receiver<VmEvent>), Error> {
+    let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Error::Host("creating the event loop", e))?;
+    let (sender, events) = std::sync::mpsc::channel();
+    let sender = EventSender { sender: Arc::new(Mutex::new(sender)), waker: Arc::new(waker) };
+    signals::forward_termination_signals({
+        let sender = sender.clone();
+        move |signal| sender.send(VmEvent::Signal(signal))
+    })?;
+    Ok((sender, events))
 }
 
 /// Wall-clock time for event timestamps.

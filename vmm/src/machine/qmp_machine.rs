@@ -3,15 +3,16 @@
 use devices::virtio::block::Block;
 use hypervisor::Hypervisor;
 use qmp::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CpuInfo, Event, EventKind, Machine, MachineInfo, MigrationCapabilities,
-    MigrationChannel, MigrationInfo, QmpError, QomObject, QomProperty, RunState, ShutdownCause, Target,
+    BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CpuDefinition, CpuInfo, CpuModel,
+    CpuModelExpansionType, Event, EventKind, Machine, MachineInfo, MigrationCapabilities, MigrationChannel,
+    MigrationInfo, QmpError, QomObject, QomProperty, QomType, RunState, ShutdownCause, Target, TypeProperty,
 };
 use serde_json::json;
 
-use crate::config::SerialConfig;
+use crate::config::{SerialConfig, VmConfig};
 use crate::platform::Platform;
 
-use super::{qmp_event, shutdown_event, Vmm};
+use super::{capabilities, qmp_event, shutdown_event, Vmm};
 
 impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     fn run_state(&self) -> RunState {
@@ -80,12 +81,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         self.config.name.clone()
     }
     fn uuid(&self) -> [u8; 16] {
-        let hex: String = self.config.uuid.as_deref().unwrap_or_default().chars().filter(|c| *c != '-').collect();
-        let mut bytes = [0u8; 16];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
-        }
-        bytes
+        uuid_bytes(self.config)
     }
     fn memory_size(&self) -> u64 {
         self.config.memory_bytes
@@ -102,12 +98,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
             SerialConfig::Socket(socket) => Some(format!("{},server=on", socket.address)),
         };
         let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
-        let monitors = self.config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {
-            label: format!("compat_monitor{i}"),
-            filename: format!("{},server=on", socket.address),
-            frontend_open: true,
-        });
-        serial.into_iter().chain(monitors).collect()
+        serial.into_iter().chain(monitor_chardevs(self.config)).collect()
     }
     fn target(&self) -> Target {
         P::QMP_TARGET
@@ -116,17 +107,22 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         (true, true)
     }
     fn machines(&self) -> Vec<MachineInfo> {
-        vec![MachineInfo {
-            name: P::MACHINE_TYPE.into(),
-            alias: None,
-            is_default: true,
-            cpu_max: i64::from(P::MAX_VCPUS),
-            hotpluggable_cpus: false,
-            numa_mem_supported: false,
-            deprecated: false,
-            default_cpu_type: Some(P::CPU_TYPE.into()),
-            default_ram_id: None,
-        }]
+        capabilities::machines::<H, P>(self.hypervisor.max_vcpus().min(P::MAX_VCPUS))
+    }
+    fn qom_types(&self) -> Vec<QomType> {
+        capabilities::qom_types::<H, P>()
+    }
+    fn type_properties(&self, type_name: &str) -> Option<Vec<TypeProperty>> {
+        capabilities::type_properties::<H, P>(type_name)
+    }
+    fn cpu_definitions(&self) -> Vec<CpuDefinition> {
+        capabilities::cpu_definitions::<H, P>()
+    }
+    fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError> {
+        capabilities::expand_cpu_model::<H, P>(&self.hypervisor, expansion, model)
+    }
+    fn command_line_options(&self) -> Vec<CommandLineOption> {
+        capabilities::command_line_options()
     }
     /// A small tree that tells the truth: the machine, its unattached container and one object per vCPU.
     fn qom_object(&self, path: &str) -> Option<QomObject> {
@@ -136,20 +132,25 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
             value: Some(value),
         };
         let vcpus = usize::from(self.config.vcpus);
+        let machine_type = capabilities::machine_qom_type(capabilities::running_machine::<H, P>(self.config.machine));
         match path.trim_end_matches('/') {
             "" => Some(QomObject {
                 type_name: "container".into(),
                 properties: vec![
                     prop("type", "string", json!("container")),
-                    prop("machine", &format!("child<{}>", P::MACHINE_QOM_TYPE), json!("/machine")),
+                    prop("machine", &format!("child<{machine_type}>"), json!("/machine")),
                 ],
             }),
             "/machine" => Some(QomObject {
-                type_name: P::MACHINE_QOM_TYPE.into(),
+                type_name: machine_type.clone(),
                 properties: vec![
-                    prop("type", "string", json!(P::MACHINE_QOM_TYPE)),
+                    prop("type", "string", json!(machine_type)),
                     prop("unattached", "child<container>", json!("/machine/unattached")),
-                    prop("kernel", "string", json!(self.config.kernel.display().to_string())),
+                    prop(
+                        "kernel",
+                        "string",
+                        json!(self.config.kernel.as_ref().map(|k| k.display().to_string()).unwrap_or_default()),
+                    ),
                     prop("append", "string", json!(self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE))),
                 ],
             }),
@@ -284,6 +285,25 @@ pub(super) fn block_device(index: usize, config: &crate::config::DiskConfig, blo
             invalid_unmap_operations: s.invalid.discard,
         },
     }
+}
+
+/// `-uuid` as bytes; all zeros without one, as QEMU reports.
+pub(super) fn uuid_bytes(config: &VmConfig) -> [u8; 16] {
+    let hex: String = config.uuid.as_deref().unwrap_or_default().chars().filter(|c| *c != '-').collect();
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+    bytes
+}
+
+/// The QMP monitors as `query-chardev` shows them, labelled as QEMU labels `-qmp` monitors.
+pub(super) fn monitor_chardevs(config: &VmConfig) -> impl Iterator<Item = ChardevInfo> + '_ {
+    config.qmp.iter().enumerate().map(|(i, socket)| ChardevInfo {
+        label: format!("compat_monitor{i}"),
+        filename: format!("{},server=on", socket.address),
+        frontend_open: true,
+    })
 }
 
 pub(super) fn cpu_qom_path(index: usize) -> String {

@@ -110,8 +110,7 @@ impl Platform<NoHypervisor> for TestPlatform {
 
     const DEFAULT_CMDLINE: &'static str = "console=test0";
     const QMP_TARGET: Target = Target::Aarch64;
-    const MACHINE_TYPE: &'static str = "test-machine";
-    const MACHINE_QOM_TYPE: &'static str = "test-machine-qom";
+    const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Virt];
     const CPU_TYPE: &'static str = "test-cpu";
     const MAX_VCPUS: u32 = 5;
 
@@ -120,6 +119,9 @@ impl Platform<NoHypervisor> for TestPlatform {
     }
     fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
         vec![(0, memory_bytes)]
+    }
+    fn cpu_features(_hypervisor: &NoHypervisor) -> Result<Vec<(&'static str, bool)>, Error> {
+        Ok(vec![("test-feature", true), ("missing-feature", false)])
     }
     fn cpu_props(index: u32) -> CpuProps {
         CpuProps { core_id: Some(i64::from(index) + 100), ..Default::default() }
@@ -377,7 +379,12 @@ fn a_missing_incoming_file_is_refused_and_the_machine_keeps_waiting() {
 fn the_platform_names_the_machine_target_and_cpus() {
     let mut m = Fixture::new(VmConfig { vcpus: 2, ..config() }, RunState::Running);
     let machines = m.execute("query-machines", json!({})).unwrap();
-    assert_eq!(machines[0]["name"], TestPlatform::MACHINE_TYPE);
+    // The platform's machine types under QEMU's versioned names, their plain names as aliases, then `none`.
+    assert_eq!(machines[0]["name"], "virt-7.2");
+    assert_eq!(machines[0]["alias"], "virt");
+    assert_eq!(machines[0]["is-default"], true);
+    assert_eq!(machines[1]["name"], "none");
+    assert_eq!(machines.as_array().unwrap().len(), 2);
     assert_eq!(machines[0]["cpu-max"], TestPlatform::MAX_VCPUS);
     assert_eq!(machines[0]["default-cpu-type"], TestPlatform::CPU_TYPE);
     assert_eq!(m.execute("query-target", json!({})).unwrap()["arch"], "aarch64");
@@ -390,7 +397,7 @@ fn the_platform_names_the_machine_target_and_cpus() {
     let get =
         |m: &mut Fixture, path: &str, property: &str| m.execute("qom-get", json!({"path": path, "property": property}));
     assert_eq!(get(&mut m, "/machine", "append"), Ok(json!(TestPlatform::DEFAULT_CMDLINE)));
-    assert_eq!(get(&mut m, "/machine", "type"), Ok(json!(TestPlatform::MACHINE_QOM_TYPE)));
+    assert_eq!(get(&mut m, "/machine", "type"), Ok(json!("virt-7.2-machine")));
     assert_eq!(get(&mut m, "/machine/unattached/device[1]", "start-powered-off"), Ok(json!(true)));
     assert_eq!(get(&mut m, "/machine/unattached/device[0]", "type"), Ok(json!(TestPlatform::CPU_TYPE)));
     let error = get(&mut m, "/machine/unattached/device[2]", "type").unwrap_err();
@@ -454,4 +461,61 @@ fn pci_functions_are_shown_as_qemu_shows_them() {
         (json!(4), json!("memory"), json!(0xe000_4000u64), json!(0x4000))
     );
     assert_eq!((region["prefetch"].clone(), region["mem_type_64"].clone()), (json!(true), json!(true)));
+}
+
+#[test]
+fn the_probe_is_offered_what_the_platform_and_command_line_implement() {
+    let mut m = Fixture::new(config(), RunState::Running);
+    let types = m.execute("qom-list-types", json!({"implements": "device"})).unwrap();
+    let names: Vec<&str> = types.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    // The test platform's only machine puts virtio on mmio: no -pci devices.
+    for expected in
+        ["virtio-blk-device", "virtio-net-device", "virtio-rng-device", "virtio-serial-device", "virtconsole"]
+    {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.ends_with("-pci")), "{names:?}");
+    assert!(names.contains(&"test-cpu"), "{names:?}");
+    let machines = m.execute("qom-list-types", json!({"implements": "machine"})).unwrap();
+    assert_eq!(
+        machines,
+        json!([{"name": "virt-7.2-machine", "parent": "machine"}, {"name": "none-machine", "parent": "machine"}])
+    );
+
+    let rng = m.execute("device-list-properties", json!({"typename": "virtio-rng-device"})).unwrap();
+    let settings: Vec<&str> = rng.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(settings, ["rng", "max-bytes", "period"]);
+    let error = m.execute("device-list-properties", json!({"typename": "virtio-rng-pci"})).unwrap_err();
+    assert!(error.contains("not found"), "{error}");
+    assert_eq!(m.execute("qom-list-properties", json!({"typename": "memory-backend-file"})), Ok(json!([])));
+
+    let definitions = m.execute("query-cpu-definitions", json!({})).unwrap();
+    assert_eq!(definitions[0]["name"], "host");
+    assert_eq!(definitions[0]["typename"], "test-cpu");
+    let expand = |m: &mut Fixture, kind: &str, model: Value| {
+        m.execute("query-cpu-model-expansion", json!({"type": kind, "model": model}))
+    };
+    let features = json!({"test-feature": true, "missing-feature": false});
+    assert_eq!(
+        expand(&mut m, "static", json!({"name": "host"})),
+        Ok(json!({"model": {"name": "base", "props": features}}))
+    );
+    let full = expand(&mut m, "full", json!({"name": "host", "props": {"migratable": false}})).unwrap();
+    assert_eq!(full["model"]["props"]["migratable"], false);
+    assert_eq!(full["model"]["props"]["test-feature"], true);
+    // The static model with the host's features is the host's CPU; without them, or with more, it is not.
+    assert!(expand(&mut m, "full", json!({"name": "base", "props": {"test-feature": true}})).is_ok());
+    for refused in [json!({}), json!({"test-feature": true, "missing-feature": true})] {
+        let error = expand(&mut m, "full", json!({"name": "base", "props": refused})).unwrap_err();
+        assert!(error.contains("host's CPU"), "{error}");
+    }
+    let error = expand(&mut m, "full", json!({"name": "host", "props": {"hv-passthrough": true}})).unwrap_err();
+    assert_eq!(error, "Property 'test-cpu.hv-passthrough' not found");
+    let error = expand(&mut m, "static", json!({"name": "Skylake-Client"})).unwrap_err();
+    assert!(error.contains("Skylake-Client"), "{error}");
+
+    let options = m.execute("query-command-line-options", json!({"option": "sandbox"})).unwrap();
+    let parameters: Vec<&str> =
+        options[0]["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(parameters, ["enable", "obsolete", "elevateprivileges", "spawn", "resourcecontrol"]);
 }

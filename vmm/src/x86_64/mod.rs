@@ -81,8 +81,8 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     /// The console on COM1.
     const DEFAULT_CMDLINE: &'static str = "console=ttyS0";
     const QMP_TARGET: Target = Target::X86_64;
-    const MACHINE_TYPE: &'static str = "kestrel-pc";
-    const MACHINE_QOM_TYPE: &'static str = "kestrel-pc-machine";
+    /// pc and q35 are the same machine; microvm puts the virtio devices on virtio-mmio.
+    const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Pc, MachineType::Q35, MachineType::Microvm];
     /// The host's CPUID.
     const CPU_TYPE: &'static str = "host-x86_64-cpu";
 
@@ -99,6 +99,11 @@ impl<H: PcHypervisor> Platform<H> for Pc {
                 other.name()
             ))),
         }
+    }
+
+    /// The features of the CPUID every vCPU is given (`boot`), which differ between vCPUs in topology only.
+    fn cpu_features(hypervisor: &H) -> Result<Vec<(&'static str, bool)>, Error> {
+        Ok(cpuid::named_features(&cpuid::normalise(&hypervisor.supported_cpuid()?, 0, 1)))
     }
 
     /// The PC's devices, with the first serial port on `serial`.
