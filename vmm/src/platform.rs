@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Duration;
 
 use devices::pci::PciFunctionInfo;
 use devices::{Bus, PlatformEvents, PlatformRequest};
@@ -172,6 +173,11 @@ pub trait Snapshots<H: Hypervisor> {
 
     /// The VM-wide state, with every vCPU held.
     fn save_vm(vm: &H::Vm) -> Result<Self::VmState, String>;
+
+    /// Brings a vCPU state read `age` before the VM state (each vCPU's is read on its own thread, then the VM's on
+    /// the main thread) to the moment the VM state was read, for what moves with time while vCPUs are held: a
+    /// snapshot then holds one instant of the whole machine. Nothing moves by default.
+    fn age_vcpu_state(_state: &mut Self::VcpuState, _age: Duration) {}
 
     /// Builds a fresh VM (guest memory mapped, the devices' states already loaded) from saved states instead of
     /// booting a kernel. Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::{Bus, PlatformRequest};
 use hypervisor::{Vcpu, VcpuExit};
@@ -69,7 +69,14 @@ pub struct VcpuThreads<S> {
 pub type SaveVcpu<C, S> = fn(&mut C) -> Result<S, String>;
 
 /// Each vCPU's answer to the current save round, by vCPU index.
-type SavedStates<S> = Arc<Mutex<Vec<Option<Result<S, String>>>>>;
+type SavedStates<S> = Arc<Mutex<Vec<Option<Result<SavedVcpu<S>, String>>>>>;
+
+/// A vCPU's state and when its thread read it: state that moves with time (x86_64's TSC) is brought to one
+/// moment for every vCPU before it is written (`Snapshots::age_vcpu_state`).
+pub struct SavedVcpu<S> {
+    pub state: S,
+    pub read_at: Instant,
+}
 
 /// What a waiting vCPU thread is given to do, with the outcome of its confinement.
 type VcpuWork = Box<dyn FnOnce(&Shared, Result<(), Error>) + Send>;
@@ -197,7 +204,7 @@ impl<S> VcpuThreads<S> {
 
     /// Every vCPU's state, in vCPU order, read by each vCPU's own thread (which owns it). The vCPUs must be paused
     /// (`pause`): a thread answers while it is parked.
-    pub fn save_states(&self) -> Result<Vec<S>, String> {
+    pub fn save_states(&self) -> Result<Vec<SavedVcpu<S>>, String> {
         let count = self.threads.len();
         let mut control = self.shared.lock();
         if !control.paused {
@@ -327,7 +334,9 @@ impl<C: Vcpu, S, E: ArchExitHandler<C>> VcpuLoop<C, S, E> {
                 if control.save_round != self.save_round {
                     self.save_round = control.save_round;
                     drop(control);
-                    let state = complete_pending_exit(vcpu).and_then(|()| (self.save)(vcpu));
+                    let state = complete_pending_exit(vcpu)
+                        .and_then(|()| (self.save)(vcpu))
+                        .map(|state| SavedVcpu { state, read_at: Instant::now() });
                     if let Some(slot) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).get_mut(self.id as usize) {
                         *slot = Some(state);
                     }

@@ -95,6 +95,14 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         let cpu = self.cpu_identity().map_err(|e| e.to_string())?;
         let vcpus = guest.vcpus.save_states()?;
         let vm = P::save_vm(guest.vm.as_ref())?;
+        let vm_read_at = Instant::now();
+        let vcpus = vcpus
+            .into_iter()
+            .map(|mut saved| {
+                P::age_vcpu_state(&mut saved.state, vm_read_at.saturating_duration_since(saved.read_at));
+                saved.state
+            })
+            .collect();
         self.platform.quiesce_devices();
         let saved = (|| {
             let devices = self

@@ -2,8 +2,9 @@
 //! the in-kernel PIC/IOAPIC/PIT and clock, every vCPU. The order of the steps is `crate::snapshot`'s.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use arch::x86_64::{cpuid, CpuidEntry};
+use arch::x86_64::{cpuid, CpuidEntry, MsrEntry};
 use hypervisor::x86_64::{VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use snapshot::CpuIdentity;
@@ -97,6 +98,18 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         vm.save_state().map_err(|e| e.to_string())
     }
 
+    /// The TSC counts on while the vCPUs are held (KVM's guest TSC is the host's plus an offset), and the kvmclock
+    /// with it. A TSC read `age` before the clock and restored beside it would leave the two `age` apart, and
+    /// Linux's clocksource watchdog marks the TSC unstable for a skew of a fraction of a millisecond (QEMU instead
+    /// derives the clock from vCPU 0's TSC and the guest's kvmclock page). Each TSC is moved to the clock's moment.
+    fn age_vcpu_state(state: &mut VcpuState, age: Duration) {
+        if let Some(tsc) = tsc_after(state, age) {
+            if let Some(msr) = state.msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC) {
+                msr.value = tsc;
+            }
+        }
+    }
+
     /// Where the PCI BARs decode follows from the devices' loaded states, then the same wiring as `boot`, the
     /// vCPUs (with the CPUID a boot gives them), and the irqchip and clock last (the clock starts from its saved
     /// value as close to the vCPUs' start as possible).
@@ -122,8 +135,30 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         }
         vm.restore_state(vm_state)
             .map_err(|e| Error::Snapshot(format!("cannot restore the irqchip and clock: {e}")))?;
+        // KVM_SET_CLOCK set the kvmclock as of now, while each TSC loaded above has counted on since its vCPU was
+        // restored: load them again, each as the saved count plus the time since the clock was set, so the two
+        // clocks start together as they were saved (see `age_vcpu_state`).
+        let clock_set_at = Instant::now();
+        for (id, (vcpu, saved)) in vcpus.iter().zip(vcpu_states).enumerate() {
+            if let Some(tsc) = tsc_after(saved, clock_set_at.elapsed()) {
+                vcpu.set_msrs(&[MsrEntry { index: MSR_IA32_TSC, value: tsc }])
+                    .map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}'s TSC: {e}")))?;
+            }
+        }
         Ok(vcpus)
     }
+}
+
+/// The TSC's MSR number.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// `state`'s TSC `elapsed` later, at the vCPU's own TSC frequency; `None` when the state holds no TSC or no
+/// frequency (then it is loaded as saved).
+fn tsc_after(state: &VcpuState, elapsed: Duration) -> Option<u64> {
+    let khz = u128::from(state.tsc_khz?);
+    let tsc = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC)?.value;
+    let ticks = elapsed.as_nanos() * khz / 1_000_000;
+    Some(tsc.wrapping_add(u64::try_from(ticks).unwrap_or(u64::MAX)))
 }
 
 fn register_value(entry: &CpuidEntry, register: char) -> u32 {
@@ -132,5 +167,37 @@ fn register_value(entry: &CpuidEntry, register: char) -> u32 {
         'b' => entry.ebx,
         'c' => entry.ecx,
         _ => entry.edx,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(tsc: u64, tsc_khz: Option<u32>) -> VcpuState {
+        VcpuState {
+            msrs: vec![MsrEntry { index: 0x3b, value: 7 }, MsrEntry { index: MSR_IA32_TSC, value: tsc }],
+            tsc_khz,
+            ..VcpuState::default()
+        }
+    }
+
+    #[test]
+    fn the_tsc_counts_on_at_the_vcpus_own_frequency() {
+        // 2.5 GHz: 2,500,000 kHz, so 3 ms is 7,500,000 ticks.
+        assert_eq!(tsc_after(&state(1_000, Some(2_500_000)), Duration::from_millis(3)), Some(7_501_000));
+        assert_eq!(tsc_after(&state(u64::MAX, Some(1_000_000)), Duration::from_nanos(2_000)), Some(1_999), "wraps");
+        assert_eq!(tsc_after(&state(5, None), Duration::from_secs(1)), None, "no frequency: as saved");
+        assert_eq!(tsc_after(&VcpuState { tsc_khz: Some(1), ..VcpuState::default() }, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn aging_a_saved_vcpu_moves_its_tsc_only() {
+        let mut saved = state(1_000, Some(1_000_000));
+        <Pc as Snapshots<hypervisor::kvm::KvmHypervisor>>::age_vcpu_state(&mut saved, Duration::from_micros(500));
+        assert_eq!(
+            saved.msrs,
+            vec![MsrEntry { index: 0x3b, value: 7 }, MsrEntry { index: MSR_IA32_TSC, value: 501_000 }]
+        );
     }
 }
