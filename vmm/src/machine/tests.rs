@@ -113,6 +113,7 @@ impl Platform<NoHypervisor> for TestPlatform {
     const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Virt];
     const CPU_TYPE: &'static str = "test-cpu";
     const MAX_VCPUS: u32 = 5;
+    const ISA_SERIAL: bool = false;
 
     fn virtio_transport(_machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
         Ok(VirtioTransport::Mmio)
@@ -237,6 +238,7 @@ impl Fixture {
             migration_capabilities: MigrationCapabilities::default(),
             fatal: None,
             memory_file: None,
+            serial_pty: None,
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };
