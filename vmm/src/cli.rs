@@ -79,8 +79,15 @@ QEMU's device options (key=value or libvirt's JSON form):
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
+  -chardev socket,id=C,fd=N,server=on[,wait=off]: a socket that already listens, passed in as descriptor N
+  -chardev pty,id=C -device isa-serial,chardev=C[,index=0]: the serial port (COM1, x86_64), as libvirt gives it
+
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers).
+-accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers),
+-name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
+-smp N,sockets=1,dies=1,cores=N,threads=1 (Kestrel's topology), -rtc base=utc, -boot strict=on|off,
+-overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
+-machine ...,dump-guest-core=off leaves guest memory out of Kestrel's core dumps.
 ";
 
 #[derive(Debug, PartialEq, Eq)]
