@@ -21,11 +21,11 @@ use support::{kestrel_binary, kvm_available, payload};
 const ROOT_EMULATOR: &str = "user = \"root\"\ngroup = \"root\"";
 const DOMAIN: &str = "kestrel-dom";
 
-/// A minimal PC domain: direct kernel boot of `kernel` with `cmdline`, a serial console on a pty, and nothing else
+/// A minimal domain of `machine` (`pc`, `q35`): direct kernel boot of `kernel` with `cmdline`, a serial console on a pty, and nothing else
 /// (libvirt's default USB controller and memory balloon turned off). The CPU is the host's, the one Kestrel
 /// offers, except for QEMU, which cannot give this machine's KVM its host CPU (it fails to set
 /// IA32_ARCH_CAPABILITIES) and gets libvirt's default, qemu64.
-fn domain_xml(emulator: &Path, kernel: &Path, cmdline: &str) -> String {
+fn domain_xml(emulator: &Path, machine: &str, kernel: &Path, cmdline: &str) -> String {
     let cpu = if emulator.ends_with("qemu-system-x86_64") { "" } else { "<cpu mode='host-passthrough'/>" };
     format!(
         "<domain type='kvm'>
@@ -33,7 +33,7 @@ fn domain_xml(emulator: &Path, kernel: &Path, cmdline: &str) -> String {
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
     <kernel>{}</kernel>
     <cmdline>{cmdline}</cmdline>
   </os>
@@ -73,10 +73,14 @@ struct Domain<'a> {
 
 impl<'a> Domain<'a> {
     fn define(libvirt: &'a PrivateLibvirt, emulator: &Path, cmdline: &str) -> Domain<'a> {
+        Self::define_machine(libvirt, emulator, "pc", cmdline)
+    }
+
+    fn define_machine(libvirt: &'a PrivateLibvirt, emulator: &Path, machine: &str, cmdline: &str) -> Domain<'a> {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-domain-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let xml = dir.join("domain.xml");
-        std::fs::write(&xml, domain_xml(emulator, &payload("probe.bzImage"), cmdline)).unwrap();
+        std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline)).unwrap();
         libvirt.virsh(&["define", xml.to_str().unwrap()]).assert_success("virsh define");
         Domain { libvirt, dir }
     }
@@ -295,6 +299,30 @@ fn a_domain_runs_under_libvirt_with_kestrel_as_its_emulator() {
     domain.virsh("undefine");
     let all = libvirt.virsh(&["list", "--all", "--name"]);
     assert!(!all.assert_success("list").contains(DOMAIN), "{}", all.stdout);
+}
+
+#[test]
+fn a_q35_domain_runs_too() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let domain = Domain::define_machine(&libvirt, &emulator, "q35", "echo");
+    domain.start(true);
+    assert_eq!(domain.state(), "paused (user)");
+    assert!(domain.log().contains("-machine pc-q35-7.2,usb=off,dump-guest-core=off"), "{}", domain.log());
+    let mut console = Console::attach(&domain.virsh("ttyconsole"));
+    domain.virsh("resume");
+    assert_eq!(domain.state(), "running (unpaused)");
+    console.wait_for("probe: echo ready");
+    // No `q`: that would end the echo.
+    console.type_text("ich9");
+    console.wait_for("ich9");
+    let pid = domain.pid();
+    domain.destroy();
+    assert_eq!(domain.state(), "shut off (destroyed)");
+    assert!(!process_exists(pid), "the emulator outlived destroy");
 }
 
 #[test]
