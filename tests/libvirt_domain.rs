@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -77,7 +78,10 @@ impl<'a> Domain<'a> {
     }
 
     fn define_machine(libvirt: &'a PrivateLibvirt, emulator: &Path, machine: &str, cmdline: &str) -> Domain<'a> {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-domain-{}", std::process::id()));
+        // One directory per domain: the tests run at once.
+        static DEFINED: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("libvirt-domain-{}-{}", std::process::id(), DEFINED.fetch_add(1, Ordering::Relaxed));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let xml = dir.join("domain.xml");
         std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline)).unwrap();
@@ -256,6 +260,22 @@ fn a_domain_runs_under_libvirt_with_kestrel_as_its_emulator() {
     assert!(Path::new(&format!("/proc/{pid}/task/{thread}")).exists(), "vCPU thread {thread} is not one of {pid}'s");
     let name = std::fs::read_to_string(format!("/proc/{pid}/task/{thread}/comm")).unwrap();
     assert_eq!(name.trim(), "vcpu0");
+
+    // -machine dump-guest-core=off: guest memory (the one mapping of the guest's 64 MiB) is left out of core dumps.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let guest_ram = smaps.split_inclusive("VmFlags:").zip(smaps.split("VmFlags:").skip(1)).find(|(mapping, _)| {
+        mapping.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Size:", "65536", "kB"])
+    });
+    let (_, flags) = guest_ram.unwrap_or_else(|| panic!("no 64 MiB mapping in {pid}'s smaps"));
+    let flags = flags.lines().next().unwrap_or_default();
+    assert!(flags.split_whitespace().any(|f| f == "dd"), "guest RAM's VmFlags:{flags}");
+
+    // libvirtd restarted (as an upgrade does) finds the domain running: it reconnects to the monitor by its path,
+    // which Kestrel accepts on again, and checks the state over QMP.
+    libvirt.restart_libvirtd();
+    assert_eq!(domain.state(), "running (booted)");
+    assert_eq!(domain.qmp(r#"{"execute":"query-status"}"#)["status"], "running");
+    assert!(process_exists(pid));
 
     // States change on STOP and RESUME only: these say libvirt saw them.
     domain.virsh("suspend");

@@ -134,6 +134,33 @@ static CHARDEV_INFO: Type = Type::Object(&ObjectType {
     tag: None,
 });
 static CHARDEV_INFO_LIST: Type = Type::Array(&CHARDEV_INFO);
+// QEMU 7.2's JobInfo, for `query-jobs`' schema (Kestrel runs no jobs: saves and restores are not jobs in QEMU either).
+static JOB_TYPE: Type = Type::Enum(&["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load"]);
+static JOB_STATUS: Type = Type::Enum(&[
+    "undefined",
+    "created",
+    "running",
+    "paused",
+    "ready",
+    "standby",
+    "waiting",
+    "pending",
+    "aborting",
+    "concluded",
+    "null",
+]);
+static JOB_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("id", &STR),
+        req("type", &JOB_TYPE),
+        req("status", &JOB_STATUS),
+        req("current-progress", &INT),
+        req("total-progress", &INT),
+        opt("error", &STR),
+    ],
+    tag: None,
+});
+static JOB_INFO_LIST: Type = Type::Array(&JOB_INFO);
 
 static NUMBER: Type = Type::Number;
 static BLOCK_DEVICE_IO_STATUS: Type = Type::Enum(&["ok", "failed", "nospace"]);
@@ -474,6 +501,8 @@ pub static COMMANDS: &[Command] = &[
         .map(block_info)
         .collect())),
     cmd!("query-blockstats", QUERY_BLOCKSTATS_ARGS, BLOCK_STATS_LIST, query_blockstats),
+    // Block jobs and the like: Kestrel has none (libvirt asks when it reconnects to a running domain).
+    cmd!("query-jobs", T_EMPTY, JOB_INFO_LIST, |_, _| Ok(json!([]))),
     // Each disk is one node (its image, raw), so the flat list and the tree are the same (libvirt asks for both).
     cmd!("query-named-block-nodes", QUERY_NAMED_BLOCK_NODES_ARGS, BLOCK_DEVICE_INFO_LIST, |_, c| Ok(c
         .machine

@@ -1,13 +1,13 @@
 //! A private libvirt for tests that drive Kestrel through it: libvirtd and virtlogd in their own mount namespace
-//! (`unshare --mount`), with their state, cache, log and runtime directories on tmpfs, so a test neither sees nor
-//! disturbs a libvirt the machine runs, and everything they made goes with the namespace. `virsh` and other
+//! (`unshare --mount`), with their state, cache, log and runtime directories and the defined domains on tmpfs, so
+//! a test neither sees nor disturbs a libvirt the machine runs, and everything they made goes with the namespace. `virsh` and other
 //! commands run inside it (`nsenter`); the daemons are stopped, by their pid files and waiting until they are
 //! gone, when the `PrivateLibvirt` is dropped.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -73,11 +73,13 @@ pub fn libvirt_available() -> bool {
     false
 }
 
-/// Sets up the namespace, starts the daemons, says `ready` (with its pid) and waits until its stdin closes; then
-/// stops the daemons. `$1`, if not empty, replaces qemu.conf.
+/// Sets up the namespace, starts the daemons, says `ready` (with its pid) and serves requests on its stdin until it
+/// closes (`restart-libvirtd`, answered `restarted`); then stops the daemons. `$1`, if not empty, replaces
+/// qemu.conf.
 const PRIVATE_LIBVIRT: &str = r#"
 set -eu
-for dir in /run /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+# /etc/libvirt/qemu holds the defined domains' XML: private too, so that tests running at once keep theirs apart.
+for dir in /run /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc/libvirt/qemu; do
   mkdir -p "$dir"; mount -t tmpfs -o mode=0755 tmpfs "$dir"
 done
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
@@ -86,19 +88,24 @@ if [ -n "$1" ]; then
   printf '%s\n' "$1" > /run/test-qemu.conf
   mount --bind /run/test-qemu.conf /etc/libvirt/qemu.conf
 fi
-stop() {
-  for pidfile in /run/libvirtd.pid /run/virtlogd.pid; do
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || continue
-    for _ in $(seq 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  done
+stop_daemon() {
+  [ -f "$1" ] || return 0
+  pid=$(cat "$1"); kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
 }
-trap stop EXIT
+start_libvirtd() {
+  libvirtd -d
+  for _ in $(seq 400); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.05; done
+}
+trap 'stop_daemon /run/libvirtd.pid; stop_daemon /run/virtlogd.pid' EXIT
 virtlogd -d
-libvirtd -d
-for _ in $(seq 400); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.05; done
+start_libvirtd
 echo "ready $$"
-read -r _ || true
+while read -r request; do
+  case "$request" in
+    restart-libvirtd) stop_daemon /run/libvirtd.pid; rm -f /run/libvirt/libvirt-sock; start_libvirtd; echo restarted ;;
+  esac
+done
 "#;
 
 /// Runs the shell (its arguments) as a child subreaper that reaps at once: the daemons, and the emulators libvirt
@@ -119,9 +126,11 @@ while True:
 pub struct PrivateLibvirt {
     shell: Child,
     /// Closed on drop: the shell then stops the daemons.
-    stdin: Option<ChildStdin>,
+    stdin: Mutex<Option<ChildStdin>>,
     /// The namespace's shell, which `nsenter` enters (the reaper is in the same namespace).
     pid: u32,
+    /// The shell's answers, line by line.
+    answers: Mutex<mpsc::Receiver<String>>,
 }
 
 impl PrivateLibvirt {
@@ -138,16 +147,28 @@ impl PrivateLibvirt {
             .expect("running unshare");
         let stdin = shell.stdin.take();
         let mut stdout = BufReader::new(shell.stdout.take().unwrap());
-        let (sender, ready) = mpsc::channel();
+        let (sender, answers) = mpsc::channel();
         thread::spawn(move || {
             let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
-            let _ = sender.send(line);
+            while matches!(stdout.read_line(&mut line), Ok(n) if n > 0) {
+                if sender.send(std::mem::take(&mut line)).is_err() {
+                    break;
+                }
+            }
         });
-        let line = ready.recv_timeout(TIMEOUT).unwrap_or_default();
+        let line = answers.recv_timeout(TIMEOUT).unwrap_or_default();
         let pid = line.strip_prefix("ready ").and_then(|pid| pid.trim().parse().ok());
         let pid = pid.unwrap_or_else(|| panic!("the private libvirt did not start: {line:?}"));
-        PrivateLibvirt { shell, stdin, pid }
+        PrivateLibvirt { shell, stdin: Mutex::new(stdin), pid, answers: Mutex::new(answers) }
+    }
+
+    /// Stops libvirtd and starts it again, as an upgrade does: it finds its running domains and reconnects to
+    /// their monitors.
+    pub fn restart_libvirtd(&self) {
+        let mut stdin = self.stdin.lock().unwrap();
+        stdin.as_mut().unwrap().write_all(b"restart-libvirtd\n").unwrap();
+        let answer = self.answers.lock().unwrap().recv_timeout(TIMEOUT).unwrap_or_default();
+        assert_eq!(answer.trim(), "restarted");
     }
 
     /// `program args...` inside the namespace.
@@ -175,7 +196,7 @@ impl PrivateLibvirt {
 impl Drop for PrivateLibvirt {
     /// Ends the shell's wait; it stops the daemons (each given 20 s) before it exits.
     fn drop(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
+        if let Some(mut stdin) = self.stdin.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = stdin.write_all(b"stop\n");
         }
         let _ = self.shell.wait();
