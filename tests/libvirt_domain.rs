@@ -206,6 +206,10 @@ fn a_domain_runs_under_libvirt_with_kestrel_as_its_emulator() {
     assert_eq!(domain.state(), "running (booted)");
     let info = domain.virsh("dominfo");
     assert!(info.lines().any(|l| l.starts_with("State:") && l.ends_with("running")), "{info}");
+    let stats = domain.virsh("domstats");
+    for line in ["state.state=1", "vcpu.current=1", "vcpu.0.state=1", "block.count=0", "net.count=0"] {
+        assert!(stats.lines().any(|l| l.trim() == line), "domstats lacks {line}:\n{stats}");
+    }
     let pid = domain.pid();
     eprintln!("libvirt_domain: virsh start took {} ms", start.as_millis());
 
