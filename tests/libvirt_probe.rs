@@ -4,49 +4,18 @@
 //! and `-pidfile` as libvirt starts it, then `virsh domcapabilities --emulatorbin kestrel` through a real libvirtd,
 //! whose answer must list only what Kestrel implements.
 //!
-//! libvirtd and virtlogd run in a private mount namespace (`unshare --mount`) with their state, cache, log and
-//! runtime directories on tmpfs, so the test neither sees nor disturbs a libvirt the machine runs, and everything
-//! it made disappears with the namespace; the daemons are stopped by their pid files before it ends.
+//! libvirtd and virtlogd run in a private mount namespace (`support::libvirt`).
 
 mod support;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::libvirt::{libvirt_available, run_to_eof, PrivateLibvirt, TIMEOUT};
 use support::qmp::QmpClient;
 use support::{kestrel_binary, kvm_available};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How a command ended and what it printed, once it exited *and* closed its stdout and stderr: libvirt waits for
-/// both, so a daemon that kept the caller's pipes would hang here, and fails the test after `TIMEOUT`.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn run_to_eof(mut command: Command) -> Finished {
-    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let (done, finished) = mpsc::channel();
-    thread::spawn(move || {
-        let (mut stdout, mut stderr) = (String::new(), String::new());
-        let err_reader = thread::spawn(move || {
-            let _ = err.read_to_string(&mut stderr);
-            stderr
-        });
-        let _ = out.read_to_string(&mut stdout);
-        let stderr = err_reader.join().unwrap();
-        let status = child.wait().unwrap();
-        let _ = done.send(Finished { status, stdout, stderr });
-    });
-    finished.recv_timeout(TIMEOUT).unwrap_or_else(|_| panic!("no exit and end of output within {TIMEOUT:?}"))
-}
 
 struct TempDir(PathBuf);
 
@@ -171,80 +140,20 @@ fn bad_probe_options_are_one_line_each() {
     }
 }
 
-/// Runs in a private mount namespace: tmpfs over libvirt's directories, virtlogd and libvirtd started as daemons
-/// (there is no systemd), one `virsh domcapabilities` per machine type given after the emulator, each answer
-/// printed between markers, then the daemons stopped (by their pid files, waiting until they are gone).
-const PRIVATE_LIBVIRT: &str = r#"
-set -eu
-emulator=$1; shift
-for dir in /run /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
-  mkdir -p "$dir"; mount -t tmpfs -o mode=0755 tmpfs "$dir"
-done
-mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
-chown libvirt-qemu:libvirt-qemu /var/lib/libvirt/qemu
-stop() {
-  for pidfile in /run/libvirtd.pid /run/virtlogd.pid; do
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || continue
-    for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  done
-}
-trap stop EXIT
-virtlogd -d
-libvirtd -d
-for _ in $(seq 200); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.05; done
-for machine in "$@"; do
-  start=$(date +%s%N)
-  echo "=== $machine"
-  virsh domcapabilities --emulatorbin "$emulator" --arch x86_64 --virttype kvm --machine "$machine"
-  echo "=== took $(( ($(date +%s%N) - start) / 1000000 )) ms"
-done
-"#;
-
-/// The domcapabilities XML per machine type, and how long each took, from a private libvirtd.
+/// The domcapabilities XML per machine type, and how long each took, from a private libvirtd (the first pays for
+/// the probe).
 fn domcapabilities(emulator: &Path, machines: &[&str]) -> Vec<(String, u64)> {
-    let mut command = Command::new("unshare");
-    command.args(["--mount", "--propagation", "private", "bash", "-c", PRIVATE_LIBVIRT, "libvirt-probe"]);
-    command.arg(emulator).args(machines);
-    let run = run_to_eof(command);
-    assert!(run.status.success(), "{}\n{}\n{}", run.status, run.stdout, run.stderr);
+    let libvirt = PrivateLibvirt::start(None);
+    let emulator = emulator.to_str().unwrap();
     let mut answers = Vec::new();
-    for section in run.stdout.split("=== ").skip(1) {
-        if let Some(took) = section.strip_prefix("took ") {
-            let ms = took.split_whitespace().next().unwrap().parse().unwrap();
-            let last: &mut (String, u64) = answers.last_mut().unwrap();
-            last.1 = ms;
-        } else {
-            answers.push((section.split_once('\n').unwrap().1.to_string(), 0));
-        }
+    for machine in machines {
+        let start = Instant::now();
+        let args = ["domcapabilities", "--emulatorbin", emulator, "--arch", "x86_64", "--virttype", "kvm", "--machine"];
+        let run = libvirt.virsh(&[&args[..], &[machine]].concat());
+        let xml = run.assert_success("virsh domcapabilities").to_string();
+        answers.push((xml, start.elapsed().as_millis() as u64));
     }
-    assert_eq!(answers.len(), machines.len(), "{}", run.stdout);
     answers
-}
-
-/// libvirt present, or installed from Debian when it is not (as root, with apt); `false` (skipped) where it
-/// cannot be. ci/install-deps installs it for CI.
-fn libvirt_available() -> bool {
-    let present =
-        || ["/usr/bin/virsh", "/usr/sbin/libvirtd", "/usr/sbin/virtlogd"].iter().all(|p| Path::new(p).exists());
-    if present() {
-        return true;
-    }
-    // SAFETY: geteuid only reads the process's credentials.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && Path::new("/usr/bin/apt-get").exists() {
-        eprintln!("libvirt_probe: installing libvirt-daemon-system and libvirt-clients");
-        let status = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "libvirt-daemon-system", "libvirt-clients"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-        if status.is_ok_and(|s| s.success()) && present() {
-            return true;
-        }
-    }
-    assert!(std::env::var_os("CI").is_none(), "libvirt is missing and could not be installed (see ci/install-deps)");
-    eprintln!("SKIPPED: libvirt (virsh, libvirtd, virtlogd) is not installed and this is not root with apt-get");
-    false
 }
 
 /// The values of `<enum name='NAME'>` inside the first `<ELEMENT ...>` section of `xml`.

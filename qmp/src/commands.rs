@@ -134,6 +134,33 @@ static CHARDEV_INFO: Type = Type::Object(&ObjectType {
     tag: None,
 });
 static CHARDEV_INFO_LIST: Type = Type::Array(&CHARDEV_INFO);
+// QEMU 7.2's JobInfo, for `query-jobs`' schema (Kestrel runs no jobs: saves and restores are not jobs in QEMU either).
+static JOB_TYPE: Type = Type::Enum(&["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load"]);
+static JOB_STATUS: Type = Type::Enum(&[
+    "undefined",
+    "created",
+    "running",
+    "paused",
+    "ready",
+    "standby",
+    "waiting",
+    "pending",
+    "aborting",
+    "concluded",
+    "null",
+]);
+static JOB_INFO: Type = Type::Object(&ObjectType {
+    members: &[
+        req("id", &STR),
+        req("type", &JOB_TYPE),
+        req("status", &JOB_STATUS),
+        req("current-progress", &INT),
+        req("total-progress", &INT),
+        opt("error", &STR),
+    ],
+    tag: None,
+});
+static JOB_INFO_LIST: Type = Type::Array(&JOB_INFO);
 
 static NUMBER: Type = Type::Number;
 static BLOCK_DEVICE_IO_STATUS: Type = Type::Enum(&["ok", "failed", "nospace"]);
@@ -186,6 +213,8 @@ static BLOCK_INFO: Type = Type::Object(&ObjectType {
     tag: None,
 });
 static BLOCK_INFO_LIST: Type = Type::Array(&BLOCK_INFO);
+static BLOCK_DEVICE_INFO_LIST: Type = Type::Array(&BLOCK_DEVICE_INFO);
+static QUERY_NAMED_BLOCK_NODES_ARGS: Type = Type::Object(&ObjectType { members: &[opt("flat", &BOOL)], tag: None });
 static BLOCK_DEVICE_TIMED_STATS: Type = Type::Object(&ObjectType {
     members: &[
         req("interval_length", &INT),
@@ -472,6 +501,15 @@ pub static COMMANDS: &[Command] = &[
         .map(block_info)
         .collect())),
     cmd!("query-blockstats", QUERY_BLOCKSTATS_ARGS, BLOCK_STATS_LIST, query_blockstats),
+    // Block jobs and the like: Kestrel has none (libvirt asks when it reconnects to a running domain).
+    cmd!("query-jobs", T_EMPTY, JOB_INFO_LIST, |_, _| Ok(json!([]))),
+    // Each disk is one node (its image, raw), so the flat list and the tree are the same (libvirt asks for both).
+    cmd!("query-named-block-nodes", QUERY_NAMED_BLOCK_NODES_ARGS, BLOCK_DEVICE_INFO_LIST, |_, c| Ok(c
+        .machine
+        .block_devices()
+        .iter()
+        .map(block_node)
+        .collect())),
     cmd!("query-pci", T_EMPTY, PCI_INFO_LIST, |_, c| Ok(query_pci(&c.machine.pci_devices()))),
     cmd!("getfd", FDNAME_ARGS, T_EMPTY, |args, c| c.fds.getfd(str_arg(args, "fdname")).map(|()| json!({}))),
     cmd!("closefd", FDNAME_ARGS, T_EMPTY, |args, c| c.fds.closefd(str_arg(args, "fdname")).map(|()| json!({}))),
@@ -708,7 +746,8 @@ fn query_machines(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError
 
 /// `BlockInfo` for a virtio-blk disk on a raw image: never removable, no throttling, no encryption, no backing
 /// file; the guest-visible write cache is on (the device offers FLUSH and a flush is an fsync), so `writeback`.
-fn block_info(d: &BlockDevice) -> Value {
+/// `BlockDeviceInfo`: the disk's image as a block node (`query-block`'s `inserted`, `query-named-block-nodes`).
+fn block_node(d: &BlockDevice) -> Value {
     let mut image = Map::new();
     image.insert("filename".into(), json!(d.file));
     image.insert("format".into(), json!("raw"));
@@ -717,12 +756,16 @@ fn block_info(d: &BlockDevice) -> Value {
         image.insert("actual-size".into(), json!(size));
     }
     image.insert("virtual-size".into(), json!(d.virtual_size));
-    let inserted = json!({
+    json!({
         "file": d.file, "node-name": d.node_name, "ro": d.read_only, "drv": "raw", "backing_file_depth": 0,
         "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0,
         "iops_wr": 0, "image": image, "cache": {"writeback": true, "direct": d.direct, "no-flush": false},
         "write_threshold": 0,
-    });
+    })
+}
+
+fn block_info(d: &BlockDevice) -> Value {
+    let inserted = block_node(d);
     let mut info = Map::new();
     info.insert("device".into(), json!(d.device));
     if let Some(qdev) = &d.qdev {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod counting_vm;
 pub mod guest;
+pub mod libvirt;
 pub mod probe_vm;
 pub mod qmp;
 

@@ -12,7 +12,7 @@ use crate::config::{
 };
 
 mod qemu_devices;
-pub use qemu_devices::{DeviceModel, DEVICE_MODELS, OBJECT_TYPES};
+pub use qemu_devices::{DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
 use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
@@ -79,8 +79,15 @@ QEMU's device options (key=value or libvirt's JSON form):
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
+  -chardev socket,id=C,fd=N,server=on[,wait=off]: a socket that already listens, passed in as descriptor N
+  -chardev pty,id=C -device isa-serial,chardev=C[,index=0]: the serial port (COM1, x86_64), as libvirt gives it
+
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers).
+-accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers),
+-name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
+-smp N,sockets=1,dies=1,cores=N,threads=1 (Kestrel's topology), -rtc base=utc, -boot strict=on|off,
+-overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
+-machine ...,dump-guest-core=off leaves guest memory out of Kestrel's core dumps.
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -203,6 +210,8 @@ enum Opt {
     Cpu,
     /// A QEMU option that changes nothing here; the value, if any, must be one that means what Kestrel does.
     Ignored,
+    /// A QEMU option whose settings must each be one that changes nothing here (`NO_EFFECT_SETTINGS`).
+    NoEffect,
 }
 
 /// (spellings, meaning, takes a value)
@@ -241,6 +250,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["-cpu"], Opt::Cpu, true),
     (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
+    (&["-rtc", "-boot", "-overcommit", "-msg", "-audiodev"], Opt::NoEffect, true),
 ];
 
 /// A QEMU option value: `first,key=value,key=value` where `,,` is a literal comma. Returns the leading item
@@ -330,7 +340,7 @@ fn socket_settings(
             "server" => server = on_off(option, value, key, setting)?,
             "wait" => wait = on_off(option, value, key, setting)?,
             "nowait" => wait = !on_off(option, value, key, setting)?,
-            "id" | "path" | "host" | "port" => {}
+            "id" | "path" | "host" | "port" | "fd" => {}
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
@@ -356,14 +366,25 @@ fn parse_chardev(value: &OsStr) -> Result<(String, SerialConfig), CliError> {
     };
     let config = match opts.first.as_deref() {
         Some("socket") => {
-            let address = match (path.clone(), get("port")) {
-                (Some(path), None) => SocketAddress::Unix(path),
-                (None, Some(port)) => {
-                    let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
-                    SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
-                }
-                _ => return Err(invalid("-chardev", value, "give path= (unix) or host= and port= (tcp)")),
-            };
+            let address =
+                match (path.clone(), get("port"), get("fd")) {
+                    (Some(path), None, None) => SocketAddress::Unix(path),
+                    (None, Some(port), None) => {
+                        let host = get("host").filter(|h| !h.is_empty()).unwrap_or_else(|| "0.0.0.0".to_string());
+                        SocketAddress::Tcp(host, parse_port("-chardev", value, &port)?)
+                    }
+                    (None, None, Some(fd)) if get("host").is_none() => {
+                        let fd = fd.parse::<i32>().ok().filter(|&fd| fd > 2);
+                        SocketAddress::Inherited(
+                            fd.ok_or_else(|| invalid("-chardev", value, "fd= needs a descriptor number above 2"))?,
+                        )
+                    }
+                    _ => return Err(invalid(
+                        "-chardev",
+                        value,
+                        "give one of path= (unix), host= and port= (tcp) or fd= (a listening socket passed to Kestrel)",
+                    )),
+                };
             SerialConfig::Socket(socket_settings("-chardev", value, address, &opts.pairs)?)
         }
         Some("stdio") => only(&["id", "signal", "mux"]).map(|()| SerialConfig::Stdio)?,
@@ -449,19 +470,28 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
 /// `pc`, `q35`, `microvm`, `virt`, `none` or their versioned names, with QEMU's `type=` spelling and `accel=`;
 /// the platform decides which it runs. `accel=` lists accelerators to try in order (`kvm:tcg`, as libvirt's probe
 /// asks): Kestrel has only KVM, so the list must name it.
-fn parse_machine(option: &str, value: &str) -> Result<MachineType, CliError> {
+///
+/// `usb=off` (Kestrel has no USB) and `dump-guest-core=` (whether guest memory is in Kestrel's core dumps; libvirt
+/// passes `off`) as libvirt gives them. Returns the machine type and `dump-guest-core`.
+fn parse_machine(option: &str, value: &str) -> Result<(MachineType, Option<bool>), CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let mut machine = first;
+    let mut dump_guest_core = None;
     for (key, setting) in pairs {
         match key.as_str() {
             "type" if machine.is_none() => machine = Some(setting),
             "accel" if setting.split(':').any(|accel| accel == "kvm") => {}
             "accel" => return Err(invalid(option, value, "Kestrel only has KVM: accel= must list kvm")),
+            "usb" if !on_off(option, value, &key, &setting)? => {}
+            "usb" => return Err(invalid(option, value, "Kestrel has no USB: usb= must be off")),
+            "dump-guest-core" => dump_guest_core = Some(on_off(option, value, &key, &setting)?),
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
     match machine.as_deref() {
-        Some(name) => MachineType::from_qemu_name(name).ok_or_else(|| CliError::Machine(name.to_string())),
+        Some(name) => MachineType::from_qemu_name(name)
+            .map(|machine| (machine, dump_guest_core))
+            .ok_or_else(|| CliError::Machine(name.to_string())),
         None => Err(invalid(option, value, "no machine type given")),
     }
 }
@@ -492,11 +522,77 @@ fn parse_memory(value: &str) -> Result<u64, CliError> {
     size.as_deref().and_then(parse_memory_size).ok_or_else(|| CliError::MemorySize(value.to_string()))
 }
 
-/// `-smp 4`, `-smp cpus=4,...`
+/// `-smp 4`, `-smp cpus=4,...`, with a topology (`sockets=1,cores=4,threads=1`, as libvirt passes one) only if
+/// it is the one Kestrel gives guests: one socket of N cores with one thread each. No hot-plug: `maxcpus`, if
+/// given, is the count.
 fn parse_cpus(value: &str) -> Result<u8, CliError> {
     let (first, pairs) = split_qemu_opts(value);
-    let count = first.or_else(|| pairs.iter().find(|(k, _)| k == "cpus").map(|(_, v)| v.clone()));
-    count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0).ok_or_else(|| CliError::Cpus(value.to_string()))
+    let mut count = first;
+    let mut topology = Vec::new();
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "cpus" if count.is_none() => count = Some(setting),
+            "sockets" | "dies" | "clusters" | "cores" | "threads" | "maxcpus" => {
+                let number = setting.parse::<u32>().ok().filter(|&n| n > 0);
+                let number = number.ok_or_else(|| invalid("-smp", value, format!("{key}={setting} is not a count")))?;
+                topology.push((key, number));
+            }
+            _ => return Err(invalid("-smp", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    let count = count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0);
+    let count = count.ok_or_else(|| CliError::Cpus(value.to_string()))?;
+    for (key, number) in topology {
+        let expected = if key == "cores" || key == "maxcpus" { u32::from(count) } else { 1 };
+        if number != expected {
+            return Err(invalid(
+                "-smp",
+                value,
+                format!(
+                    "Kestrel gives guests one socket of {count} cores with one thread each (no hot-plug): {key} must \
+                     be {expected} (libvirt: <topology sockets='1' dies='1' cores='{count}' threads='1'/>)"
+                ),
+            ));
+        }
+    }
+    Ok(count)
+}
+
+/// Each setting's name and the values it may have (none listed: any).
+type NoEffectSettings = &'static [(&'static str, &'static [&'static str])];
+
+/// The settings of QEMU options that change nothing for Kestrel, and the values each may have: the ones that
+/// describe what Kestrel does anyway. Anything else is refused, as Kestrel would not honour it.
+const NO_EFFECT_SETTINGS: &[(&str, NoEffectSettings)] = &[
+    // The CMOS clock starts at the host's UTC time.
+    ("-rtc", &[("base", &["utc"])]),
+    // No firmware, so no boot order: the kernel is loaded directly.
+    ("-boot", &[("strict", &["on", "off"])]),
+    // Guest memory is never locked; the vCPUs halt in the host.
+    ("-overcommit", &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
+    // Kestrel's messages carry no timestamps either way: they are one line each, and libvirt's log stamps them.
+    ("-msg", &[("timestamp", &["on", "off"]), ("guest-name", &["off"])]),
+    // No sound device to play through.
+    ("-audiodev", &[("driver", &["none"]), ("id", &[])]),
+];
+
+/// Checks a value of an option in `NO_EFFECT_SETTINGS` (key=value, or JSON as libvirt gives `-audiodev`); an
+/// empty list of values takes any.
+fn check_no_effect(option: &str, value: &str) -> Result<(), CliError> {
+    let Some((_, allowed)) = NO_EFFECT_SETTINGS.iter().find(|(name, _)| *name == option) else {
+        return Err(CliError::UnknownOption(option.to_string()));
+    };
+    let opts = Opts::parse(option, OsStr::new(value), "driver", &[])?;
+    let first = opts.first.iter().map(|driver| ("driver", driver.as_str()));
+    for (key, setting) in first.chain(opts.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        let Some((_, values)) = allowed.iter().find(|(name, _)| *name == key) else {
+            return Err(invalid(option, value, format!("unsupported setting '{key}'")));
+        };
+        if !values.is_empty() && !values.contains(&setting) {
+            return Err(invalid(option, value, format!("Kestrel supports only {key}={}", values.join(" or "))));
+        }
+    }
+    Ok(())
 }
 
 /// `-sandbox`'s suboptions besides `enable`, and the settings each takes (QEMU 7.2's).
@@ -512,7 +608,8 @@ const SANDBOX_SUBOPTIONS: &[(&str, &[&str])] = &[
 pub fn qemu_option_parameters() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
     let sandbox =
         std::iter::once(("enable", "boolean")).chain(SANDBOX_SUBOPTIONS.iter().map(|(name, _)| (*name, "string")));
-    vec![("sandbox", sandbox.collect()), ("machine", vec![("type", "string"), ("accel", "string")])]
+    let machine = vec![("type", "string"), ("accel", "string"), ("usb", "boolean"), ("dump-guest-core", "boolean")];
+    vec![("sandbox", sandbox.collect()), ("machine", machine)]
 }
 
 /// `on` or `off`, with QEMU's suboptions (7.2: `obsolete=allow|deny`, `elevateprivileges=allow|deny|children`,
@@ -539,10 +636,21 @@ fn parse_sandbox(option: &str, value: &str) -> Result<bool, CliError> {
     enabled.ok_or_else(|| invalid(option, value, "use on or off"))
 }
 
-/// `-name NAME` or `-name guest=NAME,debug-threads=on,...`
-fn parse_name(value: &str) -> String {
+/// `-name NAME` or `-name guest=NAME,debug-threads=on`. Kestrel's threads are named by their work (`vcpu0`,
+/// ...) whatever `debug-threads` says.
+fn parse_name(value: &str) -> Result<String, CliError> {
     let (first, pairs) = split_qemu_opts(value);
-    first.or_else(|| pairs.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v)).unwrap_or_default()
+    let mut name = first;
+    for (key, setting) in pairs {
+        match key.as_str() {
+            "guest" if name.is_none() => name = Some(setting),
+            "debug-threads" => {
+                on_off("-name", value, &key, &setting)?;
+            }
+            _ => return Err(invalid("-name", value, format!("unsupported setting '{key}'"))),
+        }
+    }
+    Ok(name.unwrap_or_default())
 }
 
 /// `stdio`, `pty`, `none`/`null`, `file:PATH`, or a listening socket as `--qmp` takes it
@@ -602,6 +710,7 @@ where
     let mut incoming = None;
     let mut pidfile = None;
     let mut daemonize = false;
+    let mut dump_guest_core = None;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -634,7 +743,11 @@ where
             Opt::Help => return Ok(Command::Help),
             Opt::Version => return Ok(Command::Version),
             Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(&value))?,
-            Opt::Machine => set_once(&mut machine, &spelling, parse_machine(&spelling, text()?)?)?,
+            Opt::Machine => {
+                let (machine_type, dump_core) = parse_machine(&spelling, text()?)?;
+                set_once(&mut machine, &spelling, machine_type)?;
+                dump_guest_core = dump_core;
+            }
             Opt::Initrd => set_once(&mut initrd, &spelling, PathBuf::from(&value))?,
             Opt::Cmdline => set_once(&mut cmdline, &spelling, text()?.to_string())?,
             Opt::Memory => set_once(&mut memory, &spelling, parse_memory(text()?)?)?,
@@ -666,7 +779,7 @@ where
             Opt::Paused => flags.2 = true,
             Opt::NoReboot => flags.0 = true,
             Opt::NoShutdown => flags.1 = true,
-            Opt::Name => set_once(&mut name, &spelling, parse_name(text()?))?,
+            Opt::Name => set_once(&mut name, &spelling, parse_name(text()?)?)?,
             Opt::Sandbox => set_once(&mut sandbox, &spelling, parse_sandbox(&spelling, text()?)?)?,
             Opt::Incoming => set_once(&mut incoming, "-incoming / --restore", parse_incoming(&value)?)?,
             Opt::Restore => set_once(&mut incoming, "-incoming / --restore", Incoming::File(PathBuf::from(&value)))?,
@@ -679,6 +792,7 @@ where
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
                 set_once(&mut uuid, &spelling, parsed)?
             }
+            Opt::NoEffect => check_no_effect(&spelling, text()?)?,
             Opt::Ignored => match (spelling.as_str(), text()?) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
                 ("-display", "none") => {}
@@ -698,8 +812,16 @@ where
             _ => return Err(invalid("-mon", &value, "a QMP monitor needs a socket chardev")),
         }
     }
+    let mut serial_label = None;
     if let Some((id, value)) = serial_chardev {
         set_once(&mut serial, "-serial", take_chardev("-serial", &id, &value)?)?;
+        serial_label = Some(id);
+    }
+    let mut serial_on_isa = None;
+    if let Some((id, device_id)) = qemu.isa_serial {
+        set_once(&mut serial, "-serial / -device isa-serial", take_chardev("-device", &id, "isa-serial")?)?;
+        serial_label = Some(id);
+        serial_on_isa = Some(device_id);
     }
     let console = match (console, qemu.console) {
         (Some(backend), None) => Some(ConsoleConfig { backend, frontend: Frontend::default() }),
@@ -765,6 +887,9 @@ where
         return Err(CliError::StdioTwice);
     }
     config.console = console;
+    config.serial_chardev = serial_label;
+    config.dump_guest_core = dump_guest_core.unwrap_or(true);
+    config.serial_on_isa = serial_on_isa;
     config.name = name;
     config.uuid = uuid;
     config.sandbox = sandbox.unwrap_or(true);
@@ -896,6 +1021,66 @@ mod tests {
         );
         assert_eq!(config("--kernel k --pidfile /run/k.pid").pidfile, Some(PathBuf::from("/run/k.pid")));
         assert!(!config("--kernel k").daemonize);
+    }
+
+    /// What libvirt 9.0 runs for a domain with direct kernel boot, a pty serial console and no other device (the
+    /// argv its log shows, minus the environment).
+    const LIBVIRT_DOMAIN: &str = "-name guest=kdom,debug-threads=on -S \
+        -object secret,id=masterKey0,format=raw,file=/var/lib/libvirt/qemu/domain-1-kdom/master-key.aes \
+        -machine pc-i440fx-7.2,usb=off,dump-guest-core=off -accel kvm -cpu host -m 64 -overcommit mem-lock=off \
+        -smp 1,sockets=1,cores=1,threads=1 -uuid 21228d33-9169-47da-accc-3bda482ac945 -display none \
+        -no-user-config -nodefaults -chardev socket,id=charmonitor,fd=29,server=on,wait=off \
+        -mon chardev=charmonitor,id=monitor,mode=control -rtc base=utc -no-shutdown -boot strict=on \
+        -kernel /tmp/probe.bzImage -append echo -chardev pty,id=charserial0 \
+        -device isa-serial,chardev=charserial0,id=serial0,index=0 -audiodev {\"id\":\"audio1\",\"driver\":\"none\"} \
+        -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny -msg timestamp=on";
+
+    #[test]
+    fn libvirts_domain_command_line() {
+        let domain = config(LIBVIRT_DOMAIN);
+        assert_eq!(domain.name.as_deref(), Some("kdom"));
+        assert_eq!(domain.machine, Some(MachineType::Pc));
+        assert!(!domain.dump_guest_core);
+        assert_eq!((domain.memory_bytes, domain.vcpus), (64 << 20, 1));
+        assert_eq!(domain.qmp, vec![ListenSocket { address: SocketAddress::Inherited(29), wait: false }]);
+        assert_eq!(domain.serial, SerialConfig::Pty);
+        assert_eq!(domain.serial_chardev.as_deref(), Some("charserial0"));
+        assert_eq!(domain.serial_on_isa, Some(Some("serial0".to_string())));
+        assert!(domain.start_paused && domain.no_shutdown && domain.sandbox);
+        assert_eq!(domain.cmdline.as_deref(), Some("echo"));
+        assert!(config("-kernel k").dump_guest_core, "QEMU's default");
+        // A topology is Kestrel's: one socket of N cores.
+        assert_eq!(config("-kernel k -smp 4,sockets=1,dies=1,cores=4,threads=1,maxcpus=4").vcpus, 4);
+    }
+
+    #[test]
+    fn libvirt_settings_kestrel_cannot_honour_are_refused() {
+        for (args, needle) in [
+            ("-smp 2,sockets=2,cores=1,threads=1", "one socket of 2 cores"),
+            ("-smp 2,maxcpus=4", "maxcpus must be 2"),
+            ("-smp 2,threads=2", "threads must be 1"),
+            ("-machine pc,usb=on", "no USB"),
+            ("-machine pc,mem-merge=off", "'mem-merge'"),
+            ("-rtc base=localtime", "base=utc"),
+            ("-rtc base=utc,driftfix=slew", "'driftfix'"),
+            ("-overcommit mem-lock=on", "mem-lock=off"),
+            ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
+            ("-boot order=c", "'order'"),
+            ("-name guest=a,process=b", "'process'"),
+            ("-object secret,id=s0,format=raw", "one of file= and data="),
+            ("-object secret,id=s0,data=x -object secret,id=s0,data=y", "Duplicate ID 's0'"),
+            ("-chardev pty,id=c -device isa-serial,chardev=c,index=1", "index= must be 0"),
+            ("-chardev pty,id=c -device isa-serial,chardev=c,iobase=0x2f8", "'iobase'"),
+            ("-device isa-serial,chardev=nope", "no -chardev with id 'nope'"),
+            ("-chardev pty,id=c -serial chardev:c -chardev pty,id=d -device isa-serial,chardev=d", "given twice"),
+            ("-chardev socket,id=m,fd=2,server=on,wait=off -mon chardev=m,mode=control", "above 2"),
+            ("-chardev socket,id=m,fd=5,path=/x,server=on -mon chardev=m,mode=control", "give one of"),
+        ] {
+            let args = format!("-kernel k {args}");
+            let error = parse_str(&args).expect_err(&args).to_string();
+            assert!(error.contains(needle), "{args}: {error}");
+            assert_eq!(error.lines().count(), 1, "{error}");
+        }
     }
 
     #[test]

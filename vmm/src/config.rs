@@ -122,6 +122,9 @@ pub enum SocketAddress {
     Unix(PathBuf),
     /// Host name or address, and port; QEMU's `tcp:HOST:PORT`.
     Tcp(String, u16),
+    /// A socket that already listens, on a descriptor Kestrel inherited (QEMU's `-chardev socket,fd=N`, as libvirt
+    /// passes the monitor it bound itself).
+    Inherited(i32),
 }
 
 impl std::fmt::Display for SocketAddress {
@@ -130,6 +133,7 @@ impl std::fmt::Display for SocketAddress {
         match self {
             SocketAddress::Unix(path) => write!(f, "unix:{}", path.display()),
             SocketAddress::Tcp(host, port) => write!(f, "tcp:{host}:{port}"),
+            SocketAddress::Inherited(fd) => write!(f, "fd:{fd}"),
         }
     }
 }
@@ -152,6 +156,14 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub serial: SerialConfig,
+    /// The `-chardev` id the serial port is connected to, which `query-chardev` reports as its label; `None`:
+    /// QEMU's label for `-serial`, `serial0`.
+    pub serial_chardev: Option<String>,
+    /// The serial port was given as QEMU's `-device isa-serial` (COM1), which only a machine with an ISA bus has;
+    /// with the device's `id=`, if it has one.
+    pub serial_on_isa: Option<Option<String>>,
+    /// Guest memory is in Kestrel's core dumps (QEMU's `-machine dump-guest-core=on`, the default).
+    pub dump_guest_core: bool,
     /// Exit instead of resetting when the guest reboots.
     pub no_reboot: bool,
     /// Stay alive, stopped, when the guest powers off (QEMU's `-no-shutdown`).
@@ -211,6 +223,9 @@ impl VmConfig {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             vcpus: 1,
             serial: SerialConfig::Stdio,
+            serial_chardev: None,
+            serial_on_isa: None,
+            dump_guest_core: true,
             no_reboot: false,
             no_shutdown: false,
             start_paused: false,

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 use devices::InputRoom;
 
 use crate::config::{ListenSocket, SerialConfig, SocketAddress};
-use crate::listen::{bind_private_unix, resolve_tcp};
+use crate::listen::{bind_private_unix, inherited_listener, resolve_tcp, InheritedListener};
 use crate::seccomp::{self, ThreadKind};
 
 /// The host side of a console: where guest output goes and, if anywhere, where guest input comes from.
 pub struct ConsoleBackend {
     pub output: Box<dyn Write + Send>,
     pub input: Option<Box<dyn Read + Send>>,
+    /// A pty's path, for the user to attach to (QMP's `query-chardev` reports it).
+    pub pty_path: Option<String>,
 }
 
 /// A backend's input side, not yet being read.
@@ -99,25 +101,25 @@ fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend>
             if let Some(saved) = set_raw_keeping_signals(stdin.as_raw_fd(), true)? {
                 SAVED_TERMINAL.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((stdin.as_raw_fd(), saved));
             }
-            Ok(ConsoleBackend { output: Box::new(io::stdout()), input: Some(Box::new(stdin)) })
+            Ok(ConsoleBackend { output: Box::new(io::stdout()), input: Some(Box::new(stdin)), pty_path: None })
         }
         SerialConfig::Pty => {
             let (output, input, path) = pty_console()?;
             // QEMU's wording, which scripts already look for.
             eprintln!("char device redirected to {path} (label {label})");
-            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)) })
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), pty_path: Some(path) })
         }
         SerialConfig::File(path) => {
             let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot open serial output file '{}': {e}", path.display()))
             })?;
-            Ok(ConsoleBackend { output: Box::new(file), input: None })
+            Ok(ConsoleBackend { output: Box::new(file), input: None, pty_path: None })
         }
-        SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None }),
+        SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None, pty_path: None }),
         SerialConfig::Socket(socket) => {
             let (output, input) = socket_console(socket, label)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} ({label}): {e}", socket.address)))?;
-            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)) })
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), pty_path: None })
         }
     }
 }
@@ -338,6 +340,17 @@ fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutpu
             SocketListener::Unix(listener)
         }
         SocketAddress::Tcp(host, port) => SocketListener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?),
+        // Accepts block here (on the input thread), whatever the one who passed the socket set.
+        SocketAddress::Inherited(fd) => match inherited_listener(*fd)? {
+            InheritedListener::Unix(listener) => {
+                listener.set_nonblocking(false)?;
+                SocketListener::Unix(listener)
+            }
+            InheritedListener::Tcp(listener) => {
+                listener.set_nonblocking(false)?;
+                SocketListener::Tcp(listener)
+            }
+        },
     };
     let client = Arc::new(Mutex::new(None));
     let mut input = SocketInput { listener, client: client.clone(), reader: None };

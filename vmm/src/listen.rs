@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -64,6 +65,43 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// A listening socket Kestrel inherited, by its descriptor number.
+pub enum InheritedListener {
+    Unix(UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+/// Takes descriptor `fd`, which must have been passed to Kestrel when it started (see `inherited`) and be a stream
+/// socket that already listens, on a unix or TCP address: libvirt binds and listens on the monitor's socket itself,
+/// connects to it by its path, and passes the descriptor (`-chardev socket,id=charmonitor,fd=N,server=on`). The
+/// socket's file is the one who bound it's to remove.
+pub fn inherited_listener(fd: RawFd) -> io::Result<InheritedListener> {
+    let owned = crate::inherited::claim(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let option = |name: libc::c_int| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads one int-sized socket option of a descriptor we own into a local of that size.
+        let done = unsafe {
+            libc::getsockopt(owned.as_raw_fd(), libc::SOL_SOCKET, name, (&raw mut value).cast(), &raw mut length)
+        };
+        if done == 0 {
+            Ok(value)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let not_listening = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} {what}"));
+    let socket_type = option(libc::SO_TYPE).map_err(|_| not_listening("is not a socket"))?;
+    if socket_type != libc::SOCK_STREAM || option(libc::SO_ACCEPTCONN)? != 1 {
+        return Err(not_listening("is not a listening stream socket"));
+    }
+    match option(libc::SO_DOMAIN)? {
+        libc::AF_UNIX => Ok(InheritedListener::Unix(UnixListener::from(owned))),
+        libc::AF_INET | libc::AF_INET6 => Ok(InheritedListener::Tcp(std::net::TcpListener::from(owned))),
+        _ => Err(not_listening("is neither a unix nor a TCP socket")),
     }
 }
 

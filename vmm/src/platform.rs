@@ -80,6 +80,9 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     const CPU_TYPE: &'static str;
     /// The most vCPUs the platform can describe to a guest (the hypervisor may allow fewer).
     const MAX_VCPUS: u32;
+    /// Whether the machines have an ISA bus whose COM1 is the serial port (QEMU's `-device isa-serial`, as libvirt
+    /// gives a PC its `<serial>`).
+    const ISA_SERIAL: bool;
 
     /// Which virtio transport devices get by default on `machine` (the platform's default machine for `None`), or
     /// the one error line for a machine type this platform does not offer. Called first, before anything is built.

@@ -13,11 +13,12 @@ use mio::{Interest, Registry, Token};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::config::{ListenSocket, SocketAddress};
-use crate::listen::{bind_private_unix, resolve_tcp};
+use crate::listen::{bind_private_unix, inherited_listener, resolve_tcp, InheritedListener};
 use crate::Error;
 
 enum Listener {
-    Unix(UnixListener, PathBuf),
+    /// With the path of the socket file Kestrel bound, removed at exit; none for an inherited socket.
+    Unix(UnixListener, Option<PathBuf>),
     Tcp(TcpListener),
 }
 
@@ -32,9 +33,19 @@ impl Listener {
             SocketAddress::Unix(path) => {
                 let listener = bind_private_unix(path)?;
                 listener.set_nonblocking(true)?;
-                Ok(Listener::Unix(UnixListener::from_std(listener), path.clone()))
+                Ok(Listener::Unix(UnixListener::from_std(listener), Some(path.clone())))
             }
             SocketAddress::Tcp(host, port) => Ok(Listener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?)),
+            SocketAddress::Inherited(fd) => match inherited_listener(*fd)? {
+                InheritedListener::Unix(listener) => {
+                    listener.set_nonblocking(true)?;
+                    Ok(Listener::Unix(UnixListener::from_std(listener), None))
+                }
+                InheritedListener::Tcp(listener) => {
+                    listener.set_nonblocking(true)?;
+                    Ok(Listener::Tcp(TcpListener::from_std(listener)))
+                }
+            },
         }
     }
 
@@ -299,7 +310,7 @@ impl<P> QmpServer<P> {
     /// Removes the unix socket files.
     pub fn remove_files(&self) {
         for socket in &self.sockets {
-            if let Listener::Unix(_, path) = &socket.listener {
+            if let Listener::Unix(_, Some(path)) = &socket.listener {
                 let _ = std::fs::remove_file(path);
             }
         }

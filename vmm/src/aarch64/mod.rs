@@ -116,6 +116,8 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
 
     /// As many as the GIC layout has redistributors for.
     const MAX_VCPUS: u32 = layout::MAX_VCPUS;
+    // The PL011 is the machine's own: QEMU's virt gives it no -device, only -serial.
+    const ISA_SERIAL: bool = false;
 
     /// No features are named yet: QEMU names arm64 features by ID register fields (`sve`, `pmu`...), which Kestrel
     /// does not map, and libvirt's arm64 `host-model` does not use the expansion. An empty list claims nothing.

@@ -147,15 +147,25 @@ const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "bootindex", "multifunctio
 /// line refuses.
 pub struct DeviceModel {
     pub model: &'static str,
-    /// A virtio device, named `<model>-pci` on PCI and `<model>-device` on virtio-mmio.
-    pub virtio: bool,
+    pub kind: DeviceKind,
     pub properties: &'static [(&'static str, &'static str)],
+}
+
+/// Where a device model sits, which decides its QOM type's name and parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A virtio device, named `<model>-pci` on PCI and `<model>-device` on virtio-mmio.
+    Virtio,
+    /// A port on a virtio-serial controller.
+    VirtioSerialPort,
+    /// A device on the PC's ISA bus (the 16550A UART).
+    Isa,
 }
 
 pub const DEVICE_MODELS: &[DeviceModel] = &[
     DeviceModel {
         model: "virtio-blk",
-        virtio: true,
+        kind: DeviceKind::Virtio,
         properties: &[
             ("drive", "str"),
             ("serial", "str"),
@@ -167,21 +177,30 @@ pub const DEVICE_MODELS: &[DeviceModel] = &[
     },
     DeviceModel {
         model: "virtio-net",
-        virtio: true,
+        kind: DeviceKind::Virtio,
         properties: &[("netdev", "str"), ("mac", "str"), ("mq", "bool"), ("vectors", "uint32")],
     },
     DeviceModel {
         model: "virtio-rng",
-        virtio: true,
+        kind: DeviceKind::Virtio,
         properties: &[("rng", "link<rng-backend>"), ("max-bytes", "uint64"), ("period", "uint32")],
     },
-    DeviceModel { model: "virtio-serial", virtio: true, properties: &[("max_ports", "uint32"), ("vectors", "uint32")] },
+    DeviceModel {
+        model: "virtio-serial",
+        kind: DeviceKind::Virtio,
+        properties: &[("max_ports", "uint32"), ("vectors", "uint32")],
+    },
     DeviceModel {
         model: "virtconsole",
-        virtio: false,
+        kind: DeviceKind::VirtioSerialPort,
         properties: &[("chardev", "str"), ("name", "str"), ("nr", "uint32")],
     },
+    // COM1, the one UART (x86_64 only: `ISA_SERIAL` keeps it out of other platforms' tables).
+    DeviceModel { model: ISA_SERIAL, kind: DeviceKind::Isa, properties: &[("chardev", "str"), ("index", "uint32")] },
 ];
+
+/// QEMU's 16550A on the ISA bus, as libvirt asks for a `<serial>` on a PC: Kestrel's COM1.
+pub const ISA_SERIAL: &str = "isa-serial";
 
 /// The `-object` types Kestrel creates (entropy sources for virtio-rng).
 pub const OBJECT_TYPES: &[&str] = &["rng-random", "rng-builtin"];
@@ -213,6 +232,8 @@ pub struct QemuDevices {
     pub rng: Option<Frontend>,
     /// The virtio console: the chardev id it is connected to, and the virtio-serial controller's frontend.
     pub console: Option<(String, Frontend)>,
+    /// The chardev id `-device isa-serial` (COM1) is connected to, and the device's id.
+    pub isa_serial: Option<(String, Option<String>)>,
 }
 
 /// Everything given so far, unresolved.
@@ -232,6 +253,8 @@ pub struct QemuDeviceOptions {
     netdevs: HashMap<String, (TapNetdev, bool)>,
     /// `-object` ids, and whether each was given in the JSON form.
     rng_objects: Vec<(String, bool)>,
+    /// `-object secret` ids (accepted, unused).
+    secrets: Vec<String>,
     /// `-device` ids, and whether each was given in the JSON form.
     device_ids: HashMap<String, bool>,
     devices: Vec<(String, Opts)>,
@@ -398,8 +421,14 @@ impl QemuDeviceOptions {
 
     /// `-object rng-random,id=ID[,filename=/dev/urandom]` or `-object rng-builtin,id=ID`: entropy sources for
     /// `-device virtio-rng-*,rng=ID`. Kestrel's device always draws from getrandom, which is what both give.
+    ///
+    /// Also `-object secret,...`, which libvirt always passes (its master key, for decrypting other secrets it may
+    /// pass later): accepted and unused, as no Kestrel option takes a secret.
     pub fn object(&mut self, value: &str) -> Result<(), CliError> {
         let opts = Opts::parse("-object", OsStr::new(value), "qom-type", &[])?;
+        if opts.first.as_deref() == Some("secret") {
+            return self.secret(value, &opts);
+        }
         match opts.first.as_deref() {
             Some(object_type) if OBJECT_TYPES.contains(&object_type) => {}
             Some(other) => return Err(invalid("-object", value, format!("object type '{other}' is not supported"))),
@@ -427,6 +456,27 @@ impl QemuDeviceOptions {
             return Err(duplicate_id("-object", value, message));
         }
         self.rng_objects.push((id.to_string(), json));
+        Ok(())
+    }
+
+    fn secret(&mut self, value: &str, opts: &Opts) -> Result<(), CliError> {
+        for (key, setting) in &opts.pairs {
+            match key.as_str() {
+                "id" | "file" | "data" | "keyid" | "iv" => {}
+                "format" if setting == "raw" || setting == "base64" => {}
+                "format" => return Err(invalid("-object", value, "format= must be raw or base64")),
+                _ => return Err(invalid("-object", value, format!("unsupported setting '{key}'"))),
+            }
+        }
+        if opts.get("file").is_some() == opts.get("data").is_some() {
+            return Err(invalid("-object", value, "a secret needs one of file= and data="));
+        }
+        let id =
+            opts.get("id").filter(|i| !i.is_empty()).ok_or_else(|| invalid("-object", value, "id= is required"))?;
+        if self.secrets.iter().chain(self.rng_objects.iter().map(|(o, _)| o)).any(|o| o == id) {
+            return Err(duplicate_id("-object", value, format!("Duplicate ID '{id}' for object")));
+        }
+        self.secrets.push(id.to_string());
         Ok(())
     }
 
@@ -529,6 +579,25 @@ impl QemuDeviceOptions {
                     }
                     // The controller may come after its port on the command line; placed below.
                     out.console = Some((chardev.to_string(), Frontend::default()));
+                }
+                ISA_SERIAL if transport.is_none() => {
+                    known(ISA_SERIAL)?;
+                    let chardev =
+                        opts.get("chardev").ok_or_else(|| invalid("-device", value, "chardev= is required"))?;
+                    if !chardevs.contains_key(chardev) {
+                        return Err(invalid("-device", value, format!("no -chardev with id '{chardev}'")));
+                    }
+                    if opts.get("index").is_some_and(|index| index != "0") {
+                        return Err(invalid(
+                            "-device",
+                            value,
+                            "Kestrel has one ISA serial port, COM1: index= must be 0",
+                        ));
+                    }
+                    let device_id = opts.get("id").map(str::to_string);
+                    if out.isa_serial.replace((chardev.to_string(), device_id)).is_some() {
+                        return Err(invalid("-device", value, "Kestrel has one ISA serial port, COM1"));
+                    }
                 }
                 _ => return Err(invalid("-device", value, format!("device '{driver}' is not supported"))),
             }

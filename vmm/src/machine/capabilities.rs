@@ -11,8 +11,8 @@ use qmp::{
 };
 use serde_json::{json, Value};
 
-use crate::cli::{qemu_option_parameters, DEVICE_MODELS, OBJECT_TYPES};
-use crate::config::{MachineType, VirtioTransport};
+use crate::cli::{qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
+use crate::config::{Frontend, MachineType, VirtioTransport, VmConfig};
 use crate::platform::Platform;
 
 /// QEMU's abstract parent of the virtio devices on each transport.
@@ -29,6 +29,25 @@ fn virtio_type(model: &str, transport: VirtioTransport) -> String {
         VirtioTransport::Pci => format!("{model}-pci"),
         VirtioTransport::Mmio => format!("{model}-device"),
     }
+}
+
+/// The devices given an `id=` on the command line, with their QOM types: `/machine/peripheral`'s children, where
+/// libvirt looks for the devices it named.
+pub(super) fn peripherals<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> Vec<(String, String)> {
+    let default = P::virtio_transport(config.machine).unwrap_or(VirtioTransport::Pci);
+    let virtio = |model: &str, frontend: &Frontend| {
+        let id = frontend.id.clone()?;
+        Some((id, virtio_type(model, frontend.transport.unwrap_or(default))))
+    };
+    let mut devices: Vec<(String, String)> = Vec::new();
+    if let Some(Some(id)) = &config.serial_on_isa {
+        devices.push((id.clone(), ISA_SERIAL.to_string()));
+    }
+    devices.extend(config.disks.iter().filter_map(|disk| virtio("virtio-blk", &disk.frontend)));
+    devices.extend(config.nets.iter().filter_map(|net| virtio("virtio-net", &net.frontend)));
+    devices.extend(config.rng.iter().filter_map(|rng| virtio("virtio-rng", rng)));
+    devices.extend(config.console.iter().filter_map(|console| virtio("virtio-serial", &console.frontend)));
+    devices
 }
 
 /// The name `query-machines` and `-machine` use: the versioned one where QEMU versions the type.
@@ -94,6 +113,11 @@ fn cpu_parent<H: Hypervisor, P: Platform<H>>() -> &'static str {
     P::CPU_TYPE.strip_prefix("host-").unwrap_or("cpu")
 }
 
+/// Whether the platform's machines can have `model`: ISA devices only where there is an ISA bus.
+fn platform_has<H: Hypervisor, P: Platform<H>>(model: &DeviceModel) -> bool {
+    model.kind != DeviceKind::Isa || P::ISA_SERIAL
+}
+
 /// Every QOM type Kestrel creates, with the abstract parents that place them in QEMU's hierarchy (so that
 /// `implements: "device"` finds the devices).
 pub(super) fn qom_types<H: Hypervisor, P: Platform<H>>() -> Vec<QomType> {
@@ -117,12 +141,17 @@ pub(super) fn qom_types<H: Hypervisor, P: Platform<H>>() -> Vec<QomType> {
     );
     let transports = virtio_transports::<H, P>();
     types.extend(transports.iter().map(|&t| qom_type(virtio_parent(t), Some("device"), true)));
-    for model in DEVICE_MODELS {
-        if !model.virtio {
-            types.push(qom_type(model.model, Some("virtio-serial-port"), false));
-            continue;
+    if P::ISA_SERIAL {
+        types.push(qom_type("isa-device", Some("device"), true));
+    }
+    for model in DEVICE_MODELS.iter().filter(|model| platform_has::<H, P>(model)) {
+        match model.kind {
+            DeviceKind::Virtio => types.extend(
+                transports.iter().map(|&t| qom_type(virtio_type(model.model, t), Some(virtio_parent(t)), false)),
+            ),
+            DeviceKind::VirtioSerialPort => types.push(qom_type(model.model, Some("virtio-serial-port"), false)),
+            DeviceKind::Isa => types.push(qom_type(model.model, Some("isa-device"), false)),
         }
-        types.extend(transports.iter().map(|&t| qom_type(virtio_type(model.model, t), Some(virtio_parent(t)), false)));
     }
     types.extend(OBJECT_TYPES.iter().map(|&name| qom_type(name, Some("rng-backend"), false)));
     types
@@ -138,9 +167,9 @@ pub(super) fn type_properties<H: Hypervisor, P: Platform<H>>(type_name: &str) ->
         default_value: None,
     };
     let transports = virtio_transports::<H, P>();
-    let device = DEVICE_MODELS.iter().find(|model| {
-        (!model.virtio && model.model == type_name)
-            || (model.virtio && transports.iter().any(|&t| virtio_type(model.model, t) == type_name))
+    let device = DEVICE_MODELS.iter().filter(|model| platform_has::<H, P>(model)).find(|model| match model.kind {
+        DeviceKind::Virtio => transports.iter().any(|&t| virtio_type(model.model, t) == type_name),
+        DeviceKind::VirtioSerialPort | DeviceKind::Isa => model.model == type_name,
     });
     if let Some(model) = device {
         return Some(model.properties.iter().map(|(name, ty)| property(name, ty)).collect());

@@ -16,9 +16,9 @@ use crate::snapshot as snapshot_file;
 use crate::vcpu::{VcpuEvent, VcpuThreads};
 use crate::{console, inherited, signals, Error, Outcome};
 
-use super::memory::{check_memory_size, create_guest_memory, map_guest_memory};
+use super::memory::{check_memory_size, create_guest_memory, exclude_from_core_dumps, map_guest_memory};
 use super::migration::snapshot_machine;
-use super::{event_channel, qmp_event, shutdown_event, Guest, VmEvent, Vmm};
+use super::{event_channel, qmp_event, shutdown_event, Guest, VmEvent, Vmm, SERIAL_LABEL};
 
 impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     pub(super) fn new(
@@ -49,7 +49,12 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         let platform_requested = Arc::new(AtomicBool::new(false));
         let first_boot_vcpus = VcpuThreads::spawn(usize::from(config.vcpus), platform_requested.clone())?;
 
-        let serial = console::open(&config.serial, "serial0").map_err(Error::Console)?;
+        if config.serial_on_isa.is_some() && !P::ISA_SERIAL {
+            return Err(Error::Unsupported("-device isa-serial: this machine has no ISA bus; use -serial".into()));
+        }
+        let serial_label = config.serial_chardev.as_deref().unwrap_or(SERIAL_LABEL);
+        let serial = console::open(&config.serial, serial_label).map_err(Error::Console)?;
+        let serial_pty = serial.pty_path.clone();
         // A device's reset or power-off request also holds every vCPU out of the guest until the VMM acts on it.
         let platform_events = PlatformEvents::new({
             let sender = sender.clone();
@@ -105,6 +110,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             migration_capabilities: MigrationCapabilities::default(),
             fatal: None,
             memory_file: None,
+            serial_pty,
         })
     }
 }
@@ -147,6 +153,9 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
             }
             None => None,
         };
+        if !self.config.dump_guest_core {
+            exclude_from_core_dumps(&self.memory)?;
+        }
         let vm = Arc::new(self.hypervisor.create_vm()?);
         map_guest_memory(vm.as_ref(), &self.memory)?;
         let vcpus = match restored {

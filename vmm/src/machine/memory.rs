@@ -30,6 +30,21 @@ pub(super) fn create_guest_memory(regions: Vec<(u64, u64)>) -> Result<GuestMemor
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(e.to_string()))
 }
 
+/// Leaves guest memory out of Kestrel's core dumps (`-machine dump-guest-core=off`): a dump of a crashed Kestrel
+/// then holds no guest data and stays small. Called at every boot, after a restore may have mapped a snapshot
+/// file over parts of it (a new mapping does not keep the old one's advice).
+pub(super) fn exclude_from_core_dumps(memory: &GuestMemoryMmap) -> Result<(), Error> {
+    for region in memory.iter() {
+        // SAFETY: advice on the VMM's own guest memory mapping, whole regions; MADV_DONTDUMP changes only what a
+        // core dump holds, never the memory's contents.
+        let done = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_DONTDUMP) };
+        if done != 0 {
+            return Err(Error::Host("leaving guest memory out of core dumps", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn map_guest_memory<V: Vm>(vm: &V, memory: &GuestMemoryMmap) -> Result<(), Error> {
     for (slot, region) in memory.iter().enumerate() {
         let host_addr = region.as_ptr() as u64;

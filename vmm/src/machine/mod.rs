@@ -107,7 +107,12 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     /// The snapshot file guest memory is partly mapped from, after a restore from a file: it stays so for the life
     /// of the process (resets keep memory as it is), and a save must not overwrite it.
     memory_file: Option<snapshot_file::MappedFile>,
+    /// The serial port's pty, when it has one: `query-chardev` reports its path, as libvirt needs.
+    serial_pty: Option<String>,
 }
+
+/// QEMU's label for the serial port of `-serial` (`-chardev` ids label their own).
+const SERIAL_LABEL: &str = "serial0";
 
 /// Runs the machine `config` describes: this host's platform on KVM, the one place a backend is chosen.
 pub fn run(config: &VmConfig) -> Result<Outcome, Error> {

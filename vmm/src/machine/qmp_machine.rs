@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::config::{SerialConfig, VmConfig};
 use crate::platform::Platform;
 
-use super::{capabilities, qmp_event, shutdown_event, Vmm};
+use super::{capabilities, qmp_event, shutdown_event, Vmm, SERIAL_LABEL};
 
 impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     fn run_state(&self) -> RunState {
@@ -92,12 +92,13 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     fn chardevs(&self) -> Vec<ChardevInfo> {
         let serial = match &self.config.serial {
             SerialConfig::Stdio => Some("stdio".to_string()),
-            SerialConfig::Pty => Some("pty".to_string()),
+            SerialConfig::Pty => Some(format!("pty:{}", self.serial_pty.as_deref().unwrap_or_default())),
             SerialConfig::File(path) => Some(format!("file:{}", path.display())),
             SerialConfig::None => None,
             SerialConfig::Socket(socket) => Some(format!("{},server=on", socket.address)),
         };
-        let serial = serial.map(|filename| ChardevInfo { label: "serial0".into(), filename, frontend_open: true });
+        let label = self.config.serial_chardev.as_deref().unwrap_or(SERIAL_LABEL).to_string();
+        let serial = serial.map(|filename| ChardevInfo { label, filename, frontend_open: true });
         serial.into_iter().chain(monitor_chardevs(self.config)).collect()
     }
     fn target(&self) -> Target {
@@ -146,6 +147,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 properties: vec![
                     prop("type", "string", json!(machine_type)),
                     prop("unattached", "child<container>", json!("/machine/unattached")),
+                    prop("peripheral", "child<container>", json!("/machine/peripheral")),
                     prop(
                         "kernel",
                         "string",
@@ -154,6 +156,13 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                     prop("append", "string", json!(self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE))),
                 ],
             }),
+            "/machine/peripheral" => {
+                let mut properties = vec![prop("type", "string", json!("container"))];
+                properties.extend(self.peripherals().into_iter().map(|(id, type_name)| {
+                    prop(&id, &format!("child<{type_name}>"), json!(format!("/machine/peripheral/{id}")))
+                }));
+                Some(QomObject { type_name: "container".into(), properties })
+            }
             "/machine/unattached" => {
                 let mut properties = vec![prop("type", "string", json!("container"))];
                 properties.extend((0..vcpus).map(|i| {
@@ -207,6 +216,10 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
 }
 
 impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
+    fn peripherals(&self) -> Vec<(String, String)> {
+        capabilities::peripherals::<H, P>(self.config)
+    }
+
     /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
     /// session through `raised`.
     pub(super) fn raise(&mut self, events: &mut Vec<Event>, event: Event) {

@@ -20,7 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{EventSender, Vmm, WAKER};
-use crate::config::{Incoming as IncomingConfig, MachineType, SerialConfig, VirtioTransport, VmConfig};
+use crate::config::{Frontend, Incoming as IncomingConfig, MachineType, SerialConfig, VirtioTransport, VmConfig};
 use crate::console::ConsoleBackend;
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, Snapshots, VcpuOf};
 use crate::snapshot::Component;
@@ -113,6 +113,7 @@ impl Platform<NoHypervisor> for TestPlatform {
     const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Virt];
     const CPU_TYPE: &'static str = "test-cpu";
     const MAX_VCPUS: u32 = 5;
+    const ISA_SERIAL: bool = false;
 
     fn virtio_transport(_machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
         Ok(VirtioTransport::Mmio)
@@ -237,6 +238,7 @@ impl Fixture {
             migration_capabilities: MigrationCapabilities::default(),
             fatal: None,
             memory_file: None,
+            serial_pty: None,
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };
@@ -420,6 +422,33 @@ fn the_configuration_shows_in_name_uuid_memory_and_chardevs() {
         chardevs[0],
         json!({"label": "serial0", "filename": "file:/tmp/kestrel-serial.log", "frontend-open": true})
     );
+}
+
+#[test]
+fn what_libvirt_looks_at_when_it_starts_or_reconnects() {
+    let frontend = |id: &str| Frontend { transport: None, id: Some(id.into()) };
+    let config = VmConfig {
+        serial: SerialConfig::Pty,
+        serial_chardev: Some("charserial0".into()),
+        serial_on_isa: Some(Some("serial0".into())),
+        rng: Some(frontend("rng0")),
+        ..config()
+    };
+    let mut m = Fixture::new(config, RunState::Running);
+    let chardevs = m.execute("query-chardev", json!({})).unwrap();
+    assert_eq!(chardevs[0]["label"], "charserial0");
+    // The fixture opened no pty: the path is what it recorded, none.
+    assert_eq!(chardevs[0]["filename"], "pty:");
+    let peripheral = m.execute("qom-list", json!({"path": "/machine/peripheral"})).unwrap();
+    let children: Vec<(&str, &str)> = peripheral
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(children, [("type", "string"), ("serial0", "child<isa-serial>"), ("rng0", "child<virtio-rng-device>")]);
+    assert_eq!(m.execute("query-named-block-nodes", json!({"flat": true})), Ok(json!([])));
+    assert_eq!(m.execute("query-jobs", json!({})), Ok(json!([])));
 }
 
 #[test]
