@@ -5,12 +5,12 @@ use std::path::PathBuf;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod inherited;
 pub mod listen;
 
 cfg_if::cfg_if! {
     if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
         mod daemon;
-        mod inherited;
         mod machine;
         mod platform;
         mod populated;
