@@ -177,10 +177,17 @@ pub trait Snapshots<H: Hypervisor> {
     /// The VM-wide state, with every vCPU held.
     fn save_vm(vm: &H::Vm) -> Result<Self::VmState, String>;
 
-    /// Brings a vCPU state read `age` before the VM state (each vCPU's is read on its own thread, then the VM's on
-    /// the main thread) to the moment the VM state was read, for what moves with time while vCPUs are held: a
-    /// snapshot then holds one instant of the whole machine. Nothing moves by default.
-    fn age_vcpu_state(_state: &mut Self::VcpuState, _age: Duration) {}
+    /// Makes the clocks in a save agree, once every state is read: each vCPU's state was read on its own thread,
+    /// `ages[i]` before the VM's was on the main thread, and what moves with time while the vCPUs are held must
+    /// be brought to one instant of the whole machine. `memory` is the guest's, for clocks the guest keeps there.
+    /// Nothing moves by default.
+    fn settle_saved_clocks(
+        _vcpus: &mut [Self::VcpuState],
+        _ages: &[Duration],
+        _vm: &mut Self::VmState,
+        _memory: &GuestMemoryMmap,
+    ) {
+    }
 
     /// Builds a fresh VM (guest memory mapped, the devices' states already loaded) from saved states instead of
     /// booting a kernel. Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.

@@ -94,15 +94,11 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         snapshot_file::check_not_mapped(&target, self.memory_file)?;
         let cpu = self.cpu_identity().map_err(|e| e.to_string())?;
         let vcpus = guest.vcpus.save_states()?;
-        let vm = P::save_vm(guest.vm.as_ref())?;
+        let mut vm = P::save_vm(guest.vm.as_ref())?;
         let vm_read_at = Instant::now();
-        let vcpus = vcpus
-            .into_iter()
-            .map(|mut saved| {
-                P::age_vcpu_state(&mut saved.state, vm_read_at.saturating_duration_since(saved.read_at));
-                saved.state
-            })
-            .collect();
+        let ages: Vec<_> = vcpus.iter().map(|saved| vm_read_at.saturating_duration_since(saved.read_at)).collect();
+        let mut vcpus: Vec<_> = vcpus.into_iter().map(|saved| saved.state).collect();
+        P::settle_saved_clocks(&mut vcpus, &ages, &mut vm, &self.memory);
         self.platform.quiesce_devices();
         let saved = (|| {
             let devices = self

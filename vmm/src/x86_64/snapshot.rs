@@ -8,6 +8,7 @@ use arch::x86_64::{cpuid, CpuidEntry, MsrEntry};
 use hypervisor::x86_64::{VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use snapshot::CpuIdentity;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{Pc, PcHypervisor, VcpuState, VmState};
 use crate::platform::{Snapshots, VcpuOf};
@@ -98,21 +99,27 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         vm.save_state().map_err(|e| e.to_string())
     }
 
-    /// The TSC counts on while the vCPUs are held (KVM's guest TSC is the host's plus an offset), and the kvmclock
-    /// with it. A TSC read `age` before the clock and restored beside it would leave the two `age` apart, and
-    /// Linux's clocksource watchdog marks the TSC unstable for a skew of a fraction of a millisecond (QEMU instead
-    /// derives the clock from vCPU 0's TSC and the guest's kvmclock page). Each TSC is moved to the clock's moment.
-    fn age_vcpu_state(state: &mut VcpuState, age: Duration) {
-        if let Some(tsc) = tsc_after(state, age) {
-            if let Some(msr) = state.msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC) {
-                msr.value = tsc;
+    /// The TSC counts on while the vCPUs are held (KVM's guest TSC is the host's plus an offset), and the
+    /// kvmclock with it. Two things keep the pair a guest reads consistent across a save:
+    /// - Each TSC is moved to the moment the VM state was read (each was read on its vCPU's thread before).
+    /// - The kvmclock saved is the one the guest sees: the time its kvmclock page (`MSR_KVM_SYSTEM_TIME_NEW`)
+    ///   gives at vCPU 0's TSC, not KVM_GET_CLOCK's. The guest extrapolates its clock from that page at its TSC
+    ///   rate, which can drift from the host's clock between KVM's updates of the page; restored to the host's
+    ///   value, the guest's kvmclock would jump by that drift against the TSC, and Linux's clocksource watchdog
+    ///   marks the TSC unstable for a skew of a fraction of a millisecond. QEMU saves the guest's value too.
+    fn settle_saved_clocks(vcpus: &mut [VcpuState], ages: &[Duration], vm: &mut VmState, memory: &GuestMemoryMmap) {
+        for (state, &age) in vcpus.iter_mut().zip(ages) {
+            if let Some(tsc) = tsc_after(state, age) {
+                if let Some(msr) = state.msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC) {
+                    msr.value = tsc;
+                }
             }
+        }
+        if let Some(nanoseconds) = vcpus.first().and_then(|boot| guest_kvmclock(boot, memory)) {
+            vm.clock.nanoseconds = nanoseconds;
         }
     }
 
-    /// Where the PCI BARs decode follows from the devices' loaded states, then the same wiring as `boot`, the
-    /// vCPUs (with the CPUID a boot gives them), and the irqchip and clock last (the clock starts from its saved
-    /// value as close to the vCPUs' start as possible).
     fn restore(
         &self,
         hypervisor: &H,
@@ -137,7 +144,7 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
             .map_err(|e| Error::Snapshot(format!("cannot restore the irqchip and clock: {e}")))?;
         // KVM_SET_CLOCK set the kvmclock as of now, while each TSC loaded above has counted on since its vCPU was
         // restored: load them again, each as the saved count plus the time since the clock was set, so the two
-        // clocks start together as they were saved (see `age_vcpu_state`).
+        // clocks start together as they were saved (see `settle_saved_clocks`).
         let clock_set_at = Instant::now();
         for (id, (vcpu, saved)) in vcpus.iter().zip(vcpu_states).enumerate() {
             if let Some(tsc) = tsc_after(saved, clock_set_at.elapsed()) {
@@ -151,6 +158,35 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
 
 /// The TSC's MSR number.
 const MSR_IA32_TSC: u32 = 0x10;
+
+/// kvmclock's system-time MSR: the guest physical address of its time page, bit 0 the enable bit.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+
+/// The kvmclock a guest reads at the TSC in `state`: from the time page it registered (Linux's
+/// `pvclock_vcpu_time_info`: version, pad, tsc_timestamp, system_time, tsc_to_system_mul, tsc_shift, ...), as
+/// `system_time + ((tsc - tsc_timestamp) << tsc_shift) * tsc_to_system_mul >> 32`. `None` when the guest did not
+/// register one, the page is not in guest memory, or KVM was updating it (odd version).
+fn guest_kvmclock(state: &VcpuState, memory: &GuestMemoryMmap) -> Option<u64> {
+    let msr = |index: u32| state.msrs.iter().find(|m| m.index == index).map(|m| m.value);
+    let system_time_msr = msr(MSR_KVM_SYSTEM_TIME_NEW)?;
+    if system_time_msr & 1 == 0 {
+        return None;
+    }
+    let tsc = msr(MSR_IA32_TSC)?;
+    let mut page = [0u8; 32];
+    memory.read_slice(&mut page, GuestAddress(system_time_msr & !1)).ok()?;
+    let u32_at = |at: usize| u32::from_le_bytes(page[at..at + 4].try_into().unwrap_or_default());
+    let u64_at = |at: usize| u64::from_le_bytes(page[at..at + 8].try_into().unwrap_or_default());
+    if u32_at(0) % 2 == 1 {
+        return None;
+    }
+    let (tsc_timestamp, system_time, multiplier) = (u64_at(8), u64_at(16), u32_at(24));
+    let shift = page[28] as i8;
+    let delta = tsc.wrapping_sub(tsc_timestamp);
+    let delta = if shift < 0 { delta >> shift.unsigned_abs() } else { delta << shift };
+    let nanoseconds = (u128::from(delta) * u128::from(multiplier)) >> 32;
+    Some(system_time.wrapping_add(nanoseconds as u64))
+}
 
 /// `state`'s TSC `elapsed` later, at the vCPU's own TSC frequency; `None` when the state holds no TSC or no
 /// frequency (then it is loaded as saved).
@@ -191,13 +227,54 @@ mod tests {
         assert_eq!(tsc_after(&VcpuState { tsc_khz: Some(1), ..VcpuState::default() }, Duration::ZERO), None);
     }
 
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    /// A kvmclock time page at `at`: version 2, TSC 1,000 at 5 s, 1 GHz (multiplier 2^31 with shift 1).
+    fn time_page(memory: &GuestMemoryMmap, at: u64, version: u32) {
+        let mut page = [0u8; 32];
+        page[0..4].copy_from_slice(&version.to_le_bytes());
+        page[8..16].copy_from_slice(&1_000u64.to_le_bytes());
+        page[16..24].copy_from_slice(&5_000_000_000u64.to_le_bytes());
+        page[24..28].copy_from_slice(&(1u32 << 31).to_le_bytes());
+        page[28] = 1;
+        memory.write_slice(&page, GuestAddress(at)).unwrap();
+    }
+
+    fn with_kvmclock(mut vcpu: VcpuState, msr: u64) -> VcpuState {
+        vcpu.msrs.push(MsrEntry { index: MSR_KVM_SYSTEM_TIME_NEW, value: msr });
+        vcpu
+    }
+
     #[test]
-    fn aging_a_saved_vcpu_moves_its_tsc_only() {
-        let mut saved = state(1_000, Some(1_000_000));
-        <Pc as Snapshots<hypervisor::kvm::KvmHypervisor>>::age_vcpu_state(&mut saved, Duration::from_micros(500));
-        assert_eq!(
-            saved.msrs,
-            vec![MsrEntry { index: 0x3b, value: 7 }, MsrEntry { index: MSR_IA32_TSC, value: 501_000 }]
-        );
+    fn the_saved_kvmclock_is_the_one_the_guest_reads_at_its_tsc() {
+        let memory = memory();
+        time_page(&memory, 0x2000, 2);
+        // TSC 1,000 + 3,000,000 ticks at 1 GHz after the page: 3 ms after its 5 s.
+        let vcpu = with_kvmclock(state(3_001_000, Some(1_000_000)), 0x2000 | 1);
+        assert_eq!(guest_kvmclock(&vcpu, &memory), Some(5_003_000_000));
+        assert_eq!(guest_kvmclock(&with_kvmclock(state(3_001_000, None), 0x2000), &memory), None, "not enabled");
+        assert_eq!(guest_kvmclock(&state(3_001_000, None), &memory), None, "never registered");
+        let outside = with_kvmclock(state(3_001_000, None), 0xfff0 | 1);
+        assert_eq!(guest_kvmclock(&outside, &memory), None, "a page past guest memory");
+        time_page(&memory, 0x3000, 3);
+        assert_eq!(guest_kvmclock(&with_kvmclock(state(1, None), 0x3000 | 1), &memory), None, "being updated");
+    }
+
+    #[test]
+    fn settling_a_save_ages_every_tsc_to_the_vm_state_and_takes_the_guests_clock() {
+        let memory = memory();
+        time_page(&memory, 0x2000, 2);
+        let mut vcpus = vec![with_kvmclock(state(1_000, Some(1_000_000)), 0x2000 | 1), state(7, Some(1_000_000))];
+        let ages = [Duration::from_millis(2), Duration::ZERO];
+        let mut vm = VmState::default();
+        vm.clock.nanoseconds = 42;
+        <Pc as Snapshots<hypervisor::kvm::KvmHypervisor>>::settle_saved_clocks(&mut vcpus, &ages, &mut vm, &memory);
+        let tsc = |vcpu: &VcpuState| vcpu.msrs.iter().find(|m| m.index == MSR_IA32_TSC).unwrap().value;
+        assert_eq!(tsc(&vcpus[0]), 2_001_000, "2 ms at 1 GHz later");
+        assert_eq!(vcpus[0].msrs[0], MsrEntry { index: 0x3b, value: 7 }, "other MSRs as they were");
+        assert_eq!(tsc(&vcpus[1]), 7, "read at the VM's moment: unchanged");
+        assert_eq!(vm.clock.nanoseconds, 5_002_000_000, "the guest's clock at vCPU 0's aged TSC");
     }
 }
