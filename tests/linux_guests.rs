@@ -1077,7 +1077,8 @@ fn aarch64_a_linux_guest_with_a_network_card_is_saved_and_restored_and_the_netwo
 
 /// The emulated environment's triple fault also strikes after "Run /init" while /init loads its modules: before
 /// the guest's marker, it is retried as an early-boot fault; each attempt judged alike, so one that repeats fails.
-/// A guest that got past its marker and then failed is never retried.
+/// So is one in a reboot's early boot. A guest that got past its marker in its last boot and then failed is never
+/// retried.
 #[test]
 fn a_triple_fault_before_the_marker_is_retried_and_one_after_it_is_not() {
     let faulting = "echo 'Run /init as init process'; echo 'kestrel: vCPU 1 stopped: triple fault' >&2; exit 1";
@@ -1093,6 +1094,17 @@ fn a_triple_fault_before_the_marker_is_retried_and_one_after_it_is_not() {
         run.output
     );
     assert_eq!(run.end_field("exit"), "1", "{}", run.output);
+
+    // The same fault in a reboot's early boot: the first boot's marker does not count for the second boot.
+    let reboot = "echo 'Linux version 6'; echo KESTREL-GUEST-UP; echo 'Linux version 6'; echo 'i8042: Probing ports'; \
+                  echo 'kestrel: vCPU 0 stopped: triple fault' >&2; exit 1";
+    let run = run_case_loop("fault-in-reboot", reboot, Some(2), 100, &[]);
+    assert!(
+        run.output.contains("=== CASE fault-in-reboot RETRY first attempt: triple fault in early boot"),
+        "{}",
+        run.output
+    );
+    assert!(run.output.contains("after: i8042: Probing ports"), "{}", run.output);
 
     let late = "echo KESTREL-GUEST-UP; echo 'kestrel: vCPU 1 stopped: triple fault' >&2; exit 1";
     let run = run_case_loop("fault-after-marker", late, None, 100, &[]);

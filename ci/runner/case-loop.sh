@@ -305,16 +305,19 @@ attempt() {
   fi
 }
 
-# The early-boot failure signature of the last attempt, or nothing: the guest never printed the marker, and
-# kestrel reported a triple fault (anywhere before the marker: the emulated environment's nested-SVM fault has
-# struck both before /init and while /init loaded its modules) or the case timed out before /init. Other failures
-# are never retried, and a fault of Kestrel's own that repeats still fails: each attempt is judged alike.
+# The early-boot failure signature of the last attempt, or nothing: in the guest's last boot (from its last
+# "Linux version" banner on: a case may reboot the guest) the marker never came, and kestrel reported a triple
+# fault (anywhere before the marker: the emulated environment's nested-SVM fault has struck before /init, while
+# /init loaded its modules, and in a reboot's early boot) or the case timed out before /init. Other failures are
+# never retried, and a fault of Kestrel's own that repeats still fails: each attempt is judged alike.
 early_failure() {
-  grep -q "$marker" "$out" && return
-  last="$(tr -d '\r' <"$out" | grep -v -e '^[[:space:]]*$' -e '^DISK-SHA256 ' -e '^NETNS-' -e '^KESTREL-RESTORE-SKIPPED' | tail -n 1 | sed 's/[^ -~]//g' | cut -c1-160)"
+  local last_boot
+  last_boot="$(tr -d '\r' <"$out" | awk '/Linux version/ { boot = "" } { boot = boot $0 "\n" } END { printf "%s", boot }')"
+  printf '%s' "$last_boot" | grep -q "$marker" && return
+  last="$(printf '%s' "$last_boot" | grep -v -e '^[[:space:]]*$' -e '^DISK-SHA256 ' -e '^NETNS-' -e '^KESTREL-RESTORE-SKIPPED' | tail -n 1 | sed 's/[^ -~]//g' | cut -c1-160)"
   if grep -q 'triple fault' "$err"; then
     echo "triple fault in early boot (kestrel exit $code) after: $last"
-  elif [ "$reason" = timeout ] && ! grep -q 'Run /init as init process' "$out"; then
+  elif [ "$reason" = timeout ] && ! printf '%s' "$last_boot" | grep -q 'Run /init as init process'; then
     echo "hang in early boot (timeout, budget $(secs "$deadline") s) after: $last"
   fi
 }
