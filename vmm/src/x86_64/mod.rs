@@ -22,13 +22,14 @@ use devices::{Bus, BusDevice, EventFdLine, InputRoom, PlatformEvents};
 use hypervisor::x86_64::{ExitX86_64, HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use qmp::{CpuProps, Target};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
-use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, VcpuOf};
+use crate::firmware::FirmwareImage;
+use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -184,8 +185,9 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         layout::ram_regions(memory_bytes)
     }
 
-    /// The PIC, IOAPIC and PIT, the ACPI tables (virtio-mmio devices in the DSDT), the kernel by the PVH or
-    /// Linux boot protocol, and each vCPU's CPUID and MSRs; application processors wait for INIT/SIPI.
+    /// The PIC, IOAPIC and PIT, then either the ACPI tables (virtio-mmio devices in the DSDT) and the kernel by the
+    /// PVH or Linux boot protocol, or the firmware image where a PC's CPU starts; each vCPU's CPUID and MSRs.
+    /// Application processors wait for INIT/SIPI.
     fn boot(
         &self,
         hypervisor: &H,
@@ -193,23 +195,23 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
-        self.wire_vm(vm)?;
-        let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
-        for (index, slot) in self.virtio.iter().enumerate() {
-            // Debian's kernels lack virtio-mmio command-line devices: ACPI is how the guest finds them.
-            let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
-                .map_err(|e| Error::Boot(e.to_string()))?;
-            dsdt_devices.push(aml);
-        }
-
-        let mut guest = GuestConfig {
-            kernel: boot.kernel,
-            initrd: boot.initrd,
-            cmdline: boot.cmdline,
-            vcpu_count: boot.vcpu_count,
+        let boot_cpu_state = match boot.payload {
+            Payload::Kernel { kernel, initrd, cmdline } => {
+                self.wire_vm(vm, None)?;
+                let mut guest = GuestConfig { kernel, initrd, cmdline, vcpu_count: boot.vcpu_count };
+                let setup = setup_guest_with_acpi(memory, &mut guest, self.dsdt_devices()?, self.pci.is_some())
+                    .map_err(|e| Error::Boot(e.to_string()))?;
+                Some(setup.boot_cpu)
+            }
+            Payload::Firmware(image) => {
+                let start = layout::bios_start(image.len()).map_err(|e| image.refused(e))?;
+                self.wire_vm(vm, Some(start))?;
+                map_firmware(vm.as_ref(), memory, image, start)?;
+                // KVM's vCPUs start in the reset state (real mode, CS base 0xFFFF0000, IP 0xFFF0): the last 16
+                // bytes of the image, its reset vector.
+                None
+            }
         };
-        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices, self.pci.is_some())
-            .map_err(|e| Error::Boot(e.to_string()))?;
 
         let supported = hypervisor.supported_cpuid()?;
         let msrs = msrs::boot_msrs();
@@ -220,8 +222,8 @@ impl<H: PcHypervisor> Platform<H> for Pc {
             vcpu.set_msrs(&msrs)?;
             vcpu.set_lapic_lints()?;
             // Application processors wait for INIT/SIPI from the boot processor, as on hardware.
-            if id == 0 {
-                vcpu.set_cpu_state(&setup.boot_cpu)?;
+            if let (0, Some(state)) = (id, &boot_cpu_state) {
+                vcpu.set_cpu_state(state)?;
             }
             vcpus.push(vcpu);
         }
@@ -249,10 +251,23 @@ impl<H: PcHypervisor> Platform<H> for Pc {
 }
 
 impl Pc {
+    /// The virtio-mmio devices as the DSDT describes them: Debian's kernels lack virtio-mmio command-line devices,
+    /// so ACPI is how the guest finds them.
+    fn dsdt_devices(&self) -> Result<Vec<Vec<u8>>, Error> {
+        let mut devices = Vec::with_capacity(self.virtio.len());
+        for (index, slot) in self.virtio.iter().enumerate() {
+            let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
+                .map_err(|e| Error::Boot(e.to_string()))?;
+            devices.push(aml);
+        }
+        Ok(devices)
+    }
+
     /// What every VM of this machine needs before its vCPUs exist, booted or restored: the interrupt controllers,
     /// the devices' interrupt lines and queue notifiers.
-    fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
-        vm.create_pc_irqchip(&layout::pc_irqchip_layout())?;
+    /// `firmware_start`: where a firmware image mapped below 4 GiB starts, which KVM's own pages must stay out of.
+    fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>, firmware_start: Option<u64>) -> Result<(), Error> {
+        vm.create_pc_irqchip(&layout::pc_irqchip_layout(firmware_start))?;
         vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
         vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
         for slot in &self.virtio {
@@ -282,6 +297,29 @@ impl<C: VcpuX86_64> ArchExitHandler<C> for PcExits {
             ),
         }
     }
+}
+
+/// Maps the firmware image read-only at `start` (its end at 4 GiB) and puts its last 128 KiB (all of a smaller
+/// image) below 1 MiB, where real-mode code and the legacy BIOS entry points are, as QEMU does. That low copy goes
+/// into RAM, writable, and is written again at every boot: a BIOS keeps its variables in its own segment and, with
+/// no chipset register to unlock shadow RAM (SeaBIOS looks for an i440FX or Q35 and carries on without one),
+/// expects it already writable. Nothing else of Kestrel's goes into low memory: the firmware builds its own tables.
+fn map_firmware<V: hypervisor::Vm>(
+    vm: &V,
+    memory: &GuestMemoryMmap,
+    image: &FirmwareImage,
+    start: u64,
+) -> Result<(), Error> {
+    let slot = memory.num_regions() as u32;
+    // SAFETY: the image's mapping is held by the machine for its whole life, beyond every VM it boots (each VM is
+    // dropped before the machine), and is only read from once built.
+    unsafe { vm.map_read_only_memory(slot, start, image.len(), image.host_address()) }?;
+    let low_len = image.len().min(layout::ISA_BIOS_SIZE) as usize;
+    let bytes = image.bytes();
+    let low_start = GuestAddress(layout::HIMEM_START - low_len as u64);
+    memory
+        .write_slice(&bytes[bytes.len() - low_len..], low_start)
+        .map_err(|e| image.refused(format!("copying it below 1 MiB: {e}")))
 }
 
 /// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The
