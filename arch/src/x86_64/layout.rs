@@ -54,12 +54,13 @@ pub const PCI_ECAM_SIZE: u64 = (PCI_ECAM_LAST_BUS as u64 + 1) << 20;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 const KVM_TSS_PAGES: u64 = 3;
 /// A PC BIOS image (`-bios`) sits at the top of the 32-bit address space, its size a multiple of 64 KiB and at
-/// most 16 MiB (QEMU's rules, so the images made for QEMU fit); its last 128 KiB also appear at
-/// [`ISA_BIOS_START`]..1 MiB, where the CPU's real-mode reset code and the legacy BIOS entry points are.
+/// most 16 MiB (QEMU's rules, so the images made for QEMU fit). Below 1 MiB, [`BIOS_SHADOW_START`]..1 MiB is the
+/// RAM a chipset's PAM registers let a BIOS copy itself into ("shadow") from its 4 GiB alias, at the same offset
+/// from the end: a 256 KiB SeaBIOS runs code from 0xC0000 up once copied.
 pub const BIOS_SIZE_GRANULE: u64 = 64 << 10;
 pub const BIOS_MAX_SIZE: u64 = 16 << 20;
-pub const ISA_BIOS_START: u64 = 0xe_0000;
-pub const ISA_BIOS_SIZE: u64 = HIMEM_START - ISA_BIOS_START;
+pub const BIOS_SHADOW_START: u64 = 0xc_0000;
+pub const BIOS_SHADOW_SIZE: u64 = HIMEM_START - BIOS_SHADOW_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// RAM that does not fit below the gap continues here.
@@ -79,6 +80,8 @@ pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1_EVT_LEN: u8 = 4;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 pub const ACPI_PM1_CNT_LEN: u8 = 2;
+/// QEMU's firmware configuration interface (fw_cfg): selector, data and DMA ports from here.
+pub const FW_CFG_PORT: u16 = 0x510;
 /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC (0xCF9 inside it is the reset register).
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORTS: u8 = 8;
@@ -209,7 +212,7 @@ mod tests {
         assert_eq!(bios_start(0), Err(BiosSizeError::Empty));
         assert_eq!(bios_start((16 << 20) + (64 << 10)), Err(BiosSizeError::TooLarge((16 << 20) + (64 << 10))));
         assert_eq!(bios_start(100_000), Err(BiosSizeError::NotGranular(100_000)));
-        assert_eq!(ISA_BIOS_START + ISA_BIOS_SIZE, 0x10_0000);
+        assert_eq!(BIOS_SHADOW_START + BIOS_SHADOW_SIZE, 0x10_0000);
     }
 
     #[test]
