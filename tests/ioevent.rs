@@ -36,7 +36,7 @@ fn build_vm(hypervisor: &KvmHypervisor) -> TestVm<KvmVm> {
     memory.write_slice(&GUEST, GuestAddress(CODE)).unwrap();
 
     let vm = hypervisor.create_vm().expect("creating a VM");
-    vm.create_pc_irqchip(&pc_irqchip_layout()).expect("creating the PC irqchip");
+    vm.create_pc_irqchip(&pc_irqchip_layout(None)).expect("creating the PC irqchip");
     let test = TestVm::new(vm, 0, &memory_contents(&memory));
     test.vcpu.set_cpuid(&hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID")).expect("KVM_SET_CPUID2");
     let state = CpuState {

@@ -46,7 +46,7 @@ const XFEATURE_SSE: u8 = 1 << 1;
 /// A VM with the PC irqchip, 1 MiB of memory holding `contents`, and one vCPU with the host's CPUID.
 fn build_vm(hypervisor: &KvmHypervisor, contents: &[u8]) -> TestVm<KvmVm> {
     let vm = hypervisor.create_vm().expect("creating a VM");
-    vm.create_pc_irqchip(&pc_irqchip_layout()).expect("creating the PC irqchip");
+    vm.create_pc_irqchip(&pc_irqchip_layout(None)).expect("creating the PC irqchip");
     let test = TestVm::new(vm, 0, contents);
     let cpuid = hypervisor.supported_cpuid().expect("KVM_GET_SUPPORTED_CPUID");
     test.vcpu.set_cpuid(&cpuid).expect("KVM_SET_CPUID2");

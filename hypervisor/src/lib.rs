@@ -88,6 +88,13 @@ pub trait Vm: Send + Sync {
     /// the guest reads and writes it behind the compiler's back.
     unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()>;
 
+    /// As [`map_memory`](Self::map_memory), but the guest can only read and execute the range (a firmware ROM):
+    /// its writes there exit as MMIO writes.
+    ///
+    /// # Safety
+    /// As for `map_memory`.
+    unsafe fn map_read_only_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()>;
+
     fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu>;
 
     /// Raises interrupt line `gsi` whenever `event` is written (an edge).

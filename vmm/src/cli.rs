@@ -17,12 +17,16 @@ use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
 Usage: kestrel --kernel PATH [options]
+       kestrel --bios PATH [options]
 
 Boots a virtual machine on KVM.
 
 Options (QEMU's spelling in brackets, where it has one):
   --kernel PATH         guest kernel: bzImage, ELF vmlinux, or ELF with a PVH entry; arm64 Image on aarch64
-                        (required) [-kernel]
+                        (required unless --bios is given) [-kernel]
+  --bios PATH           boot PC firmware instead of a kernel (x86_64): a BIOS image such as SeaBIOS's
+                        /usr/share/seabios/bios-256k.bin, mapped read-only below 4 GiB; a multiple of 64 KiB, at
+                        most 16 MiB. Not together with --kernel yet [-bios]
   --machine TYPE        x86_64: pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm:
                         virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree.
                         none: no guest (no kernel, RAM, vCPUs or devices), only the QMP monitors, as libvirt
@@ -128,8 +132,11 @@ pub enum CliError {
     Invalid { option: String, value: String, reason: String },
     #[error("unknown machine type '{}': use pc, q35 or microvm (x86_64 hosts) or virt (aarch64 hosts)", shown(.0))]
     Machine(String),
-    #[error("no kernel given: use --kernel PATH (see --help)")]
+    #[error("no kernel given: use --kernel PATH or --bios PATH (see --help)")]
     NoKernel,
+    /// An option firmware boot does not take (yet).
+    #[error("{0} cannot be combined with --bios (-bios) yet: the firmware boots without it")]
+    FirmwareWith(String),
     /// A guest's option on the guest-less `none` machine.
     #[error("{0} describes a guest, and -machine none runs none: leave it out or name a machine type")]
     Guestless(String),
@@ -179,6 +186,7 @@ enum Opt {
     Help,
     Version,
     Kernel,
+    Bios,
     Machine,
     Initrd,
     Cmdline,
@@ -219,6 +227,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["-h", "--help", "-help"], Opt::Help, false),
     (&["-V", "--version", "-version"], Opt::Version, false),
     (&["--kernel", "-kernel"], Opt::Kernel, true),
+    (&["--bios", "-bios"], Opt::Bios, true),
     (&["--machine", "-M", "-machine"], Opt::Machine, true),
     (&["--initrd", "-initrd"], Opt::Initrd, true),
     (&["--cmdline", "-append"], Opt::Cmdline, true),
@@ -699,6 +708,7 @@ where
     I::Item: Into<OsString>,
 {
     let mut kernel = None;
+    let mut bios = None;
     let mut initrd = None;
     let mut cmdline = None;
     let mut memory = None;
@@ -743,6 +753,7 @@ where
             Opt::Help => return Ok(Command::Help),
             Opt::Version => return Ok(Command::Version),
             Opt::Kernel => set_once(&mut kernel, &spelling, PathBuf::from(&value))?,
+            Opt::Bios => set_once(&mut bios, &spelling, PathBuf::from(&value))?,
             Opt::Machine => {
                 let (machine_type, dump_core) = parse_machine(&spelling, text()?)?;
                 set_once(&mut machine, &spelling, machine_type)?;
@@ -842,6 +853,7 @@ where
     let mut config = if machine == Some(MachineType::None) {
         let guest_options = [
             ("--kernel", kernel.is_some()),
+            ("--bios", bios.is_some()),
             ("--initrd", initrd.is_some()),
             ("--cmdline", cmdline.is_some()),
             ("a disk", !disks.is_empty()),
@@ -855,7 +867,22 @@ where
         }
         VmConfig::guestless()
     } else {
-        VmConfig::new(kernel.ok_or(CliError::NoKernel)?)
+        match (kernel, bios) {
+            (Some(kernel), None) => VmConfig::new(kernel),
+            (None, Some(bios)) => {
+                // As QEMU: a command line is for a kernel Kestrel loads, and none is loaded.
+                let kernel_options = [("--initrd", initrd.is_some()), ("--cmdline", cmdline.is_some())];
+                if let Some((option, _)) = kernel_options.into_iter().find(|(_, given)| *given) {
+                    return Err(CliError::FirmwareWith(option.to_string()));
+                }
+                if incoming.is_some() {
+                    return Err(CliError::FirmwareWith("-incoming".into()));
+                }
+                VmConfig::firmware(bios)
+            }
+            (Some(_), Some(_)) => return Err(CliError::FirmwareWith("--kernel".into())),
+            (None, None) => return Err(CliError::NoKernel),
+        }
     };
     config.initrd = initrd;
     if let Some(cmdline) = cmdline {
@@ -943,6 +970,30 @@ mod tests {
         match parse_str(args) {
             Ok(Command::Run(config)) => *config,
             other => panic!("expected a run command from {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bios_boots_firmware_instead_of_a_kernel() {
+        for args in ["--bios /fw/bios.bin", "-bios /fw/bios.bin -machine pc -m 256 -nographic"] {
+            let config = config(args);
+            assert_eq!(config.bios, Some(PathBuf::from("/fw/bios.bin")), "{args}");
+            assert_eq!(config.kernel, None, "{args}");
+        }
+        assert_eq!(config("--kernel k").bios, None);
+        for (args, needle) in [
+            ("-bios b -kernel k", "--kernel cannot be combined with --bios"),
+            ("-bios b -append quiet", "--cmdline cannot"),
+            ("-bios b -initrd i", "--initrd cannot"),
+            ("-bios b -incoming defer", "-incoming cannot"),
+            ("-bios b -bios c", "given twice"),
+            ("-bios b -machine none", "--bios describes a guest"),
+            ("-bios", "needs a value"),
+            ("-m 256", "--kernel PATH or --bios PATH"),
+        ] {
+            let error = parse_str(args).expect_err(args).to_string();
+            assert!(error.contains(needle), "{args}: {error}");
+            assert_eq!(error.lines().count(), 1, "{error}");
         }
     }
 

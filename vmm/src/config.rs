@@ -148,8 +148,10 @@ pub struct ListenSocket {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
-    /// The kernel to boot; `None` only on the guest-less `none` machine.
+    /// The kernel to boot; `None` on the guest-less `none` machine and when firmware boots instead (`bios`).
     pub kernel: Option<PathBuf>,
+    /// The firmware image to boot instead of a kernel (`-bios`).
+    pub bios: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     /// The kernel command line; `None`: the platform's default, which names its serial console.
     pub cmdline: Option<String>,
@@ -210,6 +212,11 @@ impl VmConfig {
         Self::with_kernel(Some(kernel))
     }
 
+    /// A configuration booting the firmware image `bios` instead of a kernel, every other setting at its default.
+    pub fn firmware(bios: PathBuf) -> Self {
+        VmConfig { bios: Some(bios), ..Self::with_kernel(None) }
+    }
+
     /// The guest-less `none` machine with every other setting at its default.
     pub fn guestless() -> Self {
         VmConfig { machine: Some(MachineType::None), ..Self::with_kernel(None) }
@@ -218,6 +225,7 @@ impl VmConfig {
     fn with_kernel(kernel: Option<PathBuf>) -> Self {
         VmConfig {
             kernel,
+            bios: None,
             initrd: None,
             cmdline: None,
             memory_bytes: DEFAULT_MEMORY_BYTES,

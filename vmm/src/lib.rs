@@ -11,6 +11,7 @@ pub mod listen;
 cfg_if::cfg_if! {
     if #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] {
         mod daemon;
+        mod firmware;
         mod machine;
         mod platform;
         mod populated;
@@ -82,6 +83,9 @@ pub enum Error {
     Hypervisor(#[from] hypervisor::Error),
     #[error("cannot boot the kernel: {0}")]
     Boot(String),
+    /// A firmware image (`-bios`) that cannot be booted, and why.
+    #[error("firmware '{}': {reason}", path.display())]
+    Firmware { path: PathBuf, reason: String },
     #[error("guest memory: {0}")]
     GuestMemory(String),
     #[error("memory size of {requested} bytes is too small: at least {} MiB are needed", min >> 20)]

@@ -20,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::firmware::FirmwareImage;
 use crate::snapshot::Component;
 use crate::virtio::NamedDevice;
 use crate::Error;
@@ -27,12 +28,19 @@ use crate::Error;
 /// A vCPU of hypervisor `H`.
 pub type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
 
-/// What the kernel loader needs from the configuration, with the files already open.
+/// What a boot starts the guest from, with the files already open.
 pub struct BootFiles<'a> {
-    pub kernel: &'a mut File,
-    pub initrd: Option<&'a mut File>,
-    pub cmdline: &'a str,
+    pub payload: Payload<'a>,
     pub vcpu_count: u8,
+}
+
+/// What the boot vCPU runs first.
+pub enum Payload<'a> {
+    /// A kernel Kestrel loads itself, with the boot tables it reads.
+    Kernel { kernel: &'a mut File, initrd: Option<&'a mut File>, cmdline: &'a str },
+    /// Firmware (`-bios`), which the boot vCPU starts in at the architecture's reset vector; Kestrel loads nothing
+    /// else into guest memory for it, and a platform that cannot boot firmware refuses it with one line.
+    Firmware(&'a FirmwareImage),
 }
 
 /// What a vCPU thread does after an exit only its architecture has (`VcpuExit::Arch`). x86_64's only such exit
@@ -116,9 +124,9 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// The MMIO bus the vCPUs complete MMIO exits on.
     fn mmio(&self) -> &Bus;
 
-    /// Prepares a freshly created VM, guest memory already mapped, to boot the kernel in `boot`: interrupt
-    /// controllers, the devices' interrupt lines and queue notifiers, the loaded kernel and its boot tables, every
-    /// vCPU's initial state. Returns the vCPUs, boot vCPU first; the caller starts them. Called at every boot.
+    /// Prepares a freshly created VM, guest memory already mapped, to boot what `boot` names: interrupt
+    /// controllers, the devices' interrupt lines and queue notifiers, the loaded kernel and its boot tables (or the
+    /// firmware mapped where the CPU starts), every vCPU's initial state. Returns the vCPUs, boot vCPU first; the caller starts them. Called at every boot.
     fn boot(
         &self,
         hypervisor: &H,

@@ -48,8 +48,19 @@ pub const PLATFORM_MMIO_SIZE: u64 = 0x1000_0000;
 pub const PCI_ECAM_START: u64 = PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE;
 pub const PCI_ECAM_LAST_BUS: u8 = 0;
 pub const PCI_ECAM_SIZE: u64 = (PCI_ECAM_LAST_BUS as u64 + 1) << 20;
-/// KVM's TSS region (three pages, must not overlap RAM or devices).
+/// KVM's TSS region (three pages, must not overlap RAM or devices), and below it the page KVM uses for its
+/// identity map (on Intel hosts without unrestricted guests); KVM puts that page there by default. Firmware images
+/// larger than 256 KiB reach below these pages: then both move below the image (`pc_irqchip_layout`).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+const KVM_TSS_PAGES: u64 = 3;
+/// A PC BIOS image (`-bios`) sits at the top of the 32-bit address space, its size a multiple of 64 KiB and at
+/// most 16 MiB (QEMU's rules, so the images made for QEMU fit). Below 1 MiB, [`BIOS_SHADOW_START`]..1 MiB is the
+/// RAM a chipset's PAM registers let a BIOS copy itself into ("shadow") from its 4 GiB alias, at the same offset
+/// from the end: a 256 KiB SeaBIOS runs code from 0xC0000 up once copied.
+pub const BIOS_SIZE_GRANULE: u64 = 64 << 10;
+pub const BIOS_MAX_SIZE: u64 = 16 << 20;
+pub const BIOS_SHADOW_START: u64 = 0xc_0000;
+pub const BIOS_SHADOW_SIZE: u64 = HIMEM_START - BIOS_SHADOW_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// RAM that does not fit below the gap continues here.
@@ -69,6 +80,8 @@ pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1_EVT_LEN: u8 = 4;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 pub const ACPI_PM1_CNT_LEN: u8 = 2;
+/// QEMU's firmware configuration interface (fw_cfg): selector, data and DMA ports from here.
+pub const FW_CFG_PORT: u16 = 0x510;
 /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC (0xCF9 inside it is the reset register).
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORTS: u8 = 8;
@@ -104,12 +117,35 @@ pub enum IrqChipPin {
     Ioapic(u8),
 }
 
+/// Why a BIOS image cannot be mapped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BiosSizeError {
+    #[error("the image is empty")]
+    Empty,
+    #[error("its size ({0} bytes) is not a multiple of 64 KiB")]
+    NotGranular(u64),
+    #[error("its size ({0} bytes) is larger than 16 MiB")]
+    TooLarge(u64),
+}
+
+/// Where a BIOS image of `size` bytes starts: it ends at 4 GiB, where the reset vector (0xFFFFFFF0) is.
+pub fn bios_start(size: u64) -> Result<u64, BiosSizeError> {
+    match size {
+        0 => Err(BiosSizeError::Empty),
+        size if size > BIOS_MAX_SIZE => Err(BiosSizeError::TooLarge(size)),
+        size if size % BIOS_SIZE_GRANULE != 0 => Err(BiosSizeError::NotGranular(size)),
+        size => Ok(MMIO_GAP_END - size),
+    }
+}
+
 /// The PC's interrupt controllers as a hypervisor sets them up, passed to it (`VmX86_64::create_pc_irqchip`) so
 /// that the layout stays here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PcIrqchipLayout {
     /// Where KVM's TSS region goes.
     pub tss_address: u64,
+    /// Where KVM's identity-map page goes; `None`: KVM's default, right below [`KVM_TSS_ADDRESS`].
+    pub identity_map_address: Option<u64>,
     /// Which controller inputs each GSI drives.
     pub routes: Vec<(u32, IrqChipPin)>,
     /// Where the IOAPIC sits and how many input pins it has (the ACPI tables say the same).
@@ -117,10 +153,19 @@ pub struct PcIrqchipLayout {
     pub ioapic_pins: u32,
 }
 
-/// The PC's irqchip layout.
-pub fn pc_irqchip_layout() -> PcIrqchipLayout {
+/// The PC's irqchip layout, with KVM's private pages below the firmware image that starts at `firmware_start`,
+/// if there is one and it would cover them (4 GiB minus 16 MiB at the lowest: still above the LAPIC's page).
+pub fn pc_irqchip_layout(firmware_start: Option<u64>) -> PcIrqchipLayout {
+    let (tss_address, identity_map_address) = match firmware_start {
+        Some(start) if start < KVM_TSS_ADDRESS + KVM_TSS_PAGES * 0x1000 => {
+            let tss = start - KVM_TSS_PAGES * 0x1000;
+            (tss, Some(tss - 0x1000))
+        }
+        _ => (KVM_TSS_ADDRESS, None),
+    };
     PcIrqchipLayout {
-        tss_address: KVM_TSS_ADDRESS,
+        tss_address,
+        identity_map_address,
         routes: pc_irq_routes(),
         ioapic_start: IOAPIC_START,
         ioapic_pins: IOAPIC_PINS,
@@ -158,6 +203,33 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bios_images_end_at_4_gib_and_keep_qemus_size_rules() {
+        assert_eq!(bios_start(256 << 10), Ok(0xfffc_0000));
+        assert_eq!(bios_start(64 << 10), Ok(0xffff_0000));
+        assert_eq!(bios_start(16 << 20), Ok(0xff00_0000));
+        assert_eq!(bios_start(0), Err(BiosSizeError::Empty));
+        assert_eq!(bios_start((16 << 20) + (64 << 10)), Err(BiosSizeError::TooLarge((16 << 20) + (64 << 10))));
+        assert_eq!(bios_start(100_000), Err(BiosSizeError::NotGranular(100_000)));
+        assert_eq!(BIOS_SHADOW_START + BIOS_SHADOW_SIZE, 0x10_0000);
+    }
+
+    #[test]
+    fn kvm_pages_move_below_a_firmware_image_only_when_it_covers_them() {
+        let direct = pc_irqchip_layout(None);
+        assert_eq!((direct.tss_address, direct.identity_map_address), (KVM_TSS_ADDRESS, None));
+        // SeaBIOS's 256 KiB image starts exactly where the TSS ends.
+        let seabios = pc_irqchip_layout(Some(0xfffc_0000));
+        assert_eq!((seabios.tss_address, seabios.identity_map_address), (KVM_TSS_ADDRESS, None));
+        for size in [512 << 10, 4 << 20, BIOS_MAX_SIZE] {
+            let start = bios_start(size).unwrap();
+            let layout = pc_irqchip_layout(Some(start));
+            assert_eq!(layout.tss_address + 3 * 0x1000, start, "{size:#x}");
+            assert_eq!(layout.identity_map_address, Some(layout.tss_address - 0x1000), "{size:#x}");
+            assert!(layout.identity_map_address.unwrap() >= LAPIC_START + 0x1000, "{size:#x}");
+        }
+    }
 
     #[test]
     fn the_pit_reaches_ioapic_pin_2_and_nothing_else_does() {

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu_state;
 pub mod cpuid;
+pub mod firmware;
 pub mod gdt;
 pub mod layout;
 pub mod mptable;

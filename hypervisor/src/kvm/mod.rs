@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msi, kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_msi, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{IoEventAddress as KvmIoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,15 +63,19 @@ impl Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
     unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: guest_addr,
-            memory_size: size,
-            userspace_addr: host_addr,
-        };
-        // SAFETY: the caller guarantees the host range outlives the VM and is used for nothing else.
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| Error::new("KVM_SET_USER_MEMORY_REGION", e))
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.set_memory_region(slot, 0, guest_addr, size, host_addr) }
+    }
+
+    unsafe fn map_read_only_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<()> {
+        if !self.fd.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+            return Err(Error::new(
+                "mapping read-only guest memory",
+                std::io::Error::new(std::io::ErrorKind::Unsupported, "KVM lacks KVM_CAP_READONLY_MEM"),
+            ));
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.set_memory_region(slot, KVM_MEM_READONLY, guest_addr, size, host_addr) }
     }
 
     fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
@@ -110,6 +116,29 @@ enum Assign {
 }
 
 impl KvmVm {
+    /// KVM_SET_USER_MEMORY_REGION with `flags`.
+    ///
+    /// # Safety
+    /// As for `Vm::map_memory`.
+    unsafe fn set_memory_region(
+        &self,
+        slot: u32,
+        flags: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM and is used for nothing else.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| Error::new("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
     /// KVM_IOEVENTFD: KVM takes the datamatch's width from its type (none for `NoDatamatch`: any width).
     fn ioevent(
         &self,

@@ -62,6 +62,9 @@ impl VmX86_64 for KvmVm {
         let tss = usize::try_from(layout.tss_address)
             .map_err(|_| Error::new("KVM_SET_TSS_ADDR", std::io::ErrorKind::InvalidInput))?;
         self.fd.set_tss_address(tss).map_err(|e| Error::new("KVM_SET_TSS_ADDR", e))?;
+        if let Some(address) = layout.identity_map_address {
+            self.fd.set_identity_map_address(address).map_err(|e| Error::new("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        }
         self.fd.create_irq_chip().map_err(|e| Error::new("KVM_CREATE_IRQCHIP", e))?;
         // KVM's default routing puts GSI 0 on IOAPIC pin 0; a PC (and the MADT we build) has the PIT on pin 2.
         self.fd.set_gsi_routing(&irq_routing(&layout.routes)?).map_err(|e| Error::new("KVM_SET_GSI_ROUTING", e))?;

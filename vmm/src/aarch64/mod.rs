@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
-use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, VcpuOf};
+use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -226,6 +226,10 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
+        let (kernel, initrd, cmdline) = match boot.payload {
+            Payload::Kernel { kernel, initrd, cmdline } => (kernel, initrd, cmdline),
+            Payload::Firmware(image) => return Err(image.refused("firmware boot is not available on aarch64 yet")),
+        };
         let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
         self.wire_vm(vm.as_ref())?;
         let slots: Vec<layout::VirtioMmioSlot> =
@@ -235,9 +239,9 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         getrandom(&mut seed).map_err(|e| Error::Host("reading host entropy for the guest", e))?;
         let (kaslr_seed, rng_seed) = seed.split_at(8);
         let mut guest = GuestConfig {
-            kernel: boot.kernel,
-            initrd: boot.initrd.map(|f| f as &mut dyn arch::aarch64::BootSource),
-            cmdline: boot.cmdline,
+            kernel,
+            initrd: initrd.map(|f| f as &mut dyn arch::aarch64::BootSource),
+            cmdline,
             mem_size: memory_size(memory),
             vcpu_mpidrs: &mpidrs,
             gic,

@@ -11,14 +11,15 @@ use mio::Poll;
 use qmp::{Event, EventKind, MigrationCapabilities, RunState, ShutdownCause};
 
 use crate::config::{Incoming as IncomingConfig, VmConfig};
-use crate::platform::{BootFiles, Platform};
+use crate::firmware::FirmwareImage;
+use crate::platform::{BootFiles, Payload, Platform};
 use crate::snapshot as snapshot_file;
 use crate::vcpu::{VcpuEvent, VcpuThreads};
 use crate::{console, inherited, signals, Error, Outcome};
 
 use super::memory::{check_memory_size, create_guest_memory, exclude_from_core_dumps, map_guest_memory};
 use super::migration::snapshot_machine;
-use super::{event_channel, qmp_event, shutdown_event, Guest, VmEvent, Vmm, SERIAL_LABEL};
+use super::{event_channel, qmp_event, shutdown_event, Guest, OpenPayload, VmEvent, Vmm, SERIAL_LABEL};
 
 impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     pub(super) fn new(
@@ -28,10 +29,15 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     ) -> Result<Self, Error> {
         let transport = P::virtio_transport(config.machine)?;
         check_memory_size(config.memory_bytes)?;
-        // The CLI gives every machine but the guest-less `none` (which never builds a `Vmm`) a kernel.
-        let kernel_path = config.kernel.as_deref().ok_or_else(|| Error::Boot("no kernel given".into()))?;
-        let kernel = open_input("kernel", kernel_path)?;
-        let initrd = config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?;
+        // The CLI gives every machine but the guest-less `none` (which never builds a `Vmm`) a kernel or firmware.
+        let payload = match (&config.kernel, &config.bios) {
+            (Some(kernel), None) => OpenPayload::Kernel {
+                kernel: open_input("kernel", kernel)?,
+                initrd: config.initrd.as_ref().map(|path| open_input("initrd", path)).transpose()?,
+            },
+            (None, Some(bios)) => OpenPayload::Firmware(FirmwareImage::open(bios)?),
+            _ => return Err(Error::Boot("give either a kernel or firmware (-bios)".into())),
+        };
 
         let hypervisor = open_hypervisor()?;
         let max_vcpus = hypervisor.max_vcpus().min(P::MAX_VCPUS);
@@ -91,8 +97,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             config,
             hypervisor,
             platform,
-            kernel,
-            initrd,
+            payload,
             memory,
             events,
             sender,
@@ -165,12 +170,15 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
                 vcpus
             }
             None => {
-                let boot = BootFiles {
-                    kernel: &mut self.kernel,
-                    initrd: self.initrd.as_mut(),
-                    cmdline: self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE),
-                    vcpu_count: self.config.vcpus,
+                let payload = match &mut self.payload {
+                    OpenPayload::Kernel { kernel, initrd } => Payload::Kernel {
+                        kernel,
+                        initrd: initrd.as_mut(),
+                        cmdline: self.config.cmdline.as_deref().unwrap_or(P::DEFAULT_CMDLINE),
+                    },
+                    OpenPayload::Firmware(image) => Payload::Firmware(image),
                 };
+                let boot = BootFiles { payload, vcpu_count: self.config.vcpus };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
             }
         };

@@ -30,6 +30,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::{MachineType, VmConfig};
 use crate::daemon::{PidFile, Readiness};
+use crate::firmware::FirmwareImage;
 use crate::platform::{Platform, Snapshots};
 use crate::qmp_server::QmpServer;
 use crate::seccomp::{self, ThreadKind};
@@ -69,13 +70,19 @@ struct Guest<H: Hypervisor, P: Platform<H>> {
     vm: Arc<H::Vm>,
 }
 
+/// The kernel's files, or the firmware image, open for the machine's life (every reset boots from them again).
+enum OpenPayload {
+    Kernel { kernel: File, initrd: Option<File> },
+    Firmware(FirmwareImage),
+}
+
 /// The machine itself, platform `P` on hypervisor `H`: what QMP commands act on.
 pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     config: &'a VmConfig,
     hypervisor: H,
     platform: P,
-    kernel: File,
-    initrd: Option<File>,
+    /// What each boot starts from.
+    payload: OpenPayload,
     /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
     /// its contents across resets, as a PC's RAM does.
     memory: GuestMemoryMmap,

@@ -19,7 +19,7 @@ use snapshot::CpuIdentity;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{EventSender, Vmm, WAKER};
+use super::{EventSender, OpenPayload, Vmm, WAKER};
 use crate::config::{Frontend, Incoming as IncomingConfig, MachineType, SerialConfig, VirtioTransport, VmConfig};
 use crate::console::ConsoleBackend;
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, Snapshots, VcpuOf};
@@ -53,6 +53,10 @@ impl Vm for NoVm {
 
     unsafe fn map_memory(&self, _slot: u32, _guest_addr: u64, _size: u64, _host_addr: u64) -> hypervisor::Result<()> {
         refused("mapping memory")
+    }
+
+    unsafe fn map_read_only_memory(&self, _: u32, _: u64, _: u64, _: u64) -> hypervisor::Result<()> {
+        refused("mapping read-only memory")
     }
     fn create_vcpu(&self, _id: u32) -> hypervisor::Result<NoVcpu> {
         refused("creating a vCPU")
@@ -219,8 +223,7 @@ impl Fixture {
             config,
             hypervisor: NoHypervisor,
             platform,
-            kernel: File::open("/dev/null").unwrap(),
-            initrd: None,
+            payload: OpenPayload::Kernel { kernel: File::open("/dev/null").unwrap(), initrd: None },
             memory: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap(),
             events,
             sender: EventSender { sender: Arc::new(Mutex::new(sender)), waker: Arc::new(waker) },

@@ -9,26 +9,28 @@ use std::sync::{Arc, Mutex};
 
 use arch::x86_64::acpi::virtio_mmio_device_aml;
 use arch::x86_64::boot::setup_guest_with_acpi;
+use arch::x86_64::firmware::{e820_file, firmware_e820_map};
 use arch::x86_64::layout::{
-    ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, CMOS_PORT, COM1_IRQ, COM1_PORT,
+    ACPI_PM1A_EVT_PORT, ACPI_RESET_PORT, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, CMOS_PORT, COM1_IRQ, COM1_PORT, FW_CFG_PORT,
     I8042_DATA_PORT,
 };
 use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START};
 use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
-use devices::legacy::{AcpiPmBlock, Cmos, ResetPort, Serial, I8042};
+use devices::legacy::{fw_cfg, AcpiPmBlock, Cmos, FwCfg, ResetPort, Serial, I8042};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::mmio::MMIO_LEN;
 use devices::{Bus, BusDevice, EventFdLine, InputRoom, PlatformEvents};
 use hypervisor::x86_64::{ExitX86_64, HypervisorX86_64, VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use qmp::{CpuProps, Target};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
-use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, VcpuOf};
+use crate::firmware::FirmwareImage;
+use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
@@ -71,6 +73,8 @@ pub struct Pc {
     /// Written by the hypervisor when the guest acknowledges the level-triggered SCI.
     sci_resample: Arc<EventFd>,
     virtio: Vec<MmioSlot>,
+    /// QEMU's firmware configuration interface: what firmware (`-bios`) is told about the machine.
+    fw_cfg: Arc<Mutex<FwCfg>>,
     /// The PCI bus, on a `pc` machine (or when a device asks for virtio-pci).
     pci: Option<PciBus>,
 }
@@ -133,6 +137,8 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         let sci_resample = Arc::new(EventFd::new(0).map_err(|e| Error::Host("creating an eventfd", e))?);
         let acpi_pm = Arc::new(Mutex::new(AcpiPmBlock::new(events.clone(), ACPI_S5_SLEEP_TYPE, sci.clone())));
         pio.insert(acpi_pm.clone(), u64::from(ACPI_PM1A_EVT_PORT), ACPI_PM_PORTS)?;
+        let fw_cfg = Arc::new(Mutex::new(FwCfg::new(memory.clone())));
+        pio.insert(fw_cfg.clone(), u64::from(FW_CFG_PORT), fw_cfg::PORT_COUNT)?;
         let reset_port = Arc::new(Mutex::new(ResetPort::new(events)));
         let reset_control: Arc<Mutex<dyn BusDevice>> = reset_port.clone();
         forward_sci_acknowledgements(sci_resample.clone(), acpi_pm.clone())?;
@@ -151,7 +157,21 @@ impl<H: PcHypervisor> Platform<H> for Pc {
             .map(|index| (PLATFORM_MMIO_START + u64::from(index) * MMIO_LEN, FIRST_VIRTIO_GSI + index))
             .collect();
         let virtio = attach_mmio(&mut mmio, memory, mmio_devices, &slots)?;
-        Ok(Pc { pio, mmio, serial, serial_irq, i8042, cmos, reset_port, acpi_pm, sci, sci_resample, virtio, pci })
+        Ok(Pc {
+            pio,
+            mmio,
+            serial,
+            serial_irq,
+            i8042,
+            cmos,
+            reset_port,
+            acpi_pm,
+            sci,
+            sci_resample,
+            virtio,
+            fw_cfg,
+            pci,
+        })
     }
 
     fn pio(&self) -> &Bus {
@@ -184,8 +204,9 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         layout::ram_regions(memory_bytes)
     }
 
-    /// The PIC, IOAPIC and PIT, the ACPI tables (virtio-mmio devices in the DSDT), the kernel by the PVH or
-    /// Linux boot protocol, and each vCPU's CPUID and MSRs; application processors wait for INIT/SIPI.
+    /// The PIC, IOAPIC and PIT, then either the ACPI tables (virtio-mmio devices in the DSDT) and the kernel by the
+    /// PVH or Linux boot protocol, or the firmware image where a PC's CPU starts; each vCPU's CPUID and MSRs.
+    /// Application processors wait for INIT/SIPI.
     fn boot(
         &self,
         hypervisor: &H,
@@ -193,23 +214,24 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
-        self.wire_vm(vm)?;
-        let mut dsdt_devices = Vec::with_capacity(self.virtio.len());
-        for (index, slot) in self.virtio.iter().enumerate() {
-            // Debian's kernels lack virtio-mmio command-line devices: ACPI is how the guest finds them.
-            let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
-                .map_err(|e| Error::Boot(e.to_string()))?;
-            dsdt_devices.push(aml);
-        }
-
-        let mut guest = GuestConfig {
-            kernel: boot.kernel,
-            initrd: boot.initrd,
-            cmdline: boot.cmdline,
-            vcpu_count: boot.vcpu_count,
+        let boot_cpu_state = match boot.payload {
+            Payload::Kernel { kernel, initrd, cmdline } => {
+                self.wire_vm(vm, None)?;
+                let mut guest = GuestConfig { kernel, initrd, cmdline, vcpu_count: boot.vcpu_count };
+                let setup = setup_guest_with_acpi(memory, &mut guest, self.dsdt_devices()?, self.pci.is_some())
+                    .map_err(|e| Error::Boot(e.to_string()))?;
+                Some(setup.boot_cpu)
+            }
+            Payload::Firmware(image) => {
+                let start = layout::bios_start(image.len()).map_err(|e| image.refused(e))?;
+                self.wire_vm(vm, Some(start))?;
+                map_firmware(vm.as_ref(), memory, image, start)?;
+                self.describe_to_firmware(memory, boot.vcpu_count, start).map_err(|e| image.refused(e))?;
+                // KVM's vCPUs start in the reset state (real mode, CS base 0xFFFF0000, IP 0xFFF0): the last 16
+                // bytes of the image, its reset vector.
+                None
+            }
         };
-        let setup = setup_guest_with_acpi(memory, &mut guest, dsdt_devices, self.pci.is_some())
-            .map_err(|e| Error::Boot(e.to_string()))?;
 
         let supported = hypervisor.supported_cpuid()?;
         let msrs = msrs::boot_msrs();
@@ -220,8 +242,8 @@ impl<H: PcHypervisor> Platform<H> for Pc {
             vcpu.set_msrs(&msrs)?;
             vcpu.set_lapic_lints()?;
             // Application processors wait for INIT/SIPI from the boot processor, as on hardware.
-            if id == 0 {
-                vcpu.set_cpu_state(&setup.boot_cpu)?;
+            if let (0, Some(state)) = (id, &boot_cpu_state) {
+                vcpu.set_cpu_state(state)?;
             }
             vcpus.push(vcpu);
         }
@@ -249,10 +271,44 @@ impl<H: PcHypervisor> Platform<H> for Pc {
 }
 
 impl Pc {
+    /// What fw_cfg tells the firmware whose image starts at `firmware_start`: the memory map, the CPU count, and
+    /// no graphics (so SeaBIOS's console is COM1), as QEMU's `-nographic` does; a failed boot is not retried.
+    fn describe_to_firmware(
+        &self,
+        memory: &GuestMemoryMmap,
+        vcpu_count: u8,
+        firmware_start: u64,
+    ) -> Result<(), fw_cfg::FwCfgError> {
+        let ram_size: u64 = memory.iter().map(|region| region.len()).sum();
+        let mut fw_cfg = self.fw_cfg.lock().unwrap_or_else(|p| p.into_inner());
+        fw_cfg.clear();
+        fw_cfg.set_item(fw_cfg::RAM_SIZE, ram_size.to_le_bytes().to_vec())?;
+        fw_cfg.set_item(fw_cfg::NB_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
+        fw_cfg.set_item(fw_cfg::MAX_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
+        fw_cfg.set_item(fw_cfg::NOGRAPHIC, 1u16.to_le_bytes().to_vec())?;
+        fw_cfg.add_file("etc/e820", e820_file(&firmware_e820_map(ram_size, firmware_start)))?;
+        // QEMU's default `-boot reboot-timeout=-1`: stay at the failure message.
+        fw_cfg.add_file("etc/boot-fail-wait", u32::MAX.to_le_bytes().to_vec())?;
+        Ok(())
+    }
+
+    /// The virtio-mmio devices as the DSDT describes them: Debian's kernels lack virtio-mmio command-line devices,
+    /// so ACPI is how the guest finds them.
+    fn dsdt_devices(&self) -> Result<Vec<Vec<u8>>, Error> {
+        let mut devices = Vec::with_capacity(self.virtio.len());
+        for (index, slot) in self.virtio.iter().enumerate() {
+            let aml = virtio_mmio_device_aml(index as u16, slot.base as u32, MMIO_LEN as u32, slot.gsi)
+                .map_err(|e| Error::Boot(e.to_string()))?;
+            devices.push(aml);
+        }
+        Ok(devices)
+    }
+
     /// What every VM of this machine needs before its vCPUs exist, booted or restored: the interrupt controllers,
     /// the devices' interrupt lines and queue notifiers.
-    fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>) -> Result<(), Error> {
-        vm.create_pc_irqchip(&layout::pc_irqchip_layout())?;
+    /// `firmware_start`: where a firmware image mapped below 4 GiB starts, which KVM's own pages must stay out of.
+    fn wire_vm<V: VmX86_64 + 'static>(&self, vm: &Arc<V>, firmware_start: Option<u64>) -> Result<(), Error> {
+        vm.create_pc_irqchip(&layout::pc_irqchip_layout(firmware_start))?;
         vm.register_irqfd(self.serial_irq.eventfd(), COM1_IRQ)?;
         vm.register_level_irqfd(self.sci.eventfd(), &self.sci_resample, ACPI_SCI_IRQ)?;
         for slot in &self.virtio {
@@ -282,6 +338,30 @@ impl<C: VcpuX86_64> ArchExitHandler<C> for PcExits {
             ),
         }
     }
+}
+
+/// Maps the firmware image read-only at `start` (its end at 4 GiB) and copies its last 256 KiB (all of a smaller
+/// image) into RAM ending at 1 MiB, where real-mode code and the legacy BIOS entry points are. QEMU aliases only
+/// the last 128 KiB there and lets the BIOS copy the rest itself through the i440FX/Q35 PAM registers; Kestrel's
+/// host bridge has none (SeaBIOS says "Unable to unlock ram - bridge not found" and carries on), so the copy is
+/// made for it, as the chipset would have let it, writable, and again at every boot. Nothing else of Kestrel's
+/// goes into low memory: the firmware builds its own tables.
+fn map_firmware<V: hypervisor::Vm>(
+    vm: &V,
+    memory: &GuestMemoryMmap,
+    image: &FirmwareImage,
+    start: u64,
+) -> Result<(), Error> {
+    let slot = memory.num_regions() as u32;
+    // SAFETY: the image's mapping is held by the machine for its whole life, beyond every VM it boots (each VM is
+    // dropped before the machine), and is only read from once built.
+    unsafe { vm.map_read_only_memory(slot, start, image.len(), image.host_address()) }?;
+    let low_len = image.len().min(layout::BIOS_SHADOW_SIZE) as usize;
+    let bytes = image.bytes();
+    let low_start = GuestAddress(layout::HIMEM_START - low_len as u64);
+    memory
+        .write_slice(&bytes[bytes.len() - low_len..], low_start)
+        .map_err(|e| image.refused(format!("copying it below 1 MiB: {e}")))
 }
 
 /// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The

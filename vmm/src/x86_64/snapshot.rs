@@ -130,7 +130,7 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         if let Some(pci) = &self.pci {
             pci.refresh();
         }
-        self.wire_vm(vm)?;
+        self.wire_vm(vm, None)?;
         let supported = hypervisor.supported_cpuid()?;
         let count = u8::try_from(vcpu_states.len()).map_err(|_| Error::Snapshot("too many vCPUs".into()))?;
         let mut vcpus = Vec::with_capacity(vcpu_states.len());
