@@ -129,6 +129,17 @@ fn a_guest_reset_runs_seabios_again_from_a_fresh_copy() {
     // A fresh VM starts at the reset vector again, with the image copied below 1 MiB anew (as at power-on).
     vm.wait_for(NO_BOOT_DEVICE, 2);
     assert_eq!(vm.serial_text().matches(BANNER).count(), 2, "one banner per run");
+    // Snapshots do not hold the firmware's state yet: a save is refused before anything changes.
+    let target = dir.join("saved.ksnap");
+    let (_, reply) =
+        client.execute(&format!(r#"{{"execute": "migrate", "arguments": {{"uri": "file:{}"}}}}"#, target.display()));
+    assert_eq!(
+        reply["error"]["desc"], "cannot save a machine booted from firmware (-bios): not supported yet",
+        "{reply}"
+    );
+    assert!(!target.exists(), "nothing written");
+    let (_, status) = client.execute(r#"{"execute": "query-status"}"#);
+    assert_eq!(status["return"]["status"], "running", "{status}");
     drop(client);
     let _ = std::fs::remove_dir_all(&dir);
 }

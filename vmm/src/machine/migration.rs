@@ -121,6 +121,11 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         if self.state.needs_reset() || self.guest.is_none() {
             return Err(QmpError::generic(format!("cannot save the VM in state '{}'", self.state.as_str())));
         }
+        if self.config.bios.is_some() {
+            // A migration blocker, refused before anything changes as QEMU refuses one; a restore refuses -bios too:
+            // the firmware's flash and fw_cfg are not in a snapshot yet.
+            return Err(QmpError::generic("cannot save a machine booted from firmware (-bios): not supported yet"));
+        }
         let path;
         let target = match channel {
             MigrationChannel::File(file) => {
