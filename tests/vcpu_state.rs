@@ -265,6 +265,9 @@ fn a_counting_guest_continues_in_a_second_vm_from_its_saved_state() {
     let Some(()) = supported(copy.vm.restore_state(&vm_through_json(&vm_state)), "loading the VM state") else {
         return;
     };
+    let Some(()) = supported(copy.vm.restore_clock(&vm_through_json(&vm_state).clock), "loading the clock") else {
+        return;
+    };
     let Some(()) = supported(copy.vcpu.restore_state(&vcpu_through_json(&vcpu_state)), "loading the vCPU state") else {
         return;
     };

@@ -22,10 +22,14 @@ pub trait VmX86_64: Vm {
     /// `run`), or the state read is already stale.
     fn save_state(&self) -> Result<VmStateX86_64>;
 
-    /// Loads a saved [`VmStateX86_64`] into a VM made by [`create_pc_irqchip`](Self::create_pc_irqchip). The state
-    /// is checked first (against that layout's IOAPIC too); a refused one changes nothing. The clock is set last, so that it starts from the saved
-    /// value as close as possible to the vCPUs resuming.
+    /// Loads a saved [`VmStateX86_64`]'s irqchip (PICs, IOAPIC) and PIT into a VM made by
+    /// [`create_pc_irqchip`](Self::create_pc_irqchip). The state is checked first (against that layout's IOAPIC
+    /// too); a refused one changes nothing. The clock is not loaded here: see [`restore_clock`](Self::restore_clock).
     fn restore_state(&self, state: &VmStateX86_64) -> Result<()>;
+
+    /// Sets the paravirtual clock to its saved value, from now on. Apart from the irqchip because its moment
+    /// matters: the vCPUs' TSCs must be loaded relative to it (see the platform's restore).
+    fn restore_clock(&self, clock: &ClockState) -> Result<()>;
 }
 
 /// The exits only x86_64 has.

@@ -82,6 +82,10 @@ impl VmX86_64 for KvmVm {
     fn restore_state(&self, state: &VmStateX86_64) -> Result<()> {
         self.restore_vm_state(state)
     }
+
+    fn restore_clock(&self, clock: &ClockState) -> Result<()> {
+        self.restore_vm_clock(clock)
+    }
 }
 
 impl VcpuX86_64 for KvmVcpu {
@@ -637,11 +641,14 @@ impl KvmVm {
             flags: state.pit.flags,
             ..Default::default()
         };
-        self.fd.set_pit2(&pit).map_err(|e| Error::new("KVM_SET_PIT2", e))?;
+        self.fd.set_pit2(&pit).map_err(|e| Error::new("KVM_SET_PIT2", e))
+    }
+
+    pub(super) fn restore_vm_clock(&self, clock: &ClockState) -> Result<()> {
         // Flags 0: the clock restarts at exactly the saved value, so the guest sees no time pass while it was
         // saved (Firecracker does the same). KVM_CLOCK_REALTIME would instead advance it by the host's realtime
         // clock since `realtime`; a snapshot format that wants that must save `realtime` too.
-        let clock = kvm_clock_data { clock: state.clock.nanoseconds, flags: 0, ..Default::default() };
+        let clock = kvm_clock_data { clock: clock.nanoseconds, flags: 0, ..Default::default() };
         self.fd.set_clock(&clock).map_err(|e| Error::new("KVM_SET_CLOCK", e))
     }
 }

@@ -131,27 +131,31 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
             pci.refresh();
         }
         self.wire_vm(vm, None)?;
+        // The clock first, then each vCPU with its TSC as saved plus the time since: that write is the vCPU's
+        // first since its creation, and KVM takes a host write close to what the last one predicts as a
+        // synchronisation and keeps the earlier offset (the vCPUs after the first share its offset; a later
+        // correction would be ignored). Loaded before the clock, the TSCs ran ahead of it by the time the other
+        // vCPUs and the irqchip took, and Linux's clocksource watchdog marked the TSC unstable.
+        vm.restore_clock(&vm_state.clock).map_err(|e| Error::Snapshot(format!("cannot restore the clock: {e}")))?;
+        let clock_set_at = Instant::now();
         let supported = hypervisor.supported_cpuid()?;
         let count = u8::try_from(vcpu_states.len()).map_err(|_| Error::Snapshot("too many vCPUs".into()))?;
         let mut vcpus = Vec::with_capacity(vcpu_states.len());
         for (id, saved) in (0..count).zip(vcpu_states) {
             let vcpu = vm.create_vcpu(u32::from(id))?;
             vcpu.set_cpuid(&cpuid::normalise(&supported, id, count))?;
-            vcpu.restore_state(saved).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}: {e}")))?;
-            vcpus.push(vcpu);
-        }
-        vm.restore_state(vm_state)
-            .map_err(|e| Error::Snapshot(format!("cannot restore the irqchip and clock: {e}")))?;
-        // KVM_SET_CLOCK set the kvmclock as of now, while each TSC loaded above has counted on since its vCPU was
-        // restored: load them again, each as the saved count plus the time since the clock was set, so the two
-        // clocks start together as they were saved (see `settle_saved_clocks`).
-        let clock_set_at = Instant::now();
-        for (id, (vcpu, saved)) in vcpus.iter().zip(vcpu_states).enumerate() {
+            let mut state = saved.clone();
             if let Some(tsc) = tsc_after(saved, clock_set_at.elapsed()) {
+                // Alone and at once, rather than among the MSRs after the registers, XSAVE and LAPIC (which would
+                // leave it behind by their time); the rest of the state follows without it.
                 vcpu.set_msrs(&[MsrEntry { index: MSR_IA32_TSC, value: tsc }])
                     .map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}'s TSC: {e}")))?;
+                state.msrs.retain(|m| m.index != MSR_IA32_TSC);
             }
+            vcpu.restore_state(&state).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}: {e}")))?;
+            vcpus.push(vcpu);
         }
+        vm.restore_state(vm_state).map_err(|e| Error::Snapshot(format!("cannot restore the irqchip: {e}")))?;
         Ok(vcpus)
     }
 }
