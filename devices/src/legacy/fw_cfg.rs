@@ -346,7 +346,11 @@ mod tests {
         device.memory.write_slice(&0x3100u64.to_be_bytes(), GuestAddress(0x3008)).unwrap();
         device.write(DMA_HIGH_OFFSET, &0x3000u64.to_be_bytes());
         assert_eq!(device.memory.read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0);
-        assert_eq!(device.memory.read_obj::<u16>(GuestAddress(0x3100)).unwrap(), 4);
+        assert_eq!(
+            u16::from_le(device.memory.read_obj::<u16>(GuestAddress(0x3100)).unwrap()),
+            4,
+            "as the guest reads it"
+        );
     }
 
     #[test]
