@@ -5,23 +5,20 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use vm_memory::{MmapRegion, VolatileMemory};
+
 use crate::Error;
 
 /// No architecture maps a larger image (arm64's flash banks are 64 MiB); the platform has its own, tighter rules.
 const MAX_FIRMWARE_BYTES: u64 = 64 << 20;
 
-/// The image's bytes in a private anonymous mapping, page-aligned as a hypervisor memory slot needs.
+/// The image's bytes, and a copy in host memory of its own (vm-memory's anonymous, page-aligned mapping) for the
+/// hypervisor memory slot that maps it.
 pub struct FirmwareImage {
     path: PathBuf,
-    address: *mut u8,
-    len: usize,
+    bytes: Vec<u8>,
+    mapping: MmapRegion,
 }
-
-// SAFETY: the mapping is written only while `open` builds the image; afterwards it is only read (by Kestrel and by
-// guests, which map it read-only), so sharing it between threads is sound.
-unsafe impl Send for FirmwareImage {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for FirmwareImage {}
 
 impl FirmwareImage {
     /// Reads the image at `path`: a regular file, neither empty nor larger than any architecture maps.
@@ -39,59 +36,36 @@ impl FirmwareImage {
             }
             _ => {}
         }
-        let len = metadata.len() as usize;
-        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(Error::Host("allocating memory for the firmware image", std::io::Error::last_os_error()));
-        }
-        let image = FirmwareImage { path: path.to_path_buf(), address: address.cast(), len };
-        // SAFETY: the mapping is `len` bytes, ours alone, and nothing else refers to it yet.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(image.address, len) };
         // A file that changed size since `metadata` is read as far as it was then, and refused if it shrank.
-        file.read_exact(bytes).map_err(|e| invalid(format!("reading it: {e}")))?;
-        Ok(image)
+        let mut bytes = vec![0; metadata.len() as usize];
+        file.read_exact(&mut bytes).map_err(|e| invalid(format!("reading it: {e}")))?;
+        let mapping = MmapRegion::new(bytes.len())
+            .map_err(|e| Error::Host("allocating memory for the firmware image", std::io::Error::other(e)))?;
+        mapping.as_volatile_slice().copy_from(&bytes);
+        Ok(FirmwareImage { path: path.to_path_buf(), bytes, mapping })
     }
 
     // Only x86_64 maps firmware so far: aarch64 refuses it (`refused`), leaving these unused in its build.
     #[allow(dead_code)]
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as `self` and is no longer written (see `Sync`).
-        unsafe { std::slice::from_raw_parts(self.address, self.len) }
+        &self.bytes
     }
 
     #[allow(dead_code)]
     pub fn len(&self) -> u64 {
-        self.len as u64
+        self.bytes.len() as u64
     }
 
-    /// The host address of the image's first byte, page-aligned, for a hypervisor memory slot. The mapping lives
-    /// as long as `self`.
+    /// The host address of the mapping's first byte, page-aligned, for a hypervisor memory slot. The mapping
+    /// lives as long as `self` and is not written after `open`.
     #[allow(dead_code)]
     pub fn host_address(&self) -> u64 {
-        self.address as u64
+        self.mapping.as_ptr() as u64
     }
 
     /// The one error line for an image the platform cannot use: `reason` says why.
     pub fn refused(&self, reason: impl std::fmt::Display) -> Error {
         Error::Firmware { path: self.path.clone(), reason: reason.to_string() }
-    }
-}
-
-impl Drop for FirmwareImage {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping of `len` bytes; no VM maps it any more (VMs are dropped before the machine that
-        // holds the image).
-        unsafe { libc::munmap(self.address.cast(), self.len) };
     }
 }
 
