@@ -56,6 +56,10 @@ pub trait VcpuX86_64: Vcpu<ArchExit = ExitX86_64> {
     /// (the MSRs a guest may have depend on its CPUID). Lengths, counts and MSR indices are checked before
     /// anything is written; a hypervisor refusal part-way leaves the vCPU unfit to run (the caller discards it).
     fn restore_state(&self, state: &VcpuStateX86_64) -> Result<()>;
+
+    /// Makes the guest's TSC run at `khz` (as `restore_state` does first). A TSC written before the rate is set
+    /// would be scaled anew by the later change, so a restore that writes the TSC on its own sets the rate first.
+    fn restore_tsc_khz(&self, khz: u32) -> Result<()>;
 }
 
 /// Segments, descriptor tables, control registers, EFER and the APIC base: all of them, where the boot state

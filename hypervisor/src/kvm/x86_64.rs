@@ -152,6 +152,13 @@ impl VcpuX86_64 for KvmVcpu {
         self.save_vcpu_state()
     }
 
+    fn restore_tsc_khz(&self, khz: u32) -> Result<()> {
+        if khz == 0 {
+            return Err(invalid("KVM_SET_TSC_KHZ", "a TSC frequency of 0 kHz".into()));
+        }
+        self.set_tsc_khz_if_needed(khz)
+    }
+
     fn restore_state(&self, state: &VcpuStateX86_64) -> Result<()> {
         self.restore_vcpu_state(state)
     }
@@ -483,7 +490,7 @@ impl KvmVcpu {
     /// Makes the guest's TSC run at `khz`, if it does not already. KVM accepts any rate where the host can scale
     /// the TSC (KVM_CAP_TSC_CONTROL), and elsewhere only one within its tolerance (250 ppm) of the host's: a
     /// snapshot from a host with another TSC rate is then refused, as it must be (the guest's clocks would drift).
-    fn restore_tsc_khz(&self, khz: u32) -> Result<()> {
+    fn set_tsc_khz_if_needed(&self, khz: u32) -> Result<()> {
         let current = if self.arch.tsc_khz_readable { self.fd.get_tsc_khz().ok() } else { None };
         if current == Some(khz) {
             return Ok(());
@@ -544,7 +551,7 @@ impl KvmVcpu {
     pub(super) fn restore_vcpu_state(&self, state: &VcpuStateX86_64) -> Result<()> {
         self.check_vcpu_state(state)?;
         if let Some(khz) = state.tsc_khz {
-            self.restore_tsc_khz(khz)?;
+            self.set_tsc_khz_if_needed(khz)?;
         }
         self.fd.set_mp_state(mp_state_to_kvm(state.mp_state)).map_err(|e| Error::new("KVM_SET_MP_STATE", e))?;
         self.fd.set_regs(&registers_to_kvm(&state.regs)).map_err(|e| Error::new("KVM_SET_REGS", e))?;

@@ -147,7 +147,12 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
             let mut state = saved.clone();
             if let Some(tsc) = tsc_after(saved, clock_set_at.elapsed()) {
                 // Alone and at once, rather than among the MSRs after the registers, XSAVE and LAPIC (which would
-                // leave it behind by their time); the rest of the state follows without it.
+                // leave it behind by their time); the rest of the state follows without it. Its rate first: KVM
+                // computes the offset at the write with the scaling then in force (`tsc_after` is `Some` only
+                // with a rate).
+                if let Some(khz) = saved.tsc_khz {
+                    vcpu.restore_tsc_khz(khz).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}: {e}")))?;
+                }
                 vcpu.set_msrs(&[MsrEntry { index: MSR_IA32_TSC, value: tsc }])
                     .map_err(|e| Error::Snapshot(format!("cannot restore vCPU {id}'s TSC: {e}")))?;
                 state.msrs.retain(|m| m.index != MSR_IA32_TSC);
@@ -185,9 +190,14 @@ fn guest_kvmclock(state: &VcpuState, memory: &GuestMemoryMmap) -> Option<u64> {
         return None;
     }
     let (tsc_timestamp, system_time, multiplier) = (u64_at(8), u64_at(16), u32_at(24));
+    // The guest can write its page: a shift KVM never writes (it keeps them within ±31) is refused, not used.
     let shift = page[28] as i8;
     let delta = tsc.wrapping_sub(tsc_timestamp);
-    let delta = if shift < 0 { delta >> shift.unsigned_abs() } else { delta << shift };
+    let delta = if shift < 0 {
+        delta.checked_shr(u32::from(shift.unsigned_abs()))?
+    } else {
+        delta.checked_shl(shift as u32)?
+    };
     let nanoseconds = (u128::from(delta) * u128::from(multiplier)) >> 32;
     Some(system_time.wrapping_add(nanoseconds as u64))
 }
@@ -262,6 +272,13 @@ mod tests {
         assert_eq!(guest_kvmclock(&state(3_001_000, None), &memory), None, "never registered");
         let outside = with_kvmclock(state(3_001_000, None), 0xfff0 | 1);
         assert_eq!(guest_kvmclock(&outside, &memory), None, "a page past guest memory");
+        let mut hostile = [0u8; 32];
+        hostile[28] = 100;
+        memory.write_slice(&hostile, GuestAddress(0x4000)).unwrap();
+        assert_eq!(guest_kvmclock(&with_kvmclock(state(1, None), 0x4000 | 1), &memory), None, "a shift past 63");
+        hostile[28] = (-128i8) as u8;
+        memory.write_slice(&hostile, GuestAddress(0x4000)).unwrap();
+        assert_eq!(guest_kvmclock(&with_kvmclock(state(1, None), 0x4000 | 1), &memory), None, "a shift past -63");
         time_page(&memory, 0x3000, 3);
         assert_eq!(guest_kvmclock(&with_kvmclock(state(1, None), 0x3000 | 1), &memory), None, "being updated");
     }
