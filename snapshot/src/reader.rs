@@ -620,7 +620,6 @@ impl<R: Source> Pass<'_, '_, '_, R> {
     }
 }
 
-/// Refuses a snapshot made for another host or machine: architecture, machine type, then the CPU.
 /// The preamble and the header, `input` at the file's first byte: magic and format version are checked before
 /// anything else is believed, then the header's checksum (unless `verify_checksums` is off, for the fuzz target).
 fn read_preamble_and_header<R: Source>(input: &mut Input<'_, R>, verify_checksums: bool) -> Result<Header> {
@@ -668,6 +667,7 @@ pub fn read_header<R: Read>(source: R) -> Result<Header> {
     read_preamble_and_header(&mut Input { source: &mut source, pos: 0, file_len: None }, true)
 }
 
+/// Refuses a snapshot made for another host or machine: architecture, machine type, then the CPU.
 fn check_header(header: &Header, expected: &Expected) -> Result<()> {
     if header.arch != expected.arch {
         return Err(Error::ForeignArchitecture { snapshot: header.arch.clone(), host: expected.arch.clone() });

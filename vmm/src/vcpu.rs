@@ -72,7 +72,7 @@ pub type SaveVcpu<C, S> = fn(&mut C) -> Result<S, String>;
 type SavedStates<S> = Arc<Mutex<Vec<Option<Result<SavedVcpu<S>, String>>>>>;
 
 /// A vCPU's state and when its thread read it: state that moves with time (x86_64's TSC) is brought to one
-/// moment for every vCPU before it is written (`Snapshots::age_vcpu_state`).
+/// moment for every vCPU before it is written (`Snapshots::settle_saved_clocks`).
 pub struct SavedVcpu<S> {
     pub state: S,
     pub read_at: Instant,

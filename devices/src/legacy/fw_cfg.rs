@@ -92,10 +92,14 @@ impl FwCfg {
         device
     }
 
-    /// Removes every item but the signature, the ID and the (now empty) directory.
+    /// Back to power-on: every item but the signature, the ID and the (now empty) directory removed, nothing
+    /// selected, no DMA address half written.
     pub fn clear(&mut self) {
         self.items.clear();
         self.files.clear();
+        self.selector = 0;
+        self.offset = 0;
+        self.dma_address_high = 0;
         self.items.insert(SIGNATURE, b"QEMU".to_vec());
         self.items.insert(ID, (FEATURE_TRADITIONAL | FEATURE_DMA).to_le_bytes().to_vec());
         self.items.insert(FILE_DIR, 0u32.to_be_bytes().to_vec());
@@ -319,7 +323,11 @@ mod tests {
             device.add_file(&format!("f{i}"), vec![]).unwrap();
         }
         assert_eq!(device.add_file("one-more", vec![]), Err(FwCfgError::TooManyFiles));
+        // A reset leaves nothing selected half-read: the signature item, from its start.
+        select(&mut device, FILE_DIR);
+        read_port(&mut device, 2);
         device.clear();
+        assert_eq!(read_port(&mut device, 4), *b"QEMU");
         select(&mut device, FILE_DIR);
         assert_eq!(read_port(&mut device, 4), 0u32.to_be_bytes());
     }

@@ -316,7 +316,8 @@ where
         vcpus.push(vcpu);
     }
     let gic = vm.create_gic(&layout::GIC_LAYOUT, count, GIC_IRQ_COUNT)?;
-    let mpidrs = vcpus.iter().map(|v| v.mpidr()).collect::<Result<Vec<u64>, _>>()?;
+    // KVM gave each vCPU its MPIDR at initialisation, which the VM recorded.
+    let mpidrs = vm.vcpu_mpidrs();
     Ok(VcpusAndGic { vcpus, gic, mpidrs })
 }
 

@@ -126,11 +126,6 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
     /// The machine type a snapshot records when the command line names none.
     const DEFAULT_MACHINE_NAME: &'static str = "virt";
 
-    /// Restores are implemented here.
-    fn check_restore_supported() -> Result<(), Error> {
-        Ok(())
-    }
-
     /// The CPU a guest sees on this host, as [`identity`] records it. KVM decides what a vCPU's ID registers
     /// show only once it is initialised, so this asks a scratch VM's vCPU, initialised as a boot's are.
     fn cpu_identity(hypervisor: &H, _vcpu_count: u8) -> Result<CpuIdentity, Error> {

@@ -149,7 +149,6 @@ where
     H: Hypervisor,
     P: Platform<H>,
 {
-    inherited::record();
     if config.sandbox {
         seccomp::enable()?;
     }

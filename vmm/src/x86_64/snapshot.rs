@@ -34,11 +34,6 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
 
     const DEFAULT_MACHINE_NAME: &'static str = "pc";
 
-    /// Restores are implemented here.
-    fn check_restore_supported() -> Result<(), Error> {
-        Ok(())
-    }
-
     /// The vendor, and one name per feature bit of the guest's CPUID (`<leaf>.<subleaf>.<register>.<bit>`), so
     /// that a refusal names the bits a host lacks.
     fn cpu_identity(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error> {
