@@ -341,15 +341,9 @@ fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutpu
         }
         SocketAddress::Tcp(host, port) => SocketListener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?),
         // Accepts block here (on the input thread), whatever the one who passed the socket set.
-        SocketAddress::Inherited(fd) => match inherited_listener(*fd)? {
-            InheritedListener::Unix(listener) => {
-                listener.set_nonblocking(false)?;
-                SocketListener::Unix(listener)
-            }
-            InheritedListener::Tcp(listener) => {
-                listener.set_nonblocking(false)?;
-                SocketListener::Tcp(listener)
-            }
+        SocketAddress::Inherited(fd) => match inherited_listener(*fd, false)? {
+            InheritedListener::Unix(listener) => SocketListener::Unix(listener),
+            InheritedListener::Tcp(listener) => SocketListener::Tcp(listener),
         },
     };
     let client = Arc::new(Mutex::new(None));

@@ -77,8 +77,9 @@ pub enum InheritedListener {
 /// Takes descriptor `fd`, which must have been passed to Kestrel when it started (see `inherited`) and be a stream
 /// socket that already listens, on a unix or TCP address: libvirt binds and listens on the monitor's socket itself,
 /// connects to it by its path, and passes the descriptor (`-chardev socket,id=charmonitor,fd=N,server=on`). The
-/// socket's file is the one who bound it's to remove.
-pub fn inherited_listener(fd: RawFd) -> io::Result<InheritedListener> {
+/// socket's file is the one who bound it's to remove. Its accepts block or not as `nonblocking` says, whatever
+/// the one who passed it set.
+pub fn inherited_listener(fd: RawFd, nonblocking: bool) -> io::Result<InheritedListener> {
     let owned = crate::inherited::claim(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let option = |name: libc::c_int| -> io::Result<libc::c_int> {
         let mut value: libc::c_int = 0;
@@ -99,8 +100,16 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<InheritedListener> {
         return Err(not_listening("is not a listening stream socket"));
     }
     match option(libc::SO_DOMAIN)? {
-        libc::AF_UNIX => Ok(InheritedListener::Unix(UnixListener::from(owned))),
-        libc::AF_INET | libc::AF_INET6 => Ok(InheritedListener::Tcp(std::net::TcpListener::from(owned))),
+        libc::AF_UNIX => {
+            let listener = UnixListener::from(owned);
+            listener.set_nonblocking(nonblocking)?;
+            Ok(InheritedListener::Unix(listener))
+        }
+        libc::AF_INET | libc::AF_INET6 => {
+            let listener = std::net::TcpListener::from(owned);
+            listener.set_nonblocking(nonblocking)?;
+            Ok(InheritedListener::Tcp(listener))
+        }
         _ => Err(not_listening("is neither a unix nor a TCP socket")),
     }
 }

@@ -36,15 +36,9 @@ impl Listener {
                 Ok(Listener::Unix(UnixListener::from_std(listener), Some(path.clone())))
             }
             SocketAddress::Tcp(host, port) => Ok(Listener::Tcp(TcpListener::bind(resolve_tcp(host, *port)?)?)),
-            SocketAddress::Inherited(fd) => match inherited_listener(*fd)? {
-                InheritedListener::Unix(listener) => {
-                    listener.set_nonblocking(true)?;
-                    Ok(Listener::Unix(UnixListener::from_std(listener), None))
-                }
-                InheritedListener::Tcp(listener) => {
-                    listener.set_nonblocking(true)?;
-                    Ok(Listener::Tcp(TcpListener::from_std(listener)))
-                }
+            SocketAddress::Inherited(fd) => match inherited_listener(*fd, true)? {
+                InheritedListener::Unix(listener) => Ok(Listener::Unix(UnixListener::from_std(listener), None)),
+                InheritedListener::Tcp(listener) => Ok(Listener::Tcp(TcpListener::from_std(listener))),
             },
         }
     }
