@@ -349,7 +349,9 @@ fn socket_settings(
             "server" => server = on_off(option, value, key, setting)?,
             "wait" => wait = on_off(option, value, key, setting)?,
             "nowait" => wait = !on_off(option, value, key, setting)?,
-            "id" | "path" | "host" | "port" | "fd" => {}
+            "id" | "path" | "host" | "port" => {}
+            // Only where it named the address: -chardev socket,fd=N (elsewhere it would be ignored).
+            "fd" if matches!(address, SocketAddress::Inherited(_)) => {}
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
@@ -572,28 +574,34 @@ type NoEffectSettings = &'static [(&'static str, &'static [&'static str])];
 
 /// The settings of QEMU options that change nothing for Kestrel, and the values each may have: the ones that
 /// describe what Kestrel does anyway. Anything else is refused, as Kestrel would not honour it.
-const NO_EFFECT_SETTINGS: &[(&str, NoEffectSettings)] = &[
+const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
     // The CMOS clock starts at the host's UTC time.
-    ("-rtc", &[("base", &["utc"])]),
-    // No firmware, so no boot order: the kernel is loaded directly.
-    ("-boot", &[("strict", &["on", "off"])]),
+    ("-rtc", None, &[("base", &["utc"])]),
+    // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
+    // strictness changes nothing.
+    ("-boot", Some("order"), &[("strict", &["on", "off"])]),
     // Guest memory is never locked; the vCPUs halt in the host.
-    ("-overcommit", &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
+    ("-overcommit", None, &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
     // Kestrel's messages carry no timestamps either way: they are one line each, and libvirt's log stamps them.
-    ("-msg", &[("timestamp", &["on", "off"]), ("guest-name", &["off"])]),
+    ("-msg", None, &[("timestamp", &["on", "off"]), ("guest-name", &["off"])]),
     // No sound device to play through.
-    ("-audiodev", &[("driver", &["none"]), ("id", &[])]),
+    ("-audiodev", Some("driver"), &[("driver", &["none"]), ("id", &[])]),
 ];
 
 /// Checks a value of an option in `NO_EFFECT_SETTINGS` (key=value, or JSON as libvirt gives `-audiodev`); an
-/// empty list of values takes any.
+/// empty list of values takes any. A bare first word is the option's implied key's value, as QEMU reads it
+/// (`-boot c` is `order=c`); an option without one refuses it by its text.
 fn check_no_effect(option: &str, value: &str) -> Result<(), CliError> {
-    let Some((_, allowed)) = NO_EFFECT_SETTINGS.iter().find(|(name, _)| *name == option) else {
+    let Some((_, implied, allowed)) = NO_EFFECT_SETTINGS.iter().find(|(name, _, _)| *name == option) else {
         return Err(CliError::UnknownOption(option.to_string()));
     };
-    let opts = Opts::parse(option, OsStr::new(value), "driver", &[])?;
-    let first = opts.first.iter().map(|driver| ("driver", driver.as_str()));
-    for (key, setting) in first.chain(opts.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+    let opts = Opts::parse(option, OsStr::new(value), implied.unwrap_or(""), &[])?;
+    let first = match (&opts.first, implied) {
+        (Some(word), Some(key)) => Some((*key, word.as_str())),
+        (Some(word), None) => return Err(invalid(option, value, format!("unsupported setting '{word}'"))),
+        (None, _) => None,
+    };
+    for (key, setting) in first.into_iter().chain(opts.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
         let Some((_, values)) = allowed.iter().find(|(name, _)| *name == key) else {
             return Err(invalid(option, value, format!("unsupported setting '{key}'")));
         };
@@ -860,6 +868,7 @@ where
             ("a network card", !nets.is_empty()),
             ("--rng", rng.is_some()),
             ("--console", console.is_some()),
+            ("-device isa-serial", serial_on_isa.is_some()),
             ("-incoming", incoming.is_some()),
         ];
         if let Some((option, _)) = guest_options.into_iter().find(|(_, given)| *given) {
@@ -1117,6 +1126,9 @@ mod tests {
             ("-overcommit mem-lock=on", "mem-lock=off"),
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
+            ("-boot c", "unsupported setting 'order'"),
+            ("-rtc utc", "unsupported setting 'utc'"),
+            ("-audiodev pa,id=a", "driver=none"),
             ("-name guest=a,process=b", "'process'"),
             ("-object secret,id=s0,format=raw", "one of file= and data="),
             ("-object secret,id=s0,data=x -object secret,id=s0,data=y", "Duplicate ID 's0'"),
@@ -1145,6 +1157,7 @@ mod tests {
             ("-machine none --rng", "--rng"),
             ("-machine none --console pty", "--console"),
             ("-machine none -incoming defer", "-incoming"),
+            ("-machine none -chardev pty,id=c -device isa-serial,chardev=c", "-device isa-serial"),
         ] {
             assert_eq!(parse_str(args), Err(CliError::Guestless(option.into())), "{args}");
         }
@@ -1336,11 +1349,38 @@ mod tests {
             ("-chardev socket,id=m0,path=/tmp/x,server=on -mon chardev=m1,mode=control", "no unused -chardev"),
             ("-chardev pty,id=m0 -mon chardev=m0,mode=control", "socket chardev"),
             ("--rng -device virtio-rng-pci", "given twice"),
+            ("-qmp unix:/tmp/q.sock,server=on,wait=off,fd=7", "unsupported setting 'fd'"),
+            // Advertised to libvirt's probe, so taken only with the values Kestrel honours.
+            (
+                "-drive file=/a,if=none,id=d0 -device virtio-blk-pci,drive=d0,num-queues=8",
+                "num-queues=8 is not supported",
+            ),
+            (
+                "-drive file=/a,if=none,id=d0 -device virtio-blk-pci,drive=d0,write-cache=off",
+                "write-cache=on|true|yes|auto",
+            ),
+            ("-drive file=/a,if=none,id=d0 -device virtio-blk-pci,drive=d0,scsi=on", "scsi=on is not supported"),
+            ("-netdev tap,id=n0,ifname=t0,script=no -device virtio-net-pci,netdev=n0,mq=on", "mq=on"),
+            (
+                "-netdev tap,id=n0,ifname=t0,script=no -device virtio-net-pci,netdev=n0,vectors=4",
+                "unsupported setting 'vectors'",
+            ),
+            (
+                "-object rng-random,id=r0 -device virtio-rng-pci,rng=r0,max-bytes=1024",
+                "unsupported setting 'max-bytes'",
+            ),
         ] {
             let args = format!("--kernel k {args}");
             let err = parse_str(&args).expect_err(&args).to_string();
             assert!(err.contains(needle), "{args}: {err}");
         }
+    }
+
+    #[test]
+    fn advertised_device_settings_with_the_values_kestrel_honours() {
+        let args = "--kernel k -drive file=/a,if=none,id=d0 \
+                    -device virtio-blk-pci,drive=d0,num-queues=1,write-cache=on,scsi=off,config-wce=off";
+        assert_eq!(config(args).disks.len(), 1);
     }
 
     #[test]

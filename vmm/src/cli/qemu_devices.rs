@@ -178,25 +178,33 @@ pub const DEVICE_MODELS: &[DeviceModel] = &[
     DeviceModel {
         model: "virtio-net",
         kind: DeviceKind::Virtio,
-        properties: &[("netdev", "str"), ("mac", "str"), ("mq", "bool"), ("vectors", "uint32")],
+        properties: &[("netdev", "str"), ("mac", "str"), ("mq", "bool")],
     },
-    DeviceModel {
-        model: "virtio-rng",
-        kind: DeviceKind::Virtio,
-        properties: &[("rng", "link<rng-backend>"), ("max-bytes", "uint64"), ("period", "uint32")],
-    },
-    DeviceModel {
-        model: "virtio-serial",
-        kind: DeviceKind::Virtio,
-        properties: &[("max_ports", "uint32"), ("vectors", "uint32")],
-    },
+    DeviceModel { model: "virtio-rng", kind: DeviceKind::Virtio, properties: &[("rng", "link<rng-backend>")] },
+    DeviceModel { model: "virtio-serial", kind: DeviceKind::Virtio, properties: &[("max_ports", "uint32")] },
     DeviceModel {
         model: "virtconsole",
         kind: DeviceKind::VirtioSerialPort,
-        properties: &[("chardev", "str"), ("name", "str"), ("nr", "uint32")],
+        properties: &[("chardev", "str"), ("nr", "uint32")],
     },
     // COM1, the one UART (x86_64 only: `ISA_SERIAL` keeps it out of other platforms' tables).
     DeviceModel { model: ISA_SERIAL, kind: DeviceKind::Isa, properties: &[("chardev", "str"), ("index", "uint32")] },
+];
+
+/// Settings taken only with the values the device honours, as QEMU would behave with them; any other value is
+/// refused, not ignored (the probe advertises these settings, and libvirt uses what it is offered). Boolean
+/// spellings as QEMU accepts them.
+const HONOURED_VALUES: &[(&str, &str, &[&str])] = &[
+    ("virtio-blk", "num-queues", &["1"]),
+    // No VIRTIO_BLK_F_CONFIG_WCE, and no SCSI passthrough.
+    ("virtio-blk", "config-wce", &["off", "false", "no"]),
+    ("virtio-blk", "scsi", &["off", "false", "no"]),
+    // FLUSH is offered: the guest sees a write-back cache and flushes it.
+    ("virtio-blk", "write-cache", &["on", "true", "yes", "auto"]),
+    ("virtio-net", "mq", &["off", "false", "no"]),
+    // One port, the console (no VIRTIO_CONSOLE_F_MULTIPORT).
+    ("virtio-serial", "max_ports", &["1"]),
+    ("virtconsole", "nr", &["0"]),
 ];
 
 /// QEMU's 16550A on the ISA bus, as libvirt asks for a `<serial>` on a PC: Kestrel's COM1.
@@ -514,10 +522,20 @@ impl QemuDeviceOptions {
             let (model, transport) = split_driver(driver);
             let frontend = Frontend { transport, id: opts.get("id").map(str::to_string) };
             let known = |model: &str| -> Result<(), CliError> {
-                for (key, _) in &opts.pairs {
-                    let own = model_settings(model).any(|setting| setting == key);
+                for (key, setting) in &opts.pairs {
+                    let own = model_settings(model).any(|own| own == key);
                     if !own && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
                         return Err(invalid("-device", value, format!("unsupported setting '{key}' for {driver}")));
+                    }
+                    let honoured = HONOURED_VALUES.iter().find(|(m, k, _)| *m == model && k == key);
+                    if let Some((_, _, values)) = honoured.filter(|(_, _, values)| !values.contains(&setting.as_str()))
+                    {
+                        let supported = values.join("|");
+                        return Err(invalid(
+                            "-device",
+                            value,
+                            format!("{key}={setting} is not supported ({key}={supported} is)"),
+                        ));
                     }
                 }
                 Ok(())

@@ -7,7 +7,7 @@
 use hypervisor::Hypervisor;
 use qmp::{
     CommandLineOption, CommandLineParameter, CpuDefinition, CpuModel, CpuModelExpansionType, MachineInfo, QmpError,
-    QomType, TypeProperty,
+    QomObject, QomProperty, QomType, TypeProperty,
 };
 use serde_json::{json, Value};
 
@@ -175,7 +175,7 @@ pub(super) fn type_properties<H: Hypervisor, P: Platform<H>>(type_name: &str) ->
         return Some(model.properties.iter().map(|(name, ty)| property(name, ty)).collect());
     }
     if type_name == P::CPU_TYPE {
-        return Some(vec![TypeProperty { default_value: Some(json!(false)), ..property("migratable", "bool") }]);
+        return Some(vec![TypeProperty { default_value: Some(json!(true)), ..property("migratable", "bool") }]);
     }
     qom_types::<H, P>().iter().any(|t| t.name == type_name).then(Vec::new)
 }
@@ -218,8 +218,8 @@ pub(super) fn expand_cpu_model<H: Hypervisor, P: Platform<H>>(
             continue;
         }
         let Some((_, has)) = features.iter().find(|(feature, _)| feature == name) else {
-            let type_name = if is_host { P::CPU_TYPE } else { "base-x86_64-cpu" };
-            return Err(QmpError::property_not_found(type_name, name));
+            let type_name = if is_host { P::CPU_TYPE.to_string() } else { format!("base-{}", cpu_parent::<H, P>()) };
+            return Err(QmpError::property_not_found(&type_name, name));
         };
         if value != &Value::Bool(*has) {
             return Err(QmpError::generic(format!(
@@ -258,4 +258,20 @@ pub(super) fn command_line_options() -> Vec<CommandLineOption> {
                 .collect(),
         })
         .collect()
+}
+
+/// One property of a QOM object as `qom-list` shows it, with its value for `qom-get`.
+pub(super) fn qom_property(name: &str, type_name: &str, value: Value) -> QomProperty {
+    QomProperty { name: name.into(), type_name: type_name.into(), value: Some(value) }
+}
+
+/// The QOM root: a container whose one child is the machine, of QOM type `machine_type`.
+pub(super) fn qom_root(machine_type: &str) -> QomObject {
+    QomObject {
+        type_name: "container".into(),
+        properties: vec![
+            qom_property("type", "string", json!("container")),
+            qom_property("machine", &format!("child<{machine_type}>"), json!("/machine")),
+        ],
+    }
 }

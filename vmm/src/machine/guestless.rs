@@ -10,7 +10,7 @@ use mio::Poll;
 use qmp::{
     BlockDevice, ChardevInfo, CommandLineOption, CpuDefinition, CpuInfo, CpuModel, CpuModelExpansionType, Event,
     EventKind, Machine, MachineInfo, MigrationCapabilities, MigrationChannel, MigrationInfo, PciDevice, QmpError,
-    QomObject, QomProperty, QomType, RunState, ShutdownCause, Target, TypeProperty,
+    QomObject, QomType, RunState, ShutdownCause, Target, TypeProperty,
 };
 use serde_json::json;
 
@@ -159,19 +159,9 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Guestless<'_, H, P> {
     /// The root and the machine, nothing under it.
     fn qom_object(&self, path: &str) -> Option<QomObject> {
         let machine_type = capabilities::machine_qom_type(MachineType::None);
-        let prop = |name: &str, type_name: &str, value| QomProperty {
-            name: name.into(),
-            type_name: type_name.into(),
-            value: Some(value),
-        };
+        let prop = capabilities::qom_property;
         match path.trim_end_matches('/') {
-            "" => Some(QomObject {
-                type_name: "container".into(),
-                properties: vec![
-                    prop("type", "string", json!("container")),
-                    prop("machine", &format!("child<{machine_type}>"), json!("/machine")),
-                ],
-            }),
+            "" => Some(capabilities::qom_root(&machine_type)),
             "/machine" => Some(QomObject {
                 type_name: machine_type.clone(),
                 properties: vec![prop("type", "string", json!(machine_type))],

@@ -5,7 +5,7 @@ use hypervisor::Hypervisor;
 use qmp::{
     BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CpuDefinition, CpuInfo, CpuModel,
     CpuModelExpansionType, Event, EventKind, Machine, MachineInfo, MigrationCapabilities, MigrationChannel,
-    MigrationInfo, QmpError, QomObject, QomProperty, QomType, RunState, ShutdownCause, Target, TypeProperty,
+    MigrationInfo, QmpError, QomObject, QomType, RunState, ShutdownCause, Target, TypeProperty,
 };
 use serde_json::json;
 
@@ -127,21 +127,11 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     }
     /// A small tree that tells the truth: the machine, its unattached container and one object per vCPU.
     fn qom_object(&self, path: &str) -> Option<QomObject> {
-        let prop = |name: &str, type_name: &str, value| QomProperty {
-            name: name.into(),
-            type_name: type_name.into(),
-            value: Some(value),
-        };
+        let prop = capabilities::qom_property;
         let vcpus = usize::from(self.config.vcpus);
         let machine_type = capabilities::machine_qom_type(capabilities::running_machine::<H, P>(self.config.machine));
         match path.trim_end_matches('/') {
-            "" => Some(QomObject {
-                type_name: "container".into(),
-                properties: vec![
-                    prop("type", "string", json!("container")),
-                    prop("machine", &format!("child<{machine_type}>"), json!("/machine")),
-                ],
-            }),
+            "" => Some(capabilities::qom_root(&machine_type)),
             "/machine" => Some(QomObject {
                 type_name: machine_type.clone(),
                 properties: vec![
@@ -169,6 +159,15 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                     prop(&format!("device[{i}]"), &format!("child<{}>", P::CPU_TYPE), json!(cpu_qom_path(i)))
                 }));
                 Some(QomObject { type_name: "container".into(), properties })
+            }
+            other if other.starts_with("/machine/peripheral/") => {
+                // Each device `/machine/peripheral` lists, by its id: what it is.
+                let id = other.strip_prefix("/machine/peripheral/")?;
+                let (_, type_name) = self.peripherals().into_iter().find(|(peripheral, _)| peripheral == id)?;
+                Some(QomObject {
+                    properties: vec![prop("type", "string", json!(type_name)), prop("realized", "bool", json!(true))],
+                    type_name,
+                })
             }
             other => {
                 let index: usize =

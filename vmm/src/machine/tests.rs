@@ -450,6 +450,11 @@ fn what_libvirt_looks_at_when_it_starts_or_reconnects() {
         .map(|p| (p["name"].as_str().unwrap(), p["type"].as_str().unwrap()))
         .collect();
     assert_eq!(children, [("type", "string"), ("serial0", "child<isa-serial>"), ("rng0", "child<virtio-rng-device>")]);
+    // Each child listed resolves, and names its type.
+    let rng = m.execute("qom-get", json!({"path": "/machine/peripheral/rng0", "property": "type"}));
+    assert_eq!(rng, Ok(json!("virtio-rng-device")));
+    assert!(m.execute("qom-list", json!({"path": "/machine/peripheral/serial0"})).is_ok());
+    assert!(m.execute("qom-list", json!({"path": "/machine/peripheral/nope"})).is_err());
     assert_eq!(m.execute("query-named-block-nodes", json!({"flat": true})), Ok(json!([])));
     assert_eq!(m.execute("query-jobs", json!({})), Ok(json!([])));
 }
@@ -516,7 +521,7 @@ fn the_probe_is_offered_what_the_platform_and_command_line_implement() {
 
     let rng = m.execute("device-list-properties", json!({"typename": "virtio-rng-device"})).unwrap();
     let settings: Vec<&str> = rng.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(settings, ["rng", "max-bytes", "period"]);
+    assert_eq!(settings, ["rng"], "no rate limit: max-bytes and period are not offered");
     let error = m.execute("device-list-properties", json!({"typename": "virtio-rng-pci"})).unwrap_err();
     assert!(error.contains("not found"), "{error}");
     assert_eq!(m.execute("qom-list-properties", json!({"typename": "memory-backend-file"})), Ok(json!([])));
