@@ -9,8 +9,9 @@
 //! KESTREL_REQUIRE_RUNNER=1, and otherwise print SKIPPED with the reason.
 //!
 //! A case whose guest died in early boot with a known signature of the emulated environment (a hang or triple
-//! fault before /init; see `ci/runner/compare-qemu`) is run again by L1, up to twice, and judged on the last
-//! attempt; a case during which L1 itself stopped is run by a new L1. Every such retry is printed as
+//! fault before /init; see `ci/runner/compare-qemu`), or that timed out while L1 itself stalled for 10 s or more,
+//! is run again by L1, up to twice, and judged on the last attempt; a case during which L1 itself stopped is run
+//! by a new L1. Every such retry is printed as
 //! `RETRIED: <case> first attempt: <signature>` on the test binary's stderr, outside the test harness's capture,
 //! so it is never silent.
 //!
@@ -1073,6 +1074,43 @@ fn aarch64_a_counting_linux_guest_is_saved_and_restored_into_a_new_kestrel() {
 fn aarch64_a_linux_guest_with_a_network_card_is_saved_and_restored_and_the_network_answers() {
     let Some(c) = case(Arch::Aarch64, "snapshot-net") else { return };
     check_snapshot_net(&c);
+}
+
+/// A case that timed out while L1 itself stalled (the case loop's own polls stopped for BUDGET_L1_STALL_MS) is
+/// the emulated runner's failure: a CI run's restored guest got its first output 22 s after the restoring kestrel
+/// started (1-2 s here), reported a soft lockup and timed out. Here the fake guest freezes the case loop (SIGSTOP
+/// to its parent, the loop's shell) for 1.5 s, then hangs past its marker: retried, each attempt judged alike.
+/// The same hang without the stall is the guest's own and is not retried, and a stall in a case that ends well
+/// changes nothing but the END line's l1_stall_ms.
+#[test]
+fn a_timeout_during_which_l1_stalled_is_retried_and_one_without_a_stall_is_not() {
+    let stall = "kill -STOP $PPID; sleep 1.5; kill -CONT $PPID";
+    let budget = [("BUDGET_L1_STALL_MS", "1000")];
+    let stalled = format!("echo KESTREL-GUEST-UP; {stall}; exec sleep 1000");
+    let run = run_case_loop("stalled", &stalled, None, 100, &budget);
+    assert!(
+        run.output.contains("=== CASE stalled RETRY first attempt: L1 stalled for 1.")
+            && run.output.contains("the emulated runner, not the guest; last line: KESTREL-GUEST-UP"),
+        "{}",
+        run.output
+    );
+    assert!(run.output.contains("=== CASE stalled RETRY attempt 2: L1 stalled for "), "{}", run.output);
+    assert_eq!(run.end_field("reason"), "timeout", "{}", run.output);
+    let stall_ms: u64 = run.end_field("l1_stall_ms").parse().unwrap();
+    assert!((1000..10_000).contains(&stall_ms), "{}", run.output);
+
+    // (A threshold of 10 s as in L1, so that a busy test machine's slow polls are no stall.)
+    let hung = run_case_loop("hung", "echo KESTREL-GUEST-UP; exec sleep 1000", None, 100, &[]);
+    assert!(!hung.output.contains("RETRY"), "{}", hung.output);
+    assert_eq!(hung.end_field("reason"), "timeout", "{}", hung.output);
+    let stall_ms: u64 = hung.end_field("l1_stall_ms").parse().unwrap();
+    assert!(stall_ms < 10_000, "{}", hung.output);
+
+    let passing = format!("echo KESTREL-GUEST-UP; {stall}; exit 0");
+    let run = run_case_loop("stalled-but-done", &passing, None, 100, &budget);
+    assert!(!run.output.contains("RETRY"), "{}", run.output);
+    assert_eq!(run.end_field("reason"), "exit", "{}", run.output);
+    assert!(run.end_field("l1_stall_ms").parse::<u64>().unwrap() >= 1000, "{}", run.output);
 }
 
 /// The emulated environment's triple fault also strikes after "Run /init" while /init loads its modules: before

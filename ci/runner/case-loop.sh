@@ -7,6 +7,7 @@
 #   <kestrel's stderr>
 #   === CASE <name> END exit=<code> reason=<exit|timeout|until> ms=<elapsed> marker_ms=<first marker or -1>
 #       budget_ms=<the deadline in force at the end> l1_epoch_start=<L1 clock at start> l1_epoch_end=<at end>
+#       l1_stall_ms=<the longest pause of the case loop itself, see below>
 #   === CASE <name> TIMING <phase>: <took> s of a <budget> s budget (<how the budget was derived>)
 #
 # Time budgets. The emulated runner's speed changes by several times with the machine's load (L1 is QEMU TCG
@@ -24,9 +25,14 @@
 #   - With save-at, the restore (the restoring kestrel's start to its exit: loading the snapshot and the guest's
 #     work after it): BUDGET_RESTORE_FACTOR x the case's boot 1, at least BUDGET_STEP_FLOOR_MS.
 #   - Whatever the multiples say, a case ends BUDGET_CEILING_MS after its start.
-# A case whose guest died in early boot with a known signature of the emulated environment (early_failure below)
+# A case whose guest died in early boot with a known signature of the emulated environment (environment_failure below)
 # is run again, up to BUDGET_EARLY_RETRIES more times, each retry printed with the failed attempt's tail. The
 # flake grows with the machine's load, with old and new kestrel alike: one retry still failed cases at random.
+# So is a case that timed out while L1 itself stalled: the case loop polls every 50 ms and records its longest
+# pause between two polls (L1's clock runs on while the host does not schedule L1's vCPUs); one of
+# BUDGET_L1_STALL_MS or more stalled the guest too (its clock ran on, it did not), which a Linux guest reports as
+# a soft lockup or an RCU stall, and its budgets were spent in the stall. A CI run's restored x86_64 guest got its
+# first output 22 s after the restoring kestrel started (1-2 s here), then a soft lockup report, and timed out.
 # The defaults below can be overridden by the caller (L1 reads /cases/budget first).
 #
 # Save and restore (the case's save-at file, a grep pattern): once kestrel's stdout matches it, the case loop saves
@@ -42,7 +48,7 @@
 : "${BUDGET_L1_FACTOR:=6}" "${BUDGET_BOOT_FACTOR:=4}" "${BUDGET_REBOOT_FACTOR:=3}" "${BUDGET_WORK_FACTOR:=2}"
 : "${BUDGET_RESTORE_FACTOR:=4}"
 : "${BUDGET_BOOT_FLOOR_MS:=60000}" "${BUDGET_STEP_FLOOR_MS:=30000}" "${BUDGET_CEILING_MS:=600000}"
-: "${BUDGET_EARLY_RETRIES:=2}"
+: "${BUDGET_EARLY_RETRIES:=2}" "${BUDGET_L1_STALL_MS:=10000}"
 : "${CASE_TMP:=/tmp}" "${marker:=KESTREL-GUEST-UP}"
 
 ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
@@ -187,12 +193,14 @@ attempt() {
     pid=$!
     typed=1
   fi
-  reason=exit marker_ms=-1 last_marker_ms=0 seen=0 term_at=0 alive_at=0
+  reason=exit marker_ms=-1 last_marker_ms=0 seen=0 term_at=0 alive_at=0 polled_at=$t0 l1_stall_ms=0
   set_phase
   while :; do
     while kill -0 "$pid" 2>/dev/null; do
       now="$(ms)"
       elapsed=$((now - t0))
+      [ $((now - polled_at)) -gt "$l1_stall_ms" ] && l1_stall_ms=$((now - polled_at))
+      polled_at=$now
       if [ "$restoring" = 1 ] && [ "$first_output_ms" = -1 ] && [ "$(wc -c <"$out")" -gt "$restore_bytes" ]; then
         first_output_ms=$((elapsed - restore_start))
       fi
@@ -270,6 +278,7 @@ attempt() {
         "$@" -incoming "file:$snap" </dev/null >>"$out" 2>>"$err" &
         pid=$!
         restoring=1 restore_start=$(($(ms) - t0))
+        polled_at=$((restore_start + t0))   # the wait for the save's QMP session and the hashing were no stall
         set_phase
         continue
       fi
@@ -305,16 +314,21 @@ attempt() {
   fi
 }
 
-# The early-boot failure signature of the last attempt, or nothing: in the guest's last boot (from its last
+# The emulated environment's failure signature of the last attempt, or nothing: a timeout during which L1 stalled
+# (see "So is a case that timed out" above), or, in the guest's last boot (from its last
 # "Linux version" banner on: a case may reboot the guest) the marker never came, and kestrel reported a triple
 # fault (anywhere before the marker: the emulated environment's nested-SVM fault has struck before /init, while
 # /init loaded its modules, and in a reboot's early boot) or the case timed out before /init. Other failures are
 # never retried, and a fault of Kestrel's own that repeats still fails: each attempt is judged alike.
-early_failure() {
+environment_failure() {
   local last_boot
   last_boot="$(tr -d '\r' <"$out" | awk '/Linux version/ { boot = "" } { boot = boot $0 "\n" } END { printf "%s", boot }')"
-  printf '%s' "$last_boot" | grep -q "$marker" && return
   last="$(printf '%s' "$last_boot" | grep -v -e '^[[:space:]]*$' -e '^DISK-SHA256 ' -e '^NETNS-' -e '^KESTREL-RESTORE-SKIPPED' | tail -n 1 | sed 's/[^ -~]//g' | cut -c1-160)"
+  if [ "$reason" = timeout ] && [ "$l1_stall_ms" -ge "$BUDGET_L1_STALL_MS" ]; then
+    echo "L1 stalled for $(secs "$l1_stall_ms") s during the case (its case loop did not run) and the case timed out: the emulated runner, not the guest; last line: $last"
+    return
+  fi
+  printf '%s' "$last_boot" | grep -q "$marker" && return
   if grep -q 'triple fault' "$err"; then
     echo "triple fault in early boot (kestrel exit $code) after: $last"
   elif [ "$reason" = timeout ] && ! printf '%s' "$last_boot" | grep -q 'Run /init as init process'; then
@@ -335,7 +349,7 @@ run_case() {
   attempt "$1"
   tries=1
   while [ "$tries" -le "$BUDGET_EARLY_RETRIES" ]; do
-    sig="$(early_failure)"
+    sig="$(environment_failure)"
     [ -n "$sig" ] || break
     if [ "$tries" = 1 ]; then which="first attempt"; else which="attempt $tries"; fi
     echo "=== CASE $name RETRY $which: $sig"
@@ -354,7 +368,7 @@ run_case() {
   echo
   echo "=== CASE $name STDERR"
   cat "$err"
-  echo "=== CASE $name END exit=$code reason=$reason ms=$((t1 - t0)) marker_ms=$marker_ms budget_ms=$deadline l1_epoch_start=$epoch0 l1_epoch_end=$(date +%s)"
+  echo "=== CASE $name END exit=$code reason=$reason ms=$((t1 - t0)) marker_ms=$marker_ms budget_ms=$deadline l1_epoch_start=$epoch0 l1_epoch_end=$(date +%s) l1_stall_ms=$l1_stall_ms"
   sed "s/^/=== CASE $name TIMING /" "$CASE_TMP/$name.timing"
   update_reference
 }

@@ -338,7 +338,7 @@ runner_check() {
     fi
   done
   printf 'runner %s: %d passed, %d failed, %d retried%s\n' "$RUNNER_ARCH" "$n_pass" "$n_fail" "$n_retried" \
-    "${retried_names[*]:+ (RETRIED: ${retried_names[*]}; failures of the emulated environment: early-boot faults, see ci/runner/compare-qemu, or L1 stopping)}"
+    "${retried_names[*]:+ (RETRIED: ${retried_names[*]}; failures of the emulated environment: early-boot faults, see ci/runner/compare-qemu, L1 stalling during a case that timed out, or L1 stopping)}"
   return $failed
 }
 
