@@ -9,12 +9,13 @@
 mod support;
 
 use std::io::IoSlice;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
 use devices::virtio::net::tap::{Tap, TapError};
 use devices::virtio::net::{NetBackend, VNET_HDR_LEN};
-use support::{kestrel, kvm_available, payload, run_with_timeout};
+use support::{inherit_fd, kestrel, kvm_available, payload, run_with_timeout};
 
 /// A tap interface name unique to this process and `tag`.
 fn tap_name(tag: &str) -> String {
@@ -122,4 +123,74 @@ fn kestrel_opens_its_tap_and_reports_one_clear_line_when_it_cannot() {
         assert_eq!(run.stderr.trim().lines().count(), 1, "{bad}: {}", run.describe());
         assert!(run.stderr.contains(reason), "{bad}: {}", run.describe());
     }
+}
+
+/// The descriptor number an inherited tap is passed on, as libvirt passes one.
+const TAP_FD: i32 = 40;
+
+/// A second descriptor for `tap`'s open file (the same attachment), to pass to a child.
+fn duplicate(tap: &Tap) -> OwnedFd {
+    // SAFETY: dup of a descriptor `tap` holds open; the new descriptor is owned by the result alone.
+    let fd = unsafe { libc::dup(tap.raw_fd()) };
+    assert!(fd >= 0, "dup: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by dup and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `-netdev tap,fd=N` (libvirt's way: it creates the tap and passes it): Kestrel configures the tap it inherited as
+/// it configures one it opened, which the shared open file shows afterwards (the test had made it blocking and
+/// given it 10-byte vnet headers: Kestrel made it non-blocking, with 12-byte headers), and runs the guest with
+/// it. A descriptor Kestrel did not inherit, or one that is not a tap, is one clear line.
+#[test]
+fn kestrel_takes_an_inherited_tap_and_refuses_a_descriptor_that_is_not_one() {
+    if !kvm_available() {
+        return;
+    }
+    let name = tap_name("i");
+    let Some(tap) = open_tap(&name) else { return };
+    let shared = duplicate(&tap);
+    let raw = shared.as_raw_fd();
+    let ten: libc::c_int = 10;
+    // SAFETY: F_SETFL with plain flags, and TUNSETVNETHDRSZ reading one int from `ten`: no other memory is passed.
+    unsafe {
+        assert_eq!(libc::fcntl(raw, libc::F_SETFL, libc::O_RDWR), 0);
+        assert_eq!(libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &ten), 0);
+    }
+    let probe = payload("probe.bzImage");
+    let netdev = format!("tap,id=n0,fd={TAP_FD}");
+    let args = |netdev: &str| {
+        let probe = probe.to_str().unwrap().to_string();
+        ["-kernel", &probe, "-append", "poweroff now", "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
+            .map(str::to_string)
+    };
+    let argv = args(&netdev);
+    let mut cmd = kestrel(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    inherit_fd(&mut cmd, duplicate(&tap), TAP_FD);
+    let run = run_with_timeout(cmd, Duration::from_secs(30));
+    run.assert_success();
+    run.assert_stdout_has("probe: poweroff");
+    // SAFETY: F_GETFL returns flags; TUNGETVNETHDRSZ writes one int into `header`.
+    let (status, header) = unsafe {
+        let mut header: libc::c_int = 0;
+        assert_eq!(libc::ioctl(raw, libc::TUNGETVNETHDRSZ, &mut header), 0);
+        (libc::fcntl(raw, libc::F_GETFL), header)
+    };
+    assert_ne!(status & libc::O_NONBLOCK, 0, "kestrel made the inherited tap non-blocking");
+    assert_eq!(header, VNET_HDR_LEN as libc::c_int, "kestrel set the vnet header size");
+    drop(tap);
+
+    // Not inherited: nothing is open on descriptor TAP_FD in the child.
+    let argv = args(&netdev);
+    let run = run_with_timeout(kestrel(&argv.iter().map(String::as_str).collect::<Vec<_>>()), Duration::from_secs(10));
+    assert!(!run.status.success(), "{}", run.describe());
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.describe());
+    assert!(run.stderr.contains(&format!("descriptor {TAP_FD} was not passed to Kestrel")), "{}", run.describe());
+
+    // Inherited, but /dev/null.
+    let mut cmd = kestrel(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    inherit_fd(&mut cmd, std::fs::File::open("/dev/null").unwrap().into(), TAP_FD);
+    let run = run_with_timeout(cmd, Duration::from_secs(10));
+    assert!(!run.status.success(), "{}", run.describe());
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.describe());
+    assert!(run.stderr.contains(&format!("descriptor {TAP_FD} is not a tap interface")), "{}", run.describe());
 }

@@ -26,7 +26,7 @@ const DOMAIN: &str = "kestrel-dom";
 /// (libvirt's default USB controller and memory balloon turned off). The CPU is the host's, the one Kestrel
 /// offers, except for QEMU, which cannot give this machine's KVM its host CPU (it fails to set
 /// IA32_ARCH_CAPABILITIES) and gets libvirt's default, qemu64.
-fn domain_xml(emulator: &Path, machine: &str, kernel: &Path, cmdline: &str) -> String {
+fn domain_xml(emulator: &Path, machine: &str, kernel: &Path, cmdline: &str, devices: &str) -> String {
     let cpu = if emulator.ends_with("qemu-system-x86_64") { "" } else { "<cpu mode='host-passthrough'/>" };
     format!(
         "<domain type='kvm'>
@@ -47,6 +47,7 @@ fn domain_xml(emulator: &Path, machine: &str, kernel: &Path, cmdline: &str) -> S
     <memballoon model='none'/>
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
+    {devices}
   </devices>
 </domain>
 ",
@@ -78,13 +79,24 @@ impl<'a> Domain<'a> {
     }
 
     fn define_machine(libvirt: &'a PrivateLibvirt, emulator: &Path, machine: &str, cmdline: &str) -> Domain<'a> {
+        Self::define_with_devices(libvirt, emulator, machine, cmdline, "")
+    }
+
+    /// A domain with more `devices` (XML) than the minimal one.
+    fn define_with_devices(
+        libvirt: &'a PrivateLibvirt,
+        emulator: &Path,
+        machine: &str,
+        cmdline: &str,
+        devices: &str,
+    ) -> Domain<'a> {
         // One directory per domain: the tests run at once.
         static DEFINED: AtomicUsize = AtomicUsize::new(0);
         let name = format!("libvirt-domain-{}-{}", std::process::id(), DEFINED.fetch_add(1, Ordering::Relaxed));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let xml = dir.join("domain.xml");
-        std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline)).unwrap();
+        std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline, devices)).unwrap();
         libvirt.virsh(&["define", xml.to_str().unwrap()]).assert_success("virsh define");
         Domain { libvirt, dir }
     }
@@ -347,6 +359,46 @@ fn a_q35_domain_runs_too() {
     domain.destroy();
     assert_eq!(domain.state(), "shut off (destroyed)");
     assert!(!process_exists(pid), "the emulator outlived destroy");
+}
+
+/// libvirt's usual network card: it creates the tap itself (`<interface type='ethernet'>`, as for its bridges and
+/// networks) and passes it to the emulator as `-netdev tap,fd=N,id=...`. Kestrel takes that tap for
+/// the domain's virtio-net device: its descriptor, open in Kestrel, is attached to the interface libvirt named
+/// (the kernel's fdinfo for a tap says `iff:` and the name), and destroying the domain takes the interface away.
+#[test]
+fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let tap = format!("kvt{}", std::process::id() % 1_000_000);
+    let interface = format!(
+        "<interface type='ethernet'><target dev='{tap}' managed='yes'/><mac address='52:54:00:4b:45:53'/>\
+         <model type='virtio'/></interface>"
+    );
+    let domain = Domain::define_with_devices(&libvirt, &emulator, "pc", "echo", &interface);
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    // (In key=value form: the probe does not claim QEMU's JSON -netdev.)
+    assert!(log.contains("-netdev tap,fd="), "{log}");
+    let pid = domain.pid();
+    let attached = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .any(|info| info.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["iff:", tap.as_str()]));
+    assert!(attached, "kestrel (pid {pid}) holds no descriptor attached to tap {tap}; its log:\n{log}");
+    assert!(Path::new(&format!("/sys/class/net/{tap}")).exists());
+    let interfaces = domain.virsh("domiflist");
+    assert!(interfaces.contains(&tap) && interfaces.contains("52:54:00:4b:45:53"), "{interfaces}");
+    domain.destroy();
+    assert!(!process_exists(pid), "the emulator outlived destroy");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/sys/class/net/{tap}")).exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "libvirt's tap {tap} outlived the domain");
 }
 
 #[test]

@@ -11,8 +11,6 @@ mod support;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -21,28 +19,12 @@ use support::counting_vm::{
     assert_count_continues, counts, enable_migration_events, event_names, events, file_uri, flood_command, migrate,
     running_save_events, Dir, Vm,
 };
-use support::kvm_available;
 use support::qmp::QmpClient;
+use support::{inherit_fd, kvm_available};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The descriptor number a restored kestrel inherits its stream on, as libvirt passes it.
 const STREAM_FD: RawFd = 50;
-
-/// Makes the child inherit `fd` as descriptor `number` (libvirt's way of passing the stream to restore).
-fn inherit(cmd: &mut Command, fd: OwnedFd, number: RawFd) {
-    let raw = fd.as_raw_fd();
-    assert_ne!(raw, number, "dup2 onto itself would keep close-on-exec");
-    // SAFETY: runs in the child between fork and exec, where it only calls dup2 (async-signal-safe) on a
-    // descriptor the parent holds open (`fd`, moved into the closure so it outlives the spawn).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd.as_raw_fd(), number) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 /// A pipe whose write end a thread feeds `bytes` into (then closes); the read end.
 fn pipe_fed_with(bytes: Vec<u8>) -> (OwnedFd, thread::JoinHandle<()>) {
@@ -118,7 +100,7 @@ fn saved_into_a_pipe_through_getfd_and_restored_from_an_inherited_pipe() {
     let incoming = format!("fd:{STREAM_FD}");
     let mut args = vec!["-incoming", incoming.as_str()];
     args.extend_from_slice(&machine);
-    let restored = Vm::start_with(&dir, "restored", &args, |cmd| inherit(cmd, stream, STREAM_FD));
+    let restored = Vm::start_with(&dir, "restored", &args, |cmd| inherit_fd(cmd, stream, STREAM_FD));
     let last = *counts(&source_console).last().unwrap();
     restored.wait_for_count(last + 500);
     feeder.join().unwrap();
@@ -146,7 +128,7 @@ fn incoming_defer_then_migrate_incoming_from_a_pipe_or_a_file() {
     let (stream, feeder) = pipe_fed_with(snapshot.clone());
     let mut args = vec!["-S", "-incoming", "defer"];
     args.extend_from_slice(&machine);
-    let restored = Vm::start_with(&dir, "deferred", &args, |cmd| inherit(cmd, stream, STREAM_FD));
+    let restored = Vm::start_with(&dir, "deferred", &args, |cmd| inherit_fd(cmd, stream, STREAM_FD));
     let mut qmp = restored.client();
     assert_eq!(qmp.status(), "inmigrate");
     enable_migration_events(&mut qmp);
@@ -272,7 +254,7 @@ fn a_truncated_stream_is_refused_with_one_line() {
     args.extend_from_slice(&machine);
     // It may end before its QMP socket is seen: run to its end rather than as a `Vm`.
     let mut cmd = flood_command(&dir, "cut", &args);
-    inherit(&mut cmd, stream, STREAM_FD);
+    inherit_fd(&mut cmd, stream, STREAM_FD);
     let output = cmd.output().unwrap();
     let console = dir.path("cut.log");
     feeder.join().unwrap();
@@ -282,7 +264,7 @@ fn a_truncated_stream_is_refused_with_one_line() {
     let (stream, feeder) = pipe_fed_with(cut);
     let mut args = vec!["-incoming", "defer"];
     args.extend_from_slice(&machine);
-    let restored = Vm::start_with(&dir, "cut-deferred", &args, |cmd| inherit(cmd, stream, STREAM_FD));
+    let restored = Vm::start_with(&dir, "cut-deferred", &args, |cmd| inherit_fd(cmd, stream, STREAM_FD));
     let mut qmp = restored.client();
     let command = json!({"execute": "migrate-incoming", "arguments": {"uri": format!("fd:{STREAM_FD}")}});
     let (_, reply) = qmp.execute(&command.to_string());

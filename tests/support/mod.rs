@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -128,6 +130,22 @@ pub fn kestrel(args: &[&str]) -> Command {
     let mut cmd = kestrel_command();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
+}
+
+/// Makes the child inherit `fd` as descriptor `number`, as libvirt passes a restore's stream or a tap.
+pub fn inherit_fd(cmd: &mut Command, fd: OwnedFd, number: RawFd) {
+    let raw = fd.as_raw_fd();
+    assert_ne!(raw, number, "dup2 onto itself would keep close-on-exec");
+    // SAFETY: runs in the child between fork and exec, where it only calls dup2 (async-signal-safe) on a
+    // descriptor the parent holds open (`fd`, moved into the closure so it outlives the spawn).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd.as_raw_fd(), number) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Runs `cmd` and kills it after `timeout`: a hang is a failure with the output so far, never a stuck test.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use crate::config::{
     parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
-    MachineType, NetConfig, SerialConfig, SocketAddress, VmConfig,
+    MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
 };
 
 mod qemu_devices;
@@ -77,7 +77,7 @@ QEMU's device options (key=value or libvirt's JSON form):
   -drive file=F,if=virtio,format=raw[,readonly=on][,cache=none|writeback][,serial=S]
   -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F [-blockdev driver=raw,...]
   -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
-  -netdev tap,id=N,ifname=TAP,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
+  -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
   -serial chardev:C
@@ -475,7 +475,7 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
         }
     }
     let tap = tap.ok_or_else(|| invalid("--net", value, "tap=NAME is required"))?;
-    Ok(NetConfig { tap, mac, frontend: Frontend::default() })
+    Ok(NetConfig { tap: TapConfig::Named(tap), mac, frontend: Frontend::default() })
 }
 
 /// `pc`, `q35`, `microvm`, `virt`, `none` or their versioned names, with QEMU's `type=` spelling and `accel=`;
@@ -1291,12 +1291,24 @@ mod tests {
 
     #[test]
     fn qemu_netdev_and_nic() {
-        let config = config(
+        let qemu = config(
             "-kernel k -netdev tap,id=n0,ifname=ktap0,script=no,downscript=no,vhost=off \
              -device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc,id=net0",
         );
         let mac = Some(MacAddress([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
-        assert_eq!(config.nets, vec![NetConfig { tap: "ktap0".into(), mac, frontend: pci(Some("net0")) }]);
+        assert_eq!(
+            qemu.nets,
+            vec![NetConfig { tap: TapConfig::Named("ktap0".into()), mac, frontend: pci(Some("net0")) }]
+        );
+        // libvirt's form: the tap it created, passed as a descriptor, in JSON; vhost-net's descriptor beside it is
+        // taken and left unused.
+        let libvirt = config(
+            r#"-kernel k -netdev {"type":"tap","fd":"27","vhost":true,"vhostfd":"28","id":"hostnet0"}
+             -device {"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:aa:bb:cc"}"#,
+        );
+        let frontend = pci(Some("net0"));
+        assert_eq!(libvirt.nets, vec![NetConfig { tap: TapConfig::Inherited(27), mac, frontend }]);
+        assert_eq!(libvirt.nets[0].tap.to_string(), "tap,fd=27");
         for (args, needle) in [
             ("-netdev tap,id=n0,ifname=a/b -device virtio-net-pci,netdev=n0", "ifname"),
             ("-netdev tap,id=n0,ifname=t0 -device virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01", "mac="),
@@ -1338,7 +1350,13 @@ mod tests {
             ("-netdev user,id=n0", "user networking"),
             ("-netdev tap,id=n0,ifname=t0,script=/etc/qemu-ifup", "script=no"),
             ("-netdev tap,id=n0,ifname=t0,vhost=on", "vhost"),
-            ("-netdev tap,id=n0,fd=3", "'fd' is not supported"),
+            ("-netdev tap,id=n0,fds=3:4", "'fds' is not supported"),
+            ("-netdev tap,id=n0,fd=2", "descriptor number above 2"),
+            ("-netdev tap,id=n0,fd=tapfd", "descriptor number above 2"),
+            ("-netdev tap,id=n0,fd=30,ifname=t0", "cannot be used together"),
+            ("-netdev tap,id=n0", "ifname= or fd= is required"),
+            ("-netdev tap,id=n0,ifname=t0,vhost=on,vhostfd=31", "vhostfd= needs fd= and vhost=on"),
+            ("-netdev tap,id=n0,fd=30,vhostfd=31", "vhostfd= needs fd= and vhost=on"),
             ("-device virtio-net-pci,netdev=n9", "no -netdev with id 'n9'"),
             ("-device virtconsole,chardev=c0", "no -chardev"),
             ("-chardev stdio,id=c0 -device virtconsole,chardev=c0", "virtio-serial"),
@@ -1400,9 +1418,9 @@ mod tests {
         assert_eq!(
             config.nets,
             vec![
-                NetConfig { tap: "tap0".into(), mac: None, frontend: Frontend::default() },
+                NetConfig { tap: TapConfig::Named("tap0".into()), mac: None, frontend: Frontend::default() },
                 NetConfig {
-                    tap: "kestrel1".into(),
+                    tap: TapConfig::Named("kestrel1".into()),
                     mac: Some(MacAddress([0x52, 0x54, 0, 0xab, 0xcd, 1])),
                     frontend: Frontend::default()
                 },

@@ -105,15 +105,34 @@ pub struct ConsoleConfig {
     pub frontend: Frontend,
 }
 
-/// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` with
+/// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` or `-netdev tap,fd=N` with
 /// `-device virtio-net-...,mac=MAC`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The tap interface's name (created if it does not exist).
-    pub tap: String,
+    pub tap: TapConfig,
     /// The guest's MAC address; by default 52:54:00:12:34:56 for the first network device, :57 for the next...
     pub mac: Option<MacAddress>,
     pub frontend: Frontend,
+}
+
+/// Where a network device's tap interface comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapConfig {
+    /// The tap interface of this name, created if it does not exist (`--net tap=NAME`, `-netdev tap,ifname=NAME`).
+    Named(String),
+    /// A tap another process created and attached, on a descriptor Kestrel inherited (`-netdev tap,fd=N`: libvirt
+    /// creates a domain's tap itself and passes it).
+    Inherited(std::os::fd::RawFd),
+}
+
+impl std::fmt::Display for TapConfig {
+    /// As the option that gave it: `tap=NAME` or `tap,fd=N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TapConfig::Named(name) => write!(f, "tap={name}"),
+            TapConfig::Inherited(fd) => write!(f, "tap,fd={fd}"),
+        }
+    }
 }
 
 /// Where a control socket listens.

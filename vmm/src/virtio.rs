@@ -9,7 +9,7 @@ use std::thread;
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::tap::Tap;
+use devices::virtio::net::tap::{Tap, TapError};
 use devices::virtio::net::{MacAddress, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::{QueueHandler, VirtioDevice};
@@ -20,8 +20,9 @@ use mio::{Events, Interest, Poll, Token};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Frontend, VirtioTransport, VmConfig};
+use crate::config::{Frontend, TapConfig, VirtioTransport, VmConfig};
 use crate::console;
+use crate::inherited;
 use crate::seccomp::{confined, ThreadKind};
 use crate::snapshot::Component;
 use crate::Error;
@@ -69,7 +70,13 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
         devices.push(NamedDevice::new(format!("virtio-blk{index}"), block, transport(&disk.frontend), &disk.frontend));
     }
     for (index, net) in config.nets.iter().enumerate() {
-        let tap = Tap::open(&net.tap).map_err(|e| Error::Device(format!("--net tap={}: {e}", net.tap)))?;
+        let tap = match &net.tap {
+            TapConfig::Named(name) => Tap::open(name),
+            TapConfig::Inherited(fd) => inherited::claim(*fd)
+                .map_err(|e| TapError::NotATapDescriptor(*fd, std::io::Error::other(e)))
+                .and_then(Tap::from_fd),
+        };
+        let tap = tap.map_err(|e| Error::Device(format!("--net {}: {e}", net.tap)))?;
         let mac = net.mac.unwrap_or_else(|| MacAddress::default_for(index));
         let device = Arc::new(Mutex::new(Net::new(mac, Box::new(tap))));
         devices.push(NamedDevice::new(format!("virtio-net{index}"), device, transport(&net.frontend), &net.frontend));

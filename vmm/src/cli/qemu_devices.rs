@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
-use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, VirtioTransport};
+use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
 /// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
@@ -227,11 +227,6 @@ struct BlockBackend {
     used: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct TapNetdev {
-    ifname: String,
-}
-
 /// The devices QEMU's options describe, in command-line order per kind.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct QemuDevices {
@@ -258,7 +253,8 @@ pub struct QemuDeviceOptions {
     drive_ids: Vec<String>,
     /// Every `-blockdev node-name=`.
     node_names: Vec<String>,
-    netdevs: HashMap<String, (TapNetdev, bool)>,
+    /// `-netdev` taps by id, and whether a device uses each yet.
+    netdevs: HashMap<String, (TapConfig, bool)>,
     /// `-object` ids, and whether each was given in the JSON form.
     rng_objects: Vec<(String, bool)>,
     /// `-object secret` ids (accepted, unused).
@@ -388,7 +384,11 @@ impl QemuDeviceOptions {
         Ok(())
     }
 
-    /// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=off]`
+    /// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no][,vhost=off]`, or `-netdev tap,id=ID,fd=N` with a
+    /// tap Kestrel inherited on descriptor N (libvirt's way: it creates the tap and passes it). With fd=, libvirt
+    /// may also pass `vhost=on,vhostfd=M` when the host has /dev/vhost-net: the device then runs in Kestrel, not
+    /// in the kernel's vhost-net (not supported yet), as a warning says; descriptor M (libvirt's open /dev/vhost-net)
+    /// is left unused.
     pub fn netdev(&mut self, value: &str) -> Result<(), CliError> {
         let opts = Opts::parse("-netdev", OsStr::new(value), "type", &[])?;
         match opts.first.as_deref() {
@@ -399,20 +399,29 @@ impl QemuDeviceOptions {
             _ => return Err(invalid("-netdev", value, "only tap netdevs are supported")),
         }
         let mut ifname = None;
+        let mut fd = None;
+        let mut vhost = false;
+        let mut vhostfd = None;
         let mut id = None;
+        let descriptor = |key: &str, setting: &str| {
+            setting.parse::<std::os::fd::RawFd>().ok().filter(|&n| n > 2).ok_or_else(|| {
+                invalid("-netdev", value, format!("{key}={setting}: a descriptor number above 2 is required"))
+            })
+        };
         for (key, setting) in &opts.pairs {
             match key.as_str() {
                 "id" => id = Some(setting.clone()),
                 "ifname" => ifname = Some(setting.clone()),
+                "fd" => fd = Some(descriptor(key, setting)?),
                 "script" | "downscript" if setting == "no" || setting.is_empty() => {}
                 "script" | "downscript" => {
                     return Err(invalid("-netdev", value, "scripts are not run: give script=no,downscript=no"));
                 }
-                "vhost" if !on_off("-netdev", value, key, setting)? => {}
-                "vhost" => return Err(invalid("-netdev", value, "vhost-net is not supported: vhost=off")),
+                "vhost" => vhost = on_off("-netdev", value, key, setting)?,
+                "vhostfd" => vhostfd = Some(descriptor(key, setting)?),
                 "queues" if setting == "1" => {}
-                "fd" | "fds" | "vhostfd" | "vhostfds" | "helper" | "br" | "queues" => {
-                    return Err(invalid("-netdev", value, format!("'{key}' is not supported: give ifname=")));
+                "fds" | "vhostfds" | "helper" | "br" | "queues" => {
+                    return Err(invalid("-netdev", value, format!("'{key}' is not supported: give ifname= or fd=")));
                 }
                 _ => return Err(invalid("-netdev", value, format!("unsupported setting '{key}'"))),
             }
@@ -421,9 +430,26 @@ impl QemuDeviceOptions {
         if self.netdevs.contains_key(&id) {
             return Err(duplicate_id("-netdev", value, format!("Duplicate ID '{id}' for netdev")));
         }
-        let ifname = ifname.ok_or_else(|| invalid("-netdev", value, "ifname= is required"))?;
-        devices::virtio::net::tap::check_name(&ifname).map_err(|e| invalid("-netdev", value, e.to_string()))?;
-        self.netdevs.insert(id, (TapNetdev { ifname }, false));
+        let tap = match (ifname, fd) {
+            (Some(_), Some(_)) => return Err(invalid("-netdev", value, "ifname= and fd= cannot be used together")),
+            (None, None) => return Err(invalid("-netdev", value, "ifname= or fd= is required")),
+            (Some(ifname), None) => {
+                devices::virtio::net::tap::check_name(&ifname).map_err(|e| invalid("-netdev", value, e.to_string()))?;
+                TapConfig::Named(ifname)
+            }
+            (None, Some(fd)) => TapConfig::Inherited(fd),
+        };
+        match (vhost, vhostfd, &tap) {
+            (false, None, _) => {}
+            (true, Some(_), TapConfig::Inherited(_)) => {
+                eprintln!(
+                    "kestrel: -netdev {id}: vhost-net is not supported yet: the virtio-net device runs in Kestrel"
+                );
+            }
+            (_, Some(_), _) => return Err(invalid("-netdev", value, "vhostfd= needs fd= and vhost=on")),
+            (true, None, _) => return Err(invalid("-netdev", value, "vhost-net is not supported: vhost=off")),
+        }
+        self.netdevs.insert(id, (tap, false));
         Ok(())
     }
 
@@ -565,7 +591,7 @@ impl QemuDeviceOptions {
                     let mac = opts.get("mac").map(|m| {
                         m.parse::<MacAddress>().map_err(|e| invalid("-device", value, format!("mac={m}: {e}")))
                     });
-                    out.nics.push(NetConfig { tap: tap.ifname.clone(), mac: mac.transpose()?, frontend });
+                    out.nics.push(NetConfig { tap: tap.clone(), mac: mac.transpose()?, frontend });
                 }
                 "virtio-rng" => {
                     known("virtio-rng")?;

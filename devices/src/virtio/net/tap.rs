@@ -1,13 +1,14 @@
 //! A Linux tap interface as virtio-net's backend: /dev/net/tun opened non-blocking, attached by TUNSETIFF to the
 //! tap interface of a given name (created if it does not exist; an existing one must have been made for the
-//! same flags), with every frame preceded by a 12-byte `virtio_net_hdr_v1` (IFF_VNET_HDR + TUNSETVNETHDRSZ), and
-//! the offloads the device negotiates (none: the kernel hands us checksummed, unsegmented frames and expects the
-//! same).
+//! same flags), or one already attached that Kestrel inherited (QEMU's `-netdev tap,fd=N`: libvirt creates the tap
+//! and passes it), with every frame preceded by a 12-byte `virtio_net_hdr_v1` (IFF_VNET_HDR + TUNSETVNETHDRSZ),
+//! and the offloads the device negotiates (none: the kernel hands us checksummed, unsegmented frames and expects
+//! the same).
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::{NetBackend, VNET_HDR_LEN};
@@ -35,6 +36,10 @@ pub enum TapError {
     NotATap(String, io::Error),
     #[error("configuring tap '{0}' ({1}) failed: {2}")]
     Configure(String, &'static str, io::Error),
+    #[error("descriptor {0} is not a tap interface: {1}")]
+    NotATapDescriptor(RawFd, io::Error),
+    #[error("tap '{0}' on descriptor {1} was not created as virtio-net needs it: {2}")]
+    TapFlags(String, RawFd, &'static str),
 }
 
 /// An open tap interface.
@@ -102,17 +107,55 @@ impl Tap {
         }
         // The kernel writes back the name it used (the same, as we gave a complete one).
         let name = CStr::from_bytes_until_nul(&req.name).ok().and_then(|n| n.to_str().ok()).unwrap_or(name).to_string();
-        let tap = Tap { file, name };
+        Tap { file, name }.configure()
+    }
+
+    /// Takes a tap another process attached (libvirt's, passed as `-netdev tap,fd=N`): it must be a tap (not a
+    /// tun) made with vnet headers and without packet information, as [`Tap::open`] makes them; it is made
+    /// non-blocking and configured the same way.
+    pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
+        let raw = fd.as_raw_fd();
+        let mut req = IfReq { name: [0; 16], flags: 0, _union_rest: [0; 22] };
+        // SAFETY: TUNGETIFF writes a `struct ifreq`; `req` is one, exclusively borrowed for the call. On a
+        // descriptor that is not a tun/tap the kernel writes nothing and fails.
+        if unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(TapError::NotATapDescriptor(raw, io::Error::last_os_error()));
+        }
+        let name = CStr::from_bytes_until_nul(&req.name).ok().and_then(|n| n.to_str().ok()).unwrap_or("?").to_string();
+        let flags = libc::c_int::from(req.flags);
+        let missing = if flags & libc::IFF_TAP == 0 {
+            Some("it is a tun (IP packets), not a tap (Ethernet frames)")
+        } else if flags & libc::IFF_VNET_HDR == 0 {
+            Some("it has no vnet headers (IFF_VNET_HDR)")
+        } else if flags & libc::IFF_NO_PI == 0 {
+            Some("it has packet information headers (no IFF_NO_PI)")
+        } else {
+            None
+        };
+        if let Some(why) = missing {
+            return Err(TapError::TapFlags(name, raw, why));
+        }
+        // SAFETY: F_GETFL and F_SETFL read and set the descriptor's status flags; no memory is passed.
+        let status = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if status < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, status | libc::O_NONBLOCK) } < 0 {
+            return Err(TapError::Configure(name, "non-blocking", io::Error::last_os_error()));
+        }
+        Tap { file: File::from(fd), name }.configure()
+    }
+
+    /// Sets the vnet header size and the offloads on a freshly attached tap.
+    fn configure(self) -> Result<Tap, TapError> {
         let header_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which points at `header_len`.
-        let set = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &header_len) };
-        tap.check(set, "vnet header size")?;
+        let set = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &header_len) };
+        self.check(set, "vnet header size")?;
         // No TUN_F_* offloads: the device offers no checksum or segmentation offload to the guest, so the kernel
         // must complete checksums and segment before frames reach us.
         let offloads: libc::c_ulong = 0;
         // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-        tap.check(unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETOFFLOAD, offloads) }, "offloads")?;
-        Ok(tap)
+        self.check(unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, offloads) }, "offloads")?;
+        Ok(self)
     }
 
     /// The interface's name.
