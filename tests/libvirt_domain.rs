@@ -365,6 +365,7 @@ fn a_q35_domain_runs_too() {
 /// networks) and passes it to the emulator as `-netdev tap,fd=N,id=...`. Kestrel takes that tap for
 /// the domain's virtio-net device: its descriptor, open in Kestrel, is attached to the interface libvirt named
 /// (the kernel's fdinfo for a tap says `iff:` and the name), and destroying the domain takes the interface away.
+/// The domain has libvirt's virtio rng on /dev/urandom too.
 #[test]
 fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
     if !kvm_available() || !libvirt_available() {
@@ -375,7 +376,8 @@ fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
     let tap = format!("kvt{}", std::process::id() % 1_000_000);
     let interface = format!(
         "<interface type='ethernet'><target dev='{tap}' managed='yes'/><mac address='52:54:00:4b:45:53'/>\
-         <model type='virtio'/></interface>"
+         <model type='virtio'/></interface>\
+         <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
     );
     let domain = Domain::define_with_devices(&libvirt, &emulator, "pc", "echo", &interface);
     domain.start(false);
@@ -383,6 +385,7 @@ fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
     let log = domain.log();
     // (In key=value form: the probe does not claim QEMU's JSON -netdev.)
     assert!(log.contains("-netdev tap,fd="), "{log}");
+    assert!(log.contains("virtio-rng-pci"), "{log}");
     let pid = domain.pid();
     let attached = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
