@@ -105,6 +105,14 @@ set_phase() {
 # timing TEXT: one line of the case's TIMING report.
 timing() { echo "$*" >>"$CASE_TMP/$name.timing"; }
 
+# One poll of the case loop: now is the time, and a pause since the last poll longer than any before is the
+# longest L1 stall so far (the loop sleeps 50 ms between polls).
+note_poll() {
+  now="$(ms)"
+  [ $((now - polled_at)) -gt "$l1_stall_ms" ] && l1_stall_ms=$((now - polled_at))
+  polled_at=$now
+}
+
 # qmp_save PID: saves kestrel PID's VM to $snap over QMP and quits it (see "Save and restore" above); the
 # transcript goes to $CASE_TMP/$name.qmp. The session stays open until kestrel exits. nc runs in the case's network
 # namespace, if it has one: kestrel's 127.0.0.1 is there.
@@ -197,10 +205,8 @@ attempt() {
   set_phase
   while :; do
     while kill -0 "$pid" 2>/dev/null; do
-      now="$(ms)"
+      note_poll
       elapsed=$((now - t0))
-      [ $((now - polled_at)) -gt "$l1_stall_ms" ] && l1_stall_ms=$((now - polled_at))
-      polled_at=$now
       if [ "$restoring" = 1 ] && [ "$first_output_ms" = -1 ] && [ "$(wc -c <"$out")" -gt "$restore_bytes" ]; then
         first_output_ms=$((elapsed - restore_start))
       fi
@@ -248,6 +254,7 @@ attempt() {
       fi
       sleep 0.05
     done
+    note_poll   # the poll that found kestrel gone ends a stall too: it may have exited while L1 stalled
     wait "$pid"
     code=$?
     t1="$(ms)"
