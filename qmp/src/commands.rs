@@ -5,9 +5,9 @@ use serde_json::{json, Map, Value};
 
 use crate::fds::{MigrationChannel, PassedFds};
 use crate::machine::{
-    BlockDevice, BlockDeviceStats, CpuInfo, CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event, EventKind,
-    Machine, MigrationCapability, MigrationInfo, MigrationStatus, PciDevice, PciRegion, QmpError, QomType, RunState,
-    ShutdownCause, Target, TypeProperty,
+    BlockBacking, BlockDevice, BlockDeviceStats, CpuInfo, CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event,
+    EventKind, Machine, MigrationCapability, MigrationInfo, MigrationStatus, PciDevice, PciRegion, QmpError, QomType,
+    RunState, ShutdownCause, Target, TypeProperty,
 };
 use crate::schema::{opt, req, ObjectType, SchemaBuilder, Type};
 use crate::session::ServerInfo;
@@ -169,6 +169,7 @@ static BLOCKDEV_CACHE_INFO: Type = Type::Object(&ObjectType {
     members: &[req("writeback", &BOOL), req("direct", &BOOL), req("no-flush", &BOOL)],
     tag: None,
 });
+/// QEMU 7.2's `ImageInfo`, less what Kestrel never reports (snapshots, encryption, format-specific data).
 static IMAGE_INFO: Type = Type::Object(&ObjectType {
     members: &[
         req("filename", &STR),
@@ -176,6 +177,11 @@ static IMAGE_INFO: Type = Type::Object(&ObjectType {
         opt("dirty-flag", &BOOL),
         opt("actual-size", &INT),
         req("virtual-size", &INT),
+        opt("cluster-size", &INT),
+        opt("backing-filename", &STR),
+        opt("full-backing-filename", &STR),
+        opt("backing-filename-format", &STR),
+        opt("backing-image", &IMAGE_INFO),
     ],
     tag: None,
 });
@@ -185,6 +191,7 @@ static BLOCK_DEVICE_INFO: Type = Type::Object(&ObjectType {
         opt("node-name", &STR),
         req("ro", &BOOL),
         req("drv", &STR),
+        opt("backing_file", &STR),
         req("backing_file_depth", &INT),
         req("encrypted", &BOOL),
         req("detect_zeroes", &DETECT_ZEROES),
@@ -744,24 +751,60 @@ fn query_machines(_: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError
         .collect())
 }
 
-/// `BlockInfo` for a virtio-blk disk on a raw image: never removable, no throttling, no encryption, no backing
-/// file; the guest-visible write cache is on (the device offers FLUSH and a flush is an fsync), so `writeback`.
-/// `BlockDeviceInfo`: the disk's image as a block node (`query-block`'s `inserted`, `query-named-block-nodes`).
-fn block_node(d: &BlockDevice) -> Value {
+/// QEMU's `ImageInfo` for one image of a chain: its own fields, then its backing file as it names it and, as
+/// `backing-image`, the image below (recursively).
+fn image_info(
+    filename: &str,
+    format: &str,
+    virtual_size: u64,
+    actual_size: Option<u64>,
+    cluster_size: Option<u64>,
+    backing: Option<&BlockBacking>,
+) -> Map<String, Value> {
     let mut image = Map::new();
-    image.insert("filename".into(), json!(d.file));
-    image.insert("format".into(), json!("raw"));
-    image.insert("dirty-flag".into(), json!(false));
-    if let Some(size) = d.actual_size {
+    image.insert("filename".into(), json!(filename));
+    image.insert("format".into(), json!(format));
+    if let Some(size) = actual_size {
         image.insert("actual-size".into(), json!(size));
     }
-    image.insert("virtual-size".into(), json!(d.virtual_size));
-    json!({
-        "file": d.file, "node-name": d.node_name, "ro": d.read_only, "drv": "raw", "backing_file_depth": 0,
+    image.insert("virtual-size".into(), json!(virtual_size));
+    if let Some(size) = cluster_size {
+        image.insert("cluster-size".into(), json!(size));
+    }
+    if let Some(b) = backing {
+        image.insert("backing-filename".into(), json!(b.name));
+        image.insert("full-backing-filename".into(), json!(b.filename));
+        if let Some(format) = &b.recorded_format {
+            image.insert("backing-filename-format".into(), json!(format));
+        }
+        let below =
+            image_info(&b.filename, &b.format, b.virtual_size, b.actual_size, b.cluster_size, b.backing.as_deref());
+        image.insert("backing-image".into(), Value::Object(below));
+    }
+    image
+}
+
+/// `BlockInfo` for a virtio-blk disk on a raw or qcow2 image: never removable, no throttling, no encryption; the
+/// guest-visible write cache is on (the device offers FLUSH and a flush writes back and fsyncs), so `writeback`.
+/// `BlockDeviceInfo`: the disk's image as a block node (`query-block`'s `inserted`, `query-named-block-nodes`),
+/// with its backing chain as `backing_file` (the name the image stores), `backing_file_depth` and the image's
+/// `backing-image`s. The backing images are not listed as nodes of their own.
+fn block_node(d: &BlockDevice) -> Value {
+    let format = if d.format.is_empty() { "raw" } else { d.format.as_str() };
+    let backing = d.backing.as_deref();
+    let mut image = image_info(&d.file, format, d.virtual_size, d.actual_size, d.cluster_size, backing);
+    image.insert("dirty-flag".into(), json!(false));
+    let depth = std::iter::successors(backing, |b| b.backing.as_deref()).count();
+    let mut node = json!({
+        "file": d.file, "node-name": d.node_name, "ro": d.read_only, "drv": format, "backing_file_depth": depth,
         "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0,
         "iops_wr": 0, "image": image, "cache": {"writeback": true, "direct": d.direct, "no-flush": false},
         "write_threshold": 0,
-    })
+    });
+    if let (Some(b), Some(node)) = (backing, node.as_object_mut()) {
+        node.insert("backing_file".into(), json!(b.name));
+    }
+    node
 }
 
 fn block_info(d: &BlockDevice) -> Value {

@@ -43,8 +43,8 @@ pub mod session;
 pub use fds::{MigrationChannel, PassedFds};
 pub use json::{to_qemu_json, Limits};
 pub use machine::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CommandLineParameter, CpuDefinition, CpuInfo,
-    CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
+    BlockBacking, BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CommandLineParameter, CpuDefinition,
+    CpuInfo, CpuModel, CpuModelExpansionType, CpuProps, ErrorClass, Event, EventKind, Machine, MachineInfo,
     MigrationCapabilities, MigrationCapability, MigrationInfo, MigrationRam, MigrationStatus, PciDevice, PciRegion,
     QmpError, QomObject, QomProperty, QomType, RunState, ShutdownCause, Target, Timestamp, TypeProperty,
 };

@@ -414,7 +414,7 @@ pub struct QomObject {
     pub properties: Vec<QomProperty>,
 }
 
-/// One disk (a virtio-blk device on a raw image), for `query-block` and `query-blockstats`.
+/// One disk (a virtio-blk device on a raw or qcow2 image), for `query-block` and `query-blockstats`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockDevice {
     /// The block backend's name (`BlockInfo.device`), e.g. `virtio0`.
@@ -432,7 +432,29 @@ pub struct BlockDevice {
     pub virtual_size: u64,
     /// Bytes the image occupies on the host (allocated blocks); `None` (omitted) if it could not be read.
     pub actual_size: Option<u64>,
+    /// The image format (`raw`, `qcow2`): QMP's `drv` and `image.format`.
+    pub format: String,
+    /// qcow2's cluster size.
+    pub cluster_size: Option<u64>,
+    /// The backing file the image names, and the chain below it.
+    pub backing: Option<Box<BlockBacking>>,
     pub stats: BlockDeviceStats,
+}
+
+/// A backing image, as QEMU's `ImageInfo` describes it below the image that names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockBacking {
+    /// The name stored in the image above (`backing-filename`, `backing_file`).
+    pub name: String,
+    /// The format the image above records for it (`backing-filename-format`), if any.
+    pub recorded_format: Option<String>,
+    /// The path opened (`full-backing-filename`, and this image's `filename`).
+    pub filename: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub actual_size: Option<u64>,
+    pub cluster_size: Option<u64>,
+    pub backing: Option<Box<BlockBacking>>,
 }
 
 /// One PCI function, for `query-pci`.

@@ -302,6 +302,9 @@ fn two_disks() -> Vec<BlockDevice> {
             direct: true,
             virtual_size: 1 << 20,
             actual_size: Some(8192),
+            format: "raw".into(),
+            cluster_size: None,
+            backing: None,
             stats: BlockDeviceStats { wr_highest_offset: 1536, invalid_wr_operations: 3, ..stats },
         },
         BlockDevice {
@@ -313,6 +316,9 @@ fn two_disks() -> Vec<BlockDevice> {
             direct: false,
             virtual_size: 512,
             actual_size: None,
+            format: "raw".into(),
+            cluster_size: None,
+            backing: None,
             stats: BlockDeviceStats::default(),
         },
     ]

@@ -7,8 +7,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
-    MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
+    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ImageFormat, Incoming, ListenSocket,
+    MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
 };
 
 mod qemu_devices;
@@ -44,8 +44,8 @@ Options (QEMU's spelling in brackets, where it has one):
   --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
                         QMP control socket (repeatable) [-qmp, or -chardev socket,id=ID,path=PATH,server=on,wait=off
                         with -mon chardev=ID,mode=control]
-  --disk path=FILE[,readonly=on][,serial=S][,direct=on]
-                        virtio-blk disk on a raw image (repeatable)
+  --disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]
+                        virtio-blk disk on a raw or qcow2 image (repeatable; qcow2 with its backing chain)
   --net tap=NAME[,mac=52:54:00:12:34:56]
                         virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
                         a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
@@ -314,6 +314,12 @@ fn on_off(option: &str, value: impl AsRef<OsStr>, key: &str, setting: &str) -> R
     }
 }
 
+/// An image format's name (`format=`): raw or qcow2.
+fn image_format(option: &str, value: impl AsRef<OsStr>, name: &str) -> Result<ImageFormat, CliError> {
+    ImageFormat::from_name(name)
+        .ok_or_else(|| invalid(option, value, format!("format '{name}' is not supported (raw, qcow2)")))
+}
+
 fn parse_port(option: &str, value: &OsStr, port: &str) -> Result<u16, CliError> {
     port.parse().ok().filter(|&p| p > 0).ok_or_else(|| invalid(option, value, format!("invalid port '{port}'")))
 }
@@ -432,15 +438,23 @@ fn parse_mon(value: &str) -> Result<String, CliError> {
     chardev.ok_or_else(|| invalid("-mon", value, "chardev= is required"))
 }
 
-/// `path=FILE[,readonly=on][,serial=S][,direct=on]`, or just the path.
+/// `path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,direct=on]`, or just the path.
 fn parse_disk(value: &OsStr) -> Result<DiskConfig, CliError> {
     let opts = Opts::split("--disk", value, "path", &["path", "file"])?;
     let path = opts.last_path(&["path", "file"]).map(PathBuf::from).unwrap_or_default();
-    let mut disk = DiskConfig { path, read_only: false, serial: None, direct: false, frontend: Frontend::default() };
+    let mut disk = DiskConfig {
+        path,
+        format: ImageFormat::Raw,
+        read_only: false,
+        serial: None,
+        direct: false,
+        frontend: Frontend::default(),
+    };
     for (key, setting) in opts.pairs {
         match key.as_str() {
             "readonly" => disk.read_only = on_off("--disk", value, &key, &setting)?,
             "direct" => disk.direct = on_off("--disk", value, &key, &setting)?,
+            "format" => disk.format = image_format("--disk", value, &setting)?,
             "serial" if setting.len() <= 20 => disk.serial = Some(setting),
             "serial" => return Err(invalid("--disk", value, "serial= takes at most 20 bytes")),
             _ => return Err(invalid("--disk", value, format!("unsupported setting '{key}'"))),
@@ -1210,6 +1224,7 @@ mod tests {
             vec![
                 DiskConfig {
                     path: "/a.img".into(),
+                    format: ImageFormat::Raw,
                     read_only: true,
                     serial: Some("disk-a".into()),
                     direct: false,
@@ -1235,7 +1250,7 @@ mod tests {
     }
 
     fn disk(path: &str, read_only: bool, direct: bool, frontend: Frontend) -> DiskConfig {
-        DiskConfig { path: path.into(), read_only, serial: None, direct, frontend }
+        DiskConfig { path: path.into(), format: ImageFormat::Raw, read_only, serial: None, direct, frontend }
     }
 
     fn pci(id: Option<&str>) -> Frontend {

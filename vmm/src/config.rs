@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use devices::virtio::image::ImageFormat;
+
 pub use devices::virtio::net::MacAddress;
 
 /// Where a guest character device (the first serial port, the virtio console) goes on the host.
@@ -86,10 +88,12 @@ pub struct Frontend {
     pub id: Option<String>,
 }
 
-/// A virtio-blk disk on a raw image file.
+/// A virtio-blk disk on an image file (raw or qcow2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
+    /// The image's format, as given (`format=`, `-blockdev driver=`); raw unless said otherwise.
+    pub format: ImageFormat,
     pub read_only: bool,
     /// Reported to the guest as the disk's serial number (at most 20 bytes).
     pub serial: Option<String>,

@@ -196,6 +196,12 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             // reads its file or stream with read (above).
             allow_file_creation(),
             allow(libc::SYS_fsync),
+            // qcow2 disks: the metadata imago caches is written back here (before a snapshot's state is taken, and
+            // on the way out), which may read and write the image at offsets.
+            allow(libc::SYS_preadv),
+            allow(libc::SYS_pwritev),
+            allow(libc::SYS_pwrite64),
+            allow(libc::SYS_fdatasync),
         ]),
         ThreadKind::Vcpu => list.extend([
             // Device accesses complete on the vCPU: interrupts through irqfds and ioeventfd-less notifications

@@ -62,9 +62,13 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
             read_only: disk.read_only,
             serial: disk.serial.clone().unwrap_or_default(),
             direct: disk.direct,
+            format: disk.format,
         };
-        let block = Block::open(&disk.path, &options)
-            .map_err(|e| Error::Device(format!("disk '{}': {e}", disk.path.display())))?;
+        let block = Block::open(&disk.path, &options).map_err(|e| match e {
+            // Names the file itself (a backing file's problem names the backing file).
+            devices::virtio::block::Error::Image(reason) => Error::Device(format!("disk: {reason}")),
+            e => Error::Device(format!("disk '{}': {e}", disk.path.display())),
+        })?;
         let block = Arc::new(Mutex::new(block));
         disks.push(block.clone());
         devices.push(NamedDevice::new(format!("virtio-blk{index}"), block, transport(&disk.frontend), &disk.frontend));

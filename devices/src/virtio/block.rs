@@ -1,5 +1,6 @@
-//! virtio-blk (virtio 1.2, 5.2) on a raw image: a host file or block device accessed with positional I/O
-//! (pread/pwrite straight into and out of guest memory, no bounce buffer).
+//! virtio-blk (virtio 1.2, 5.2) on a raw image (a host file or block device accessed with positional I/O:
+//! pread/pwrite straight into and out of guest memory, no bounce buffer) or a qcow2 image (through imago, with
+//! its backing chain; see [`image`](super::image)).
 //!
 //! # Requests
 //!
@@ -23,6 +24,14 @@
 //! (VIRTIO_BLK_F_BLK_SIZE) so a Linux guest only issues 4 KiB-aligned offsets and lengths. The buffers are the
 //! guest's own pages, so their alignment is the guest's: requests the host kernel refuses (EINVAL) fail with
 //! IOERR, never silently. Without `direct`, the host page cache is used and FLUSH (fsync) makes writes durable.
+//!
+//! # qcow2
+//!
+//! The same requests go to imago instead of the file: reads and writes (guest memory handed over as imago I/O
+//! vectors), FLUSH (imago's cached metadata written back, then fsync), DISCARD (clusters freed where the format
+//! can; a hint, so a format that cannot is not an error), WRITE_ZEROES (zero clusters; with UNMAP, freed to
+//! zero). Metadata imago caches is also written back by [`Block::flush_image`], which the VMM calls before a
+//! snapshot's state is taken and on its way out.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -34,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::chain::{self, Chain, Segment};
+use super::image::{self, ImageFormat, ImageInfo, Qcow2Image};
 use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
@@ -91,6 +101,7 @@ pub struct BlockOptions {
     pub serial: String,
     /// Open with O_DIRECT (see the module documentation for alignment).
     pub direct: bool,
+    pub format: ImageFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +112,9 @@ pub enum Error {
     Size(io::Error),
     #[error("disk serial {0:?} is longer than 20 bytes")]
     Serial(String),
+    /// A qcow2 image (or its backing chain) Kestrel cannot serve; `reason` names the file.
+    #[error("{0}")]
+    Image(String),
 }
 
 /// I/O counters, for `query-blockstats`.
@@ -206,9 +220,15 @@ pub struct Parsed {
     pub status: GuestAddress,
 }
 
+/// Where a disk's bytes are: the raw fast path, or a qcow2 image through imago.
+enum Backend {
+    Raw(File),
+    Qcow2(Box<Qcow2Image>),
+}
+
 /// The disk the requests go to.
 struct Disk {
-    file: File,
+    backend: Backend,
     size: u64,
     read_only: bool,
     serial: [u8; ID_BYTES],
@@ -219,6 +239,7 @@ struct Disk {
 
 pub struct Block {
     disk: Disk,
+    image: ImageInfo,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
     driver: DriverState,
@@ -232,20 +253,40 @@ impl Block {
         if options.direct {
             open.custom_flags(libc::O_DIRECT);
         }
+        if options.format == ImageFormat::Qcow2 {
+            let (qcow2, mut info) = image::open_qcow2(path, options.read_only, options.direct).map_err(Error::Image)?;
+            let bytes = qcow2.size();
+            info.filename = path.to_path_buf();
+            return Block::with_backend(Backend::Qcow2(Box::new(qcow2)), bytes, info, options);
+        }
         let file = open.open(path).map_err(|source| Error::Open { path: path.display().to_string(), source })?;
-        Block::with_file(file, options)
+        let mut block = Block::with_file(file, options)?;
+        block.image.filename = path.to_path_buf();
+        Ok(block)
     }
 
     /// A disk on an already open image (opened for writing unless `options.read_only`). `options.direct` only
     /// changes the block size announced; the caller chose the open flags.
     pub fn with_file(mut file: File, options: &BlockOptions) -> Result<Self, Error> {
+        // Block devices have no st_size; seeking to the end works for both.
+        let bytes = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
+        let info = ImageInfo {
+            filename: Default::default(),
+            format: ImageFormat::Raw,
+            virtual_size: bytes,
+            cluster_size: None,
+            backing: None,
+        };
+        Block::with_backend(Backend::Raw(file), bytes, info, options)
+    }
+
+    /// A disk of `bytes` on `backend`. A partial last sector is not exposed.
+    fn with_backend(backend: Backend, bytes: u64, image: ImageInfo, options: &BlockOptions) -> Result<Self, Error> {
         if options.serial.len() > ID_BYTES {
             return Err(Error::Serial(options.serial.clone()));
         }
         let mut serial = [0u8; ID_BYTES];
         serial[..options.serial.len()].copy_from_slice(options.serial.as_bytes());
-        // Block devices have no st_size; seeking to the end works for both. A partial last sector is not exposed.
-        let bytes = file.seek(SeekFrom::End(0)).map_err(Error::Size)?;
         let size = bytes - bytes % SECTOR_SIZE;
         let block_size: u32 = if options.direct { 4096 } else { 512 };
 
@@ -271,7 +312,8 @@ impl Block {
 
         let zeros = vec![0u8; (64 << 10) + 4096];
         Ok(Block {
-            disk: Disk { file, size, read_only: options.read_only, serial, stats: BlockStats::default(), zeros },
+            disk: Disk { backend, size, read_only: options.read_only, serial, stats: BlockStats::default(), zeros },
+            image,
             avail_features,
             config,
             driver: DriverState::default(),
@@ -290,6 +332,30 @@ impl Block {
     pub fn stats(&self) -> BlockStats {
         self.disk.stats
     }
+
+    /// The image and its backing chain, as opened.
+    pub fn image(&self) -> &ImageInfo {
+        &self.image
+    }
+
+    /// Whether the image format caches metadata that [`flush_image`](Self::flush_image) must write back (a
+    /// writable qcow2 image).
+    pub fn caches_metadata(&self) -> bool {
+        matches!(self.disk.backend, Backend::Qcow2(_)) && !self.disk.read_only
+    }
+
+    /// Writes back what the image format caches (qcow2's L2 tables and refcount blocks) and syncs it to disk, so
+    /// that the file alone is the disk's state: before a snapshot's state is taken, and when Kestrel exits. Raw
+    /// images cache nothing of their own.
+    pub fn flush_image(&mut self) -> io::Result<()> {
+        match &self.disk.backend {
+            Backend::Qcow2(qcow2) if !self.disk.read_only => {
+                qcow2.flush()?;
+                qcow2.sync()
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// virtio-blk as data: what the guest learnt about the disk, checked against the disk restored into. Requests
@@ -305,6 +371,26 @@ pub struct BlockState {
     pub block_size: u32,
     /// What GET_ID answers.
     pub serial: String,
+    /// The image format the guest's disk was read through (absent: raw, as snapshots before qcow2 support).
+    #[serde(default, skip_serializing_if = "ImageFormatName::is_raw")]
+    pub format: ImageFormatName,
+}
+
+/// An image format's name in a snapshot (`raw`, `qcow2`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ImageFormatName(pub String);
+
+impl Default for ImageFormatName {
+    fn default() -> Self {
+        ImageFormatName(ImageFormat::Raw.as_str().into())
+    }
+}
+
+impl ImageFormatName {
+    fn is_raw(&self) -> bool {
+        self.0 == ImageFormat::Raw.as_str()
+    }
 }
 
 impl Block {
@@ -358,6 +444,7 @@ impl VirtioDevice for Block {
             capacity: self.capacity(),
             block_size: self.block_size(),
             serial: self.serial(),
+            format: ImageFormatName(self.image.format.as_str().into()),
         })
     }
 
@@ -377,6 +464,9 @@ impl VirtioDevice for Block {
         }
         if state.serial != self.serial() {
             return refuse("serial", &state.serial, &self.serial());
+        }
+        if state.format.0 != self.image.format.as_str() {
+            return refuse("format", &state.format.0, &self.image.format.as_str());
         }
         Ok(())
     }
@@ -572,7 +662,13 @@ impl Disk {
             Request::Flush => {
                 self.stats.flush_operations += 1;
                 if !self.read_only {
-                    self.file.sync_all()?;
+                    match &self.backend {
+                        Backend::Raw(file) => file.sync_all()?,
+                        Backend::Qcow2(qcow2) => {
+                            qcow2.flush()?;
+                            qcow2.sync()?;
+                        }
+                    }
                 }
                 Ok(0)
             }
@@ -583,7 +679,10 @@ impl Disk {
             }
             Request::Discard { ranges, zeroes, unmap } => {
                 for &(offset, len) in ranges {
-                    self.discard(offset, len, *zeroes, *unmap)?;
+                    match &mut self.backend {
+                        Backend::Raw(_) => self.discard(offset, len, *zeroes, *unmap)?,
+                        Backend::Qcow2(qcow2) => discard_qcow2(qcow2, offset, len, *zeroes, *unmap)?,
+                    }
                 }
                 let bytes: u64 = ranges.iter().map(|&(_, len)| len).sum();
                 if *zeroes {
@@ -605,7 +704,11 @@ impl Disk {
     /// and the whole scatter-gather list goes to the host in one call: a Linux guest's 1 MiB request is up to 254
     /// separate pages, and a call per page costs more than the copy itself when the image is in the page cache.
     fn transfer(&self, mem: &GuestMemoryMmap, data: &[Segment], offset: u64, write: bool) -> io::Result<u64> {
-        let fd = self.file.as_raw_fd();
+        let file = match &self.backend {
+            Backend::Raw(file) => file,
+            Backend::Qcow2(qcow2) => return transfer_qcow2(qcow2, mem, data, offset, write),
+        };
+        let fd = file.as_raw_fd();
         let bad = || io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory");
         let access = if write { Permissions::Read } else { Permissions::Write };
         // The guards keep the mappings the iovecs point into alive until the I/O is done.
@@ -671,6 +774,7 @@ impl Disk {
     /// Deallocates (`zeroes` false) or zeroes a byte range: fallocate where the file system can, else writes
     /// zeros so the range reads back as zeros either way.
     fn discard(&self, offset: u64, len: u64, zeroes: bool, unmap: bool) -> io::Result<()> {
+        let Backend::Raw(file) = &self.backend else { return Err(io::ErrorKind::Unsupported.into()) };
         if len == 0 {
             return Ok(());
         }
@@ -684,28 +788,73 @@ impl Disk {
             libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
         );
         // SAFETY: fallocate only takes integers.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) } == 0 {
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) } == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
-                self.write_zeros(offset, len)
+                self.write_zeros(file, offset, len)
             }
             _ => Err(e),
         }
     }
 
-    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+    fn write_zeros(&self, file: &File, mut offset: u64, len: u64) -> io::Result<()> {
         let skip = self.zeros.as_ptr().align_offset(4096);
         let zeros = &self.zeros[skip..skip + (64 << 10)];
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset)?;
+            file.write_all_at(&zeros[..n], offset)?;
             offset += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Reads or writes a qcow2 image at `offset` from or into the guest segments, all or nothing; every segment is
+/// checked against guest memory before imago is called. Returns the bytes moved.
+fn transfer_qcow2(
+    qcow2: &Qcow2Image,
+    mem: &GuestMemoryMmap,
+    data: &[Segment],
+    offset: u64,
+    write: bool,
+) -> io::Result<u64> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory");
+    let access = if write { Permissions::Read } else { Permissions::Write };
+    let mut slices = Vec::with_capacity(data.len());
+    for s in data {
+        for slice in mem.get_slices(s.addr, s.len as usize, access).map_err(|_| bad())? {
+            slices.push(slice.map_err(|_| bad())?);
+        }
+    }
+    let bytes: u64 = slices.iter().map(|s| s.len() as u64).sum();
+    // The guards keep the mappings the vectors point into alive until imago is done.
+    if write {
+        let (vector, _guard) = imago::io_buffers::IoVector::from_volatile_slice(&slices);
+        qcow2.writev(vector, offset)?;
+    } else {
+        let (vector, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice(&slices);
+        qcow2.readv(vector, offset)?;
+    }
+    Ok(bytes)
+}
+
+/// DISCARD and WRITE_ZEROES on a qcow2 image (see the module documentation).
+fn discard_qcow2(qcow2: &mut Qcow2Image, offset: u64, len: u64, zeroes: bool, unmap: bool) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match (zeroes, unmap) {
+        (true, true) => qcow2.discard_to_zero(offset, len),
+        (true, false) => qcow2.write_zeroes(offset, len),
+        // A discard is a hint the device may ignore: a range the format cannot free stays as it is.
+        (false, _) => match qcow2.discard_to_any(offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+            other => other,
+        },
     }
 }
 

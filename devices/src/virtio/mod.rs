@@ -17,6 +17,7 @@
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod image;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
-use crate::config::{DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport};
+use crate::config::{
+    DiskConfig, Frontend, ImageFormat, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport,
+};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
 /// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
@@ -221,6 +223,7 @@ fn model_settings(model: &str) -> impl Iterator<Item = &'static str> + '_ {
 #[derive(Clone, Debug)]
 struct BlockBackend {
     path: PathBuf,
+    format: ImageFormat,
     read_only: bool,
     direct: bool,
     serial: Option<String>,
@@ -247,8 +250,8 @@ pub struct QemuDeviceOptions {
     /// Backends by id (`-drive if=none,id=`) or node name (`-blockdev`); `-blockdev` format nodes point at
     /// protocol nodes, resolved when a device uses them.
     backends: HashMap<String, BlockBackend>,
-    /// `-blockdev driver=raw,file=NODE`: format node name → protocol node name.
-    format_nodes: HashMap<String, (String, bool)>,
+    /// `-blockdev driver=raw|qcow2,file=NODE`: format node name → protocol node name, read-only, format.
+    format_nodes: HashMap<String, (String, bool, ImageFormat)>,
     /// Every `-drive id=`, whatever its interface: QEMU's "drive" option group.
     drive_ids: Vec<String>,
     /// Every `-blockdev node-name=`.
@@ -270,16 +273,16 @@ fn is_json(value: &OsStr) -> bool {
 }
 
 impl QemuDeviceOptions {
-    /// `-drive file=F,if=virtio|none,format=raw[,readonly=on][,cache=...][,serial=S][,id=ID]`
+    /// `-drive file=F,if=virtio|none,format=raw|qcow2[,readonly=on][,cache=...][,serial=S][,id=ID]`
     pub fn drive(&mut self, value: &OsStr) -> Result<(), CliError> {
         let opts = Opts::parse("-drive", value, "file", &["file"])?;
         let path = opts.path("file").map(PathBuf::from);
         let (mut read_only, mut direct, mut serial, mut id, mut interface) = (false, false, None, None, None);
+        let mut format = ImageFormat::Raw;
         for (key, setting) in &opts.pairs {
             match key.as_str() {
                 "if" => interface = Some(setting.clone()),
-                "format" if setting == "raw" => {}
-                "format" => return Err(invalid("-drive", value, "only format=raw images are supported")),
+                "format" => format = super::image_format("-drive", value, setting)?,
                 "readonly" | "read-only" => read_only = on_off("-drive", value, key, setting)?,
                 "cache" => direct = cache_is_direct("-drive", value, setting)?,
                 "cache.direct" => direct = on_off("-drive", value, key, setting)?,
@@ -303,20 +306,21 @@ impl QemuDeviceOptions {
         match interface.as_deref() {
             Some("virtio") => {
                 let frontend = Frontend { transport: None, id: None };
-                self.drives.push(DiskConfig { path, read_only, serial, direct, frontend });
+                self.drives.push(DiskConfig { path, format, read_only, serial, direct, frontend });
                 Ok(())
             }
             Some("none") => {
                 let id = id.ok_or_else(|| invalid("-drive", value, "if=none needs id= for -device drive= to use"))?;
-                self.add_backend(id, BlockBackend { path, read_only, direct, serial, used: false })
+                self.add_backend(id, BlockBackend { path, format, read_only, direct, serial, used: false })
             }
             _ => Err(invalid("-drive", value, "only if=virtio, or if=none with a -device, is supported")),
         }
     }
 
-    /// `-blockdev driver=file,node-name=N,filename=F[,read-only=on][,cache.direct=on]`, and a raw format node on
-    /// top: `-blockdev driver=raw,node-name=M,file=N` or with the file node inline (`file.driver=file,
-    /// file.filename=F`). Also libvirt's JSON form of both.
+    /// `-blockdev driver=file,node-name=N,filename=F[,read-only=on][,cache.direct=on]`, and a raw or qcow2 format
+    /// node on top: `-blockdev driver=raw|qcow2,node-name=M,file=N` or with the file node inline
+    /// (`file.driver=file,file.filename=F`). Also libvirt's JSON form of both. A qcow2 node's backing chain is the
+    /// one its image names (`backing=` to name other nodes is refused).
     pub fn blockdev(&mut self, value: &OsStr) -> Result<(), CliError> {
         let opts = Opts::parse("-blockdev", value, "driver", &["filename", "file.filename"])?;
         let node = opts
@@ -345,24 +349,29 @@ impl QemuDeviceOptions {
             Some("file" | "host_device") => {
                 let path = opts.path("filename").filter(|f| !f.is_empty());
                 let path = path.ok_or_else(|| invalid("-blockdev", value, "filename= is required"))?;
-                let backend = BlockBackend { path: path.into(), read_only, direct, serial: None, used: false };
+                let format = ImageFormat::Raw;
+                let backend = BlockBackend { path: path.into(), format, read_only, direct, serial: None, used: false };
                 self.add_backend(node, backend)
             }
-            Some("raw") => {
+            Some(driver @ ("raw" | "qcow2")) => {
+                let format = ImageFormat::from_name(driver).unwrap_or_default();
                 if let Some(filename) = opts.path("file.filename") {
                     if !matches!(opts.get("file.driver"), Some("file" | "host_device")) {
                         return Err(invalid("-blockdev", value, "file.driver must be file or host_device"));
                     }
                     let direct = direct || opts.get("file.cache.direct") == Some("on");
                     let read_only = read_only || opts.get("file.read-only") == Some("on");
-                    let backend = BlockBackend { path: filename.into(), read_only, direct, serial: None, used: false };
+                    let path = filename.into();
+                    let backend = BlockBackend { path, format, read_only, direct, serial: None, used: false };
                     return self.add_backend(node, backend);
                 }
                 let file = opts.get("file").ok_or_else(|| invalid("-blockdev", value, "file= names the file node"))?;
-                self.format_nodes.insert(node, (file.to_string(), read_only));
+                self.format_nodes.insert(node, (file.to_string(), read_only, format));
                 Ok(())
             }
-            Some(other) => Err(invalid("-blockdev", value, format!("driver '{other}' is not supported (file, raw)"))),
+            Some(other) => {
+                Err(invalid("-blockdev", value, format!("driver '{other}' is not supported (file, raw, qcow2)")))
+            }
             None => Err(invalid("-blockdev", value, "driver= is required")),
         }
     }
@@ -575,8 +584,8 @@ impl QemuDeviceOptions {
                         Some(s) => Some(check_serial("-device", value, s)?),
                         None => backend.serial,
                     };
-                    let BlockBackend { path, read_only, direct, .. } = backend;
-                    out.disks.push(DiskConfig { path, read_only, serial, direct, frontend });
+                    let BlockBackend { path, format, read_only, direct, .. } = backend;
+                    out.disks.push(DiskConfig { path, format, read_only, serial, direct, frontend });
                 }
                 "virtio-net" => {
                     known("virtio-net")?;
@@ -677,9 +686,9 @@ impl QemuDeviceOptions {
     /// The image behind `-device ...,drive=NAME`: a `-drive if=none` id, a `-blockdev` node, or a raw format node
     /// over one. Each may be used by one device only.
     fn take_backend(&mut self, value: &str, name: &str) -> Result<BlockBackend, CliError> {
-        let (node, format_read_only) = match self.format_nodes.get(name) {
-            Some((file, read_only)) => (file.clone(), *read_only),
-            None => (name.to_string(), false),
+        let (node, format_read_only, format) = match self.format_nodes.get(name) {
+            Some((file, read_only, format)) => (file.clone(), *read_only, Some(*format)),
+            None => (name.to_string(), false, None),
         };
         let backend = self
             .backends
@@ -690,6 +699,8 @@ impl QemuDeviceOptions {
         }
         let mut backend = backend.clone();
         backend.read_only |= format_read_only;
+        // A protocol node used directly is read as raw, as QEMU does.
+        backend.format = format.unwrap_or(backend.format);
         Ok(backend)
     }
 }

@@ -29,6 +29,11 @@ pub(super) trait Served: Machine {
     fn next_event(&mut self) -> Option<VmEvent>;
     /// Acts on an event from `next_event`, emitting the QMP events it causes; `Some` ends the run.
     fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error>;
+    /// On every way out, once the clients had their last replies: what must reach the host's files before the
+    /// process ends (disk images' cached metadata).
+    fn close(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
@@ -53,6 +58,9 @@ impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
     fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error> {
         Vmm::handle(self, event, emit)
     }
+    fn close(&mut self) -> Result<(), Error> {
+        Vmm::close(self)
+    }
 }
 
 /// How long, at most, QMP clients are given on the way out to read what they are still owed (the last reply, the
@@ -74,7 +82,8 @@ impl<M: Served> EventLoop<M> {
         // Every way out, an error's too: clients get the rest of their replies and the last events first.
         self.qmp.finish(Instant::now() + QMP_FINISH_GRACE);
         self.qmp.remove_files();
-        outcome
+        let closed = self.vmm.close();
+        outcome.and_then(|outcome| closed.map(|()| outcome))
     }
 
     /// Ends the run if Kestrel was told to terminate: a signal outranks whatever else is queued.

@@ -101,6 +101,8 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         P::settle_saved_clocks(&mut vcpus, &ages, &mut vm, &self.memory);
         self.platform.quiesce_devices();
         let saved = (|| {
+            // The disks' state is their files: what an image format caches goes to them before the save completes.
+            self.flush_disk_images()?;
             let devices = self
                 .platform
                 .components()

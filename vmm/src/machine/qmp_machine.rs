@@ -3,7 +3,7 @@
 use devices::virtio::block::Block;
 use hypervisor::Hypervisor;
 use qmp::{
-    BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CpuDefinition, CpuInfo, CpuModel,
+    BlockBacking, BlockDevice, BlockDeviceStats, ChardevInfo, CommandLineOption, CpuDefinition, CpuInfo, CpuModel,
     CpuModelExpansionType, Event, EventKind, Machine, MachineInfo, MigrationCapabilities, MigrationChannel,
     MigrationInfo, QmpError, QomObject, QomType, RunState, ShutdownCause, Target, TypeProperty,
 };
@@ -261,7 +261,6 @@ pub(super) fn pci_device(f: &devices::pci::PciFunctionInfo) -> qmp::PciDevice {
 /// node as QEMU names nodes it generated (`#block<N>`, a name no user can give). There is no `qdev`: Kestrel's QOM
 /// tree has no object for the device, and QMP must not name a path `qom-get` cannot resolve.
 pub(super) fn block_device(index: usize, config: &crate::config::DiskConfig, block: &Block) -> BlockDevice {
-    use std::os::unix::fs::MetadataExt;
     let s = block.stats();
     BlockDevice {
         device: format!("virtio{index}"),
@@ -271,8 +270,10 @@ pub(super) fn block_device(index: usize, config: &crate::config::DiskConfig, blo
         read_only: block.read_only(),
         direct: config.direct,
         virtual_size: block.capacity() * 512,
-        // st_blocks counts 512-byte units whatever the file system's block size.
-        actual_size: std::fs::metadata(&config.path).ok().map(|m| m.blocks() * 512),
+        actual_size: actual_size(&config.path),
+        format: block.image().format.as_str().into(),
+        cluster_size: block.image().cluster_size,
+        backing: block.image().backing.as_deref().map(|b| Box::new(block_backing(b))),
         stats: BlockDeviceStats {
             rd_bytes: s.rd_bytes,
             // QEMU accounts write-zeroes as writes and discards as unmaps.
@@ -296,6 +297,27 @@ pub(super) fn block_device(index: usize, config: &crate::config::DiskConfig, blo
             invalid_flush_operations: s.invalid.flush,
             invalid_unmap_operations: s.invalid.discard,
         },
+    }
+}
+
+/// Bytes a file occupies on the host: st_blocks counts 512-byte units whatever the file system's block size.
+fn actual_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+/// A backing image as QMP reports it (`backing-image`), and the chain below it.
+fn block_backing(b: &devices::virtio::image::BackingInfo) -> BlockBacking {
+    let image = &b.image;
+    BlockBacking {
+        name: b.name.clone(),
+        recorded_format: b.recorded_format.clone(),
+        filename: image.filename.display().to_string(),
+        format: image.format.as_str().into(),
+        virtual_size: image.virtual_size,
+        actual_size: actual_size(&image.filename),
+        cluster_size: image.cluster_size,
+        backing: image.backing.as_deref().map(|below| Box::new(block_backing(below))),
     }
 }
 
