@@ -48,6 +48,10 @@ pub const MAX_BACKING_DEPTH: usize = 16;
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// The header fields read (through `compression_type`, version 3).
 const HEADER_LEN: usize = 105;
+/// QEMU's limits on the tables an image makes the opener read whole (`QCOW_MAX_L1_SIZE`,
+/// `QCOW_MAX_REFTABLE_SIZE`): imago allocates what the header says, so a hostile header must not say terabytes.
+const MAX_L1_BYTES: u64 = 32 << 20;
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 /// Incompatible feature bits (qcow2 specification, "Header").
 mod incompatible {
@@ -145,6 +149,7 @@ impl Chain {
     }
 
     fn open_qcow2(&mut self, path: &Path, writable: bool, depth: usize) -> Result<(Qcow2Image, ImageInfo), String> {
+        check_file_type(path)?;
         // Read through the page cache: an O_DIRECT descriptor refuses the header's unaligned read.
         let header = File::open(path)
             .map_err(|e| format!("cannot open '{}': {e}", path.display()))
@@ -191,6 +196,7 @@ impl Chain {
         recorded_format: Option<&str>,
         depth: usize,
     ) -> Result<(Qcow2Image, ImageInfo), String> {
+        check_file_type(path)?;
         let format = match recorded_format {
             Some("qcow2") => ImageFormat::Qcow2,
             Some("raw" | "file") => ImageFormat::Raw,
@@ -212,6 +218,19 @@ impl Chain {
             backing: None,
         };
         Ok((access, info))
+    }
+}
+
+/// Refuses what is not an image before it is opened: an image's backing file name is outside input, and opening
+/// a FIFO or a terminal it names would block, reading a character device would make up a disk.
+fn check_file_type(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open '{}': {e}", path.display()))?;
+    let kind = meta.file_type();
+    if kind.is_file() || kind.is_block_device() {
+        Ok(())
+    } else {
+        Err(format!("'{}' is not a regular file or block device", path.display()))
     }
 }
 
@@ -244,6 +263,7 @@ pub struct Qcow2Header {
     pub size: u64,
     pub crypt_method: u32,
     pub l1_size: u32,
+    pub refcount_table_clusters: u32,
     pub incompatible_features: u64,
     pub header_length: u32,
     pub compression_type: u8,
@@ -267,6 +287,7 @@ impl Qcow2Header {
             size: u64_at(24).ok_or_else(short)?,
             crypt_method: v2(32)?,
             l1_size: v2(36)?,
+            refcount_table_clusters: v2(56)?,
             incompatible_features: 0,
             header_length: 72,
             compression_type: 0,
@@ -323,6 +344,15 @@ impl Qcow2Header {
         }
         if self.size > i64::MAX as u64 {
             return Err(format!("virtual size {} overflows (over 2^63 bytes)", self.size));
+        }
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(format!("its L1 table ({} entries) is over the limit of {MAX_L1_BYTES} bytes", self.l1_size));
+        }
+        let reftable_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
+        if reftable_bytes > MAX_REFTABLE_BYTES {
+            return Err(format!(
+                "its refcount table ({reftable_bytes} bytes) is over the limit of {MAX_REFTABLE_BYTES} bytes"
+            ));
         }
         // Each L1 entry maps one L2 table: cluster_size / 8 clusters of cluster_size bytes.
         let l2_bits = self.cluster_bits - 3;
