@@ -74,8 +74,9 @@ Options (QEMU's spelling in brackets, where it has one):
   -V, --version         print the version
 
 QEMU's device options (key=value or libvirt's JSON form):
-  -drive file=F,if=virtio,format=raw[,readonly=on][,cache=none|writeback][,serial=S]
-  -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F [-blockdev driver=raw,...]
+  -drive file=F,if=virtio,format=raw|qcow2[,readonly=on][,cache=none|writeback][,serial=S]
+  -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F
+                                        [-blockdev driver=raw|qcow2,node-name=M,file=N]
   -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
@@ -1280,6 +1281,33 @@ mod tests {
         );
     }
 
+    #[test]
+    fn qcow2_in_every_spelling() {
+        let config = config(
+            "-kernel k --disk path=/n.qcow2,format=qcow2 -drive file=/a.qcow2,if=virtio,format=qcow2 \
+             -drive file=/b.qcow2,if=none,id=d1,format=qcow2 -device virtio-blk-pci,drive=d1 \
+             -blockdev driver=file,node-name=f2,filename=/c.qcow2 -blockdev driver=qcow2,node-name=q2,file=f2 \
+             -device virtio-blk-pci,drive=q2 \
+             -blockdev driver=qcow2,node-name=q3,read-only=on,file.driver=file,file.filename=/d.qcow2 \
+             -device virtio-blk-pci,drive=q3 \
+             -blockdev driver=file,node-name=f4,filename=/e.img -device virtio-blk-pci,drive=f4",
+        );
+        let formats: Vec<_> = config.disks.iter().map(|d| (d.path.to_str().unwrap(), d.format, d.read_only)).collect();
+        assert_eq!(
+            formats,
+            [
+                ("/n.qcow2", ImageFormat::Qcow2, false),
+                ("/a.qcow2", ImageFormat::Qcow2, false),
+                ("/b.qcow2", ImageFormat::Qcow2, false),
+                ("/c.qcow2", ImageFormat::Qcow2, false),
+                ("/d.qcow2", ImageFormat::Qcow2, true),
+                // A file node used directly is raw, as in QEMU.
+                ("/e.img", ImageFormat::Raw, false),
+            ]
+        );
+        assert!(matches!(parse_str("--kernel k --disk path=/a,format=vmdk"), Err(CliError::Invalid { .. })));
+    }
+
     /// libvirt passes -blockdev and -device as JSON objects.
     #[test]
     fn libvirt_json_spellings() {
@@ -1355,7 +1383,12 @@ mod tests {
     fn qemu_device_mistakes_are_named() {
         for (args, needle) in [
             ("-drive file=/a.img", "only if=virtio"),
-            ("-drive file=/a.img,if=virtio,format=qcow2", "format=raw"),
+            ("-drive file=/a.img,if=virtio,format=vmdk", "format 'vmdk' is not supported (raw, qcow2)"),
+            ("-blockdev driver=vmdk,node-name=v,file.driver=file,file.filename=/a", "driver 'vmdk' is not supported"),
+            (
+                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=qcow2,node-name=q,file=f,backing=b",
+                "unsupported setting 'backing'",
+            ),
             ("-drive file=/a.img,if=none", "id="),
             ("-drive file=/a.img,if=none,id=d0", "no -device uses it"),
             ("-device virtio-blk-pci,drive=nope", "no -drive or -blockdev named 'nope'"),
@@ -1378,7 +1411,7 @@ mod tests {
             ("-object memory-backend-ram,id=m0", "not supported"),
             ("-device virtio-rng-pci,rng=r9", "no -object with id 'r9'"),
             ("-blockdev {\"driver\":", "bad JSON"),
-            ("-blockdev driver=qcow2,node-name=q", "driver 'qcow2'"),
+            ("-blockdev driver=qcow2,node-name=q", "file= names the file node"),
             ("-chardev socket,id=m0,path=/tmp/x,server=on -mon chardev=m1,mode=control", "no unused -chardev"),
             ("-chardev pty,id=m0 -mon chardev=m0,mode=control", "socket chardev"),
             ("--rng -device virtio-rng-pci", "given twice"),

@@ -864,7 +864,9 @@ mod tests {
     use std::hash::{Hash, Hasher};
     use std::sync::{Arc, Mutex};
 
+    use std::path::Path;
     use vm_memory::{Bytes, GuestAddress};
+
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
@@ -1190,6 +1192,117 @@ mod tests {
         assert_eq!(s.invalid_operations, 9);
         assert_eq!(s.invalid, PerType { write_zeroes: 4, ..Default::default() });
         assert_eq!(s.failed, PerType::default());
+    }
+
+    /// Runs qemu-img; its stdout. Panics with its stderr if it fails.
+    fn qemu_img(args: &[&str]) -> String {
+        let out = std::process::Command::new("qemu-img").args(args).output().expect("running qemu-img (qemu-utils)");
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A disk on `overlay.qcow2` in `dir`, a qcow2 overlay (made by qemu-img) over `base.qcow2`, which holds
+    /// `pattern` (also kept as `base.raw`).
+    fn qcow2_fixture(dir: &Path) -> Fixture {
+        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        std::fs::write(dir.join("base.raw"), pattern(DISK as usize)).unwrap();
+        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &p("base.raw"), &p("base.qcow2")]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &p("overlay.qcow2")]);
+        let options = BlockOptions { format: ImageFormat::Qcow2, ..Default::default() };
+        let mut blk = Block::open(&dir.join("overlay.qcow2"), &options).unwrap();
+        let mem = guest_memory(MEM);
+        let tq = TestQueue::new(GuestAddress(0x1000), 16);
+        let irq = Arc::new(VirtioInterrupt::new(CountingLine::new()));
+        blk.ack_features(features::VERSION_1 | feature::FLUSH | feature::DISCARD | feature::WRITE_ZEROES);
+        blk.activate(mem.clone(), vec![tq.queue()], irq.clone()).unwrap();
+        // `image` is unused here: the disk is the overlay.
+        Fixture { blk, mem, tq, irq, image: image() }
+    }
+
+    #[test]
+    fn qcow2_requests_go_through_the_overlay_and_qemu_img_agrees() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/kestrel-blk-qcow2").unwrap();
+        let dir = dir.as_path();
+        let overlay = dir.join("overlay.qcow2");
+        let mut f = qcow2_fixture(dir);
+        assert_eq!((f.blk.capacity(), f.blk.image().format), (DISK / 512, ImageFormat::Qcow2));
+        let backing = f.blk.image().backing.as_ref().expect("a backing file");
+        assert_eq!((backing.name.as_str(), backing.image.format), ("base.qcow2", ImageFormat::Qcow2));
+        assert_eq!(backing.image.filename, dir.join("base.qcow2"));
+        let mut expected = pattern(DISK as usize);
+
+        // A read straddling two descriptors comes from the base, through the overlay.
+        f.header(T_IN, 3);
+        let read = [Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(DATA + 4096, 512), Desc::w(STATUS, 1)];
+        assert_eq!(f.submit(&read), (S_OK, 1025));
+        assert_eq!(f.read_guest(DATA, 512), expected[3 * 512..4 * 512]);
+        assert_eq!(f.read_guest(DATA + 4096, 512), expected[4 * 512..5 * 512]);
+        // A write of sectors 1-2 allocates in the overlay.
+        f.mem.write_slice(&[0x11; 1024], GuestAddress(DATA)).unwrap();
+        f.header(T_OUT, 1);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::r(DATA, 1024), Desc::w(STATUS, 1)]), (S_OK, 1));
+        expected[512..1536].fill(0x11);
+        // Write-zeroes without and with UNMAP: the base's data must not show through.
+        let seg = [Desc::r(HDR, 16), Desc::r(DATA, 16), Desc::w(STATUS, 1)];
+        for (sector, flags) in [(16u64, 0), (24, 1)] {
+            f.header(T_WRITE_ZEROES, 0);
+            discard_segment(&f, DATA, sector, 3, flags);
+            assert_eq!(f.submit(&seg), (S_OK, 1), "write-zeroes flags {flags}");
+            expected[sector as usize * 512..(sector as usize + 3) * 512].fill(0);
+        }
+        // A discard leaves its range undefined (the base may show through): compared nowhere below.
+        f.header(T_DISCARD, 0);
+        discard_segment(&f, DATA, 40, 3, 0);
+        assert_eq!(f.submit(&seg), (S_OK, 1));
+        // Past the end: refused before imago is asked.
+        f.header(T_IN, DISK / 512);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(STATUS, 1)]).0, S_IOERR);
+        f.header(T_IN, 16);
+        assert_eq!(f.submit(&read), (S_OK, 1025));
+        assert_eq!(f.read_guest(DATA, 512), vec![0; 512], "zeroed, not the base's data");
+        f.header(T_FLUSH, 0);
+        assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]), (S_OK, 1));
+        let s = f.blk.stats();
+        assert_eq!((s.rd_operations, s.wr_operations, s.write_zeroes_operations, s.discard_operations), (2, 1, 2, 1));
+        assert_eq!((s.failed_operations, s.flush_operations), (0, 1));
+
+        // Written back (the disk still open): qemu-img finds a consistent image with the expected content.
+        f.blk.flush_image().unwrap();
+        let check = qemu_img(&["check", "-U", overlay.to_str().unwrap()]);
+        assert!(check.contains("No errors were found on the image."), "{check}");
+        let out = dir.join("out.raw");
+        qemu_img(&["convert", "-U", "-O", "raw", overlay.to_str().unwrap(), out.to_str().unwrap()]);
+        let mut got = std::fs::read(&out).unwrap();
+        got[40 * 512..43 * 512].copy_from_slice(&expected[40 * 512..43 * 512]);
+        assert!(got == expected, "the overlay's content differs");
+        let base = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &format!("{}", dir.join("base.qcow2").display()),
+            &format!("{}", dir.join("base.raw").display()),
+        ]);
+        assert!(base.contains("Images are identical."), "the base changed: {base}");
+    }
+
+    #[test]
+    fn a_qcow2_disk_state_names_its_format_and_a_raw_disk_refuses_it() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/kestrel-blk-qcow2").unwrap();
+        let f = qcow2_fixture(dir.as_path());
+        let state = f.blk.save_state();
+        let VirtioDeviceState::Block(ref disk) = state else { panic!("{state:?}") };
+        assert_eq!(disk.format.0, "qcow2");
+        // The same capacity, block size and serial on a raw image: another disk all the same.
+        let mut raw = Block::with_file(image().into_file(), &BlockOptions::default()).unwrap();
+        assert_eq!(raw.restore_state(&state, 0, None).unwrap_err().field, "format");
+        // A raw disk's state leaves the field out, as states written before qcow2 support did, and reads it back.
+        let raw_state = raw.save_state();
+        let json = serde_json::to_value(&raw_state).unwrap();
+        assert!(json["Block"].get("format").is_none(), "{json}");
+        let back: VirtioDeviceState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, raw_state);
     }
 
     #[test]

@@ -385,3 +385,56 @@ pub fn check_qcow2_header(file: &File) -> Result<Qcow2Header, String> {
     header.check()?;
     Ok(header)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version 3 header of a 1 MiB image with 64 KiB clusters and one L1 entry.
+    fn header() -> Vec<u8> {
+        let mut h = vec![0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        h[36..40].copy_from_slice(&1u32.to_be_bytes());
+        h[56..60].copy_from_slice(&1u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn headers_parse_and_check() {
+        let h = Qcow2Header::parse(&header()).unwrap();
+        assert_eq!((h.version, h.cluster_bits, h.size, h.l1_size), (3, 16, 1 << 20, 1));
+        assert_eq!(h.check(), Ok(()));
+        // Version 2 ends at 72 bytes.
+        let mut v2 = header();
+        v2[4..8].copy_from_slice(&2u32.to_be_bytes());
+        v2.truncate(72);
+        assert_eq!(Qcow2Header::parse(&v2).unwrap().check(), Ok(()));
+        for len in [0, 3, 4, 30, 71] {
+            let err = Qcow2Header::parse(&header()[..len]).unwrap_err();
+            assert!(err.contains("cut short") || err.contains("no qcow2 magic"), "{len}: {err}");
+        }
+        let mut v3_short = header();
+        v3_short.truncate(90);
+        assert!(Qcow2Header::parse(&v3_short).unwrap_err().contains("cut short"));
+        // An L1 table that maps exactly the size is enough; one entry short is not.
+        let mut big = Qcow2Header::parse(&header()).unwrap();
+        big.size = 512 << 20; // one L1 entry maps 512 MiB with 64 KiB clusters
+        assert_eq!(big.check(), Ok(()));
+        big.size += 1;
+        assert!(big.check().unwrap_err().contains("cannot map the virtual size"));
+        big.cluster_bits = 8;
+        assert!(big.check().unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn backing_names_resolve_against_the_naming_image() {
+        assert_eq!(resolve_backing(Path::new("/images/top.qcow2"), "base.qcow2"), Path::new("/images/base.qcow2"));
+        assert_eq!(resolve_backing(Path::new("/images/top.qcow2"), "../b/base"), Path::new("/images/../b/base"));
+        assert_eq!(resolve_backing(Path::new("/images/top.qcow2"), "/abs/base"), Path::new("/abs/base"));
+        assert_eq!(resolve_backing(Path::new("top.qcow2"), "base.qcow2"), Path::new("base.qcow2"));
+    }
+}
