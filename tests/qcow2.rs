@@ -154,6 +154,64 @@ fn libvirt_blockdev_json() {
     });
 }
 
+#[test]
+fn libvirt_backing_nodes() {
+    // libvirt with a known chain: every layer a node, the overlay's `backing` naming the base's format node, the
+    // base's `null`. B's chain ends at its raw file node.
+    guest_reads_through_the_overlay_and_writes_to_it("backing-nodes", |a, b| {
+        let dir = Path::new(a).parent().unwrap();
+        let base = dir.join("base.qcow2");
+        let b_raw = dir.join("b.raw");
+        vec![
+            "-blockdev".into(),
+            format!(r#"{{"driver":"file","filename":"{}","node-name":"libvirt-3-storage"}}"#, base.display()),
+            "-blockdev".into(),
+            r#"{"node-name":"libvirt-3-format","read-only":true,"driver":"qcow2","file":"libvirt-3-storage","backing":null}"#.into(),
+            "-blockdev".into(),
+            format!(r#"{{"driver":"file","filename":"{a}","node-name":"libvirt-2-storage"}}"#),
+            "-blockdev".into(),
+            r#"{"node-name":"libvirt-2-format","read-only":false,"driver":"qcow2","file":"libvirt-2-storage","backing":"libvirt-3-format"}"#.into(),
+            "-device".into(),
+            r#"{"driver":"virtio-blk-device","drive":"libvirt-2-format","id":"virtio-disk0"}"#.into(),
+            "-blockdev".into(),
+            format!(r#"{{"driver":"file","filename":"{}","node-name":"b-raw","read-only":true}}"#, b_raw.display()),
+            "-blockdev".into(),
+            format!("driver=qcow2,node-name=b,read-only=on,file.driver=file,file.filename={b},backing=b-raw"),
+            "-device".into(),
+            "virtio-blk-device,drive=b".into(),
+        ]
+    });
+}
+
+/// `backing=null` (QEMU's empty `backing=`): the overlay alone, whatever it names; its unallocated clusters read
+/// as zeros and the base is never opened.
+#[test]
+fn no_backing_node_means_no_backing_file() {
+    if !kvm_available() {
+        return;
+    }
+    let chain = Chain::new("null-backing");
+    let (a, b) = (chain.path("a.qcow2"), chain.path("b.qcow2"));
+    // The base is gone: opening it would fail.
+    std::fs::remove_file(chain.path("base.qcow2")).unwrap();
+    let a_node = format!(
+        r#"{{"node-name":"a","driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+        a.display()
+    );
+    let b_node = format!("driver=qcow2,node-name=b,read-only=on,file.driver=file,file.filename={}", b.display());
+    let (a_device, b_device) = ("virtio-blk-device,drive=a", "virtio-blk-device,drive=b");
+    let args =
+        ["--machine", "microvm", "-blockdev", &a_node, "-device", a_device, "-blockdev", &b_node, "-device", b_device];
+    let run = boot(ELF, "virtio", &args);
+    run.assert_success();
+    run.assert_stdout_has(&format!("probe: virtio ok b={} a={}\r\n", hex(b"KESTREL!"), hex(&[0; 8])));
+    // Checked as it was opened: without its backing file.
+    let alone =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#, a.display());
+    let check = qemu_img(&["check", &alone]);
+    assert!(check.contains("No errors were found on the image."), "qemu-img check: {check}");
+}
+
 /// `query-block` and `query-named-block-nodes` report the qcow2 format, the virtual size and the backing chain
 /// as QEMU 7.2 does: `backing_file` as the image names it, the depth, and `backing-image` for each image below.
 #[test]

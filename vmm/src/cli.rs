@@ -446,6 +446,7 @@ fn parse_disk(value: &OsStr) -> Result<DiskConfig, CliError> {
     let mut disk = DiskConfig {
         path,
         format: ImageFormat::Raw,
+        backing: Default::default(),
         read_only: false,
         serial: None,
         direct: false,
@@ -983,8 +984,8 @@ pub fn fuzz_args(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VirtioTransport;
     use crate::config::DEFAULT_MEMORY_BYTES;
+    use crate::config::{BackingSpec, VirtioTransport};
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
         parse(args.split_whitespace().map(String::from))
@@ -1226,6 +1227,7 @@ mod tests {
                 DiskConfig {
                     path: "/a.img".into(),
                     format: ImageFormat::Raw,
+                    backing: Default::default(),
                     read_only: true,
                     serial: Some("disk-a".into()),
                     direct: false,
@@ -1251,7 +1253,15 @@ mod tests {
     }
 
     fn disk(path: &str, read_only: bool, direct: bool, frontend: Frontend) -> DiskConfig {
-        DiskConfig { path: path.into(), format: ImageFormat::Raw, read_only, serial: None, direct, frontend }
+        DiskConfig {
+            path: path.into(),
+            format: ImageFormat::Raw,
+            backing: Default::default(),
+            read_only,
+            serial: None,
+            direct,
+            frontend,
+        }
     }
 
     fn pci(id: Option<&str>) -> Frontend {
@@ -1306,6 +1316,37 @@ mod tests {
             ]
         );
         assert!(matches!(parse_str("--kernel k --disk path=/a,format=vmdk"), Err(CliError::Invalid { .. })));
+    }
+
+    /// libvirt names each layer of a chain as a node and points the one above at it; `null` ends the chain.
+    #[test]
+    fn libvirt_backing_nodes() {
+        let args = [
+            "-kernel",
+            "k",
+            "-blockdev",
+            r#"{"driver":"file","filename":"/i/base.qcow2","node-name":"libvirt-2-storage","auto-read-only":true}"#,
+            "-blockdev",
+            r#"{"node-name":"libvirt-2-format","read-only":true,"driver":"qcow2","file":"libvirt-2-storage","backing":null}"#,
+            "-blockdev",
+            r#"{"driver":"file","filename":"/i/top.qcow2","node-name":"libvirt-1-storage","auto-read-only":true}"#,
+            "-blockdev",
+            r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format"}"#,
+            "-device",
+            r#"{"driver":"virtio-blk-pci","drive":"libvirt-1-format","id":"virtio-disk0"}"#,
+            "-blockdev",
+            r#"{"node-name":"solo","driver":"qcow2","file":{"driver":"file","filename":"/i/solo.qcow2"},"backing":null}"#,
+            "-device",
+            r#"{"driver":"virtio-blk-pci","drive":"solo"}"#,
+        ];
+        let Ok(Command::Run(config)) = super::parse(args.map(String::from)) else { panic!("refused") };
+        let base = BackingSpec::Image {
+            path: "/i/base.qcow2".into(),
+            format: ImageFormat::Qcow2,
+            backing: Box::new(BackingSpec::None),
+        };
+        let disks: Vec<_> = config.disks.iter().map(|d| (d.path.to_str().unwrap(), &d.backing, d.read_only)).collect();
+        assert_eq!(disks, [("/i/top.qcow2", &base, false), ("/i/solo.qcow2", &BackingSpec::None, false)]);
     }
 
     /// libvirt passes -blockdev and -device as JSON objects.
@@ -1386,8 +1427,19 @@ mod tests {
             ("-drive file=/a.img,if=virtio,format=vmdk", "format 'vmdk' is not supported (raw, qcow2)"),
             ("-blockdev driver=vmdk,node-name=v,file.driver=file,file.filename=/a", "driver 'vmdk' is not supported"),
             (
-                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=qcow2,node-name=q,file=f,backing=b",
+                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=raw,node-name=q,file=f,backing=b",
                 "unsupported setting 'backing'",
+            ),
+            (
+                "-blockdev driver=file,node-name=f,filename=/a -blockdev driver=qcow2,node-name=q,file=f,backing=b \
+                 -device virtio-blk-pci,drive=q",
+                "backing=b: no -blockdev named 'b'",
+            ),
+            (
+                "-blockdev driver=qcow2,node-name=q,file.driver=file,file.filename=/a,backing=q2 \
+                 -blockdev driver=qcow2,node-name=q2,file.driver=file,file.filename=/b,backing=q \
+                 -device virtio-blk-pci,drive=q",
+                "the backing= chain loops at node 'q'",
             ),
             ("-drive file=/a.img,if=none", "id="),
             ("-drive file=/a.img,if=none,id=d0", "no -device uses it"),

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-pub use devices::virtio::image::ImageFormat;
+pub use devices::virtio::image::{BackingSpec, ImageFormat};
 
 pub use devices::virtio::net::MacAddress;
 
@@ -94,6 +94,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// The image's format, as given (`format=`, `-blockdev driver=`); raw unless said otherwise.
     pub format: ImageFormat,
+    /// A qcow2 image's backing chain, when the command line gives it (libvirt's `backing=` nodes).
+    pub backing: BackingSpec,
     pub read_only: bool,
     /// Reported to the guest as the disk's serial number (at most 20 bytes).
     pub serial: Option<String>,

@@ -221,6 +221,8 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow(libc::SYS_fsync),
             allow(libc::SYS_fdatasync),
             allow(libc::SYS_fallocate),
+            // qcow2 (imago): a new cluster past the image's end is zero-filled by growing the file.
+            allow(libc::SYS_ftruncate),
             // virtio-net: frames to and from the tap.
             allow(libc::SYS_readv),
             allow(libc::SYS_writev),

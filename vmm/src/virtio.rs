@@ -63,6 +63,7 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
             serial: disk.serial.clone().unwrap_or_default(),
             direct: disk.direct,
             format: disk.format,
+            backing: disk.backing.clone(),
         };
         let block = Block::open(&disk.path, &options).map_err(|e| match e {
             // Names the file itself (a backing file's problem names the backing file).

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::chain::{self, Chain, Segment};
-use super::image::{self, ImageFormat, ImageInfo, Qcow2Image};
+use super::image::{self, BackingSpec, ImageFormat, ImageInfo, Qcow2Image};
 use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
@@ -102,6 +102,8 @@ pub struct BlockOptions {
     /// Open with O_DIRECT (see the module documentation for alignment).
     pub direct: bool,
     pub format: ImageFormat,
+    /// A qcow2 image's backing chain: as the images name it unless given.
+    pub backing: BackingSpec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +256,8 @@ impl Block {
             open.custom_flags(libc::O_DIRECT);
         }
         if options.format == ImageFormat::Qcow2 {
-            let (qcow2, mut info) = image::open_qcow2(path, options.read_only, options.direct).map_err(Error::Image)?;
+            let (qcow2, mut info) =
+                image::open_qcow2(path, options.read_only, options.direct, &options.backing).map_err(Error::Image)?;
             let bytes = qcow2.size();
             info.filename = path.to_path_buf();
             return Block::with_backend(Backend::Qcow2(Box::new(qcow2)), bytes, info, options);

@@ -28,6 +28,9 @@
 //! image records (`qcow2`, `raw`; probed by its magic when it records none, as QEMU does), and refused with one
 //! line when it is missing, when the chain comes back to a file already in it (same device and inode), or when it
 //! is deeper than [`MAX_BACKING_DEPTH`]. Each layer is then given to imago explicitly (`Qcow2::set_backing`).
+//!
+//! The chain may also be given rather than read from the images ([`BackingSpec`]): libvirt names each layer as a
+//! `-blockdev` node and points the one above at it with `backing=` (or `backing=null` for none), as QEMU accepts.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -60,6 +63,18 @@ mod incompatible {
     pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
     pub const COMPRESSION_TYPE: u64 = 1 << 3;
     pub const EXTENDED_L2: u64 = 1 << 4;
+}
+
+/// Where an image's backing image comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingSpec {
+    /// The backing file the image names, if any (and so on down the chain).
+    #[default]
+    FromImage,
+    /// No backing image, whatever the image names: unallocated clusters read as zeros.
+    None,
+    /// This image, opened read-only, whatever the image names.
+    Image { path: PathBuf, format: ImageFormat, backing: Box<BackingSpec> },
 }
 
 /// A disk image's format.
@@ -119,10 +134,16 @@ pub struct BackingInfo {
     pub image: ImageInfo,
 }
 
-/// Opens the qcow2 image at `path` and its backing chain. `Err` is one line saying what is wrong and where.
-pub fn open_qcow2(path: &Path, read_only: bool, direct: bool) -> Result<(Qcow2Image, ImageInfo), String> {
+/// Opens the qcow2 image at `path` and its backing chain (as the images name it, or as `backing` says). `Err` is
+/// one line saying what is wrong and where.
+pub fn open_qcow2(
+    path: &Path,
+    read_only: bool,
+    direct: bool,
+    backing: &BackingSpec,
+) -> Result<(Qcow2Image, ImageInfo), String> {
     let mut chain = Chain { direct, seen: Vec::new() };
-    chain.open_qcow2(path, !read_only, 0)
+    chain.open_qcow2(path, !read_only, 0, backing)
 }
 
 /// The files of one chain opened so far, to refuse a loop.
@@ -148,7 +169,13 @@ impl Chain {
         Ok(file)
     }
 
-    fn open_qcow2(&mut self, path: &Path, writable: bool, depth: usize) -> Result<(Qcow2Image, ImageInfo), String> {
+    fn open_qcow2(
+        &mut self,
+        path: &Path,
+        writable: bool,
+        depth: usize,
+        spec: &BackingSpec,
+    ) -> Result<(Qcow2Image, ImageInfo), String> {
         check_file_type(path)?;
         // Read through the page cache: an O_DIRECT descriptor refuses the header's unaligned read.
         let header = File::open(path)
@@ -158,21 +185,33 @@ impl Chain {
         let storage = imago::file::File::try_from(file).map_err(|e| format!("'{}': {e}", path.display()))?;
         let mut qcow2 = Qcow2::<imago::file::File>::open_image(storage, writable)
             .map_err(|e| format!("'{}': not a usable qcow2 image: {e}", path.display()))?;
-        let backing = match qcow2.implicit_backing_file().cloned() {
+        let recorded_name = qcow2.implicit_backing_file().cloned();
+        let recorded_format = qcow2.implicit_backing_format().cloned();
+        // What to open below, in which format (`None`: as recorded), and what lies below that.
+        let below = match (spec, &recorded_name) {
+            (BackingSpec::None, _) | (BackingSpec::FromImage, None) => None,
+            (BackingSpec::FromImage, Some(name)) => Some((resolve_backing(path, name), None, &BackingSpec::FromImage)),
+            (BackingSpec::Image { path, format, backing }, _) => Some((path.clone(), Some(*format), &**backing)),
+        };
+        let backing = match below {
             None => None,
-            Some(name) => {
+            Some((full, format, below)) => {
                 if depth >= MAX_BACKING_DEPTH {
                     return Err(format!(
                         "'{}': the backing chain is deeper than {MAX_BACKING_DEPTH} images",
                         path.display()
                     ));
                 }
-                let recorded_format = qcow2.implicit_backing_format().cloned();
-                let full = resolve_backing(path, &name);
-                let opened = self.open_backing(&full, recorded_format.as_deref(), depth + 1);
+                let format = match format {
+                    Some(format) => format.as_str(),
+                    None => recorded_format.as_deref().unwrap_or(""),
+                };
+                let opened = self.open_backing(&full, format, depth + 1, below);
                 let (access, image) = opened.map_err(|e| format!("backing file of '{}': {e}", path.display()))?;
                 qcow2.set_backing(Some(access));
-                Some(Box::new(BackingInfo { name, recorded_format, image }))
+                // A backing image given explicitly over an image that names none is reported by its path.
+                let name = recorded_name.clone().unwrap_or_else(|| full.display().to_string());
+                Some(Box::new(BackingInfo { name, recorded_format: recorded_format.clone(), image }))
             }
         };
         if backing.is_none() {
@@ -189,22 +228,24 @@ impl Chain {
         Ok((access, info))
     }
 
-    /// A backing file, read-only, in the format the image above records (probed when it records none).
+    /// A backing file, read-only, in `format` (as the image above records it or the command line says; probed
+    /// when empty), with `below` under it if it is qcow2.
     fn open_backing(
         &mut self,
         path: &Path,
-        recorded_format: Option<&str>,
+        format: &str,
         depth: usize,
+        below: &BackingSpec,
     ) -> Result<(Qcow2Image, ImageInfo), String> {
         check_file_type(path)?;
-        let format = match recorded_format {
-            Some("qcow2") => ImageFormat::Qcow2,
-            Some("raw" | "file") => ImageFormat::Raw,
-            Some(other) => return Err(format!("'{}': backing format '{other}' is not supported", path.display())),
-            None => probe(path)?,
+        let format = match format {
+            "qcow2" => ImageFormat::Qcow2,
+            "raw" | "file" => ImageFormat::Raw,
+            "" => probe(path)?,
+            other => return Err(format!("'{}': backing format '{other}' is not supported", path.display())),
         };
         if format == ImageFormat::Qcow2 {
-            return self.open_qcow2(path, false, depth);
+            return self.open_qcow2(path, false, depth, below);
         }
         let file = self.open_file(path, false)?;
         let storage = imago::file::File::try_from(file).map_err(|e| format!("'{}': {e}", path.display()))?;

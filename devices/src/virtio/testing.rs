@@ -397,7 +397,7 @@ pub fn fuzz_qcow2_open(data: &[u8]) {
     for writable in [false, true] {
         // The writable pass starts from the input again (the read-only one changed nothing, but be plain).
         std::fs::write(&path, data).unwrap();
-        let Ok((mut image, info)) = open_qcow2(&path, !writable, false) else { continue };
+        let Ok((mut image, info)) = open_qcow2(&path, !writable, false, &Default::default()) else { continue };
         let size = image.size();
         assert_eq!(info.virtual_size, size);
         let mut buf = vec![0u8; 4096];
@@ -485,7 +485,7 @@ mod tests {
         let image = handmade_qcow2();
         let path = fuzz_image_path();
         std::fs::write(&path, &image).unwrap();
-        let opened = crate::virtio::image::open_qcow2(&path, false, false);
+        let opened = crate::virtio::image::open_qcow2(&path, false, false, &Default::default());
         assert_eq!(opened.map(|(image, _)| image.size()).map_err(|e| e.to_string()), Ok(1 << 20), "the seed opens");
         fuzz_qcow2_open(&image);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;

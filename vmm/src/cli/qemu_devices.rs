@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
 use crate::config::{
-    DiskConfig, Frontend, ImageFormat, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport,
+    BackingSpec, DiskConfig, Frontend, ImageFormat, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport,
 };
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
@@ -132,6 +132,8 @@ fn flatten(
         Value::Bool(b) => out.push((prefix.to_string(), if *b { "on" } else { "off" }.to_string())),
         Value::Number(n) => out.push((prefix.to_string(), n.to_string())),
         Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        // `"backing": null`: no backing image (QEMU's empty `backing=`).
+        Value::Null if prefix == "backing" => out.push((prefix.to_string(), String::new())),
         Value::Null | Value::Array(_) => {
             return Err(invalid(option, text, format!("'{prefix}' must be a string, number, boolean or object")))
         }
@@ -224,10 +226,22 @@ fn model_settings(model: &str) -> impl Iterator<Item = &'static str> + '_ {
 struct BlockBackend {
     path: PathBuf,
     format: ImageFormat,
+    /// A qcow2 node's `backing=`: absent, empty (`null`: none), or the node below.
+    backing: Option<String>,
     read_only: bool,
     direct: bool,
     serial: Option<String>,
     used: bool,
+}
+
+/// A `-blockdev` format node over a protocol node (`file=NODE`).
+#[derive(Clone, Debug)]
+struct FormatNode {
+    file: String,
+    read_only: bool,
+    format: ImageFormat,
+    /// `backing=`, as in [`BlockBackend`].
+    backing: Option<String>,
 }
 
 /// The devices QEMU's options describe, in command-line order per kind.
@@ -250,8 +264,8 @@ pub struct QemuDeviceOptions {
     /// Backends by id (`-drive if=none,id=`) or node name (`-blockdev`); `-blockdev` format nodes point at
     /// protocol nodes, resolved when a device uses them.
     backends: HashMap<String, BlockBackend>,
-    /// `-blockdev driver=raw|qcow2,file=NODE`: format node name → protocol node name, read-only, format.
-    format_nodes: HashMap<String, (String, bool, ImageFormat)>,
+    /// `-blockdev driver=raw|qcow2,file=NODE` by node name.
+    format_nodes: HashMap<String, FormatNode>,
     /// Every `-drive id=`, whatever its interface: QEMU's "drive" option group.
     drive_ids: Vec<String>,
     /// Every `-blockdev node-name=`.
@@ -306,12 +320,14 @@ impl QemuDeviceOptions {
         match interface.as_deref() {
             Some("virtio") => {
                 let frontend = Frontend { transport: None, id: None };
-                self.drives.push(DiskConfig { path, format, read_only, serial, direct, frontend });
+                let backing = BackingSpec::FromImage;
+                self.drives.push(DiskConfig { path, format, backing, read_only, serial, direct, frontend });
                 Ok(())
             }
             Some("none") => {
                 let id = id.ok_or_else(|| invalid("-drive", value, "if=none needs id= for -device drive= to use"))?;
-                self.add_backend(id, BlockBackend { path, format, read_only, direct, serial, used: false })
+                let backend = BlockBackend { path, format, backing: None, read_only, direct, serial, used: false };
+                self.add_backend(id, backend)
             }
             _ => Err(invalid("-drive", value, "only if=virtio, or if=none with a -device, is supported")),
         }
@@ -320,7 +336,7 @@ impl QemuDeviceOptions {
     /// `-blockdev driver=file,node-name=N,filename=F[,read-only=on][,cache.direct=on]`, and a raw or qcow2 format
     /// node on top: `-blockdev driver=raw|qcow2,node-name=M,file=N` or with the file node inline
     /// (`file.driver=file,file.filename=F`). Also libvirt's JSON form of both. A qcow2 node's backing chain is the
-    /// one its image names (`backing=` to name other nodes is refused).
+    /// one its image names, unless `backing=` names the node below (or is `null`/empty: none).
     pub fn blockdev(&mut self, value: &OsStr) -> Result<(), CliError> {
         let opts = Opts::parse("-blockdev", value, "driver", &["filename", "file.filename"])?;
         let node = opts
@@ -330,9 +346,11 @@ impl QemuDeviceOptions {
             .to_string();
         let mut read_only = false;
         let mut direct = false;
+        let mut backing = None;
         for (key, setting) in &opts.pairs {
             match key.as_str() {
                 "read-only" => read_only = on_off("-blockdev", value, key, setting)?,
+                "backing" if opts.first.as_deref() == Some("qcow2") => backing = Some(setting.clone()),
                 "cache.direct" => direct = on_off("-blockdev", value, key, setting)?,
                 "driver" | "node-name" | "filename" | "file" => {}
                 "auto-read-only" | "discard" | "aio" | "locking" | "detect-zeroes" | "cache.no-flush" => {}
@@ -349,8 +367,8 @@ impl QemuDeviceOptions {
             Some("file" | "host_device") => {
                 let path = opts.path("filename").filter(|f| !f.is_empty());
                 let path = path.ok_or_else(|| invalid("-blockdev", value, "filename= is required"))?;
-                let format = ImageFormat::Raw;
-                let backend = BlockBackend { path: path.into(), format, read_only, direct, serial: None, used: false };
+                let (format, path) = (ImageFormat::Raw, path.into());
+                let backend = BlockBackend { path, format, backing, read_only, direct, serial: None, used: false };
                 self.add_backend(node, backend)
             }
             Some(driver @ ("raw" | "qcow2")) => {
@@ -362,11 +380,11 @@ impl QemuDeviceOptions {
                     let direct = direct || opts.get("file.cache.direct") == Some("on");
                     let read_only = read_only || opts.get("file.read-only") == Some("on");
                     let path = filename.into();
-                    let backend = BlockBackend { path, format, read_only, direct, serial: None, used: false };
+                    let backend = BlockBackend { path, format, backing, read_only, direct, serial: None, used: false };
                     return self.add_backend(node, backend);
                 }
                 let file = opts.get("file").ok_or_else(|| invalid("-blockdev", value, "file= names the file node"))?;
-                self.format_nodes.insert(node, (file.to_string(), read_only, format));
+                self.format_nodes.insert(node, FormatNode { file: file.to_string(), read_only, format, backing });
                 Ok(())
             }
             Some(other) => {
@@ -582,10 +600,12 @@ impl QemuDeviceOptions {
                     let backend = self.take_backend(value, drive)?;
                     let serial = match opts.get("serial") {
                         Some(s) => Some(check_serial("-device", value, s)?),
-                        None => backend.serial,
+                        None => backend.serial.clone(),
                     };
+                    let mut seen = vec![drive.to_string()];
+                    let backing = self.backing_spec(value, backend.backing.as_deref(), &mut seen)?;
                     let BlockBackend { path, format, read_only, direct, .. } = backend;
-                    out.disks.push(DiskConfig { path, format, read_only, serial, direct, frontend });
+                    out.disks.push(DiskConfig { path, format, backing, read_only, serial, direct, frontend });
                 }
                 "virtio-net" => {
                     known("virtio-net")?;
@@ -686,22 +706,59 @@ impl QemuDeviceOptions {
     /// The image behind `-device ...,drive=NAME`: a `-drive if=none` id, a `-blockdev` node, or a raw format node
     /// over one. Each may be used by one device only.
     fn take_backend(&mut self, value: &str, name: &str) -> Result<BlockBackend, CliError> {
-        let (node, format_read_only, format) = match self.format_nodes.get(name) {
-            Some((file, read_only, format)) => (file.clone(), *read_only, Some(*format)),
-            None => (name.to_string(), false, None),
-        };
-        let backend = self
-            .backends
-            .get_mut(&node)
-            .ok_or_else(|| invalid("-device", value, format!("no -drive or -blockdev named '{name}'")))?;
-        if std::mem::replace(&mut backend.used, true) {
+        let (backend, was_used) = self.node_image(value, name)?;
+        if was_used {
             return Err(invalid("-device", value, format!("drive '{name}' is already in use")));
         }
-        let mut backend = backend.clone();
-        backend.read_only |= format_read_only;
-        // A protocol node used directly is read as raw, as QEMU does.
-        backend.format = format.unwrap_or(backend.format);
         Ok(backend)
+    }
+
+    /// The image a node name stands for (a format node's settings over its file node's), marked used; and whether
+    /// it was used already.
+    fn node_image(&mut self, value: &str, name: &str) -> Result<(BlockBackend, bool), CliError> {
+        let format_node = self.format_nodes.get(name).cloned();
+        let node = format_node.as_ref().map_or(name, |f| f.file.as_str());
+        let backend = self
+            .backends
+            .get_mut(node)
+            .ok_or_else(|| invalid("-device", value, format!("no -drive or -blockdev named '{name}'")))?;
+        let was_used = std::mem::replace(&mut backend.used, true);
+        let mut backend = backend.clone();
+        // A protocol node used directly is read as raw, as QEMU does.
+        if let Some(f) = format_node {
+            backend.read_only |= f.read_only;
+            backend.format = f.format;
+            backend.backing = f.backing;
+        }
+        Ok((backend, was_used))
+    }
+
+    /// The backing chain a qcow2 node's `backing=` gives: absent, the images' own; empty (`null`), none; else the
+    /// named node (opened read-only, whatever its `read-only=`) and, if it is qcow2, its own `backing=` below it.
+    /// `seen` holds the nodes above, to refuse a loop. A backing node may be shared by several disks.
+    fn backing_spec(
+        &mut self,
+        value: &str,
+        backing: Option<&str>,
+        seen: &mut Vec<String>,
+    ) -> Result<BackingSpec, CliError> {
+        let name = match backing {
+            None => return Ok(BackingSpec::FromImage),
+            Some("") => return Ok(BackingSpec::None),
+            Some(name) => name,
+        };
+        if seen.iter().any(|n| n == name) {
+            return Err(invalid("-blockdev", value, format!("the backing= chain loops at node '{name}'")));
+        }
+        seen.push(name.to_string());
+        let (image, _) = self
+            .node_image(value, name)
+            .map_err(|_| invalid("-blockdev", value, format!("backing={name}: no -blockdev named '{name}'")))?;
+        let below = match image.format {
+            ImageFormat::Qcow2 => self.backing_spec(value, image.backing.as_deref(), seen)?,
+            ImageFormat::Raw => BackingSpec::None,
+        };
+        Ok(BackingSpec::Image { path: image.path, format: image.format, backing: Box::new(below) })
     }
 }
 
