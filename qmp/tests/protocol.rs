@@ -3,8 +3,8 @@
 
 use qmp::testing::{fuzz_one, FakeMachine, Rng};
 use qmp::{
-    BlockDevice, BlockDeviceStats, Event, EventKind, Limits, PciDevice, PciRegion, RunState, ServerInfo, Session,
-    ShutdownCause, Timestamp,
+    BlockBacking, BlockDevice, BlockDeviceStats, Event, EventKind, Limits, PciDevice, PciRegion, RunState, ServerInfo,
+    Session, ShutdownCause, Timestamp,
 };
 use serde_json::Value;
 
@@ -311,14 +311,23 @@ fn two_disks() -> Vec<BlockDevice> {
             device: "virtio1".into(),
             qdev: Some("/machine/peripheral-anon/device[1]/virtio-backend".into()),
             node_name: "#block1".into(),
-            file: "/images/b.raw".into(),
+            file: "/images/b.qcow2".into(),
             read_only: true,
             direct: false,
             virtual_size: 512,
             actual_size: None,
-            format: "raw".into(),
-            cluster_size: None,
-            backing: None,
+            format: "qcow2".into(),
+            cluster_size: Some(65536),
+            backing: Some(Box::new(BlockBacking {
+                name: "base.raw".into(),
+                recorded_format: Some("raw".into()),
+                filename: "/images/base.raw".into(),
+                format: "raw".into(),
+                virtual_size: 512,
+                actual_size: Some(4096),
+                cluster_size: None,
+                backing: None,
+            })),
             stats: BlockDeviceStats::default(),
         },
     ]
@@ -405,6 +414,21 @@ fn block_queries() {
     assert_eq!(block[1]["inserted"]["ro"], true);
     assert_eq!(block[1]["inserted"]["cache"]["direct"], false);
     assert!(block[1]["inserted"]["image"].get("actual-size").is_none());
+    // A qcow2 image over a raw one, as QEMU 7.2 reports a chain.
+    let b = &block[1]["inserted"];
+    assert_eq!(
+        (&b["drv"], &b["backing_file"], &b["backing_file_depth"]),
+        (&"qcow2".into(), &"base.raw".into(), &1.into())
+    );
+    assert_eq!(
+        b["image"],
+        serde_json::json!({
+            "filename": "/images/b.qcow2", "format": "qcow2", "dirty-flag": false, "virtual-size": 512,
+            "cluster-size": 65536, "backing-filename": "base.raw", "full-backing-filename": "/images/base.raw",
+            "backing-filename-format": "raw",
+            "backing-image": {"filename": "/images/base.raw", "format": "raw", "virtual-size": 512, "actual-size": 4096},
+        })
+    );
 
     let stats = ret(&mut s, &mut m, "query-blockstats");
     assert_eq!(stats.as_array().unwrap().len(), 2);
