@@ -352,6 +352,7 @@ const SIZE: usize = 24;
 const CRYPT_METHOD: usize = 32;
 const L1_SIZE: usize = 36;
 const L1_TABLE_OFFSET: usize = 40;
+const REFCOUNT_TABLE_OFFSET: usize = 48;
 const REFCOUNT_TABLE_CLUSTERS: usize = 56;
 const INCOMPATIBLE_FEATURES: usize = 72;
 
@@ -454,6 +455,16 @@ const HOSTILE: &[Hostile] = &[
             patch(d, "image.qcow2", REFCOUNT_TABLE_CLUSTERS, &u32::MAX.to_be_bytes());
         },
         refusal: "its refcount table (281474976645120 bytes) is over the limit",
+    },
+    Hostile {
+        name: "refcount table that leaves the file's clusters uncovered",
+        make: |d| {
+            create(d, "image.qcow2", &[]);
+            let image = std::fs::read(d.join("image.qcow2")).unwrap();
+            let table = u64::from_be_bytes(image[REFCOUNT_TABLE_OFFSET..][..8].try_into().unwrap());
+            patch(d, "image.qcow2", table as usize, &[0; 8]);
+        },
+        refusal: "clusters of the file have no refcount block (refcount table entry 0 is empty)",
     },
     Hostile {
         name: "cluster size out of range",

@@ -178,9 +178,15 @@ impl Chain {
     ) -> Result<(Qcow2Image, ImageInfo), String> {
         check_file_type(path)?;
         // Read through the page cache: an O_DIRECT descriptor refuses the header's unaligned read.
-        let header = File::open(path)
-            .map_err(|e| format!("cannot open '{}': {e}", path.display()))
-            .and_then(|f| check_qcow2_header(&f).map_err(|e| format!("'{}': {e}", path.display())))?;
+        let buffered = File::open(path).map_err(|e| format!("cannot open '{}': {e}", path.display()))?;
+        let checked = check_qcow2_header(&buffered).and_then(|header| {
+            if writable {
+                check_refcounts_cover_the_file(&buffered, &header)?;
+            }
+            Ok(header)
+        });
+        let header = checked.map_err(|e| format!("'{}': {e}", path.display()))?;
+        drop(buffered);
         let file = self.open_file(path, writable)?;
         let storage = imago::file::File::try_from(file).map_err(|e| format!("'{}': {e}", path.display()))?;
         let mut qcow2 = Qcow2::<imago::file::File>::open_image(storage, writable)
@@ -304,7 +310,10 @@ pub struct Qcow2Header {
     pub size: u64,
     pub crypt_method: u32,
     pub l1_size: u32,
+    pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
+    /// Refcounts are 2^refcount_order bits wide (16 in version 2).
+    pub refcount_order: u32,
     pub incompatible_features: u64,
     pub header_length: u32,
     pub compression_type: u8,
@@ -328,7 +337,9 @@ impl Qcow2Header {
             size: u64_at(24).ok_or_else(short)?,
             crypt_method: v2(32)?,
             l1_size: v2(36)?,
+            refcount_table_offset: u64_at(48).ok_or_else(short)?,
             refcount_table_clusters: v2(56)?,
+            refcount_order: 4,
             incompatible_features: 0,
             header_length: 72,
             compression_type: 0,
@@ -337,6 +348,7 @@ impl Qcow2Header {
             2 => {}
             3 => {
                 header.incompatible_features = u64_at(72).ok_or_else(short)?;
+                header.refcount_order = u32_at(96).ok_or_else(short)?;
                 header.header_length = u32_at(100).ok_or_else(short)?;
                 if header.header_length > 104 {
                     header.compression_type = *bytes.get(104).ok_or_else(short)?;
@@ -407,6 +419,41 @@ impl Qcow2Header {
         }
         Ok(())
     }
+}
+
+/// An image to be written must have a refcount block for every cluster of its file: imago allocates the missing
+/// ones as it needs them, each placed in clusters whose own refcount blocks may be missing too, and on an image
+/// whose refcount table is empty that recursion has no useful bound (found by the `qcow2_open` fuzz target: a stack
+/// overflow). qemu-img never leaves a cluster of the file uncovered, so this refuses only broken images.
+fn check_refcounts_cover_the_file(file: &File, header: &Qcow2Header) -> Result<(), String> {
+    let broken = |what: String| format!("{what}; repair it with 'qemu-img check -r all'");
+    let cluster_bits = header.cluster_bits;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let file_clusters = file_len.div_ceil(1 << cluster_bits);
+    if !(0..=6).contains(&header.refcount_order) {
+        return Err(format!("refcount width 2^{} is out of range (1 to 64 bits)", header.refcount_order));
+    }
+    // A refcount block is one cluster of refcounts.
+    let clusters_per_block = (1u64 << (cluster_bits + 3)) >> header.refcount_order;
+    let needed = file_clusters.div_ceil(clusters_per_block);
+    let entries = (u64::from(header.refcount_table_clusters) << cluster_bits) / 8;
+    if needed > entries {
+        return Err(broken(format!(
+            "its refcount table ({entries} entries) cannot cover the file's {file_clusters} clusters"
+        )));
+    }
+    let mut table = vec![0u8; needed as usize * 8];
+    file.read_exact_at(&mut table, header.refcount_table_offset)
+        .map_err(|e| broken(format!("reading its refcount table: {e}")))?;
+    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    if let Some(index) =
+        table.chunks_exact(8).position(|e| u64::from_be_bytes(e.try_into().unwrap()) & OFFSET_MASK == 0)
+    {
+        return Err(broken(format!(
+            "clusters of the file have no refcount block (refcount table entry {index} is empty)"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads and checks the header of an open qcow2 image.
