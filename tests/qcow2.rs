@@ -54,7 +54,8 @@ impl Chain {
         std::fs::write(dir.path("base.raw"), &base_raw).unwrap();
         std::fs::write(dir.path("b.raw"), &b_raw).unwrap();
         let p = |name: &str| dir.path(name).to_str().unwrap().to_string();
-        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &p("base.raw"), &p("base.qcow2")]);
+        // Compressed clusters: the guest reads them through the overlay.
+        qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", &p("base.raw"), &p("base.qcow2")]);
         // Relative backing names: resolved against the overlay's directory, as QEMU does.
         qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &p("a.qcow2")]);
         qemu_img(&["create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", &p("b.qcow2")]);

@@ -1204,12 +1204,31 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Where the base of [`qcow2_fixture`] has a zero cluster.
+    const ZERO_CLUSTER: std::ops::Range<usize> = 32 << 10..36 << 10;
+
+    /// The base's content: `pattern` but for a zero cluster.
+    fn qcow2_base() -> Vec<u8> {
+        let mut base = pattern(DISK as usize);
+        base[ZERO_CLUSTER].fill(0);
+        base
+    }
+
     /// A disk on `overlay.qcow2` in `dir`, a qcow2 overlay (made by qemu-img) over `base.qcow2`, which holds
-    /// `pattern` (also kept as `base.raw`).
+    /// [`qcow2_base`] (also kept as `base.raw`) in compressed 4 KiB clusters and one zero cluster.
     fn qcow2_fixture(dir: &Path) -> Fixture {
         let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
         std::fs::write(dir.join("base.raw"), pattern(DISK as usize)).unwrap();
-        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &p("base.raw"), &p("base.qcow2")]);
+        let (raw, base) = (p("base.raw"), p("base.qcow2"));
+        qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", &raw, &base]);
+        let zero = format!("write -z {} {}", ZERO_CLUSTER.start, ZERO_CLUSTER.len());
+        let out = std::process::Command::new("qemu-io").args(["-c", &zero, &base]).output().expect("qemu-io");
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(dir.join("base.raw"), qcow2_base()).unwrap();
+        let map = qemu_img(&["map", "--output=json", &base]);
+        assert!(map.contains(r#""zero": true, "data": false"#), "a zero cluster in the base: {map}");
+        let check = qemu_img(&["check", &base]);
+        assert!(check.contains("compressed clusters") && !check.contains(" 0.00% compressed"), "{check}");
         qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &p("overlay.qcow2")]);
         let options = BlockOptions { format: ImageFormat::Qcow2, ..Default::default() };
         let mut blk = Block::open(&dir.join("overlay.qcow2"), &options).unwrap();
@@ -1232,9 +1251,9 @@ mod tests {
         let backing = f.blk.image().backing.as_ref().expect("a backing file");
         assert_eq!((backing.name.as_str(), backing.image.format), ("base.qcow2", ImageFormat::Qcow2));
         assert_eq!(backing.image.filename, dir.join("base.qcow2"));
-        let mut expected = pattern(DISK as usize);
+        let mut expected = qcow2_base();
 
-        // A read straddling two descriptors comes from the base, through the overlay.
+        // A read straddling two descriptors comes from the base's compressed clusters, through the overlay.
         f.header(T_IN, 3);
         let read = [Desc::r(HDR, 16), Desc::w(DATA, 512), Desc::w(DATA + 4096, 512), Desc::w(STATUS, 1)];
         assert_eq!(f.submit(&read), (S_OK, 1025));
@@ -1263,10 +1282,17 @@ mod tests {
         f.header(T_IN, 16);
         assert_eq!(f.submit(&read), (S_OK, 1025));
         assert_eq!(f.read_guest(DATA, 512), vec![0; 512], "zeroed, not the base's data");
+        // The base's zero cluster reads as zeros, its neighbour as data.
+        f.header(T_IN, (ZERO_CLUSTER.end / 512 - 1) as u64);
+        assert_eq!(f.submit(&read), (S_OK, 1025));
+        assert_eq!(
+            (f.read_guest(DATA, 512), f.read_guest(DATA + 4096, 512)),
+            (vec![0; 512], expected[ZERO_CLUSTER.end..][..512].to_vec())
+        );
         f.header(T_FLUSH, 0);
         assert_eq!(f.submit(&[Desc::r(HDR, 16), Desc::w(STATUS, 1)]), (S_OK, 1));
         let s = f.blk.stats();
-        assert_eq!((s.rd_operations, s.wr_operations, s.write_zeroes_operations, s.discard_operations), (2, 1, 2, 1));
+        assert_eq!((s.rd_operations, s.wr_operations, s.write_zeroes_operations, s.discard_operations), (3, 1, 2, 1));
         assert_eq!((s.failed_operations, s.flush_operations), (0, 1));
 
         // Written back (the disk still open): qemu-img finds a consistent image with the expected content.
