@@ -404,6 +404,55 @@ fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
     assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "libvirt's tap {tap} outlived the domain");
 }
 
+/// virt-install's default disk: qcow2, here an overlay over a qcow2 base. libvirt reads the chain itself and hands
+/// each layer to the emulator as a `-blockdev` node, the overlay's `backing` naming the base's; Kestrel serves the
+/// chain, QMP passed through reports it, and the images are consistent after the domain is destroyed.
+#[test]
+fn a_domain_on_a_qcow2_overlay_runs() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let images = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libvirt-qcow2-{}", std::process::id()));
+    std::fs::create_dir_all(&images).unwrap();
+    let (base, top) = (images.join("base.qcow2"), images.join("top.qcow2"));
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils)");
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/></disk>",
+        top.display()
+    );
+    let domain = Domain::define_with_devices(&libvirt, &emulator, "pc", "echo", &disk);
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    assert!(log.contains(r#""driver":"qcow2""#), "{log}");
+    // libvirt names the base's node as the overlay's backing, and ends the chain there.
+    assert!(log.contains(r#""backing":"libvirt-2-format""#) && log.contains(r#""backing":null"#), "{log}");
+    let block = domain.qmp(r#"{"execute":"query-block"}"#);
+    let inserted = &block[0]["inserted"];
+    assert_eq!(inserted["drv"], "qcow2", "{block}");
+    assert_eq!(inserted["file"], top.to_str().unwrap(), "{block}");
+    assert_eq!(inserted["backing_file_depth"], 1, "{block}");
+    assert_eq!(inserted["image"]["virtual-size"], 16 << 20, "{block}");
+    assert_eq!(inserted["image"]["backing-image"]["filename"], base.to_str().unwrap(), "{block}");
+    let disks = domain.virsh("domblklist");
+    assert!(disks.contains("vda") && disks.contains(top.to_str().unwrap()), "{disks}");
+    domain.destroy();
+    for image in [&top, &base] {
+        let check = qemu_img(&["check", image.to_str().unwrap()]);
+        assert!(check.contains("No errors were found on the image."), "{}: {check}", image.display());
+    }
+    std::fs::remove_dir_all(&images).unwrap();
+}
+
 #[test]
 fn a_monitor_descriptor_that_is_not_a_listening_socket_is_one_line() {
     if !kvm_available() {
