@@ -26,8 +26,16 @@ const DOMAIN: &str = "kestrel-dom";
 /// (libvirt's default USB controller and memory balloon turned off). The CPU is the host's, the one Kestrel
 /// offers, except for QEMU, which cannot give this machine's KVM its host CPU (it fails to set
 /// IA32_ARCH_CAPABILITIES) and gets libvirt's default, qemu64.
-fn domain_xml(emulator: &Path, machine: &str, kernel: &Path, cmdline: &str, devices: &str) -> String {
-    let cpu = if emulator.ends_with("qemu-system-x86_64") { "" } else { "<cpu mode='host-passthrough'/>" };
+fn domain_xml(
+    emulator: &Path,
+    machine: &str,
+    kernel: &Path,
+    cmdline: &str,
+    cpu: Option<&str>,
+    devices: &str,
+) -> String {
+    let default_cpu = if emulator.ends_with("qemu-system-x86_64") { "" } else { "<cpu mode='host-passthrough'/>" };
+    let cpu = cpu.unwrap_or(default_cpu);
     format!(
         "<domain type='kvm'>
   <name>{DOMAIN}</name>
@@ -90,13 +98,25 @@ impl<'a> Domain<'a> {
         cmdline: &str,
         devices: &str,
     ) -> Domain<'a> {
+        Self::define_with(libvirt, emulator, machine, cmdline, None, devices)
+    }
+
+    /// A domain with its `<cpu>` element (`None`: the default, see `domain_xml`) and more `devices`.
+    fn define_with(
+        libvirt: &'a PrivateLibvirt,
+        emulator: &Path,
+        machine: &str,
+        cmdline: &str,
+        cpu: Option<&str>,
+        devices: &str,
+    ) -> Domain<'a> {
         // One directory per domain: the tests run at once.
         static DEFINED: AtomicUsize = AtomicUsize::new(0);
         let name = format!("libvirt-domain-{}-{}", std::process::id(), DEFINED.fetch_add(1, Ordering::Relaxed));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let xml = dir.join("domain.xml");
-        std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline, devices)).unwrap();
+        std::fs::write(&xml, domain_xml(emulator, machine, &payload("probe.bzImage"), cmdline, cpu, devices)).unwrap();
         libvirt.virsh(&["define", xml.to_str().unwrap()]).assert_success("virsh define");
         Domain { libvirt, dir }
     }
@@ -358,6 +378,39 @@ fn a_q35_domain_runs_too() {
     let pid = domain.pid();
     domain.destroy();
     assert_eq!(domain.state(), "shut off (destroyed)");
+    assert!(!process_exists(pid), "the emulator outlived destroy");
+}
+
+/// `<cpu mode='host-model'/>`, a common default of management tools: libvirt decodes the host's CPU from the probe's
+/// answers into the one named model Kestrel offers, QEMU's kvm64, with the host's other features on and those of
+/// kvm64 the host lacks off (as it does for QEMU on this machine), and starts the domain with that `-cpu`; the
+/// guest runs. domcapabilities lists host-model as supported, with kvm64.
+#[test]
+fn a_host_model_cpu_domain_starts_with_the_cpu_libvirt_derived() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let caps = libvirt.virsh(&["domcapabilities", "--emulatorbin", emulator.to_str().unwrap(), "--virttype", "kvm"]);
+    let caps = caps.assert_success("domcapabilities");
+    let host_model = caps.split("<mode name='host-model'").nth(1).unwrap_or_default();
+    assert!(host_model.starts_with(" supported='yes'>"), "{caps}");
+    assert!(host_model.contains("<model fallback='forbid'>kvm64</model>"), "{caps}");
+    let domain = Domain::define_with(&libvirt, &emulator, "pc", "echo", Some("<cpu mode='host-model'/>"), "");
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    let cpu = log.split("-cpu ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or_default();
+    assert!(cpu.starts_with("kvm64,"), "{log}");
+    eprintln!("libvirt host-model: -cpu {cpu}");
+    let mut console = Console::attach(&domain.virsh("ttyconsole"));
+    console.type_text("x");
+    console.wait_for("x");
+    let cpus = domain.qmp(r#"{"execute": "query-cpus-fast"}"#);
+    assert_eq!(cpus[0]["qom-path"], "/machine/unattached/device[0]");
+    let pid = domain.pid();
+    domain.destroy();
     assert!(!process_exists(pid), "the emulator outlived destroy");
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
+    parse_memory_size, parse_uuid, ConsoleConfig, CpuConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
     MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
 };
 
@@ -39,6 +39,10 @@ Options (QEMU's spelling in brackets, where it has one):
                         [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
   --cpus N              number of vCPUs (default: 1) [-smp]
+  -cpu MODEL[,FEATURE=on|off,...]
+                        the guests' CPU: host (default: the host's CPU) or a named model (x86_64: kvm64)
+                        restricted to its features; features by QEMU's names (also +FEATURE, -FEATURE). A feature
+                        the host lacks is refused
   --serial MODE         first serial port: stdio (default), pty, file:PATH, none, or a listening socket
                         unix:PATH,server=on[,wait=off] / tcp:HOST:PORT,server=on[,wait=off] [-serial]
   --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
@@ -87,7 +91,7 @@ QEMU's device options (key=value or libvirt's JSON form):
   -chardev pty,id=C -device isa-serial,chardev=C[,index=0]: the serial port (COM1, x86_64), as libvirt gives it
 
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers),
+-accel kvm, -display none, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
 -smp N,sockets=1,dies=1,cores=N,threads=1 (Kestrel's topology), -rtc base=utc, -boot strict=on|off,
 -overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
@@ -507,23 +511,34 @@ fn parse_machine(option: &str, value: &str) -> Result<(MachineType, Option<bool>
     }
 }
 
-/// `-cpu host[,migratable=on|off]`: the host's CPU is the one model Kestrel gives guests. A migratable host CPU
-/// in QEMU leaves out features that cannot be migrated; Kestrel's never has them (a snapshot restores on a host
-/// with the same CPU features), so both settings give the same CPU.
-fn parse_cpu_model(option: &str, value: &str) -> Result<(), CliError> {
+/// `-cpu MODEL[,FEATURE=on|off|+FEATURE|-FEATURE...][,migratable=on|off]`: the model (`host`, the host's CPU, or
+/// a named one the platform offers) and features by QEMU's names; which exist, and what the host can give, is
+/// checked when the machine is built. A migratable host CPU in QEMU leaves out features that cannot be migrated;
+/// Kestrel's never has them (a snapshot restores on a host with the same CPU features), so both settings give the
+/// same CPU.
+fn parse_cpu_model(option: &str, value: &str) -> Result<CpuConfig, CliError> {
     let (first, pairs) = split_qemu_opts(value);
-    if first.as_deref() != Some("host") {
-        return Err(invalid(option, value, "Kestrel gives guests the host's CPU: use -cpu host"));
-    }
+    let model = first.filter(|m| !m.is_empty()).ok_or_else(|| invalid(option, value, "no CPU model given"))?;
+    let mut features = Vec::new();
     for (key, setting) in pairs {
         match key.as_str() {
             "migratable" => {
                 on_off(option, value, &key, &setting)?;
             }
+            // QEMU's legacy spelling, `+sse4.2` and `-vmx`: a key without a value (which reads as "on").
+            _ if key.starts_with(['+', '-']) && is_feature_name(&key[1..]) && !value.contains(&format!("{key}=")) => {
+                features.push((key[1..].to_string(), key.starts_with('+')));
+            }
+            _ if is_feature_name(&key) => features.push((key.clone(), on_off(option, value, &key, &setting)?)),
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
-    Ok(())
+    Ok(CpuConfig { model: (model != "host").then_some(model), features })
+}
+
+/// A CPU feature's name as QEMU spells them: `sse4.2`, `tsc-deadline`, `lahf_lm`.
+fn is_feature_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
@@ -721,6 +736,7 @@ where
     let mut cmdline = None;
     let mut memory = None;
     let mut cpus = None;
+    let mut cpu = None;
     let mut serial = None;
     let mut name = None;
     let mut uuid = None;
@@ -805,7 +821,7 @@ where
             Opt::Daemonize => daemonize = true,
             Opt::Pidfile if value.is_empty() => return Err(invalid(&spelling, &value, "the path is empty")),
             Opt::Pidfile => set_once(&mut pidfile, &spelling, PathBuf::from(&value))?,
-            Opt::Cpu => parse_cpu_model(&spelling, text()?)?,
+            Opt::Cpu => set_once(&mut cpu, &spelling, parse_cpu_model(&spelling, text()?)?)?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -903,6 +919,7 @@ where
     if let Some(cpus) = cpus {
         config.vcpus = cpus;
     }
+    config.cpu = cpu.unwrap_or_default();
     match serial {
         Some(SerialConfig::Stdio) if daemonize => return Err(CliError::DaemonStdio("the serial port")),
         Some(serial) => config.serial = serial,
@@ -1165,12 +1182,24 @@ mod tests {
     }
 
     #[test]
-    fn cpu_host_is_the_only_model() {
-        assert!(matches!(parse_str("--kernel k -cpu host"), Ok(Command::Run(_))));
-        assert!(matches!(parse_str("--kernel k -cpu host,migratable=on"), Ok(Command::Run(_))));
-        for bad in ["-cpu qemu64", "-cpu host,migratable=maybe", "-cpu host,pmu=off"] {
-            let error = parse_str(&format!("--kernel k {bad}")).unwrap_err();
-            assert!(matches!(error, CliError::Invalid { .. }), "{bad}: {error}");
+    fn cpu_models_and_features_in_qemus_spellings() {
+        assert_eq!(config("--kernel k").cpu, CpuConfig::default());
+        assert_eq!(config("--kernel k -cpu host,migratable=on").cpu, CpuConfig::default());
+        let cpu = config("--kernel k -cpu kvm64,vme=on,ss=off,+sse4.2,-vmx,x2apic").cpu;
+        assert_eq!(cpu.model.as_deref(), Some("kvm64"));
+        let settings = [("vme", true), ("ss", false), ("sse4.2", true), ("vmx", false), ("x2apic", true)];
+        assert_eq!(cpu.features, settings.map(|(name, on)| (name.to_string(), on)));
+        // Which models and features exist is the platform's to say, when the machine is built.
+        assert_eq!(config("--kernel k -cpu Skylake-Client").cpu.model.as_deref(), Some("Skylake-Client"));
+        for bad in [
+            "-cpu host,migratable=maybe",
+            "-cpu host,pmu=sometimes",
+            "-cpu host,+=on",
+            "-cpu host,a/b=on",
+            "-cpu ,vmx=on",
+            "-cpu host -cpu host",
+        ] {
+            assert!(parse_str(&format!("--kernel k {bad}")).is_err(), "{bad}");
         }
     }
 

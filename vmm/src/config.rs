@@ -176,6 +176,8 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub memory_bytes: u64,
     pub vcpus: u8,
+    /// The CPU model guests see (`-cpu`).
+    pub cpu: CpuConfig,
     pub serial: SerialConfig,
     /// The `-chardev` id the serial port is connected to, which `query-chardev` reports as its label; `None`:
     /// QEMU's label for `-serial`, `serial0`.
@@ -214,6 +216,16 @@ pub struct VmConfig {
     pub pidfile: Option<PathBuf>,
 }
 
+/// The CPU model asked for (`-cpu MODEL,FEATURE=on|off,...`), checked against the host when the machine is built
+/// (`cpu_model::resolve`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// `None`: the host's CPU, as `host` names it.
+    pub model: Option<String>,
+    /// Features by QEMU's names, turned on (`true`) or off, in the order given: a later setting wins.
+    pub features: Vec<(String, bool)>,
+}
+
 /// Where a restore's snapshot comes from (`-incoming`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -249,6 +261,7 @@ impl VmConfig {
             cmdline: None,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             vcpus: 1,
+            cpu: CpuConfig::default(),
             serial: SerialConfig::Stdio,
             serial_chardev: None,
             serial_on_isa: None,

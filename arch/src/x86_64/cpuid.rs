@@ -390,6 +390,28 @@ pub fn named_features(entries: &[CpuidEntry]) -> Vec<(&'static str, bool)> {
     features
 }
 
+/// Clears each named feature bit of [`FEATURE_WORDS`] in `entries` that `keep` refuses, for a guest CPU model
+/// narrower than the host's; the bits without a name (OS state such as OSXSAVE) and every other leaf stay.
+pub fn keep_features(entries: &mut [CpuidEntry], keep: impl Fn(&str) -> bool) {
+    for word in FEATURE_WORDS {
+        let cleared = word
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| !name.is_empty() && !keep(name))
+            .fold(0u32, |bits, (bit, _)| bits | 1 << bit);
+        for entry in entries.iter_mut().filter(|e| e.function == word.function && e.index == word.index) {
+            let register = match word.register {
+                Register::Eax => &mut entry.eax,
+                Register::Ebx => &mut entry.ebx,
+                Register::Ecx => &mut entry.ecx,
+                Register::Edx => &mut entry.edx,
+            };
+            *register &= !cleared;
+        }
+    }
+}
+
 fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<&CpuidEntry> {
     entries.iter().find(|e| e.function == function && e.index == index)
 }
@@ -524,6 +546,16 @@ mod tests {
         assert_eq!(Vendor::of(&[intel_leaf0(0xd)]), Vendor::Intel);
         assert_eq!(Vendor::of(&[entry(0, 0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65)]), Vendor::Amd);
         assert_eq!(Vendor::of(&[]), Vendor::Other);
+    }
+
+    #[test]
+    fn keeping_features_clears_only_the_named_bits_refused() {
+        // Leaf 1: EDX fpu (0) and sse (25); ECX bit 27 (OSXSAVE, no name) and avx (28).
+        let mut entries = [entry(1, 0, 0x306a9, 0, 1 << 27 | 1 << 28, 1 | 1 << 25), entry(7, 0, 0, 1 << 5, 0, 0)];
+        keep_features(&mut entries, |name| name == "fpu");
+        assert_eq!((entries[0].eax, entries[0].ecx, entries[0].edx), (0x306a9, 1 << 27, 1));
+        assert_eq!(entries[1].ebx, 0, "avx2 goes too");
+        assert_eq!(named_features(&entries).iter().filter(|(_, has)| *has).count(), 1);
     }
 
     #[test]

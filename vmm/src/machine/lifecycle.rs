@@ -78,6 +78,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             // QEMU's state once an incoming migration completed without autostart.
             (true, Some(IncomingConfig::File(_))) => RunState::Paused,
         };
+        let guest_cpu = P::guest_cpu(&hypervisor, &config.cpu)?;
         let memory = create_guest_memory(P::ram_regions(config.memory_bytes))?;
         let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
         let platform = P::new(serial, platform_events, &memory, virtio_devices, transport)?;
@@ -87,7 +88,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         let incoming = match &config.incoming {
             Some(IncomingConfig::File(path)) => {
                 // Only a save or a restore needs the CPU identity: the host's CPUID query costs ~0.5 ms of start-up.
-                let cpu = P::cpu_identity(&hypervisor, config.vcpus)?;
+                let cpu = P::cpu_identity(&hypervisor, config.vcpus, &guest_cpu)?;
                 let components = platform.components();
                 Some(snapshot_file::open(path, &snapshot_machine::<H, P>(config, &cpu, &components))?)
             }
@@ -97,6 +98,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             config,
             hypervisor,
             platform,
+            cpu: guest_cpu,
             payload,
             memory,
             events,
@@ -165,7 +167,7 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         map_guest_memory(vm.as_ref(), &self.memory)?;
         let vcpus = match restored {
             Some((vcpu_states, vm_state)) => {
-                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state)?;
+                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state, &self.cpu)?;
                 self.platform.resume_devices();
                 vcpus
             }
@@ -178,7 +180,7 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
                     },
                     OpenPayload::Firmware(image) => Payload::Firmware(image),
                 };
-                let boot = BootFiles { payload, vcpu_count: self.config.vcpus };
+                let boot = BootFiles { payload, vcpu_count: self.config.vcpus, cpu: &self.cpu };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
             }
         };

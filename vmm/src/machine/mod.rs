@@ -29,6 +29,7 @@ use qmp::{Event, EventKind, MigrationCapabilities, MigrationInfo, RunState, Shut
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{MachineType, VmConfig};
+use crate::cpu_model::GuestCpu;
 use crate::daemon::{PidFile, Readiness};
 use crate::firmware::FirmwareImage;
 use crate::platform::{Platform, Snapshots};
@@ -81,6 +82,8 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     config: &'a VmConfig,
     hypervisor: H,
     platform: P,
+    /// The CPU every vCPU is given, `-cpu` resolved against the host once.
+    cpu: GuestCpu,
     /// What each boot starts from.
     payload: OpenPayload,
     /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
@@ -130,12 +133,12 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new, readiness)
 }
 
-/// The CPU a guest of `vcpus` vCPUs sees on this host's KVM, as a save records it in a snapshot's header and a
+/// The CPU a guest of `vcpus` vCPUs sees on this host's KVM (the host's CPU model), as a save records it in a snapshot's header and a
 /// restore checks it ([`snapshot::CpuIdentity::check_can_run`]): for tools and tests that ask whether a snapshot
 /// can restore here without starting a machine.
 pub fn host_cpu_identity(vcpus: u8) -> Result<snapshot::CpuIdentity, Error> {
     let hypervisor = KvmHypervisor::new()?;
-    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus)
+    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus, &GuestCpu::Host)
 }
 
 /// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked): the

@@ -73,7 +73,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 qom_path: cpu_qom_path(index),
                 thread_id: i64::from(thread_id),
                 props: P::cpu_props(index as u32),
-                type_name: P::CPU_TYPE.to_string(),
+                type_name: self.cpu_type_name(),
             })
             .collect()
     }
@@ -117,7 +117,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         capabilities::type_properties::<H, P>(type_name)
     }
     fn cpu_definitions(&self) -> Vec<CpuDefinition> {
-        capabilities::cpu_definitions::<H, P>()
+        capabilities::cpu_definitions::<H, P>(&self.hypervisor)
     }
     fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError> {
         capabilities::expand_cpu_model::<H, P>(&self.hypervisor, expansion, model)
@@ -156,7 +156,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
             "/machine/unattached" => {
                 let mut properties = vec![prop("type", "string", json!("container"))];
                 properties.extend((0..vcpus).map(|i| {
-                    prop(&format!("device[{i}]"), &format!("child<{}>", P::CPU_TYPE), json!(cpu_qom_path(i)))
+                    prop(&format!("device[{i}]"), &format!("child<{}>", self.cpu_type_name()), json!(cpu_qom_path(i)))
                 }));
                 Some(QomObject { type_name: "container".into(), properties })
             }
@@ -173,9 +173,9 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 let index: usize =
                     other.strip_prefix("/machine/unattached/device[")?.strip_suffix(']')?.parse().ok()?;
                 (index < vcpus).then(|| QomObject {
-                    type_name: P::CPU_TYPE.into(),
+                    type_name: self.cpu_type_name(),
                     properties: vec![
-                        prop("type", "string", json!(P::CPU_TYPE)),
+                        prop("type", "string", json!(self.cpu_type_name())),
                         prop("realized", "bool", json!(true)),
                         prop("start-powered-off", "bool", json!(index != 0)),
                     ],
@@ -215,6 +215,11 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
 }
 
 impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
+    /// The vCPUs' QOM type: the `-cpu` model's.
+    fn cpu_type_name(&self) -> String {
+        capabilities::cpu_type_name::<H, P>(self.config.cpu.model.as_deref())
+    }
+
     fn peripherals(&self) -> Vec<(String, String)> {
         capabilities::peripherals::<H, P>(self.config)
     }
