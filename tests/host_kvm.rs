@@ -52,6 +52,25 @@ fn every_vcpu_checks_in(payload_name: &str, cpus: u32) {
     }
 }
 
+/// libvirt's default topology for N vCPUs, N sockets of one core (`-smp 4,sockets=4,cores=1,threads=1`), and two
+/// sockets of two cores: every vCPU comes up with its APIC ID, which numbers the socket above the core.
+#[test]
+fn vcpus_in_several_sockets_come_up() {
+    if !kvm_available() {
+        return;
+    }
+    for smp in ["4,sockets=4,cores=1,threads=1", "4,sockets=2,cores=2"] {
+        let run = boot(PVH, "smp", &["-smp", smp]);
+        run.assert_success();
+        run.assert_stdout_has("probe: smp 4/4 cpus");
+        for id in 1..4 {
+            run.assert_stdout_has(&format!("probe: cpu {id} up"));
+        }
+    }
+    let run = boot(PVH, "smp", &["-smp", "6,sockets=2,cores=3"]);
+    assert!(!run.status.success() && run.stderr.contains("must be a power of two"), "{}", run.describe());
+}
+
 #[test]
 fn one_vcpu_boots_alone() {
     every_vcpu_checks_in(PVH, 1);

@@ -384,7 +384,8 @@ fn a_q35_domain_runs_too() {
 /// `<cpu mode='host-model'/>`, a common default of management tools: libvirt decodes the host's CPU from the probe's
 /// answers into the one named model Kestrel offers, QEMU's kvm64, with the host's other features on and those of
 /// kvm64 the host lacks off (as it does for QEMU on this machine), and starts the domain with that `-cpu`; the
-/// guest runs. domcapabilities lists host-model as supported, with kvm64.
+/// guest runs. domcapabilities lists host-model as supported, with kvm64. The domain has two vCPUs, which libvirt
+/// puts in two sockets.
 #[test]
 fn a_host_model_cpu_domain_starts_with_the_cpu_libvirt_derived() {
     if !kvm_available() || !libvirt_available() {
@@ -398,6 +399,9 @@ fn a_host_model_cpu_domain_starts_with_the_cpu_libvirt_derived() {
     assert!(host_model.starts_with(" supported='yes'>"), "{caps}");
     assert!(host_model.contains("<model fallback='forbid'>kvm64</model>"), "{caps}");
     let domain = Domain::define_with(&libvirt, &emulator, "pc", "echo", Some("<cpu mode='host-model'/>"), "");
+    // Two vCPUs: libvirt's default topology for them is two sockets of one core.
+    libvirt.virsh(&["setvcpus", DOMAIN, "2", "--config", "--maximum"]).assert_success("setvcpus --maximum");
+    libvirt.virsh(&["setvcpus", DOMAIN, "2", "--config"]).assert_success("setvcpus");
     domain.start(false);
     assert_eq!(domain.state(), "running (booted)");
     let log = domain.log();
@@ -407,8 +411,12 @@ fn a_host_model_cpu_domain_starts_with_the_cpu_libvirt_derived() {
     let mut console = Console::attach(&domain.virsh("ttyconsole"));
     console.type_text("x");
     console.wait_for("x");
+    assert!(log.contains("-smp 2,sockets=2,cores=1,threads=1"), "{log}");
     let cpus = domain.qmp(r#"{"execute": "query-cpus-fast"}"#);
     assert_eq!(cpus[0]["qom-path"], "/machine/unattached/device[0]");
+    let sockets: Vec<_> = cpus.as_array().unwrap().iter().map(|cpu| cpu["props"]["socket-id"].clone()).collect();
+    assert_eq!(sockets, [0, 1], "{cpus}");
+    assert_eq!(cpus[1]["props"]["core-id"], 0);
     let pid = domain.pid();
     domain.destroy();
     assert!(!process_exists(pid), "the emulator outlived destroy");

@@ -38,7 +38,8 @@ Options (QEMU's spelling in brackets, where it has one):
                         \"console=ttyAMA0\" on aarch64)
                         [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
-  --cpus N              number of vCPUs (default: 1) [-smp]
+  --cpus N              number of vCPUs (default: 1) [-smp N[,sockets=S,cores=C,threads=1]: S sockets of C
+                        cores (x86_64; C a power of two when S > 1)]
   -cpu MODEL[,FEATURE=on|off,...]
                         the guests' CPU: host (default: the host's CPU) or a named model (x86_64: kvm64)
                         restricted to its features; features by QEMU's names (also +FEATURE, -FEATURE). A feature
@@ -93,7 +94,7 @@ QEMU's device options (key=value or libvirt's JSON form):
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
 -accel kvm, -display none, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
--smp N,sockets=1,dies=1,cores=N,threads=1 (Kestrel's topology), -rtc base=utc, -boot strict=on|off,
+-rtc base=utc, -boot strict=on|off,
 -overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
 -machine ...,dump-guest-core=off leaves guest memory out of Kestrel's core dumps.
 ";
@@ -533,7 +534,7 @@ fn parse_cpu_model(option: &str, value: &str) -> Result<CpuConfig, CliError> {
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
-    Ok(CpuConfig { model: (model != "host").then_some(model), features })
+    Ok(CpuConfig { model: (model != "host").then_some(model), features, ..CpuConfig::default() })
 }
 
 /// A CPU feature's name as QEMU spells them: `sse4.2`, `tsc-deadline`, `lahf_lm`.
@@ -548,10 +549,11 @@ fn parse_memory(value: &str) -> Result<u64, CliError> {
     size.as_deref().and_then(parse_memory_size).ok_or_else(|| CliError::MemorySize(value.to_string()))
 }
 
-/// `-smp 4`, `-smp cpus=4,...`, with a topology (`sockets=1,cores=4,threads=1`, as libvirt passes one) only if
-/// it is the one Kestrel gives guests: one socket of N cores with one thread each. No hot-plug: `maxcpus`, if
-/// given, is the count.
-fn parse_cpus(value: &str) -> Result<u8, CliError> {
+/// `-smp 4`, `-smp cpus=4,...`, with a topology (`sockets=2,cores=2,threads=1`, as libvirt passes one): sockets
+/// of cores with one thread each, as many cores in every socket, and more than one socket only of a power-of-two
+/// number of cores (so that APIC IDs number socket and core without gaps). No hot-plug: `maxcpus`, if given, is
+/// the count. Returns the count and the sockets.
+fn parse_cpus(value: &str) -> Result<(u8, u8), CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let mut count = first;
     let mut topology = Vec::new();
@@ -568,20 +570,35 @@ fn parse_cpus(value: &str) -> Result<u8, CliError> {
     }
     let count = count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0);
     let count = count.ok_or_else(|| CliError::Cpus(value.to_string()))?;
-    for (key, number) in topology {
-        let expected = if key == "cores" || key == "maxcpus" { u32::from(count) } else { 1 };
-        if number != expected {
-            return Err(invalid(
-                "-smp",
-                value,
-                format!(
-                    "Kestrel gives guests one socket of {count} cores with one thread each (no hot-plug): {key} must \
-                     be {expected} (libvirt: <topology sockets='1' dies='1' cores='{count}' threads='1'/>)"
-                ),
+    let given = |name: &str| topology.iter().find(|(key, _)| key == name).map(|&(_, n)| n);
+    let refuse = |why: String| Err(invalid("-smp", value, why));
+    for key in ["dies", "clusters", "threads"] {
+        if given(key).is_some_and(|n| n != 1) {
+            return refuse(format!(
+                "Kestrel gives guests cores of one thread, one die and cluster each: {key} must be 1"
             ));
         }
     }
-    Ok(count)
+    if given("maxcpus").is_some_and(|n| n != u32::from(count)) {
+        return refuse(format!("no CPU hot-plug: maxcpus must be {count}"));
+    }
+    let total = u32::from(count);
+    let (sockets, cores) = match (given("sockets"), given("cores")) {
+        (None, None) => (1, total),
+        (Some(sockets), None) => (sockets, total / sockets),
+        (None, Some(cores)) => (total / cores, cores),
+        (Some(sockets), Some(cores)) => (sockets, cores),
+    };
+    if sockets * cores != total {
+        return refuse(format!("{sockets} sockets of {cores} cores are not {count} vCPUs"));
+    }
+    if sockets > 1 && !cores.is_power_of_two() {
+        return refuse(format!(
+            "with more than one socket, the cores in each must be a power of two (APIC IDs number socket and core): \
+             {cores} are not"
+        ));
+    }
+    Ok((count, sockets as u8))
 }
 
 /// Each setting's name and the values it may have (none listed: any).
@@ -916,10 +933,11 @@ where
     if let Some(memory) = memory {
         config.memory_bytes = memory;
     }
-    if let Some(cpus) = cpus {
-        config.vcpus = cpus;
-    }
     config.cpu = cpu.unwrap_or_default();
+    if let Some((count, sockets)) = cpus {
+        config.vcpus = count;
+        config.cpu.sockets = sockets;
+    }
     match serial {
         Some(SerialConfig::Stdio) if daemonize => return Err(CliError::DaemonStdio("the serial port")),
         Some(serial) => config.serial = serial,
@@ -1126,14 +1144,25 @@ mod tests {
         assert!(domain.start_paused && domain.no_shutdown && domain.sandbox);
         assert_eq!(domain.cmdline.as_deref(), Some("echo"));
         assert!(config("-kernel k").dump_guest_core, "QEMU's default");
-        // A topology is Kestrel's: one socket of N cores.
-        assert_eq!(config("-kernel k -smp 4,sockets=1,dies=1,cores=4,threads=1,maxcpus=4").vcpus, 4);
+        // Topologies: sockets of cores, one thread each.
+        let topology = |smp: &str| {
+            let config = config(&format!("-kernel k -smp {smp}"));
+            (config.vcpus, config.cpu.sockets)
+        };
+        assert_eq!(topology("4,sockets=1,dies=1,cores=4,threads=1,maxcpus=4"), (4, 1));
+        assert_eq!(topology("2,sockets=2,cores=1,threads=1"), (2, 2));
+        assert_eq!(topology("8,sockets=2"), (8, 2));
+        assert_eq!(topology("8,cores=2"), (8, 4));
+        assert_eq!(topology("3"), (3, 1));
+        assert_eq!(topology("cpus=3,sockets=3,cores=1"), (3, 3));
     }
 
     #[test]
     fn libvirt_settings_kestrel_cannot_honour_are_refused() {
         for (args, needle) in [
-            ("-smp 2,sockets=2,cores=1,threads=1", "one socket of 2 cores"),
+            ("-smp 6,sockets=2,cores=3", "the cores in each must be a power of two"),
+            ("-smp 4,sockets=2,cores=1", "2 sockets of 1 cores are not 4 vCPUs"),
+            ("-smp 5,sockets=2", "are not 5 vCPUs"),
             ("-smp 2,maxcpus=4", "maxcpus must be 2"),
             ("-smp 2,threads=2", "threads must be 1"),
             ("-machine pc,usb=on", "no USB"),

@@ -216,14 +216,23 @@ pub struct VmConfig {
     pub pidfile: Option<PathBuf>,
 }
 
-/// The CPU model asked for (`-cpu MODEL,FEATURE=on|off,...`), checked against the host when the machine is built
+/// The CPU model asked for (`-cpu MODEL,FEATURE=on|off,...`) and its sockets (`-smp`), checked against the host when the machine is built
 /// (`cpu_model::resolve`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuConfig {
     /// `None`: the host's CPU, as `host` names it.
     pub model: Option<String>,
     /// Features by QEMU's names, turned on (`true`) or off, in the order given: a later setting wins.
     pub features: Vec<(String, bool)>,
+    /// The sockets the vCPUs are spread over (`-smp ...,sockets=N`), an equal number of cores in each.
+    pub sockets: u8,
+}
+
+impl Default for CpuConfig {
+    /// The host's CPU, one socket.
+    fn default() -> Self {
+        CpuConfig { model: None, features: Vec::new(), sockets: 1 }
+    }
 }
 
 /// Where a restore's snapshot comes from (`-incoming`).

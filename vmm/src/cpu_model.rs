@@ -14,27 +14,40 @@ pub struct CpuModelDefinition {
     pub features: &'static [&'static str],
 }
 
-/// The CPU guests get, resolved against the host.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum GuestCpu {
-    /// The host's CPU as the hypervisor offers it, unchanged (`-cpu host` without feature settings).
-    #[default]
-    Host,
-    /// Every named feature of the platform, on or off.
-    Features(Vec<(&'static str, bool)>),
+/// The CPU guests get: `-cpu` resolved against the host, and how the vCPUs are packaged (`-smp`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestCpu {
+    /// `None`: the host's CPU as the hypervisor offers it, unchanged (`-cpu host` without feature settings);
+    /// otherwise every named feature of the platform, on or off.
+    pub features: Option<Vec<(&'static str, bool)>>,
+    /// The sockets (packages) the vCPUs are spread over, an equal number of cores in each.
+    pub sockets: u8,
+}
+
+impl Default for GuestCpu {
+    /// The host's CPU, one socket.
+    fn default() -> Self {
+        GuestCpu { features: None, sockets: 1 }
+    }
 }
 
 impl GuestCpu {
     /// Whether the guest has `feature`; the host's CPU has whatever the host offers.
     pub fn has(&self, feature: &str, host_has: bool) -> bool {
-        match self {
-            GuestCpu::Host => host_has,
-            GuestCpu::Features(features) => features.iter().any(|&(name, on)| on && name == feature),
+        match &self.features {
+            None => host_has,
+            Some(features) => features.iter().any(|&(name, on)| on && name == feature),
         }
+    }
+
+    /// Cores in each socket, for `vcpu_count` vCPUs.
+    pub fn cores_per_socket(&self, vcpu_count: u8) -> u8 {
+        (vcpu_count / self.sockets.max(1)).max(1)
     }
 }
 
-/// The models `models` offers and `host`, the host's named features with whether it has each, resolve `cpu`:
+/// The models `models` offers and `host`, the host's named features with whether it has each, resolve `cpu`'s
+/// model and features (`None`: the host's CPU unchanged):
 /// the model's features (every feature the host has, for `host`), plus `defaults` for a named model (what the
 /// accelerator adds to every model), then each setting in order. An unknown model or feature, a feature turned on
 /// that the host lacks, or a model feature the host lacks (not turned off) is refused.
@@ -43,11 +56,11 @@ pub fn resolve(
     models: &[CpuModelDefinition],
     defaults: &[&str],
     host: &[(&'static str, bool)],
-) -> Result<GuestCpu, Error> {
+) -> Result<Option<Vec<(&'static str, bool)>>, Error> {
     let model = cpu.model.as_deref().unwrap_or("host");
     let base: Vec<(&'static str, bool)> = if model == "host" {
         if cpu.features.is_empty() {
-            return Ok(GuestCpu::Host);
+            return Ok(None);
         }
         host.to_vec()
     } else {
@@ -84,7 +97,7 @@ pub fn resolve(
         }
         entry.1 = *on;
     }
-    Ok(GuestCpu::Features(features))
+    Ok(Some(features))
 }
 
 /// A feature's name as the platform's table spells it: QEMU takes `_` for `-` (`lahf_lm` is `lahf-lm`), and libvirt
@@ -113,27 +126,28 @@ mod tests {
         CpuConfig {
             model: model.map(str::to_string),
             features: features.iter().map(|&(name, on)| (name.to_string(), on)).collect(),
+            ..CpuConfig::default()
         }
     }
 
-    fn on(cpu: &GuestCpu) -> Vec<&'static str> {
-        match cpu {
-            GuestCpu::Host => panic!("the host's CPU"),
-            GuestCpu::Features(features) => features.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect(),
-        }
+    fn on(features: &Option<Vec<(&'static str, bool)>>) -> Vec<&'static str> {
+        let features = features.as_ref().expect("not the host's CPU");
+        features.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect()
     }
 
     #[test]
     fn the_host_cpu_without_settings_is_the_host_unchanged() {
-        assert_eq!(resolve(&config(None, &[]), MODELS, &[], HOST).unwrap(), GuestCpu::Host);
-        assert_eq!(resolve(&config(Some("host"), &[]), MODELS, &[], HOST).unwrap(), GuestCpu::Host);
+        assert_eq!(resolve(&config(None, &[]), MODELS, &[], HOST).unwrap(), None);
+        assert_eq!(resolve(&config(Some("host"), &[]), MODELS, &[], HOST).unwrap(), None);
     }
 
     #[test]
     fn a_model_gets_its_features_the_defaults_and_the_settings() {
         let cpu = resolve(&config(Some("small"), &[]), MODELS, &["hypervisor"], HOST).unwrap();
         assert_eq!(on(&cpu), ["fpu", "sse", "hypervisor"]);
-        assert!(cpu.has("sse", true) && !cpu.has("avx", true));
+        let guest = GuestCpu { features: cpu, sockets: 1 };
+        assert!(guest.has("sse", true) && !guest.has("avx", true));
+        assert!(GuestCpu::default().has("avx", true));
         let cpu = resolve(&config(Some("small"), &[("avx", true), ("sse", false)]), MODELS, &[], HOST).unwrap();
         assert_eq!(on(&cpu), ["fpu", "avx"]);
         let cpu = resolve(&config(Some("host"), &[("avx", false)]), MODELS, &[], HOST).unwrap();

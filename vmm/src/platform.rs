@@ -114,16 +114,29 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// The features every named model gets on top of its own, as QEMU's accelerator adds them.
     const CPU_MODEL_DEFAULTS: &'static [&'static str] = &[];
 
+    /// Whether guests may have more than one socket (`-smp ...,sockets=N`).
+    const MULTI_SOCKET: bool = false;
+
     /// The CPU `cpu` (`-cpu`) asks for, resolved against this host; the host's own CPU costs no query.
     fn guest_cpu(hypervisor: &H, cpu: &CpuConfig) -> Result<GuestCpu, Error> {
-        if cpu.model.is_none() && cpu.features.is_empty() {
-            return Ok(GuestCpu::Host);
+        if cpu.sockets > 1 && !Self::MULTI_SOCKET {
+            return Err(Error::Unsupported(format!(
+                "{} sockets: guests on this platform get one socket of cores (sockets=1)",
+                cpu.sockets
+            )));
         }
-        crate::cpu_model::resolve(cpu, Self::CPU_MODELS, Self::CPU_MODEL_DEFAULTS, &Self::cpu_features(hypervisor)?)
+        let features = if cpu.model.is_none() && cpu.features.is_empty() {
+            None
+        } else {
+            let host = Self::cpu_features(hypervisor)?;
+            crate::cpu_model::resolve(cpu, Self::CPU_MODELS, Self::CPU_MODEL_DEFAULTS, &host)?
+        };
+        Ok(GuestCpu { features, sockets: cpu.sockets })
     }
 
-    /// Where vCPU `index` sits in the topology the guest is shown, for `query-cpus-fast`.
-    fn cpu_props(index: u32) -> CpuProps;
+    /// Where vCPU `index` sits in the topology the guest is shown (`cores_per_socket` cores in each socket), for
+    /// `query-cpus-fast`.
+    fn cpu_props(index: u32, cores_per_socket: u32) -> CpuProps;
 
     /// Builds the machine's devices once, before any VM exists: the first UART on `serial`, device requests
     /// (reset, power-off) to `events`, and `virtio_devices` on their transports (`machine_transport` is what

@@ -129,7 +129,7 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
 
     /// The CPU a guest sees on this host, as [`identity`] records it. KVM decides what a vCPU's ID registers
     /// show only once it is initialised, so this asks a scratch VM's vCPU, initialised as a boot's are.
-    /// aarch64 guests get the host's CPU only (`GuestCpu::Host`: no models, no feature settings).
+    /// aarch64 guests get the host's CPU only (no models, no feature settings, one socket).
     fn cpu_identity(hypervisor: &H, _vcpu_count: u8, _cpu: &GuestCpu) -> Result<CpuIdentity, Error> {
         let vm = hypervisor.create_vm()?;
         let vcpu = vm.create_vcpu(0)?;

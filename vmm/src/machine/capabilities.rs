@@ -256,7 +256,8 @@ pub(super) fn expand_cpu_model<H: Hypervisor, P: Platform<H>>(
     // `base` is the host's CPU with every feature off, then the settings.
     let base_off = || host.iter().map(|(name, _)| (name.to_string(), false));
     let features = if model.name == "base" { base_off().chain(settings).collect() } else { settings };
-    let cpu = CpuConfig { model: Some(model.name.clone()).filter(|name| name != "host" && name != "base"), features };
+    let model_name = Some(model.name.clone()).filter(|name| name != "host" && name != "base");
+    let cpu = CpuConfig { model: model_name, features, ..CpuConfig::default() };
     let guest = P::guest_cpu(hypervisor, &cpu).map_err(|e| QmpError::generic(e.to_string()))?;
     let mut props: serde_json::Map<String, Value> =
         host.iter().map(|&(name, has)| (name.to_string(), json!(guest.has(name, has)))).collect();

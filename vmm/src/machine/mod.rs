@@ -138,7 +138,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
 /// can restore here without starting a machine.
 pub fn host_cpu_identity(vcpus: u8) -> Result<snapshot::CpuIdentity, Error> {
     let hypervisor = KvmHypervisor::new()?;
-    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus, &GuestCpu::Host)
+    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus, &GuestCpu::default())
 }
 
 /// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked): the

@@ -72,7 +72,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 cpu_index: index as i64,
                 qom_path: cpu_qom_path(index),
                 thread_id: i64::from(thread_id),
-                props: P::cpu_props(index as u32),
+                props: P::cpu_props(index as u32, u32::from(self.cpu.cores_per_socket(self.config.vcpus))),
                 type_name: self.cpu_type_name(),
             })
             .collect()

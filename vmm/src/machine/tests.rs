@@ -134,7 +134,7 @@ impl Platform<NoHypervisor> for TestPlatform {
     fn cpu_features(_hypervisor: &NoHypervisor) -> Result<Vec<(&'static str, bool)>, Error> {
         Ok(vec![("test-feature", true), ("missing-feature", false)])
     }
-    fn cpu_props(index: u32) -> CpuProps {
+    fn cpu_props(index: u32, _cores_per_socket: u32) -> CpuProps {
         CpuProps { core_id: Some(i64::from(index) + 100), ..Default::default() }
     }
     fn new(
@@ -248,7 +248,7 @@ impl Fixture {
             fatal: None,
             memory_file: None,
             serial_pty: None,
-            cpu: GuestCpu::Host,
+            cpu: GuestCpu::default(),
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };

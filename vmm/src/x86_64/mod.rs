@@ -48,10 +48,11 @@ const CPU_MODELS: &[CpuModelDefinition] = &[CpuModelDefinition {
     ],
 }];
 
-/// vCPU `id`'s CPUID of `vcpu_count`: the hypervisor's `supported` leaves normalised, narrowed to `cpu`'s features.
+/// vCPU `id`'s CPUID of `vcpu_count`: the hypervisor's `supported` leaves normalised to `cpu`'s topology, narrowed
+/// to its features.
 fn guest_cpuid(supported: &[CpuidEntry], id: u8, vcpu_count: u8, cpu: &GuestCpu) -> Vec<CpuidEntry> {
-    let mut entries = cpuid::normalise(supported, id, vcpu_count);
-    if let GuestCpu::Features(_) = cpu {
+    let mut entries = cpuid::normalise(supported, id, cpu.cores_per_socket(vcpu_count));
+    if cpu.features.is_some() {
         cpuid::keep_features(&mut entries, |name| cpu.has(name, true));
     }
     entries
@@ -134,6 +135,9 @@ impl<H: PcHypervisor> Platform<H> for Pc {
 
     const CPU_MODELS: &'static [CpuModelDefinition] = CPU_MODELS;
 
+    /// Sockets of a power-of-two number of cores (`-smp` checks), so that APIC IDs stay 0..N-1.
+    const MULTI_SOCKET: bool = true;
+
     /// QEMU under KVM gives every model x2APIC; Kestrel also keeps the hypervisor bit, without which a Linux
     /// guest does not look for KVM's paravirtual clock.
     const CPU_MODEL_DEFAULTS: &'static [&'static str] = &["x2apic", "hypervisor"];
@@ -215,13 +219,14 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     }
 
     /// As the CPUID leaves describe it: one socket, one thread per core.
-    fn cpu_props(index: u32) -> CpuProps {
+    fn cpu_props(index: u32, cores_per_socket: u32) -> CpuProps {
+        let cores = cores_per_socket.max(1);
         CpuProps {
             node_id: None,
-            socket_id: Some(0),
+            socket_id: Some(i64::from(index / cores)),
             die_id: Some(0),
             cluster_id: None,
-            core_id: Some(i64::from(index)),
+            core_id: Some(i64::from(index % cores)),
             thread_id: Some(0),
         }
     }
