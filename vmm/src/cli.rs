@@ -92,10 +92,12 @@ QEMU's device options (key=value or libvirt's JSON form):
   -chardev pty,id=C -device isa-serial,chardev=C[,index=0]: the serial port (COM1, x86_64), as libvirt gives it
 
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
+-accel kvm, -display none, -no-hpet, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
 -rtc base=utc, -boot strict=on|off,
--overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
+-overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID,
+-rtc driftfix=slew (the RTC raises no interrupts to lose), -global kvm-pit.lost_tick_policy=delay (KVM's PIT
+re-injects lost ticks), -global PIIX4_PM.disable_s3=1|ICH9-LPC.disable_s3=1 (and _s4: the DSDT offers S5 only).
 -machine ...,dump-guest-core=off leaves guest memory out of Kestrel's core dumps.
 ";
 
@@ -262,9 +264,10 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--daemonize", "-daemonize"], Opt::Daemonize, false),
     (&["--pidfile", "-pidfile"], Opt::Pidfile, true),
     (&["-cpu"], Opt::Cpu, true),
-    (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
+    // (-no-hpet: Kestrel's machines have no HPET.)
+    (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm", "-no-hpet"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
-    (&["-rtc", "-boot", "-overcommit", "-msg", "-audiodev"], Opt::NoEffect, true),
+    (&["-rtc", "-boot", "-overcommit", "-msg", "-audiodev", "-global"], Opt::NoEffect, true),
 ];
 
 /// A QEMU option value: `first,key=value,key=value` where `,,` is a literal comma. Returns the leading item
@@ -607,8 +610,22 @@ type NoEffectSettings = &'static [(&'static str, &'static [&'static str])];
 /// The settings of QEMU options that change nothing for Kestrel, and the values each may have: the ones that
 /// describe what Kestrel does anyway. Anything else is refused, as Kestrel would not honour it.
 const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
-    // The CMOS clock starts at the host's UTC time.
-    ("-rtc", None, &[("base", &["utc"])]),
+    // The CMOS clock starts at the host's UTC time. Its interrupts are what a drift fix would catch up on lost
+    // ticks of, and Kestrel's RTC raises none (no periodic, alarm or update interrupt): none is lost.
+    ("-rtc", None, &[("base", &["utc"]), ("driftfix", &["slew", "none"])]),
+    // Device defaults libvirt sets: KVM's in-kernel PIT re-injects ticks it could not deliver (QEMU's `delay`,
+    // KVM's default); the DSDT offers S5 only, so S3 and S4 are disabled already.
+    (
+        "-global",
+        None,
+        &[
+            ("kvm-pit.lost_tick_policy", &["delay"]),
+            ("PIIX4_PM.disable_s3", &["1"]),
+            ("PIIX4_PM.disable_s4", &["1"]),
+            ("ICH9-LPC.disable_s3", &["1"]),
+            ("ICH9-LPC.disable_s4", &["1"]),
+        ],
+    ),
     // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
     // strictness changes nothing.
     ("-boot", Some("order"), &[("strict", &["on", "off"])]),
@@ -1144,6 +1161,11 @@ mod tests {
         assert!(domain.start_paused && domain.no_shutdown && domain.sandbox);
         assert_eq!(domain.cmdline.as_deref(), Some("echo"));
         assert!(config("-kernel k").dump_guest_core, "QEMU's default");
+        // The clock and power settings of virt-install's domains (`<clock>` timers, `<pm>`), as libvirt passes
+        // them: each describes what Kestrel does anyway.
+        let virt_install = "-kernel k -rtc base=utc,driftfix=slew -global kvm-pit.lost_tick_policy=delay -no-hpet \
+            -global PIIX4_PM.disable_s3=1 -global PIIX4_PM.disable_s4=1 -global ICH9-LPC.disable_s3=1";
+        assert_eq!(config(virt_install), config("-kernel k"));
         // Topologies: sockets of cores, one thread each.
         let topology = |smp: &str| {
             let config = config(&format!("-kernel k -smp {smp}"));
@@ -1168,7 +1190,10 @@ mod tests {
             ("-machine pc,usb=on", "no USB"),
             ("-machine pc,mem-merge=off", "'mem-merge'"),
             ("-rtc base=localtime", "base=utc"),
-            ("-rtc base=utc,driftfix=slew", "'driftfix'"),
+            ("-rtc base=utc,driftfix=catchup", "driftfix=slew or none"),
+            ("-global kvm-pit.lost_tick_policy=discard", "lost_tick_policy=delay"),
+            ("-global PIIX4_PM.disable_s3=0", "disable_s3=1"),
+            ("-global isa-fdc.fdtypeA=none", "unsupported setting 'isa-fdc.fdtypeA'"),
             ("-overcommit mem-lock=on", "mem-lock=off"),
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
