@@ -331,7 +331,9 @@ fn a_domain_runs_under_libvirt_with_kestrel_as_its_emulator() {
     assert!(!process_exists(pid), "the emulator outlived the guest's power-off");
 
     // ACPI shutdown: the payload waits for the power button, started paused so that the console is attached
-    // before the guest prints anything.
+    // before the guest prints anything. It powers off only once it saw the button, so the state shows the
+    // button worked; its last line ("probe: power button") may go with the pty before it is read, as above
+    // (seen under load).
     libvirt.virsh(&["undefine", DOMAIN]).assert_success("undefine");
     let domain = Domain::define(&libvirt, &emulator, "acpi");
     domain.start(true);
@@ -340,7 +342,6 @@ fn a_domain_runs_under_libvirt_with_kestrel_as_its_emulator() {
     domain.virsh("resume");
     console.wait_for("probe: acpi ready");
     domain.virsh("shutdown");
-    console.wait_for("probe: power button");
     domain.wait_for_state("shut off (shutdown)");
 
     // destroy: SIGTERM, which Kestrel answers with SHUTDOWN and an exit; libvirt cleans up after it.
