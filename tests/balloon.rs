@@ -206,3 +206,55 @@ fn balloon_options_are_checked() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+/// The balloon's state travels in a snapshot: a running guest with a balloon (its target lowered, statistics
+/// polled every 7 s) is saved and restored into a new process, which goes on counting with the polling interval
+/// kept; a restore whose balloon differs (deflate-on-oom), or that has none, is refused with one line.
+#[test]
+fn the_balloon_is_saved_and_restored() {
+    use support::counting_vm::{assert_count_continues, counts, file_uri, migrate, Dir, Vm};
+    if !kvm_available() {
+        return;
+    }
+    let dir = Dir::new("balloon-snapshot");
+    let snapshot = dir.path("vm.ksnap");
+    let args = ["--memory", "64M", "-device", "virtio-balloon-pci,id=balloon0"];
+    let source = Vm::start(&dir, "source", &args);
+    source.wait_for_count(100);
+    let mut qmp = source.client();
+    let reply = execute(&mut qmp, json!({"execute": "balloon", "arguments": {"value": 48 << 20}}));
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    let set = json!({"execute": "qom-set",
+                     "arguments": {"path": balloon_path(), "property": "guest-stats-polling-interval", "value": 7}});
+    assert_eq!(execute(&mut qmp, set)["return"], json!({}));
+    migrate(&mut qmp, &file_uri(&snapshot));
+    drop(qmp);
+    let source_console = source.settled_console();
+    source.quit();
+
+    let refusals: [(&[&str], &str); 2] = [
+        (&["--memory", "64M", "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"], "device_features"),
+        (&["--memory", "64M"], "virtio-balloon"),
+    ];
+    for (extra, expected) in refusals {
+        let mut cmd = support::counting_vm::flood_command(&dir, "refused", extra);
+        cmd.arg("-incoming").arg(file_uri(&snapshot));
+        let output = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{extra:?} restored");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+
+    let restored = Vm::start(&dir, "restored", &[&["-incoming", &file_uri(&snapshot)][..], &args[..]].concat());
+    let last = *counts(&source_console).last().unwrap();
+    restored.wait_for_count(last + 200);
+    assert_count_continues(&source_console, &restored.console());
+    let mut qmp = restored.client();
+    let get = json!({"execute": "qom-get",
+                     "arguments": {"path": balloon_path(), "property": "guest-stats-polling-interval"}});
+    assert_eq!(execute(&mut qmp, get)["return"], json!(7));
+    assert_eq!(execute(&mut qmp, json!({"execute": "query-balloon"}))["return"], json!({"actual": RAM}));
+    drop(qmp);
+    restored.quit();
+}
