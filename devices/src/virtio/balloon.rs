@@ -448,6 +448,11 @@ impl VirtioDevice for Balloon {
         }
     }
 
+    /// Linux's driver posts its first statistics buffer, and notifies, before it sets DRIVER_OK: read it now.
+    fn activated(&mut self) {
+        self.read_stats_buffer();
+    }
+
     fn reset_device(&mut self) {
         // The target, the guest's last report and the polling interval are the host's and stay (as in QEMU); the
         // held buffer went with the queues.
@@ -725,6 +730,24 @@ mod tests {
         assert!(!balloon.process_queue(STATS_QUEUE));
         assert_eq!(balloon.guest_stats().values[4], 900);
         assert_eq!(balloon.guest_stats().values[5], 4000);
+    }
+
+    /// A driver that posts its statistics before DRIVER_OK (Linux does) has them read when the device starts.
+    #[test]
+    fn statistics_posted_before_the_driver_is_ready_are_read_at_activation() {
+        let mem = guest_memory(MEM);
+        let queues = [0x1000, 0x2000, 0x3000].map(|at| TestQueue::new(GuestAddress(at), 16));
+        let mut stats = queues[2].clone();
+        let len = stats_buffer(&mem, 0xa000, &[(5, 222)]);
+        stats.add_chain(&mem, &[Desc::r(0xa000, len)]);
+        let mut balloon = Balloon::new(false).unwrap();
+        balloon.ack_features(features::VERSION_1 | feature::STATS_VQ);
+        let irq = Arc::new(VirtioInterrupt::new(CountingLine::new()));
+        balloon.activate(mem.clone(), queues.iter().map(TestQueue::queue).collect(), irq).unwrap();
+        assert_eq!(balloon.guest_stats().values[5], 222);
+        assert_eq!(stats.used_idx(&mem), 0);
+        assert!(balloon.return_stats_buffer());
+        assert_eq!(stats.used_idx(&mem), 1);
     }
 
     #[test]
