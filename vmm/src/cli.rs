@@ -1257,6 +1257,29 @@ mod tests {
         Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
     }
 
+    /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
+    #[test]
+    fn balloon_spellings() {
+        assert_eq!(config("--kernel k").balloon, None);
+        assert_eq!(config("--kernel k --balloon").balloon, Some(BalloonConfig::default()));
+        let json =
+            r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x2","deflate-on-oom":true}"#;
+        assert_eq!(
+            config(&format!("--kernel k -device {json}")).balloon,
+            Some(BalloonConfig { frontend: pci(Some("balloon0")), deflate_on_oom: true, stats_poll_interval: 0 })
+        );
+        assert_eq!(
+            config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
+                .balloon,
+            Some(BalloonConfig {
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                deflate_on_oom: false,
+                stats_poll_interval: 10,
+            })
+        );
+        assert!(matches!(parse_str("-machine none --balloon"), Err(CliError::Guestless(_))));
+    }
+
     #[test]
     fn qemu_drive_and_blockdev_spellings() {
         let config = config(
