@@ -578,6 +578,17 @@ mod tests {
         buf
     }
 
+    /// Whether the host page holding guest page `pfn` is in memory (mincore).
+    fn resident(mem: &GuestMemoryMmap, pfn: u64) -> bool {
+        let host = mem.get_host_address(GuestAddress(pfn << PAGE_SHIFT)).unwrap();
+        let mut vec = 0u8;
+        // SAFETY: mincore reads the page tables of one page-aligned page of test guest memory, which is mapped, and
+        // writes one byte into `vec`.
+        let done = unsafe { libc::mincore(host.cast(), PAGE_SIZE as usize, &mut vec) };
+        assert_eq!(done, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec & 1 != 0
+    }
+
     fn small_host_pages() -> bool {
         // SAFETY: sysconf only reads system configuration.
         unsafe { libc::sysconf(libc::_SC_PAGESIZE) == PAGE_SIZE as libc::c_long }
@@ -594,7 +605,11 @@ mod tests {
         assert!(balloon.process_queue(INFLATE_QUEUE));
         assert_eq!(inflate.pop_used(&mem), Some((u32::from(head), 0)));
         if small_host_pages() {
-            // The host took the pages back: the next touch reads a fresh zero page.
+            // The host took the pages back: no longer resident, and the next touch reads a fresh zero page.
+            for pfn in [0x40, 0x41, 0x42, 0x50] {
+                assert!(!resident(&mem, pfn), "page {pfn:#x} is still resident");
+            }
+            assert!(resident(&mem, 0x60));
             for pfn in [0x40, 0x41, 0x42, 0x50] {
                 assert!(page(&mem, pfn).iter().all(|&b| b == 0), "page {pfn:#x} was not given back");
             }
