@@ -625,6 +625,44 @@ mod tests {
         assert!(page(&mem, 0x60).iter().all(|&b| b == 0xbb));
     }
 
+    /// Guest memory shared with a file (a memfd, as vhost-user backends need): inflated pages are removed from the
+    /// file itself, which a MADV_DONTNEED alone would leave.
+    #[test]
+    fn inflated_pages_of_shared_memory_are_removed_from_its_file() {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+        // SAFETY: a plain syscall with a NUL-terminated name; the descriptor is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"kestrel-balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(MEM as u64).unwrap();
+        let region =
+            GuestRegionMmap::from_range(GuestAddress(0), MEM, Some(FileOffset::new(file.try_clone().unwrap(), 0)))
+                .unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        let mut inflate = TestQueue::new(GuestAddress(0x1000), 16);
+        let [deflate, stats] = [0x2000, 0x3000].map(|at| TestQueue::new(GuestAddress(at), 16).queue());
+        let mut balloon = Balloon::new(false).unwrap();
+        balloon.ack_features(features::VERSION_1);
+        let irq = Arc::new(VirtioInterrupt::new(CountingLine::new()));
+        balloon.activate(mem.clone(), vec![inflate.queue(), deflate, stats], irq).unwrap();
+        fill(&mem, 0x40, 0xaa);
+        fill(&mem, 0x41, 0xbb);
+        let len = write_pfns(&mem, 0x8000, &[0x40]);
+        inflate.add_chain(&mem, &[Desc::r(0x8000, len)]);
+        assert!(balloon.process_queue(INFLATE_QUEUE));
+        if small_host_pages() {
+            let mut back = vec![0xffu8; PAGE_SIZE as usize];
+            file.read_exact_at(&mut back, 0x40 << PAGE_SHIFT).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "the page is still in the file");
+            file.read_exact_at(&mut back, 0x41 << PAGE_SHIFT).unwrap();
+            assert!(back.iter().all(|&b| b == 0xbb), "a page not in the balloon was touched");
+            assert_eq!(balloon.discarded_bytes(), PAGE_SIZE);
+        }
+    }
+
     #[test]
     fn bad_frame_numbers_and_buffers_are_ignored_without_harm() {
         let Setup { mut balloon, mem, mut inflate, irq, .. } = active_balloon(features::VERSION_1);
