@@ -23,7 +23,7 @@ const ROOT_EMULATOR: &str = "user = \"root\"\ngroup = \"root\"";
 const DOMAIN: &str = "kestrel-dom";
 
 /// A minimal domain of `machine` (`pc`, `q35`): direct kernel boot of `kernel` with `cmdline`, a serial console on a pty, and nothing else
-/// (libvirt's default USB controller and memory balloon turned off). The CPU is the host's, the one Kestrel
+/// (libvirt's default USB controller turned off, and its memory balloon unless `devices` has one). The CPU is the host's, the one Kestrel
 /// offers, except for QEMU, which cannot give this machine's KVM its host CPU (it fails to set
 /// IA32_ARCH_CAPABILITIES) and gets libvirt's default, qemu64.
 fn domain_xml(
@@ -36,6 +36,7 @@ fn domain_xml(
 ) -> String {
     let default_cpu = if emulator.ends_with("qemu-system-x86_64") { "" } else { "<cpu mode='host-passthrough'/>" };
     let cpu = cpu.unwrap_or(default_cpu);
+    let balloon = if devices.contains("<memballoon") { "" } else { "<memballoon model='none'/>" };
     format!(
         "<domain type='kvm'>
   <name>{DOMAIN}</name>
@@ -52,7 +53,7 @@ fn domain_xml(
   <devices>
     <emulator>{}</emulator>
     <controller type='usb' model='none'/>
-    <memballoon model='none'/>
+    {balloon}
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
     {devices}
@@ -464,6 +465,38 @@ fn a_domain_with_a_network_card_gets_the_tap_libvirt_created() {
         thread::sleep(Duration::from_millis(20));
     }
     assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "libvirt's tap {tap} outlived the domain");
+}
+
+/// libvirt's default memory balloon, which every virt-install domain has, with statistics polled every 5 s: the
+/// domain starts (libvirt sets the target and reads the balloon at start, and asks for the polling), `virsh setmem
+/// --live` moves the target, `virsh dommemstat` reads the balloon and its statistics, and `--period` changes the
+/// polling. The probe payload has no balloon driver, so the guest keeps all its memory (`actual`).
+#[test]
+fn a_domain_with_libvirts_memory_balloon() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let balloon = "<memballoon model='virtio'><stats period='5'/></memballoon>";
+    let domain = Domain::define_with_devices(&libvirt, &emulator, "pc", "echo", balloon);
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    assert!(log.contains("virtio-balloon-pci"), "{log}");
+    let interval = r#"{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/balloon0",
+                      "property": "guest-stats-polling-interval"}}"#;
+    assert_eq!(domain.qmp(interval), serde_json::json!(5));
+    let setmem = libvirt.virsh(&["setmem", DOMAIN, "48M", "--live"]);
+    setmem.assert_success("virsh setmem --live");
+    let stats = domain.virsh("dommemstat");
+    assert!(stats.lines().any(|line| line.trim() == "actual 65536"), "{stats}");
+    libvirt.virsh(&["dommemstat", DOMAIN, "--period", "3", "--live"]).assert_success("dommemstat --period");
+    assert_eq!(domain.qmp(interval), serde_json::json!(3));
+    assert_eq!(domain.qmp(r#"{"execute": "query-balloon"}"#), serde_json::json!({"actual": 64 << 20}));
+    let pid = domain.pid();
+    domain.destroy();
+    assert!(!process_exists(pid), "the emulator outlived destroy");
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, CpuConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
-    MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
+    parse_memory_size, parse_uuid, BalloonConfig, ConsoleConfig, CpuConfig, DiskConfig, Frontend, Incoming,
+    ListenSocket, MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
 };
 
 mod qemu_devices;
@@ -55,6 +55,8 @@ Options (QEMU's spelling in brackets, where it has one):
                         virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
                         a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
   --rng                 virtio-rng device fed from the host's getrandom
+  --balloon             virtio-balloon device: QMP `balloon` sets the guest's target, the pages its driver gives
+                        up go back to the host [-device virtio-balloon-pci|virtio-balloon-device]
   --console MODE        virtio-console (the guest's hvc0), with --serial's modes (only one of --serial and
                         --console can be stdio)
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
@@ -84,6 +86,8 @@ QEMU's device options (key=value or libvirt's JSON form):
   -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
+  -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
+          [,guest-stats-polling-interval=SECONDS]
   -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
@@ -204,6 +208,7 @@ enum Opt {
     Disk,
     Net,
     Rng,
+    Balloon,
     Console,
     Chardev,
     Mon,
@@ -245,6 +250,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--disk"], Opt::Disk, true),
     (&["--net"], Opt::Net, true),
     (&["--rng"], Opt::Rng, false),
+    (&["--balloon"], Opt::Balloon, false),
     (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
     (&["-mon"], Opt::Mon, true),
@@ -784,6 +790,7 @@ where
     let mut disks = Vec::new();
     let mut nets = Vec::new();
     let mut rng = false;
+    let mut balloon = false;
     let mut console = None;
     let mut machine = None;
     let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
@@ -831,6 +838,7 @@ where
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Net => nets.push(parse_net(text()?)?),
             Opt::Rng => rng = true,
+            Opt::Balloon => balloon = true,
             Opt::Drive => qemu_devices.drive(&value)?,
             Opt::Blockdev => qemu_devices.blockdev(&value)?,
             Opt::Netdev => qemu_devices.netdev(text()?)?,
@@ -905,6 +913,11 @@ where
         (false, rng) => rng,
         (true, Some(_)) => return Err(CliError::Repeated("--rng / -device virtio-rng".into())),
     };
+    let balloon = match (balloon, qemu.balloon) {
+        (true, None) => Some(BalloonConfig::default()),
+        (false, balloon) => balloon,
+        (true, Some(_)) => return Err(CliError::Repeated("--balloon / -device virtio-balloon".into())),
+    };
     disks.extend(qemu.disks);
     nets.extend(qemu.nics);
 
@@ -917,6 +930,7 @@ where
             ("a disk", !disks.is_empty()),
             ("a network card", !nets.is_empty()),
             ("--rng", rng.is_some()),
+            ("--balloon", balloon.is_some()),
             ("--console", console.is_some()),
             ("-device isa-serial", serial_on_isa.is_some()),
             ("-incoming", incoming.is_some()),
@@ -970,6 +984,7 @@ where
     config.disks = disks;
     config.nets = nets;
     config.rng = rng;
+    config.balloon = balloon;
     config.machine = machine;
     if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
@@ -1323,6 +1338,29 @@ mod tests {
 
     fn pci(id: Option<&str>) -> Frontend {
         Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+    }
+
+    /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
+    #[test]
+    fn balloon_spellings() {
+        assert_eq!(config("--kernel k").balloon, None);
+        assert_eq!(config("--kernel k --balloon").balloon, Some(BalloonConfig::default()));
+        let json =
+            r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x2","deflate-on-oom":true}"#;
+        assert_eq!(
+            config(&format!("--kernel k -device {json}")).balloon,
+            Some(BalloonConfig { frontend: pci(Some("balloon0")), deflate_on_oom: true, stats_poll_interval: 0 })
+        );
+        assert_eq!(
+            config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
+                .balloon,
+            Some(BalloonConfig {
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                deflate_on_oom: false,
+                stats_poll_interval: 10,
+            })
+        );
+        assert!(matches!(parse_str("-machine none --balloon"), Err(CliError::Guestless(_))));
     }
 
     #[test]

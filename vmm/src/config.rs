@@ -199,6 +199,8 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
+    /// A virtio-balloon device (`--balloon`, `-device virtio-balloon-*`).
+    pub balloon: Option<BalloonConfig>,
     /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
     /// devices use unless told otherwise.
     pub machine: Option<MachineType>,
@@ -233,6 +235,17 @@ impl Default for CpuConfig {
     fn default() -> Self {
         CpuConfig { model: None, features: Vec::new(), sockets: 1 }
     }
+}
+
+/// A virtio-balloon device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    pub frontend: Frontend,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (QEMU's `deflate-on-oom=on`, libvirt's `autodeflate='on'`).
+    pub deflate_on_oom: bool,
+    /// Seconds between guest statistics polls from the start (QEMU's `guest-stats-polling-interval`); 0: none
+    /// until QMP sets one.
+    pub stats_poll_interval: u32,
 }
 
 /// Where a restore's snapshot comes from (`-incoming`).
@@ -283,6 +296,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: None,
             console: None,
+            balloon: None,
             machine: None,
             name: None,
             uuid: None,

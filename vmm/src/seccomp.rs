@@ -196,6 +196,8 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             // reads its file or stream with read (above).
             allow_file_creation(),
             allow(libc::SYS_fsync),
+            // The balloon's statistics polling timer, set by QMP qom-set and by a restore (its thread reads it).
+            allow(libc::SYS_timerfd_settime),
         ]),
         ThreadKind::Vcpu => list.extend([
             // Device accesses complete on the vCPU: interrupts through irqfds and ioeventfd-less notifications

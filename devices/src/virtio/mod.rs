@@ -14,6 +14,7 @@
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod console;
@@ -44,6 +45,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -223,6 +225,7 @@ pub enum VirtioDeviceState {
     Net(net::NetState),
     Rng(rng::RngState),
     Console(console::ConsoleState),
+    Balloon(balloon::BalloonState),
 }
 
 impl VirtioDeviceState {
@@ -233,6 +236,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Net(_) => TYPE_NET,
             VirtioDeviceState::Rng(_) => TYPE_RNG,
             VirtioDeviceState::Console(_) => TYPE_CONSOLE,
+            VirtioDeviceState::Balloon(_) => TYPE_BALLOON,
         }
     }
 
@@ -253,6 +257,7 @@ pub(crate) fn device_name(device_type: u32) -> &'static str {
         TYPE_NET => "virtio-net",
         TYPE_RNG => "virtio-rng",
         TYPE_CONSOLE => "virtio-console",
+        TYPE_BALLOON => "virtio-balloon",
         _ => "virtio device of an unknown type",
     }
 }

@@ -48,6 +48,7 @@ pub(super) fn peripherals<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> V
     devices.extend(config.nets.iter().filter_map(|net| virtio("virtio-net", &net.frontend)));
     devices.extend(config.rng.iter().filter_map(|rng| virtio("virtio-rng", rng)));
     devices.extend(config.console.iter().filter_map(|console| virtio("virtio-serial", &console.frontend)));
+    devices.extend(config.balloon.iter().filter_map(|balloon| virtio("virtio-balloon", &balloon.frontend)));
     devices
 }
 

@@ -29,6 +29,12 @@ pub(super) trait Served: Machine {
     fn next_event(&mut self) -> Option<VmEvent>;
     /// Acts on an event from `next_event`, emitting the QMP events it causes; `Some` ends the run.
     fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error>;
+    /// When a QMP event held back by a throttle is due (see `flush_due`).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Emits the held QMP events that are due.
+    fn flush_due(&mut self, _emit: &mut dyn FnMut(Event)) {}
 }
 
 impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
@@ -52,6 +58,14 @@ impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
     }
     fn handle(&mut self, event: VmEvent, emit: &mut dyn FnMut(Event)) -> Result<Option<Outcome>, Error> {
         Vmm::handle(self, event, emit)
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.balloon_events.deadline()
+    }
+    fn flush_due(&mut self, emit: &mut dyn FnMut(Event)) {
+        if let Some(event) = self.balloon_events.due(Instant::now()) {
+            emit(event);
+        }
     }
 }
 
@@ -109,7 +123,8 @@ impl<M: Served> EventLoop<M> {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            match self.poll.poll(&mut events, None) {
+            let timeout = self.vmm.deadline().map(|at| at.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Host("waiting for events", e)),
@@ -151,6 +166,10 @@ impl<M: Served> EventLoop<M> {
                     session.feed(bytes, vmm)
                 };
                 qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            }
+            {
+                let registry = poll.registry();
+                vmm.flush_due(&mut |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event)));
             }
             while signals::received().is_none() {
                 let Some(event) = vmm.next_event() else { break };

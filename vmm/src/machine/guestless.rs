@@ -91,7 +91,7 @@ impl<H: Hypervisor, P: Platform<H>> Served for Guestless<'_, H, P> {
                 emit(shutdown_event(ShutdownCause::HostSignal));
                 Ok(Some(Outcome::Signal(signal)))
             }
-            VmEvent::Platform(_) | VmEvent::VcpuFailed { .. } => Ok(None),
+            VmEvent::Platform(_) | VmEvent::VcpuFailed { .. } | VmEvent::BalloonChange { .. } => Ok(None),
         }
     }
 }

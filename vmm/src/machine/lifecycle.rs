@@ -19,7 +19,7 @@ use crate::{console, inherited, signals, Error, Outcome};
 
 use super::memory::{check_memory_size, create_guest_memory, exclude_from_core_dumps, map_guest_memory};
 use super::migration::snapshot_machine;
-use super::{event_channel, qmp_event, shutdown_event, Guest, OpenPayload, VmEvent, Vmm, SERIAL_LABEL};
+use super::{event_channel, qmp_event, shutdown_event, EventThrottle, Guest, OpenPayload, VmEvent, Vmm, SERIAL_LABEL};
 
 impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     pub(super) fn new(
@@ -80,7 +80,14 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         };
         let guest_cpu = P::guest_cpu(&hypervisor, &config.cpu)?;
         let memory = create_guest_memory(P::ram_regions(config.memory_bytes))?;
-        let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
+        let crate::virtio::VirtioDevices { devices: virtio_devices, disks, balloon } =
+            crate::virtio::devices(config, transport)?;
+        if let Some(balloon) = &balloon {
+            // The guest's driver changed its balloon: BALLOON_CHANGE, from the event loop.
+            let sender = sender.clone();
+            let listener = move |actual| sender.send(VmEvent::BalloonChange { actual_pages: actual });
+            balloon.lock().unwrap_or_else(|p| p.into_inner()).set_actual_listener(Box::new(listener));
+        }
         let platform = P::new(serial, platform_events, &memory, virtio_devices, transport)?;
         if config.incoming.is_some() {
             P::check_restore_supported()?;
@@ -108,6 +115,8 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             raised: Vec::new(),
             quit: false,
             disks,
+            balloon,
+            balloon_events: EventThrottle::default(),
             platform_requested,
             first_boot_vcpus: Some(first_boot_vcpus),
             incoming,
@@ -256,6 +265,13 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
             VmEvent::Signal(signal) => {
                 emit(shutdown_event(ShutdownCause::HostSignal));
                 Ok(Some(Outcome::Signal(signal)))
+            }
+            VmEvent::BalloonChange { actual_pages } => {
+                let event = qmp_event(EventKind::BalloonChange { actual: self.balloon_actual_bytes(actual_pages) });
+                if let Some(event) = self.balloon_events.offer(event, std::time::Instant::now()) {
+                    emit(event);
+                }
+                Ok(None)
             }
             VmEvent::VcpuFailed { id, reason, state } => {
                 let error = Error::VcpuFailed { id, reason, state };

@@ -1,5 +1,6 @@
 //! The machine as QMP sees it: `qmp::Machine` for `Vmm`, and how Kestrel's devices and vCPUs are shown.
 
+use devices::virtio::balloon::{Balloon, PAGE_SHIFT, STAT_NAMES};
 use devices::virtio::block::Block;
 use hypervisor::Hypervisor;
 use qmp::{
@@ -164,10 +165,12 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 // Each device `/machine/peripheral` lists, by its id: what it is.
                 let id = other.strip_prefix("/machine/peripheral/")?;
                 let (_, type_name) = self.peripherals().into_iter().find(|(peripheral, _)| peripheral == id)?;
-                Some(QomObject {
-                    properties: vec![prop("type", "string", json!(type_name)), prop("realized", "bool", json!(true))],
-                    type_name,
-                })
+                let mut properties =
+                    vec![prop("type", "string", json!(type_name)), prop("realized", "bool", json!(true))];
+                if let Some(balloon) = self.balloon_with_id(id) {
+                    properties.extend(balloon_properties(&balloon.lock().unwrap_or_else(|p| p.into_inner())));
+                }
+                Some(QomObject { properties, type_name })
             }
             other => {
                 let index: usize =
@@ -212,6 +215,43 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         self.migration_capabilities = capabilities;
         Ok(())
     }
+
+    /// QEMU's `virtio_balloon_to_target`: the balloon is what the guest must give up to be left with `target`,
+    /// all of guest RAM at most.
+    fn balloon(&mut self, target: u64) -> Result<(), QmpError> {
+        let balloon = self.balloon.as_ref().ok_or_else(QmpError::no_balloon)?;
+        let ram = self.config.memory_bytes;
+        let pages = (ram - target.min(ram)) >> PAGE_SHIFT;
+        let pages = u32::try_from(pages).map_err(|_| QmpError::generic("the balloon cannot hold that much"))?;
+        balloon.lock().unwrap_or_else(|p| p.into_inner()).set_num_pages(pages);
+        Ok(())
+    }
+
+    fn balloon_actual(&self) -> Result<u64, QmpError> {
+        let balloon = self.balloon.as_ref().ok_or_else(QmpError::no_balloon)?;
+        let actual = balloon.lock().unwrap_or_else(|p| p.into_inner()).actual();
+        Ok(self.balloon_actual_bytes(actual))
+    }
+
+    /// The balloon's `guest-stats-polling-interval`, as QEMU takes it; every other property is read-only.
+    fn qom_set(&mut self, path: &str, property: &str, value: &serde_json::Value) -> Result<(), QmpError> {
+        let id = path.trim_end_matches('/').strip_prefix("/machine/peripheral/").unwrap_or_default();
+        let Some(balloon) = self.balloon_with_id(id).filter(|_| property == STATS_POLLING_INTERVAL) else {
+            return Err(QmpError::permission_denied());
+        };
+        let seconds = value
+            .as_i64()
+            .ok_or_else(|| QmpError::generic(format!("Invalid parameter type for '{property}', expected: integer")))?;
+        if seconds < 0 {
+            return Err(QmpError::generic("timer value must be greater than zero"));
+        }
+        let seconds = u32::try_from(seconds).map_err(|_| QmpError::generic("timer value is too big"))?;
+        balloon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_poll_interval(seconds)
+            .map_err(|e| QmpError::generic(format!("setting the balloon's statistics timer: {e}")))
+    }
 }
 
 impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
@@ -224,12 +264,41 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         capabilities::peripherals::<H, P>(self.config)
     }
 
+    /// The balloon, if the machine has one and it was given `id` (its QOM path is `/machine/peripheral/ID`).
+    fn balloon_with_id(&self, id: &str) -> Option<&crate::virtio::BalloonDevice> {
+        let configured = self.config.balloon.as_ref()?.frontend.id.as_deref()?;
+        (configured == id).then_some(self.balloon.as_ref()?)
+    }
+
+    /// The memory the guest has with `pages` in its balloon, as QEMU reports it (BALLOON_CHANGE, query-balloon).
+    pub(super) fn balloon_actual_bytes(&self, pages: u32) -> u64 {
+        self.config.memory_bytes.saturating_sub(u64::from(pages) << PAGE_SHIFT)
+    }
+
     /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
     /// session through `raised`.
     pub(super) fn raise(&mut self, events: &mut Vec<Event>, event: Event) {
         self.raised.push(event);
         events.push(event);
     }
+}
+
+const STATS_POLLING_INTERVAL: &str = "guest-stats-polling-interval";
+
+/// The balloon's own QOM properties, as QEMU's virtio-balloon-pci has them: the polling interval (writable) and the
+/// guest's last statistics (`last-update` in seconds since the epoch, each statistic all ones until reported).
+fn balloon_properties(balloon: &Balloon) -> Vec<qmp::QomProperty> {
+    let stats = balloon.guest_stats();
+    let values: serde_json::Map<String, serde_json::Value> =
+        STAT_NAMES.iter().zip(stats.values).map(|(name, value)| (name.to_string(), json!(value))).collect();
+    vec![
+        capabilities::qom_property(STATS_POLLING_INTERVAL, "int", json!(balloon.poll_interval())),
+        capabilities::qom_property(
+            "guest-stats",
+            "guest statistics",
+            json!({"last-update": stats.last_update, "stats": values}),
+        ),
+    ]
 }
 
 /// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a

@@ -238,6 +238,8 @@ impl Fixture {
             raised: Vec::new(),
             quit: false,
             disks: Vec::new(),
+            balloon: None,
+            balloon_events: super::EventThrottle::default(),
             platform_requested: Arc::new(AtomicBool::new(false)),
             first_boot_vcpus: None,
             incoming: None,
