@@ -52,6 +52,25 @@ fn every_vcpu_checks_in(payload_name: &str, cpus: u32) {
     }
 }
 
+/// libvirt's default topology for N vCPUs, N sockets of one core (`-smp 4,sockets=4,cores=1,threads=1`), and two
+/// sockets of two cores: every vCPU comes up with its APIC ID, which numbers the socket above the core.
+#[test]
+fn vcpus_in_several_sockets_come_up() {
+    if !kvm_available() {
+        return;
+    }
+    for smp in ["4,sockets=4,cores=1,threads=1", "4,sockets=2,cores=2"] {
+        let run = boot(PVH, "smp", &["-smp", smp]);
+        run.assert_success();
+        run.assert_stdout_has("probe: smp 4/4 cpus");
+        for id in 1..4 {
+            run.assert_stdout_has(&format!("probe: cpu {id} up"));
+        }
+    }
+    let run = boot(PVH, "smp", &["-smp", "6,sockets=2,cores=3"]);
+    assert!(!run.status.success() && run.stderr.contains("must be a power of two"), "{}", run.describe());
+}
+
 #[test]
 fn one_vcpu_boots_alone() {
     every_vcpu_checks_in(PVH, 1);
@@ -463,4 +482,65 @@ fn hostile_virtio_chains_leave_a_second_disk_working_bzimage() {
         return;
     }
     hostile_virtio_chains_leave_a_second_disk_working(BZIMAGE);
+}
+
+/// CPUID as the probe's `cpuid` command prints it: leaf 1's ECX and EDX, leaf 7.0's EBX, leaf 0x8000_0001's ECX.
+fn guest_cpuid(extra: &[&str]) -> [u32; 4] {
+    let run = boot(ELF, "cpuid", extra);
+    run.assert_success();
+    let line =
+        run.stdout.lines().find(|l| l.starts_with("probe: cpuid ")).unwrap_or_else(|| panic!("{}", run.describe()));
+    let words: Vec<u32> = line
+        .split_whitespace()
+        .skip(2)
+        .map(|field| u32::from_str_radix(field.split('=').nth(1).unwrap().trim(), 16).unwrap())
+        .collect();
+    words.try_into().unwrap_or_else(|w| panic!("{w:?} in {line}"))
+}
+
+/// `-cpu kvm64` as libvirt's `host-model` passes it on a host it has no model for: QEMU's generic 64-bit model,
+/// each of its features the host lacks turned off (KVM-PVM reports no SSE3), the host's CPUID with every named
+/// feature outside the model cleared. Checked where the guest reads what Kestrel set: leaf 0x8000_0001 and leaf
+/// 1's TSC-deadline bit (under KVM-PVM the guest reads most of leaf 1 and leaf 7 from the CPU itself, not from
+/// KVM). `-cpu host,FEATURE=off` clears one feature; a model or feature the host cannot give is refused.
+#[test]
+fn a_named_cpu_model_narrows_the_guests_cpuid_and_features_turn_off_one_by_one() {
+    if !kvm_available() {
+        return;
+    }
+    let kvm64 = {
+        let run = boot(ELF, "cpuid", &["-cpu", "kvm64"]);
+        match run.stderr.split("needs ").nth(1).and_then(|rest| rest.split(" which this host lacks").next()) {
+            Some(lacking) if !run.status.success() => {
+                format!("kvm64,{}", lacking.split(", ").map(|f| format!("{f}=off")).collect::<Vec<_>>().join(","))
+            }
+            _ => "kvm64".to_string(),
+        }
+    };
+    let [host_1c, _, _, host_ext_c] = guest_cpuid(&[]);
+    let [kvm64_1c, _, _, kvm64_ext_c] = guest_cpuid(&["-cpu", &kvm64]);
+    // lahf_lm, abm, sse4a, 3dnowprefetch, xop...: none is kvm64's, some are the host's.
+    assert_eq!(kvm64_ext_c, 0, "{kvm64}: {kvm64_ext_c:08x} (host {host_ext_c:08x})");
+    assert_ne!(host_ext_c, 0, "this host offers nothing in leaf 0x8000_0001 ECX");
+    let tsc_deadline = 1 << 24;
+    assert_ne!(host_1c & tsc_deadline, 0, "Kestrel offers TSC-deadline: {host_1c:08x}");
+    assert_eq!(kvm64_1c & tsc_deadline, 0, "{kvm64}: {kvm64_1c:08x}");
+    let [with_it, ..] = guest_cpuid(&["-cpu", &format!("{kvm64},+tsc-deadline")]);
+    assert_eq!(with_it, kvm64_1c | tsc_deadline);
+
+    // One feature off the host's CPU: only it changes.
+    let lahf_lm = host_ext_c & 1;
+    let [c, _, _, e] = guest_cpuid(&["-cpu", "host,lahf_lm=off,tsc-deadline=off"]);
+    assert_eq!((c, e), (host_1c & !tsc_deadline, host_ext_c & !lahf_lm));
+
+    // What the host cannot give: one line and a failure, no guest.
+    for (cpu, says) in [
+        ("Skylake-Client", "CPU model 'Skylake-Client' is not offered here (models: host, kvm64)"),
+        ("host,warp-drive=on", "CPU feature 'warp-drive' is not one Kestrel knows"),
+        ("host,ia64=on", "CPU feature 'ia64' cannot be given to guests: this host lacks it"),
+    ] {
+        let run = boot(ELF, "cpuid", &["-cpu", cpu]);
+        assert!(!run.status.success() && run.stderr.contains(says), "{cpu}: {}", run.describe());
+        assert!(!run.stdout.contains("probe:"), "{cpu}: the guest ran: {}", run.describe());
+    }
 }

@@ -128,7 +128,7 @@ fn bad_probe_options_are_one_line_each() {
         (&["-machine", "pc-q35-2.0", "-kernel", "k"], "pc-q35-2.0"),
         (&["-kernel", "k", "-daemonize", "-serial", "stdio"], "daemonize"),
         (&["-machine", "none", "-pidfile", ""], "-pidfile"),
-        (&["-kernel", "k", "-cpu", "Skylake-Client"], "-cpu host"),
+        (&["-kernel", "k", "-cpu", "host,migratable=maybe"], "migratable must be on or off"),
     ];
     for (args, needle) in cases {
         let mut command = Command::new(kestrel_binary());
@@ -202,10 +202,16 @@ fn virsh_domcapabilities_lists_what_kestrel_implements() {
     assert!((1..=254).contains(&max), "vcpu max {max}");
     has(pc, "<iothreads supported='no'/>");
 
-    // The CPU: the host's, passed through; no named models and no maximum model.
+    // The CPU: the host's, passed through, or the one named model, kvm64 (usable where the host has all of its
+    // features: KVM-PVM lacks SSE3), which host-model is built on; no maximum model.
     has(pc, "<mode name='host-passthrough' supported='yes'>");
     has(pc, "<mode name='maximum' supported='no'/>");
-    has(pc, "<mode name='custom' supported='no'/>");
+    has(pc, "<mode name='host-model' supported='yes'>");
+    has(pc, "<model fallback='forbid'>kvm64</model>");
+    let custom = pc.split("<mode name='custom' supported='yes'>").nth(1).unwrap_or_else(|| panic!("{pc}"));
+    let models: Vec<&str> = custom.split("</mode>").next().unwrap().matches("</model>").collect();
+    assert_eq!(models.len(), 1, "{custom}");
+    assert!(custom.contains(">kvm64</model>"), "{custom}");
 
     // Devices: virtio disks and the virtio rng on either entropy source, no display device, TPM or USB redirection.
     assert_eq!(enum_values(pc, "disk", "model"), ["virtio"]);

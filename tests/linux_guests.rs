@@ -541,6 +541,44 @@ fn system_powerdown_makes_linux_power_off() {
     check_powerdown(c);
 }
 
+/// Linux's virtio_balloon under QMP `balloon`: the target went down by 64 MiB of the guest's 256, the driver
+/// inflated, the guest's MemTotal fell by as much, and BALLOON_CHANGE followed it to 192 MiB; before that,
+/// `query-balloon` reported all of RAM and `guest-stats` the driver's first report, and statistics were polled
+/// every second meanwhile.
+#[test]
+fn virtio_balloon_takes_memory_from_a_linux_guest_under_qmp() {
+    let Some(c) = case(Arch::X86_64, "balloon") else { return };
+    c.assert_marker();
+    c.assert_line("BALLOON-DRIVERS=1");
+    let before = c.value("BALLOON-MEMTOTAL-BEFORE-KB");
+    let after = c.value("BALLOON-MEMTOTAL-AFTER-KB");
+    c.assert(after + 64 * 1024 <= before, &format!("MemTotal went from {before} kB to {after} kB only"));
+    let qmp: Vec<serde_json::Value> =
+        c.case.stderr.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect();
+    let returned: Vec<&serde_json::Value> = qmp.iter().filter_map(|m| m.get("return")).collect();
+    c.assert(
+        returned.iter().any(|r| r.get("actual") == Some(&serde_json::json!(256u64 << 20))),
+        "query-balloon reported the whole 256 MiB before the target moved",
+    );
+    let guest_stats = returned.iter().find(|r| r.get("stats").is_some());
+    c.assert(guest_stats.is_some(), "qom-get guest-stats answered");
+    let last_update = guest_stats.and_then(|g| g["last-update"].as_i64()).unwrap_or(0);
+    c.assert(last_update > 0, "the driver's first statistics (posted before DRIVER_OK) were read");
+    let total = guest_stats.and_then(|g| g["stats"]["stat-total-memory"].as_u64()).unwrap_or(u64::MAX);
+    c.assert(
+        total != u64::MAX && total <= 256 << 20 && total > 128 << 20,
+        &format!("the driver's first report gives its total memory: {total}"),
+    );
+    let changes: Vec<u64> =
+        qmp.iter().filter(|m| m["event"] == "BALLOON_CHANGE").filter_map(|m| m["data"]["actual"].as_u64()).collect();
+    c.assert(!changes.is_empty(), "BALLOON_CHANGE was sent");
+    c.assert(changes.last() == Some(&(192u64 << 20)), &format!("BALLOON_CHANGE ends at 192 MiB: {changes:?}"));
+    c.assert(changes.windows(2).all(|w| w[1] < w[0]), &format!("the guest shrank step by step: {changes:?}"));
+    // Statistics polled every second all along, and nothing the guest did was a mistake the device reported.
+    c.assert(!c.case.stderr.contains("virtio-balloon:"), "the device reported no guest error");
+    c.assert_exited(0);
+}
+
 #[test]
 fn virtio_mmio_disks_and_rng_serve_a_linux_guest() {
     let Some(c) = case(Arch::X86_64, "virtio-mmio") else { return };

@@ -441,6 +441,11 @@ static MIGRATION_INFO: Type = Type::Object(&ObjectType {
     ],
     tag: None,
 });
+static BALLOON_ARGS: Type = Type::Object(&ObjectType { members: &[req("value", &INT)], tag: None });
+static BALLOON_INFO: Type = Type::Object(&ObjectType { members: &[req("actual", &INT)], tag: None });
+static BALLOON_CHANGE_DATA: Type = Type::Object(&ObjectType { members: &[req("actual", &INT)], tag: None });
+static QOM_SET_ARGS: Type =
+    Type::Object(&ObjectType { members: &[req("path", &STR), req("property", &STR), req("value", &ANY)], tag: None });
 static MIGRATION_DATA: Type = Type::Object(&ObjectType { members: &[req("status", &MIGRATION_STATUS)], tag: None });
 
 macro_rules! cmd {
@@ -490,6 +495,7 @@ pub static COMMANDS: &[Command] = &[
     cmd!("human-monitor-command", HMP_ARGS, STR, human_monitor_command),
     cmd!("qom-list", QOM_LIST_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list),
     cmd!("qom-get", QOM_GET_ARGS, ANY, qom_get),
+    cmd!("qom-set", QOM_SET_ARGS, T_EMPTY, qom_set),
     cmd!("qom-list-types", QOM_LIST_TYPES_ARGS, OBJECT_TYPE_INFO_LIST, qom_list_types),
     cmd!("device-list-properties", TYPENAME_ARGS, OBJECT_PROPERTY_INFO_LIST, device_list_properties),
     cmd!("qom-list-properties", TYPENAME_ARGS, OBJECT_PROPERTY_INFO_LIST, qom_list_properties),
@@ -541,6 +547,8 @@ pub static COMMANDS: &[Command] = &[
         .machine
         .migration()
         .map_or(json!({}), |m| migration_info(&m)))),
+    cmd!("balloon", BALLOON_ARGS, T_EMPTY, balloon),
+    cmd!("query-balloon", T_EMPTY, BALLOON_INFO, |_, c| Ok(json!({"actual": c.machine.balloon_actual()?}))),
 ];
 
 /// Every event Kestrel emits.
@@ -551,6 +559,7 @@ pub static EVENTS: &[EventDef] = &[
     EventDef { name: "STOP", data: &T_EMPTY },
     EventDef { name: "RESUME", data: &T_EMPTY },
     EventDef { name: "MIGRATION", data: &MIGRATION_DATA },
+    EventDef { name: "BALLOON_CHANGE", data: &BALLOON_CHANGE_DATA },
 ];
 
 pub fn find(name: &str) -> Option<&'static Command> {
@@ -565,6 +574,7 @@ pub(crate) fn event_data(kind: &EventKind) -> Option<Value> {
             Some(json!({"guest": guest, "reason": reason.as_str()}))
         }
         EventKind::Migration { status } => Some(json!({"status": status.as_str()})),
+        EventKind::BalloonChange { actual } => Some(json!({"actual": actual})),
     }
 }
 
@@ -954,8 +964,30 @@ fn qom_get(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
         .iter()
         .find(|p| p.name == name)
         .ok_or_else(|| QmpError::property_not_found(&obj.type_name, name))?;
-    // QEMU's answer for a property without a getter (QERR_PERMISSION_DENIED).
-    prop.value.clone().ok_or_else(|| QmpError::generic("Insufficient permission to perform this operation"))
+    // QEMU's answer for a property without a getter.
+    prop.value.clone().ok_or_else(QmpError::permission_denied)
+}
+
+/// QEMU's `qom-set`: the path must resolve and list the property; the machine decides whether it can be written.
+fn qom_set(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    let path = str_arg(args, "path");
+    let name = str_arg(args, "property");
+    let obj = c.machine.qom_object(path).ok_or_else(|| QmpError::device_not_found(path))?;
+    if !obj.properties.iter().any(|p| p.name == name) {
+        return Err(QmpError::property_not_found(&obj.type_name, name));
+    }
+    c.machine.qom_set(path, name, &args["value"]).map(|()| json!({}))
+}
+
+/// `balloon`: QEMU checks for a balloon first, then the target (named `target` in its error, as QEMU's is).
+fn balloon(args: &Map<String, Value>, c: &mut Ctx) -> Result<Value, QmpError> {
+    c.machine.balloon_actual()?;
+    let target = args.get("value").and_then(Value::as_i64).unwrap_or(0);
+    let target = u64::try_from(target)
+        .ok()
+        .filter(|&t| t > 0)
+        .ok_or_else(|| QmpError::generic("Parameter 'target' expects a size"))?;
+    c.machine.balloon(target).map(|()| json!({}))
 }
 
 /// Whether `ty` is `ancestor` or derives from it, walking the parents `types` lists.

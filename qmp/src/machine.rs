@@ -48,6 +48,16 @@ impl QmpError {
         Self::new(ErrorClass::DeviceNotFound, format!("Device '{path}' not found"))
     }
 
+    /// QEMU's answer to a balloon command on a machine without a balloon device.
+    pub fn no_balloon() -> Self {
+        Self::new(ErrorClass::DeviceNotActive, "No balloon device has been activated")
+    }
+
+    /// QEMU's QERR_PERMISSION_DENIED: a QOM property without a getter (`qom-get`) or setter (`qom-set`).
+    pub fn permission_denied() -> Self {
+        Self::generic("Insufficient permission to perform this operation")
+    }
+
     /// QEMU's text for a missing QOM property: `Property '<type>.<name>' not found`.
     pub fn property_not_found(type_name: &str, property: &str) -> Self {
         Self::generic(format!("Property '{type_name}.{property}' not found"))
@@ -249,6 +259,10 @@ pub enum EventKind {
     Migration {
         status: MigrationStatus,
     },
+    /// The guest's balloon changed: `actual` is the memory it now has, in bytes.
+    BalloonChange {
+        actual: u64,
+    },
 }
 
 impl EventKind {
@@ -268,6 +282,7 @@ impl EventKind {
             EventKind::Reset { .. } => "RESET",
             EventKind::Shutdown { .. } => "SHUTDOWN",
             EventKind::Migration { .. } => "MIGRATION",
+            EventKind::BalloonChange { .. } => "BALLOON_CHANGE",
         }
     }
 }
@@ -614,4 +629,23 @@ pub trait Machine {
 
     /// `migrate-set-capabilities`, all or nothing.
     fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError>;
+
+    /// `balloon`: ask the guest to shrink or grow to `target` bytes (QEMU: a target above guest RAM means all of
+    /// it). The session has checked that `target` is positive. A machine without a balloon answers
+    /// [`QmpError::no_balloon`].
+    fn balloon(&mut self, _target: u64) -> Result<(), QmpError> {
+        Err(QmpError::no_balloon())
+    }
+
+    /// `query-balloon`: the memory the guest has, in bytes (guest RAM less its balloon).
+    fn balloon_actual(&self) -> Result<u64, QmpError> {
+        Err(QmpError::no_balloon())
+    }
+
+    /// `qom-set` of `property` on the object at `path`, which [`qom_object`](Self::qom_object) resolved and lists
+    /// the property: `value` as the client sent it. A property that cannot be written answers QEMU's permission
+    /// error (the default).
+    fn qom_set(&mut self, _path: &str, _property: &str, _value: &Value) -> Result<(), QmpError> {
+        Err(QmpError::permission_denied())
+    }
 }

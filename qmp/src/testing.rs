@@ -33,6 +33,8 @@ pub struct FakeMachine {
     pub type_properties: Vec<(String, Vec<TypeProperty>)>,
     /// The features of the one CPU model, `host`, with whether this "host" has each.
     pub cpu_features: Vec<(String, bool)>,
+    /// A balloon: the target last set (`balloon`) and what the guest has (`query-balloon`), in bytes.
+    pub balloon: Option<(u64, u64)>,
 }
 
 fn qom_type(name: &str, parent: Option<&str>, is_abstract: bool) -> QomType {
@@ -83,6 +85,7 @@ impl Default for FakeMachine {
                 }],
             )],
             cpu_features: vec![("fpu".into(), true), ("vmx".into(), false)],
+            balloon: None,
             qom: vec![
                 (
                     "/".into(),
@@ -264,6 +267,25 @@ impl Machine for FakeMachine {
 
     fn set_migration_capabilities(&mut self, capabilities: MigrationCapabilities) -> Result<(), QmpError> {
         self.migration_capabilities = capabilities;
+        Ok(())
+    }
+
+    fn balloon(&mut self, target: u64) -> Result<(), QmpError> {
+        let (set, _) = self.balloon.as_mut().ok_or_else(QmpError::no_balloon)?;
+        *set = target;
+        Ok(())
+    }
+
+    fn balloon_actual(&self) -> Result<u64, QmpError> {
+        self.balloon.map(|(_, actual)| actual).ok_or_else(QmpError::no_balloon)
+    }
+
+    /// Writes `int` properties; the others are read-only.
+    fn qom_set(&mut self, path: &str, property: &str, value: &serde_json::Value) -> Result<(), QmpError> {
+        let object = self.qom.iter_mut().find(|(p, _)| p == path).map(|(_, o)| o);
+        let slot = object.and_then(|o| o.properties.iter_mut().find(|p| p.name == property && p.type_name == "int"));
+        let slot = slot.ok_or_else(QmpError::permission_denied)?;
+        slot.value = Some(value.clone());
         Ok(())
     }
 

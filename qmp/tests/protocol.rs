@@ -248,6 +248,7 @@ fn returns_match_declared_types() {
     m.state = RunState::Running;
     m.name = Some("n".into());
     m.disks = two_disks();
+    m.balloon = Some((1 << 30, 1 << 30));
     for c in qmp::commands::COMMANDS {
         let req = match c.name {
             // SchemaInfo is declared with its common members only (its per-meta-type variants are not spelled
@@ -273,6 +274,23 @@ fn returns_match_declared_types() {
             }
             "closefd" => "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"f\"}}".to_string(),
             "qom-get" => "{\"execute\":\"qom-get\",\"arguments\":{\"path\":\"/\",\"property\":\"type\"}}".to_string(),
+            "qom-set" => {
+                m.qom.push((
+                    "/machine/peripheral/b".into(),
+                    qmp::QomObject {
+                        type_name: "virtio-balloon-pci".into(),
+                        properties: vec![qmp::QomProperty {
+                            name: "guest-stats-polling-interval".into(),
+                            type_name: "int".into(),
+                            value: Some(serde_json::json!(0)),
+                        }],
+                    },
+                ));
+                "{\"execute\":\"qom-set\",\"arguments\":{\"path\":\"/machine/peripheral/b\",\
+                 \"property\":\"guest-stats-polling-interval\",\"value\":5}}"
+                    .to_string()
+            }
+            "balloon" => "{\"execute\":\"balloon\",\"arguments\":{\"value\":536870912}}".to_string(),
             "device-list-properties" | "qom-list-properties" => {
                 format!("{{\"execute\":\"{}\",\"arguments\":{{\"typename\":\"virtio-rng-pci\"}}}}", c.name)
             }
@@ -796,4 +814,55 @@ fn command_line_options_list_and_filter() {
     let missing =
         ask_json(&mut s, &mut m, "{\"execute\":\"query-command-line-options\",\"arguments\":{\"option\":\"vnc\"}}");
     assert_eq!(missing["error"]["desc"], "Parameter 'option' expects an option name");
+}
+
+/// `balloon` and `query-balloon` as QEMU 7.2 answers them: without a balloon, `DeviceNotActive` (checked before
+/// the target); a target that is not positive names `target`; BALLOON_CHANGE carries `actual` on the wire.
+#[test]
+fn balloon_commands_and_event() {
+    let (mut s, mut m) = negotiated();
+    let no_balloon =
+        "{\"error\": {\"class\": \"DeviceNotActive\", \"desc\": \"No balloon device has been activated\"}}\r\n";
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-balloon\"}"), no_balloon);
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"balloon\",\"arguments\":{\"value\":0}}"), no_balloon);
+    m.balloon = Some((1 << 30, 1 << 30));
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"query-balloon\"}"), "{\"return\": {\"actual\": 1073741824}}\r\n");
+    for value in ["0", "-1"] {
+        assert_eq!(
+            ask(&mut s, &mut m, &format!("{{\"execute\":\"balloon\",\"arguments\":{{\"value\":{value}}}}}")),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'target' expects a size\"}}\r\n"
+        );
+    }
+    assert_eq!(m.balloon, Some((1 << 30, 1 << 30)));
+    assert_eq!(ask(&mut s, &mut m, "{\"execute\":\"balloon\",\"arguments\":{\"value\":4096}}"), "{\"return\": {}}\r\n");
+    assert_eq!(m.balloon, Some((4096, 1 << 30)));
+    let ev = Event {
+        kind: EventKind::BalloonChange { actual: 805306368 },
+        timestamp: Timestamp { seconds: 1, microseconds: 2 },
+    };
+    assert_eq!(
+        text(s.event_bytes(&ev).unwrap()),
+        "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"BALLOON_CHANGE\", \"data\": {\"actual\": 805306368}}\r\n"
+    );
+    // qom-set: the object and the property must exist; a read-only property is QEMU's permission error.
+    assert_eq!(
+        ask(
+            &mut s,
+            &mut m,
+            "{\"execute\":\"qom-set\",\"arguments\":{\"path\":\"/nope\",\"property\":\"x\",\"value\":1}}"
+        ),
+        "{\"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"Device '/nope' not found\"}}\r\n"
+    );
+    assert_eq!(
+        ask(
+            &mut s,
+            &mut m,
+            "{\"execute\":\"qom-set\",\"arguments\":{\"path\":\"/machine\",\"property\":\"x\",\"value\":1}}"
+        ),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Property 'pc-i440fx-7.2-machine.x' not found\"}}\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, &mut m, "{\"execute\":\"qom-set\",\"arguments\":{\"path\":\"/machine\",\"property\":\"type\",\"value\":1}}"),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Insufficient permission to perform this operation\"}}\r\n"
+    );
 }

@@ -442,6 +442,34 @@ cmd_flood:                                      /* "probe: flood N" for N = 0, 1
         incq    %rax
         jmp     1b
 
+cmd_cpuid:                                      /* "probe: cpuid 1.ecx=X 1.edx=X 7.ebx=X 80000001.ecx=X", poweroff */
+        leaq    msg_cpuid(%rip), %rsi
+        call    puts
+        movl    $1, %eax
+        cpuid
+        movl    %edx, %r8d
+        movl    %ecx, %eax
+        call    puthex32
+        leaq    msg_cpuid_1edx(%rip), %rsi
+        call    puts
+        movl    %r8d, %eax
+        call    puthex32
+        leaq    msg_cpuid_7ebx(%rip), %rsi
+        call    puts
+        movl    $7, %eax
+        xorl    %ecx, %ecx
+        cpuid
+        movl    %ebx, %eax
+        call    puthex32
+        leaq    msg_cpuid_ext(%rip), %rsi
+        call    puts
+        movl    $0x80000001, %eax
+        cpuid
+        movl    %ecx, %eax
+        call    puthex32
+        call    putcrlf
+        jmp     poweroff
+
 cmd_triplefault:
         lidt    zero_idtr(%rip)
         int3                                    /* #BP -> #GP (limit 0) -> #DF -> shutdown */
@@ -1694,6 +1722,10 @@ msg_echo_ready:         .asciz "probe: echo ready\r\n"
 msg_echo_done:          .asciz "\r\nprobe: echo done\r\n"
 msg_exception:          .asciz "probe: exception "
 msg_flood:              .asciz "probe: flood "
+msg_cpuid:              .asciz "probe: cpuid 1.ecx="
+msg_cpuid_1edx:         .asciz " 1.edx="
+msg_cpuid_7ebx:         .asciz " 7.ebx="
+msg_cpuid_ext:          .asciz " 80000001.ecx="
 
 rtc_regs:               .byte 0x00, 0x02, 0x04, 0x07, 0x08, 0x09
 
@@ -1710,6 +1742,7 @@ str_spin:               .asciz "spin"
 str_virtio:             .asciz "virtio"
 str_cf9fault:           .asciz "cf9fault"
 str_flood:              .asciz "flood"
+str_cpuid:              .asciz "cpuid"
 
         .balign 8
 cmd_table:                                      /* (name, handler) pairs, NULL-terminated */
@@ -1726,6 +1759,7 @@ cmd_table:                                      /* (name, handler) pairs, NULL-t
         .quad str_virtio, cmd_virtio
         .quad str_cf9fault, cmd_cf9fault
         .quad str_flood, cmd_flood
+        .quad str_cpuid, cmd_cpuid
         .quad 0, 0
 
 /* virtio command: request shapes. Each: name, header type and sector, descriptor count, avail.ring[0] (the head),

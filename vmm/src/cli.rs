@@ -7,8 +7,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, ConsoleConfig, DiskConfig, Frontend, ImageFormat, Incoming, ListenSocket,
-    MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
+    parse_memory_size, parse_uuid, BalloonConfig, ConsoleConfig, CpuConfig, DiskConfig, Frontend, ImageFormat,
+    Incoming, ListenSocket, MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
 };
 
 mod qemu_devices;
@@ -38,7 +38,12 @@ Options (QEMU's spelling in brackets, where it has one):
                         \"console=ttyAMA0\" on aarch64)
                         [-append]
   --memory SIZE         guest RAM; a plain number is MiB, or use K/M/G/T (default: 512M) [-m]
-  --cpus N              number of vCPUs (default: 1) [-smp]
+  --cpus N              number of vCPUs (default: 1) [-smp N[,sockets=S,cores=C,threads=1]: S sockets of C
+                        cores (x86_64; C a power of two when S > 1)]
+  -cpu MODEL[,FEATURE=on|off,...]
+                        the guests' CPU: host (default: the host's CPU) or a named model (x86_64: kvm64)
+                        restricted to its features; features by QEMU's names (also +FEATURE, -FEATURE). A feature
+                        the host lacks is refused
   --serial MODE         first serial port: stdio (default), pty, file:PATH, none, or a listening socket
                         unix:PATH,server=on[,wait=off] / tcp:HOST:PORT,server=on[,wait=off] [-serial]
   --qmp unix:PATH,server=on,wait=off   (or tcp:HOST:PORT,server=on,wait=off)
@@ -50,6 +55,8 @@ Options (QEMU's spelling in brackets, where it has one):
                         virtio-net device on host tap interface NAME, created if missing (needs CAP_NET_ADMIN or
                         a tap made for this user); default MACs 52:54:00:12:34:56, :57, ... (repeatable)
   --rng                 virtio-rng device fed from the host's getrandom
+  --balloon             virtio-balloon device: QMP `balloon` sets the guest's target, the pages its driver gives
+                        up go back to the host [-device virtio-balloon-pci|virtio-balloon-device]
   --console MODE        virtio-console (the guest's hvc0), with --serial's modes (only one of --serial and
                         --console can be stdio)
   --paused              start with the vCPUs stopped until QMP `cont` [-S]
@@ -80,6 +87,8 @@ QEMU's device options (key=value or libvirt's JSON form):
   -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
+  -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
+          [,guest-stats-polling-interval=SECONDS]
   -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
@@ -88,10 +97,12 @@ QEMU's device options (key=value or libvirt's JSON form):
   -chardev pty,id=C -device isa-serial,chardev=C[,index=0]: the serial port (COM1, x86_64), as libvirt gives it
 
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
--accel kvm, -display none, -cpu host[,migratable=on|off] (the host's CPU, the only model Kestrel offers),
+-accel kvm, -display none, -no-hpet, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
--smp N,sockets=1,dies=1,cores=N,threads=1 (Kestrel's topology), -rtc base=utc, -boot strict=on|off,
--overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID.
+-rtc base=utc, -boot strict=on|off,
+-overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID,
+-rtc driftfix=slew (the RTC raises no interrupts to lose), -global kvm-pit.lost_tick_policy=delay (KVM's PIT
+re-injects lost ticks), -global PIIX4_PM.disable_s3=1|ICH9-LPC.disable_s3=1 (and _s4: the DSDT offers S5 only).
 -machine ...,dump-guest-core=off leaves guest memory out of Kestrel's core dumps.
 ";
 
@@ -198,6 +209,7 @@ enum Opt {
     Disk,
     Net,
     Rng,
+    Balloon,
     Console,
     Chardev,
     Mon,
@@ -239,6 +251,7 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--disk"], Opt::Disk, true),
     (&["--net"], Opt::Net, true),
     (&["--rng"], Opt::Rng, false),
+    (&["--balloon"], Opt::Balloon, false),
     (&["--console"], Opt::Console, true),
     (&["-chardev"], Opt::Chardev, true),
     (&["-mon"], Opt::Mon, true),
@@ -258,9 +271,10 @@ const OPTIONS: &[(&[&str], Opt, bool)] = &[
     (&["--daemonize", "-daemonize"], Opt::Daemonize, false),
     (&["--pidfile", "-pidfile"], Opt::Pidfile, true),
     (&["-cpu"], Opt::Cpu, true),
-    (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm"], Opt::Ignored, false),
+    // (-no-hpet: Kestrel's machines have no HPET.)
+    (&["-nographic", "-nodefaults", "-no-user-config", "-enable-kvm", "-no-hpet"], Opt::Ignored, false),
     (&["-accel", "-display"], Opt::Ignored, true),
-    (&["-rtc", "-boot", "-overcommit", "-msg", "-audiodev"], Opt::NoEffect, true),
+    (&["-rtc", "-boot", "-overcommit", "-msg", "-audiodev", "-global"], Opt::NoEffect, true),
 ];
 
 /// A QEMU option value: `first,key=value,key=value` where `,,` is a literal comma. Returns the leading item
@@ -523,23 +537,34 @@ fn parse_machine(option: &str, value: &str) -> Result<(MachineType, Option<bool>
     }
 }
 
-/// `-cpu host[,migratable=on|off]`: the host's CPU is the one model Kestrel gives guests. A migratable host CPU
-/// in QEMU leaves out features that cannot be migrated; Kestrel's never has them (a snapshot restores on a host
-/// with the same CPU features), so both settings give the same CPU.
-fn parse_cpu_model(option: &str, value: &str) -> Result<(), CliError> {
+/// `-cpu MODEL[,FEATURE=on|off|+FEATURE|-FEATURE...][,migratable=on|off]`: the model (`host`, the host's CPU, or
+/// a named one the platform offers) and features by QEMU's names; which exist, and what the host can give, is
+/// checked when the machine is built. A migratable host CPU in QEMU leaves out features that cannot be migrated;
+/// Kestrel's never has them (a snapshot restores on a host with the same CPU features), so both settings give the
+/// same CPU.
+fn parse_cpu_model(option: &str, value: &str) -> Result<CpuConfig, CliError> {
     let (first, pairs) = split_qemu_opts(value);
-    if first.as_deref() != Some("host") {
-        return Err(invalid(option, value, "Kestrel gives guests the host's CPU: use -cpu host"));
-    }
+    let model = first.filter(|m| !m.is_empty()).ok_or_else(|| invalid(option, value, "no CPU model given"))?;
+    let mut features = Vec::new();
     for (key, setting) in pairs {
         match key.as_str() {
             "migratable" => {
                 on_off(option, value, &key, &setting)?;
             }
+            // QEMU's legacy spelling, `+sse4.2` and `-vmx`: a key without a value (which reads as "on").
+            _ if key.starts_with(['+', '-']) && is_feature_name(&key[1..]) && !value.contains(&format!("{key}=")) => {
+                features.push((key[1..].to_string(), key.starts_with('+')));
+            }
+            _ if is_feature_name(&key) => features.push((key.clone(), on_off(option, value, &key, &setting)?)),
             _ => return Err(invalid(option, value, format!("unsupported setting '{key}'"))),
         }
     }
-    Ok(())
+    Ok(CpuConfig { model: (model != "host").then_some(model), features, ..CpuConfig::default() })
+}
+
+/// A CPU feature's name as QEMU spells them: `sse4.2`, `tsc-deadline`, `lahf_lm`.
+fn is_feature_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// `-m 512`, `-m 2G`, `-m size=2G,...`
@@ -549,10 +574,11 @@ fn parse_memory(value: &str) -> Result<u64, CliError> {
     size.as_deref().and_then(parse_memory_size).ok_or_else(|| CliError::MemorySize(value.to_string()))
 }
 
-/// `-smp 4`, `-smp cpus=4,...`, with a topology (`sockets=1,cores=4,threads=1`, as libvirt passes one) only if
-/// it is the one Kestrel gives guests: one socket of N cores with one thread each. No hot-plug: `maxcpus`, if
-/// given, is the count.
-fn parse_cpus(value: &str) -> Result<u8, CliError> {
+/// `-smp 4`, `-smp cpus=4,...`, with a topology (`sockets=2,cores=2,threads=1`, as libvirt passes one): sockets
+/// of cores with one thread each, as many cores in every socket, and more than one socket only of a power-of-two
+/// number of cores (so that APIC IDs number socket and core without gaps). No hot-plug: `maxcpus`, if given, is
+/// the count. Returns the count and the sockets.
+fn parse_cpus(value: &str) -> Result<(u8, u8), CliError> {
     let (first, pairs) = split_qemu_opts(value);
     let mut count = first;
     let mut topology = Vec::new();
@@ -569,20 +595,35 @@ fn parse_cpus(value: &str) -> Result<u8, CliError> {
     }
     let count = count.and_then(|c| c.parse::<u8>().ok()).filter(|&n| n > 0);
     let count = count.ok_or_else(|| CliError::Cpus(value.to_string()))?;
-    for (key, number) in topology {
-        let expected = if key == "cores" || key == "maxcpus" { u32::from(count) } else { 1 };
-        if number != expected {
-            return Err(invalid(
-                "-smp",
-                value,
-                format!(
-                    "Kestrel gives guests one socket of {count} cores with one thread each (no hot-plug): {key} must \
-                     be {expected} (libvirt: <topology sockets='1' dies='1' cores='{count}' threads='1'/>)"
-                ),
+    let given = |name: &str| topology.iter().find(|(key, _)| key == name).map(|&(_, n)| n);
+    let refuse = |why: String| Err(invalid("-smp", value, why));
+    for key in ["dies", "clusters", "threads"] {
+        if given(key).is_some_and(|n| n != 1) {
+            return refuse(format!(
+                "Kestrel gives guests cores of one thread, one die and cluster each: {key} must be 1"
             ));
         }
     }
-    Ok(count)
+    if given("maxcpus").is_some_and(|n| n != u32::from(count)) {
+        return refuse(format!("no CPU hot-plug: maxcpus must be {count}"));
+    }
+    let total = u32::from(count);
+    let (sockets, cores) = match (given("sockets"), given("cores")) {
+        (None, None) => (1, total),
+        (Some(sockets), None) => (sockets, total / sockets),
+        (None, Some(cores)) => (total / cores, cores),
+        (Some(sockets), Some(cores)) => (sockets, cores),
+    };
+    if sockets * cores != total {
+        return refuse(format!("{sockets} sockets of {cores} cores are not {count} vCPUs"));
+    }
+    if sockets > 1 && !cores.is_power_of_two() {
+        return refuse(format!(
+            "with more than one socket, the cores in each must be a power of two (APIC IDs number socket and core): \
+             {cores} are not"
+        ));
+    }
+    Ok((count, sockets as u8))
 }
 
 /// Each setting's name and the values it may have (none listed: any).
@@ -591,8 +632,22 @@ type NoEffectSettings = &'static [(&'static str, &'static [&'static str])];
 /// The settings of QEMU options that change nothing for Kestrel, and the values each may have: the ones that
 /// describe what Kestrel does anyway. Anything else is refused, as Kestrel would not honour it.
 const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
-    // The CMOS clock starts at the host's UTC time.
-    ("-rtc", None, &[("base", &["utc"])]),
+    // The CMOS clock starts at the host's UTC time. Its interrupts are what a drift fix would catch up on lost
+    // ticks of, and Kestrel's RTC raises none (no periodic, alarm or update interrupt): none is lost.
+    ("-rtc", None, &[("base", &["utc"]), ("driftfix", &["slew", "none"])]),
+    // Device defaults libvirt sets: KVM's in-kernel PIT re-injects ticks it could not deliver (QEMU's `delay`,
+    // KVM's default); the DSDT offers S5 only, so S3 and S4 are disabled already.
+    (
+        "-global",
+        None,
+        &[
+            ("kvm-pit.lost_tick_policy", &["delay"]),
+            ("PIIX4_PM.disable_s3", &["1"]),
+            ("PIIX4_PM.disable_s4", &["1"]),
+            ("ICH9-LPC.disable_s3", &["1"]),
+            ("ICH9-LPC.disable_s4", &["1"]),
+        ],
+    ),
     // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
     // strictness changes nothing.
     ("-boot", Some("order"), &[("strict", &["on", "off"])]),
@@ -737,6 +792,7 @@ where
     let mut cmdline = None;
     let mut memory = None;
     let mut cpus = None;
+    let mut cpu = None;
     let mut serial = None;
     let mut name = None;
     let mut uuid = None;
@@ -750,6 +806,7 @@ where
     let mut disks = Vec::new();
     let mut nets = Vec::new();
     let mut rng = false;
+    let mut balloon = false;
     let mut console = None;
     let mut machine = None;
     let mut chardevs: HashMap<String, SerialConfig> = HashMap::new();
@@ -797,6 +854,7 @@ where
             Opt::Disk => disks.push(parse_disk(&value)?),
             Opt::Net => nets.push(parse_net(text()?)?),
             Opt::Rng => rng = true,
+            Opt::Balloon => balloon = true,
             Opt::Drive => qemu_devices.drive(&value)?,
             Opt::Blockdev => qemu_devices.blockdev(&value)?,
             Opt::Netdev => qemu_devices.netdev(text()?)?,
@@ -821,7 +879,7 @@ where
             Opt::Daemonize => daemonize = true,
             Opt::Pidfile if value.is_empty() => return Err(invalid(&spelling, &value, "the path is empty")),
             Opt::Pidfile => set_once(&mut pidfile, &spelling, PathBuf::from(&value))?,
-            Opt::Cpu => parse_cpu_model(&spelling, text()?)?,
+            Opt::Cpu => set_once(&mut cpu, &spelling, parse_cpu_model(&spelling, text()?)?)?,
             Opt::Uuid => {
                 let uuid_text = text()?;
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
@@ -871,6 +929,11 @@ where
         (false, rng) => rng,
         (true, Some(_)) => return Err(CliError::Repeated("--rng / -device virtio-rng".into())),
     };
+    let balloon = match (balloon, qemu.balloon) {
+        (true, None) => Some(BalloonConfig::default()),
+        (false, balloon) => balloon,
+        (true, Some(_)) => return Err(CliError::Repeated("--balloon / -device virtio-balloon".into())),
+    };
     disks.extend(qemu.disks);
     nets.extend(qemu.nics);
 
@@ -883,6 +946,7 @@ where
             ("a disk", !disks.is_empty()),
             ("a network card", !nets.is_empty()),
             ("--rng", rng.is_some()),
+            ("--balloon", balloon.is_some()),
             ("--console", console.is_some()),
             ("-device isa-serial", serial_on_isa.is_some()),
             ("-incoming", incoming.is_some()),
@@ -916,8 +980,10 @@ where
     if let Some(memory) = memory {
         config.memory_bytes = memory;
     }
-    if let Some(cpus) = cpus {
-        config.vcpus = cpus;
+    config.cpu = cpu.unwrap_or_default();
+    if let Some((count, sockets)) = cpus {
+        config.vcpus = count;
+        config.cpu.sockets = sockets;
     }
     match serial {
         Some(SerialConfig::Stdio) if daemonize => return Err(CliError::DaemonStdio("the serial port")),
@@ -934,6 +1000,7 @@ where
     config.disks = disks;
     config.nets = nets;
     config.rng = rng;
+    config.balloon = balloon;
     config.machine = machine;
     if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
         return Err(CliError::StdioTwice);
@@ -1125,20 +1192,39 @@ mod tests {
         assert!(domain.start_paused && domain.no_shutdown && domain.sandbox);
         assert_eq!(domain.cmdline.as_deref(), Some("echo"));
         assert!(config("-kernel k").dump_guest_core, "QEMU's default");
-        // A topology is Kestrel's: one socket of N cores.
-        assert_eq!(config("-kernel k -smp 4,sockets=1,dies=1,cores=4,threads=1,maxcpus=4").vcpus, 4);
+        // The clock and power settings of virt-install's domains (`<clock>` timers, `<pm>`), as libvirt passes
+        // them: each describes what Kestrel does anyway.
+        let virt_install = "-kernel k -rtc base=utc,driftfix=slew -global kvm-pit.lost_tick_policy=delay -no-hpet \
+            -global PIIX4_PM.disable_s3=1 -global PIIX4_PM.disable_s4=1 -global ICH9-LPC.disable_s3=1";
+        assert_eq!(config(virt_install), config("-kernel k"));
+        // Topologies: sockets of cores, one thread each.
+        let topology = |smp: &str| {
+            let config = config(&format!("-kernel k -smp {smp}"));
+            (config.vcpus, config.cpu.sockets)
+        };
+        assert_eq!(topology("4,sockets=1,dies=1,cores=4,threads=1,maxcpus=4"), (4, 1));
+        assert_eq!(topology("2,sockets=2,cores=1,threads=1"), (2, 2));
+        assert_eq!(topology("8,sockets=2"), (8, 2));
+        assert_eq!(topology("8,cores=2"), (8, 4));
+        assert_eq!(topology("3"), (3, 1));
+        assert_eq!(topology("cpus=3,sockets=3,cores=1"), (3, 3));
     }
 
     #[test]
     fn libvirt_settings_kestrel_cannot_honour_are_refused() {
         for (args, needle) in [
-            ("-smp 2,sockets=2,cores=1,threads=1", "one socket of 2 cores"),
+            ("-smp 6,sockets=2,cores=3", "the cores in each must be a power of two"),
+            ("-smp 4,sockets=2,cores=1", "2 sockets of 1 cores are not 4 vCPUs"),
+            ("-smp 5,sockets=2", "are not 5 vCPUs"),
             ("-smp 2,maxcpus=4", "maxcpus must be 2"),
             ("-smp 2,threads=2", "threads must be 1"),
             ("-machine pc,usb=on", "no USB"),
             ("-machine pc,mem-merge=off", "'mem-merge'"),
             ("-rtc base=localtime", "base=utc"),
-            ("-rtc base=utc,driftfix=slew", "'driftfix'"),
+            ("-rtc base=utc,driftfix=catchup", "driftfix=slew or none"),
+            ("-global kvm-pit.lost_tick_policy=discard", "lost_tick_policy=delay"),
+            ("-global PIIX4_PM.disable_s3=0", "disable_s3=1"),
+            ("-global isa-fdc.fdtypeA=none", "unsupported setting 'isa-fdc.fdtypeA'"),
             ("-overcommit mem-lock=on", "mem-lock=off"),
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
@@ -1181,12 +1267,24 @@ mod tests {
     }
 
     #[test]
-    fn cpu_host_is_the_only_model() {
-        assert!(matches!(parse_str("--kernel k -cpu host"), Ok(Command::Run(_))));
-        assert!(matches!(parse_str("--kernel k -cpu host,migratable=on"), Ok(Command::Run(_))));
-        for bad in ["-cpu qemu64", "-cpu host,migratable=maybe", "-cpu host,pmu=off"] {
-            let error = parse_str(&format!("--kernel k {bad}")).unwrap_err();
-            assert!(matches!(error, CliError::Invalid { .. }), "{bad}: {error}");
+    fn cpu_models_and_features_in_qemus_spellings() {
+        assert_eq!(config("--kernel k").cpu, CpuConfig::default());
+        assert_eq!(config("--kernel k -cpu host,migratable=on").cpu, CpuConfig::default());
+        let cpu = config("--kernel k -cpu kvm64,vme=on,ss=off,+sse4.2,-vmx,x2apic").cpu;
+        assert_eq!(cpu.model.as_deref(), Some("kvm64"));
+        let settings = [("vme", true), ("ss", false), ("sse4.2", true), ("vmx", false), ("x2apic", true)];
+        assert_eq!(cpu.features, settings.map(|(name, on)| (name.to_string(), on)));
+        // Which models and features exist is the platform's to say, when the machine is built.
+        assert_eq!(config("--kernel k -cpu Skylake-Client").cpu.model.as_deref(), Some("Skylake-Client"));
+        for bad in [
+            "-cpu host,migratable=maybe",
+            "-cpu host,pmu=sometimes",
+            "-cpu host,+=on",
+            "-cpu host,a/b=on",
+            "-cpu ,vmx=on",
+            "-cpu host -cpu host",
+        ] {
+            assert!(parse_str(&format!("--kernel k {bad}")).is_err(), "{bad}");
         }
     }
 
@@ -1266,6 +1364,29 @@ mod tests {
 
     fn pci(id: Option<&str>) -> Frontend {
         Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+    }
+
+    /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
+    #[test]
+    fn balloon_spellings() {
+        assert_eq!(config("--kernel k").balloon, None);
+        assert_eq!(config("--kernel k --balloon").balloon, Some(BalloonConfig::default()));
+        let json =
+            r#"{"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x2","deflate-on-oom":true}"#;
+        assert_eq!(
+            config(&format!("--kernel k -device {json}")).balloon,
+            Some(BalloonConfig { frontend: pci(Some("balloon0")), deflate_on_oom: true, stats_poll_interval: 0 })
+        );
+        assert_eq!(
+            config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
+                .balloon,
+            Some(BalloonConfig {
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                deflate_on_oom: false,
+                stats_poll_interval: 10,
+            })
+        );
+        assert!(matches!(parse_str("-machine none --balloon"), Err(CliError::Guestless(_))));
     }
 
     #[test]

@@ -182,6 +182,8 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub memory_bytes: u64,
     pub vcpus: u8,
+    /// The CPU model guests see (`-cpu`).
+    pub cpu: CpuConfig,
     pub serial: SerialConfig,
     /// The `-chardev` id the serial port is connected to, which `query-chardev` reports as its label; `None`:
     /// QEMU's label for `-serial`, `serial0`.
@@ -203,6 +205,8 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
     pub console: Option<ConsoleConfig>,
+    /// A virtio-balloon device (`--balloon`, `-device virtio-balloon-*`).
+    pub balloon: Option<BalloonConfig>,
     /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
     /// devices use unless told otherwise.
     pub machine: Option<MachineType>,
@@ -218,6 +222,36 @@ pub struct VmConfig {
     pub daemonize: bool,
     /// Where to write Kestrel's process id (QEMU's `-pidfile`), locked while it runs and removed when it exits.
     pub pidfile: Option<PathBuf>,
+}
+
+/// The CPU model asked for (`-cpu MODEL,FEATURE=on|off,...`) and its sockets (`-smp`), checked against the host when the machine is built
+/// (`cpu_model::resolve`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// `None`: the host's CPU, as `host` names it.
+    pub model: Option<String>,
+    /// Features by QEMU's names, turned on (`true`) or off, in the order given: a later setting wins.
+    pub features: Vec<(String, bool)>,
+    /// The sockets the vCPUs are spread over (`-smp ...,sockets=N`), an equal number of cores in each.
+    pub sockets: u8,
+}
+
+impl Default for CpuConfig {
+    /// The host's CPU, one socket.
+    fn default() -> Self {
+        CpuConfig { model: None, features: Vec::new(), sockets: 1 }
+    }
+}
+
+/// A virtio-balloon device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    pub frontend: Frontend,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (QEMU's `deflate-on-oom=on`, libvirt's `autodeflate='on'`).
+    pub deflate_on_oom: bool,
+    /// Seconds between guest statistics polls from the start (QEMU's `guest-stats-polling-interval`); 0: none
+    /// until QMP sets one.
+    pub stats_poll_interval: u32,
 }
 
 /// Where a restore's snapshot comes from (`-incoming`).
@@ -255,6 +289,7 @@ impl VmConfig {
             cmdline: None,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             vcpus: 1,
+            cpu: CpuConfig::default(),
             serial: SerialConfig::Stdio,
             serial_chardev: None,
             serial_on_isa: None,
@@ -267,6 +302,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: None,
             console: None,
+            balloon: None,
             machine: None,
             name: None,
             uuid: None,

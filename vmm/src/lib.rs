@@ -5,6 +5,7 @@ use std::path::PathBuf;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod cpu_model;
 pub mod inherited;
 pub mod listen;
 

@@ -18,8 +18,9 @@ use qmp::{CpuProps, Target};
 use snapshot::CpuIdentity;
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{MachineType, VirtioTransport};
+use crate::config::{CpuConfig, MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::cpu_model::{CpuModelDefinition, GuestCpu};
 use crate::firmware::FirmwareImage;
 use crate::snapshot::Component;
 use crate::virtio::NamedDevice;
@@ -32,6 +33,8 @@ pub type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
 pub struct BootFiles<'a> {
     pub payload: Payload<'a>,
     pub vcpu_count: u8,
+    /// The CPU every vCPU is given.
+    pub cpu: &'a GuestCpu,
 }
 
 /// What the boot vCPU runs first.
@@ -104,8 +107,36 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// the `host` CPU model that libvirt's `host-model` is built from).
     fn cpu_features(hypervisor: &H) -> Result<Vec<(&'static str, bool)>, Error>;
 
-    /// Where vCPU `index` sits in the topology the guest is shown, for `query-cpus-fast`.
-    fn cpu_props(index: u32) -> CpuProps;
+    /// The named CPU models offered besides `host` (`-cpu`, `query-cpu-definitions`): what libvirt's
+    /// `host-model` decodes the host's CPU into, and what a user may pin a guest to.
+    const CPU_MODELS: &'static [CpuModelDefinition] = &[];
+
+    /// The features every named model gets on top of its own, as QEMU's accelerator adds them.
+    const CPU_MODEL_DEFAULTS: &'static [&'static str] = &[];
+
+    /// Whether guests may have more than one socket (`-smp ...,sockets=N`).
+    const MULTI_SOCKET: bool = false;
+
+    /// The CPU `cpu` (`-cpu`) asks for, resolved against this host; the host's own CPU costs no query.
+    fn guest_cpu(hypervisor: &H, cpu: &CpuConfig) -> Result<GuestCpu, Error> {
+        if cpu.sockets > 1 && !Self::MULTI_SOCKET {
+            return Err(Error::Unsupported(format!(
+                "{} sockets: guests on this platform get one socket of cores (sockets=1)",
+                cpu.sockets
+            )));
+        }
+        let features = if cpu.model.is_none() && cpu.features.is_empty() {
+            None
+        } else {
+            let host = Self::cpu_features(hypervisor)?;
+            crate::cpu_model::resolve(cpu, Self::CPU_MODELS, Self::CPU_MODEL_DEFAULTS, &host)?
+        };
+        Ok(GuestCpu { features, sockets: cpu.sockets })
+    }
+
+    /// Where vCPU `index` sits in the topology the guest is shown (`cores_per_socket` cores in each socket), for
+    /// `query-cpus-fast`.
+    fn cpu_props(index: u32, cores_per_socket: u32) -> CpuProps;
 
     /// Builds the machine's devices once, before any VM exists: the first UART on `serial`, device requests
     /// (reset, power-off) to `events`, and `virtio_devices` on their transports (`machine_transport` is what
@@ -168,9 +199,9 @@ pub trait Snapshots<H: Hypervisor> {
         Ok(())
     }
 
-    /// The CPU a guest of `vcpu_count` vCPUs sees on this host, as a snapshot's header records it (and a restore
+    /// The CPU a guest of `vcpu_count` vCPUs with CPU model `cpu` sees on this host, as a snapshot's header records it (and a restore
     /// checks). Called only when a save or a restore needs it.
-    fn cpu_identity(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error>;
+    fn cpu_identity(hypervisor: &H, vcpu_count: u8, cpu: &GuestCpu) -> Result<CpuIdentity, Error>;
 
     /// Every device whose state a snapshot holds, each with its section's name. A snapshot of another device set
     /// is refused by these names.
@@ -201,12 +232,13 @@ pub trait Snapshots<H: Hypervisor> {
     }
 
     /// Builds a fresh VM (guest memory mapped, the devices' states already loaded) from saved states instead of
-    /// booting a kernel. Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.
+    /// booting a kernel, its vCPUs given the CPU `cpu`. Returns the vCPUs, boot vCPU first; the caller starts them only if all of it loaded.
     fn restore(
         &self,
         hypervisor: &H,
         vm: &Arc<H::Vm>,
         vcpu_states: &[Self::VcpuState],
         vm_state: &Self::VmState,
+        cpu: &GuestCpu,
     ) -> Result<Vec<VcpuOf<H>>, Error>;
 }

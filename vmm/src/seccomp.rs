@@ -202,6 +202,8 @@ fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
             allow(libc::SYS_pwritev),
             allow(libc::SYS_pwrite64),
             allow(libc::SYS_fdatasync),
+            // The balloon's statistics polling timer, set by QMP qom-set and by a restore (its thread reads it).
+            allow(libc::SYS_timerfd_settime),
         ]),
         ThreadKind::Vcpu => list.extend([
             // Device accesses complete on the vCPU: interrupts through irqfds and ioeventfd-less notifications

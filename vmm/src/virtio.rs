@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
@@ -50,10 +51,21 @@ impl NamedDevice {
 /// A virtio-blk device, typed, for what only a disk can answer (QMP's block queries).
 pub type Disk = Arc<Mutex<Block>>;
 
-/// The virtio devices the configuration asks for, in a stable order (disks, nets, the rng, the console); the console's
-/// host input starts flowing here. Also returns the disks again, typed, in `config.disks` order (for QMP).
-/// Devices that do not name a transport get `machine_transport`, the machine type's.
-pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<(Vec<NamedDevice>, Vec<Disk>), Error> {
+/// The virtio-balloon device, typed, for QMP's `balloon`, `query-balloon` and its QOM properties.
+pub type BalloonDevice = Arc<Mutex<Balloon>>;
+
+/// The virtio devices of a configuration, and those QMP needs typed.
+pub struct VirtioDevices {
+    pub devices: Vec<NamedDevice>,
+    /// The disks again, in `config.disks` order.
+    pub disks: Vec<Disk>,
+    pub balloon: Option<BalloonDevice>,
+}
+
+/// The virtio devices the configuration asks for, in a stable order (disks, nets, the rng, the console, the
+/// balloon); the console's host input starts flowing here. Devices that do not name a transport get
+/// `machine_transport`, the machine type's.
+pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<VirtioDevices, Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
     let transport = |frontend: &Frontend| frontend.transport.unwrap_or(machine_transport);
@@ -113,7 +125,19 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
             &console.frontend,
         ));
     }
-    Ok((devices, disks))
+    let mut balloon = None;
+    if let Some(balloon_config) = &config.balloon {
+        let mut device =
+            Balloon::new(balloon_config.deflate_on_oom).map_err(|e| Error::Host("creating the balloon's timer", e))?;
+        device
+            .set_poll_interval(balloon_config.stats_poll_interval)
+            .map_err(|e| Error::Host("arming the balloon's statistics timer", e))?;
+        let device = Arc::new(Mutex::new(device));
+        balloon = Some(device.clone());
+        let frontend = &balloon_config.frontend;
+        devices.push(NamedDevice::new("virtio-balloon".into(), device, transport(frontend), frontend));
+    }
+    Ok(VirtioDevices { devices, disks, balloon })
 }
 
 /// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work, and the device's host

@@ -1,8 +1,8 @@
 //! CPUID as the guest sees it: the host's supported leaves, normalised per vendor and per vCPU.
 //!
 //! The hypervisor reports what it can virtualise, with the host's topology in it (APIC IDs, core counts, cache
-//! sharing). Each vCPU instead must see the guest's topology: `vcpu_count` cores of one thread each in one socket,
-//! its own APIC ID `vcpu_id`, and the hypervisor bit. Everything else (features, cache sizes, leaf 6, the
+//! sharing). Each vCPU instead must see the guest's topology: sockets of `cores` cores of one thread each, its own
+//! APIC ID `vcpu_id` (the socket's number above the core bits), and the hypervisor bit. Everything else (features, cache sizes, leaf 6, the
 //! 0x4000_0000 hypervisor leaves) passes through untouched.
 
 use super::cpu_state::CPUID_FLAG_SIGNIFICANT_INDEX;
@@ -35,17 +35,17 @@ impl Vendor {
     }
 }
 
-/// The guest topology one vCPU is part of.
+/// The guest topology one vCPU is part of: its package (socket) has `cores` cores of one thread each.
 #[derive(Clone, Copy, Debug)]
 struct Topology {
     vcpu_id: u32,
-    vcpu_count: u32,
+    cores: u32,
 }
 
 impl Topology {
-    /// APIC ID bits that number the cores: the smallest `n` with `vcpu_count <= 1 << n`.
+    /// APIC ID bits that number the cores in a package: the smallest `n` with `cores <= 1 << n`.
     fn core_bits(&self) -> u32 {
-        bits_for(self.vcpu_count)
+        bits_for(self.cores)
     }
 }
 
@@ -87,12 +87,14 @@ pub fn offer_tsc_deadline(entries: &mut [CpuidEntry]) {
     for_each_leaf(entries, 1, |e| e.ecx |= LEAF1_ECX_TSC_DEADLINE);
 }
 
-/// The CPUID table for vCPU `vcpu_id` of `vcpu_count`, derived from the hypervisor's supported leaves.
+/// The CPUID table for vCPU `vcpu_id` in sockets of `cores` cores, derived from the hypervisor's supported leaves.
+/// The APIC ID is `vcpu_id`: with more than one socket, `cores` must be a power of two for the IDs to number
+/// socket and core (the caller's rule).
 ///
-/// A `vcpu_count` of 0 is treated as 1. Duplicate (function, index) entries keep their first occurrence.
+/// A `cores` of 0 is treated as 1. Duplicate (function, index) entries keep their first occurrence.
 /// TSC-deadline (leaf 1 ECX bit 24) is left as `supported` reports it: it is never added.
-pub fn normalise(supported: &[CpuidEntry], vcpu_id: u8, vcpu_count: u8) -> Vec<CpuidEntry> {
-    let topo = Topology { vcpu_id: vcpu_id.into(), vcpu_count: u32::from(vcpu_count.max(1)) };
+pub fn normalise(supported: &[CpuidEntry], vcpu_id: u8, cores: u8) -> Vec<CpuidEntry> {
+    let topo = Topology { vcpu_id: vcpu_id.into(), cores: u32::from(cores.max(1)) };
     let mut entries = dedup(supported);
     fix_features(&mut entries, topo);
     match Vendor::of(&entries) {
@@ -390,6 +392,28 @@ pub fn named_features(entries: &[CpuidEntry]) -> Vec<(&'static str, bool)> {
     features
 }
 
+/// Clears each named feature bit of [`FEATURE_WORDS`] in `entries` that `keep` refuses, for a guest CPU model
+/// narrower than the host's; the bits without a name (OS state such as OSXSAVE) and every other leaf stay.
+pub fn keep_features(entries: &mut [CpuidEntry], keep: impl Fn(&str) -> bool) {
+    for word in FEATURE_WORDS {
+        let cleared = word
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| !name.is_empty() && !keep(name))
+            .fold(0u32, |bits, (bit, _)| bits | 1 << bit);
+        for entry in entries.iter_mut().filter(|e| e.function == word.function && e.index == word.index) {
+            let register = match word.register {
+                Register::Eax => &mut entry.eax,
+                Register::Ebx => &mut entry.ebx,
+                Register::Ecx => &mut entry.ecx,
+                Register::Edx => &mut entry.edx,
+            };
+            *register &= !cleared;
+        }
+    }
+}
+
 fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<&CpuidEntry> {
     entries.iter().find(|e| e.function == function && e.index == index)
 }
@@ -417,9 +441,9 @@ fn fix_features(entries: &mut [CpuidEntry], topo: Topology) {
     for_each_leaf(entries, LEAF_FEATURES, |e| {
         e.ebx = (e.ebx & 0x0000_ffff)
             | topo.vcpu_id << LEAF1_EBX_APIC_ID_SHIFT
-            | topo.vcpu_count.min(0xff) << LEAF1_EBX_LOGICAL_COUNT_SHIFT;
+            | topo.cores.min(0xff) << LEAF1_EBX_LOGICAL_COUNT_SHIFT;
         e.ecx |= LEAF1_ECX_HYPERVISOR;
-        if topo.vcpu_count > 1 {
+        if topo.cores > 1 {
             e.edx |= LEAF1_EDX_HTT;
         } else {
             e.edx &= !LEAF1_EDX_HTT;
@@ -427,11 +451,10 @@ fn fix_features(entries: &mut [CpuidEntry], topo: Topology) {
     });
 }
 
-/// Leaf 0xB or 0x1F: exactly three subleaves, SMT (one thread per core), core (`vcpu_count` cores) and the
+/// Leaf 0xB or 0x1F: exactly three subleaves, SMT (one thread per core), core (`cores` cores a package) and the
 /// terminating invalid level, each carrying the vCPU's x2APIC ID in EDX.
 fn set_ext_topology(entries: &mut Vec<CpuidEntry>, function: u32, topo: Topology) {
-    let levels =
-        [(0, 1, LEVEL_TYPE_SMT), (topo.core_bits(), topo.vcpu_count, LEVEL_TYPE_CORE), (0, 0, LEVEL_TYPE_INVALID)];
+    let levels = [(0, 1, LEVEL_TYPE_SMT), (topo.core_bits(), topo.cores, LEVEL_TYPE_CORE), (0, 0, LEVEL_TYPE_INVALID)];
     let new = levels.iter().enumerate().map(|(index, &(shift, count, level_type))| CpuidEntry {
         function,
         index: index as u32,
@@ -453,8 +476,8 @@ fn set_ext_topology(entries: &mut Vec<CpuidEntry>, function: u32, topo: Topology
 /// Intel leaf 4: cores per package in EAX[31:26], and threads sharing each cache in EAX[25:14] (one core for L1
 /// and L2, the whole package for L3).
 fn fix_intel_cache_params(entries: &mut [CpuidEntry], topo: Topology) {
-    let cores_minus_1 = topo.vcpu_count.min(64) - 1;
-    let package_sharing_minus_1 = topo.vcpu_count.min(1 << 12) - 1;
+    let cores_minus_1 = topo.cores.min(64) - 1;
+    let package_sharing_minus_1 = topo.cores.min(1 << 12) - 1;
     for_each_leaf(entries, LEAF_CACHE_PARAMS, |e| {
         let cache_type = e.eax & 0x1f;
         if cache_type == 0 {
@@ -469,7 +492,7 @@ fn fix_intel_cache_params(entries: &mut [CpuidEntry], topo: Topology) {
 /// AMD 0x8000_0001 ECX CmpLegacy: "HTT means cores, not threads", set iff there is more than one core.
 fn fix_amd_cmp_legacy(entries: &mut [CpuidEntry], topo: Topology) {
     for_each_leaf(entries, LEAF_EXT_FEATURES, |e| {
-        if topo.vcpu_count > 1 {
+        if topo.cores > 1 {
             e.ecx |= EXT_FEATURES_ECX_CMP_LEGACY;
         } else {
             e.ecx &= !EXT_FEATURES_ECX_CMP_LEGACY;
@@ -480,7 +503,7 @@ fn fix_amd_cmp_legacy(entries: &mut [CpuidEntry], topo: Topology) {
 /// AMD 0x8000_0008 ECX: NC (cores - 1) in [7:0] and ApicIdCoreIdSize in [15:12]; PerfTscSize above stays.
 fn fix_amd_core_count(entries: &mut [CpuidEntry], topo: Topology) {
     for_each_leaf(entries, LEAF_ADDRESS_SIZES, |e| {
-        e.ecx = (e.ecx & !0xf0ff) | topo.core_bits() << 12 | (topo.vcpu_count.min(256) - 1);
+        e.ecx = (e.ecx & !0xf0ff) | topo.core_bits() << 12 | (topo.cores.min(256) - 1);
     });
 }
 
@@ -491,7 +514,7 @@ fn fix_amd_cache_topology(entries: &mut [CpuidEntry], topo: Topology) {
             return;
         }
         let level = (e.eax >> 5) & 0x7;
-        let sharing_minus_1 = if level >= 3 { topo.vcpu_count.min(1 << 12) - 1 } else { 0 };
+        let sharing_minus_1 = if level >= 3 { topo.cores.min(1 << 12) - 1 } else { 0 };
         e.eax = (e.eax & !(0xfff << 14)) | sharing_minus_1 << 14;
     });
 }
@@ -500,7 +523,7 @@ fn fix_amd_cache_topology(entries: &mut [CpuidEntry], topo: Topology) {
 fn fix_amd_ext_apic_id(entries: &mut [CpuidEntry], topo: Topology) {
     for_each_leaf(entries, LEAF_AMD_EXT_APIC_ID, |e| {
         e.eax = topo.vcpu_id;
-        e.ebx = topo.vcpu_id & 0xff; // threads per compute unit - 1 = 0 in [15:8]
+        e.ebx = (topo.vcpu_id % topo.cores) & 0xff; // the core in its package; threads per unit - 1 = 0 in [15:8]
         e.ecx = 0; // node 0, one node per processor
         e.edx = 0;
     });
@@ -527,6 +550,16 @@ mod tests {
     }
 
     #[test]
+    fn keeping_features_clears_only_the_named_bits_refused() {
+        // Leaf 1: EDX fpu (0) and sse (25); ECX bit 27 (OSXSAVE, no name) and avx (28).
+        let mut entries = [entry(1, 0, 0x306a9, 0, 1 << 27 | 1 << 28, 1 | 1 << 25), entry(7, 0, 0, 1 << 5, 0, 0)];
+        keep_features(&mut entries, |name| name == "fpu");
+        assert_eq!((entries[0].eax, entries[0].ecx, entries[0].edx), (0x306a9, 1 << 27, 1));
+        assert_eq!(entries[1].ebx, 0, "avx2 goes too");
+        assert_eq!(named_features(&entries).iter().filter(|(_, has)| *has).count(), 1);
+    }
+
+    #[test]
     fn bits_for_counts() {
         assert_eq!([1, 2, 3, 4, 5, 8, 9, 255].map(bits_for), [0, 1, 2, 2, 3, 3, 4, 8]);
     }
@@ -541,6 +574,21 @@ mod tests {
         // Sorted position: after leaf 1, before leaf 0xd.
         let functions: Vec<u32> = out.iter().map(|e| e.function).collect();
         assert_eq!(functions, [0, 1, 0xb, 0xb, 0xb, 0xd]);
+    }
+
+    #[test]
+    fn a_vcpu_of_the_second_socket_sees_its_package_of_cores() {
+        // vCPU 3 of two sockets of two cores: APIC ID 3 = socket 1 (above one core bit), core 1.
+        let supported = [intel_leaf0(0xb), entry(1, 0, 0, 0, 0, 0), entry(4, 0, 0x163, 0, 0, 0)];
+        let out = normalise(&supported, 3, 2);
+        let leaf = |function: u32, index: u32| *find(&out, function, index).unwrap();
+        assert_eq!(leaf(1, 0).ebx >> 24, 3, "initial APIC ID");
+        assert_eq!(leaf(1, 0).ebx >> 16 & 0xff, 2, "logical processors in the package");
+        assert_ne!(leaf(1, 0).edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(leaf(4, 0).eax >> 26, 1, "cores in the package - 1");
+        assert_eq!(leaf(4, 0).eax >> 14 & 0xfff, 1, "L3 shared by the package's two cores");
+        let core_level = leaf(0xb, 1);
+        assert_eq!((core_level.eax, core_level.ebx, core_level.edx), (1, 2, 3), "shift 1 to the package id");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! Guest memory is a [`GuestMemoryMmap`] (cheap to clone, `Send + Sync`); every guest address and length a device
 //! uses comes from a descriptor and is checked against it (see [`chain`]).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod console;
@@ -45,6 +46,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -224,6 +226,7 @@ pub enum VirtioDeviceState {
     Net(net::NetState),
     Rng(rng::RngState),
     Console(console::ConsoleState),
+    Balloon(balloon::BalloonState),
 }
 
 impl VirtioDeviceState {
@@ -234,6 +237,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Net(_) => TYPE_NET,
             VirtioDeviceState::Rng(_) => TYPE_RNG,
             VirtioDeviceState::Console(_) => TYPE_CONSOLE,
+            VirtioDeviceState::Balloon(_) => TYPE_BALLOON,
         }
     }
 
@@ -254,6 +258,7 @@ pub(crate) fn device_name(device_type: u32) -> &'static str {
         TYPE_NET => "virtio-net",
         TYPE_RNG => "virtio-rng",
         TYPE_CONSOLE => "virtio-console",
+        TYPE_BALLOON => "virtio-balloon",
         _ => "virtio device of an unknown type",
     }
 }

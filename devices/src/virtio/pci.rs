@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{QueueConfig, TransportState, VirtioState};
 use super::{lock_device, GuestErrorLog, GuestMemoryMmap, QueueHandler, VectorDelivery, VirtioDevice};
-use super::{VirtioInterrupt, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG};
+use super::{VirtioInterrupt, TYPE_BALLOON, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG};
 use crate::pci::msix::{self, MsixLayout};
 use crate::pci::{Bar, ConfigSpace, ConfigSpaceState, MsiSender, MsixTable, MsixTableState, PciDevice, PciIdentity};
 use crate::{Persist, StateError};
@@ -107,7 +107,8 @@ pub fn class_code(device_type: u32) -> u32 {
         TYPE_BLOCK => 0x01_00_00,
         TYPE_NET => 0x02_00_00,
         TYPE_CONSOLE => 0x07_80_00,
-        TYPE_RNG => 0x00_ff_00,
+        // QEMU's PCI_CLASS_OTHERS for both.
+        TYPE_RNG | TYPE_BALLOON => 0x00_ff_00,
         _ => 0x00_ff_00,
     }
 }

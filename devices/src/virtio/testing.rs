@@ -385,6 +385,34 @@ pub fn fuzz_net_queues(data: &[u8]) {
     assert!(c.rx_packets + c.rx_dropped <= 2, "{c:?}");
 }
 
+/// Fuzz body for virtio-balloon: `data` is guest memory holding the inflate queue's rings as for
+/// [`fuzz_descriptor_chain`], the deflate queue's at 0x200 and the statistics queue's at 0x400; its first byte also
+/// picks the negotiated ring features. The device serves all three and a statistics poll; whatever the frame
+/// numbers say, it gives back at most the pages the inflate buffers can name, and its rings stay consistent.
+pub fn fuzz_balloon_queues(data: &[u8]) {
+    use super::balloon::{Balloon, DEFLATE_QUEUE, INFLATE_QUEUE, MAX_PFNS_PER_BUFFER, PAGE_SIZE, STATS_QUEUE};
+    use super::VirtioDevice;
+
+    let mut balloon = Balloon::new(false).expect("a timer");
+    let flags = data.first().copied().unwrap_or(0);
+    let ring = (u64::from(flags) & 3) << 28;
+    balloon.ack_features(balloon.avail_features() & (super::features::VERSION_1 | ring | 0xffff_ffff));
+    let mem = fuzz_memory(data);
+    let queues = [0, 0x200, 0x400].map(|at| TestQueue::new(GuestAddress(at), FUZZ_QUEUE));
+    let irq = Arc::new(super::VirtioInterrupt::new(CountingLine::new()));
+    balloon.activate(mem, queues.iter().map(TestQueue::queue).collect(), irq).unwrap();
+    for queue in [INFLATE_QUEUE, DEFLATE_QUEUE, STATS_QUEUE, STATS_QUEUE] {
+        balloon.process_queue(queue);
+    }
+    let _ = balloon.set_poll_interval(1);
+    balloon.process_host_event(0);
+    let bound = u64::from(FUZZ_QUEUE) * MAX_PFNS_PER_BUFFER as u64 * PAGE_SIZE;
+    assert!(balloon.discarded_bytes() <= bound, "{} bytes given back", balloon.discarded_bytes());
+    if let Some(stats) = balloon.active_queues().and_then(|a| a.position(STATS_QUEUE)) {
+        assert_eq!(stats.next_avail, stats.next_used, "the statistics buffer is held on the ring, never taken");
+    }
+}
+
 const FUZZ_DISK: u64 = 64 << 10;
 
 /// Fuzz body for opening a qcow2 image: `data` is the image file, as a hostile image would be handed to Kestrel.
@@ -474,6 +502,7 @@ mod tests {
             fuzz_descriptor_chain(&data);
             fuzz_blk_request(&data);
             fuzz_net_queues(&data);
+            fuzz_balloon_queues(&data);
         }
     }
 

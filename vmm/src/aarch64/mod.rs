@@ -201,7 +201,8 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
     }
 
     /// As QEMU's virt reports it for `-smp N`: one socket and cluster, one core per vCPU, one thread per core.
-    fn cpu_props(index: u32) -> CpuProps {
+    /// One socket (`MULTI_SOCKET` is false): every vCPU a core of it.
+    fn cpu_props(index: u32, _cores_per_socket: u32) -> CpuProps {
         CpuProps {
             node_id: None,
             socket_id: Some(0),
@@ -386,7 +387,7 @@ mod tests {
 
     #[test]
     fn cpu_props_are_qemu_virt_s_for_one_socket() {
-        let props = <Virt as Platform<KvmHypervisor>>::cpu_props(1);
+        let props = <Virt as Platform<KvmHypervisor>>::cpu_props(1, 4);
         assert_eq!(
             (props.socket_id, props.cluster_id, props.core_id, props.thread_id),
             (Some(0), Some(0), Some(1), Some(0))

@@ -11,6 +11,7 @@ use hypervisor::Vm;
 use snapshot::CpuIdentity;
 
 use super::{create_vcpus_and_gic, VcpuState, VcpusAndGic, Virt, VirtHypervisor, VmState};
+use crate::cpu_model::GuestCpu;
 use crate::platform::{Platform, Snapshots, VcpuOf};
 use crate::snapshot::Component;
 use crate::Error;
@@ -128,7 +129,8 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
 
     /// The CPU a guest sees on this host, as [`identity`] records it. KVM decides what a vCPU's ID registers
     /// show only once it is initialised, so this asks a scratch VM's vCPU, initialised as a boot's are.
-    fn cpu_identity(hypervisor: &H, _vcpu_count: u8) -> Result<CpuIdentity, Error> {
+    /// aarch64 guests get the host's CPU only (no models, no feature settings, one socket).
+    fn cpu_identity(hypervisor: &H, _vcpu_count: u8, _cpu: &GuestCpu) -> Result<CpuIdentity, Error> {
         let vm = hypervisor.create_vm()?;
         let vcpu = vm.create_vcpu(0)?;
         vm.init_vcpu(&vcpu, false)?;
@@ -198,6 +200,7 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
         vm: &Arc<H::Vm>,
         vcpu_states: &[VcpuState],
         vm_state: &VmState,
+        _cpu: &GuestCpu,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
         let count = u32::try_from(vcpu_states.len())
             .ok()

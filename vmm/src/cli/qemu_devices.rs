@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
 use crate::config::{
-    BackingSpec, DiskConfig, Frontend, ImageFormat, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport,
+    BackingSpec, BalloonConfig, DiskConfig, Frontend, ImageFormat, MacAddress, NetConfig, SerialConfig, TapConfig,
+    VirtioTransport,
 };
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
@@ -185,6 +186,11 @@ pub const DEVICE_MODELS: &[DeviceModel] = &[
         properties: &[("netdev", "str"), ("mac", "str"), ("mq", "bool")],
     },
     DeviceModel { model: "virtio-rng", kind: DeviceKind::Virtio, properties: &[("rng", "link<rng-backend>")] },
+    DeviceModel {
+        model: "virtio-balloon",
+        kind: DeviceKind::Virtio,
+        properties: &[("deflate-on-oom", "bool"), ("guest-stats-polling-interval", "int")],
+    },
     DeviceModel { model: "virtio-serial", kind: DeviceKind::Virtio, properties: &[("max_ports", "uint32")] },
     DeviceModel {
         model: "virtconsole",
@@ -250,6 +256,7 @@ pub struct QemuDevices {
     pub disks: Vec<DiskConfig>,
     pub nics: Vec<NetConfig>,
     pub rng: Option<Frontend>,
+    pub balloon: Option<BalloonConfig>,
     /// The virtio console: the chardev id it is connected to, and the virtio-serial controller's frontend.
     pub console: Option<(String, Frontend)>,
     /// The chardev id `-device isa-serial` (COM1) is connected to, and the device's id.
@@ -631,6 +638,23 @@ impl QemuDeviceOptions {
                     }
                     if out.rng.replace(frontend).is_some() {
                         return Err(invalid("-device", value, "Kestrel supports one virtio-rng device"));
+                    }
+                }
+                "virtio-balloon" => {
+                    known("virtio-balloon")?;
+                    let deflate_on_oom = match opts.get("deflate-on-oom") {
+                        Some(setting) => on_off("-device", value, "deflate-on-oom", setting)?,
+                        None => false,
+                    };
+                    let stats_poll_interval = match opts.get("guest-stats-polling-interval") {
+                        Some(setting) => setting.parse::<u32>().map_err(|_| {
+                            invalid("-device", value, "guest-stats-polling-interval= takes seconds, 0 to 4294967295")
+                        })?,
+                        None => 0,
+                    };
+                    let balloon = BalloonConfig { frontend, deflate_on_oom, stats_poll_interval };
+                    if out.balloon.replace(balloon).is_some() {
+                        return Err(invalid("-device", value, "Kestrel supports one virtio-balloon device"));
                     }
                 }
                 "virtio-serial" => {

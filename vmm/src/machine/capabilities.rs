@@ -12,7 +12,8 @@ use qmp::{
 use serde_json::{json, Value};
 
 use crate::cli::{qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
-use crate::config::{Frontend, MachineType, VirtioTransport, VmConfig};
+use crate::config::{CpuConfig, Frontend, MachineType, VirtioTransport, VmConfig};
+use crate::cpu_model::canonical_feature_name;
 use crate::platform::Platform;
 
 /// QEMU's abstract parent of the virtio devices on each transport.
@@ -47,6 +48,7 @@ pub(super) fn peripherals<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> V
     devices.extend(config.nets.iter().filter_map(|net| virtio("virtio-net", &net.frontend)));
     devices.extend(config.rng.iter().filter_map(|rng| virtio("virtio-rng", rng)));
     devices.extend(config.console.iter().filter_map(|console| virtio("virtio-serial", &console.frontend)));
+    devices.extend(config.balloon.iter().filter_map(|balloon| virtio("virtio-balloon", &balloon.frontend)));
     devices
 }
 
@@ -134,6 +136,9 @@ pub(super) fn qom_types<H: Hypervisor, P: Platform<H>>() -> Vec<QomType> {
         qom_type("virtio-serial-port", Some("device"), true),
     ];
     types.extend(
+        P::CPU_MODELS.iter().map(|m| qom_type(cpu_type_name::<H, P>(Some(m.name)), Some(cpu_parent::<H, P>()), false)),
+    );
+    types.extend(
         P::MACHINE_TYPES
             .iter()
             .chain([&MachineType::None])
@@ -180,68 +185,90 @@ pub(super) fn type_properties<H: Hypervisor, P: Platform<H>>(type_name: &str) ->
     qom_types::<H, P>().iter().any(|t| t.name == type_name).then(Vec::new)
 }
 
-/// `host`, the one model: the host's CPU as the hypervisor offers it. Not static (it differs between hosts), not
-/// migration-safe (QEMU's rule for `host`).
-pub(super) fn cpu_definitions<H: Hypervisor, P: Platform<H>>() -> Vec<CpuDefinition> {
-    vec![CpuDefinition {
+/// The QOM type of the vCPUs of CPU model `model` (`None`: `host`), as QEMU names them: `kvm64-x86_64-cpu`.
+pub(super) fn cpu_type_name<H: Hypervisor, P: Platform<H>>(model: Option<&str>) -> String {
+    match model {
+        None => P::CPU_TYPE.to_string(),
+        Some(model) => format!("{model}-{}", cpu_parent::<H, P>()),
+    }
+}
+
+/// `host`, the host's CPU as the hypervisor offers it: not static (it differs between hosts), not migration-safe
+/// (QEMU's rule for `host`); then the platform's named models, each with the features it has that this host
+/// lacks (libvirt uses only those with none).
+pub(super) fn cpu_definitions<H: Hypervisor, P: Platform<H>>(hypervisor: &H) -> Vec<CpuDefinition> {
+    let host = P::cpu_features(hypervisor).unwrap_or_default();
+    let host_has = |feature: &str| host.iter().any(|&(name, has)| has && name == feature);
+    let mut definitions = vec![CpuDefinition {
         name: "host".into(),
         type_name: P::CPU_TYPE.into(),
         is_static: false,
         migration_safe: false,
         unavailable_features: Vec::new(),
         deprecated: false,
-    }]
+    }];
+    definitions.extend(P::CPU_MODELS.iter().map(|model| CpuDefinition {
+        name: model.name.into(),
+        type_name: cpu_type_name::<H, P>(Some(model.name)),
+        is_static: false,
+        migration_safe: true,
+        unavailable_features: model.features.iter().filter(|f| !host_has(f)).map(|f| f.to_string()).collect(),
+        deprecated: false,
+    }));
+    definitions
 }
 
-/// `query-cpu-model-expansion`. Two models mean the CPU Kestrel gives guests: `host`, and QEMU's static `base`
-/// (a CPU with no features) with every feature the host has set, which is what a static expansion of `host`
-/// returns and libvirt then expands fully. QEMU's static expansion is `base` with every feature set as the host has
-/// it; the full one keeps the model's name and adds its other properties (`migratable` for `host`). A property given
-/// in the request must be one the model has; a feature set otherwise than the host has it is refused, as Kestrel
-/// cannot give a guest another CPU than the host's.
+/// `query-cpu-model-expansion`: `host`, a named model, or QEMU's static `base` (a CPU with no features), with
+/// `model`'s properties as feature settings, resolved as `-cpu` resolves them (`cpu_model::resolve`: what the host
+/// lacks is refused). QEMU's static expansion is `base` with every feature set as the model has it; the full one
+/// keeps the model's name and adds its other properties (`migratable` for `host`). A `base` model must set every
+/// feature the guest is to have.
 pub(super) fn expand_cpu_model<H: Hypervisor, P: Platform<H>>(
     hypervisor: &H,
     expansion: CpuModelExpansionType,
     model: &CpuModel,
 ) -> Result<CpuModel, QmpError> {
-    let is_host = match model.name.as_str() {
-        "host" => true,
-        "base" => false,
-        other => return Err(QmpError::generic(format!("The CPU type '{other}' is not a recognized CPU type"))),
+    let known = model.name == "host" || model.name == "base" || P::CPU_MODELS.iter().any(|m| m.name == model.name);
+    if !known {
+        return Err(QmpError::generic(format!("The CPU type '{}' is not a recognized CPU type", model.name)));
+    }
+    let host = P::cpu_features(hypervisor).map_err(|e| QmpError::generic(e.to_string()))?;
+    let type_name = if model.name == "base" {
+        format!("base-{}", cpu_parent::<H, P>())
+    } else {
+        cpu_type_name::<H, P>(Some(model.name.as_str()).filter(|&name| name != "host"))
     };
-    let features = P::cpu_features(hypervisor).map_err(|e| QmpError::generic(e.to_string()))?;
+    let mut settings = Vec::new();
     for (name, value) in &model.props {
-        if is_host && name == "migratable" {
+        if model.name == "host" && name == "migratable" {
             if !value.is_boolean() {
                 return Err(QmpError::generic(format!("Parameter '{name}' expects a boolean")));
             }
             continue;
         }
-        let Some((_, has)) = features.iter().find(|(feature, _)| feature == name) else {
-            let type_name = if is_host { P::CPU_TYPE.to_string() } else { format!("base-{}", cpu_parent::<H, P>()) };
+        if !host.iter().any(|(feature, _)| *feature == canonical_feature_name(name)) {
             return Err(QmpError::property_not_found(&type_name, name));
-        };
-        if value != &Value::Bool(*has) {
-            return Err(QmpError::generic(format!(
-                "Kestrel gives guests the host's CPU: '{name}' cannot be {value} on this host"
-            )));
         }
+        let Some(on) = value.as_bool() else {
+            return Err(QmpError::generic(format!("Parameter '{name}' expects a boolean")));
+        };
+        settings.push((name.clone(), on));
     }
-    // `base` has no feature but those set: each the host has must be.
-    if let Some((missing, _)) = features.iter().find(|(name, has)| !is_host && *has && !model.props.contains_key(*name))
-    {
-        return Err(QmpError::generic(format!(
-            "Kestrel gives guests the host's CPU: a 'base' model without '{missing}' is not it"
-        )));
-    }
+    // `base` is the host's CPU with every feature off, then the settings.
+    let base_off = || host.iter().map(|(name, _)| (name.to_string(), false));
+    let features = if model.name == "base" { base_off().chain(settings).collect() } else { settings };
+    let model_name = Some(model.name.clone()).filter(|name| name != "host" && name != "base");
+    let cpu = CpuConfig { model: model_name, features, ..CpuConfig::default() };
+    let guest = P::guest_cpu(hypervisor, &cpu).map_err(|e| QmpError::generic(e.to_string()))?;
     let mut props: serde_json::Map<String, Value> =
-        features.into_iter().map(|(name, has)| (name.to_string(), json!(has))).collect();
-    let name = match (expansion, is_host) {
-        (CpuModelExpansionType::Full, true) => {
+        host.iter().map(|&(name, has)| (name.to_string(), json!(guest.has(name, has)))).collect();
+    let name = match (expansion, model.name.as_str()) {
+        (CpuModelExpansionType::Full, "host") => {
             props.insert("migratable".into(), model.props.get("migratable").cloned().unwrap_or(json!(true)));
             "host"
         }
-        _ => "base",
+        (CpuModelExpansionType::Full, name) => name,
+        (CpuModelExpansionType::Static, _) => "base",
     };
     Ok(CpuModel { name: name.into(), props })
 }

@@ -34,6 +34,12 @@ pub(super) trait Served: Machine {
     fn close(&mut self) -> Result<(), Error> {
         Ok(())
     }
+    /// When a QMP event held back by a throttle is due (see `flush_due`).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Emits the held QMP events that are due.
+    fn flush_due(&mut self, _emit: &mut dyn FnMut(Event)) {}
 }
 
 impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
@@ -60,6 +66,14 @@ impl<H: Hypervisor, P: Platform<H>> Served for Vmm<'_, H, P> {
     }
     fn close(&mut self) -> Result<(), Error> {
         Vmm::close(self)
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.balloon_events.deadline()
+    }
+    fn flush_due(&mut self, emit: &mut dyn FnMut(Event)) {
+        if let Some(event) = self.balloon_events.due(Instant::now()) {
+            emit(event);
+        }
     }
 }
 
@@ -118,7 +132,8 @@ impl<M: Served> EventLoop<M> {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            match self.poll.poll(&mut events, None) {
+            let timeout = self.vmm.deadline().map(|at| at.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Host("waiting for events", e)),
@@ -160,6 +175,10 @@ impl<M: Served> EventLoop<M> {
                     session.feed(bytes, vmm)
                 };
                 qmp.accept_waiting(poll.registry(), &mut Handlers { connect: &mut connect, input: &mut input });
+            }
+            {
+                let registry = poll.registry();
+                vmm.flush_due(&mut |event: Event| qmp.broadcast_except(None, registry, |s| s.event_bytes(&event)));
             }
             while signals::received().is_none() {
                 let Some(event) = vmm.next_event() else { break };

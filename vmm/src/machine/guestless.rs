@@ -91,7 +91,7 @@ impl<H: Hypervisor, P: Platform<H>> Served for Guestless<'_, H, P> {
                 emit(shutdown_event(ShutdownCause::HostSignal));
                 Ok(Some(Outcome::Signal(signal)))
             }
-            VmEvent::Platform(_) | VmEvent::VcpuFailed { .. } => Ok(None),
+            VmEvent::Platform(_) | VmEvent::VcpuFailed { .. } | VmEvent::BalloonChange { .. } => Ok(None),
         }
     }
 }
@@ -198,7 +198,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Guestless<'_, H, P> {
         capabilities::type_properties::<H, P>(type_name)
     }
     fn cpu_definitions(&self) -> Vec<CpuDefinition> {
-        capabilities::cpu_definitions::<H, P>()
+        capabilities::cpu_definitions::<H, P>(&self.hypervisor)
     }
     fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError> {
         capabilities::expand_cpu_model::<H, P>(&self.hypervisor, expansion, model)

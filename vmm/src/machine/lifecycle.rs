@@ -19,7 +19,7 @@ use crate::{console, inherited, signals, Error, Outcome};
 
 use super::memory::{check_memory_size, create_guest_memory, exclude_from_core_dumps, map_guest_memory};
 use super::migration::snapshot_machine;
-use super::{event_channel, qmp_event, shutdown_event, Guest, OpenPayload, VmEvent, Vmm, SERIAL_LABEL};
+use super::{event_channel, qmp_event, shutdown_event, EventThrottle, Guest, OpenPayload, VmEvent, Vmm, SERIAL_LABEL};
 
 impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
     pub(super) fn new(
@@ -78,8 +78,16 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             // QEMU's state once an incoming migration completed without autostart.
             (true, Some(IncomingConfig::File(_))) => RunState::Paused,
         };
+        let guest_cpu = P::guest_cpu(&hypervisor, &config.cpu)?;
         let memory = create_guest_memory(P::ram_regions(config.memory_bytes))?;
-        let (virtio_devices, disks) = crate::virtio::devices(config, transport)?;
+        let crate::virtio::VirtioDevices { devices: virtio_devices, disks, balloon } =
+            crate::virtio::devices(config, transport)?;
+        if let Some(balloon) = &balloon {
+            // The guest's driver changed its balloon: BALLOON_CHANGE, from the event loop.
+            let sender = sender.clone();
+            let listener = move |actual| sender.send(VmEvent::BalloonChange { actual_pages: actual });
+            balloon.lock().unwrap_or_else(|p| p.into_inner()).set_actual_listener(Box::new(listener));
+        }
         let platform = P::new(serial, platform_events, &memory, virtio_devices, transport)?;
         if config.incoming.is_some() {
             P::check_restore_supported()?;
@@ -87,7 +95,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         let incoming = match &config.incoming {
             Some(IncomingConfig::File(path)) => {
                 // Only a save or a restore needs the CPU identity: the host's CPUID query costs ~0.5 ms of start-up.
-                let cpu = P::cpu_identity(&hypervisor, config.vcpus)?;
+                let cpu = P::cpu_identity(&hypervisor, config.vcpus, &guest_cpu)?;
                 let components = platform.components();
                 Some(snapshot_file::open(path, &snapshot_machine::<H, P>(config, &cpu, &components))?)
             }
@@ -97,6 +105,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             config,
             hypervisor,
             platform,
+            cpu: guest_cpu,
             payload,
             memory,
             events,
@@ -106,6 +115,8 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             raised: Vec::new(),
             quit: false,
             disks,
+            balloon,
+            balloon_events: EventThrottle::default(),
             platform_requested,
             first_boot_vcpus: Some(first_boot_vcpus),
             incoming,
@@ -165,7 +176,7 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         map_guest_memory(vm.as_ref(), &self.memory)?;
         let vcpus = match restored {
             Some((vcpu_states, vm_state)) => {
-                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state)?;
+                let vcpus = self.platform.restore(&self.hypervisor, &vm, &vcpu_states, &vm_state, &self.cpu)?;
                 self.platform.resume_devices();
                 vcpus
             }
@@ -178,7 +189,7 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
                     },
                     OpenPayload::Firmware(image) => Payload::Firmware(image),
                 };
-                let boot = BootFiles { payload, vcpu_count: self.config.vcpus };
+                let boot = BootFiles { payload, vcpu_count: self.config.vcpus, cpu: &self.cpu };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
             }
         };
@@ -275,6 +286,13 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
             VmEvent::Signal(signal) => {
                 emit(shutdown_event(ShutdownCause::HostSignal));
                 Ok(Some(Outcome::Signal(signal)))
+            }
+            VmEvent::BalloonChange { actual_pages } => {
+                let event = qmp_event(EventKind::BalloonChange { actual: self.balloon_actual_bytes(actual_pages) });
+                if let Some(event) = self.balloon_events.offer(event, std::time::Instant::now()) {
+                    emit(event);
+                }
+                Ok(None)
             }
             VmEvent::VcpuFailed { id, reason, state } => {
                 let error = Error::VcpuFailed { id, reason, state };

@@ -23,7 +23,7 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
     /// The CPU the guest sees, as a snapshot's header records it: asked of the host when a save or a restore
     /// needs it, not at start-up.
     pub(super) fn cpu_identity(&self) -> Result<snapshot::CpuIdentity, Error> {
-        P::cpu_identity(&self.hypervisor, self.config.vcpus)
+        P::cpu_identity(&self.hypervisor, self.config.vcpus, &self.cpu)
     }
     /// An incoming migration from `source`: `setup`, `active`, the restore, then the guest paused or running
     /// (`autostart`) and `completed`. A file that does not fit is refused before guest memory is touched, and the

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::PlatformRequest;
 use hypervisor::kvm::KvmHypervisor;
@@ -29,6 +30,7 @@ use qmp::{Event, EventKind, MigrationCapabilities, MigrationInfo, RunState, Shut
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{MachineType, VmConfig};
+use crate::cpu_model::GuestCpu;
 use crate::daemon::{PidFile, Readiness};
 use crate::firmware::FirmwareImage;
 use crate::platform::{Platform, Snapshots};
@@ -43,8 +45,16 @@ use guestless::Guestless;
 /// Something the event loop must act on.
 pub enum VmEvent {
     Platform(PlatformRequest),
-    VcpuFailed { id: u32, reason: String, state: String },
+    VcpuFailed {
+        id: u32,
+        reason: String,
+        state: String,
+    },
     Signal(i32),
+    /// The guest's balloon driver changed `actual` (pages in its balloon).
+    BalloonChange {
+        actual_pages: u32,
+    },
 }
 
 /// Sends events to the loop from any thread, waking it.
@@ -81,6 +91,8 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     config: &'a VmConfig,
     hypervisor: H,
     platform: P,
+    /// The CPU every vCPU is given, `-cpu` resolved against the host once.
+    cpu: GuestCpu,
     /// What each boot starts from.
     payload: OpenPayload,
     /// Guest RAM. It outlives every VM it is mapped into (each boot's VM is dropped first, see `Guest`) and keeps
@@ -95,6 +107,10 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     quit: bool,
     /// The virtio-blk devices, in `config.disks` order (also owned, untyped, by the platform).
     disks: Vec<crate::virtio::Disk>,
+    /// The virtio-balloon device, if the machine has one (also owned, untyped, by the platform).
+    balloon: Option<crate::virtio::BalloonDevice>,
+    /// BALLOON_CHANGE, at most one a second as QEMU's monitor sends it.
+    balloon_events: EventThrottle,
     /// Set when a device asked for a reset or power-off this boot (see `VcpuThreads::spawn`).
     platform_requested: Arc<AtomicBool>,
     /// The first boot's vCPU threads, started early (see `Vmm::new`) and waiting for their vCPUs.
@@ -130,12 +146,12 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
     run_on::<KvmHypervisor, crate::HostPlatform>(config, KvmHypervisor::new, readiness)
 }
 
-/// The CPU a guest of `vcpus` vCPUs sees on this host's KVM, as a save records it in a snapshot's header and a
+/// The CPU a guest of `vcpus` vCPUs sees on this host's KVM (the host's CPU model), as a save records it in a snapshot's header and a
 /// restore checks it ([`snapshot::CpuIdentity::check_can_run`]): for tools and tests that ask whether a snapshot
 /// can restore here without starting a machine.
 pub fn host_cpu_identity(vcpus: u8) -> Result<snapshot::CpuIdentity, Error> {
     let hypervisor = KvmHypervisor::new()?;
-    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus)
+    <crate::HostPlatform as Snapshots<KvmHypervisor>>::cpu_identity(&hypervisor, vcpus, &GuestCpu::default())
 }
 
 /// Runs platform `P` on the hypervisor `open` opens (once the command line's own files have been checked): the
@@ -214,6 +230,46 @@ fn event_channel(poll: &Poll) -> Result<(EventSender, Receiver<VmEvent>), Error>
 fn now() -> Timestamp {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Timestamp { seconds: since_epoch.as_secs() as i64, microseconds: i64::from(since_epoch.subsec_micros()) }
+}
+
+/// QEMU's monitor throttle for an event that can come in bursts (BALLOON_CHANGE): the first goes out at once;
+/// those within a second of the last one sent wait, and only the newest of them goes out when the second ends.
+#[derive(Default)]
+struct EventThrottle {
+    quiet_until: Option<Instant>,
+    pending: Option<Event>,
+}
+
+impl EventThrottle {
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    /// `event` happened at `now`: returns it if it goes out now.
+    fn offer(&mut self, event: Event, now: Instant) -> Option<Event> {
+        match self.quiet_until {
+            Some(until) if now < until => {
+                self.pending = Some(event);
+                None
+            }
+            _ => {
+                self.quiet_until = Some(now + Self::PERIOD);
+                Some(event)
+            }
+        }
+    }
+
+    /// When a held event is due.
+    fn deadline(&self) -> Option<Instant> {
+        self.pending.and(self.quiet_until)
+    }
+
+    /// The held event, if it is due at `now`.
+    fn due(&mut self, now: Instant) -> Option<Event> {
+        if self.deadline()? > now {
+            return None;
+        }
+        self.quiet_until = Some(now + Self::PERIOD);
+        self.pending.take()
+    }
 }
 
 fn qmp_event(kind: EventKind) -> Event {

@@ -1,5 +1,6 @@
 //! The machine as QMP sees it: `qmp::Machine` for `Vmm`, and how Kestrel's devices and vCPUs are shown.
 
+use devices::virtio::balloon::{Balloon, PAGE_SHIFT, STAT_NAMES};
 use devices::virtio::block::Block;
 use hypervisor::Hypervisor;
 use qmp::{
@@ -72,8 +73,8 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 cpu_index: index as i64,
                 qom_path: cpu_qom_path(index),
                 thread_id: i64::from(thread_id),
-                props: P::cpu_props(index as u32),
-                type_name: P::CPU_TYPE.to_string(),
+                props: P::cpu_props(index as u32, u32::from(self.cpu.cores_per_socket(self.config.vcpus))),
+                type_name: self.cpu_type_name(),
             })
             .collect()
     }
@@ -117,7 +118,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         capabilities::type_properties::<H, P>(type_name)
     }
     fn cpu_definitions(&self) -> Vec<CpuDefinition> {
-        capabilities::cpu_definitions::<H, P>()
+        capabilities::cpu_definitions::<H, P>(&self.hypervisor)
     }
     fn expand_cpu_model(&self, expansion: CpuModelExpansionType, model: &CpuModel) -> Result<CpuModel, QmpError> {
         capabilities::expand_cpu_model::<H, P>(&self.hypervisor, expansion, model)
@@ -156,7 +157,7 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
             "/machine/unattached" => {
                 let mut properties = vec![prop("type", "string", json!("container"))];
                 properties.extend((0..vcpus).map(|i| {
-                    prop(&format!("device[{i}]"), &format!("child<{}>", P::CPU_TYPE), json!(cpu_qom_path(i)))
+                    prop(&format!("device[{i}]"), &format!("child<{}>", self.cpu_type_name()), json!(cpu_qom_path(i)))
                 }));
                 Some(QomObject { type_name: "container".into(), properties })
             }
@@ -164,18 +165,20 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
                 // Each device `/machine/peripheral` lists, by its id: what it is.
                 let id = other.strip_prefix("/machine/peripheral/")?;
                 let (_, type_name) = self.peripherals().into_iter().find(|(peripheral, _)| peripheral == id)?;
-                Some(QomObject {
-                    properties: vec![prop("type", "string", json!(type_name)), prop("realized", "bool", json!(true))],
-                    type_name,
-                })
+                let mut properties =
+                    vec![prop("type", "string", json!(type_name)), prop("realized", "bool", json!(true))];
+                if let Some(balloon) = self.balloon_with_id(id) {
+                    properties.extend(balloon_properties(&balloon.lock().unwrap_or_else(|p| p.into_inner())));
+                }
+                Some(QomObject { properties, type_name })
             }
             other => {
                 let index: usize =
                     other.strip_prefix("/machine/unattached/device[")?.strip_suffix(']')?.parse().ok()?;
                 (index < vcpus).then(|| QomObject {
-                    type_name: P::CPU_TYPE.into(),
+                    type_name: self.cpu_type_name(),
                     properties: vec![
-                        prop("type", "string", json!(P::CPU_TYPE)),
+                        prop("type", "string", json!(self.cpu_type_name())),
                         prop("realized", "bool", json!(true)),
                         prop("start-powered-off", "bool", json!(index != 0)),
                     ],
@@ -212,11 +215,64 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
         self.migration_capabilities = capabilities;
         Ok(())
     }
+
+    /// QEMU's `virtio_balloon_to_target`: the balloon is what the guest must give up to be left with `target`,
+    /// all of guest RAM at most.
+    fn balloon(&mut self, target: u64) -> Result<(), QmpError> {
+        let balloon = self.balloon.as_ref().ok_or_else(QmpError::no_balloon)?;
+        let ram = self.config.memory_bytes;
+        let pages = (ram - target.min(ram)) >> PAGE_SHIFT;
+        let pages = u32::try_from(pages).map_err(|_| QmpError::generic("the balloon cannot hold that much"))?;
+        balloon.lock().unwrap_or_else(|p| p.into_inner()).set_num_pages(pages);
+        Ok(())
+    }
+
+    fn balloon_actual(&self) -> Result<u64, QmpError> {
+        let balloon = self.balloon.as_ref().ok_or_else(QmpError::no_balloon)?;
+        let actual = balloon.lock().unwrap_or_else(|p| p.into_inner()).actual();
+        Ok(self.balloon_actual_bytes(actual))
+    }
+
+    /// The balloon's `guest-stats-polling-interval`, as QEMU takes it; every other property is read-only.
+    fn qom_set(&mut self, path: &str, property: &str, value: &serde_json::Value) -> Result<(), QmpError> {
+        let id = path.trim_end_matches('/').strip_prefix("/machine/peripheral/").unwrap_or_default();
+        let Some(balloon) = self.balloon_with_id(id).filter(|_| property == STATS_POLLING_INTERVAL) else {
+            return Err(QmpError::permission_denied());
+        };
+        let seconds = value
+            .as_i64()
+            .ok_or_else(|| QmpError::generic(format!("Invalid parameter type for '{property}', expected: integer")))?;
+        if seconds < 0 {
+            return Err(QmpError::generic("timer value must be greater than zero"));
+        }
+        let seconds = u32::try_from(seconds).map_err(|_| QmpError::generic("timer value is too big"))?;
+        balloon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_poll_interval(seconds)
+            .map_err(|e| QmpError::generic(format!("setting the balloon's statistics timer: {e}")))
+    }
 }
 
 impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
+    /// The vCPUs' QOM type: the `-cpu` model's.
+    fn cpu_type_name(&self) -> String {
+        capabilities::cpu_type_name::<H, P>(self.config.cpu.model.as_deref())
+    }
+
     fn peripherals(&self) -> Vec<(String, String)> {
         capabilities::peripherals::<H, P>(self.config)
+    }
+
+    /// The balloon, if the machine has one and it was given `id` (its QOM path is `/machine/peripheral/ID`).
+    fn balloon_with_id(&self, id: &str) -> Option<&crate::virtio::BalloonDevice> {
+        let configured = self.config.balloon.as_ref()?.frontend.id.as_deref()?;
+        (configured == id).then_some(self.balloon.as_ref()?)
+    }
+
+    /// The memory the guest has with `pages` in its balloon, as QEMU reports it (BALLOON_CHANGE, query-balloon).
+    pub(super) fn balloon_actual_bytes(&self, pages: u32) -> u64 {
+        self.config.memory_bytes.saturating_sub(u64::from(pages) << PAGE_SHIFT)
     }
 
     /// Records an event raised by a QMP command: the issuing session gets it through `events`, every other
@@ -225,6 +281,24 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
         self.raised.push(event);
         events.push(event);
     }
+}
+
+const STATS_POLLING_INTERVAL: &str = "guest-stats-polling-interval";
+
+/// The balloon's own QOM properties, as QEMU's virtio-balloon-pci has them: the polling interval (writable) and the
+/// guest's last statistics (`last-update` in seconds since the epoch, each statistic all ones until reported).
+fn balloon_properties(balloon: &Balloon) -> Vec<qmp::QomProperty> {
+    let stats = balloon.guest_stats();
+    let values: serde_json::Map<String, serde_json::Value> =
+        STAT_NAMES.iter().zip(stats.values).map(|(name, value)| (name.to_string(), json!(value))).collect();
+    vec![
+        capabilities::qom_property(STATS_POLLING_INTERVAL, "int", json!(balloon.poll_interval())),
+        capabilities::qom_property(
+            "guest-stats",
+            "guest statistics",
+            json!({"last-update": stats.last_update, "stats": values}),
+        ),
+    ]
 }
 
 /// One PCI function as QMP shows it. Kestrel's functions use MSI-X only (no interrupt pin) and every BAR is a

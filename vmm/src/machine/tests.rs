@@ -13,6 +13,7 @@ use devices::pci::{PciBarInfo, PciFunctionInfo};
 use devices::{Bus, PlatformEvents};
 use hypervisor::{Datamatch, Hypervisor, IoEventAddress, Vcpu, VcpuExit, Vm};
 use mio::{Poll, Waker};
+
 use qmp::{CpuProps, MigrationCapabilities, RunState, ServerInfo, Session, Target};
 use serde_json::{json, Value};
 use snapshot::CpuIdentity;
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{EventSender, OpenPayload, Vmm, WAKER};
 use crate::config::{Frontend, Incoming as IncomingConfig, MachineType, SerialConfig, VirtioTransport, VmConfig};
 use crate::console::ConsoleBackend;
+use crate::cpu_model::{CpuModelDefinition, GuestCpu};
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Platform, Snapshots, VcpuOf};
 use crate::snapshot::Component;
 use crate::virtio::NamedDevice;
@@ -116,6 +118,10 @@ impl Platform<NoHypervisor> for TestPlatform {
     const QMP_TARGET: Target = Target::Aarch64;
     const MACHINE_TYPES: &'static [MachineType] = &[MachineType::Virt];
     const CPU_TYPE: &'static str = "test-cpu";
+    const CPU_MODELS: &'static [CpuModelDefinition] = &[
+        CpuModelDefinition { name: "small", features: &["test-feature"] },
+        CpuModelDefinition { name: "needy", features: &["test-feature", "missing-feature"] },
+    ];
     const MAX_VCPUS: u32 = 5;
     const ISA_SERIAL: bool = false;
 
@@ -128,7 +134,7 @@ impl Platform<NoHypervisor> for TestPlatform {
     fn cpu_features(_hypervisor: &NoHypervisor) -> Result<Vec<(&'static str, bool)>, Error> {
         Ok(vec![("test-feature", true), ("missing-feature", false)])
     }
-    fn cpu_props(index: u32) -> CpuProps {
+    fn cpu_props(index: u32, _cores_per_socket: u32) -> CpuProps {
         CpuProps { core_id: Some(i64::from(index) + 100), ..Default::default() }
     }
     fn new(
@@ -176,7 +182,7 @@ impl Snapshots<NoHypervisor> for TestPlatform {
     fn check_restore_supported() -> Result<(), Error> {
         Ok(())
     }
-    fn cpu_identity(_hypervisor: &NoHypervisor, _vcpu_count: u8) -> Result<CpuIdentity, Error> {
+    fn cpu_identity(_hypervisor: &NoHypervisor, _vcpu_count: u8, _cpu: &GuestCpu) -> Result<CpuIdentity, Error> {
         Ok(CpuIdentity::default())
     }
     fn components(&self) -> Vec<Component> {
@@ -190,7 +196,7 @@ impl Snapshots<NoHypervisor> for TestPlatform {
     fn save_vm(_vm: &NoVm) -> Result<(), String> {
         Err("no VM to save".into())
     }
-    fn restore(&self, _: &NoHypervisor, _: &Arc<NoVm>, _: &[()], _: &()) -> Result<Vec<NoVcpu>, Error> {
+    fn restore(&self, _: &NoHypervisor, _: &Arc<NoVm>, _: &[()], _: &(), _: &GuestCpu) -> Result<Vec<NoVcpu>, Error> {
         Err(Error::Snapshot("the tests never restore".into()))
     }
 }
@@ -232,6 +238,8 @@ impl Fixture {
             raised: Vec::new(),
             quit: false,
             disks: Vec::new(),
+            balloon: None,
+            balloon_events: super::EventThrottle::default(),
             platform_requested: Arc::new(AtomicBool::new(false)),
             first_boot_vcpus: None,
             incoming: None,
@@ -242,6 +250,7 @@ impl Fixture {
             fatal: None,
             memory_file: None,
             serial_pty: None,
+            cpu: GuestCpu::default(),
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };
@@ -540,12 +549,24 @@ fn the_probe_is_offered_what_the_platform_and_command_line_implement() {
     let full = expand(&mut m, "full", json!({"name": "host", "props": {"migratable": false}})).unwrap();
     assert_eq!(full["model"]["props"]["migratable"], false);
     assert_eq!(full["model"]["props"]["test-feature"], true);
-    // The static model with the host's features is the host's CPU; without them, or with more, it is not.
-    assert!(expand(&mut m, "full", json!({"name": "base", "props": {"test-feature": true}})).is_ok());
-    for refused in [json!({}), json!({"test-feature": true, "missing-feature": true})] {
-        let error = expand(&mut m, "full", json!({"name": "base", "props": refused})).unwrap_err();
-        assert!(error.contains("host's CPU"), "{error}");
-    }
+    // The static model has the features set and no other; one the host lacks cannot be set.
+    let none = json!({"test-feature": false, "missing-feature": false});
+    assert_eq!(expand(&mut m, "full", json!({"name": "base"})), Ok(json!({"model": {"name": "base", "props": none}})));
+    let full = expand(&mut m, "full", json!({"name": "base", "props": {"test-feature": true}})).unwrap();
+    assert_eq!(full["model"]["props"], features);
+    let error = expand(&mut m, "full", json!({"name": "base", "props": {"missing-feature": true}})).unwrap_err();
+    assert!(error.contains("'missing-feature' cannot be given to guests: this host lacks it"), "{error}");
+    // The named models: each with the features the host lacks; expanded as -cpu resolves them.
+    assert_eq!(definitions[1]["name"], "small");
+    assert_eq!(definitions[1]["typename"], "small-cpu");
+    assert_eq!(definitions[1]["unavailable-features"], json!([]));
+    assert_eq!(definitions[2]["unavailable-features"], json!(["missing-feature"]));
+    let small = expand(&mut m, "full", json!({"name": "small"})).unwrap();
+    assert_eq!(small, json!({"model": {"name": "small", "props": features}}));
+    let small = expand(&mut m, "static", json!({"name": "small", "props": {"test-feature": false}})).unwrap();
+    assert_eq!(small, json!({"model": {"name": "base", "props": none}}));
+    let error = expand(&mut m, "static", json!({"name": "needy"})).unwrap_err();
+    assert!(error.contains("needs missing-feature which this host lacks"), "{error}");
     let error = expand(&mut m, "full", json!({"name": "host", "props": {"hv-passthrough": true}})).unwrap_err();
     assert_eq!(error, "Property 'test-cpu.hv-passthrough' not found");
     let error = expand(&mut m, "static", json!({"name": "Skylake-Client"})).unwrap_err();

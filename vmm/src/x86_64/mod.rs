@@ -15,7 +15,7 @@ use arch::x86_64::layout::{
     I8042_DATA_PORT,
 };
 use arch::x86_64::layout::{IOAPIC_PINS, PLATFORM_MMIO_SIZE, PLATFORM_MMIO_START};
-use arch::x86_64::{cpuid, layout, msrs, GuestConfig};
+use arch::x86_64::{cpuid, layout, msrs, CpuidEntry, GuestConfig};
 use devices::legacy::{fw_cfg, AcpiPmBlock, Cmos, FwCfg, ResetPort, Serial, I8042};
 use devices::pci::PciFunctionInfo;
 use devices::virtio::mmio::MMIO_LEN;
@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::cpu_model::{CpuModelDefinition, GuestCpu};
 use crate::firmware::FirmwareImage;
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
@@ -36,6 +37,27 @@ use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
 use crate::Error;
 
 /// Virtio-mmio devices take IOAPIC pins from here up: the PCI-range pins no ISA device uses.
+/// The named models: QEMU's generic 64-bit KVM CPU (its feature list as QEMU's and libvirt's), which libvirt's
+/// `host-model` decodes a host's CPU into when the host is no model it knows (it then passes `-cpu kvm64,` and
+/// the host's other features). Family, model and vendor stay the host's.
+const CPU_MODELS: &[CpuModelDefinition] = &[CpuModelDefinition {
+    name: "kvm64",
+    features: &[
+        "apic", "clflush", "cmov", "cx16", "cx8", "de", "fpu", "fxsr", "lm", "mca", "mce", "mmx", "msr", "mtrr", "nx",
+        "pae", "pat", "pge", "pni", "pse", "pse36", "sep", "sse", "sse2", "syscall", "tsc",
+    ],
+}];
+
+/// vCPU `id`'s CPUID of `vcpu_count`: the hypervisor's `supported` leaves normalised to `cpu`'s topology, narrowed
+/// to its features.
+fn guest_cpuid(supported: &[CpuidEntry], id: u8, vcpu_count: u8, cpu: &GuestCpu) -> Vec<CpuidEntry> {
+    let mut entries = cpuid::normalise(supported, id, cpu.cores_per_socket(vcpu_count));
+    if cpu.features.is_some() {
+        cpuid::keep_features(&mut entries, |name| cpu.has(name, true));
+    }
+    entries
+}
+
 const FIRST_VIRTIO_GSI: u32 = 16;
 
 const UART_REGISTERS: u64 = 8;
@@ -110,6 +132,15 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     fn cpu_features(hypervisor: &H) -> Result<Vec<(&'static str, bool)>, Error> {
         Ok(cpuid::named_features(&cpuid::normalise(&hypervisor.supported_cpuid()?, 0, 1)))
     }
+
+    const CPU_MODELS: &'static [CpuModelDefinition] = CPU_MODELS;
+
+    /// Sockets of a power-of-two number of cores (`-smp` checks), so that APIC IDs stay 0..N-1.
+    const MULTI_SOCKET: bool = true;
+
+    /// QEMU under KVM gives every model x2APIC; Kestrel also keeps the hypervisor bit, without which a Linux
+    /// guest does not look for KVM's paravirtual clock.
+    const CPU_MODEL_DEFAULTS: &'static [&'static str] = &["x2apic", "hypervisor"];
 
     /// The PC's devices, with the first serial port on `serial`.
     fn new(
@@ -188,13 +219,14 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     }
 
     /// As the CPUID leaves describe it: one socket, one thread per core.
-    fn cpu_props(index: u32) -> CpuProps {
+    fn cpu_props(index: u32, cores_per_socket: u32) -> CpuProps {
+        let cores = cores_per_socket.max(1);
         CpuProps {
             node_id: None,
-            socket_id: Some(0),
+            socket_id: Some(i64::from(index / cores)),
             die_id: Some(0),
             cluster_id: None,
-            core_id: Some(i64::from(index)),
+            core_id: Some(i64::from(index % cores)),
             thread_id: Some(0),
         }
     }
@@ -238,7 +270,7 @@ impl<H: PcHypervisor> Platform<H> for Pc {
         let mut vcpus = Vec::with_capacity(usize::from(boot.vcpu_count));
         for id in 0..boot.vcpu_count {
             let vcpu = vm.create_vcpu(u32::from(id))?;
-            vcpu.set_cpuid(&cpuid::normalise(&supported, id, boot.vcpu_count))?;
+            vcpu.set_cpuid(&guest_cpuid(&supported, id, boot.vcpu_count, boot.cpu))?;
             vcpu.set_msrs(&msrs)?;
             vcpu.set_lapic_lints()?;
             // Application processors wait for INIT/SIPI from the boot processor, as on hardware.

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arch::x86_64::{cpuid, CpuidEntry, MsrEntry};
+use arch::x86_64::{CpuidEntry, MsrEntry};
 use hypervisor::x86_64::{VcpuX86_64, VmX86_64};
 use hypervisor::Vm;
 use snapshot::CpuIdentity;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{Pc, PcHypervisor, VcpuState, VmState};
+use super::{guest_cpuid, Pc, PcHypervisor, VcpuState, VmState};
+use crate::cpu_model::GuestCpu;
 use crate::platform::{Snapshots, VcpuOf};
 use crate::snapshot::Component;
 use crate::Error;
@@ -36,8 +37,8 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
 
     /// The vendor, and one name per feature bit of the guest's CPUID (`<leaf>.<subleaf>.<register>.<bit>`), so
     /// that a refusal names the bits a host lacks.
-    fn cpu_identity(hypervisor: &H, vcpu_count: u8) -> Result<CpuIdentity, Error> {
-        let leaves = cpuid::normalise(&hypervisor.supported_cpuid()?, 0, vcpu_count);
+    fn cpu_identity(hypervisor: &H, vcpu_count: u8, cpu: &GuestCpu) -> Result<CpuIdentity, Error> {
+        let leaves = guest_cpuid(&hypervisor.supported_cpuid()?, 0, vcpu_count, cpu);
         let leaf = |function: u32, index: u32| leaves.iter().find(|e| e.function == function && e.index == index);
         let vendor: String = leaf(0, 0)
             .map(|e| [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).map(char::from).collect())
@@ -121,6 +122,7 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         vm: &Arc<H::Vm>,
         vcpu_states: &[VcpuState],
         vm_state: &VmState,
+        cpu: &GuestCpu,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
         if let Some(pci) = &self.pci {
             pci.refresh();
@@ -138,7 +140,7 @@ impl<H: PcHypervisor> Snapshots<H> for Pc {
         let mut vcpus = Vec::with_capacity(vcpu_states.len());
         for (id, saved) in (0..count).zip(vcpu_states) {
             let vcpu = vm.create_vcpu(u32::from(id))?;
-            vcpu.set_cpuid(&cpuid::normalise(&supported, id, count))?;
+            vcpu.set_cpuid(&guest_cpuid(&supported, id, count, cpu))?;
             let mut state = saved.clone();
             if let Some(tsc) = tsc_after(saved, clock_set_at.elapsed()) {
                 // Alone and at once, rather than among the MSRs after the registers, XSAVE and LAPIC (which would
