@@ -105,7 +105,7 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
         input.start("virtio-console", Arc::new(InputRoom::default()), {
             let device = device.clone();
             move |bytes| {
-                let taken = device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
+                let taken = device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(0, bytes);
                 if taken {
                     bytes.len()
                 } else {
