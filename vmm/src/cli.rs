@@ -88,7 +88,8 @@ QEMU's device options (key=value or libvirt's JSON form):
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
           [,guest-stats-polling-interval=SECONDS]
-  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
+  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci[,max_ports=N]
+  -device virtconsole,chardev=C[,nr=N]   -device virtserialport,chardev=C,name=NAME[,nr=N]
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 

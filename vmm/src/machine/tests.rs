@@ -251,6 +251,7 @@ impl Fixture {
             memory_file: None,
             serial_pty: None,
             cpu: GuestCpu::default(),
+            serial_ports: None,
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };
