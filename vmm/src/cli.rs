@@ -7,12 +7,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, BalloonConfig, ConsoleConfig, CpuConfig, DiskConfig, Frontend, ImageFormat,
-    Incoming, ListenSocket, MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
+    parse_memory_size, parse_uuid, BalloonConfig, CpuConfig, DiskConfig, Frontend, ImageFormat, Incoming, ListenSocket,
+    MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VirtioSerialConfig, VmConfig,
 };
 
 mod qemu_devices;
-pub use qemu_devices::{DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
+pub use qemu_devices::{DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES, VIRTCONSOLE, VIRTSERIALPORT};
 use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
@@ -89,7 +89,8 @@ QEMU's device options (key=value or libvirt's JSON form):
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
           [,guest-stats-polling-interval=SECONDS]
-  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
+  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci[,max_ports=N]
+  -device virtconsole,chardev=C[,nr=N]   -device virtserialport,chardev=C,name=NAME[,nr=N]
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
@@ -136,7 +137,7 @@ pub enum CliError {
         shown(.0)
     )]
     Serial(String),
-    #[error("--serial and --console cannot both use stdio: give one of them pty, file:PATH or none")]
+    #[error("only one of --serial, --console and the virtio-serial ports can use stdio: give the others pty, file:PATH or none")]
     StdioTwice,
     #[error("invalid UUID '{}': use the form 01234567-89ab-cdef-0123-456789abcdef", shown(.0))]
     Uuid(String),
@@ -916,13 +917,19 @@ where
         serial_label = Some(id);
         serial_on_isa = Some(device_id);
     }
-    let console = match (console, qemu.console) {
-        (Some(backend), None) => Some(ConsoleConfig { backend, frontend: Frontend::default() }),
-        (None, Some((id, frontend))) => {
-            Some(ConsoleConfig { backend: take_chardev("-device", &id, "virtconsole")?, frontend })
+    let virtio_serial = match (console, qemu.virtio_serial) {
+        (Some(backend), None) => Some(VirtioSerialConfig::single_console(backend)),
+        (None, Some(mut virtio_serial)) => {
+            // Each port's chardev is its host side.
+            for port in &mut virtio_serial.ports {
+                let id = port.chardev.clone().unwrap_or_default();
+                let model = if port.console { VIRTCONSOLE } else { VIRTSERIALPORT };
+                port.backend = take_chardev("-device", &id, model)?;
+            }
+            Some(virtio_serial)
         }
         (None, None) => None,
-        (Some(_), Some(_)) => return Err(CliError::Repeated("--console / -device virtconsole".into())),
+        (Some(_), Some(_)) => return Err(CliError::Repeated("--console / -device virtio-serial".into())),
     };
     let rng = match (rng, qemu.rng) {
         (true, None) => Some(Frontend::default()),
@@ -947,7 +954,7 @@ where
             ("a network card", !nets.is_empty()),
             ("--rng", rng.is_some()),
             ("--balloon", balloon.is_some()),
-            ("--console", console.is_some()),
+            ("--console", virtio_serial.is_some()),
             ("-device isa-serial", serial_on_isa.is_some()),
             ("-incoming", incoming.is_some()),
         ];
@@ -992,7 +999,8 @@ where
         None if daemonize => config.serial = SerialConfig::None,
         None => {}
     }
-    if daemonize && console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) {
+    let stdio_ports = virtio_serial.iter().flat_map(|v| &v.ports).filter(|p| p.backend == SerialConfig::Stdio).count();
+    if daemonize && stdio_ports > 0 {
         return Err(CliError::DaemonStdio("the virtio console"));
     }
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
@@ -1002,10 +1010,10 @@ where
     config.rng = rng;
     config.balloon = balloon;
     config.machine = machine;
-    if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
+    if stdio_ports + usize::from(config.serial == SerialConfig::Stdio) > 1 {
         return Err(CliError::StdioTwice);
     }
-    config.console = console;
+    config.virtio_serial = virtio_serial;
     config.serial_chardev = serial_label;
     config.dump_guest_core = dump_guest_core.unwrap_or(true);
     config.serial_on_isa = serial_on_isa;
@@ -1052,7 +1060,7 @@ pub fn fuzz_args(data: &[u8]) {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_MEMORY_BYTES;
-    use crate::config::{BackingSpec, VirtioTransport};
+    use crate::config::{BackingSpec, SerialPortConfig, VirtioTransport};
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
         parse(args.split_whitespace().map(String::from))
@@ -1335,11 +1343,12 @@ mod tests {
             ]
         );
         assert_eq!(config.rng, Some(Frontend::default()));
-        assert_eq!(config.console, None);
+        assert_eq!(config.virtio_serial, None);
         let with_console = super::parse(["--kernel", "k", "--serial", "none", "--console", "stdio"].map(String::from));
         let Ok(Command::Run(with_console)) = with_console else { panic!("expected a run command") };
-        let stdio = ConsoleConfig { backend: SerialConfig::Stdio, frontend: Frontend::default() };
-        assert_eq!(with_console.console, Some(stdio));
+        let stdio = VirtioSerialConfig::single_console(SerialConfig::Stdio);
+        assert_eq!(with_console.virtio_serial, Some(stdio));
+        assert_eq!(with_console.virtio_serial.as_ref().map(|v| v.max_ports), Some(1), "no MULTIPORT");
         assert_eq!(parse_str("--kernel k --console stdio"), Err(CliError::StdioTwice));
         for bad in [
             "--kernel k --disk readonly=on",
@@ -1534,11 +1543,92 @@ mod tests {
              -chardev socket,id=m0,path=/tmp/qmp.sock,server=on,wait=off -mon chardev=m0,mode=control",
         );
         assert_eq!(config.serial, SerialConfig::File("/tmp/serial.log".into()));
-        let console = config.console.unwrap();
+        let virtio_serial = config.virtio_serial.unwrap();
         let socket = ListenSocket { address: SocketAddress::Unix("/tmp/con.sock".into()), wait: false };
-        assert_eq!(console.backend, SerialConfig::Socket(socket));
-        assert_eq!(console.frontend, pci(Some("vser0")));
+        assert_eq!(virtio_serial.frontend, pci(Some("vser0")));
+        assert_eq!(virtio_serial.max_ports, 31, "QEMU's default");
+        let console = SerialPortConfig {
+            nr: 0,
+            name: None,
+            console: true,
+            backend: SerialConfig::Socket(socket),
+            chardev: Some("c0".into()),
+            id: Some("console0".into()),
+        };
+        assert_eq!(virtio_serial.ports, [console]);
         assert_eq!(config.qmp.len(), 1);
+    }
+
+    /// virt-install's guest agent channel, as libvirt 9.0 passes it (JSON `-device`, an inherited socket), beside a
+    /// console; ports without `nr=` are numbered as QEMU numbers them.
+    #[test]
+    fn virtio_serial_ports_as_libvirt_gives_them() {
+        let libvirt = config(
+            "-kernel k -device {\"driver\":\"virtio-serial-pci\",\"id\":\"virtio-serial0\",\"bus\":\"pci.2\",\"addr\":\"0x0\"} \
+             -chardev socket,id=charchannel0,fd=33,server=on,wait=off \
+             -device {\"driver\":\"virtserialport\",\"bus\":\"virtio-serial0.0\",\"nr\":1,\"chardev\":\"charchannel0\",\"id\":\"channel0\",\"name\":\"org.qemu.guest_agent.0\"} \
+             -chardev pty,id=charconsole0 -device virtconsole,chardev=charconsole0,id=console0 \
+             -chardev file,id=log,path=/tmp/log -device virtserialport,chardev=log,name=org.example.log",
+        );
+        let virtio_serial = libvirt.virtio_serial.unwrap();
+        assert_eq!(virtio_serial.frontend, pci(Some("virtio-serial0")));
+        assert_eq!(virtio_serial.max_ports, 31);
+        type Port<'a> = (u32, Option<&'a str>, bool, &'a SerialConfig, Option<&'a str>);
+        let summary: Vec<Port> = virtio_serial
+            .ports
+            .iter()
+            .map(|p| (p.nr, p.name.as_deref(), p.console, &p.backend, p.id.as_deref()))
+            .collect();
+        let inherited = SerialConfig::Socket(ListenSocket { address: SocketAddress::Inherited(33), wait: false });
+        assert_eq!(
+            summary,
+            [
+                (1, Some("org.qemu.guest_agent.0"), false, &inherited, Some("channel0")),
+                (0, None, true, &SerialConfig::Pty, Some("console0")),
+                (2, Some("org.example.log"), false, &SerialConfig::File("/tmp/log".into()), None),
+            ]
+        );
+        // The controller after its ports, max_ports given, the key=value form.
+        let later = config(
+            "-kernel k -chardev pty,id=a -device virtserialport,chardev=a,name=a,nr=3 \
+             -device virtio-serial-device,max_ports=4",
+        );
+        let virtio_serial = later.virtio_serial.unwrap();
+        assert_eq!((virtio_serial.max_ports, virtio_serial.ports[0].nr), (4, 3));
+        assert_eq!(virtio_serial.frontend.transport, Some(VirtioTransport::Mmio));
+        // A controller without ports is a device too.
+        let portless = config("-kernel k -device virtio-serial-pci");
+        assert_eq!(portless.virtio_serial.map(|v| v.ports.len()), Some(0));
+    }
+
+    #[test]
+    fn virtio_serial_port_mistakes_are_named_in_qemus_words() {
+        let two = "-chardev pty,id=a -chardev pty,id=b";
+        for (args, needle) in [
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=1 -device virtserialport,chardev=b,nr=1"), "A port already exists at id 1"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a -device virtserialport,chardev=b,nr=1"), "A port already exists at id 1"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name=x -device virtserialport,chardev=b,name=x"), "A port already exists by name x"),
+            (format!("{two} -device virtio-serial-pci,max_ports=2 -device virtserialport,chardev=a,nr=2"), "Out-of-range port id specified, max. allowed: 1"),
+            (format!("{two} -device virtio-serial-pci,max_ports=2 -device virtserialport,chardev=a -device virtserialport,chardev=b"), "Maximum port limit for this device reached"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=0"), "reserved for virtconsole"),
+            (format!("{two} -device virtio-serial-pci,max_ports=0"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci,max_ports=127"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci,max_ports=x"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=x"), "nr= takes a port number"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name="), "name= takes 1 to 255 bytes"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name={}", "n".repeat(256)), "name= takes 1 to 255 bytes"),
+            (format!("{two} -device virtserialport,chardev=a"), "needs a -device virtio-serial-pci"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,name=x"), "chardev= is required"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=c"), "no -chardev with id 'c'"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a -device virtconsole,chardev=a"), "no unused -chardev with id 'a'"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,speed=9"), "unsupported setting 'speed'"),
+            (format!("{two} -device virtio-serial-pci -device virtio-serial-pci,id=s1"), "one virtio-serial controller"),
+            (format!("{two} --console pty -device virtio-serial-pci"), "given twice"),
+            ("--serial none -chardev stdio,id=a -chardev stdio,id=b -device virtio-serial-pci -device virtconsole,chardev=a -device virtserialport,chardev=b".to_string(), "stdio"),
+        ] {
+            let error = parse_str(&format!("-kernel k {args}")).expect_err(&args).to_string();
+            assert!(error.contains(needle), "{args}: {error} (expected {needle})");
+        }
     }
 
     #[test]
@@ -1630,7 +1720,7 @@ mod tests {
         assert_eq!(config.serial, SerialConfig::Socket(ListenSocket { address: tcp, wait: false }));
         let unix = SocketAddress::Unix("/tmp/c.sock".into());
         let socket = SerialConfig::Socket(ListenSocket { address: unix, wait: true });
-        assert_eq!(config.console.map(|c| c.backend), Some(socket));
+        assert_eq!(config.virtio_serial.map(|c| c.ports[0].backend.clone()), Some(socket));
     }
 
     #[test]
@@ -1835,7 +1925,10 @@ mod tests {
         assert!(config.disks[0].read_only);
         let sockets: Vec<SocketAddress> = config.qmp.iter().map(|s| s.address.clone()).collect();
         assert_eq!(sockets, vec![SocketAddress::Unix(path(b"/q\xff")), SocketAddress::Unix(path(b"/c\xff"))]);
-        assert_eq!(config.console.map(|c| c.backend), Some(SerialConfig::File(path(b"/con\xff"))));
+        assert_eq!(
+            config.virtio_serial.map(|c| c.ports[0].backend.clone()),
+            Some(SerialConfig::File(path(b"/con\xff")))
+        );
     }
 
     /// Names, sizes, option names and settings must be text: one error naming the argument (U+FFFD for the bytes

@@ -104,11 +104,38 @@ pub struct DiskConfig {
     pub frontend: Frontend,
 }
 
-/// The virtio console (the guest's hvc0).
+/// The virtio-serial device (QEMU's `virtio-serial-pci`/`-device`): its ports, each on a host stream of its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConsoleConfig {
-    pub backend: SerialConfig,
+pub struct VirtioSerialConfig {
     pub frontend: Frontend,
+    /// Port numbers run from 0 to `max_ports - 1` (QEMU's `max_ports`); 1 is the single-port console, without
+    /// VIRTIO_CONSOLE_F_MULTIPORT (`--console`).
+    pub max_ports: u32,
+    /// In command-line order, with distinct numbers and names.
+    pub ports: Vec<SerialPortConfig>,
+}
+
+impl VirtioSerialConfig {
+    /// `--console MODE`: the single-port console, the guest's hvc0.
+    pub fn single_console(backend: SerialConfig) -> Self {
+        let port = SerialPortConfig { nr: 0, name: None, console: true, backend, chardev: None, id: None };
+        VirtioSerialConfig { frontend: Frontend::default(), max_ports: 1, ports: vec![port] }
+    }
+}
+
+/// A port of the virtio-serial device: a console (QEMU's `virtconsole`, the guest's hvcN) or a named port (QEMU's
+/// `virtserialport`, the guest's /dev/vportNpM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialPortConfig {
+    pub nr: u32,
+    /// What the guest finds in `/sys/class/virtio-ports/*/name` (`name=`).
+    pub name: Option<String>,
+    pub console: bool,
+    pub backend: SerialConfig,
+    /// The `-chardev` id, which names the port in messages.
+    pub chardev: Option<String>,
+    /// The port device's `id=`.
+    pub id: Option<String>,
 }
 
 /// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` or `-netdev tap,fd=N` with
@@ -204,7 +231,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
-    pub console: Option<ConsoleConfig>,
+    /// The virtio-serial device: the virtio console (`--console`) or QEMU's `virtio-serial` with its ports.
+    pub virtio_serial: Option<VirtioSerialConfig>,
     /// A virtio-balloon device (`--balloon`, `-device virtio-balloon-*`).
     pub balloon: Option<BalloonConfig>,
     /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
@@ -301,7 +329,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: None,
-            console: None,
+            virtio_serial: None,
             balloon: None,
             machine: None,
             name: None,

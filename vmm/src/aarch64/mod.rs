@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::cpu_model::GuestCpu;
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
@@ -227,6 +228,10 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
+        // `guest_cpu` admits no model, feature setting or second socket here: the host's CPU, as KVM gives it.
+        if *boot.cpu != GuestCpu::default() {
+            return Err(Error::Unsupported("aarch64 guests get the host's CPU in one socket".into()));
+        }
         let (kernel, initrd, cmdline) = match boot.payload {
             Payload::Kernel { kernel, initrd, cmdline } => (kernel, initrd, cmdline),
             Payload::Firmware(image) => return Err(image.refused("firmware boot is not available on aarch64 yet")),

@@ -11,7 +11,10 @@ use qmp::{
 };
 use serde_json::{json, Value};
 
-use crate::cli::{qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
+use crate::cli::{
+    qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES, VIRTCONSOLE,
+    VIRTSERIALPORT,
+};
 use crate::config::{CpuConfig, Frontend, MachineType, VirtioTransport, VmConfig};
 use crate::cpu_model::canonical_feature_name;
 use crate::platform::Platform;
@@ -47,7 +50,13 @@ pub(super) fn peripherals<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> V
     devices.extend(config.disks.iter().filter_map(|disk| virtio("virtio-blk", &disk.frontend)));
     devices.extend(config.nets.iter().filter_map(|net| virtio("virtio-net", &net.frontend)));
     devices.extend(config.rng.iter().filter_map(|rng| virtio("virtio-rng", rng)));
-    devices.extend(config.console.iter().filter_map(|console| virtio("virtio-serial", &console.frontend)));
+    if let Some(virtio_serial) = &config.virtio_serial {
+        devices.extend(virtio("virtio-serial", &virtio_serial.frontend));
+        for port in &virtio_serial.ports {
+            let model = if port.console { VIRTCONSOLE } else { VIRTSERIALPORT };
+            devices.extend(port.id.clone().map(|id| (id, model.to_string())));
+        }
+    }
     devices.extend(config.balloon.iter().filter_map(|balloon| virtio("virtio-balloon", &balloon.frontend)));
     devices
 }
