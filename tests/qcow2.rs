@@ -468,6 +468,19 @@ const HOSTILE: &[Hostile] = &[
         refusal: "clusters of the file have no refcount block (refcount table entry 0 is empty)",
     },
     Hostile {
+        name: "feature name table cut mid-entry",
+        make: |d| {
+            create(d, "image.qcow2", &[]);
+            // qemu-img writes the feature name table as the first extension after the 112-byte header.
+            let image = std::fs::read(d.join("image.qcow2")).unwrap();
+            let at = u32::from_be_bytes(image[100..104].try_into().unwrap()) as usize;
+            assert_eq!(&image[at..at + 4], &0x6803_f857u32.to_be_bytes(), "the feature name table comes first");
+            let len = u32::from_be_bytes(image[at + 4..at + 8].try_into().unwrap());
+            patch(d, "image.qcow2", at + 4, &(len + 1).to_be_bytes());
+        },
+        refusal: "its feature name table is malformed",
+    },
+    Hostile {
         name: "cluster size out of range",
         make: |d| {
             create(d, "image.qcow2", &[]);

@@ -458,7 +458,17 @@ fn check_refcounts_cover_the_file(file: &File, header: &Qcow2Header) -> Result<(
 
 /// Reads and checks the header of an open qcow2 image.
 pub fn check_qcow2_header(file: &File) -> Result<Qcow2Header, String> {
-    let mut bytes = vec![0u8; HEADER_LEN];
+    let header = Qcow2Header::parse(&read_start(file, HEADER_LEN)?)?;
+    header.check()?;
+    if header.version >= 3 {
+        check_header_extensions(&read_start(file, 1 << header.cluster_bits)?, header.header_length)?;
+    }
+    Ok(header)
+}
+
+/// Up to `len` bytes from the start of `file` (fewer if it is shorter).
+fn read_start(file: &File, len: usize) -> Result<Vec<u8>, String> {
+    let mut bytes = vec![0u8; len];
     let mut read = 0;
     while read < bytes.len() {
         match file.read_at(&mut bytes[read..], read as u64) {
@@ -469,9 +479,33 @@ pub fn check_qcow2_header(file: &File) -> Result<Qcow2Header, String> {
         }
     }
     bytes.truncate(read);
-    let header = Qcow2Header::parse(&bytes)?;
-    header.check()?;
-    Ok(header)
+    Ok(bytes)
+}
+
+/// The feature name table extension (qcow2 specification, "Header extensions").
+const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
+/// Bytes per feature name table entry: type, bit number, 46 bytes of name.
+const FEATURE_NAME_ENTRY: u32 = 48;
+
+/// Walks the header extensions in the first cluster as imago will, refusing what imago 0.2.6 would panic on: a
+/// feature name table whose length is not a whole number of entries (found by the `qcow2_open` fuzz target).
+/// Extensions that run past the cluster are left to imago, which refuses them with an error.
+fn check_header_extensions(cluster: &[u8], header_length: u32) -> Result<(), String> {
+    let mut at = header_length as usize;
+    loop {
+        let Some(ext) = cluster.get(at..at + 8) else { return Ok(()) };
+        let kind = u32::from_be_bytes(ext[..4].try_into().unwrap());
+        let len = u32::from_be_bytes(ext[4..].try_into().unwrap());
+        if kind == 0 {
+            return Ok(());
+        }
+        if kind == FEATURE_NAME_TABLE && len % FEATURE_NAME_ENTRY != 0 {
+            return Err(format!(
+                "its feature name table is malformed ({len} bytes, not a multiple of {FEATURE_NAME_ENTRY})"
+            ));
+        }
+        at = at.saturating_add(8).saturating_add((len as usize).next_multiple_of(8));
+    }
 }
 
 #[cfg(test)]
