@@ -9,17 +9,20 @@
 //! (no async runtime: Kestrel's device worker already is the thread that waits for the I/O), and its `vm-memory`
 //! feature turns guest memory's `VolatileSlice`s into its I/O vectors, so data still moves between the image and
 //! guest memory without a bounce buffer. imago caches L2 tables and refcount blocks and writes them back lazily:
-//! [`Qcow2Image`] is flushed on the guest's FLUSH, before a snapshot's state is taken, and when the disk is
-//! dropped.
+//! [`Qcow2Image`] is flushed on the guest's FLUSH, before a snapshot's state is taken (the VMM calls
+//! `Block::flush_image`), and when Kestrel exits (likewise; the device itself is never dropped before then).
 //!
 //! # What Kestrel checks itself
 //!
 //! imago opens what it understands and refuses unknown incompatible feature bits, but it does not look at the
-//! encryption method, and its messages name bits rather than what to do. So the header is read and checked here
-//! first ([`check_qcow2_header`]), each refusal one line: encryption (AES or LUKS), the dirty bit (lazy
-//! refcounts not written back: `qemu-img check -r all` repairs it), the corrupt bit, external data files,
-//! compression types other than zlib (zstd), extended L2 entries, unknown incompatible bits, and sizes that
-//! overflow or that the L1 table cannot map.
+//! encryption method, allocates the tables a header names whatever their size, and its messages name bits rather
+//! than what to do. So the header is read and checked here first ([`check_qcow2_header`]), each refusal one line:
+//! encryption (AES or LUKS), the dirty bit (lazy refcounts not written back: `qemu-img check -r all` repairs it),
+//! the corrupt bit, external data files, compression types other than zlib (zstd), extended L2 entries, unknown
+//! incompatible bits, sizes that overflow or that the L1 table cannot map, L1 and refcount tables over QEMU's
+//! limits. Two more close paths where the `qcow2_open` fuzz target made imago 0.2.6 panic or overflow its stack: a
+//! feature name table that is not whole entries, and (for an image opened to be written) clusters of the file
+//! that no refcount block covers.
 //!
 //! # Backing chains
 //!
