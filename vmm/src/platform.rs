@@ -95,6 +95,11 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// gives a PC its `<serial>`).
     const ISA_SERIAL: bool;
 
+    /// The QOM types of the chipset functions that hold the ACPI power management registers (QEMU's PIIX4_PM on pc,
+    /// ICH9-LPC on q35), whose `disable_s3`/`disable_s4` settings libvirt looks for before it accepts a domain's
+    /// `<pm>`: offered with those two (the command line takes them as 1 only: the DSDT offers S5 alone).
+    const ACPI_PM_TYPES: &'static [&'static str] = &[];
+
     /// Which virtio transport devices get by default on `machine` (the platform's default machine for `None`), or
     /// the one error line for a machine type this platform does not offer. Called first, before anything is built.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error>;

@@ -115,6 +115,7 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
     const MAX_VCPUS: u32 = 254;
     const ISA_SERIAL: bool = true;
+    const ACPI_PM_TYPES: &'static [&'static str] = &["PIIX4_PM", "ICH9-LPC"];
 
     /// PCI on pc/q35 (the default), mmio on microvm.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
