@@ -7,7 +7,7 @@ mod syscall_names;
 
 use std::sync::{Arc, Mutex};
 
-use arch::x86_64::acpi::virtio_mmio_device_aml;
+use arch::x86_64::acpi::{self, build_loader_tables, virtio_mmio_device_aml, AcpiConfig};
 use arch::x86_64::boot::setup_guest_with_acpi;
 use arch::x86_64::firmware::{e820_file, firmware_e820_map};
 use arch::x86_64::layout::{
@@ -259,7 +259,7 @@ impl<H: PcHypervisor> Platform<H> for Pc {
                 let start = layout::bios_start(image.len()).map_err(|e| image.refused(e))?;
                 self.wire_vm(vm, Some(start))?;
                 map_firmware(vm.as_ref(), memory, image, start)?;
-                self.describe_to_firmware(memory, boot.vcpu_count, start).map_err(|e| image.refused(e))?;
+                self.describe_to_firmware(memory, boot.vcpu_count, start)?;
                 // KVM's vCPUs start in the reset state (real mode, CS base 0xFFFF0000, IP 0xFFF0): the last 16
                 // bytes of the image, its reset vector.
                 None
@@ -304,24 +304,36 @@ impl<H: PcHypervisor> Platform<H> for Pc {
 }
 
 impl Pc {
-    /// What fw_cfg tells the firmware whose image starts at `firmware_start`: the memory map, the CPU count, and
-    /// no graphics (so SeaBIOS's console is COM1), as QEMU's `-nographic` does; a failed boot is not retried.
-    fn describe_to_firmware(
-        &self,
-        memory: &GuestMemoryMmap,
-        vcpu_count: u8,
-        firmware_start: u64,
-    ) -> Result<(), fw_cfg::FwCfgError> {
+    /// What fw_cfg tells the firmware whose image starts at `firmware_start`: the memory map, the CPU count, no
+    /// graphics (so SeaBIOS's console is COM1), as QEMU's `-nographic` does, and the ACPI tables a kernel would
+    /// get, for the firmware to install through the table loader; a failed boot is not retried.
+    fn describe_to_firmware(&self, memory: &GuestMemoryMmap, vcpu_count: u8, firmware_start: u64) -> Result<(), Error> {
         let ram_size: u64 = memory.iter().map(|region| region.len()).sum();
+        let acpi = AcpiConfig { vcpu_count, extra_dsdt_aml: self.dsdt_devices()?, pci_host_bridge: self.pci.is_some() };
+        let tables = build_loader_tables(&acpi).map_err(|e| Error::Boot(e.to_string()))?;
+        let fw_cfg_error = |e: fw_cfg::FwCfgError| Error::Boot(format!("fw_cfg: {e}"));
         let mut fw_cfg = self.fw_cfg.lock().unwrap_or_else(|p| p.into_inner());
         fw_cfg.clear();
-        fw_cfg.set_item(fw_cfg::RAM_SIZE, ram_size.to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::NB_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::MAX_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::NOGRAPHIC, 1u16.to_le_bytes().to_vec())?;
-        fw_cfg.add_file("etc/e820", e820_file(&firmware_e820_map(ram_size, firmware_start)))?;
-        // QEMU's default `-boot reboot-timeout=-1`: stay at the failure message.
-        fw_cfg.add_file("etc/boot-fail-wait", u32::MAX.to_le_bytes().to_vec())?;
+        let items = [
+            (fw_cfg::RAM_SIZE, ram_size.to_le_bytes().to_vec()),
+            (fw_cfg::NB_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec()),
+            (fw_cfg::MAX_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec()),
+            (fw_cfg::NOGRAPHIC, 1u16.to_le_bytes().to_vec()),
+        ];
+        for (key, data) in items {
+            fw_cfg.set_item(key, data).map_err(fw_cfg_error)?;
+        }
+        let files = [
+            ("etc/e820", e820_file(&firmware_e820_map(ram_size, firmware_start))),
+            // QEMU's default `-boot reboot-timeout=-1`: stay at the failure message.
+            ("etc/boot-fail-wait", u32::MAX.to_le_bytes().to_vec()),
+            (acpi::LOADER_RSDP_FILE, tables.rsdp),
+            (acpi::LOADER_TABLES_FILE, tables.tables),
+            (acpi::TABLE_LOADER_FILE, tables.loader),
+        ];
+        for (name, data) in files {
+            fw_cfg.add_file(name, data).map_err(fw_cfg_error)?;
+        }
         Ok(())
     }
 

@@ -1,12 +1,13 @@
 //! The PC's PCI bus: the host bridge and virtio-pci functions on bus 0, configuration through 0xCF8/0xCFC and
-//! ECAM, BARs in the PCI MMIO window, MSI-X messages and queue notifiers that follow the VM of the current boot.
+//! ECAM, BARs in the PCI MMIO windows (the one Kestrel places them in, and the one firmware does), MSI-X messages
+//! and queue notifiers that follow the VM of the current boot.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
-use arch::x86_64::layout::PCI_MMIO_START;
 use arch::x86_64::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE};
+use arch::x86_64::layout::{PCI_FIRMWARE_MMIO_SIZE, PCI_FIRMWARE_MMIO_START, PCI_MMIO_START};
 use devices::pci::{BarObserver, HostBridge, MsiSender, PciConfigIo, PciEcam, PciFunctionInfo, PciMmioWindow, PciRoot};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::{Bus, BusDevice};
@@ -121,6 +122,7 @@ impl PciBus {
     ) -> Result<Self, Error> {
         let notifiers = Arc::new(Notifiers::default());
         let mut root = PciRoot::new(PCI_MMIO_START, PCI_MMIO_SIZE, Some(notifiers.clone()));
+        root.add_window(PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE);
         let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
         let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
         root.add(host_bridge.clone()).map_err(pci_error)?;
@@ -145,7 +147,9 @@ impl PciBus {
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(reset_control))));
         pio.insert(config_io.clone(), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
         mmio.insert(Arc::new(Mutex::new(PciEcam::new(root.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)?;
-        mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))), PCI_MMIO_START, PCI_MMIO_SIZE)?;
+        for (start, size) in [(PCI_MMIO_START, PCI_MMIO_SIZE), (PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE)] {
+            mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone(), start))), start, size)?;
+        }
         Ok(PciBus { root, notifiers, config_io, host_bridge, functions })
     }
 
