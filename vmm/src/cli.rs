@@ -633,8 +633,8 @@ const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
             ("ICH9-LPC.disable_s4", &["1"]),
         ],
     ),
-    // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
-    // strictness changes nothing.
+    // `-boot order=` is not honoured (refused): the boot order firmware gets is the devices' `bootindex=`.
+    // `strict=on` (no device but those) goes to the firmware with it (see `VmConfig::strict_boot`).
     ("-boot", Some("order"), &[("strict", &["on", "off"])]),
     // Guest memory is never locked; the vCPUs halt in the host.
     ("-overcommit", None, &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
@@ -786,6 +786,7 @@ where
     let mut pidfile = None;
     let mut daemonize = false;
     let mut dump_guest_core = None;
+    let mut strict_boot = false;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -870,7 +871,14 @@ where
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
                 set_once(&mut uuid, &spelling, parsed)?
             }
-            Opt::NoEffect => check_no_effect(&spelling, text()?)?,
+            Opt::NoEffect => {
+                let value = text()?;
+                check_no_effect(&spelling, value)?;
+                if spelling == "-boot" {
+                    let opts = Opts::parse(&spelling, OsStr::new(value), "order", &[])?;
+                    strict_boot = opts.get("strict").is_some_and(|strict| strict == "on");
+                }
+            }
             Opt::Ignored => match (spelling.as_str(), text()?) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
                 ("-display", "none") => {}
@@ -1000,6 +1008,7 @@ where
     config.virtio_serial = virtio_serial;
     config.serial_chardev = serial_label;
     config.dump_guest_core = dump_guest_core.unwrap_or(true);
+    config.strict_boot = strict_boot;
     config.serial_on_isa = serial_on_isa;
     config.name = name;
     config.uuid = uuid;
@@ -1221,6 +1230,9 @@ mod tests {
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
             ("-boot c", "unsupported setting 'order'"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=first", "bootindex=first"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=-2", "from 0 to 2147483647"),
+            ("-device virtio-rng-pci,bootindex=2147483648", "bootindex=2147483648"),
             ("-rtc utc", "unsupported setting 'utc'"),
             ("-audiodev pa,id=a", "driver=none"),
             ("-name guest=a,process=b", "'process'"),
@@ -1346,7 +1358,7 @@ mod tests {
     }
 
     fn pci(id: Option<&str>) -> Frontend {
-        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from), boot_index: None }
     }
 
     /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
@@ -1364,7 +1376,7 @@ mod tests {
             config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
                 .balloon,
             Some(BalloonConfig {
-                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() },
                 deflate_on_oom: false,
                 stats_poll_interval: 10,
             })
@@ -1383,7 +1395,7 @@ mod tests {
         );
         let mut b = disk("/b.img", true, false, pci(Some("disk1")));
         b.serial = Some("s1".into());
-        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), id: None };
+        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() };
         assert_eq!(
             config.disks,
             vec![
@@ -1415,8 +1427,21 @@ mod tests {
         let Ok(Command::Run(config)) = super::parse(args.map(String::from)) else {
             panic!("libvirt's form must parse")
         };
-        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, pci(Some("virtio-disk0")))]);
+        // QEMU's `bootindex`, which libvirt gives as a JSON number; -1 is QEMU's "none".
+        let boot_disk = Frontend { boot_index: Some(1), ..pci(Some("virtio-disk0")) };
+        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, boot_disk)]);
         assert_eq!(config.rng, Some(pci(Some("rng0"))));
+    }
+
+    #[test]
+    fn boot_order_settings() {
+        assert!(config("-kernel k -boot strict=on").strict_boot, "libvirt's: passed on to firmware");
+        assert!(!config("-kernel k -boot strict=off").strict_boot);
+        assert!(!config("-kernel k").strict_boot, "QEMU's default");
+        let unlisted = config("-kernel k -device virtio-rng-pci,bootindex=-1");
+        assert_eq!(unlisted.rng, Some(Frontend { transport: Some(VirtioTransport::Pci), ..Frontend::default() }));
+        let listed = config("-kernel k -device virtio-rng-pci,bootindex=0");
+        assert_eq!(listed.rng.unwrap().boot_index, Some(0));
     }
 
     #[test]

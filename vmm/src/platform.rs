@@ -35,6 +35,10 @@ pub struct BootFiles<'a> {
     pub vcpu_count: u8,
     /// The CPU every vCPU is given.
     pub cpu: &'a GuestCpu,
+    /// Firmware boots only the devices in the boot order (QEMU's `-boot strict=on`). Only x86_64 boots firmware
+    /// so far (aarch64 refuses it), so only its build reads this.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub strict_boot: bool,
 }
 
 /// What the boot vCPU runs first.

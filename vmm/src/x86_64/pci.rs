@@ -98,6 +98,8 @@ struct VirtioFunction {
     slot: u8,
     name: String,
     device: Arc<Mutex<VirtioPciDevice>>,
+    /// Its place in the firmware's boot order (`bootindex=`).
+    boot_index: Option<u32>,
 }
 
 /// Bus 0 and what follows the VM.
@@ -141,7 +143,7 @@ impl PciBus {
             let function = Arc::new(Mutex::new(function));
             let slot = root.add(function.clone()).map_err(pci_error)?;
             notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
-            functions.push(VirtioFunction { slot, name: named.name, device: function });
+            functions.push(VirtioFunction { slot, name: named.name, device: function, boot_index: named.boot_index });
         }
         let root = Arc::new(root);
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(reset_control))));
@@ -207,6 +209,16 @@ impl PciBus {
     /// configuration spaces say.
     pub fn refresh(&self) {
         self.root.refresh_all();
+    }
+
+    /// The functions that have a place in the boot order, as firmware names them (SeaBIOS's and OpenFirmware's
+    /// device paths for bus 0 behind the 0xCF8 host bridge: `/pci@i0cf8/*@SLOT`, the slot in hex), lowest
+    /// `bootindex=` first; devices given the same index keep their slot order.
+    pub fn boot_order(&self) -> Vec<String> {
+        let mut bootable: Vec<(u32, u8)> =
+            self.functions.iter().filter_map(|f| Some((f.boot_index?, f.slot))).collect();
+        bootable.sort();
+        bootable.into_iter().map(|(_, slot)| format!("/pci@i0cf8/*@{slot:x}")).collect()
     }
 
     /// Every function on the bus, for QMP's `query-pci`.
