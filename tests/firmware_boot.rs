@@ -99,6 +99,30 @@ fn grub_halt_image(dir: &Path) -> Option<PathBuf> {
     Some(image)
 }
 
+/// `text` without ANSI escape sequences: ESC `[` parameters and a final byte (0x40-0x7e), or ESC and one byte.
+fn without_terminal_escapes(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            plain.push(c);
+        } else if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    plain
+}
+
+#[test]
+fn terminal_escapes_are_left_out_of_the_serial_text() {
+    let grub = "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\r\n\x1b[0;30;47mWelcome to\x1b[04;10H\x1b[04;11H GRUB!\x1b[H";
+    assert_eq!(without_terminal_escapes(grub), "SeaBIOS\r\nWelcome to GRUB!");
+}
+
 /// A Kestrel running firmware, its serial console in a file; killed when dropped.
 struct FirmwareVm {
     child: Child,
@@ -127,8 +151,10 @@ impl FirmwareVm {
         FirmwareVm { child, serial, dir, started, bound: BOUND }
     }
 
+    /// The serial console's text, without terminal control sequences: GRUB's terminal moves the cursor even in the
+    /// middle of a line ("Welcome to\x1b[04;10H\x1b[04;11H GRUB!" in one run).
     fn serial_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+        without_terminal_escapes(&String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()))
     }
 
     /// How long after the start `needle` had appeared `count` times on the serial console; fails with what
@@ -288,7 +314,7 @@ fn seabios_boots_grub_from_the_virtio_blk_disk_its_bootindex_names_and_grub_powe
     // In this order, once each: SeaBIOS, its hard-disk boot (the virtio-blk disk it found where it put its BARs),
     // GRUB's own loader, then GRUB's configuration read from the disk.
     let mut from = 0;
-    for needle in [BANNER, "Booting from Hard Disk...", "GRUB loading.", "Welcome to GRUB", GRUB_MARKER] {
+    for needle in [BANNER, "Booting from Hard Disk...", "GRUB loading.", "Welcome to GRUB!", GRUB_MARKER] {
         let at = serial[from..].find(needle).unwrap_or_else(|| panic!("no {needle:?} after byte {from}:\n{serial}"));
         from += at + needle.len();
     }
