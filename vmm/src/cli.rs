@@ -83,7 +83,8 @@ Options (QEMU's spelling in brackets, where it has one):
 QEMU's device options (key=value or libvirt's JSON form):
   -drive file=F,if=virtio,format=raw[,readonly=on][,cache=none|writeback][,serial=S]
   -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F [-blockdev driver=raw,...]
-  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
+  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID][,bootindex=N]
+          (bootindex on PCI devices: firmware's boot order, lowest first; -boot strict=on: none other)
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
@@ -99,7 +100,7 @@ QEMU's device options (key=value or libvirt's JSON form):
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
 -accel kvm, -display none, -no-hpet, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
--rtc base=utc, -boot strict=on|off,
+-rtc base=utc,
 -overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID,
 -rtc driftfix=slew (the RTC raises no interrupts to lose), -global kvm-pit.lost_tick_policy=delay (KVM's PIT
 re-injects lost ticks), -global PIIX4_PM.disable_s3=1|ICH9-LPC.disable_s3=1 (and _s4: the DSDT offers S5 only).
