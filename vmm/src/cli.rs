@@ -84,7 +84,8 @@ QEMU's device options (key=value or libvirt's JSON form):
   -drive file=F,if=virtio,format=raw|qcow2[,readonly=on][,cache=none|writeback][,serial=S]
   -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F
                                         [-blockdev driver=raw|qcow2,node-name=M,file=N]
-  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
+  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID][,bootindex=N]
+          (bootindex on PCI devices: firmware's boot order, lowest first; -boot strict=on: none other)
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
@@ -100,7 +101,7 @@ QEMU's device options (key=value or libvirt's JSON form):
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
 -accel kvm, -display none, -no-hpet, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
--rtc base=utc, -boot strict=on|off,
+-rtc base=utc,
 -overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID,
 -rtc driftfix=slew (the RTC raises no interrupts to lose), -global kvm-pit.lost_tick_policy=delay (KVM's PIT
 re-injects lost ticks), -global PIIX4_PM.disable_s3=1|ICH9-LPC.disable_s3=1 (and _s4: the DSDT offers S5 only).
@@ -649,8 +650,8 @@ const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
             ("ICH9-LPC.disable_s4", &["1"]),
         ],
     ),
-    // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
-    // strictness changes nothing.
+    // `-boot order=` is not honoured (refused): the boot order firmware gets is the devices' `bootindex=`.
+    // `strict=on` (no device but those) goes to the firmware with it (see `VmConfig::strict_boot`).
     ("-boot", Some("order"), &[("strict", &["on", "off"])]),
     // Guest memory is never locked; the vCPUs halt in the host.
     ("-overcommit", None, &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
@@ -802,6 +803,7 @@ where
     let mut pidfile = None;
     let mut daemonize = false;
     let mut dump_guest_core = None;
+    let mut strict_boot = false;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -886,7 +888,14 @@ where
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
                 set_once(&mut uuid, &spelling, parsed)?
             }
-            Opt::NoEffect => check_no_effect(&spelling, text()?)?,
+            Opt::NoEffect => {
+                let value = text()?;
+                check_no_effect(&spelling, value)?;
+                if spelling == "-boot" {
+                    let opts = Opts::parse(&spelling, OsStr::new(value), "order", &[])?;
+                    strict_boot = opts.get("strict").is_some_and(|strict| strict == "on");
+                }
+            }
             Opt::Ignored => match (spelling.as_str(), text()?) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
                 ("-display", "none") => {}
@@ -1016,6 +1025,7 @@ where
     config.virtio_serial = virtio_serial;
     config.serial_chardev = serial_label;
     config.dump_guest_core = dump_guest_core.unwrap_or(true);
+    config.strict_boot = strict_boot;
     config.serial_on_isa = serial_on_isa;
     config.name = name;
     config.uuid = uuid;
@@ -1237,6 +1247,9 @@ mod tests {
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
             ("-boot c", "unsupported setting 'order'"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=first", "bootindex=first"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=-2", "from 0 to 2147483647"),
+            ("-device virtio-rng-pci,bootindex=2147483648", "bootindex=2147483648"),
             ("-rtc utc", "unsupported setting 'utc'"),
             ("-audiodev pa,id=a", "driver=none"),
             ("-name guest=a,process=b", "'process'"),
@@ -1372,7 +1385,7 @@ mod tests {
     }
 
     fn pci(id: Option<&str>) -> Frontend {
-        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from), boot_index: None }
     }
 
     /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
@@ -1390,7 +1403,7 @@ mod tests {
             config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
                 .balloon,
             Some(BalloonConfig {
-                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() },
                 deflate_on_oom: false,
                 stats_poll_interval: 10,
             })
@@ -1409,7 +1422,7 @@ mod tests {
         );
         let mut b = disk("/b.img", true, false, pci(Some("disk1")));
         b.serial = Some("s1".into());
-        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), id: None };
+        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() };
         assert_eq!(
             config.disks,
             vec![
@@ -1499,8 +1512,21 @@ mod tests {
         let Ok(Command::Run(config)) = super::parse(args.map(String::from)) else {
             panic!("libvirt's form must parse")
         };
-        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, pci(Some("virtio-disk0")))]);
+        // QEMU's `bootindex`, which libvirt gives as a JSON number; -1 is QEMU's "none".
+        let boot_disk = Frontend { boot_index: Some(1), ..pci(Some("virtio-disk0")) };
+        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, boot_disk)]);
         assert_eq!(config.rng, Some(pci(Some("rng0"))));
+    }
+
+    #[test]
+    fn boot_order_settings() {
+        assert!(config("-kernel k -boot strict=on").strict_boot, "libvirt's: passed on to firmware");
+        assert!(!config("-kernel k -boot strict=off").strict_boot);
+        assert!(!config("-kernel k").strict_boot, "QEMU's default");
+        let unlisted = config("-kernel k -device virtio-rng-pci,bootindex=-1");
+        assert_eq!(unlisted.rng, Some(Frontend { transport: Some(VirtioTransport::Pci), ..Frontend::default() }));
+        let listed = config("-kernel k -device virtio-rng-pci,bootindex=0");
+        assert_eq!(listed.rng.unwrap().boot_index, Some(0));
     }
 
     #[test]

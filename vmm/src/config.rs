@@ -86,6 +86,9 @@ pub struct Frontend {
     pub transport: Option<VirtioTransport>,
     /// The device's `id=` (QEMU's qdev id), shown by QMP.
     pub id: Option<String>,
+    /// QEMU's `bootindex=`: where the device comes in the firmware's boot order (lowest first); only PCI devices
+    /// get there (fw_cfg's `bootorder`, which SeaBIOS reads).
+    pub boot_index: Option<u32>,
 }
 
 /// A virtio-blk disk on an image file (raw or qcow2).
@@ -220,6 +223,9 @@ pub struct VmConfig {
     pub serial_on_isa: Option<Option<String>>,
     /// Guest memory is in Kestrel's core dumps (QEMU's `-machine dump-guest-core=on`, the default).
     pub dump_guest_core: bool,
+    /// Firmware boots only the devices in the boot order (`bootindex=`), none other (QEMU's `-boot strict=on`); with
+    /// no device in it, this changes nothing.
+    pub strict_boot: bool,
     /// Exit instead of resetting when the guest reboots.
     pub no_reboot: bool,
     /// Stay alive, stopped, when the guest powers off (QEMU's `-no-shutdown`).
@@ -322,6 +328,7 @@ impl VmConfig {
             serial_chardev: None,
             serial_on_isa: None,
             dump_guest_core: true,
+            strict_boot: false,
             no_reboot: false,
             no_shutdown: false,
             start_paused: false,

@@ -35,6 +35,10 @@ pub struct NamedDevice {
     pub transport: VirtioTransport,
     /// The `id=` the user gave the device (QEMU's qdev id), or empty.
     pub qdev_id: String,
+    /// Its place in the firmware's boot order (`bootindex=`), if it has one. Only x86_64 boots firmware so far
+    /// (aarch64 refuses it), so only its build reads this.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub boot_index: Option<u32>,
 }
 
 impl NamedDevice {
@@ -44,7 +48,13 @@ impl NamedDevice {
         transport: VirtioTransport,
         frontend: &Frontend,
     ) -> Self {
-        NamedDevice { name, device, transport, qdev_id: frontend.id.clone().unwrap_or_default() }
+        NamedDevice {
+            name,
+            device,
+            transport,
+            qdev_id: frontend.id.clone().unwrap_or_default(),
+            boot_index: frontend.boot_index,
+        }
     }
 }
 

@@ -369,6 +369,7 @@ mod tests {
             device: Arc::new(Mutex::new(devices::virtio::rng::Rng::new())),
             transport,
             qdev_id: "rng0".into(),
+            boot_index: None,
         };
         let new = |transport| {
             let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();

@@ -144,8 +144,20 @@ fn flatten(
 }
 
 /// Settings QEMU accepts that change nothing for Kestrel's devices: guest-visible placement Kestrel chooses itself
-/// (`bus`, `addr`), boot order (the kernel is loaded directly), and tuning with one possible value here.
-const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "bootindex", "multifunction", "romfile", "rombar"];
+/// (`bus`, `addr`), and tuning with one possible value here.
+const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "multifunction", "romfile", "rombar"];
+/// Settings every device takes besides its own: its id and its place in the firmware's boot order.
+const COMMON_DEVICE_KEYS: &[&str] = &["id", "bootindex"];
+
+/// `bootindex=`: QEMU's non-negative 32-bit number (-1, QEMU's "none", is the same as leaving it out).
+fn boot_index(value: &str, setting: Option<&str>) -> Result<Option<u32>, CliError> {
+    match setting {
+        None | Some("-1") => Ok(None),
+        Some(text) => text.parse::<i32>().ok().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
+            invalid("-device", value, format!("bootindex={text}: expected a number from 0 to 2147483647, or -1"))
+        }),
+    }
+}
 
 /// A device `-device` creates: its model (the driver, less the `-pci`/`-device` transport suffix of a virtio
 /// device) and the settings it takes, each with its QEMU property type. What QMP's probe answers
@@ -335,7 +347,7 @@ impl QemuDeviceOptions {
             path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| invalid("-drive", value, "file= is required"))?;
         match interface.as_deref() {
             Some("virtio") => {
-                let frontend = Frontend { transport: None, id: None };
+                let frontend = Frontend::default();
                 let backing = BackingSpec::FromImage;
                 self.drives.push(DiskConfig { path, format, backing, read_only, serial, direct, frontend });
                 Ok(())
@@ -592,11 +604,15 @@ impl QemuDeviceOptions {
         for (value, opts) in &devices {
             let driver = opts.first.as_deref().unwrap_or_default();
             let (model, transport) = split_driver(driver);
-            let frontend = Frontend { transport, id: opts.get("id").map(str::to_string) };
+            let boot_index = boot_index(value, opts.get("bootindex"))?;
+            let frontend = Frontend { transport, id: opts.get("id").map(str::to_string), boot_index };
             let known = |model: &str| -> Result<(), CliError> {
                 for (key, setting) in &opts.pairs {
                     let own = model_settings(model).any(|own| own == key);
-                    if !own && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
+                    if !own
+                        && !IGNORED_DEVICE_KEYS.contains(&key.as_str())
+                        && !COMMON_DEVICE_KEYS.contains(&key.as_str())
+                    {
                         return Err(invalid("-device", value, format!("unsupported setting '{key}' for {driver}")));
                     }
                     let honoured = HONOURED_VALUES.iter().find(|(m, k, _)| *m == model && k == key);

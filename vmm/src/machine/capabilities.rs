@@ -155,6 +155,7 @@ pub(super) fn qom_types<H: Hypervisor, P: Platform<H>>() -> Vec<QomType> {
     );
     let transports = virtio_transports::<H, P>();
     types.extend(transports.iter().map(|&t| qom_type(virtio_parent(t), Some("device"), true)));
+    types.extend(P::ACPI_PM_TYPES.iter().map(|&name| qom_type(name, Some("device"), false)));
     if P::ISA_SERIAL {
         types.push(qom_type("isa-device", Some("device"), true));
     }
@@ -190,6 +191,9 @@ pub(super) fn type_properties<H: Hypervisor, P: Platform<H>>(type_name: &str) ->
     }
     if type_name == P::CPU_TYPE {
         return Some(vec![TypeProperty { default_value: Some(json!(true)), ..property("migratable", "bool") }]);
+    }
+    if P::ACPI_PM_TYPES.contains(&type_name) {
+        return Some(vec![property("disable_s3", "uint8"), property("disable_s4", "uint8")]);
     }
     qom_types::<H, P>().iter().any(|t| t.name == type_name).then(Vec::new)
 }

@@ -190,7 +190,12 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
                     },
                     OpenPayload::Firmware(image) => Payload::Firmware(image),
                 };
-                let boot = BootFiles { payload, vcpu_count: self.config.vcpus, cpu: &self.cpu };
+                let boot = BootFiles {
+                    payload,
+                    vcpu_count: self.config.vcpus,
+                    cpu: &self.cpu,
+                    strict_boot: self.config.strict_boot,
+                };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
             }
         };

@@ -439,7 +439,7 @@ fn the_configuration_shows_in_name_uuid_memory_and_chardevs() {
 
 #[test]
 fn what_libvirt_looks_at_when_it_starts_or_reconnects() {
-    let frontend = |id: &str| Frontend { transport: None, id: Some(id.into()) };
+    let frontend = |id: &str| Frontend { id: Some(id.into()), ..Frontend::default() };
     let config = VmConfig {
         serial: SerialConfig::Pty,
         serial_chardev: Some("charserial0".into()),

@@ -1,12 +1,13 @@
 //! The PC's PCI bus: the host bridge and virtio-pci functions on bus 0, configuration through 0xCF8/0xCFC and
-//! ECAM, BARs in the PCI MMIO window, MSI-X messages and queue notifiers that follow the VM of the current boot.
+//! ECAM, BARs in the PCI MMIO windows (the one Kestrel places them in, and the one firmware does), MSI-X messages
+//! and queue notifiers that follow the VM of the current boot.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
-use arch::x86_64::layout::PCI_MMIO_START;
 use arch::x86_64::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE};
+use arch::x86_64::layout::{PCI_FIRMWARE_MMIO_SIZE, PCI_FIRMWARE_MMIO_START, PCI_MMIO_START};
 use devices::pci::{BarObserver, HostBridge, MsiSender, PciConfigIo, PciEcam, PciFunctionInfo, PciMmioWindow, PciRoot};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::{Bus, BusDevice};
@@ -97,6 +98,8 @@ struct VirtioFunction {
     slot: u8,
     name: String,
     device: Arc<Mutex<VirtioPciDevice>>,
+    /// Its place in the firmware's boot order (`bootindex=`).
+    boot_index: Option<u32>,
 }
 
 /// Bus 0 and what follows the VM.
@@ -121,6 +124,7 @@ impl PciBus {
     ) -> Result<Self, Error> {
         let notifiers = Arc::new(Notifiers::default());
         let mut root = PciRoot::new(PCI_MMIO_START, PCI_MMIO_SIZE, Some(notifiers.clone()));
+        root.add_window(PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE);
         let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
         let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
         root.add(host_bridge.clone()).map_err(pci_error)?;
@@ -139,13 +143,15 @@ impl PciBus {
             let function = Arc::new(Mutex::new(function));
             let slot = root.add(function.clone()).map_err(pci_error)?;
             notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
-            functions.push(VirtioFunction { slot, name: named.name, device: function });
+            functions.push(VirtioFunction { slot, name: named.name, device: function, boot_index: named.boot_index });
         }
         let root = Arc::new(root);
         let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(reset_control))));
         pio.insert(config_io.clone(), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
         mmio.insert(Arc::new(Mutex::new(PciEcam::new(root.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)?;
-        mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))), PCI_MMIO_START, PCI_MMIO_SIZE)?;
+        for (start, size) in [(PCI_MMIO_START, PCI_MMIO_SIZE), (PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE)] {
+            mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone(), start))), start, size)?;
+        }
         Ok(PciBus { root, notifiers, config_io, host_bridge, functions })
     }
 
@@ -203,6 +209,16 @@ impl PciBus {
     /// configuration spaces say.
     pub fn refresh(&self) {
         self.root.refresh_all();
+    }
+
+    /// The functions that have a place in the boot order, as firmware names them (SeaBIOS's and OpenFirmware's
+    /// device paths for bus 0 behind the 0xCF8 host bridge: `/pci@i0cf8/*@SLOT`, the slot in hex), lowest
+    /// `bootindex=` first; devices given the same index keep their slot order.
+    pub fn boot_order(&self) -> Vec<String> {
+        let mut bootable: Vec<(u32, u8)> =
+            self.functions.iter().filter_map(|f| Some((f.boot_index?, f.slot))).collect();
+        bootable.sort();
+        bootable.into_iter().map(|(_, slot)| format!("/pci@i0cf8/*@{slot:x}")).collect()
     }
 
     /// Every function on the bus, for QMP's `query-pci`.
