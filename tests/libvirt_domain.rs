@@ -587,6 +587,80 @@ fn a_domain_with_the_guest_agent_channel_runs_and_libvirt_sees_the_channel() {
     domain.destroy();
 }
 
+/// A domain as virt-install writes it for a user (`--import --graphics none --osinfo linux2022`, two vCPUs, a qcow2
+/// disk on virtio, the guest agent channel, a virtio rng, libvirt's default memballoon and virt-install's clock and
+/// power settings), with Kestrel as its `<emulator>` and the repo's payload as its kernel. Its USB controller is
+/// turned off (`--controller usb,model=none`): Kestrel has no USB controller yet. Run through virsh as a user
+/// would: start, dominfo, domstats with block and balloon figures, the console, setmem, suspend and resume, destroy.
+fn a_virt_install_domain_runs(machine: &str) {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    if !Path::new("/usr/bin/virt-install").exists() {
+        assert!(std::env::var_os("CI").is_none(), "virt-install is required under CI (ci/install-deps: virtinst)");
+        eprintln!("SKIPPED: virt-install is missing (Debian package virtinst)");
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("virt-install-{machine}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.qcow2");
+    let made =
+        std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("64M").status();
+    assert!(made.is_ok_and(|s| s.success()), "qemu-img create");
+    let mut virt_install = libvirt.command("virt-install");
+    virt_install
+        .args(["--connect", "qemu:///system", "--name", DOMAIN, "--memory", "128", "--vcpus", "2"])
+        .args(["--machine", machine, "--import", "--graphics", "none", "--osinfo", "linux2022", "--print-xml"])
+        .arg(format!("--disk=path={},format=qcow2,bus=virtio", disk.display()))
+        .arg(format!("--boot=kernel={},kernel_args=echo", payload("probe.bzImage").display()))
+        .args(["--channel", "unix,target.type=virtio,target.name=org.qemu.guest_agent.0"])
+        .args(["--rng", "/dev/urandom", "--controller", "usb,model=none"])
+        // A tap libvirt creates (the private libvirt has no `default` network).
+        .args(["--network", "type=ethernet,model.type=virtio"])
+        .arg(format!("--xml=./devices/emulator={}", emulator.display()));
+    let printed = support::libvirt::run_to_eof(virt_install);
+    let xml = printed.assert_success("virt-install --print-xml").to_string();
+    let file = dir.join("domain.xml");
+    std::fs::write(&file, &xml).unwrap();
+    libvirt.virsh(&["define", file.to_str().unwrap()]).assert_success("virsh define");
+    let domain = Domain { libvirt: &libvirt, dir: dir.clone() };
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    for expected in
+        ["-smp 2,sockets=2,cores=1,threads=1", "qcow2", "virtserialport", "virtio-balloon-pci", "virtio-rng-pci"]
+    {
+        assert!(log.contains(expected), "the command line lacks {expected}:\n{log}\nthe domain:\n{xml}");
+    }
+    let info = domain.virsh("dominfo");
+    assert!(info.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["CPU(s):", "2"]), "{info}");
+    let stats = domain.virsh("domstats");
+    for line in ["block.count=1", "block.0.name=vda", "balloon.current=131072", "vcpu.current=2"] {
+        assert!(stats.lines().any(|l| l.trim() == line), "domstats lacks {line}:\n{stats}");
+    }
+    let mut console = Console::attach(&domain.virsh("ttyconsole"));
+    console.type_text("kestrel");
+    console.wait_for("kestrel");
+    libvirt.virsh(&["setmem", DOMAIN, "96M", "--live"]).assert_success("virsh setmem --live");
+    domain.virsh("suspend");
+    assert_eq!(domain.state(), "paused (user)");
+    domain.virsh("resume");
+    assert_eq!(domain.state(), "running (unpaused)");
+    let pid = domain.pid();
+    domain.destroy();
+    assert_eq!(domain.state(), "shut off (destroyed)");
+    assert!(!process_exists(pid), "the emulator outlived destroy");
+    let check = std::process::Command::new("qemu-img").args(["check", "-q"]).arg(&disk).status();
+    assert!(check.is_ok_and(|s| s.success()), "qemu-img check of the domain's disk");
+}
+
+#[test]
+fn a_pc_domain_as_virt_install_writes_it_runs() {
+    a_virt_install_domain_runs("pc");
+}
+
 #[test]
 fn a_monitor_descriptor_that_is_not_a_listening_socket_is_one_line() {
     if !kvm_available() {
