@@ -18,9 +18,14 @@ pub trait VmAarch64: Vm {
     /// one, else a GICv2; returns which.
     fn create_gic(&self, layout: &GicLayout, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
 
+    /// Adds a GICv3 ITS (interrupt translation service) with its register frame at `base`, so that PCI functions'
+    /// MSIs (written to its GITS_TRANSLATER) become LPIs; from then on every MSI carries its sender's device ID.
+    /// Must come after `create_gic` made a GICv3 and before any vCPU runs.
+    fn create_its(&self, base: u64) -> Result<()>;
+
     /// The GICv3's state as data: distributor, each vCPU's redistributor and CPU interface (named by the vCPUs'
-    /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2 is
-    /// refused (not supported yet).
+    /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2, and a
+    /// GICv3 with an ITS (whose tables and LPIs are not saved yet), are refused.
     fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64>;
 
     /// Loads a saved [`GicStateAarch64`] into the GICv3 of a VM built the same way (vCPU count, interrupt count),

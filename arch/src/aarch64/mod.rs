@@ -80,6 +80,8 @@ pub struct GuestConfig<'a> {
     pub vcpu_mpidrs: &'a [u64],
     pub gic: GicVersion,
     pub virtio_mmio: &'a [layout::VirtioMmioSlot],
+    /// The PCI host bridge and the GIC ITS (see `FdtConfig::pci`).
+    pub pci: bool,
     pub kaslr_seed: u64,
     pub rng_seed: &'a [u8],
 }
@@ -126,6 +128,7 @@ pub fn setup_guest<M: GuestMemoryBackend>(mem: &M, config: &mut GuestConfig) -> 
         gic: config.gic,
         initrd: placement.initrd,
         virtio_mmio: config.virtio_mmio,
+        pci: config.pci,
         kaslr_seed: config.kaslr_seed,
         rng_seed: config.rng_seed,
     })?;
@@ -165,6 +168,7 @@ mod tests {
             vcpu_mpidrs: &[0, 1],
             gic: GicVersion::V3,
             virtio_mmio: &[],
+            pci: false,
             kaslr_seed: 42,
             rng_seed: &[],
         }

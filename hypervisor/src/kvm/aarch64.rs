@@ -7,12 +7,13 @@ use std::sync::{Mutex, OnceLock};
 use arch::aarch64::layout::GicLayout;
 use arch::aarch64::{BootRegisters, GicVersion};
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
-    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs, kvm_vcpu_init, user_pt_regs, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
-    KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
-    KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs, kvm_vcpu_init,
+    user_pt_regs, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR,
+    KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
+    KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64,
+    KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_VGIC_ITS_ADDR_TYPE, KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST,
+    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_bindings::{kvm_mp_state, RegList, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED};
 use kvm_ioctls::{reg_size, DeviceFd, VcpuExit as KvmExit};
@@ -118,7 +119,36 @@ impl VmAarch64 for KvmVm {
         Err(Error::new("KVM_CREATE_DEVICE (vGICv3, then vGICv2)", refusal))
     }
 
+    fn create_its(&self, base: u64) -> Result<()> {
+        if !matches!(self.arch.gic.get(), Some((GicVersion::V3, _))) {
+            return Err(invalid("creating the GIC ITS", "it needs a GICv3, and this VM has none".into()));
+        }
+        let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS, fd: 0, flags: 0 };
+        let device = self.fd.create_device(&mut create).map_err(|e| Error::new("KVM_CREATE_DEVICE (GIC ITS)", e))?;
+        set_gic_attr(&device, KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_ITS_ADDR_TYPE), &base)?;
+        let init = kvm_device_attr {
+            group: KVM_DEV_ARM_VGIC_GRP_CTRL,
+            attr: u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
+            addr: 0,
+            flags: 0,
+        };
+        device.set_device_attr(&init).map_err(|e| Error::new("KVM_DEV_ARM_VGIC_CTRL_INIT (GIC ITS)", e))?;
+        // Held open for as long as the VM lives, for saving its state later.
+        if self.arch.its.set(device).is_err() {
+            return Err(Error::new("creating the GIC ITS", std::io::ErrorKind::AlreadyExists));
+        }
+        // KVM's ITS finds an MSI's device by the ID sent with it (KVM_CAP_MSI_DEVID is now set).
+        self.msis_carry_device_id.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64> {
+        if self.arch.its.get().is_some() {
+            return Err(invalid(
+                "saving the vGIC",
+                "the VM has a GIC ITS (PCI devices' MSIs), whose state cannot be saved yet".into(),
+            ));
+        }
         let gic = self.gic_v3()?;
         let spis = gic.spi_count()?;
         let first = *mpidrs.first().ok_or_else(|| invalid("saving the vGIC", "no vCPUs".into()))?;
@@ -398,15 +428,17 @@ impl KvmVm {
     }
 }
 
-/// The VM's in-kernel GIC, once created, and its vCPUs' MPIDRs.
+/// The VM's in-kernel GIC and ITS, once created, and its vCPUs' MPIDRs.
 pub(super) struct VmData {
     gic: OnceLock<(GicVersion, DeviceFd)>,
+    /// The GICv3 ITS, on a VM with PCI devices.
+    its: OnceLock<DeviceFd>,
     mpidrs: Mutex<Vec<u64>>,
 }
 
 impl VmData {
     pub(super) fn new(_kvm: &kvm_ioctls::Kvm, _vm: &kvm_ioctls::VmFd) -> Result<Self> {
-        Ok(VmData { gic: OnceLock::new(), mpidrs: Mutex::new(Vec::new()) })
+        Ok(VmData { gic: OnceLock::new(), its: OnceLock::new(), mpidrs: Mutex::new(Vec::new()) })
     }
 
     pub(super) fn vcpu_data(&self, _vm: &kvm_ioctls::VmFd) -> VcpuData {

@@ -148,17 +148,26 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
             Component::new("pl061", self.gpio.clone()),
         ];
         components.extend(self.virtio.iter().enumerate().map(|(index, slot)| slot.component(index)));
+        if let Some(pci) = &self.pci {
+            components.extend(pci.components());
+        }
         components
     }
 
     /// Stops every virtio device's work on guest memory, for a save (the vCPUs are already held).
     fn quiesce_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.quiesce());
+        if let Some(pci) = &self.pci {
+            pci.quiesce();
+        }
     }
 
     /// Lets quiesced or restored virtio devices work again.
     fn resume_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.resume());
+        if let Some(pci) = &self.pci {
+            pci.resume();
+        }
     }
 
     /// One vCPU's state as data; run on the vCPU's thread, which owns it, once its last exit is complete. The
@@ -206,13 +215,17 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
             .ok()
             .filter(|&count| (1..=<Self as Platform<H>>::MAX_VCPUS).contains(&count))
             .ok_or_else(|| Error::Snapshot(format!("cannot restore {} vCPUs", vcpu_states.len())))?;
+        if let Some(pci) = &self.pci {
+            // BARs decode (and queue notifiers sit) where the loaded configuration spaces say.
+            pci.refresh();
+        }
         let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), count)?;
         if gic != GicVersion::V3 {
             return Err(Error::Snapshot(
                 "cannot restore: the snapshot holds a GICv3's state and this host's KVM emulates a GICv2 only".into(),
             ));
         }
-        self.wire_vm(vm.as_ref())?;
+        self.wire_vm(vm, gic)?;
         check_vcpu_states(vcpu_states, &mpidrs)?;
         for (index, (vcpu, saved)) in vcpus.iter().zip(vcpu_states).enumerate() {
             vcpu.restore_state(saved).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {index}: {e}")))?;
