@@ -25,7 +25,10 @@
 //!    the SPI number (KVM's default arm64 routing maps GSI n to SPI n). The three PrimeCells are level-triggered in
 //!    the FDT: register their irqfd with a resample eventfd and, when it fires, call the device's
 //!    `interrupt_asserted()` and trigger again if it is still true. virtio-mmio is edge-triggered (plain irqfd).
-//! 6. QMP `system_powerdown` calls `Pl061::press_power_button()`; the guest's gpio-keys driver turns it into
+//! 6. With PCI devices: after the GIC, a GICv3 ITS (KVM_DEV_TYPE_ARM_VGIC_ITS) at `GIC_ITS_START`, `FdtConfig::pci`
+//!    set, ECAM at `PCI_ECAM_START` and the BAR window at `PCI_MMIO_START` on the MMIO bus; MSIs go to KVM with
+//!    the function's requester ID as device ID (the FDT's `msi-map` is the identity).
+//! 7. QMP `system_powerdown` calls `Pl061::press_power_button()`; the guest's gpio-keys driver turns it into
 //!    KEY_POWER. A guest PSCI SYSTEM_OFF / SYSTEM_RESET arrives as KVM_EXIT_SYSTEM_EVENT.
 
 pub mod fdt;

@@ -1,6 +1,7 @@
 //! What a `virt` machine's snapshot holds, and how a VM is built from one: the PL011, PL031 and PL061, the
-//! virtio-mmio devices, every vCPU's registers (as KVM lists them: core, system, timer and firmware registers) and
-//! PSCI power state, and the vGICv3 (distributor, redistributors, CPU interfaces). The order of the steps is
+//! virtio-mmio devices, the PCI bus's functions, every vCPU's registers (as KVM lists them: core, system, timer and
+//! firmware registers) and PSCI power state, and the vGICv3 (distributor, redistributors, CPU interfaces; with PCI
+//! devices, the ITS's registers and the redistributors' LPI registers, the ITS's tables being in guest memory). The order of the steps is
 //! `crate::snapshot`'s; the order KVM needs inside a restore is `Platform::restore`'s, commented there.
 
 use std::sync::Arc;
@@ -177,7 +178,8 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
     }
 
     /// The vGICv3's state, with every vCPU held (KVM refuses it while one runs): its redistributors and CPU
-    /// interfaces named by the MPIDRs the VM's vCPUs were given.
+    /// interfaces named by the MPIDRs the VM's vCPUs were given. With an ITS, this also writes its tables and the
+    /// pending LPIs into guest memory, which is saved after.
     fn save_vm(vm: &H::Vm) -> Result<VmState, String> {
         vm.save_gic_state(&vm.vcpu_mpidrs()).map_err(|e| e.to_string())
     }
@@ -202,7 +204,8 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
     ///    microseconds between their threads' reads, so every vCPU agrees on one counter.
     /// 4. The vGIC's state last: distributor, then each redistributor and CPU interface by MPIDR (so the MPIDRs
     ///    must be in place), overriding what loading the registers made the GIC see (the timers' re-evaluated
-    ///    lines), with the saved pending, active and enable bits.
+    ///    lines), with the saved pending, active and enable bits; with PCI devices, then the LPI registers and the
+    ///    ITS (created with the GIC in step 2), whose tables KVM reads from the guest memory already loaded.
     fn restore(
         &self,
         _hypervisor: &H,
