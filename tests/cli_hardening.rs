@@ -177,3 +177,30 @@ fn duplicate_ids_are_refused_like_qemu() {
         assert_one_line_usage_error(&run, expected);
     }
 }
+
+/// virtio-serial ports numbered or named twice, or beyond the controller's `max_ports`, are refused with QEMU's
+/// words, naming the option, before anything is opened.
+#[test]
+fn virtio_serial_port_numbers_and_names_are_refused_like_qemu() {
+    let agent = r#"{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"a","id":"channel0","name":"org.qemu.guest_agent.0"}"#;
+    let controller = ["-device", "virtio-serial-pci,id=virtio-serial0", "-chardev", "pty,id=a", "-chardev", "pty,id=b"];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["-device", agent, "-device", "virtserialport,chardev=b,nr=1"],
+            "kestrel: invalid -device 'virtserialport,chardev=b,nr=1': A port already exists at id 1",
+        ),
+        (
+            &["-device", agent, "-device", "virtserialport,chardev=b,name=org.qemu.guest_agent.0"],
+            "A port already exists by name org.qemu.guest_agent.0",
+        ),
+        (&["-device", "virtserialport,chardev=b,nr=31"], "Out-of-range port id specified, max. allowed: 30"),
+        (&["-device", "virtserialport,chardev=b,nr=0"], "reserved for virtconsole devices"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![OsStr::new("-kernel"), OsStr::new(NO_KERNEL)];
+        args.extend(controller.iter().map(OsStr::new));
+        args.extend(extra.iter().map(OsStr::new));
+        let run = run_args(&args);
+        assert_one_line_usage_error(&run, expected);
+    }
+}

@@ -499,6 +499,45 @@ fn a_domain_with_libvirts_memory_balloon() {
     assert!(!process_exists(pid), "the emulator outlived destroy");
 }
 
+/// virt-install's guest agent channel: libvirt adds a virtio-serial controller and passes the channel as a
+/// `virtserialport` named org.qemu.guest_agent.0 on a unix socket chardev. Kestrel runs the domain with it,
+/// `virsh dumpxml` shows the channel with its socket, the socket takes a client (the host side of the port, as
+/// libvirt's agent connection would be), and `query-chardev` reports the chardev. The payload has no guest agent, so
+/// nothing answers on the port; `virsh qemu-agent-command` is not tried.
+#[test]
+fn a_domain_with_the_guest_agent_channel_runs_and_libvirt_sees_the_channel() {
+    if !kvm_available() || !libvirt_available() {
+        return;
+    }
+    let emulator = std::fs::canonicalize(kestrel_binary()).unwrap();
+    let libvirt = PrivateLibvirt::start(Some(ROOT_EMULATOR));
+    let channel = "<channel type='unix'><source mode='bind'/>\
+                   <target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+    let domain = Domain::define_with_devices(&libvirt, &emulator, "pc", "echo", channel);
+    domain.start(false);
+    assert_eq!(domain.state(), "running (booted)");
+    let log = domain.log();
+    // libvirt 9.0 binds the socket itself and passes it.
+    assert!(log.contains("-chardev socket,id=charchannel0,fd="), "{log}");
+    assert!(log.contains("virtio-serial-pci"), "{log}");
+    assert!(log.contains("virtserialport") && log.contains("name=org.qemu.guest_agent.0"), "{log}");
+    let xml = domain.virsh("dumpxml");
+    let channel = xml.split("<channel type='unix'>").nth(1).and_then(|c| c.split("</channel>").next());
+    let channel = channel.unwrap_or_else(|| panic!("no unix channel in the live XML:\n{xml}"));
+    assert!(channel.contains("name='org.qemu.guest_agent.0'"), "{channel}");
+    let path = channel.split("path='").nth(1).and_then(|p| p.split('\'').next()).expect("the channel's socket path");
+    let chardevs = domain.qmp(r#"{"execute": "query-chardev"}"#);
+    let chardev = chardevs.as_array().unwrap().iter().find(|c| c["label"] == "charchannel0");
+    let chardev = chardev.unwrap_or_else(|| panic!("no charchannel0 in {chardevs}"));
+    assert_eq!(chardev["frontend-open"], false, "nothing in the payload opens the port");
+    // The port's host side: libvirt's socket, which Kestrel listens on (bound by Kestrel or passed by libvirt), in
+    // the private libvirt's mount namespace, reached through the emulator's root.
+    let socket = format!("/proc/{}/root{path}", domain.pid());
+    let connected = std::os::unix::net::UnixStream::connect(&socket);
+    assert!(connected.is_ok(), "connecting to the channel's socket {socket}: {connected:?}");
+    domain.destroy();
+}
+
 #[test]
 fn a_monitor_descriptor_that_is_not_a_listening_socket_is_one_line() {
     if !kvm_available() {

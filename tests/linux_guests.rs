@@ -620,6 +620,26 @@ fn virtio_console_over_mmio() {
     check_virtio_console(c);
 }
 
+/// virt-install's guest agent channel (issue 17): a virtserialport named org.qemu.guest_agent.0 on a socket
+/// chardev, beside a virtconsole, on a virtio-serial controller with QEMU's 31 ports. The guest finds the port by
+/// name, its line reaches the host's socket (its write waits until the host side connected, which the device
+/// says with PORT_OPEN), the host's line reaches the guest, and the host closing its side reads as the end of
+/// input; the console port still carries hvc0 both ways.
+#[test]
+fn a_named_virtio_serial_port_carries_lines_between_the_guest_and_a_host_socket() {
+    let Some(c) = case(Arch::X86_64, "virtio-serial-ports") else { return };
+    let console = &c.case.console;
+    let device = console.lines().find_map(|l| l.trim_end().strip_prefix("VPORT-FOUND="));
+    c.assert(device.is_some_and(|d| d.starts_with("/dev/vport") && d.ends_with("p1")), "no vportNp1 named as asked");
+    let device = device.unwrap_or_default();
+    c.assert_line("VPORT-HVC0=yes");
+    c.assert_line(&format!("SOCKET-GOT:hello from the guest over {device}"));
+    c.assert_line("VPORT-GOT:hello from the host");
+    c.assert_line("VPORT-HOST-CLOSED");
+    c.assert_line("HVC-ECHO:hello over a multiport console");
+    c.assert_exited(0);
+}
+
 /// Two disks, a network card and the rng at once, in QEMU's spelling, on PCI: three MSI-X vectors more than
 /// without the card (config, rx, tx).
 #[test]

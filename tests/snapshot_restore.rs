@@ -207,3 +207,82 @@ fn hostile_and_mismatched_snapshots_are_refused_with_one_line() {
     assert_refused(&dir, &corrupted, &["--memory", "64M"], "corrupted");
     assert_refused(&dir, &dir.path("missing.ksnap"), &["--memory", "64M"], "missing.ksnap");
 }
+
+/// The guest agent's channel as libvirt gives it, beside a console, on a virtio-serial controller of QEMU's 31
+/// ports (a multiport device of 64 queues on PCI): `query-chardev` reports the ports' chardevs, the machine saves and
+/// restores with host input waiting in the agent's port (nobody in the payload opens it), and a restore whose
+/// command line has other ports is refused with one line.
+#[test]
+fn virtio_serial_ports_restore_and_another_port_set_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Write;
+    let dir = Dir::new("vserial");
+    let snapshot = dir.path("vm.ksnap");
+    let agent = dir.path("agent.sock");
+    let agent_chardev = format!("socket,id=charchannel0,path={},server=on,wait=off", agent.display());
+    let console_chardev = format!("file,id=charconsole0,path={}", dir.path("hvc0.log").display());
+    let ports = |max_ports: &str, nr: &str| {
+        vec![
+            "--memory".to_string(),
+            "64M".into(),
+            "-device".into(),
+            format!("virtio-serial-pci,id=virtio-serial0{max_ports}"),
+            "-chardev".into(),
+            agent_chardev.clone(),
+            "-device".into(),
+            format!("virtserialport,bus=virtio-serial0.0,nr={nr},chardev=charchannel0,id=channel0,name=org.qemu.guest_agent.0"),
+            "-chardev".into(),
+            console_chardev.clone(),
+            "-device".into(),
+            "virtconsole,chardev=charconsole0,id=console0".into(),
+        ]
+    };
+    let machine = ports("", "1");
+    let machine: Vec<&str> = machine.iter().map(String::as_str).collect();
+    let source = Vm::start(&dir, "source", &machine);
+    source.wait_for_count(100);
+    let mut qmp = source.client();
+    let (_, chardevs) = qmp.execute(r#"{"execute": "query-chardev"}"#);
+    let chardev = |label: &str| {
+        let list = chardevs["return"].as_array().unwrap();
+        list.iter().find(|c| c["label"] == label).unwrap_or_else(|| panic!("no {label} in {chardevs}")).clone()
+    };
+    assert_eq!(chardev("charchannel0")["filename"], format!("unix:{},server=on", agent.display()));
+    assert_eq!(chardev("charchannel0")["frontend-open"], false, "the payload has no virtio-serial driver");
+    assert_eq!(chardev("charconsole0")["filename"], format!("file:{}", dir.path("hvc0.log").display()));
+    let (_, peripherals) = qmp.execute(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#);
+    for id in ["virtio-serial0", "channel0", "console0"] {
+        assert!(peripherals["return"].as_array().unwrap().iter().any(|p| p["name"] == id), "{id}: {peripherals}");
+    }
+    // Host input for a port nobody in the guest has open waits in the device, and goes with the snapshot.
+    let mut client = std::os::unix::net::UnixStream::connect(&agent).unwrap();
+    client.write_all(b"{\"execute\":\"guest-ping\"}\n").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    enable_migration_events(&mut qmp);
+    assert_eq!(migrate(&mut qmp, &file_uri(&snapshot)), running_save_events());
+    drop(qmp);
+    let source_console = source.settled_console();
+    source.quit();
+    drop(client);
+
+    let restored = restore(&dir, "restored", &snapshot, "-incoming", &machine);
+    let last = *counts(&source_console).last().unwrap();
+    restored.wait_for_count(last + 200);
+    assert_count_continues(&source_console, &restored.console());
+    restored.quit();
+
+    // Another controller (fewer queues), or the agent's port at another number.
+    let other = ports(",max_ports=8", "1");
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    assert_refused(&dir, &snapshot, &other, "cannot restore pci.01.0.virtio-console");
+    let other = ports("", "2");
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    assert_refused(
+        &dir,
+        &snapshot,
+        &other,
+        "invalid virtio-console state: ports: ports [0, 1], where this device has [0, 2]",
+    );
+}

@@ -4,6 +4,7 @@
 
 // Compiled on every target: it is data and pure functions, so its tests run natively and under qemu-user alike.
 pub mod aarch64;
+pub mod table_loader;
 
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {

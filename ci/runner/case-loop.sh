@@ -132,6 +132,29 @@ qmp_save() {
   } | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1
 }
 
+# socket_chat: the case's "chat PORT TEXT": connects to kestrel's socket chardev on 127.0.0.1:PORT (in the case's
+# network namespace, if any), waits for a line from the guest, sends TEXT (printf %b escapes) and closes its sending
+# side, which Kestrel takes as the client leaving. What arrived goes to $CASE_TMP/$name.chat, printed after the case
+# as SOCKET-GOT:<line> lines. Runs in the background until kestrel or the connection ends.
+socket_chat() {
+  local port text chat="$CASE_TMP/$name.chat"
+  read -r port text <"$dir/chat"
+  {
+    while kill -0 "$pid" 2>/dev/null && [ "$(wc -l <"$chat")" -lt 1 ]; do sleep 0.1; done
+    printf '%b' "$text"
+  } | in_netns nc 127.0.0.1 "$port" >"$chat" 2>&1
+}
+
+# chat_transcript: appends what the guest sent over the chat's socket, if there was a chat, to the case's console.
+chat_transcript() {
+  if [ -f "$CASE_TMP/$name.chat" ]; then
+    for i in $(seq 1 50); do kill -0 "$chat_pid" 2>/dev/null || break; sleep 0.1; done
+    kill "$chat_pid" 2>/dev/null
+    tr -d '\r' <"$CASE_TMP/$name.chat" | sed 's/^/SOCKET-GOT:/' >>"$out"
+    rm -f "$CASE_TMP/$name.chat"
+  fi
+}
+
 # qmp_transcript: appends the QMP session's transcript, if any, to the case's stderr.
 qmp_transcript() {
   if [ -f "$CASE_TMP/$name.qmp" ]; then
@@ -166,6 +189,9 @@ attempt() {
   fi
   qmp_sent=1
   [ -f "$dir/qmp" ] && qmp_sent=0
+  chat_sent=1 chat_pid=""
+  [ -f "$dir/chat" ] && chat_sent=0
+  rm -f "$CASE_TMP/$name.chat"
   rm -f "$CASE_TMP/$name.qmp"
   # save=waiting: save once the console matches save-at; then sent; restoring=1 while the restoring kestrel runs.
   save=none restoring=0 restore_start=0 first_output_ms=-1 snap="$CASE_TMP/$name.ksnap"
@@ -228,6 +254,11 @@ attempt() {
         { printf '{"execute": "qmp_capabilities"}\n'; sleep 0.3; cat "$dir/qmp"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; } \
           | in_netns nc 127.0.0.1 4444 >"$CASE_TMP/$name.qmp" 2>&1 &
         qmp_sent=1
+      fi
+      if [ "$chat_sent" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
+        : >"$CASE_TMP/$name.chat"
+        socket_chat &
+        chat_pid=$! chat_sent=1
       fi
       if [ "$typed" = 0 ] && grep -q "$(cat "$dir/prompt")" "$out"; then
         sleep 0.2
@@ -305,6 +336,7 @@ attempt() {
   fi
   if [ -f "$dir/input" ]; then exec 3>&-; fi
   qmp_transcript
+  chat_transcript
   if [ -n "$ns_holder" ]; then
     in_netns sh "$dir/netns" teardown "$CASE_TMP/$name.netns.d" >>"$ns_out" 2>&1 || echo "NETNS-TEARDOWN-FAILED" >>"$ns_out"
     # Ending the holder ends the namespace, and the interfaces in it.

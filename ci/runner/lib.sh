@@ -49,7 +49,7 @@ runner_parse_cases() {
     key="${BASH_REMATCH[1]}" value="${BASH_REMATCH[3]:-}"
     value="${value%"${value##*[![:space:]]}"}"
     case "$key" in
-      arch|kernel|guest|cmdline|args|work|prompt|input|qmp|save-at|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same|expect-restored|expect-restored-none|expect-steps) ;;
+      arch|kernel|guest|cmdline|args|work|prompt|input|qmp|chat|save-at|disk|netns|until|test|expect-exit|expect|expect-count|expect-value|expect-epoch|expect-same|expect-restored|expect-restored-none|expect-steps) ;;
       timeout) rdie "$file: case $name: 'timeout' is gone: budgets are multiples of boots measured in L1 (ci/runner/case-loop.sh); say 'work N' for a case whose work after boot 1 may take more than the default 2 boots" ;;
       *) rdie "$file: case $name: unknown key $key" ;;
     esac
@@ -99,6 +99,14 @@ runner_parse_cases() {
       spec_get "$spec" qmp >"$d/qmp"
       spec_get "$spec" prompt >"$d/prompt"
       [ -s "$d/prompt" ] || rdie "case $name: qmp needs a prompt"
+    fi
+    # chat PORT TEXT: once the console shows the prompt, talk to kestrel's socket chardev on 127.0.0.1:PORT
+    # (case-loop.sh).
+    if [ -n "$(spec_get "$spec" chat)" ]; then
+      [[ "$(spec_get "$spec" chat)" =~ ^[0-9]+\ . ]] || rdie "case $name: chat takes a port and the text to send"
+      spec_get "$spec" chat >"$d/chat"
+      spec_get "$spec" prompt >"$d/prompt"
+      [ -s "$d/prompt" ] || rdie "case $name: chat needs a prompt"
     fi
     # save-at PATTERN: save over QMP once the console matches, then restore into a second kestrel (case-loop.sh).
     local save_at

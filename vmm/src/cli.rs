@@ -7,12 +7,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::config::{
-    parse_memory_size, parse_uuid, BalloonConfig, ConsoleConfig, CpuConfig, DiskConfig, Frontend, Incoming,
-    ListenSocket, MacAddress, MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VmConfig,
+    parse_memory_size, parse_uuid, BalloonConfig, CpuConfig, DiskConfig, Frontend, Incoming, ListenSocket, MacAddress,
+    MachineType, NetConfig, SerialConfig, SocketAddress, TapConfig, VirtioSerialConfig, VmConfig,
 };
 
 mod qemu_devices;
-pub use qemu_devices::{DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
+pub use qemu_devices::{DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES, VIRTCONSOLE, VIRTSERIALPORT};
 use qemu_devices::{Opts, QemuDeviceOptions};
 
 pub const USAGE: &str = "\
@@ -84,12 +84,14 @@ Options (QEMU's spelling in brackets, where it has one):
 QEMU's device options (key=value or libvirt's JSON form):
   -drive file=F,if=virtio,format=raw[,readonly=on][,cache=none|writeback][,serial=S]
   -drive file=F,if=none,id=D,...  or  -blockdev driver=file,node-name=N,filename=F [-blockdev driver=raw,...]
-  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID]
+  -device virtio-blk-pci|virtio-blk-device,drive=D[,serial=S][,id=ID][,bootindex=N]
+          (bootindex on PCI devices: firmware's boot order, lowest first; -boot strict=on: none other)
   -netdev tap,id=N,ifname=TAP|fd=FD,script=no,downscript=no -device virtio-net-pci|virtio-net-device,netdev=N[,mac=M]
   -object rng-random,id=R,filename=/dev/urandom -device virtio-rng-pci|virtio-rng-device[,rng=R]
   -device virtio-balloon-pci|virtio-balloon-device[,id=ID][,deflate-on-oom=on|off]
           [,guest-stats-polling-interval=SECONDS]
-  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci -device virtconsole,chardev=C
+  -chardev stdio|pty|null|file,path=P|socket,...,id=C -device virtio-serial-pci[,max_ports=N]
+  -device virtconsole,chardev=C[,nr=N]   -device virtserialport,chardev=C,name=NAME[,nr=N]
   -serial chardev:C
   (-pci devices sit on the PCI bus, -device ones on virtio-mmio; plain virtio-blk etc. take the machine's default)
 
@@ -99,7 +101,7 @@ QEMU's device options (key=value or libvirt's JSON form):
 Accepted for QEMU compatibility, with no effect: -nographic, -nodefaults, -no-user-config, -enable-kvm,
 -accel kvm, -display none, -no-hpet, -cpu host,migratable=on|off (a host CPU is never migratable elsewhere),
 -name ...,debug-threads=on|off, -machine ...,usb=off, -object secret,... (no Kestrel option takes a secret),
--rtc base=utc, -boot strict=on|off,
+-rtc base=utc,
 -overcommit mem-lock=off,cpu-pm=off, -msg timestamp=on|off, -audiodev driver=none,id=ID,
 -rtc driftfix=slew (the RTC raises no interrupts to lose), -global kvm-pit.lost_tick_policy=delay (KVM's PIT
 re-injects lost ticks), -global PIIX4_PM.disable_s3=1|ICH9-LPC.disable_s3=1 (and _s4: the DSDT offers S5 only).
@@ -136,7 +138,7 @@ pub enum CliError {
         shown(.0)
     )]
     Serial(String),
-    #[error("--serial and --console cannot both use stdio: give one of them pty, file:PATH or none")]
+    #[error("only one of --serial, --console and the virtio-serial ports can use stdio: give the others pty, file:PATH or none")]
     StdioTwice,
     #[error("invalid UUID '{}': use the form 01234567-89ab-cdef-0123-456789abcdef", shown(.0))]
     Uuid(String),
@@ -633,8 +635,8 @@ const NO_EFFECT_SETTINGS: &[(&str, Option<&str>, NoEffectSettings)] = &[
             ("ICH9-LPC.disable_s4", &["1"]),
         ],
     ),
-    // No boot order reaches the firmware yet (a kernel is loaded directly; SeaBIOS gets no `bootorder`), so
-    // strictness changes nothing.
+    // `-boot order=` is not honoured (refused): the boot order firmware gets is the devices' `bootindex=`.
+    // `strict=on` (no device but those) goes to the firmware with it (see `VmConfig::strict_boot`).
     ("-boot", Some("order"), &[("strict", &["on", "off"])]),
     // Guest memory is never locked; the vCPUs halt in the host.
     ("-overcommit", None, &[("mem-lock", &["off"]), ("cpu-pm", &["off"])]),
@@ -786,6 +788,7 @@ where
     let mut pidfile = None;
     let mut daemonize = false;
     let mut dump_guest_core = None;
+    let mut strict_boot = false;
     let mut flags = (false, false, false); // no-reboot, no-shutdown, paused
     let mut qmp = Vec::new();
     let mut disks = Vec::new();
@@ -870,7 +873,14 @@ where
                 let parsed = parse_uuid(uuid_text).ok_or_else(|| CliError::Uuid(uuid_text.to_string()))?;
                 set_once(&mut uuid, &spelling, parsed)?
             }
-            Opt::NoEffect => check_no_effect(&spelling, text()?)?,
+            Opt::NoEffect => {
+                let value = text()?;
+                check_no_effect(&spelling, value)?;
+                if spelling == "-boot" {
+                    let opts = Opts::parse(&spelling, OsStr::new(value), "order", &[])?;
+                    strict_boot = opts.get("strict").is_some_and(|strict| strict == "on");
+                }
+            }
             Opt::Ignored => match (spelling.as_str(), text()?) {
                 ("-accel", v) if v == "kvm" || v.starts_with("kvm,") => {}
                 ("-display", "none") => {}
@@ -901,13 +911,19 @@ where
         serial_label = Some(id);
         serial_on_isa = Some(device_id);
     }
-    let console = match (console, qemu.console) {
-        (Some(backend), None) => Some(ConsoleConfig { backend, frontend: Frontend::default() }),
-        (None, Some((id, frontend))) => {
-            Some(ConsoleConfig { backend: take_chardev("-device", &id, "virtconsole")?, frontend })
+    let virtio_serial = match (console, qemu.virtio_serial) {
+        (Some(backend), None) => Some(VirtioSerialConfig::single_console(backend)),
+        (None, Some(mut virtio_serial)) => {
+            // Each port's chardev is its host side.
+            for port in &mut virtio_serial.ports {
+                let id = port.chardev.clone().unwrap_or_default();
+                let model = if port.console { VIRTCONSOLE } else { VIRTSERIALPORT };
+                port.backend = take_chardev("-device", &id, model)?;
+            }
+            Some(virtio_serial)
         }
         (None, None) => None,
-        (Some(_), Some(_)) => return Err(CliError::Repeated("--console / -device virtconsole".into())),
+        (Some(_), Some(_)) => return Err(CliError::Repeated("--console / -device virtio-serial".into())),
     };
     let rng = match (rng, qemu.rng) {
         (true, None) => Some(Frontend::default()),
@@ -932,7 +948,7 @@ where
             ("a network card", !nets.is_empty()),
             ("--rng", rng.is_some()),
             ("--balloon", balloon.is_some()),
-            ("--console", console.is_some()),
+            ("--console", virtio_serial.is_some()),
             ("-device isa-serial", serial_on_isa.is_some()),
             ("-incoming", incoming.is_some()),
         ];
@@ -977,7 +993,8 @@ where
         None if daemonize => config.serial = SerialConfig::None,
         None => {}
     }
-    if daemonize && console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) {
+    let stdio_ports = virtio_serial.iter().flat_map(|v| &v.ports).filter(|p| p.backend == SerialConfig::Stdio).count();
+    if daemonize && stdio_ports > 0 {
         return Err(CliError::DaemonStdio("the virtio console"));
     }
     (config.no_reboot, config.no_shutdown, config.start_paused) = flags;
@@ -987,12 +1004,13 @@ where
     config.rng = rng;
     config.balloon = balloon;
     config.machine = machine;
-    if console.as_ref().is_some_and(|c| c.backend == SerialConfig::Stdio) && config.serial == SerialConfig::Stdio {
+    if stdio_ports + usize::from(config.serial == SerialConfig::Stdio) > 1 {
         return Err(CliError::StdioTwice);
     }
-    config.console = console;
+    config.virtio_serial = virtio_serial;
     config.serial_chardev = serial_label;
     config.dump_guest_core = dump_guest_core.unwrap_or(true);
+    config.strict_boot = strict_boot;
     config.serial_on_isa = serial_on_isa;
     config.name = name;
     config.uuid = uuid;
@@ -1036,8 +1054,8 @@ pub fn fuzz_args(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VirtioTransport;
     use crate::config::DEFAULT_MEMORY_BYTES;
+    use crate::config::{SerialPortConfig, VirtioTransport};
 
     fn parse_str(args: &str) -> Result<Command, CliError> {
         parse(args.split_whitespace().map(String::from))
@@ -1214,6 +1232,9 @@ mod tests {
             ("-audiodev {\"id\":\"a\",\"driver\":\"pa\"}", "driver=none"),
             ("-boot order=c", "'order'"),
             ("-boot c", "unsupported setting 'order'"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=first", "bootindex=first"),
+            ("-drive file=/a,if=none,id=d -device virtio-blk-pci,drive=d,bootindex=-2", "from 0 to 2147483647"),
+            ("-device virtio-rng-pci,bootindex=2147483648", "bootindex=2147483648"),
             ("-rtc utc", "unsupported setting 'utc'"),
             ("-audiodev pa,id=a", "driver=none"),
             ("-name guest=a,process=b", "'process'"),
@@ -1318,11 +1339,12 @@ mod tests {
             ]
         );
         assert_eq!(config.rng, Some(Frontend::default()));
-        assert_eq!(config.console, None);
+        assert_eq!(config.virtio_serial, None);
         let with_console = super::parse(["--kernel", "k", "--serial", "none", "--console", "stdio"].map(String::from));
         let Ok(Command::Run(with_console)) = with_console else { panic!("expected a run command") };
-        let stdio = ConsoleConfig { backend: SerialConfig::Stdio, frontend: Frontend::default() };
-        assert_eq!(with_console.console, Some(stdio));
+        let stdio = VirtioSerialConfig::single_console(SerialConfig::Stdio);
+        assert_eq!(with_console.virtio_serial, Some(stdio));
+        assert_eq!(with_console.virtio_serial.as_ref().map(|v| v.max_ports), Some(1), "no MULTIPORT");
         assert_eq!(parse_str("--kernel k --console stdio"), Err(CliError::StdioTwice));
         for bad in [
             "--kernel k --disk readonly=on",
@@ -1338,7 +1360,7 @@ mod tests {
     }
 
     fn pci(id: Option<&str>) -> Frontend {
-        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from) }
+        Frontend { transport: Some(VirtioTransport::Pci), id: id.map(String::from), boot_index: None }
     }
 
     /// The native spelling and QEMU's, key=value and libvirt's JSON, on either transport.
@@ -1356,7 +1378,7 @@ mod tests {
             config("--kernel k -device virtio-balloon-device,guest-stats-polling-interval=10,deflate-on-oom=off")
                 .balloon,
             Some(BalloonConfig {
-                frontend: Frontend { transport: Some(VirtioTransport::Mmio), id: None },
+                frontend: Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() },
                 deflate_on_oom: false,
                 stats_poll_interval: 10,
             })
@@ -1375,7 +1397,7 @@ mod tests {
         );
         let mut b = disk("/b.img", true, false, pci(Some("disk1")));
         b.serial = Some("s1".into());
-        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), id: None };
+        let mmio = Frontend { transport: Some(VirtioTransport::Mmio), ..Frontend::default() };
         assert_eq!(
             config.disks,
             vec![
@@ -1407,8 +1429,21 @@ mod tests {
         let Ok(Command::Run(config)) = super::parse(args.map(String::from)) else {
             panic!("libvirt's form must parse")
         };
-        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, pci(Some("virtio-disk0")))]);
+        // QEMU's `bootindex`, which libvirt gives as a JSON number; -1 is QEMU's "none".
+        let boot_disk = Frontend { boot_index: Some(1), ..pci(Some("virtio-disk0")) };
+        assert_eq!(config.disks, vec![disk("/var/lib/libvirt/images/vm.img", false, false, boot_disk)]);
         assert_eq!(config.rng, Some(pci(Some("rng0"))));
+    }
+
+    #[test]
+    fn boot_order_settings() {
+        assert!(config("-kernel k -boot strict=on").strict_boot, "libvirt's: passed on to firmware");
+        assert!(!config("-kernel k -boot strict=off").strict_boot);
+        assert!(!config("-kernel k").strict_boot, "QEMU's default");
+        let unlisted = config("-kernel k -device virtio-rng-pci,bootindex=-1");
+        assert_eq!(unlisted.rng, Some(Frontend { transport: Some(VirtioTransport::Pci), ..Frontend::default() }));
+        let listed = config("-kernel k -device virtio-rng-pci,bootindex=0");
+        assert_eq!(listed.rng.unwrap().boot_index, Some(0));
     }
 
     #[test]
@@ -1451,11 +1486,92 @@ mod tests {
              -chardev socket,id=m0,path=/tmp/qmp.sock,server=on,wait=off -mon chardev=m0,mode=control",
         );
         assert_eq!(config.serial, SerialConfig::File("/tmp/serial.log".into()));
-        let console = config.console.unwrap();
+        let virtio_serial = config.virtio_serial.unwrap();
         let socket = ListenSocket { address: SocketAddress::Unix("/tmp/con.sock".into()), wait: false };
-        assert_eq!(console.backend, SerialConfig::Socket(socket));
-        assert_eq!(console.frontend, pci(Some("vser0")));
+        assert_eq!(virtio_serial.frontend, pci(Some("vser0")));
+        assert_eq!(virtio_serial.max_ports, 31, "QEMU's default");
+        let console = SerialPortConfig {
+            nr: 0,
+            name: None,
+            console: true,
+            backend: SerialConfig::Socket(socket),
+            chardev: Some("c0".into()),
+            id: Some("console0".into()),
+        };
+        assert_eq!(virtio_serial.ports, [console]);
         assert_eq!(config.qmp.len(), 1);
+    }
+
+    /// virt-install's guest agent channel, as libvirt 9.0 passes it (JSON `-device`, an inherited socket), beside a
+    /// console; ports without `nr=` are numbered as QEMU numbers them.
+    #[test]
+    fn virtio_serial_ports_as_libvirt_gives_them() {
+        let libvirt = config(
+            "-kernel k -device {\"driver\":\"virtio-serial-pci\",\"id\":\"virtio-serial0\",\"bus\":\"pci.2\",\"addr\":\"0x0\"} \
+             -chardev socket,id=charchannel0,fd=33,server=on,wait=off \
+             -device {\"driver\":\"virtserialport\",\"bus\":\"virtio-serial0.0\",\"nr\":1,\"chardev\":\"charchannel0\",\"id\":\"channel0\",\"name\":\"org.qemu.guest_agent.0\"} \
+             -chardev pty,id=charconsole0 -device virtconsole,chardev=charconsole0,id=console0 \
+             -chardev file,id=log,path=/tmp/log -device virtserialport,chardev=log,name=org.example.log",
+        );
+        let virtio_serial = libvirt.virtio_serial.unwrap();
+        assert_eq!(virtio_serial.frontend, pci(Some("virtio-serial0")));
+        assert_eq!(virtio_serial.max_ports, 31);
+        type Port<'a> = (u32, Option<&'a str>, bool, &'a SerialConfig, Option<&'a str>);
+        let summary: Vec<Port> = virtio_serial
+            .ports
+            .iter()
+            .map(|p| (p.nr, p.name.as_deref(), p.console, &p.backend, p.id.as_deref()))
+            .collect();
+        let inherited = SerialConfig::Socket(ListenSocket { address: SocketAddress::Inherited(33), wait: false });
+        assert_eq!(
+            summary,
+            [
+                (1, Some("org.qemu.guest_agent.0"), false, &inherited, Some("channel0")),
+                (0, None, true, &SerialConfig::Pty, Some("console0")),
+                (2, Some("org.example.log"), false, &SerialConfig::File("/tmp/log".into()), None),
+            ]
+        );
+        // The controller after its ports, max_ports given, the key=value form.
+        let later = config(
+            "-kernel k -chardev pty,id=a -device virtserialport,chardev=a,name=a,nr=3 \
+             -device virtio-serial-device,max_ports=4",
+        );
+        let virtio_serial = later.virtio_serial.unwrap();
+        assert_eq!((virtio_serial.max_ports, virtio_serial.ports[0].nr), (4, 3));
+        assert_eq!(virtio_serial.frontend.transport, Some(VirtioTransport::Mmio));
+        // A controller without ports is a device too.
+        let portless = config("-kernel k -device virtio-serial-pci");
+        assert_eq!(portless.virtio_serial.map(|v| v.ports.len()), Some(0));
+    }
+
+    #[test]
+    fn virtio_serial_port_mistakes_are_named_in_qemus_words() {
+        let two = "-chardev pty,id=a -chardev pty,id=b";
+        for (args, needle) in [
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=1 -device virtserialport,chardev=b,nr=1"), "A port already exists at id 1"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a -device virtserialport,chardev=b,nr=1"), "A port already exists at id 1"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name=x -device virtserialport,chardev=b,name=x"), "A port already exists by name x"),
+            (format!("{two} -device virtio-serial-pci,max_ports=2 -device virtserialport,chardev=a,nr=2"), "Out-of-range port id specified, max. allowed: 1"),
+            (format!("{two} -device virtio-serial-pci,max_ports=2 -device virtserialport,chardev=a -device virtserialport,chardev=b"), "Maximum port limit for this device reached"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=0"), "reserved for virtconsole"),
+            (format!("{two} -device virtio-serial-pci,max_ports=0"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci,max_ports=127"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci,max_ports=x"), "max_ports= takes 1 to 126"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,nr=x"), "nr= takes a port number"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name="), "name= takes 1 to 255 bytes"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,name={}", "n".repeat(256)), "name= takes 1 to 255 bytes"),
+            (format!("{two} -device virtserialport,chardev=a"), "needs a -device virtio-serial-pci"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,name=x"), "chardev= is required"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=c"), "no -chardev with id 'c'"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a -device virtconsole,chardev=a"), "no unused -chardev with id 'a'"),
+            (format!("{two} -device virtio-serial-pci -device virtserialport,chardev=a,speed=9"), "unsupported setting 'speed'"),
+            (format!("{two} -device virtio-serial-pci -device virtio-serial-pci,id=s1"), "one virtio-serial controller"),
+            (format!("{two} --console pty -device virtio-serial-pci"), "given twice"),
+            ("--serial none -chardev stdio,id=a -chardev stdio,id=b -device virtio-serial-pci -device virtconsole,chardev=a -device virtserialport,chardev=b".to_string(), "stdio"),
+        ] {
+            let error = parse_str(&format!("-kernel k {args}")).expect_err(&args).to_string();
+            assert!(error.contains(needle), "{args}: {error} (expected {needle})");
+        }
     }
 
     #[test]
@@ -1531,7 +1647,7 @@ mod tests {
         assert_eq!(config.serial, SerialConfig::Socket(ListenSocket { address: tcp, wait: false }));
         let unix = SocketAddress::Unix("/tmp/c.sock".into());
         let socket = SerialConfig::Socket(ListenSocket { address: unix, wait: true });
-        assert_eq!(config.console.map(|c| c.backend), Some(socket));
+        assert_eq!(config.virtio_serial.map(|c| c.ports[0].backend.clone()), Some(socket));
     }
 
     #[test]
@@ -1736,7 +1852,10 @@ mod tests {
         assert!(config.disks[0].read_only);
         let sockets: Vec<SocketAddress> = config.qmp.iter().map(|s| s.address.clone()).collect();
         assert_eq!(sockets, vec![SocketAddress::Unix(path(b"/q\xff")), SocketAddress::Unix(path(b"/c\xff"))]);
-        assert_eq!(config.console.map(|c| c.backend), Some(SerialConfig::File(path(b"/con\xff"))));
+        assert_eq!(
+            config.virtio_serial.map(|c| c.ports[0].backend.clone()),
+            Some(SerialConfig::File(path(b"/con\xff")))
+        );
     }
 
     /// Names, sizes, option names and settings must be text: one error naming the argument (U+FFFD for the bytes

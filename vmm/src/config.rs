@@ -84,6 +84,9 @@ pub struct Frontend {
     pub transport: Option<VirtioTransport>,
     /// The device's `id=` (QEMU's qdev id), shown by QMP.
     pub id: Option<String>,
+    /// QEMU's `bootindex=`: where the device comes in the firmware's boot order (lowest first); only PCI devices
+    /// get there (fw_cfg's `bootorder`, which SeaBIOS reads).
+    pub boot_index: Option<u32>,
 }
 
 /// A virtio-blk disk on a raw image file.
@@ -98,11 +101,38 @@ pub struct DiskConfig {
     pub frontend: Frontend,
 }
 
-/// The virtio console (the guest's hvc0).
+/// The virtio-serial device (QEMU's `virtio-serial-pci`/`-device`): its ports, each on a host stream of its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConsoleConfig {
-    pub backend: SerialConfig,
+pub struct VirtioSerialConfig {
     pub frontend: Frontend,
+    /// Port numbers run from 0 to `max_ports - 1` (QEMU's `max_ports`); 1 is the single-port console, without
+    /// VIRTIO_CONSOLE_F_MULTIPORT (`--console`).
+    pub max_ports: u32,
+    /// In command-line order, with distinct numbers and names.
+    pub ports: Vec<SerialPortConfig>,
+}
+
+impl VirtioSerialConfig {
+    /// `--console MODE`: the single-port console, the guest's hvc0.
+    pub fn single_console(backend: SerialConfig) -> Self {
+        let port = SerialPortConfig { nr: 0, name: None, console: true, backend, chardev: None, id: None };
+        VirtioSerialConfig { frontend: Frontend::default(), max_ports: 1, ports: vec![port] }
+    }
+}
+
+/// A port of the virtio-serial device: a console (QEMU's `virtconsole`, the guest's hvcN) or a named port (QEMU's
+/// `virtserialport`, the guest's /dev/vportNpM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialPortConfig {
+    pub nr: u32,
+    /// What the guest finds in `/sys/class/virtio-ports/*/name` (`name=`).
+    pub name: Option<String>,
+    pub console: bool,
+    pub backend: SerialConfig,
+    /// The `-chardev` id, which names the port in messages.
+    pub chardev: Option<String>,
+    /// The port device's `id=`.
+    pub id: Option<String>,
 }
 
 /// A virtio-net device on a host tap interface (QEMU's `-netdev tap,ifname=NAME` or `-netdev tap,fd=N` with
@@ -187,6 +217,9 @@ pub struct VmConfig {
     pub serial_on_isa: Option<Option<String>>,
     /// Guest memory is in Kestrel's core dumps (QEMU's `-machine dump-guest-core=on`, the default).
     pub dump_guest_core: bool,
+    /// Firmware boots only the devices in the boot order (`bootindex=`), none other (QEMU's `-boot strict=on`); with
+    /// no device in it, this changes nothing.
+    pub strict_boot: bool,
     /// Exit instead of resetting when the guest reboots.
     pub no_reboot: bool,
     /// Stay alive, stopped, when the guest powers off (QEMU's `-no-shutdown`).
@@ -198,7 +231,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: Option<Frontend>,
-    pub console: Option<ConsoleConfig>,
+    /// The virtio-serial device: the virtio console (`--console`) or QEMU's `virtio-serial` with its ports.
+    pub virtio_serial: Option<VirtioSerialConfig>,
     /// A virtio-balloon device (`--balloon`, `-device virtio-balloon-*`).
     pub balloon: Option<BalloonConfig>,
     /// The machine type asked for (`--machine`); `None` is the platform's default. It picks the transport virtio
@@ -288,6 +322,7 @@ impl VmConfig {
             serial_chardev: None,
             serial_on_isa: None,
             dump_guest_core: true,
+            strict_boot: false,
             no_reboot: false,
             no_shutdown: false,
             start_paused: false,
@@ -295,7 +330,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: None,
-            console: None,
+            virtio_serial: None,
             balloon: None,
             machine: None,
             name: None,

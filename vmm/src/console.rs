@@ -22,6 +22,44 @@ pub struct ConsoleBackend {
     pub input: Option<Box<dyn Read + Send>>,
     /// A pty's path, for the user to attach to (QMP's `query-chardev` reports it).
     pub pty_path: Option<String>,
+    /// Whether a client is connected, for a backend that can have none (a listening socket); `None`: always
+    /// connected.
+    pub connection: Option<Arc<HostConnection>>,
+}
+
+/// Whether a socket backend has a client, and who hears when that changes (a virtio-serial port tells its guest).
+#[derive(Default)]
+pub struct HostConnection {
+    state: Mutex<ConnectionState>,
+}
+
+#[derive(Default)]
+struct ConnectionState {
+    connected: bool,
+    watcher: Option<Box<dyn FnMut(bool) + Send>>,
+}
+
+impl HostConnection {
+    pub fn is_connected(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).connected
+    }
+
+    /// Calls `watcher` with the state now, then with every change, on the thread that sees it (the backend's
+    /// input thread), with this connection's lock held: `watcher` must not wait for the backend.
+    pub fn watch(&self, mut watcher: impl FnMut(bool) + Send + 'static) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        watcher(state.connected);
+        state.watcher = Some(Box::new(watcher));
+    }
+
+    fn set(&self, connected: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::replace(&mut state.connected, connected) != connected {
+            if let Some(watcher) = state.watcher.as_mut() {
+                watcher(connected);
+            }
+        }
+    }
 }
 
 /// A backend's input side, not yet being read.
@@ -101,25 +139,38 @@ fn open_direct(config: &SerialConfig, label: &str) -> io::Result<ConsoleBackend>
             if let Some(saved) = set_raw_keeping_signals(stdin.as_raw_fd(), true)? {
                 SAVED_TERMINAL.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((stdin.as_raw_fd(), saved));
             }
-            Ok(ConsoleBackend { output: Box::new(io::stdout()), input: Some(Box::new(stdin)), pty_path: None })
+            Ok(ConsoleBackend {
+                output: Box::new(io::stdout()),
+                input: Some(Box::new(stdin)),
+                pty_path: None,
+                connection: None,
+            })
         }
         SerialConfig::Pty => {
             let (output, input, path) = pty_console()?;
             // QEMU's wording, which scripts already look for.
             eprintln!("char device redirected to {path} (label {label})");
-            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), pty_path: Some(path) })
+            Ok(ConsoleBackend {
+                output: Box::new(output),
+                input: Some(Box::new(input)),
+                pty_path: Some(path),
+                connection: None,
+            })
         }
         SerialConfig::File(path) => {
             let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot open serial output file '{}': {e}", path.display()))
             })?;
-            Ok(ConsoleBackend { output: Box::new(file), input: None, pty_path: None })
+            Ok(ConsoleBackend { output: Box::new(file), input: None, pty_path: None, connection: None })
         }
-        SerialConfig::None => Ok(ConsoleBackend { output: Box::new(io::sink()), input: None, pty_path: None }),
+        SerialConfig::None => {
+            Ok(ConsoleBackend { output: Box::new(io::sink()), input: None, pty_path: None, connection: None })
+        }
         SerialConfig::Socket(socket) => {
             let (output, input) = socket_console(socket, label)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} ({label}): {e}", socket.address)))?;
-            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), pty_path: None })
+            let connection = Some(input.connection.clone());
+            Ok(ConsoleBackend { output: Box::new(output), input: Some(Box::new(input)), pty_path: None, connection })
         }
     }
 }
@@ -347,7 +398,8 @@ fn socket_console(socket: &ListenSocket, label: &str) -> io::Result<(SocketOutpu
         },
     };
     let client = Arc::new(Mutex::new(None));
-    let mut input = SocketInput { listener, client: client.clone(), reader: None };
+    let connection = Arc::new(HostConnection::default());
+    let mut input = SocketInput { listener, client: client.clone(), reader: None, connection };
     if socket.wait {
         eprintln!("kestrel: {label}: waiting for a connection on {}", socket.address);
         let waited = wait_for_connection(input.listener.raw_fd()).and_then(|()| input.accept());
@@ -450,6 +502,8 @@ struct SocketInput {
     listener: SocketListener,
     client: Arc<Mutex<Option<SocketStream>>>,
     reader: Option<SocketStream>,
+    /// Set as clients come and go.
+    connection: Arc<HostConnection>,
 }
 
 impl SocketInput {
@@ -461,6 +515,7 @@ impl SocketInput {
         stream.set_write_timeout(SOCKET_WRITE_TIMEOUT)?;
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone()?);
         self.reader = Some(stream);
+        self.connection.set(true);
         Ok(())
     }
 }
@@ -485,6 +540,7 @@ impl Read for SocketInput {
             }
             self.reader = None;
             *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.connection.set(false);
         }
     }
 }
@@ -762,6 +818,11 @@ mod tests {
         let path = dir.join("console.sock");
         let socket = ListenSocket { address: SocketAddress::Unix(path.clone()), wait: false };
         let backend = open(&SerialConfig::Socket(socket), "virtiocon0").unwrap();
+        // Clients coming and going are heard (a virtio-serial port tells its guest).
+        let connection = backend.connection.clone().expect("a socket backend reports its connection");
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        connection.watch(move |connected| seen_tx.send(connected).unwrap());
+        assert_eq!(seen_rx.recv_timeout(Duration::from_secs(5)), Ok(false), "the state now, first");
         let (mut output, input) = backend.split();
         // Output with nobody connected is dropped, not queued and not an error.
         output.write_all(b"lost").unwrap();
@@ -781,6 +842,10 @@ mod tests {
             client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             client.read_exact(&mut buf).unwrap();
             assert_eq!(&buf, format!("out{round}").as_bytes());
+            assert_eq!(seen_rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+            assert!(connection.is_connected());
+            drop(client);
+            assert_eq!(seen_rx.recv_timeout(Duration::from_secs(5)), Ok(false), "the client left");
         }
         std::fs::remove_dir_all(dir).unwrap();
     }

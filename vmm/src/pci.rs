@@ -1,7 +1,7 @@
 //! A PCI bus for any platform: the host bridge and virtio-pci functions on bus 0, configuration through ECAM (and,
-//! on a PC, ports 0xCF8/0xCFC), BARs in the platform's PCI MMIO window, MSI-X messages (each with its function's
-//! requester ID) and queue notifiers that follow the VM of the current boot. Where the windows are is the
-//! platform's [`PciWindows`].
+//! on a PC, ports 0xCF8/0xCFC), BARs in the platform's PCI MMIO windows (the one Kestrel places them in, and on a
+//! PC the one firmware does), MSI-X messages (each with its function's requester ID) and queue notifiers that
+//! follow the VM of the current boot. Where the windows are is the platform's [`PciWindows`].
 
 use std::collections::HashMap;
 use std::io;
@@ -86,6 +86,8 @@ pub struct PciWindows {
     /// Where the BARs are placed (32-bit memory).
     pub mmio_start: u64,
     pub mmio_size: u64,
+    /// `(start, size)` of a second window where BARs decode: where the PC's firmware (SeaBIOS) places them.
+    pub firmware_mmio: Option<(u64, u64)>,
 }
 
 /// The PC's configuration ports: where, and the reset control register that shares them (0xCF9).
@@ -133,6 +135,9 @@ struct VirtioFunction {
     slot: u8,
     name: String,
     device: Arc<Mutex<VirtioPciDevice>>,
+    /// Its place in the firmware's boot order (`bootindex=`). Only the PC boots firmware yet.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    boot_index: Option<u32>,
 }
 
 /// Bus 0 and what follows the VM.
@@ -158,6 +163,9 @@ impl PciBus {
     ) -> Result<Self, Error> {
         let notifiers = Arc::new(Notifiers::default());
         let mut root = PciRoot::new(windows.mmio_start, windows.mmio_size, Some(notifiers.clone()));
+        if let Some((start, size)) = windows.firmware_mmio {
+            root.add_window(start, size);
+        }
         let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
         let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
         root.add(host_bridge.clone()).map_err(pci_error)?;
@@ -179,7 +187,7 @@ impl PciBus {
                 return Err(Error::Device(format!("PCI: {} did not get slot {slot}", named.name)));
             }
             notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
-            functions.push(VirtioFunction { slot, name: named.name, device: function });
+            functions.push(VirtioFunction { slot, name: named.name, device: function, boot_index: named.boot_index });
         }
         let root = Arc::new(root);
         let config_io = match config_ports {
@@ -192,8 +200,9 @@ impl PciBus {
         };
         let ecam = Arc::new(Mutex::new(PciEcam::new(root.clone())));
         mmio.insert(ecam, windows.ecam_start, windows.ecam_size)?;
-        let window = Arc::new(Mutex::new(PciMmioWindow::new(root.clone())));
-        mmio.insert(window, windows.mmio_start, windows.mmio_size)?;
+        for (start, size) in std::iter::once((windows.mmio_start, windows.mmio_size)).chain(windows.firmware_mmio) {
+            mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone(), start))), start, size)?;
+        }
         Ok(PciBus { root, notifiers, config_io, host_bridge, functions })
     }
 
@@ -253,6 +262,17 @@ impl PciBus {
     /// configuration spaces say.
     pub fn refresh(&self) {
         self.root.refresh_all();
+    }
+
+    /// The functions that have a place in the boot order, as firmware names them (SeaBIOS's and OpenFirmware's
+    /// device paths for bus 0 behind the 0xCF8 host bridge: `/pci@i0cf8/*@SLOT`, the slot in hex), lowest
+    /// `bootindex=` first; devices given the same index keep their slot order.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn boot_order(&self) -> Vec<String> {
+        let mut bootable: Vec<(u32, u8)> =
+            self.functions.iter().filter_map(|f| Some((f.boot_index?, f.slot))).collect();
+        bootable.sort();
+        bootable.into_iter().map(|(_, slot)| format!("/pci@i0cf8/*@{slot:x}")).collect()
     }
 
     /// Every function on the bus, for QMP's `query-pci`.

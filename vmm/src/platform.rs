@@ -35,6 +35,10 @@ pub struct BootFiles<'a> {
     pub vcpu_count: u8,
     /// The CPU every vCPU is given.
     pub cpu: &'a GuestCpu,
+    /// Firmware boots only the devices in the boot order (QEMU's `-boot strict=on`). Only x86_64 boots firmware
+    /// so far (aarch64 refuses it), so only its build reads this.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub strict_boot: bool,
 }
 
 /// What the boot vCPU runs first.
@@ -94,6 +98,11 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// Whether the machines have an ISA bus whose COM1 is the serial port (QEMU's `-device isa-serial`, as libvirt
     /// gives a PC its `<serial>`).
     const ISA_SERIAL: bool;
+
+    /// The QOM types of the chipset functions that hold the ACPI power management registers (QEMU's PIIX4_PM on pc,
+    /// ICH9-LPC on q35), whose `disable_s3`/`disable_s4` settings libvirt looks for before it accepts a domain's
+    /// `<pm>`: offered with those two (the command line takes them as 1 only: the DSDT offers S5 alone).
+    const ACPI_PM_TYPES: &'static [&'static str] = &[];
 
     /// Which virtio transport devices get by default on `machine` (the platform's default machine for `None`), or
     /// the one error line for a machine type this platform does not offer. Called first, before anything is built.

@@ -8,7 +8,7 @@ use std::thread;
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::block::{Block, BlockOptions};
-use devices::virtio::console::Console;
+use devices::virtio::console::{Console, PortSetup};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::tap::{Tap, TapError};
 use devices::virtio::net::{MacAddress, Net};
@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Frontend, TapConfig, VirtioTransport, VmConfig};
+use crate::config::{Frontend, TapConfig, VirtioSerialConfig, VirtioTransport, VmConfig};
 use crate::console;
 use crate::inherited;
 use crate::seccomp::{confined, ThreadKind};
@@ -35,6 +35,10 @@ pub struct NamedDevice {
     pub transport: VirtioTransport,
     /// The `id=` the user gave the device (QEMU's qdev id), or empty.
     pub qdev_id: String,
+    /// Its place in the firmware's boot order (`bootindex=`), if it has one. Only x86_64 boots firmware so far
+    /// (aarch64 refuses it), so only its build reads this.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub boot_index: Option<u32>,
 }
 
 impl NamedDevice {
@@ -44,7 +48,13 @@ impl NamedDevice {
         transport: VirtioTransport,
         frontend: &Frontend,
     ) -> Self {
-        NamedDevice { name, device, transport, qdev_id: frontend.id.clone().unwrap_or_default() }
+        NamedDevice {
+            name,
+            device,
+            transport,
+            qdev_id: frontend.id.clone().unwrap_or_default(),
+            boot_index: frontend.boot_index,
+        }
     }
 }
 
@@ -54,12 +64,27 @@ pub type Disk = Arc<Mutex<Block>>;
 /// The virtio-balloon device, typed, for QMP's `balloon`, `query-balloon` and its QOM properties.
 pub type BalloonDevice = Arc<Mutex<Balloon>>;
 
+/// The virtio-serial device, typed, and its ports' ptys (in `VirtioSerialConfig::ports` order), for what QMP's
+/// `query-chardev` reports of them.
+pub struct SerialPorts {
+    pub device: Arc<Mutex<Console>>,
+    pub ptys: Vec<Option<String>>,
+}
+
+impl SerialPorts {
+    /// Whether a program in the guest has port `nr` open.
+    pub fn guest_open(&self, nr: u32) -> bool {
+        self.device.lock().unwrap_or_else(|p| p.into_inner()).guest_open(nr)
+    }
+}
+
 /// The virtio devices of a configuration, and those QMP needs typed.
 pub struct VirtioDevices {
     pub devices: Vec<NamedDevice>,
     /// The disks again, in `config.disks` order.
     pub disks: Vec<Disk>,
     pub balloon: Option<BalloonDevice>,
+    pub serial_ports: Option<SerialPorts>,
 }
 
 /// The virtio devices the configuration asks for, in a stable order (disks, nets, the rng, the console, the
@@ -68,6 +93,7 @@ pub struct VirtioDevices {
 pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<VirtioDevices, Error> {
     let mut devices = Vec::new();
     let mut disks = Vec::new();
+    let mut serial_ports = None;
     let transport = |frontend: &Frontend| frontend.transport.unwrap_or(machine_transport);
     for (index, disk) in config.disks.iter().enumerate() {
         let options = BlockOptions {
@@ -97,27 +123,34 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
         let device = Arc::new(Mutex::new(Rng::new()));
         devices.push(NamedDevice::new("virtio-rng".into(), device, transport(frontend), frontend));
     }
-    if let Some(console) = &config.console {
-        let (output, input) = console::open(&console.backend, "virtiocon0").map_err(Error::Console)?.split();
-        let device = Arc::new(Mutex::new(Console::new(output)));
-        // The device holds up to MAX_PENDING_INPUT itself and takes input whole or not at all; while it is full,
-        // the input thread offers the input again at its retry pace (no notification).
-        input.start("virtio-console", Arc::new(InputRoom::default()), {
-            let device = device.clone();
-            move |bytes| {
-                let taken = device.lock().unwrap_or_else(|p| p.into_inner()).queue_input(bytes);
+    if let Some(virtio_serial) = &config.virtio_serial {
+        let (device, inputs, ptys) = virtio_serial_device(virtio_serial)?;
+        let device = Arc::new(Mutex::new(device));
+        serial_ports = Some(SerialPorts { device: device.clone(), ptys });
+        for (nr, input, connection) in inputs {
+            // The device holds up to MAX_PENDING_INPUT per port itself and takes input whole or not at all; while
+            // it is full, the input thread offers the input again at its retry pace (no notification).
+            let port = device.clone();
+            input.start("virtio-console", Arc::new(InputRoom::default()), move |bytes| {
+                let taken = port.lock().unwrap_or_else(|p| p.into_inner()).queue_input(nr, bytes);
                 if taken {
                     bytes.len()
                 } else {
                     0
                 }
+            });
+            if let Some(connection) = connection {
+                let port = device.clone();
+                connection.watch(move |connected| {
+                    port.lock().unwrap_or_else(|p| p.into_inner()).set_host_connected(nr, connected);
+                });
             }
-        });
+        }
         devices.push(NamedDevice::new(
             "virtio-console".into(),
             device,
-            transport(&console.frontend),
-            &console.frontend,
+            transport(&virtio_serial.frontend),
+            &virtio_serial.frontend,
         ));
     }
     let mut balloon = None;
@@ -132,7 +165,36 @@ pub fn devices(config: &VmConfig, machine_transport: VirtioTransport) -> Result<
         let frontend = &balloon_config.frontend;
         devices.push(NamedDevice::new("virtio-balloon".into(), device, transport(frontend), frontend));
     }
-    Ok(VirtioDevices { devices, disks, balloon })
+    Ok(VirtioDevices { devices, disks, balloon, serial_ports })
+}
+
+/// A port's host input, not yet started, and its connection state (a socket's), by port number.
+type PortInput = (u32, console::ConsoleInput, Option<Arc<console::HostConnection>>);
+
+/// Each port's pty path, if its host side is a pty.
+type PortPtys = Vec<Option<String>>;
+
+/// The virtio-serial device with each port's host side opened, the ports' inputs to start once the device is
+/// shared, and their ptys. A console's host side is labelled `virtiocon<nr>` in messages unless it came from a
+/// `-chardev`.
+fn virtio_serial_device(config: &VirtioSerialConfig) -> Result<(Console, Vec<PortInput>, PortPtys), Error> {
+    let mut ports = Vec::with_capacity(config.ports.len());
+    let mut inputs = Vec::with_capacity(config.ports.len());
+    let mut ptys = Vec::with_capacity(config.ports.len());
+    for port in &config.ports {
+        let label = port.chardev.clone().unwrap_or_else(|| format!("virtiocon{}", port.nr));
+        let backend = console::open(&port.backend, &label).map_err(Error::Console)?;
+        let connection = backend.connection.clone();
+        ptys.push(backend.pty_path.clone());
+        let host_connected = connection.as_ref().is_none_or(|c| c.is_connected());
+        let (output, input) = backend.split();
+        let (nr, name, console) = (port.nr, port.name.clone(), port.console);
+        ports.push(PortSetup { nr, name, console, output, host_connected });
+        inputs.push((nr, input, connection.filter(|_| !console)));
+    }
+    let device =
+        Console::with_ports(config.max_ports, ports).map_err(|e| Error::Device(format!("virtio-serial: {e}")))?;
+    Ok((device, inputs, ptys))
 }
 
 /// Starts the worker for one device: `queue_events[i]` signals that queue `i` has work, and the device's host

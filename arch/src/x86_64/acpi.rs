@@ -22,9 +22,10 @@ use super::layout::{
     isa_irq_ioapic_pin, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM1_CNT_LEN, ACPI_PM1_EVT_LEN, ACPI_RESET_PORT,
     ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SCI_IRQ, ACPI_TABLES_END, ACPI_TABLES_START, CMOS_PORT, COM1_IRQ,
     COM1_PORT, IOAPIC_START, LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_LAST_BUS, PCI_ECAM_START,
-    PCI_MMIO_SIZE, PCI_MMIO_START, RSDP_START, RTC_IRQ,
+    PCI_FIRMWARE_MMIO_SIZE, PCI_FIRMWARE_MMIO_START, PCI_MMIO_SIZE, PCI_MMIO_START, RSDP_START, RTC_IRQ,
 };
 use super::{Error, Result};
+use crate::table_loader::{TableLoader, Zone};
 
 pub const OEM_ID: [u8; 6] = *b"KESTRL";
 pub const OEM_TABLE_ID: [u8; 8] = *b"KESTREL ";
@@ -124,21 +125,26 @@ fn legacy_device(name: &str, hid: &str, port: u16, len: u8, irq: u32) -> RawAml 
 }
 
 /// The PCI host bridge `PCI0` (PCI Express root, `PNP0A08`, compatible with plain PCI, `PNP0A03`): segment 0, bus
-/// 0, with the configuration ports and the 32-bit memory window BARs live in as its resources. There is no `_PRT`:
-/// the functions on it use MSI-X, not INTx.
+/// 0, with the configuration ports and the 32-bit memory windows BARs live in as its resources (the one Kestrel
+/// places them in, and the one firmware places them in, so that an OS booted by firmware keeps its BARs where
+/// they are). There is no `_PRT`: the functions on it use MSI-X, not INTx.
 fn pci_host_bridge() -> RawAml {
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
     let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(PCI_ECAM_LAST_BUS));
     let config_ports = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORTS);
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        PCI_MMIO_START as u32,
-        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&buses, &config_ports, &window]);
+    let memory_window = |start: u64, size: u64| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            start as u32,
+            (start + size - 1) as u32,
+            None,
+        )
+    };
+    let window = memory_window(PCI_MMIO_START, PCI_MMIO_SIZE);
+    let firmware_window = memory_window(PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE);
+    let crs = aml::ResourceTemplate::new(vec![&buses, &config_ports, &window, &firmware_window]);
     let (hid, cid, adr, seg, bbn, uid, crs) = (
         aml::Name::new("_HID".into(), &hid),
         aml::Name::new("_CID".into(), &cid),
@@ -265,20 +271,27 @@ pub struct BuiltTables {
     pub tables: Vec<PlacedTable>,
 }
 
-/// Hands out aligned space between `ACPI_TABLES_START` and `ACPI_TABLES_END`.
+/// Hands out aligned space between `start` and `end`.
 struct Placer {
+    start: u64,
+    end: u64,
     next: u64,
     placed: Vec<PlacedTable>,
 }
 
 impl Placer {
+    fn new(start: u64, end: u64) -> Self {
+        Placer { start, end, next: start, placed: Vec::new() }
+    }
+
     fn place(&mut self, signature: [u8; 4], bytes: Vec<u8>, align: u64) -> Result<u64> {
         let addr = self.next.next_multiple_of(align);
         let end = addr + bytes.len() as u64;
-        if end > ACPI_TABLES_END {
+        if end > self.end {
             return Err(Error::Tables(format!(
-                "ACPI tables need more than the {} bytes at {ACPI_TABLES_START:#x}",
-                ACPI_TABLES_END - ACPI_TABLES_START
+                "ACPI tables need more than the {} bytes at {:#x}",
+                self.end - self.start,
+                self.start
             )));
         }
         self.next = end;
@@ -289,13 +302,28 @@ impl Placer {
 
 /// Builds all tables and their addresses without touching guest memory.
 pub fn build_tables(config: &AcpiConfig) -> Result<BuiltTables> {
+    build_tables_in(config, Placer::new(ACPI_TABLES_START, ACPI_TABLES_END), false)
+}
+
+/// The RSDT: the root table of ACPI 1.0, 32-bit addresses. Kestrel's own boots give only the XSDT (Linux reads
+/// that); firmware hands the tables to older readers too (GRUB's `halt` finds the FADT through the RSDT only).
+fn build_rsdt(entries: &[u64]) -> Result<Vec<u8>> {
+    let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for &entry in entries {
+        let entry = u32::try_from(entry).map_err(|_| Error::Tables(format!("a table at {entry:#x} is above 4 GiB")))?;
+        rsdt.append_slice(&entry.to_le_bytes());
+    }
+    Ok(rsdt.as_slice().to_vec())
+}
+
+/// The tables placed by `placer`, with an RSDT beside the XSDT if `with_rsdt`.
+fn build_tables_in(config: &AcpiConfig, mut placer: Placer, with_rsdt: bool) -> Result<BuiltTables> {
     if config.vcpu_count == 0 || config.vcpu_count == u8::MAX {
         return Err(Error::Tables(format!(
             "{} vCPUs cannot be described: need 1..=254 (APIC IDs 0..n-1 and the IOAPIC's ID n must stay below 0xff)",
             config.vcpu_count
         )));
     }
-    let mut placer = Placer { next: ACPI_TABLES_START, placed: Vec::new() };
     let dsdt = placer.place(*b"DSDT", build_dsdt(config), 8)?;
     let mut facs_bytes = Vec::new();
     FACS::new().to_aml_bytes(&mut facs_bytes);
@@ -306,11 +334,10 @@ pub fn build_tables(config: &AcpiConfig) -> Result<BuiltTables> {
 
     let mcfg = if config.pci_host_bridge { Some(placer.place(*b"MCFG", build_mcfg(), 8)?) } else { None };
 
+    let entries: Vec<u64> = [Some(fadt), Some(madt), mcfg].into_iter().flatten().collect();
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(fadt);
-    xsdt.add_entry(madt);
-    if let Some(mcfg) = mcfg {
-        xsdt.add_entry(mcfg);
+    for &entry in &entries {
+        xsdt.add_entry(entry);
     }
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
@@ -318,7 +345,101 @@ pub fn build_tables(config: &AcpiConfig) -> Result<BuiltTables> {
 
     let mut rsdp = Vec::new();
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
+    if with_rsdt {
+        let rsdt_addr = placer.place(*b"RSDT", build_rsdt(&entries)?, 8)?;
+        let rsdt_addr =
+            u32::try_from(rsdt_addr).map_err(|_| Error::Tables(format!("RSDT at {rsdt_addr:#x} is above 4 GiB")))?;
+        rsdp[RSDP_RSDT_ADDRESS..RSDP_RSDT_ADDRESS + 4].copy_from_slice(&rsdt_addr.to_le_bytes());
+        set_checksum(&mut rsdp, RSDP_CHECKSUM, 0..RSDP_V1_LEN);
+        let rsdp_len = rsdp.len();
+        set_checksum(&mut rsdp, RSDP_EXTENDED_CHECKSUM, 0..rsdp_len);
+    }
     Ok(BuiltTables { rsdp, tables: placer.placed })
+}
+
+/// Fields of the RSDP (ACPI 6.5, 5.2.5.3): the ACPI 1.0 part's checksum covers its first 20 bytes, the extended
+/// one all 36.
+const RSDP_CHECKSUM: usize = 8;
+const RSDP_RSDT_ADDRESS: usize = 16;
+const RSDP_XSDT_ADDRESS: usize = 24;
+const RSDP_EXTENDED_CHECKSUM: usize = 32;
+const RSDP_V1_LEN: usize = 20;
+/// Every table header's checksum byte.
+const SDT_CHECKSUM: usize = 9;
+const SDT_HEADER_LEN: usize = 36;
+/// FADT fields holding addresses of other tables: FIRMWARE_CTRL and DSDT (32-bit), X_FIRMWARE_CTRL and X_DSDT.
+const FADT_TABLE_POINTERS: [(u32, u8); 4] = [(36, 4), (40, 4), (132, 8), (140, 8)];
+
+/// Makes `range` of `bytes` sum to zero through the byte at `offset`.
+fn set_checksum(bytes: &mut [u8], offset: usize, range: std::ops::Range<usize>) {
+    bytes[offset] = 0;
+    let sum = bytes[range].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    bytes[offset] = sum.wrapping_neg();
+}
+
+/// The fw_cfg files through which firmware installs the tables (QEMU's names, which SeaBIOS and OVMF look for):
+/// the RSDP, every table in one file, and the loader commands that place both and link them.
+pub const LOADER_RSDP_FILE: &str = "etc/acpi/rsdp";
+pub const LOADER_TABLES_FILE: &str = "etc/acpi/tables";
+pub const TABLE_LOADER_FILE: &str = "etc/table-loader";
+
+/// The tables as firmware installs them ([`crate::table_loader`]): the RSDP in the F segment, where the OS scans
+/// for it, and the tables in high memory, linked once the firmware knows where it put them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoaderTables {
+    /// [`LOADER_RSDP_FILE`].
+    pub rsdp: Vec<u8>,
+    /// [`LOADER_TABLES_FILE`]: every table at its offset, each table address in it an offset into this file.
+    pub tables: Vec<u8>,
+    /// [`TABLE_LOADER_FILE`].
+    pub loader: Vec<u8>,
+}
+
+/// Builds the same tables Kestrel writes for a kernel, plus an RSDT, laid out from offset 0 of one file, and the
+/// loader commands that turn their offsets into addresses and fix their checksums.
+pub fn build_loader_tables(config: &AcpiConfig) -> Result<LoaderTables> {
+    let built = build_tables_in(config, Placer::new(0, u64::from(u32::MAX)), true)?;
+    let len = built.tables.iter().map(|t| t.addr as usize + t.bytes.len()).max().unwrap_or(0);
+    let mut tables = vec![0u8; len];
+    let mut loader = TableLoader::new();
+    loader.allocate(LOADER_RSDP_FILE, 16, Zone::FSeg)?;
+    // 64: the FACS's alignment, which its offset in the file keeps.
+    loader.allocate(LOADER_TABLES_FILE, 64, Zone::High)?;
+    let file = LOADER_TABLES_FILE;
+    for table in &built.tables {
+        let start = table.addr as usize;
+        tables[start..start + table.bytes.len()].copy_from_slice(&table.bytes);
+        let at = table.addr as u32;
+        let entries = (table.bytes.len() - SDT_HEADER_LEN.min(table.bytes.len())) as u32;
+        match &table.signature {
+            b"FACP" => {
+                for (field, size) in FADT_TABLE_POINTERS {
+                    loader.add_pointer(file, at + field, size, file)?;
+                }
+            }
+            b"XSDT" => {
+                for entry in 0..entries / 8 {
+                    loader.add_pointer(file, at + SDT_HEADER_LEN as u32 + 8 * entry, 8, file)?;
+                }
+            }
+            b"RSDT" => {
+                for entry in 0..entries / 4 {
+                    loader.add_pointer(file, at + SDT_HEADER_LEN as u32 + 4 * entry, 4, file)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    // After the pointers they cover were patched. The FACS has no checksum.
+    for table in built.tables.iter().filter(|t| &t.signature != b"FACS") {
+        let at = table.addr as u32;
+        loader.add_checksum(file, at + SDT_CHECKSUM as u32, at, table.bytes.len() as u32)?;
+    }
+    loader.add_pointer(LOADER_RSDP_FILE, RSDP_RSDT_ADDRESS as u32, 4, file)?;
+    loader.add_pointer(LOADER_RSDP_FILE, RSDP_XSDT_ADDRESS as u32, 8, file)?;
+    loader.add_checksum(LOADER_RSDP_FILE, RSDP_CHECKSUM as u32, 0, RSDP_V1_LEN as u32)?;
+    loader.add_checksum(LOADER_RSDP_FILE, RSDP_EXTENDED_CHECKSUM as u32, 0, built.rsdp.len() as u32)?;
+    Ok(LoaderTables { rsdp: built.rsdp, tables, loader: loader.into_bytes() })
 }
 
 /// Writes the RSDP at `RSDP_START` and the tables after `ACPI_TABLES_START`; returns where they went.
@@ -437,12 +558,14 @@ mod tests {
         assert!(has(&[0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
         // IO 0xcf8, 8 ports.
         assert!(has(&[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
-        // DWordMemory over the window: min, max, translation 0, length.
-        let mut window = Vec::new();
-        for v in [PCI_MMIO_START as u32, (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32, 0, PCI_MMIO_SIZE as u32] {
-            window.extend_from_slice(&v.to_le_bytes());
+        // DWordMemory over each window: min, max, translation 0, length.
+        for (start, size) in [(PCI_MMIO_START, PCI_MMIO_SIZE), (PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE)] {
+            let mut window = Vec::new();
+            for v in [start as u32, (start + size - 1) as u32, 0, size as u32] {
+                window.extend_from_slice(&v.to_le_bytes());
+            }
+            assert!(has(&window), "{start:#x}");
         }
-        assert!(has(&window));
         assert_eq!(sum(&dsdt), 0);
 
         let mcfg = build_mcfg();
@@ -451,6 +574,51 @@ mod tests {
         assert_eq!(&mcfg[52..56], &[0, 0, 0, PCI_ECAM_LAST_BUS], "segment 0, buses 0..last");
         let with = build_tables(&config).unwrap();
         assert!(with.tables.iter().any(|t| &t.signature == b"MCFG"));
+    }
+
+    #[test]
+    fn firmware_running_the_loader_gets_linked_tables_that_checksum() {
+        let config = AcpiConfig { pci_host_bridge: true, ..AcpiConfig::new(2) };
+        let built = build_loader_tables(&config).unwrap();
+        let placed = crate::table_loader::run_like_firmware(
+            &built.loader,
+            &[(LOADER_RSDP_FILE, &built.rsdp), (LOADER_TABLES_FILE, &built.tables)],
+            0x0ffe_0010,
+            0xf_5a70,
+        );
+        let (rsdp_at, rsdp) = &placed[LOADER_RSDP_FILE];
+        let (tables_at, tables) = &placed[LOADER_TABLES_FILE];
+        assert_eq!((*rsdp_at % 16, *tables_at % 64), (0, 0));
+        assert!((0xf_0000..0x10_0000).contains(rsdp_at), "the RSDP is where the OS scans for it");
+        assert_eq!((&rsdp[..8], sum(&rsdp[..20]), sum(rsdp)), (&b"RSD PTR "[..], 0, 0));
+        // Every address in the tables is now an address of the file's copy: read tables as a guest would.
+        let table = |address: u64| -> &[u8] {
+            let start = (address - tables_at) as usize;
+            let table = &tables[start..];
+            let len = len_field(table);
+            assert_eq!(sum(&table[..len]), 0, "{}", String::from_utf8_lossy(&table[..4]));
+            &table[..len]
+        };
+        let u32_at = |bytes: &[u8], at: usize| u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()));
+        let u64_at = |bytes: &[u8], at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let rsdt = table(u32_at(rsdp, 16));
+        let xsdt = table(u64_at(rsdp, 24));
+        assert_eq!((&rsdt[..4], rsdt[8], &xsdt[..4]), (&b"RSDT"[..], 1, &b"XSDT"[..]));
+        let rsdt_entries: Vec<u64> = (36..rsdt.len()).step_by(4).map(|at| u32_at(rsdt, at)).collect();
+        let xsdt_entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|at| u64_at(xsdt, at)).collect();
+        assert_eq!(rsdt_entries, xsdt_entries);
+        let signatures: Vec<&[u8]> = rsdt_entries.iter().map(|&at| &table(at)[..4]).collect();
+        assert_eq!(signatures, [&b"FACP"[..], b"APIC", b"MCFG"]);
+        // GRUB's halt: the FADT's 32-bit DSDT address, whose first object is `_S5_` with a ZeroOp sleep type.
+        let fadt = table(rsdt_entries[0]);
+        assert_eq!(u32_at(fadt, 40), u64_at(fadt, 140));
+        assert_eq!(u32_at(fadt, 36), u64_at(fadt, 132));
+        let facs = u32_at(fadt, 36);
+        assert_eq!((facs % 64, &tables[(facs - tables_at) as usize..][..4]), (0, &b"FACS"[..]));
+        let dsdt = table(u32_at(fadt, 40));
+        assert_eq!(dsdt, build_dsdt(&config), "the same DSDT a kernel gets");
+        assert_eq!(&dsdt[36..42], &[0x08, b'_', b'S', b'5', b'_', 0x12]);
+        assert_eq!(dsdt[45], 0x00, "S5's SLP_TYPa as ZeroOp");
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub const PLATFORM_MMIO_SIZE: u64 = 0x1000_0000;
 pub const PCI_ECAM_START: u64 = PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE;
 pub const PCI_ECAM_LAST_BUS: u8 = 0;
 pub const PCI_ECAM_SIZE: u64 = (PCI_ECAM_LAST_BUS as u64 + 1) << 20;
+/// The host bridge's second 32-bit memory window, from the ECAM's end up to the IOAPIC. Kestrel places no BAR
+/// here; PC firmware does: SeaBIOS assigns every BAR itself, top-down from 0xFEC00000 (a constant of its build,
+/// whatever the platform says), so its BARs land at the top of this window.
+pub const PCI_FIRMWARE_MMIO_START: u64 = PCI_ECAM_START + PCI_ECAM_SIZE;
+pub const PCI_FIRMWARE_MMIO_SIZE: u64 = IOAPIC_START - PCI_FIRMWARE_MMIO_START;
 /// KVM's TSS region (three pages, must not overlap RAM or devices), and below it the page KVM uses for its
 /// identity map (on Intel hosts without unrestricted guests); KVM puts that page there by default. Firmware images
 /// larger than 256 KiB reach below these pages: then both move below the image (`pc_irqchip_layout`).
@@ -267,6 +272,7 @@ mod tests {
             (PCI_MMIO_START, PCI_MMIO_SIZE),
             (PLATFORM_MMIO_START, PLATFORM_MMIO_SIZE),
             (PCI_ECAM_START, PCI_ECAM_SIZE),
+            (PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE),
             (IOAPIC_START, 0x1000),
             (LAPIC_START, 0x1000),
             (KVM_TSS_ADDRESS, 0x3000),
@@ -278,6 +284,8 @@ mod tests {
             }
         }
         assert_eq!(PCI_ECAM_SIZE, 1 << 20);
+        // SeaBIOS's BARs end at its build's BUILD_PCIMEM_END, the IOAPIC's address.
+        assert_eq!(PCI_FIRMWARE_MMIO_START + PCI_FIRMWARE_MMIO_SIZE, 0xfec0_0000);
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //!   root places their BARs in the window, as firmware would, and enables memory decoding, so the guest can keep
 //!   them as they are.
 //! * Put [`PciConfigIo`] on the port bus at 0xCF8 (8 ports), [`PciEcam`] on the MMIO bus at the ECAM base
-//!   ([`ECAM_BUS_SIZE`] bytes for bus 0) and [`PciMmioWindow`] on the MMIO bus over the whole window. The window
-//!   routes each access to whichever BAR decodes its address *now*, so a guest that moves a BAR (inside the
-//!   window) reaches the device at the new address without the MMIO bus changing. BARs moved outside the window
-//!   do not decode (Linux keeps BARs inside the host bridge's `_CRS` window).
+//!   ([`ECAM_BUS_SIZE`] bytes for bus 0) and a [`PciMmioWindow`] on the MMIO bus over each window. A window
+//!   routes each access to whichever BAR decodes its address *now*, so a guest that moves a BAR (inside a
+//!   window) reaches the device at the new address without the MMIO bus changing. Besides the window the root
+//!   places BARs in, [`PciRoot::add_window`] adds windows the guest may move BARs to (PC firmware places them
+//!   itself, where it was built to). BARs moved outside every window do not decode (Linux keeps BARs inside the
+//!   host bridge's `_CRS` windows).
 //! * Things that live outside the bus and follow a BAR (the hypervisor's ioeventfds on notification addresses)
 //!   learn about moves through the [`BarObserver`] given to [`PciRoot::new`]: it hears every change of a BAR's
 //!   decoded address, `None` meaning "not decoded" (memory decoding off, as while Linux sizes a BAR, or the BAR
@@ -122,11 +124,11 @@ struct Mapping {
     bar: usize,
 }
 
-/// Bus 0: its functions, the MMIO window their BARs live in, and where each BAR decodes now.
+/// Bus 0: its functions, the MMIO windows their BARs live in, and where each BAR decodes now.
 pub struct PciRoot {
     slots: Vec<Option<Function>>,
-    window_start: u64,
-    window_size: u64,
+    /// (start, size) of each window; [`PciRoot::add`] places BARs in the first.
+    windows: Vec<(u64, u64)>,
     /// Next free address for [`PciRoot::add`]'s BAR placement.
     next_bar_address: u64,
     mappings: RwLock<Vec<Mapping>>,
@@ -138,12 +140,24 @@ impl PciRoot {
     pub fn new(window_start: u64, window_size: u64, observer: Option<Arc<dyn BarObserver>>) -> Self {
         PciRoot {
             slots: (0..SLOTS).map(|_| None).collect(),
-            window_start,
-            window_size,
+            windows: vec![(window_start, window_size)],
             next_bar_address: window_start,
             mappings: RwLock::new(Vec::new()),
             observer,
         }
+    }
+
+    /// Adds a window where BARs decode once the guest moves them there; [`PciRoot::add`] places none in it. It
+    /// must not overlap another window.
+    pub fn add_window(&mut self, start: u64, size: u64) {
+        self.windows.push((start, size));
+    }
+
+    /// Whether a BAR at `start` of `size` bytes lies wholly inside one window, and so decodes.
+    fn in_a_window(&self, start: u64, size: u64) -> bool {
+        self.windows.iter().any(|&(window, window_size)| {
+            start >= window && start.checked_add(size).is_some_and(|end| end <= window + window_size)
+        })
     }
 
     /// Puts `device` in the first free slot, places its BARs (each aligned to its size) and enables memory
@@ -157,7 +171,8 @@ impl PciRoot {
             for index in 0..config::BAR_COUNT {
                 let Some(bar) = config.bar(index) else { continue };
                 let address = next.next_multiple_of(bar.size);
-                if address + bar.size > self.window_start + self.window_size {
+                let (window_start, window_size) = self.windows[0];
+                if address + bar.size > window_start + window_size {
                     return Err(Error::WindowFull(bar.size));
                 }
                 config.set_bar_address(index, address)?;
@@ -218,12 +233,11 @@ impl PciRoot {
     /// Recomputes `slot`'s mappings from its configuration space and tells the observer what moved.
     fn refresh(&self, slot: u8) {
         let Some(device) = self.device(slot) else { return };
-        let window_end = self.window_start + self.window_size;
         let decoded: Vec<Mapping> = lock(device)
             .config()
             .decoded_bars()
             .into_iter()
-            .filter(|&(_, start, size)| start >= self.window_start && start + size <= window_end)
+            .filter(|&(_, start, size)| self.in_a_window(start, size))
             .map(|(bar, start, size)| Mapping { start, size, slot, bar })
             .collect();
         let mut moves = Vec::new();
@@ -296,14 +310,13 @@ impl PciRoot {
     /// Resets every function (machine reset). The observer is not told: the VM it would update is gone, and
     /// whoever builds the next one asks [`decoded_bars`](Self::decoded_bars).
     pub fn reset(&self) {
-        let window_end = self.window_start + self.window_size;
         let mut all = Vec::new();
         for (slot, device) in self.slots.iter().enumerate() {
             let Some(device) = device else { continue };
             let mut d = lock(device);
             d.reset();
             for (bar, start, size) in d.config().decoded_bars() {
-                if start >= self.window_start && start + size <= window_end {
+                if self.in_a_window(start, size) {
                     all.push(Mapping { start, size, slot: slot as u8, bar });
                 }
             }
@@ -447,20 +460,22 @@ impl BusDevice for PciEcam {
     }
 }
 
-/// The BARs' MMIO window: each access goes to the BAR that decodes its address now, or reads all ones.
+/// One of the BARs' MMIO windows, on the MMIO bus from `start`: each access goes to the BAR that decodes its
+/// address now, or reads all ones.
 pub struct PciMmioWindow {
     root: Arc<PciRoot>,
+    start: u64,
 }
 
 impl PciMmioWindow {
-    pub fn new(root: Arc<PciRoot>) -> Self {
-        PciMmioWindow { root }
+    pub fn new(root: Arc<PciRoot>, start: u64) -> Self {
+        PciMmioWindow { root, start }
     }
 }
 
 impl BusDevice for PciMmioWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let address = self.root.window_start + offset;
+        let address = self.start + offset;
         match self.root.route(address, data.len()) {
             Some((device, bar, offset)) => lock(&device).read_bar(bar, offset, data),
             None => data.fill(0xff),
@@ -468,7 +483,7 @@ impl BusDevice for PciMmioWindow {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let address = self.root.window_start + offset;
+        let address = self.start + offset;
         if let Some((device, bar, offset)) = self.root.route(address, data.len()) {
             lock(&device).write_bar(bar, offset, data);
         }
@@ -686,7 +701,7 @@ mod tests {
     fn bars_are_placed_in_the_window_and_route_accesses() {
         let (root, probe, _) = bus();
         assert_eq!(root.decoded_bars(1), vec![(0, WINDOW), (1, WINDOW + 0x4000)]);
-        let mut window = PciMmioWindow::new(root.clone());
+        let mut window = PciMmioWindow::new(root.clone(), WINDOW);
         let mut data = [0u8; 4];
         window.read(0x10, &mut data);
         assert_eq!(data, [1; 4]);
@@ -708,7 +723,7 @@ mod tests {
     fn moving_a_bar_moves_its_routing_and_tells_the_observer() {
         let (root, probe, moves) = bus();
         let mut ecam = PciEcam::new(root.clone());
-        let mut window = PciMmioWindow::new(root.clone());
+        let mut window = PciMmioWindow::new(root.clone(), WINDOW);
         let bar0 = (1 << 15) + config::BAR0 as u64;
         let command = (1 << 15) + config::COMMAND as u64;
         // Linux's sizing: decode off, all ones, read, restore, decode on. Nothing stays unmapped.
@@ -743,6 +758,42 @@ mod tests {
         root.reset();
         assert_eq!(root.decoded_bars(1), vec![(0, WINDOW), (1, WINDOW + 0x4000)]);
         assert_eq!(probe.lock().unwrap().config.bar_address(0), Some(WINDOW));
+    }
+
+    #[test]
+    fn a_bar_moved_into_a_further_window_decodes_there_and_nowhere_else() {
+        const FIRMWARE_WINDOW: u64 = 0xe010_0000;
+        let moves = Arc::new(Moves::default());
+        let mut root = PciRoot::new(WINDOW, 0x1000_0000, Some(moves.clone()));
+        root.add_window(FIRMWARE_WINDOW, 0xfec0_0000 - FIRMWARE_WINDOW);
+        root.add(Arc::new(Mutex::new(HostBridge::new()))).unwrap();
+        let probe = Probe::new();
+        root.add(probe.clone()).unwrap();
+        assert_eq!(root.decoded_bars(1), vec![(0, WINDOW), (1, WINDOW + 0x4000)], "placed in the first window");
+        let root = Arc::new(root);
+        let mut ecam = PciEcam::new(root.clone());
+        let mut window = PciMmioWindow::new(root.clone(), WINDOW);
+        let mut firmware_window = PciMmioWindow::new(root.clone(), FIRMWARE_WINDOW);
+        let bar0 = (1 << 15) + config::BAR0 as u64;
+        // Where SeaBIOS puts them: top-down from 0xFEC00000.
+        ecam.write(bar0, &0xfebf_8000u32.to_le_bytes());
+        ecam.write(bar0 + 4, &0xfebf_c000u32.to_le_bytes());
+        assert_eq!(root.decoded_bars(1), vec![(0, 0xfebf_8000), (1, 0xfebf_c000)]);
+        assert_eq!(moves.0.lock().unwrap().last(), Some(&(1, 1, Some(WINDOW + 0x4000), Some(0xfebf_c000))));
+        let mut data = [0u8; 4];
+        firmware_window.read(0xfebf_c008 - FIRMWARE_WINDOW, &mut data);
+        assert_eq!(data, [2; 4], "BAR 1 answers at its new address");
+        window.read(0x4008, &mut data);
+        assert_eq!(data, [0xff; 4], "and no longer at its old one");
+        // Past the window's end (the IOAPIC's page) a BAR decodes nowhere.
+        ecam.write(bar0 + 4, &0xfebf_f000u32.to_le_bytes());
+        ecam.write(bar0, &0xfec0_0000u32.to_le_bytes());
+        assert_eq!(root.decoded_bars(1), vec![(1, 0xfebf_f000)]);
+        // Between the windows: nowhere either.
+        ecam.write(bar0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(root.decoded_bars(1), vec![(1, 0xfebf_f000)]);
+        root.reset();
+        assert_eq!(root.decoded_bars(1), vec![(0, WINDOW), (1, WINDOW + 0x4000)]);
     }
 
     #[test]
@@ -786,7 +837,7 @@ mod tests {
         let mut data = [0u8; 4];
         new_io.read(4, &mut data);
         assert_eq!(u32::from_le_bytes(data), 0xc100_0000);
-        let mut window = PciMmioWindow::new(new_root.clone());
+        let mut window = PciMmioWindow::new(new_root.clone(), WINDOW);
         window.read(0x0100_0000, &mut data);
         assert_eq!(data, [1; 4], "the moved BAR reaches the device");
         // The host bridge's state is its configuration space.

@@ -749,7 +749,11 @@ mod tests {
         assert_refused(&mut target, &bad(&|s| s.queues.push(s.queues[0].clone())), "queues");
         assert_refused(&mut target, &bad(&|s| s.queues.clear()), "queues");
         assert_refused(&mut target, &bad(&|s| s.device_features |= 1 << 5), "device_features");
-        let console = VirtioDeviceState::Console(crate::virtio::console::ConsoleState { pending_input: vec![] });
+        let console = VirtioDeviceState::Console(crate::virtio::console::ConsoleState {
+            pending_input: vec![],
+            ports: vec![],
+            control: vec![],
+        });
         assert_refused(&mut target, &bad(&|s| s.device = console.clone()), "device");
         // Refused before a byte of it is read: fields from elsewhere, device types from elsewhere.
         let json = serde_json::to_string(&good).unwrap();

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
+use crate::cpu_model::GuestCpu;
 use crate::pci::{PciBus, PciWindows};
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
@@ -42,6 +43,7 @@ const VIRT_PCI_WINDOWS: PciWindows = PciWindows {
     ecam_size: PCI_ECAM_SIZE,
     mmio_start: PCI_MMIO_START,
     mmio_size: PCI_MMIO_SIZE,
+    firmware_mmio: None,
 };
 
 /// Bytes of host entropy the FDT hands the guest's random pool (`/chosen/rng-seed`), as QEMU's virt does.
@@ -244,6 +246,10 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         memory: &GuestMemoryMmap,
         boot: BootFiles<'_>,
     ) -> Result<Vec<VcpuOf<H>>, Error> {
+        // `guest_cpu` admits no model, feature setting or second socket here: the host's CPU, as KVM gives it.
+        if *boot.cpu != GuestCpu::default() {
+            return Err(Error::Unsupported("aarch64 guests get the host's CPU in one socket".into()));
+        }
         let (kernel, initrd, cmdline) = match boot.payload {
             Payload::Kernel { kernel, initrd, cmdline } => (kernel, initrd, cmdline),
             Payload::Firmware(image) => return Err(image.refused("firmware boot is not available on aarch64 yet")),
@@ -397,6 +403,7 @@ mod tests {
             device: Arc::new(Mutex::new(devices::virtio::rng::Rng::new())),
             transport,
             qdev_id: "rng0".into(),
+            boot_index: None,
         };
         let new = |devices| {
             let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();

@@ -11,8 +11,10 @@ use serde_json::Value;
 
 use super::{duplicate_id, invalid, on_off, split_qemu_opts_os, CliError};
 use crate::config::{
-    BalloonConfig, DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, TapConfig, VirtioTransport,
+    BalloonConfig, DiskConfig, Frontend, MacAddress, NetConfig, SerialConfig, SerialPortConfig, TapConfig,
+    VirtioSerialConfig, VirtioTransport,
 };
+use devices::virtio::console::{DEFAULT_MAX_PORTS, MAX_NAME_LEN, MAX_PORTS_LIMIT};
 
 /// A parsed option value: the leading item without `=` (QEMU's implied key: a `-device` driver, a `-netdev` type),
 /// then the `key=value` pairs in order. JSON values are flattened: nested objects give dotted keys (`file.filename`),
@@ -140,8 +142,20 @@ fn flatten(
 }
 
 /// Settings QEMU accepts that change nothing for Kestrel's devices: guest-visible placement Kestrel chooses itself
-/// (`bus`, `addr`), boot order (the kernel is loaded directly), and tuning with one possible value here.
-const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "bootindex", "multifunction", "romfile", "rombar"];
+/// (`bus`, `addr`), and tuning with one possible value here.
+const IGNORED_DEVICE_KEYS: &[&str] = &["bus", "addr", "multifunction", "romfile", "rombar"];
+/// Settings every device takes besides its own: its id and its place in the firmware's boot order.
+const COMMON_DEVICE_KEYS: &[&str] = &["id", "bootindex"];
+
+/// `bootindex=`: QEMU's non-negative 32-bit number (-1, QEMU's "none", is the same as leaving it out).
+fn boot_index(value: &str, setting: Option<&str>) -> Result<Option<u32>, CliError> {
+    match setting {
+        None | Some("-1") => Ok(None),
+        Some(text) => text.parse::<i32>().ok().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
+            invalid("-device", value, format!("bootindex={text}: expected a number from 0 to 2147483647, or -1"))
+        }),
+    }
+}
 
 /// A device `-device` creates: its model (the driver, less the `-pci`/`-device` transport suffix of a virtio
 /// device) and the settings it takes, each with its QEMU property type. What QMP's probe answers
@@ -190,9 +204,14 @@ pub const DEVICE_MODELS: &[DeviceModel] = &[
     },
     DeviceModel { model: "virtio-serial", kind: DeviceKind::Virtio, properties: &[("max_ports", "uint32")] },
     DeviceModel {
-        model: "virtconsole",
+        model: VIRTCONSOLE,
         kind: DeviceKind::VirtioSerialPort,
-        properties: &[("chardev", "str"), ("nr", "uint32")],
+        properties: &[("chardev", "str"), ("nr", "uint32"), ("name", "str")],
+    },
+    DeviceModel {
+        model: VIRTSERIALPORT,
+        kind: DeviceKind::VirtioSerialPort,
+        properties: &[("chardev", "str"), ("nr", "uint32"), ("name", "str")],
     },
     // COM1, the one UART (x86_64 only: `ISA_SERIAL` keeps it out of other platforms' tables).
     DeviceModel { model: ISA_SERIAL, kind: DeviceKind::Isa, properties: &[("chardev", "str"), ("index", "uint32")] },
@@ -209,10 +228,12 @@ const HONOURED_VALUES: &[(&str, &str, &[&str])] = &[
     // FLUSH is offered: the guest sees a write-back cache and flushes it.
     ("virtio-blk", "write-cache", &["on", "true", "yes", "auto"]),
     ("virtio-net", "mq", &["off", "false", "no"]),
-    // One port, the console (no VIRTIO_CONSOLE_F_MULTIPORT).
-    ("virtio-serial", "max_ports", &["1"]),
-    ("virtconsole", "nr", &["0"]),
 ];
+
+/// QEMU's console port on a virtio-serial controller (the guest's hvcN).
+pub const VIRTCONSOLE: &str = "virtconsole";
+/// QEMU's named port on a virtio-serial controller (the guest's /dev/vportNpM; libvirt's `<channel>`).
+pub const VIRTSERIALPORT: &str = "virtserialport";
 
 /// QEMU's 16550A on the ISA bus, as libvirt asks for a `<serial>` on a PC: Kestrel's COM1.
 pub const ISA_SERIAL: &str = "isa-serial";
@@ -241,8 +262,9 @@ pub struct QemuDevices {
     pub nics: Vec<NetConfig>,
     pub rng: Option<Frontend>,
     pub balloon: Option<BalloonConfig>,
-    /// The virtio console: the chardev id it is connected to, and the virtio-serial controller's frontend.
-    pub console: Option<(String, Frontend)>,
+    /// The virtio-serial controller and its ports, numbered; each port's `backend` is still
+    /// [`SerialConfig::None`] with its chardev id in `chardev`, connected by the caller.
+    pub virtio_serial: Option<VirtioSerialConfig>,
     /// The chardev id `-device isa-serial` (COM1) is connected to, and the device's id.
     pub isa_serial: Option<(String, Option<String>)>,
 }
@@ -310,7 +332,7 @@ impl QemuDeviceOptions {
             path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| invalid("-drive", value, "file= is required"))?;
         match interface.as_deref() {
             Some("virtio") => {
-                let frontend = Frontend { transport: None, id: None };
+                let frontend = Frontend::default();
                 self.drives.push(DiskConfig { path, read_only, serial, direct, frontend });
                 Ok(())
             }
@@ -546,19 +568,26 @@ impl QemuDeviceOptions {
         Ok(())
     }
 
-    /// Connects devices to their backends. `chardevs` are the `-chardev` ids (for `virtconsole,chardev=`).
+    /// Connects devices to their backends. `chardevs` are the `-chardev` ids (for `virtconsole,chardev=`,
+    /// `virtserialport,chardev=`).
     pub fn resolve(mut self, chardevs: &HashMap<String, SerialConfig>) -> Result<QemuDevices, CliError> {
         let mut out = QemuDevices { disks: std::mem::take(&mut self.drives), ..Default::default() };
-        let mut serial_bus: Option<(String, Frontend)> = None;
+        // The controller: its frontend and max_ports; the ports as given: (option value, settings, console).
+        let mut serial_bus: Option<(Frontend, u32)> = None;
+        let mut serial_ports: Vec<(&str, &Opts, bool)> = Vec::new();
         let devices = std::mem::take(&mut self.devices);
         for (value, opts) in &devices {
             let driver = opts.first.as_deref().unwrap_or_default();
             let (model, transport) = split_driver(driver);
-            let frontend = Frontend { transport, id: opts.get("id").map(str::to_string) };
+            let boot_index = boot_index(value, opts.get("bootindex"))?;
+            let frontend = Frontend { transport, id: opts.get("id").map(str::to_string), boot_index };
             let known = |model: &str| -> Result<(), CliError> {
                 for (key, setting) in &opts.pairs {
                     let own = model_settings(model).any(|own| own == key);
-                    if !own && !IGNORED_DEVICE_KEYS.contains(&key.as_str()) && key != "id" {
+                    if !own
+                        && !IGNORED_DEVICE_KEYS.contains(&key.as_str())
+                        && !COMMON_DEVICE_KEYS.contains(&key.as_str())
+                    {
                         return Err(invalid("-device", value, format!("unsupported setting '{key}' for {driver}")));
                     }
                     let honoured = HONOURED_VALUES.iter().find(|(m, k, _)| *m == model && k == key);
@@ -634,20 +663,24 @@ impl QemuDeviceOptions {
                     if serial_bus.is_some() {
                         return Err(invalid("-device", value, "Kestrel supports one virtio-serial controller"));
                     }
-                    serial_bus = Some((opts.get("id").unwrap_or_default().to_string(), frontend));
+                    let max_ports =
+                        match opts.get("max_ports") {
+                            None => DEFAULT_MAX_PORTS,
+                            Some(n) => n.parse::<u32>().ok().filter(|n| (1..=MAX_PORTS_LIMIT).contains(n)).ok_or_else(
+                                || invalid("-device", value, format!("max_ports= takes 1 to {MAX_PORTS_LIMIT}")),
+                            )?,
+                        };
+                    serial_bus = Some((frontend, max_ports));
                 }
-                "virtconsole" if transport.is_none() => {
-                    known("virtconsole")?;
+                VIRTCONSOLE | VIRTSERIALPORT if transport.is_none() => {
+                    known(model)?;
                     let chardev =
                         opts.get("chardev").ok_or_else(|| invalid("-device", value, "chardev= is required"))?;
                     if !chardevs.contains_key(chardev) {
                         return Err(invalid("-device", value, format!("no -chardev with id '{chardev}'")));
                     }
-                    if out.console.is_some() {
-                        return Err(invalid("-device", value, "Kestrel supports one virtconsole"));
-                    }
-                    // The controller may come after its port on the command line; placed below.
-                    out.console = Some((chardev.to_string(), Frontend::default()));
+                    // Numbered once the controller, which may come after its ports, is known.
+                    serial_ports.push((value, opts, model == VIRTCONSOLE));
                 }
                 ISA_SERIAL if transport.is_none() => {
                     known(ISA_SERIAL)?;
@@ -671,24 +704,17 @@ impl QemuDeviceOptions {
                 _ => return Err(invalid("-device", value, format!("device '{driver}' is not supported"))),
             }
         }
-        match (&mut out.console, serial_bus) {
-            (Some((_, frontend)), Some((_, bus))) => *frontend = bus,
-            (Some(_), None) => {
-                return Err(CliError::Invalid {
-                    option: "-device".into(),
-                    value: "virtconsole".into(),
-                    reason: "a virtconsole needs a -device virtio-serial-pci (or -device) controller".into(),
-                })
+        out.virtio_serial = match serial_bus {
+            Some((frontend, max_ports)) => Some(number_ports(frontend, max_ports, &serial_ports)?),
+            None if serial_ports.is_empty() => None,
+            None => {
+                return Err(invalid(
+                    "-device",
+                    serial_ports[0].0,
+                    "a virtconsole or virtserialport needs a -device virtio-serial-pci (or -device) controller",
+                ))
             }
-            (None, Some(_)) => {
-                return Err(CliError::Invalid {
-                    option: "-device".into(),
-                    value: "virtio-serial".into(),
-                    reason: "a virtio-serial controller needs a -device virtconsole,chardev=ID port".into(),
-                })
-            }
-            (None, None) => {}
-        }
+        };
         if let Some((id, _)) = self.backends.iter().find(|(_, b)| !b.used) {
             return Err(CliError::Invalid {
                 option: "-drive/-blockdev".into(),
@@ -717,6 +743,60 @@ impl QemuDeviceOptions {
         backend.read_only |= format_read_only;
         Ok(backend)
     }
+}
+
+/// Numbers a virtio-serial controller's ports as QEMU does, in command-line order: `nr=` as given (port 0 only for
+/// a console); otherwise port 0 for the first console, else the lowest number free from 1. A number taken twice,
+/// out of range or with none left, and a name given twice, are refused in QEMU's words.
+fn number_ports(
+    frontend: Frontend,
+    max_ports: u32,
+    ports: &[(&str, &Opts, bool)],
+) -> Result<VirtioSerialConfig, CliError> {
+    let mut numbered: Vec<SerialPortConfig> = Vec::new();
+    for &(value, opts, console) in ports {
+        let taken = |nr: u32| numbered.iter().any(|p| p.nr == nr);
+        let nr = match opts.get("nr") {
+            Some(nr) => {
+                let nr = nr.parse::<u32>().map_err(|_| invalid("-device", value, "nr= takes a port number"))?;
+                if nr >= max_ports {
+                    let message = format!("Out-of-range port id specified, max. allowed: {}", max_ports - 1);
+                    return Err(invalid("-device", value, message));
+                }
+                if nr == 0 && !console {
+                    let message = "Port number 0 on virtio-serial devices reserved for virtconsole devices for \
+                                   backward compatibility";
+                    return Err(invalid("-device", value, message));
+                }
+                if taken(nr) {
+                    return Err(invalid("-device", value, format!("A port already exists at id {nr}")));
+                }
+                nr
+            }
+            None if console && !taken(0) => 0,
+            None => (1..max_ports)
+                .find(|&nr| !taken(nr))
+                .ok_or_else(|| invalid("-device", value, "Maximum port limit for this device reached"))?,
+        };
+        let name = opts.get("name").map(str::to_string);
+        if let Some(name) = &name {
+            if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
+                return Err(invalid("-device", value, format!("name= takes 1 to {MAX_NAME_LEN} bytes")));
+            }
+            if numbered.iter().any(|p| p.name.as_ref() == Some(name)) {
+                return Err(invalid("-device", value, format!("A port already exists by name {name}")));
+            }
+        }
+        numbered.push(SerialPortConfig {
+            nr,
+            name,
+            console,
+            backend: SerialConfig::None,
+            chardev: opts.get("chardev").map(str::to_string),
+            id: opts.get("id").map(str::to_string),
+        });
+    }
+    Ok(VirtioSerialConfig { frontend, max_ports, ports: numbered })
 }
 
 /// `virtio-blk-pci` → (`virtio-blk`, PCI); `virtio-blk-device` → (`virtio-blk`, mmio); `virtio-blk` → the machine's

@@ -11,7 +11,10 @@ use qmp::{
 };
 use serde_json::{json, Value};
 
-use crate::cli::{qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES};
+use crate::cli::{
+    qemu_option_parameters, DeviceKind, DeviceModel, DEVICE_MODELS, ISA_SERIAL, OBJECT_TYPES, VIRTCONSOLE,
+    VIRTSERIALPORT,
+};
 use crate::config::{CpuConfig, Frontend, MachineType, VirtioTransport, VmConfig};
 use crate::cpu_model::canonical_feature_name;
 use crate::platform::Platform;
@@ -47,7 +50,13 @@ pub(super) fn peripherals<H: Hypervisor, P: Platform<H>>(config: &VmConfig) -> V
     devices.extend(config.disks.iter().filter_map(|disk| virtio("virtio-blk", &disk.frontend)));
     devices.extend(config.nets.iter().filter_map(|net| virtio("virtio-net", &net.frontend)));
     devices.extend(config.rng.iter().filter_map(|rng| virtio("virtio-rng", rng)));
-    devices.extend(config.console.iter().filter_map(|console| virtio("virtio-serial", &console.frontend)));
+    if let Some(virtio_serial) = &config.virtio_serial {
+        devices.extend(virtio("virtio-serial", &virtio_serial.frontend));
+        for port in &virtio_serial.ports {
+            let model = if port.console { VIRTCONSOLE } else { VIRTSERIALPORT };
+            devices.extend(port.id.clone().map(|id| (id, model.to_string())));
+        }
+    }
     devices.extend(config.balloon.iter().filter_map(|balloon| virtio("virtio-balloon", &balloon.frontend)));
     devices
 }
@@ -140,6 +149,7 @@ pub(super) fn qom_types<H: Hypervisor, P: Platform<H>>() -> Vec<QomType> {
     );
     let transports = virtio_transports::<H, P>();
     types.extend(transports.iter().map(|&t| qom_type(virtio_parent(t), Some("device"), true)));
+    types.extend(P::ACPI_PM_TYPES.iter().map(|&name| qom_type(name, Some("device"), false)));
     if P::ISA_SERIAL {
         types.push(qom_type("isa-device", Some("device"), true));
     }
@@ -175,6 +185,9 @@ pub(super) fn type_properties<H: Hypervisor, P: Platform<H>>(type_name: &str) ->
     }
     if type_name == P::CPU_TYPE {
         return Some(vec![TypeProperty { default_value: Some(json!(true)), ..property("migratable", "bool") }]);
+    }
+    if P::ACPI_PM_TYPES.contains(&type_name) {
+        return Some(vec![property("disable_s3", "uint8"), property("disable_s4", "uint8")]);
     }
     qom_types::<H, P>().iter().any(|t| t.name == type_name).then(Vec::new)
 }

@@ -80,7 +80,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
         };
         let guest_cpu = P::guest_cpu(&hypervisor, &config.cpu)?;
         let memory = create_guest_memory(P::ram_regions(config.memory_bytes))?;
-        let crate::virtio::VirtioDevices { devices: virtio_devices, disks, balloon } =
+        let crate::virtio::VirtioDevices { devices: virtio_devices, disks, balloon, serial_ports } =
             crate::virtio::devices(config, transport)?;
         if let Some(balloon) = &balloon {
             // The guest's driver changed its balloon: BALLOON_CHANGE, from the event loop.
@@ -127,6 +127,7 @@ impl<'a, H: Hypervisor, P: Platform<H>> Vmm<'a, H, P> {
             fatal: None,
             memory_file: None,
             serial_pty,
+            serial_ports,
         })
     }
 }
@@ -189,7 +190,12 @@ impl<H: Hypervisor, P: Platform<H>> Vmm<'_, H, P> {
                     },
                     OpenPayload::Firmware(image) => Payload::Firmware(image),
                 };
-                let boot = BootFiles { payload, vcpu_count: self.config.vcpus, cpu: &self.cpu };
+                let boot = BootFiles {
+                    payload,
+                    vcpu_count: self.config.vcpus,
+                    cpu: &self.cpu,
+                    strict_boot: self.config.strict_boot,
+                };
                 self.platform.boot(&self.hypervisor, &vm, &self.memory, boot)?
             }
         };

@@ -132,6 +132,8 @@ pub struct Vmm<'a, H: Hypervisor, P: Platform<H>> {
     memory_file: Option<snapshot_file::MappedFile>,
     /// The serial port's pty, when it has one: `query-chardev` reports its path, as libvirt needs.
     serial_pty: Option<String>,
+    /// The virtio-serial device and its ports' ptys, for `query-chardev`.
+    serial_ports: Option<crate::virtio::SerialPorts>,
 }
 
 /// QEMU's label for the serial port of `-serial` (`-chardev` ids label their own).

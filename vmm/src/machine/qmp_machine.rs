@@ -92,15 +92,22 @@ impl<H: Hypervisor, P: Platform<H>> Machine for Vmm<'_, H, P> {
     }
     fn chardevs(&self) -> Vec<ChardevInfo> {
         let serial = match &self.config.serial {
-            SerialConfig::Stdio => Some("stdio".to_string()),
-            SerialConfig::Pty => Some(format!("pty:{}", self.serial_pty.as_deref().unwrap_or_default())),
-            SerialConfig::File(path) => Some(format!("file:{}", path.display())),
             SerialConfig::None => None,
-            SerialConfig::Socket(socket) => Some(format!("{},server=on", socket.address)),
+            other => Some(chardev_filename(other, self.serial_pty.as_deref())),
         };
         let label = self.config.serial_chardev.as_deref().unwrap_or(SERIAL_LABEL).to_string();
         let serial = serial.map(|filename| ChardevInfo { label, filename, frontend_open: true });
-        serial.into_iter().chain(monitor_chardevs(self.config)).collect()
+        // The virtio-serial ports' chardevs, open on the frontend while a program in the guest has the port open
+        // (QEMU's virtio-serial sets its chardev's frontend open as the guest's driver says).
+        let mut ports = Vec::new();
+        if let (Some(virtio_serial), Some(serial_ports)) = (&self.config.virtio_serial, &self.serial_ports) {
+            for (port, pty) in virtio_serial.ports.iter().zip(&serial_ports.ptys) {
+                let Some(label) = port.chardev.clone() else { continue };
+                let filename = chardev_filename(&port.backend, pty.as_deref());
+                ports.push(ChardevInfo { label, filename, frontend_open: serial_ports.guest_open(port.nr) });
+            }
+        }
+        serial.into_iter().chain(ports).chain(monitor_chardevs(self.config)).collect()
     }
     fn target(&self) -> Target {
         P::QMP_TARGET
@@ -381,6 +388,17 @@ pub(super) fn uuid_bytes(config: &VmConfig) -> [u8; 16] {
         *byte = hex.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
     }
     bytes
+}
+
+/// A chardev's `filename` as QEMU's `query-chardev` gives it, a pty's with its path.
+fn chardev_filename(backend: &SerialConfig, pty: Option<&str>) -> String {
+    match backend {
+        SerialConfig::Stdio => "stdio".to_string(),
+        SerialConfig::Pty => format!("pty:{}", pty.unwrap_or_default()),
+        SerialConfig::File(path) => format!("file:{}", path.display()),
+        SerialConfig::None => "null".to_string(),
+        SerialConfig::Socket(socket) => format!("{},server=on", socket.address),
+    }
 }
 
 /// The QMP monitors as `query-chardev` shows them, labelled as QEMU labels `-qmp` monitors.

@@ -251,6 +251,7 @@ impl Fixture {
             memory_file: None,
             serial_pty: None,
             cpu: GuestCpu::default(),
+            serial_ports: None,
         };
         let (session, _greeting) = Session::new(ServerInfo::kestrel());
         let mut fixture = Fixture { vmm, session, power_button_presses, _poll: poll };
@@ -438,7 +439,7 @@ fn the_configuration_shows_in_name_uuid_memory_and_chardevs() {
 
 #[test]
 fn what_libvirt_looks_at_when_it_starts_or_reconnects() {
-    let frontend = |id: &str| Frontend { transport: None, id: Some(id.into()) };
+    let frontend = |id: &str| Frontend { id: Some(id.into()), ..Frontend::default() };
     let config = VmConfig {
         serial: SerialConfig::Pty,
         serial_chardev: Some("charserial0".into()),
@@ -515,9 +516,14 @@ fn the_probe_is_offered_what_the_platform_and_command_line_implement() {
     let types = m.execute("qom-list-types", json!({"implements": "device"})).unwrap();
     let names: Vec<&str> = types.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     // The test platform's only machine puts virtio on mmio: no -pci devices.
-    for expected in
-        ["virtio-blk-device", "virtio-net-device", "virtio-rng-device", "virtio-serial-device", "virtconsole"]
-    {
+    for expected in [
+        "virtio-blk-device",
+        "virtio-net-device",
+        "virtio-rng-device",
+        "virtio-serial-device",
+        "virtconsole",
+        "virtserialport",
+    ] {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n.ends_with("-pci")), "{names:?}");
@@ -531,6 +537,12 @@ fn the_probe_is_offered_what_the_platform_and_command_line_implement() {
     let rng = m.execute("device-list-properties", json!({"typename": "virtio-rng-device"})).unwrap();
     let settings: Vec<&str> = rng.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(settings, ["rng"], "no rate limit: max-bytes and period are not offered");
+    // Ports and their numbers, as many as QEMU's max_ports allows: the one-port restriction is gone.
+    let port = m.execute("device-list-properties", json!({"typename": "virtserialport"})).unwrap();
+    let settings: Vec<&str> = port.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(settings, ["chardev", "nr", "name"]);
+    let serial = m.execute("device-list-properties", json!({"typename": "virtio-serial-device"})).unwrap();
+    assert_eq!(serial[0]["name"], "max_ports");
     let error = m.execute("device-list-properties", json!({"typename": "virtio-rng-pci"})).unwrap_err();
     assert!(error.contains("not found"), "{error}");
     assert_eq!(m.execute("qom-list-properties", json!({"typename": "memory-backend-file"})), Ok(json!([])));

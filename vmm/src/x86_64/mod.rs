@@ -6,7 +6,7 @@ mod syscall_names;
 
 use std::sync::{Arc, Mutex};
 
-use arch::x86_64::acpi::virtio_mmio_device_aml;
+use arch::x86_64::acpi::{self, build_loader_tables, virtio_mmio_device_aml, AcpiConfig};
 use arch::x86_64::boot::setup_guest_with_acpi;
 use arch::x86_64::firmware::{e820_file, firmware_e820_map};
 use arch::x86_64::layout::{
@@ -59,12 +59,14 @@ fn guest_cpuid(supported: &[CpuidEntry], id: u8, vcpu_count: u8, cpu: &GuestCpu)
 
 const FIRST_VIRTIO_GSI: u32 = 16;
 
-/// The PC's PCI bus: ECAM for bus 0 after the platform devices, BARs in the 32-bit hole.
+/// The PC's PCI bus: ECAM for bus 0 after the platform devices, BARs in the 32-bit hole, where Kestrel places them
+/// and where SeaBIOS does.
 const PC_PCI_WINDOWS: PciWindows = PciWindows {
     ecam_start: layout::PCI_ECAM_START,
     ecam_size: layout::PCI_ECAM_SIZE,
     mmio_start: layout::PCI_MMIO_START,
     mmio_size: layout::PCI_MMIO_SIZE,
+    firmware_mmio: Some((layout::PCI_FIRMWARE_MMIO_START, layout::PCI_FIRMWARE_MMIO_SIZE)),
 };
 
 const UART_REGISTERS: u64 = 8;
@@ -122,6 +124,7 @@ impl<H: PcHypervisor> Platform<H> for Pc {
     /// xAPIC IDs are 8 bits, 0xff is broadcast, and the IOAPIC takes the ID after the last CPU's.
     const MAX_VCPUS: u32 = 254;
     const ISA_SERIAL: bool = true;
+    const ACPI_PM_TYPES: &'static [&'static str] = &["PIIX4_PM", "ICH9-LPC"];
 
     /// PCI on pc/q35 (the default), mmio on microvm.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
@@ -271,7 +274,7 @@ impl<H: PcHypervisor> Platform<H> for Pc {
                 let start = layout::bios_start(image.len()).map_err(|e| image.refused(e))?;
                 self.wire_vm(vm, Some(start))?;
                 map_firmware(vm.as_ref(), memory, image, start)?;
-                self.describe_to_firmware(memory, boot.vcpu_count, start).map_err(|e| image.refused(e))?;
+                self.describe_to_firmware(memory, &boot, start)?;
                 // KVM's vCPUs start in the reset state (real mode, CS base 0xFFFF0000, IP 0xFFF0): the last 16
                 // bytes of the image, its reset vector.
                 None
@@ -316,24 +319,46 @@ impl<H: PcHypervisor> Platform<H> for Pc {
 }
 
 impl Pc {
-    /// What fw_cfg tells the firmware whose image starts at `firmware_start`: the memory map, the CPU count, and
-    /// no graphics (so SeaBIOS's console is COM1), as QEMU's `-nographic` does; a failed boot is not retried.
+    /// What fw_cfg tells the firmware whose image starts at `firmware_start`: the memory map, the CPU count, no
+    /// graphics (so SeaBIOS's console is COM1), as QEMU's `-nographic` does, and the ACPI tables a kernel would
+    /// get, for the firmware to install through the table loader; a failed boot is not retried.
     fn describe_to_firmware(
         &self,
         memory: &GuestMemoryMmap,
-        vcpu_count: u8,
+        boot: &BootFiles,
         firmware_start: u64,
-    ) -> Result<(), fw_cfg::FwCfgError> {
+    ) -> Result<(), Error> {
+        let vcpu_count = boot.vcpu_count;
         let ram_size: u64 = memory.iter().map(|region| region.len()).sum();
+        let acpi = AcpiConfig { vcpu_count, extra_dsdt_aml: self.dsdt_devices()?, pci_host_bridge: self.pci.is_some() };
+        let tables = build_loader_tables(&acpi).map_err(|e| Error::Boot(e.to_string()))?;
+        let fw_cfg_error = |e: fw_cfg::FwCfgError| Error::Boot(format!("fw_cfg: {e}"));
         let mut fw_cfg = self.fw_cfg.lock().unwrap_or_else(|p| p.into_inner());
         fw_cfg.clear();
-        fw_cfg.set_item(fw_cfg::RAM_SIZE, ram_size.to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::NB_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::MAX_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec())?;
-        fw_cfg.set_item(fw_cfg::NOGRAPHIC, 1u16.to_le_bytes().to_vec())?;
-        fw_cfg.add_file("etc/e820", e820_file(&firmware_e820_map(ram_size, firmware_start)))?;
-        // QEMU's default `-boot reboot-timeout=-1`: stay at the failure message.
-        fw_cfg.add_file("etc/boot-fail-wait", u32::MAX.to_le_bytes().to_vec())?;
+        let items = [
+            (fw_cfg::RAM_SIZE, ram_size.to_le_bytes().to_vec()),
+            (fw_cfg::NB_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec()),
+            (fw_cfg::MAX_CPUS, u16::from(vcpu_count).to_le_bytes().to_vec()),
+            (fw_cfg::NOGRAPHIC, 1u16.to_le_bytes().to_vec()),
+        ];
+        for (key, data) in items {
+            fw_cfg.set_item(key, data).map_err(fw_cfg_error)?;
+        }
+        let files = [
+            ("etc/e820", e820_file(&firmware_e820_map(ram_size, firmware_start))),
+            // QEMU's default `-boot reboot-timeout=-1`: stay at the failure message.
+            ("etc/boot-fail-wait", u32::MAX.to_le_bytes().to_vec()),
+            (acpi::LOADER_RSDP_FILE, tables.rsdp),
+            (acpi::LOADER_TABLES_FILE, tables.tables),
+            (acpi::TABLE_LOADER_FILE, tables.loader),
+        ];
+        let boot_order = self.pci.as_ref().map(PciBus::boot_order).unwrap_or_default();
+        // SeaBIOS tries the devices listed first, in order, then the others as it found them; or, strict, none
+        // other. With none listed there is no order, strict or not (as with QEMU): the firmware's own applies.
+        let boot_order = (!boot_order.is_empty()).then(|| ("bootorder", bootorder_file(&boot_order, boot.strict_boot)));
+        for (name, data) in files.into_iter().chain(boot_order) {
+            fw_cfg.add_file(name, data).map_err(fw_cfg_error)?;
+        }
         Ok(())
     }
 
@@ -409,6 +434,15 @@ fn map_firmware<V: hypervisor::Vm>(
         .map_err(|e| image.refused(format!("copying it below 1 MiB: {e}")))
 }
 
+/// fw_cfg's `bootorder` file: one device path a line, then `HALT` if `strict` (SeaBIOS boots nothing that is not
+/// listed before it), NUL-terminated (QEMU's form). Only for a non-empty list: QEMU gives no `HALT` alone.
+fn bootorder_file(paths: &[String], strict: bool) -> Vec<u8> {
+    let halt = strict.then(|| "HALT".to_string());
+    let mut file = paths.iter().cloned().chain(halt).collect::<Vec<_>>().join("\n").into_bytes();
+    file.push(0);
+    file
+}
+
 /// Each time the guest acknowledges the SCI, lets the PM block raise it again if its event is still pending. The
 /// thread lives as long as the process; the eventfd outlives every VM it is registered with.
 fn forward_sci_acknowledgements(resample: Arc<EventFd>, acpi_pm: Arc<Mutex<AcpiPmBlock>>) -> Result<(), Error> {
@@ -421,4 +455,16 @@ fn forward_sci_acknowledgements(resample: Arc<EventFd>, acpi_pm: Arc<Mutex<AcpiP
         }))
         .map(drop)
         .map_err(|e| Error::Host("starting the SCI thread", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bootorder_file_is_one_path_a_line_and_nul_terminated() {
+        let paths = ["/pci@i0cf8/*@2".to_string(), "/pci@i0cf8/*@1f".to_string()];
+        assert_eq!(bootorder_file(&paths, false), b"/pci@i0cf8/*@2\n/pci@i0cf8/*@1f\0");
+        assert_eq!(bootorder_file(&paths, true), b"/pci@i0cf8/*@2\n/pci@i0cf8/*@1f\nHALT\0");
+    }
 }

@@ -311,7 +311,7 @@ fn through_a_pci_root_the_function_answers_where_its_bar_decodes() {
     let slot = root.add(dev.clone()).unwrap();
     let root = Arc::new(root);
     assert_eq!(root.decoded_bars(slot), vec![(0, 0xc000_0000), (1, 0xc000_4000)]);
-    let mut window = crate::pci::PciMmioWindow::new(root.clone());
+    let mut window = crate::pci::PciMmioWindow::new(root.clone(), 0xc000_0000);
     let mut ecam = crate::pci::PciEcam::new(root.clone());
     let cfg = u64::from(slot) << 15;
     let mut data = [0u8; 2];
