@@ -868,6 +868,21 @@ fn aarch64_virtio_net_carries_ping_http_and_an_upload_through_a_tap() {
     check_virtio_net(c);
 }
 
+/// virtio-pci on aarch64: the guest finds the ECAM host bridge in the FDT, and MSI-X reaches it through the GICv3
+/// ITS (a queue vector and a configuration vector per device).
+#[test]
+fn aarch64_virtio_pci_disks_and_rng_serve_a_linux_guest_with_msix_through_the_its() {
+    let Some(c) = case(Arch::Aarch64, "virtio-pci-its") else { return };
+    check_virtio_disks(&c);
+    c.assert_line("HWRNG=virtio_rng");
+    c.assert_line("PCI-DEV 0000:00:00.0 0x1b36:0x0008 class=0x060000");
+    c.assert_line("PCI-DEV 0000:00:01.0 0x1af4:0x1042 class=0x010000");
+    c.assert_line("PCI-DEV 0000:00:02.0 0x1af4:0x1042 class=0x010000");
+    c.assert_line("PCI-DEV 0000:00:03.0 0x1af4:0x1044 class=0x00ff00");
+    c.assert_line("ITS-MSI-VIRTIO-IRQS=6");
+    c.assert_exited(0);
+}
+
 /// The KVM aarch64 backend's own tests (tests/kvm_aarch64.rs), where KVM is real: inside the aarch64 runner's L1.
 #[test]
 fn aarch64_kvm_backend_tests_pass_for_real_in_l1() {
@@ -875,7 +890,8 @@ fn aarch64_kvm_backend_tests_pass_for_real_in_l1() {
     c.assert_line("test a_vcpu_stores_to_the_uart_and_powers_off_through_psci ... ok");
     c.assert_line("test a_counting_guest_continues_in_a_second_vm_from_its_saved_state ... ok");
     c.assert_line("test hostile_vcpu_and_gic_states_are_refused_with_a_clear_error ... ok");
-    c.assert_line("test result: ok. 3 passed; 0 failed");
+    c.assert_line("test the_its_takes_msis_by_device_id_and_its_registers_travel_with_the_gic_state ... ok");
+    c.assert_line("test result: ok. 4 passed; 0 failed");
     c.assert_exited(0);
 }
 
@@ -1124,6 +1140,13 @@ fn an_l1_past_the_runners_wall_clock_budget_is_stopped() {
 #[test]
 fn aarch64_a_counting_linux_guest_is_saved_and_restored_into_a_new_kestrel() {
     let Some(c) = case(Arch::Aarch64, "snapshot") else { return };
+    check_snapshot(&c);
+}
+
+/// The snapshot case with the disk on virtio-pci: the GIC ITS's state travels, so MSI-X goes on after the restore.
+#[test]
+fn aarch64_a_counting_linux_guest_on_a_virtio_pci_disk_is_saved_and_restored_with_its_its() {
+    let Some(c) = case(Arch::Aarch64, "snapshot-pci") else { return };
     check_snapshot(&c);
 }
 

@@ -18,14 +18,20 @@ pub trait VmAarch64: Vm {
     /// one, else a GICv2; returns which.
     fn create_gic(&self, layout: &GicLayout, vcpu_count: u32, irq_count: u32) -> Result<GicVersion>;
 
+    /// Adds a GICv3 ITS (interrupt translation service) with its register frame at `base`, so that PCI functions'
+    /// MSIs (written to its GITS_TRANSLATER) become LPIs; from then on every MSI carries its sender's device ID.
+    /// Must come after `create_gic` made a GICv3 and before any vCPU runs.
+    fn create_its(&self, base: u64) -> Result<()>;
+
     /// The GICv3's state as data: distributor, each vCPU's redistributor and CPU interface (named by the vCPUs'
-    /// MPIDRs, in vCPU order), and the SPIs' input line levels. Every vCPU must be outside `run`. A GICv2 is
-    /// refused (not supported yet).
+    /// MPIDRs, in vCPU order), and the SPIs' input line levels; with an ITS, its registers and each
+    /// redistributor's LPI registers, after the ITS's tables and the pending LPIs were written to guest memory
+    /// (so this must come before guest memory is saved). Every vCPU must be outside `run`. A GICv2 is refused.
     fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64>;
 
-    /// Loads a saved [`GicStateAarch64`] into the GICv3 of a VM built the same way (vCPU count, interrupt count),
-    /// before any vCPU runs. The register layout is checked against this GIC's first; a refused state changes
-    /// nothing.
+    /// Loads a saved [`GicStateAarch64`] into the GICv3 of a VM built the same way (vCPU count, interrupt count,
+    /// an ITS or none), before any vCPU runs and after guest memory (which holds the ITS's tables) was loaded.
+    /// The register layout is checked against this GIC's first; a refused state changes nothing.
     fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()>;
 
     /// The MPIDRs of the vCPUs `init_vcpu` initialised, in that order: what the GIC's redistributors and CPU
@@ -121,9 +127,21 @@ pub struct GicCpuState {
     pub mpidr: u64,
     pub redistributor: Vec<GicRegister>,
     pub cpu_interface: Vec<GicSystemRegister>,
+    /// With an ITS: the redistributor's LPI registers (GICR_PROPBASER and GICR_PENDBASER as 32-bit halves, then
+    /// GICR_CTLR with EnableLPIs). Absent without one, as in snapshots from before the ITS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lpis: Vec<GicRegister>,
 }
 
-/// A GICv3's state: registers in the order they are restored in. No ITS and no LPIs (Kestrel creates none).
+/// One 64-bit register of the GICv3 ITS by its offset in the ITS's control frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GicItsRegister {
+    pub offset: u32,
+    pub value: u64,
+}
+
+/// A GICv3's state: registers in the order they are restored in.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GicStateAarch64 {
@@ -132,4 +150,9 @@ pub struct GicStateAarch64 {
     /// The SPIs' input line levels, one word per 32 interrupts from interrupt 32.
     pub line_levels: Vec<u32>,
     pub cpus: Vec<GicCpuState>,
+    /// The ITS's registers, on a VM with one (PCI devices): GITS_CBASER, GITS_IIDR, the GITS_BASERn, GITS_CWRITER,
+    /// GITS_CREADR, and GITS_CTLR last. Its device, collection and interrupt translation tables, and the
+    /// pending LPIs, are in guest memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub its: Option<Vec<GicItsRegister>>,
 }

@@ -108,8 +108,10 @@ pub trait Vm: Send + Sync {
     /// Undoes [`register_ioevent`](Self::register_ioevent) with the same arguments (a BAR moved).
     fn unregister_ioevent(&self, event: &EventFd, address: IoEventAddress, datamatch: Option<Datamatch>) -> Result<()>;
 
-    /// Delivers a message-signalled interrupt: what the guest programmed as MSI address and data.
-    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+    /// Delivers a message-signalled interrupt: what the guest programmed as MSI address and data, sent by the PCI
+    /// function whose requester ID (bus << 8 | device << 3 | function) is `device_id`. An interrupt translation
+    /// service (arm64's GICv3 ITS) tells devices apart by that ID; where none exists it is not needed.
+    fn signal_msi(&self, address: u64, data: u32, device_id: u32) -> Result<()>;
 
     /// Asserts level-triggered line `gsi` whenever `event` is written and keeps it asserted until the guest
     /// acknowledges the interrupt; then de-asserts it and writes `resample`, so the device can assert it again

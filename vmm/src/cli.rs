@@ -28,7 +28,8 @@ Options (QEMU's spelling in brackets, where it has one):
                         /usr/share/seabios/bios-256k.bin, mapped read-only below 4 GiB; a multiple of 64 KiB, at
                         most 16 MiB. Not together with --kernel yet [-bios]
   --machine TYPE        x86_64: pc (default; q35 is the same): virtio devices on PCI with MSI-X; microvm:
-                        virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree.
+                        virtio-mmio. aarch64: virt (the only one): virtio-mmio, found through the device tree
+                        (virtio-*-pci devices: on a PCI host bridge, MSI-X through the GICv3 ITS).
                         none: no guest (no kernel, RAM, vCPUs or devices), only the QMP monitors, as libvirt
                         starts a binary to probe it. QEMU's versioned names mean the same: pc-i440fx-7.2,
                         pc-q35-7.2, virt-7.2

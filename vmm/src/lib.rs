@@ -14,6 +14,7 @@ cfg_if::cfg_if! {
         mod daemon;
         mod firmware;
         mod machine;
+        mod pci;
         mod platform;
         mod populated;
         mod qmp_server;

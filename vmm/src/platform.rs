@@ -108,6 +108,19 @@ pub trait Platform<H: Hypervisor>: Snapshots<H> + Sized {
     /// the one error line for a machine type this platform does not offer. Called first, before anything is built.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error>;
 
+    /// Every transport the platform's machines can put virtio devices on (`-device virtio-*-pci` and
+    /// `virtio-*-device`), each of which the capability probe lists the models on. By default the machine types'
+    /// own transports.
+    fn virtio_transports() -> Vec<VirtioTransport> {
+        let mut transports = Vec::new();
+        for transport in Self::MACHINE_TYPES.iter().filter_map(|&m| Self::virtio_transport(Some(m)).ok()) {
+            if !transports.contains(&transport) {
+                transports.push(transport);
+            }
+        }
+        transports
+    }
+
     /// Guest RAM as (start, length) regions for `memory_bytes` of RAM, in ascending order. The guest memory the
     /// VMM allocates, and a snapshot's memory layout, follow it.
     fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)>;

@@ -1,5 +1,6 @@
 //! The flattened device tree an arm64 Linux guest boots from: memory, CPUs, PSCI, the GIC, the architected timer,
-//! the PrimeCell platform devices (PL011, PL031, PL061 with a power key), virtio-mmio slots and /chosen.
+//! the PrimeCell platform devices (PL011, PL031, PL061 with a power key), virtio-mmio slots, the PCI host bridge
+//! with the GICv3 ITS its MSIs go through, and /chosen.
 //!
 //! Node names, compatibles and interrupt specifiers follow QEMU's `virt` machine, which Debian's kernels are
 //! tested against.
@@ -10,7 +11,8 @@ type FdtResult<T> = std::result::Result<T, vm_fdt::Error>;
 
 use super::layout::{
     self, VirtioMmioSlot, CMDLINE_MAX_SIZE, FDT_MAX_SIZE, GIC_CPU_SIZE, GIC_CPU_START, GIC_DIST_SIZE, GIC_DIST_START,
-    GIC_REDIST_START, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_SPI, PL031_START, PL061_SIZE, PL061_SPI,
+    GIC_ITS_SIZE, GIC_ITS_START, GIC_REDIST_START, PCI_ECAM_LAST_BUS, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE,
+    PCI_MMIO_START, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_SPI, PL031_START, PL061_SIZE, PL061_SPI,
     PL061_START, POWER_KEY_GPIO_LINE,
 };
 use super::regs::MPIDR_AFFINITY_MASK;
@@ -36,6 +38,9 @@ pub struct FdtConfig<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The virtio-mmio slots that hold a device; empty slots are left out so the guest does not probe them.
     pub virtio_mmio: &'a [VirtioMmioSlot],
+    /// A PCI host bridge (generic ECAM, bus 0) whose functions' MSIs go through a GICv3 ITS: both are described.
+    /// Needs a GICv3.
+    pub pci: bool,
     pub kaslr_seed: u64,
     /// Bytes for the guest's early entropy pool (`/chosen/rng-seed`); may be empty.
     pub rng_seed: &'a [u8],
@@ -44,6 +49,13 @@ pub struct FdtConfig<'a> {
 pub const GIC_PHANDLE: u32 = 1;
 pub const CLOCK_PHANDLE: u32 = 2;
 pub const GPIO_PHANDLE: u32 = 3;
+pub const ITS_PHANDLE: u32 = 4;
+
+/// PCI address space codes, the first cell of a `ranges` entry's PCI address (IEEE 1275 PCI bus binding): 32-bit
+/// memory space.
+const PCI_SPACE_MEMORY_32: u32 = 0x0200_0000;
+/// The requester IDs of bus 0 to `PCI_ECAM_LAST_BUS`: what `msi-map` hands the ITS as device IDs, unchanged.
+const PCI_REQUESTER_IDS: u32 = (PCI_ECAM_LAST_BUS as u32 + 1) << 8;
 
 /// First cell of an interrupt specifier.
 const GIC_FDT_IRQ_TYPE_SPI: u32 = 0;
@@ -74,6 +86,9 @@ pub fn create_fdt(config: &FdtConfig) -> Result<Vec<u8>> {
     }
     if config.cmdline.contains('\0') {
         return Err(Error::Cmdline("contains a NUL byte".into()));
+    }
+    if config.pci && config.gic != GicVersion::V3 {
+        return Err(Error::Fdt("PCI devices need a GICv3 (for its ITS), and this VM has a GICv2".into()));
     }
     let vcpus = u32::try_from(config.vcpu_mpidrs.len()).unwrap_or(u32::MAX);
     let redist_size = layout::gic_redist_size(vcpus)?;
@@ -111,7 +126,7 @@ fn build(config: &FdtConfig, vcpus: u32, redist_size: u64, ram_start: u64, ram_s
     fdt.property_string("method", "hvc")?;
     fdt.end_node(psci)?;
 
-    gic(&mut fdt, config.gic, vcpus, redist_size)?;
+    gic(&mut fdt, config.gic, vcpus, redist_size, config.pci)?;
     timer(&mut fdt, config.gic, vcpus)?;
 
     let clock = fdt.begin_node("apb-pclk")?;
@@ -158,9 +173,44 @@ fn build(config: &FdtConfig, vcpus: u32, redist_size: u64, ram_start: u64, ram_s
         fdt.property_null("dma-coherent")?;
         fdt.end_node(node)?;
     }
+    if config.pci {
+        pci_host_bridge(&mut fdt)?;
+    }
 
     fdt.end_node(root)?;
     fdt.finish()
+}
+
+/// The generic ECAM host bridge (Linux's pci-host-generic): configuration space for its buses, the window its
+/// functions' memory BARs are placed in (guest and CPU addresses the same), and MSIs through the ITS with the
+/// requester ID as device ID. No `interrupt-map`: no function has an INTx pin, and only MSI-X is delivered.
+fn pci_host_bridge(fdt: &mut FdtWriter) -> FdtResult<()> {
+    let node = fdt.begin_node(&format!("pcie@{PCI_MMIO_START:x}"))?;
+    fdt.property_string("compatible", "pci-host-ecam-generic")?;
+    fdt.property_string("device_type", "pci")?;
+    fdt.property_array_u64("reg", &[PCI_ECAM_START, PCI_ECAM_SIZE])?;
+    fdt.property_array_u32("bus-range", &[0, u32::from(PCI_ECAM_LAST_BUS)])?;
+    fdt.property_u32("linux,pci-domain", 0)?;
+    fdt.property_u32("#address-cells", 3)?;
+    fdt.property_u32("#size-cells", 2)?;
+    let high = |value: u64| (value >> 32) as u32;
+    let low = |value: u64| value as u32;
+    fdt.property_array_u32(
+        "ranges",
+        &[
+            PCI_SPACE_MEMORY_32,
+            high(PCI_MMIO_START),
+            low(PCI_MMIO_START),
+            high(PCI_MMIO_START),
+            low(PCI_MMIO_START),
+            high(PCI_MMIO_SIZE),
+            low(PCI_MMIO_SIZE),
+        ],
+    )?;
+    // <first requester ID, the ITS, first device ID, count>: identity.
+    fdt.property_array_u32("msi-map", &[0, ITS_PHANDLE, 0, PCI_REQUESTER_IDS])?;
+    fdt.property_null("dma-coherent")?;
+    fdt.end_node(node)
 }
 
 fn chosen(fdt: &mut FdtWriter, config: &FdtConfig) -> FdtResult<()> {
@@ -194,7 +244,7 @@ fn cpus(fdt: &mut FdtWriter, mpidrs: &[u64]) -> FdtResult<()> {
     fdt.end_node(cpus)
 }
 
-fn gic(fdt: &mut FdtWriter, version: GicVersion, vcpus: u32, redist_size: u64) -> FdtResult<()> {
+fn gic(fdt: &mut FdtWriter, version: GicVersion, vcpus: u32, redist_size: u64, its: bool) -> FdtResult<()> {
     let node = fdt.begin_node(&format!("intc@{GIC_DIST_START:x}"))?;
     let maintenance_flags = match version {
         GicVersion::V3 => {
@@ -213,6 +263,19 @@ fn gic(fdt: &mut FdtWriter, version: GicVersion, vcpus: u32, redist_size: u64) -
     fdt.property_null("interrupt-controller")?;
     fdt.property_array_u32("interrupts", &[GIC_FDT_IRQ_TYPE_PPI, GIC_MAINTENANCE_PPI, maintenance_flags])?;
     fdt.property_phandle(GIC_PHANDLE)?;
+    if its {
+        // The ITS is the GIC's child, in the same address space.
+        fdt.property_u32("#address-cells", 2)?;
+        fdt.property_u32("#size-cells", 2)?;
+        fdt.property_null("ranges")?;
+        let its = fdt.begin_node(&format!("its@{GIC_ITS_START:x}"))?;
+        fdt.property_string("compatible", "arm,gic-v3-its")?;
+        fdt.property_null("msi-controller")?;
+        fdt.property_u32("#msi-cells", 1)?;
+        fdt.property_array_u64("reg", &[GIC_ITS_START, GIC_ITS_SIZE])?;
+        fdt.property_phandle(ITS_PHANDLE)?;
+        fdt.end_node(its)?;
+    }
     fdt.end_node(node)
 }
 
@@ -360,6 +423,7 @@ mod tests {
             gic,
             initrd: Some((0x5f00_0000, 0x12_3456)),
             virtio_mmio: slots,
+            pci: false,
             kaslr_seed: 0x0123_4567_89ab_cdef,
             rng_seed: &[7; 64],
         }
@@ -452,6 +516,54 @@ mod tests {
         assert_eq!(string(&t, "/timer", "compatible"), "arm,armv8-timer");
         assert!(t["/timer"].contains_key("always-on"));
         assert_eq!(cells(prop(&t, "/timer", "interrupts")), [1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4]);
+    }
+
+    #[test]
+    fn without_pci_there_is_neither_host_bridge_nor_its() {
+        let t = tree(GicVersion::V3, 1);
+        assert!(!t.keys().any(|k| k.starts_with("/pcie") || k.contains("its@")), "{:?}", t.keys());
+        assert!(!t["/intc@8000000"].contains_key("ranges"));
+    }
+
+    #[test]
+    fn pci_is_a_generic_ecam_host_bridge_whose_msis_go_through_the_its() {
+        let mpidrs = [kvm_default_mpidr(0), kvm_default_mpidr(1)];
+        let t = parse(&create_fdt(&FdtConfig { pci: true, ..config(&mpidrs, &[], GicVersion::V3) }).unwrap());
+
+        let its = "/intc@8000000/its@8080000";
+        assert_eq!(string(&t, its, "compatible"), "arm,gic-v3-its");
+        assert!(prop(&t, its, "msi-controller").is_empty());
+        assert_eq!(cells(prop(&t, its, "#msi-cells")), [1]);
+        assert_eq!(u64s(prop(&t, its, "reg")), [0x0808_0000, 0x2_0000]);
+        // The ITS's reg is in the root's address space: the GIC passes it through.
+        assert!(prop(&t, "/intc@8000000", "ranges").is_empty());
+        assert_eq!(cells(prop(&t, "/intc@8000000", "#address-cells")), [2]);
+        assert_eq!(cells(prop(&t, "/intc@8000000", "#size-cells")), [2]);
+
+        let pci = "/pcie@10000000";
+        assert_eq!(string(&t, pci, "compatible"), "pci-host-ecam-generic");
+        assert_eq!(string(&t, pci, "device_type"), "pci");
+        assert_eq!(u64s(prop(&t, pci, "reg")), [0x3f00_0000, 0x10_0000], "ECAM for bus 0");
+        assert_eq!(cells(prop(&t, pci, "bus-range")), [0, 0], "as many buses as the ECAM covers");
+        assert_eq!(cells(prop(&t, pci, "#address-cells")), [3]);
+        assert_eq!(cells(prop(&t, pci, "#size-cells")), [2]);
+        assert_eq!(cells(prop(&t, pci, "linux,pci-domain")), [0]);
+        // One 32-bit memory window, identity-mapped: 0x1000_0000..0x3eff_0000, ending at the I/O window's start.
+        assert_eq!(cells(prop(&t, pci, "ranges")), [0x0200_0000, 0, 0x1000_0000, 0, 0x1000_0000, 0, 0x2eff_0000]);
+        assert_eq!(0x1000_0000 + 0x2eff_0000, layout::PCI_IO_START);
+        // Requester IDs 0..256 (bus 0) to the same device IDs on the ITS.
+        let msi_map = cells(prop(&t, pci, "msi-map"));
+        assert_eq!(msi_map, [0, ITS_PHANDLE, 0, 0x100]);
+        assert_eq!(by_phandle(&t, msi_map[1]), its);
+        assert!(t[pci].contains_key("dma-coherent"));
+        assert!(!t[pci].contains_key("interrupt-map"), "no INTx is delivered, so none is described");
+    }
+
+    #[test]
+    fn pci_needs_a_gicv3() {
+        let mpidrs = [0];
+        let err = create_fdt(&FdtConfig { pci: true, ..config(&mpidrs, &[], GicVersion::V2) }).unwrap_err();
+        assert!(err.to_string().contains("PCI devices need a GICv3"), "{err}");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! ```text
 //! 0x0800_0000  GIC distributor (64 KiB)
 //! 0x0801_0000  GICv2 CPU interface (64 KiB; only with a GICv2)
-//! 0x0808_0000  reserved for a GICv3 ITS (128 KiB; MSIs for PCI later)
+//! 0x0808_0000  GICv3 ITS (128 KiB; PCI functions' MSIs), on a machine with PCI devices
 //! 0x080a_0000  GICv3 redistributors, 128 KiB per vCPU, room for MAX_VCPUS
 //! 0x0900_0000  PL011 UART       SPI 1
 //! 0x0901_0000  PL031 RTC        SPI 2
 //! 0x0903_0000  PL061 GPIO       SPI 7  (line 3: the power key)
 //! 0x0a00_0000  virtio-mmio, VIRTIO_MMIO_SLOTS slots of 4 KiB, SPIs 16..
-//! 0x1000_0000  reserved for PCI: 32-bit MMIO window, I/O window, ECAM
+//! 0x1000_0000  PCI: the 32-bit MMIO window for BARs; 0x3eff_0000 reserved for an I/O window; 0x3f00_0000 ECAM
+//!              (bus 0)
 //! 0x4000_0000  RAM
 //! ```
 //!
@@ -29,7 +30,8 @@ pub const GIC_DIST_SIZE: u64 = 0x1_0000;
 /// The GICv2 CPU interface; a GICv3 has system registers instead.
 pub const GIC_CPU_START: u64 = 0x0801_0000;
 pub const GIC_CPU_SIZE: u64 = 0x1_0000;
-/// Kept free for a GICv3 ITS, which PCI MSIs will need.
+/// The GICv3 ITS: its control frame, then the translation frame whose GITS_TRANSLATER PCI functions' MSIs are
+/// written to (KVM's ITS is these two 64 KiB frames).
 pub const GIC_ITS_START: u64 = 0x0808_0000;
 pub const GIC_ITS_SIZE: u64 = 0x2_0000;
 /// Each GICv3 redistributor is two 64 KiB frames (RD_base and SGI_base).
@@ -55,13 +57,19 @@ pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 pub const VIRTIO_MMIO_SLOTS: u32 = 32;
 pub const VIRTIO_MMIO_FIRST_SPI: u32 = 16;
 
-/// Reserved for a PCI host bridge later (QEMU virt's low windows): nothing is mapped here yet.
+/// The PCI host bridge, at QEMU virt's low windows: memory BARs (32-bit, non-prefetchable) in this window.
 pub const PCI_MMIO_START: u64 = 0x1000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x2eff_0000;
+/// Kept free for a PCI I/O window, where QEMU's virt has one; Kestrel's functions have no I/O BARs, so the FDT
+/// describes none.
 pub const PCI_IO_START: u64 = 0x3eff_0000;
 pub const PCI_IO_SIZE: u64 = 0x1_0000;
+/// ECAM, 1 MiB per bus: bus 0 to `PCI_ECAM_LAST_BUS`, the buses there are. QEMU's virt reserves 16 MiB here.
 pub const PCI_ECAM_START: u64 = 0x3f00_0000;
-pub const PCI_ECAM_SIZE: u64 = 0x100_0000;
+pub const PCI_ECAM_LAST_BUS: u8 = 0;
+pub const PCI_ECAM_SIZE: u64 = (PCI_ECAM_LAST_BUS as u64 + 1) << 20;
+/// Room kept for ECAM, up to RAM.
+pub const PCI_ECAM_RESERVED_SIZE: u64 = 0x100_0000;
 
 pub const RAM_START: u64 = 0x4000_0000;
 /// The highest guest physical address with KVM's default 40-bit IPA space; a VM created with a larger IPA size
@@ -217,8 +225,9 @@ mod tests {
             (VIRTIO_MMIO_START, u64::from(VIRTIO_MMIO_SLOTS) * VIRTIO_MMIO_SLOT_SIZE),
             (PCI_MMIO_START, PCI_MMIO_SIZE),
             (PCI_IO_START, PCI_IO_SIZE),
-            (PCI_ECAM_START, PCI_ECAM_SIZE),
+            (PCI_ECAM_START, PCI_ECAM_RESERVED_SIZE),
         ];
+        const { assert!(PCI_ECAM_SIZE <= PCI_ECAM_RESERVED_SIZE) };
         windows.sort();
         for pair in windows.windows(2) {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{:#x?} overlaps {:#x?}", pair[0], pair[1]);

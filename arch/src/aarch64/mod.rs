@@ -25,7 +25,10 @@
 //!    the SPI number (KVM's default arm64 routing maps GSI n to SPI n). The three PrimeCells are level-triggered in
 //!    the FDT: register their irqfd with a resample eventfd and, when it fires, call the device's
 //!    `interrupt_asserted()` and trigger again if it is still true. virtio-mmio is edge-triggered (plain irqfd).
-//! 6. QMP `system_powerdown` calls `Pl061::press_power_button()`; the guest's gpio-keys driver turns it into
+//! 6. With PCI devices: after the GIC, a GICv3 ITS (KVM_DEV_TYPE_ARM_VGIC_ITS) at `GIC_ITS_START`, `FdtConfig::pci`
+//!    set, ECAM at `PCI_ECAM_START` and the BAR window at `PCI_MMIO_START` on the MMIO bus; MSIs go to KVM with
+//!    the function's requester ID as device ID (the FDT's `msi-map` is the identity).
+//! 7. QMP `system_powerdown` calls `Pl061::press_power_button()`; the guest's gpio-keys driver turns it into
 //!    KEY_POWER. A guest PSCI SYSTEM_OFF / SYSTEM_RESET arrives as KVM_EXIT_SYSTEM_EVENT.
 
 pub mod fdt;
@@ -80,6 +83,8 @@ pub struct GuestConfig<'a> {
     pub vcpu_mpidrs: &'a [u64],
     pub gic: GicVersion,
     pub virtio_mmio: &'a [layout::VirtioMmioSlot],
+    /// The PCI host bridge and the GIC ITS (see `FdtConfig::pci`).
+    pub pci: bool,
     pub kaslr_seed: u64,
     pub rng_seed: &'a [u8],
 }
@@ -126,6 +131,7 @@ pub fn setup_guest<M: GuestMemoryBackend>(mem: &M, config: &mut GuestConfig) -> 
         gic: config.gic,
         initrd: placement.initrd,
         virtio_mmio: config.virtio_mmio,
+        pci: config.pci,
         kaslr_seed: config.kaslr_seed,
         rng_seed: config.rng_seed,
     })?;
@@ -165,6 +171,7 @@ mod tests {
             vcpu_mpidrs: &[0, 1],
             gic: GicVersion::V3,
             virtio_mmio: &[],
+            pci: false,
             kaslr_seed: 42,
             rng_seed: &[],
         }

@@ -189,6 +189,12 @@ impl PciRoot {
         Ok(slot)
     }
 
+    /// The slot [`add`](Self::add) puts the next device in, if any is free: a function that must know its own
+    /// address (its requester ID, which MSIs carry) learns it before it is added.
+    pub fn next_free_slot(&self) -> Option<u8> {
+        self.slots.iter().position(Option::is_none).map(|slot| slot as u8)
+    }
+
     pub fn device(&self, slot: u8) -> Option<&Function> {
         self.slots.get(usize::from(slot))?.as_ref()
     }

@@ -7,20 +7,25 @@ use std::sync::{Mutex, OnceLock};
 use arch::aarch64::layout::GicLayout;
 use arch::aarch64::{BootRegisters, GicVersion};
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2,
-    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs, kvm_vcpu_init, user_pt_regs, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
-    KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
-    KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V2, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs, kvm_vcpu_init,
+    user_pt_regs, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR,
+    KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
+    KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_ARM64,
+    KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_VGIC_ITS_ADDR_TYPE, KVM_VGIC_V2_ADDR_TYPE_CPU, KVM_VGIC_V2_ADDR_TYPE_DIST,
+    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_bindings::{kvm_mp_state, RegList, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED};
+use kvm_bindings::{
+    KVM_DEV_ARM_ITS_RESTORE_TABLES, KVM_DEV_ARM_ITS_SAVE_TABLES, KVM_DEV_ARM_VGIC_GRP_ITS_REGS,
+    KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES,
+};
 use kvm_ioctls::{reg_size, DeviceFd, VcpuExit as KvmExit};
 
 use super::{KvmVcpu, KvmVm};
 use crate::aarch64::{
-    system_register_id, ExitAarch64, GicCpuState, GicRegister, GicStateAarch64, GicSystemRegister, PowerState,
-    Register, VcpuAarch64, VcpuStateAarch64, VmAarch64,
+    system_register_id, ExitAarch64, GicCpuState, GicItsRegister, GicRegister, GicStateAarch64, GicSystemRegister,
+    PowerState, Register, VcpuAarch64, VcpuStateAarch64, VmAarch64,
 };
 use crate::{Error, Result};
 
@@ -118,8 +123,36 @@ impl VmAarch64 for KvmVm {
         Err(Error::new("KVM_CREATE_DEVICE (vGICv3, then vGICv2)", refusal))
     }
 
+    fn create_its(&self, base: u64) -> Result<()> {
+        if !matches!(self.arch.gic.get(), Some((GicVersion::V3, _))) {
+            return Err(invalid("creating the GIC ITS", "it needs a GICv3, and this VM has none".into()));
+        }
+        let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS, fd: 0, flags: 0 };
+        let device = self.fd.create_device(&mut create).map_err(|e| Error::new("KVM_CREATE_DEVICE (GIC ITS)", e))?;
+        set_gic_attr(&device, KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_ITS_ADDR_TYPE), &base)?;
+        let init = kvm_device_attr {
+            group: KVM_DEV_ARM_VGIC_GRP_CTRL,
+            attr: u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
+            addr: 0,
+            flags: 0,
+        };
+        device.set_device_attr(&init).map_err(|e| Error::new("KVM_DEV_ARM_VGIC_CTRL_INIT (GIC ITS)", e))?;
+        // Held open for as long as the VM lives, for saving its state later.
+        if self.arch.its.set(device).is_err() {
+            return Err(Error::new("creating the GIC ITS", std::io::ErrorKind::AlreadyExists));
+        }
+        // KVM's ITS finds an MSI's device by the ID sent with it (KVM_CAP_MSI_DEVID is now set).
+        self.msis_carry_device_id.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     fn save_gic_state(&self, mpidrs: &[u64]) -> Result<GicStateAarch64> {
         let gic = self.gic_v3()?;
+        let its = self.arch.its.get().map(GicV3);
+        if its.is_some() {
+            // The pending LPIs into each redistributor's pending table, in guest memory.
+            gic.control(KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES, "KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES")?;
+        }
         let spis = gic.spi_count()?;
         let first = *mpidrs.first().ok_or_else(|| invalid("saving the vGIC", "no vCPUs".into()))?;
         let distributor = distributor_layout(spis)
@@ -139,14 +172,50 @@ impl VmAarch64 for KvmVm {
                 .into_iter()
                 .map(|encoding| Ok(GicSystemRegister { encoding, value: gic.read_icc(mpidr, encoding)? }))
                 .collect::<Result<Vec<_>>>()?;
-            cpus.push(GicCpuState { mpidr, redistributor, cpu_interface });
+            let lpis = match its {
+                Some(_) => LPI_REDISTRIBUTOR_LAYOUT
+                    .iter()
+                    .map(|&offset| Ok(GicRegister { offset, value: gic.read_redist(mpidr, offset)? }))
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
+            cpus.push(GicCpuState { mpidr, redistributor, cpu_interface, lpis });
         }
-        Ok(GicStateAarch64 { distributor, line_levels, cpus })
+        let its = match its {
+            Some(its) => {
+                // The device, collection and interrupt translation tables into guest memory, where the guest's
+                // GITS_BASERn point.
+                its.control(KVM_DEV_ARM_ITS_SAVE_TABLES, "KVM_DEV_ARM_ITS_SAVE_TABLES")?;
+                let registers = ITS_LAYOUT
+                    .iter()
+                    .map(|&offset| Ok(GicItsRegister { offset, value: its.read_its(offset)? }))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(registers)
+            }
+            None => None,
+        };
+        Ok(GicStateAarch64 { distributor, line_levels, cpus, its })
     }
 
     fn restore_gic_state(&self, mpidrs: &[u64], state: &GicStateAarch64) -> Result<()> {
         const OPERATION: &str = "restoring the vGIC state";
         let gic = self.gic_v3()?;
+        let its = self.arch.its.get().map(GicV3);
+        match (&state.its, &its) {
+            (Some(_), None) => {
+                return Err(invalid(OPERATION, "the state has a GIC ITS (PCI devices) and this VM has none".into()))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(OPERATION, "this VM has a GIC ITS (PCI devices) and the state has none".into()))
+            }
+            (Some(registers), Some(_)) => {
+                let offsets: Vec<u32> = registers.iter().map(|r| r.offset).collect();
+                if offsets != ITS_LAYOUT {
+                    return Err(invalid(OPERATION, format!("ITS registers {offsets:x?}, expected {ITS_LAYOUT:x?}")));
+                }
+            }
+            (None, None) => {}
+        }
         let spis = gic.spi_count()?;
         let first = *mpidrs.first().ok_or_else(|| invalid(OPERATION, "no vCPUs".into()))?;
         // Everything is checked against this GIC's layout before anything is written.
@@ -163,6 +232,14 @@ impl VmAarch64 for KvmVm {
                 return Err(invalid(OPERATION, format!("CPU {:#x} where this VM has {mpidr:#x}", cpu.mpidr)));
             }
             same_offsets("redistributor", REDISTRIBUTOR_LAYOUT, &cpu.redistributor)?;
+            let lpi_layout: &[u32] = if its.is_some() { LPI_REDISTRIBUTOR_LAYOUT } else { &[] };
+            let lpi_offsets: Vec<u32> = cpu.lpis.iter().map(|r| r.offset).collect();
+            if lpi_offsets != lpi_layout {
+                return Err(invalid(
+                    OPERATION,
+                    format!("CPU {mpidr:#x}: LPI registers {lpi_offsets:x?}, expected {lpi_layout:x?}"),
+                ));
+            }
             let ctlr = cpu.cpu_interface.first().filter(|r| r.encoding == ICC_CTLR_EL1).map(|r| r.value);
             let expected = cpu_interface_layout(ctlr.unwrap_or(0));
             let found: Vec<u16> = cpu.cpu_interface.iter().map(|r| r.encoding).collect();
@@ -206,6 +283,24 @@ impl VmAarch64 for KvmVm {
             for register in &cpu.cpu_interface {
                 gic.write_icc(cpu.mpidr, register.encoding, register.value)?;
             }
+        }
+        // With an ITS, KVM's order (Documentation/virt/kvm/devices/arm-vgic-its.rst): the redistributors' LPI
+        // registers (the property and pending table addresses while LPIs are off, then GICR_CTLR turning them on),
+        // then the ITS's registers but GITS_CTLR (GITS_CBASER first: writing it resets GITS_CREADR), its tables
+        // from guest memory, and GITS_CTLR last.
+        if let (Some(registers), Some(its)) = (&state.its, &its) {
+            for cpu in &state.cpus {
+                for register in &cpu.lpis {
+                    gic.write_redist(cpu.mpidr, register.offset, register.value)?;
+                }
+            }
+            let (control, rest) =
+                registers.split_last().ok_or_else(|| invalid(OPERATION, "no ITS registers".into()))?;
+            for register in rest {
+                its.write_its(register.offset, register.value)?;
+            }
+            its.control(KVM_DEV_ARM_ITS_RESTORE_TABLES, "KVM_DEV_ARM_ITS_RESTORE_TABLES")?;
+            its.write_its(control.offset, control.value)?;
         }
         Ok(())
     }
@@ -254,8 +349,36 @@ fn distributor_layout(spis: u32) -> Vec<Bank> {
     banks
 }
 
-/// A redistributor's SGI frame (SGIs and PPIs), in restore order. GICR_CTLR, PROPBASER and PENDBASER only
-/// matter with LPIs, which Kestrel's GIC does not have.
+/// With an ITS, a redistributor's LPI registers in restore order: GICR_PROPBASER and GICR_PENDBASER (32-bit halves,
+/// as KVM's redistributor attributes are), which KVM ignores while LPIs are on, then GICR_CTLR (EnableLPIs).
+const LPI_REDISTRIBUTOR_LAYOUT: &[u32] = &[0x70, 0x74, 0x78, 0x7c, 0x0];
+
+const GITS_CTLR: u32 = 0x0;
+const GITS_IIDR: u32 = 0x4;
+const GITS_CBASER: u32 = 0x80;
+const GITS_CWRITER: u32 = 0x88;
+const GITS_CREADR: u32 = 0x90;
+const GITS_BASER: u32 = 0x100;
+/// The ITS's registers in restore order (see `restore_gic_state`): GITS_CTLR last. KVM's ITS has 8 GITS_BASERn
+/// slots (two used: devices and collections).
+const ITS_LAYOUT: &[u32] = &[
+    GITS_CBASER,
+    GITS_IIDR,
+    GITS_BASER,
+    GITS_BASER + 0x8,
+    GITS_BASER + 0x10,
+    GITS_BASER + 0x18,
+    GITS_BASER + 0x20,
+    GITS_BASER + 0x28,
+    GITS_BASER + 0x30,
+    GITS_BASER + 0x38,
+    GITS_CWRITER,
+    GITS_CREADR,
+    GITS_CTLR,
+];
+
+/// A redistributor's SGI frame (SGIs and PPIs), in restore order. Its LPI registers are
+/// `LPI_REDISTRIBUTOR_LAYOUT`, saved only with an ITS.
 const SGI_FRAME: u32 = 0x1_0000;
 const REDISTRIBUTOR_LAYOUT: &[Bank] = &[
     bank(SGI_FRAME + 0x80),  // GICR_IGROUPR0
@@ -332,7 +455,7 @@ impl GicV3<'_> {
         let mut value = T::default();
         let mut attribute = kvm_device_attr { group, attr, addr: &mut value as *mut T as u64, flags: 0 };
         // SAFETY: `addr` points at a `T` as large as the attribute's group says KVM writes (u32 for the register
-        // groups and line levels, u64 for the CPU system registers), alive for the call.
+        // groups and line levels, u64 for the CPU system registers and the ITS's registers), alive for the call.
         unsafe { self.0.get_device_attr(&mut attribute) }.map_err(|e| Error::new(what, e))?;
         Ok(value)
     }
@@ -340,6 +463,21 @@ impl GicV3<'_> {
     fn set<T>(&self, group: u32, attr: u64, value: T, what: &'static str) -> Result<()> {
         let attribute = kvm_device_attr { group, attr, addr: &value as *const T as u64, flags: 0 };
         self.0.set_device_attr(&attribute).map_err(|e| Error::new(what, e))
+    }
+
+    /// A control attribute that takes no value (KVM_DEV_ARM_VGIC_GRP_CTRL).
+    fn control(&self, attr: u32, what: &'static str) -> Result<()> {
+        let attribute = kvm_device_attr { group: KVM_DEV_ARM_VGIC_GRP_CTRL, attr: u64::from(attr), addr: 0, flags: 0 };
+        self.0.set_device_attr(&attribute).map_err(|e| Error::new(what, e))
+    }
+
+    /// An ITS register (this wrapping the ITS device), 64 bits wide.
+    fn read_its(&self, offset: u32) -> Result<u64> {
+        self.get(KVM_DEV_ARM_VGIC_GRP_ITS_REGS, u64::from(offset), "KVM_GET_DEVICE_ATTR (GITS)")
+    }
+
+    fn write_its(&self, offset: u32, value: u64) -> Result<()> {
+        self.set(KVM_DEV_ARM_VGIC_GRP_ITS_REGS, u64::from(offset), value, "KVM_SET_DEVICE_ATTR (GITS)")
     }
 
     fn spi_count(&self) -> Result<u32> {
@@ -398,15 +536,17 @@ impl KvmVm {
     }
 }
 
-/// The VM's in-kernel GIC, once created, and its vCPUs' MPIDRs.
+/// The VM's in-kernel GIC and ITS, once created, and its vCPUs' MPIDRs.
 pub(super) struct VmData {
     gic: OnceLock<(GicVersion, DeviceFd)>,
+    /// The GICv3 ITS, on a VM with PCI devices.
+    its: OnceLock<DeviceFd>,
     mpidrs: Mutex<Vec<u64>>,
 }
 
 impl VmData {
     pub(super) fn new(_kvm: &kvm_ioctls::Kvm, _vm: &kvm_ioctls::VmFd) -> Result<Self> {
-        Ok(VmData { gic: OnceLock::new(), mpidrs: Mutex::new(Vec::new()) })
+        Ok(VmData { gic: OnceLock::new(), its: OnceLock::new(), mpidrs: Mutex::new(Vec::new()) })
     }
 
     pub(super) fn vcpu_data(&self, _vm: &kvm_ioctls::VmFd) -> VcpuData {

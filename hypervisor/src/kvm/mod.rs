@@ -5,10 +5,12 @@
 //! entry and re-created with each VM (the VM is re-created on every guest reset), while KVM_SIGNAL_MSI needs no
 //! state at all and costs one syscall per interrupt, as writing an irqfd does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msi, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msi, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_MSI_VALID_DEVID, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{IoEventAddress as KvmIoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -45,7 +47,7 @@ impl Hypervisor for KvmHypervisor {
     fn create_vm(&self) -> Result<KvmVm> {
         let fd = self.kvm.create_vm().map_err(|e| Error::new("KVM_CREATE_VM", e))?;
         let arch = VmData::new(&self.kvm, &fd)?;
-        Ok(KvmVm { fd: Arc::new(fd), arch })
+        Ok(KvmVm { fd: Arc::new(fd), arch, msis_carry_device_id: AtomicBool::new(false) })
     }
 
     fn max_vcpus(&self) -> u32 {
@@ -57,6 +59,10 @@ pub struct KvmVm {
     fd: Arc<VmFd>,
     /// What the architecture's code needs to know about this VM's host (which MSRs KVM saves, say).
     arch: VmData,
+    /// Set once the VM has an interrupt translation service that tells MSIs apart by their sender (arm64's ITS:
+    /// KVM then refuses an MSI without KVM_MSI_VALID_DEVID; KVM_CAP_MSI_DEVID says so, but checking it on every
+    /// message would cost an ioctl the device threads are not allowed).
+    msis_carry_device_id: AtomicBool,
 }
 
 impl Vm for KvmVm {
@@ -97,9 +103,13 @@ impl Vm for KvmVm {
             .map_err(|e| Error::new("KVM_IOEVENTFD (deassign)", e))
     }
 
-    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
-        let msi =
+    fn signal_msi(&self, address: u64, data: u32, device_id: u32) -> Result<()> {
+        let mut msi =
             kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
+        if self.msis_carry_device_id.load(Ordering::Relaxed) {
+            msi.flags = KVM_MSI_VALID_DEVID;
+            msi.devid = device_id;
+        }
         self.fd.signal_msi(msi).map(drop).map_err(|e| Error::new("KVM_SIGNAL_MSI", e))
     }
 

@@ -1,6 +1,7 @@
 //! The aarch64 `virt` platform: a QEMU-virt-like machine with an in-kernel GIC, a PL011 UART, a PL031 RTC, a PL061
-//! GPIO controller carrying the power key, and virtio-mmio devices, all described to the guest by the FDT that
-//! `arch::aarch64` builds. No port I/O and no PCI (yet): virtio devices sit on virtio-mmio.
+//! GPIO controller carrying the power key, virtio-mmio devices and, when a device asks for virtio-pci, a PCI host
+//! bridge (generic ECAM) whose functions' MSI-X messages go through a GICv3 ITS; all described to the guest by the
+//! FDT that `arch::aarch64` builds. No port I/O.
 
 pub mod seccomp;
 mod snapshot;
@@ -8,8 +9,9 @@ mod snapshot;
 use std::sync::{Arc, Mutex};
 
 use arch::aarch64::layout::{
-    self, spi_intid, PL011_SIZE, PL011_SPI, PL011_START, PL031_SIZE, PL031_START, PL061_SIZE, PL061_SPI, PL061_START,
-    VIRTIO_MMIO_FIRST_SPI, VIRTIO_MMIO_SLOTS,
+    self, spi_intid, GIC_ITS_START, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PL011_SIZE,
+    PL011_SPI, PL011_START, PL031_SIZE, PL031_START, PL061_SIZE, PL061_SPI, PL061_START, VIRTIO_MMIO_FIRST_SPI,
+    VIRTIO_MMIO_SLOTS,
 };
 use arch::aarch64::{setup_guest, GicVersion, GuestConfig};
 use devices::legacy::{Pl011, Pl031, Pl061};
@@ -25,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
 use crate::cpu_model::GuestCpu;
+use crate::pci::{PciBus, PciWindows};
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
@@ -33,6 +36,15 @@ use crate::Error;
 /// Interrupt IDs the GIC implements: the 32 private ones and SPIs up to the last virtio-mmio slot's, in the
 /// multiples of 32 the GIC counts in.
 const GIC_IRQ_COUNT: u32 = spi_intid(VIRTIO_MMIO_FIRST_SPI + VIRTIO_MMIO_SLOTS).next_multiple_of(32);
+
+/// The PCI bus at QEMU virt's low windows: ECAM for bus 0 at 0x3f00_0000, BARs from 0x1000_0000.
+const VIRT_PCI_WINDOWS: PciWindows = PciWindows {
+    ecam_start: PCI_ECAM_START,
+    ecam_size: PCI_ECAM_SIZE,
+    mmio_start: PCI_MMIO_START,
+    mmio_size: PCI_MMIO_SIZE,
+    firmware_mmio: None,
+};
 
 /// Bytes of host entropy the FDT hands the guest's random pool (`/chosen/rng-seed`), as QEMU's virt does.
 const RNG_SEED_BYTES: usize = 32;
@@ -103,6 +115,8 @@ pub struct Virt {
     gpio: Arc<Mutex<Pl061>>,
     gpio_spi: LevelSpi,
     virtio: Vec<MmioSlot>,
+    /// The PCI bus, when a device asks for virtio-pci (`-device virtio-*-pci`); virt's default is virtio-mmio.
+    pci: Option<PciBus>,
 }
 
 impl<H: VirtHypervisor> Platform<H> for Virt {
@@ -126,7 +140,7 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         Ok(Vec::new())
     }
 
-    /// Virtio-mmio on `virt`, the only machine type here.
+    /// Virtio-mmio by default on `virt`, the only machine type here.
     fn virtio_transport(machine: Option<MachineType>) -> Result<VirtioTransport, Error> {
         match machine {
             None | Some(MachineType::Virt) => Ok(VirtioTransport::Mmio),
@@ -137,7 +151,12 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         }
     }
 
-    /// The virt machine's devices, with the PL011 on `serial`.
+    /// Both: virtio-mmio (`-device virtio-*-device`, the default) and virtio-pci (`-device virtio-*-pci`).
+    fn virtio_transports() -> Vec<VirtioTransport> {
+        vec![VirtioTransport::Mmio, VirtioTransport::Pci]
+    }
+
+    /// The virt machine's devices, with the PL011 on `serial`; the PCI bus if a device is on virtio-pci.
     fn new(
         serial: ConsoleBackend,
         _events: PlatformEvents,
@@ -145,15 +164,14 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         virtio_devices: Vec<NamedDevice>,
         _machine_transport: VirtioTransport,
     ) -> Result<Self, Error> {
-        if let Some(pci) = virtio_devices.iter().find(|d| d.transport == VirtioTransport::Pci) {
-            let id = if pci.qdev_id.is_empty() { String::new() } else { format!(" (id={})", pci.qdev_id) };
-            return Err(Error::Unsupported(format!(
-                "{}{id}: virtio-*-pci devices need a PCI bus, which Kestrel's aarch64 virt machine does not have \
-                 yet; use the virtio-*-device (virtio-mmio) form",
-                pci.name
-            )));
-        }
         let mut mmio = Bus::new();
+        let (pci_devices, mmio_devices): (Vec<_>, Vec<_>) =
+            virtio_devices.into_iter().partition(|d| d.transport == VirtioTransport::Pci);
+        let pci = if pci_devices.is_empty() {
+            None
+        } else {
+            Some(PciBus::new(&mut mmio, VIRT_PCI_WINDOWS, None, memory, pci_devices)?)
+        };
 
         let uart_spi = LevelSpi::new(PL011_SPI)?;
         let (output, input) = serial.split();
@@ -184,8 +202,8 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
 
         let slots: Vec<(u64, u32)> =
             (0..VIRTIO_MMIO_SLOTS).filter_map(layout::virtio_mmio_slot).map(|s| (s.base, s.spi)).collect();
-        let virtio = attach_mmio(&mut mmio, memory, virtio_devices, &slots)?;
-        Ok(Virt { pio: Bus::new(), mmio, uart, uart_spi, rtc, gpio, gpio_spi, virtio })
+        let virtio = attach_mmio(&mut mmio, memory, mmio_devices, &slots)?;
+        Ok(Virt { pio: Bus::new(), mmio, uart, uart_spi, rtc, gpio, gpio_spi, virtio, pci })
     }
 
     fn pio(&self) -> &Bus {
@@ -237,7 +255,7 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
             Payload::Firmware(image) => return Err(image.refused("firmware boot is not available on aarch64 yet")),
         };
         let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), u32::from(boot.vcpu_count))?;
-        self.wire_vm(vm.as_ref())?;
+        self.wire_vm(vm, gic)?;
         let slots: Vec<layout::VirtioMmioSlot> =
             (0..self.virtio.len() as u32).filter_map(layout::virtio_mmio_slot).collect();
 
@@ -252,6 +270,7 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
             vcpu_mpidrs: &mpidrs,
             gic,
             virtio_mmio: &slots,
+            pci: self.pci.is_some(),
             kaslr_seed: u64::from_le_bytes(kaslr_seed.try_into().unwrap_or_default()),
             rng_seed,
         };
@@ -270,22 +289,36 @@ impl<H: VirtHypervisor> Platform<H> for Virt {
         for slot in &self.virtio {
             slot.reset();
         }
+        if let Some(pci) = &self.pci {
+            pci.reset();
+        }
     }
 
-    /// No PCI bus on this machine yet.
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
-        Vec::new()
+        self.pci.as_ref().map(PciBus::functions).unwrap_or_default()
     }
 }
 
 impl Virt {
     /// Connects the devices' interrupt lines (irqfds) and virtio notifications (ioeventfds) to a VM whose GIC
-    /// exists.
-    fn wire_vm<V: Vm>(&self, vm: &V) -> Result<(), Error> {
-        self.uart_spi.attach(vm)?;
-        self.gpio_spi.attach(vm)?;
+    /// exists; with PCI devices, first gives the VM the GIC ITS their MSIs go through (a GICv3's only: a host
+    /// that emulates a GICv2 only cannot run them, and says so).
+    fn wire_vm<V: VmAarch64 + 'static>(&self, vm: &Arc<V>, gic: GicVersion) -> Result<(), Error> {
+        self.uart_spi.attach(vm.as_ref())?;
+        self.gpio_spi.attach(vm.as_ref())?;
         for slot in &self.virtio {
-            slot.attach(vm)?;
+            slot.attach(vm.as_ref())?;
+        }
+        if let Some(pci) = &self.pci {
+            if gic != GicVersion::V3 {
+                return Err(Error::Unsupported(
+                    "virtio-*-pci devices need a GICv3 ITS for their MSIs, and this host's KVM emulates a GICv2 \
+                     only; use the virtio-*-device (virtio-mmio) form"
+                        .into(),
+                ));
+            }
+            vm.create_its(GIC_ITS_START)?;
+            pci.attach(vm)?;
         }
         Ok(())
     }
@@ -337,6 +370,7 @@ mod tests {
     use hypervisor::kvm::KvmHypervisor;
 
     use super::*;
+    use crate::platform::Snapshots;
 
     #[test]
     fn the_gic_covers_every_spi_in_multiples_of_32() {
@@ -362,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn virtio_pci_devices_are_refused_naming_the_device() {
+    fn virtio_pci_devices_get_a_pci_bus_and_mmio_ones_a_slot() {
         let memory = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(layout::RAM_START), 1 << 20)]).unwrap();
         let device = |transport| NamedDevice {
             name: "virtio-rng".into(),
@@ -371,24 +405,45 @@ mod tests {
             qdev_id: "rng0".into(),
             boot_index: None,
         };
-        let new = |transport| {
+        let new = |devices| {
             let serial = crate::console::open(&crate::config::SerialConfig::None, "serial0").unwrap();
             let events = PlatformEvents::new(|_| {});
-            <Virt as Platform<KvmHypervisor>>::new(
-                serial,
-                events,
-                &memory,
-                vec![device(transport)],
-                VirtioTransport::Mmio,
-            )
+            <Virt as Platform<KvmHypervisor>>::new(serial, events, &memory, devices, VirtioTransport::Mmio)
         };
-        let err = new(VirtioTransport::Pci).err().expect("a PCI device must be refused").to_string();
-        assert!(err.starts_with("virtio-rng (id=rng0): virtio-*-pci devices need a PCI bus"), "{err}");
-        let platform = new(VirtioTransport::Mmio).expect("the same device on virtio-mmio is fine");
-        assert_eq!(platform.virtio.len(), 1);
-        assert_eq!(platform.virtio[0].base, layout::VIRTIO_MMIO_START);
-        assert_eq!(platform.virtio[0].gsi, VIRTIO_MMIO_FIRST_SPI);
-        assert!(Platform::<KvmHypervisor>::pci_functions(&platform).is_empty());
+        let mmio_only = new(vec![device(VirtioTransport::Mmio)]).expect("a virtio-mmio device");
+        assert_eq!(mmio_only.virtio.len(), 1);
+        assert_eq!(mmio_only.virtio[0].base, layout::VIRTIO_MMIO_START);
+        assert_eq!(mmio_only.virtio[0].gsi, VIRTIO_MMIO_FIRST_SPI);
+        assert!(mmio_only.pci.is_none(), "no PCI bus (nor ITS) without a PCI device");
+        assert!(Platform::<KvmHypervisor>::pci_functions(&mmio_only).is_empty());
+
+        let both = new(vec![device(VirtioTransport::Pci), device(VirtioTransport::Mmio)]).expect("one on each");
+        assert_eq!(both.virtio.len(), 1);
+        let functions = Platform::<KvmHypervisor>::pci_functions(&both);
+        assert_eq!(functions.len(), 2, "the host bridge and the virtio-rng: {functions:?}");
+        let rng = &functions[1];
+        assert_eq!((rng.slot, rng.vendor_id, rng.device_id), (1, 0x1af4, 0x1044), "modern virtio-rng");
+        assert_eq!(rng.qdev_id, "rng0");
+        assert_eq!(rng.irq_pin, 0, "MSI-X only, no INTx");
+        for bar in &rng.bars {
+            assert!(bar.address >= PCI_MMIO_START && bar.address + bar.size <= PCI_MMIO_START + PCI_MMIO_SIZE);
+        }
+        // Configuration space through ECAM: slot 1's vendor and device ID.
+        let mut id = [0u8; 4];
+        assert!(both.mmio.read(PCI_ECAM_START + (1 << 15), &mut id));
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+        assert!(!both.mmio.read(PCI_ECAM_START + PCI_ECAM_SIZE, &mut id), "nothing past bus 0's ECAM");
+        let names: Vec<String> = Snapshots::<KvmHypervisor>::components(&both).into_iter().map(|c| c.name).collect();
+        assert!(names.contains(&"pci.01.0.virtio-rng".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n == "pci.config-io"), "no configuration ports on virt: {names:?}");
+    }
+
+    #[test]
+    fn the_probe_lists_both_transports() {
+        assert_eq!(
+            <Virt as Platform<KvmHypervisor>>::virtio_transports(),
+            [VirtioTransport::Mmio, VirtioTransport::Pci]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! aarch64's part of the seccomp filters (see `crate::seccomp`): the KVM ioctls by number. aarch64 has none of
 //! x86_64's legacy calls (`open`, `poll`, `epoll_wait`, ...): glibc uses the generic ones the shared lists have.
 
-use kvm_bindings::{kvm_mp_state, kvm_msi, kvm_one_reg, kvm_reg_list, KVMIO};
+use kvm_bindings::{kvm_ioeventfd, kvm_mp_state, kvm_msi, kvm_one_reg, kvm_reg_list, KVMIO};
 use seccompiler::TargetArch;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -15,6 +15,7 @@ pub const TARGET: TargetArch = TargetArch::aarch64;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_iow_nr!(KVM_GET_ONE_REG, KVMIO, 0xab, kvm_one_reg);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_iowr_nr!(KVM_GET_REG_LIST, KVMIO, 0xb0, kvm_reg_list);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 
@@ -35,18 +36,26 @@ pub fn syscalls(kind: ThreadKind) -> Vec<Syscall> {
         ThreadKind::Main => vec![allow(libc::SYS_getrandom)],
         // Running the guest; the registers for a failure's report; QMP `migrate`: each vCPU's thread, which owns
         // it, reads its state (the register list, every register, the PSCI power state) while the vCPUs are held.
+        // PCI: MSIs a device raises during the access, and a BAR the guest moves takes its queue notifiers along.
         ThreadKind::Vcpu => {
             vec![allow_values(
                 libc::SYS_ioctl,
                 1,
-                &[KVM_RUN(), KVM_GET_ONE_REG(), KVM_GET_REG_LIST(), KVM_GET_MP_STATE()],
+                &[
+                    KVM_RUN(),
+                    KVM_GET_ONE_REG(),
+                    KVM_GET_REG_LIST(),
+                    KVM_GET_MP_STATE(),
+                    KVM_SIGNAL_MSI(),
+                    KVM_IOEVENTFD(),
+                ],
             )]
         }
-        ThreadKind::DeviceWorker
-        | ThreadKind::ConsoleInput
-        | ThreadKind::ConsoleOutput
-        | ThreadKind::Signals
-        | ThreadKind::InterruptResample => Vec::new(),
+        // PCI devices' MSI-X interrupts; guest input raises the device's interrupt, an MSI on PCI.
+        ThreadKind::DeviceWorker | ThreadKind::ConsoleInput => {
+            vec![allow_values(libc::SYS_ioctl, 1, &[KVM_SIGNAL_MSI()])]
+        }
+        ThreadKind::ConsoleOutput | ThreadKind::Signals | ThreadKind::InterruptResample => Vec::new(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a `virt` machine's snapshot holds, and how a VM is built from one: the PL011, PL031 and PL061, the
-//! virtio-mmio devices, every vCPU's registers (as KVM lists them: core, system, timer and firmware registers) and
-//! PSCI power state, and the vGICv3 (distributor, redistributors, CPU interfaces). The order of the steps is
+//! virtio-mmio devices, the PCI bus's functions, every vCPU's registers (as KVM lists them: core, system, timer and
+//! firmware registers) and PSCI power state, and the vGICv3 (distributor, redistributors, CPU interfaces; with PCI
+//! devices, the ITS's registers and the redistributors' LPI registers, the ITS's tables being in guest memory). The order of the steps is
 //! `crate::snapshot`'s; the order KVM needs inside a restore is `Platform::restore`'s, commented there.
 
 use std::sync::Arc;
@@ -148,17 +149,26 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
             Component::new("pl061", self.gpio.clone()),
         ];
         components.extend(self.virtio.iter().enumerate().map(|(index, slot)| slot.component(index)));
+        if let Some(pci) = &self.pci {
+            components.extend(pci.components());
+        }
         components
     }
 
     /// Stops every virtio device's work on guest memory, for a save (the vCPUs are already held).
     fn quiesce_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.quiesce());
+        if let Some(pci) = &self.pci {
+            pci.quiesce();
+        }
     }
 
     /// Lets quiesced or restored virtio devices work again.
     fn resume_devices(&self) {
         self.virtio.iter().for_each(|slot| slot.resume());
+        if let Some(pci) = &self.pci {
+            pci.resume();
+        }
     }
 
     /// One vCPU's state as data; run on the vCPU's thread, which owns it, once its last exit is complete. The
@@ -168,7 +178,8 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
     }
 
     /// The vGICv3's state, with every vCPU held (KVM refuses it while one runs): its redistributors and CPU
-    /// interfaces named by the MPIDRs the VM's vCPUs were given.
+    /// interfaces named by the MPIDRs the VM's vCPUs were given. With an ITS, this also writes its tables and the
+    /// pending LPIs into guest memory, which is saved after.
     fn save_vm(vm: &H::Vm) -> Result<VmState, String> {
         vm.save_gic_state(&vm.vcpu_mpidrs()).map_err(|e| e.to_string())
     }
@@ -193,7 +204,8 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
     ///    microseconds between their threads' reads, so every vCPU agrees on one counter.
     /// 4. The vGIC's state last: distributor, then each redistributor and CPU interface by MPIDR (so the MPIDRs
     ///    must be in place), overriding what loading the registers made the GIC see (the timers' re-evaluated
-    ///    lines), with the saved pending, active and enable bits.
+    ///    lines), with the saved pending, active and enable bits; with PCI devices, then the LPI registers and the
+    ///    ITS (created with the GIC in step 2), whose tables KVM reads from the guest memory already loaded.
     fn restore(
         &self,
         _hypervisor: &H,
@@ -206,13 +218,17 @@ impl<H: VirtHypervisor> Snapshots<H> for Virt {
             .ok()
             .filter(|&count| (1..=<Self as Platform<H>>::MAX_VCPUS).contains(&count))
             .ok_or_else(|| Error::Snapshot(format!("cannot restore {} vCPUs", vcpu_states.len())))?;
+        if let Some(pci) = &self.pci {
+            // BARs decode (and queue notifiers sit) where the loaded configuration spaces say.
+            pci.refresh();
+        }
         let VcpusAndGic { vcpus, gic, mpidrs } = create_vcpus_and_gic(vm.as_ref(), count)?;
         if gic != GicVersion::V3 {
             return Err(Error::Snapshot(
                 "cannot restore: the snapshot holds a GICv3's state and this host's KVM emulates a GICv2 only".into(),
             ));
         }
-        self.wire_vm(vm.as_ref())?;
+        self.wire_vm(vm, gic)?;
         check_vcpu_states(vcpu_states, &mpidrs)?;
         for (index, (vcpu, saved)) in vcpus.iter().zip(vcpu_states).enumerate() {
             vcpu.restore_state(saved).map_err(|e| Error::Snapshot(format!("cannot restore vCPU {index}: {e}")))?;

@@ -78,13 +78,7 @@ pub(super) fn running_machine<H: Hypervisor, P: Platform<H>>(asked: Option<Machi
 
 /// The transports the platform's machines put virtio devices on.
 fn virtio_transports<H: Hypervisor, P: Platform<H>>() -> Vec<VirtioTransport> {
-    let mut transports = Vec::new();
-    for transport in P::MACHINE_TYPES.iter().filter_map(|&m| P::virtio_transport(Some(m)).ok()) {
-        if !transports.contains(&transport) {
-            transports.push(transport);
-        }
-    }
-    transports
+    P::virtio_transports()
 }
 
 /// `query-machines`: the platform's machine types, versioned with their plain name as alias, and `none`. No

@@ -72,7 +72,7 @@ impl Vm for NoVm {
     fn unregister_ioevent(&self, _: &EventFd, _: IoEventAddress, _: Option<Datamatch>) -> hypervisor::Result<()> {
         refused("unregistering an ioeventfd")
     }
-    fn signal_msi(&self, _address: u64, _data: u32) -> hypervisor::Result<()> {
+    fn signal_msi(&self, _address: u64, _data: u32, _device_id: u32) -> hypervisor::Result<()> {
         refused("signalling an MSI")
     }
     fn register_level_irqfd(&self, _event: &EventFd, _resample: &EventFd, _gsi: u32) -> hypervisor::Result<()> {

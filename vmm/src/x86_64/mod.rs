@@ -1,6 +1,5 @@
 //! The x86_64 PC platform: which devices sit at which ports, and how a VM is prepared to boot.
 
-mod pci;
 pub mod seccomp;
 mod snapshot;
 mod syscall_names;
@@ -26,11 +25,11 @@ use qmp::{CpuProps, Target};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::pci::PciBus;
 use crate::config::{MachineType, VirtioTransport};
 use crate::console::ConsoleBackend;
 use crate::cpu_model::{CpuModelDefinition, GuestCpu};
 use crate::firmware::FirmwareImage;
+use crate::pci::{ConfigPorts, PciBus, PciWindows};
 use crate::platform::{ArchExitHandler, BootFiles, ExitAction, Payload, Platform, VcpuOf};
 use crate::seccomp::{confined, ThreadKind};
 use crate::virtio::{attach_mmio, MmioSlot, NamedDevice};
@@ -59,6 +58,16 @@ fn guest_cpuid(supported: &[CpuidEntry], id: u8, vcpu_count: u8, cpu: &GuestCpu)
 }
 
 const FIRST_VIRTIO_GSI: u32 = 16;
+
+/// The PC's PCI bus: ECAM for bus 0 after the platform devices, BARs in the 32-bit hole, where Kestrel places them
+/// and where SeaBIOS does.
+const PC_PCI_WINDOWS: PciWindows = PciWindows {
+    ecam_start: layout::PCI_ECAM_START,
+    ecam_size: layout::PCI_ECAM_SIZE,
+    mmio_start: layout::PCI_MMIO_START,
+    mmio_size: layout::PCI_MMIO_SIZE,
+    firmware_mmio: Some((layout::PCI_FIRMWARE_MMIO_START, layout::PCI_FIRMWARE_MMIO_SIZE)),
+};
 
 const UART_REGISTERS: u64 = 8;
 const I8042_PORTS: u64 = 5;
@@ -179,7 +188,13 @@ impl<H: PcHypervisor> Platform<H> for Pc {
             virtio_devices.into_iter().partition(|d| d.transport == VirtioTransport::Pci);
         let pci = if machine_transport == VirtioTransport::Pci || !pci_devices.is_empty() {
             // The reset register at 0xCF9 sits inside the PCI configuration ports.
-            Some(PciBus::new(&mut pio, &mut mmio, reset_control, memory, pci_devices)?)
+            let ports = ConfigPorts {
+                pio: &mut pio,
+                port: layout::PCI_CONFIG_PORT,
+                count: u64::from(layout::PCI_CONFIG_PORTS),
+                reset_control,
+            };
+            Some(PciBus::new(&mut mmio, PC_PCI_WINDOWS, Some(ports), memory, pci_devices)?)
         } else {
             pio.insert(reset_control, u64::from(ACPI_RESET_PORT), 1)?;
             None

@@ -1,13 +1,12 @@
-//! The PC's PCI bus: the host bridge and virtio-pci functions on bus 0, configuration through 0xCF8/0xCFC and
-//! ECAM, BARs in the PCI MMIO windows (the one Kestrel places them in, and the one firmware does), MSI-X messages
-//! and queue notifiers that follow the VM of the current boot.
+//! A PCI bus for any platform: the host bridge and virtio-pci functions on bus 0, configuration through ECAM (and,
+//! on a PC, ports 0xCF8/0xCFC), BARs in the platform's PCI MMIO windows (the one Kestrel places them in, and on a
+//! PC the one firmware does), MSI-X messages (each with its function's requester ID) and queue notifiers that
+//! follow the VM of the current boot. Where the windows are is the platform's [`PciWindows`].
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
-use arch::x86_64::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE};
-use arch::x86_64::layout::{PCI_FIRMWARE_MMIO_SIZE, PCI_FIRMWARE_MMIO_START, PCI_MMIO_START};
 use devices::pci::{BarObserver, HostBridge, MsiSender, PciConfigIo, PciEcam, PciFunctionInfo, PciMmioWindow, PciRoot};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::{Bus, BusDevice};
@@ -21,14 +20,14 @@ use crate::Error;
 
 /// What the PCI devices need from a VM while it runs, whatever the hypervisor.
 trait PciVm: Send + Sync {
-    fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()>;
+    fn signal_msi(&self, address: u64, data: u32, device_id: u32) -> hypervisor::Result<()>;
     fn add_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()>;
     fn remove_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()>;
 }
 
 impl<V: Vm> PciVm for V {
-    fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
-        Vm::signal_msi(self, address, data)
+    fn signal_msi(&self, address: u64, data: u32, device_id: u32) -> hypervisor::Result<()> {
+        Vm::signal_msi(self, address, data, device_id)
     }
     /// Each queue has its own notify address, so a write of any value, at any width, notifies it.
     fn add_notifier(&self, event: &EventFd, address: u64) -> hypervisor::Result<()> {
@@ -54,11 +53,49 @@ impl CurrentVm {
     }
 }
 
-impl MsiSender for CurrentVm {
-    fn send_msi(&self, address: u64, data: u32) -> io::Result<()> {
-        let vm = self.get().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        vm.signal_msi(address, data).map_err(|e| e.source)
+/// One function's MSIs: to the current VM, with the function's requester ID (bus 0, function 0 of its slot).
+struct FunctionMsi {
+    vm: Arc<CurrentVm>,
+    requester_id: u32,
+}
+
+impl FunctionMsi {
+    fn new(vm: Arc<CurrentVm>, slot: u8) -> Self {
+        FunctionMsi { vm, requester_id: requester_id(slot) }
     }
+}
+
+/// A function's requester ID: bus 0, device `slot`, function 0.
+fn requester_id(slot: u8) -> u32 {
+    u32::from(slot) << 3
+}
+
+impl MsiSender for FunctionMsi {
+    fn send_msi(&self, address: u64, data: u32) -> io::Result<()> {
+        let vm = self.vm.get().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        vm.signal_msi(address, data, self.requester_id).map_err(|e| e.source)
+    }
+}
+
+/// Where a platform puts its PCI bus.
+#[derive(Clone, Copy, Debug)]
+pub struct PciWindows {
+    /// ECAM for bus 0.
+    pub ecam_start: u64,
+    pub ecam_size: u64,
+    /// Where the BARs are placed (32-bit memory).
+    pub mmio_start: u64,
+    pub mmio_size: u64,
+    /// `(start, size)` of a second window where BARs decode: where the PC's firmware (SeaBIOS) places them.
+    pub firmware_mmio: Option<(u64, u64)>,
+}
+
+/// The PC's configuration ports: where, and the reset control register that shares them (0xCF9).
+pub struct ConfigPorts<'a> {
+    pub pio: &'a mut Bus,
+    pub port: u16,
+    pub count: u64,
+    pub reset_control: Arc<Mutex<dyn BusDevice>>,
 }
 
 /// A queue's notification eventfd and where it sits: (BAR, offset in the BAR).
@@ -98,7 +135,8 @@ struct VirtioFunction {
     slot: u8,
     name: String,
     device: Arc<Mutex<VirtioPciDevice>>,
-    /// Its place in the firmware's boot order (`bootindex=`).
+    /// Its place in the firmware's boot order (`bootindex=`). Only the PC boots firmware yet.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     boot_index: Option<u32>,
 }
 
@@ -106,31 +144,35 @@ struct VirtioFunction {
 pub struct PciBus {
     root: Arc<PciRoot>,
     notifiers: Arc<Notifiers>,
-    config_io: Arc<Mutex<PciConfigIo>>,
+    /// The PC's 0xCF8/0xCFC configuration mechanism, where the platform has it.
+    config_io: Option<Arc<Mutex<PciConfigIo>>>,
     host_bridge: Arc<Mutex<HostBridge>>,
     functions: Vec<VirtioFunction>,
 }
 
 impl PciBus {
-    /// The host bridge and a virtio-pci function per device, each with its worker thread; puts configuration
-    /// access on `pio` (with `reset_control`, the 0xCF9 register inside the 0xCF8 ports) and ECAM and the BAR
-    /// window on `mmio`.
+    /// The host bridge and a virtio-pci function per device, each with its worker thread; puts ECAM and the BAR
+    /// window on `mmio` where `windows` says, and the configuration ports (with the reset register inside them)
+    /// on theirs if the platform has them.
     pub fn new(
-        pio: &mut Bus,
         mmio: &mut Bus,
-        reset_control: Arc<Mutex<dyn BusDevice>>,
+        windows: PciWindows,
+        config_ports: Option<ConfigPorts<'_>>,
         memory: &GuestMemoryMmap,
         devices: Vec<NamedDevice>,
     ) -> Result<Self, Error> {
         let notifiers = Arc::new(Notifiers::default());
-        let mut root = PciRoot::new(PCI_MMIO_START, PCI_MMIO_SIZE, Some(notifiers.clone()));
-        root.add_window(PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE);
+        let mut root = PciRoot::new(windows.mmio_start, windows.mmio_size, Some(notifiers.clone()));
+        if let Some((start, size)) = windows.firmware_mmio {
+            root.add_window(start, size);
+        }
         let pci_error = |e: devices::pci::Error| Error::Device(format!("PCI: {e}"));
         let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
         root.add(host_bridge.clone()).map_err(pci_error)?;
         let mut functions = Vec::with_capacity(devices.len());
         for named in devices {
-            let msi: Arc<dyn MsiSender> = notifiers.vm.clone();
+            let slot = root.next_free_slot().ok_or_else(|| pci_error(devices::pci::Error::NoSlot))?;
+            let msi: Arc<dyn MsiSender> = Arc::new(FunctionMsi::new(notifiers.vm.clone(), slot));
             let function = VirtioPciDevice::new(memory.clone(), named.device, msi, named.qdev_id.clone())
                 .map_err(|e| Error::Host("creating a virtio-pci device", e))?;
             let clone = |e: &EventFd| e.try_clone().map_err(|e| Error::Host("cloning an eventfd", e));
@@ -141,15 +183,24 @@ impl PciBus {
                 .map(|(bar, offset, event)| Ok(Notifier { bar, offset, event: clone(event)? }))
                 .collect::<Result<Vec<_>, Error>>()?;
             let function = Arc::new(Mutex::new(function));
-            let slot = root.add(function.clone()).map_err(pci_error)?;
+            if root.add(function.clone()).map_err(pci_error)? != slot {
+                return Err(Error::Device(format!("PCI: {} did not get slot {slot}", named.name)));
+            }
             notifiers.by_slot.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, queue_notifiers);
             functions.push(VirtioFunction { slot, name: named.name, device: function, boot_index: named.boot_index });
         }
         let root = Arc::new(root);
-        let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(reset_control))));
-        pio.insert(config_io.clone(), u64::from(PCI_CONFIG_PORT), u64::from(PCI_CONFIG_PORTS))?;
-        mmio.insert(Arc::new(Mutex::new(PciEcam::new(root.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)?;
-        for (start, size) in [(PCI_MMIO_START, PCI_MMIO_SIZE), (PCI_FIRMWARE_MMIO_START, PCI_FIRMWARE_MMIO_SIZE)] {
+        let config_io = match config_ports {
+            Some(ports) => {
+                let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone(), Some(ports.reset_control))));
+                ports.pio.insert(config_io.clone(), u64::from(ports.port), ports.count)?;
+                Some(config_io)
+            }
+            None => None,
+        };
+        let ecam = Arc::new(Mutex::new(PciEcam::new(root.clone())));
+        mmio.insert(ecam, windows.ecam_start, windows.ecam_size)?;
+        for (start, size) in std::iter::once((windows.mmio_start, windows.mmio_size)).chain(windows.firmware_mmio) {
             mmio.insert(Arc::new(Mutex::new(PciMmioWindow::new(root.clone(), start))), start, size)?;
         }
         Ok(PciBus { root, notifiers, config_io, host_bridge, functions })
@@ -178,13 +229,15 @@ impl PciBus {
         self.root.reset();
     }
 
-    /// The bus's stateful parts for a snapshot: the configuration address register, the host bridge and each
-    /// virtio function (named by slot and device, so that a snapshot of another device set is refused by name).
+    /// The bus's stateful parts for a snapshot: the configuration address register (where there are the ports),
+    /// the host bridge and each virtio function (named by slot and device, so that a snapshot of another device
+    /// set is refused by name).
     pub fn components(&self) -> Vec<Component> {
-        let mut components = vec![
-            Component::new("pci.config-io", self.config_io.clone()),
-            Component::new("pci.00.0.host-bridge", self.host_bridge.clone()),
-        ];
+        let mut components = Vec::new();
+        if let Some(config_io) = &self.config_io {
+            components.push(Component::new("pci.config-io", config_io.clone()));
+        }
+        components.push(Component::new("pci.00.0.host-bridge", self.host_bridge.clone()));
         components.extend(
             self.functions.iter().map(|f| Component::new(format!("pci.{:02x}.0.{}", f.slot, f.name), f.device.clone())),
         );
@@ -214,6 +267,7 @@ impl PciBus {
     /// The functions that have a place in the boot order, as firmware names them (SeaBIOS's and OpenFirmware's
     /// device paths for bus 0 behind the 0xCF8 host bridge: `/pci@i0cf8/*@SLOT`, the slot in hex), lowest
     /// `bootindex=` first; devices given the same index keep their slot order.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fn boot_order(&self) -> Vec<String> {
         let mut bootable: Vec<(u32, u8)> =
             self.functions.iter().filter_map(|f| Some((f.boot_index?, f.slot))).collect();
@@ -224,5 +278,17 @@ impl PciBus {
     /// Every function on the bus, for QMP's `query-pci`.
     pub fn functions(&self) -> Vec<PciFunctionInfo> {
         self.root.functions()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requester_ids_are_bus_0_function_0_of_the_slot() {
+        assert_eq!(requester_id(0), 0);
+        assert_eq!(requester_id(1), 0x08);
+        assert_eq!(requester_id(31), 0xf8);
     }
 }
