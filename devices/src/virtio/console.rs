@@ -60,9 +60,7 @@ use std::io::{self, Write};
 use serde::{Deserialize, Serialize};
 
 use super::chain::{self, Chain};
-use super::{
-    features, ActiveQueues, DriverState, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioDeviceState,
-};
+use super::{features, DriverState, GuestErrorLog, GuestMemoryMmap, Queue, QueueT, VirtioDevice, VirtioDeviceState};
 use crate::StateError;
 
 /// Each port's receiveq and transmitq.
@@ -869,18 +867,9 @@ impl VirtioDevice for Console {
         VirtioDeviceState::Console(state)
     }
 
-    /// As the provided method, then tells the guest where the host side is not what it was told before the save.
-    fn restore_state(
-        &mut self,
-        state: &VirtioDeviceState,
-        acked_features: u64,
-        active: Option<ActiveQueues>,
-    ) -> Result<(), StateError> {
-        self.restore_device_state(state, active.is_some())?;
-        let avail = self.avail_features();
-        self.driver = DriverState { acked_features: acked_features & avail, active };
+    /// Tells the guest where the host side is not what it was told before the save.
+    fn restored(&mut self) {
         self.reconcile_host_side();
-        Ok(())
     }
 
     /// Each port's saved input goes ahead of input it accepted before the restore: the destination's host input
@@ -912,24 +901,7 @@ mod tests {
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue};
     use crate::virtio::VirtioInterrupt;
 
-    #[derive(Clone, Default)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-    impl SharedBuffer {
-        fn take(&self) -> Vec<u8> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
-    impl Write for SharedBuffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::virtio::testing::SharedBuffer;
 
     /// Fails its first `failures` writes (and flushes), then behaves like a `SharedBuffer`.
     struct FlakyWriter {
@@ -1350,24 +1322,7 @@ mod multiport_tests {
 
     const AGENT: &str = "org.qemu.guest_agent.0";
 
-    #[derive(Clone, Default)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-    impl SharedBuffer {
-        fn take(&self) -> Vec<u8> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
-    impl Write for SharedBuffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::virtio::testing::SharedBuffer;
 
     /// A console at 0 and the agent's port at 1 (host side not connected yet), of `max_ports`; and their outputs.
     fn device(max_ports: u32) -> (Console, SharedBuffer, SharedBuffer) {

@@ -201,8 +201,13 @@ pub trait VirtioDevice: Send {
         self.restore_device_state(state, active.is_some())?;
         let avail = self.avail_features();
         *self.driver_mut() = DriverState { acked_features: acked_features & avail, active };
+        self.restored();
         Ok(())
     }
+
+    /// Called once a restore has loaded everything, the driver's state included: for what a device must do about
+    /// the world having moved on since the save (nothing by default).
+    fn restored(&mut self) {}
 
     /// The device's part of [`restore_state`](Self::restore_state): checks its own `state` (of its type, and
     /// against its configuration) and loads it; `running` says whether queues come with it. On `Err` nothing
