@@ -77,6 +77,13 @@ pub(crate) mod test_utils {
     #[derive(Clone, Default)]
     pub struct SharedBuffer(pub Arc<std::sync::Mutex<Vec<u8>>>);
 
+    impl SharedBuffer {
+        /// What was written since the last take.
+        pub fn take(&self) -> Vec<u8> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
     impl std::io::Write for SharedBuffer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(buf);

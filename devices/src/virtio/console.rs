@@ -901,7 +901,7 @@ mod tests {
     use crate::virtio::testing::{guest_memory, CountingLine, Desc, TestQueue};
     use crate::virtio::VirtioInterrupt;
 
-    use crate::virtio::testing::SharedBuffer;
+    use crate::test_utils::SharedBuffer;
 
     /// Fails its first `failures` writes (and flushes), then behaves like a `SharedBuffer`.
     struct FlakyWriter {
@@ -1322,7 +1322,7 @@ mod multiport_tests {
 
     const AGENT: &str = "org.qemu.guest_agent.0";
 
-    use crate::virtio::testing::SharedBuffer;
+    use crate::test_utils::SharedBuffer;
 
     /// A console at 0 and the agent's port at 1 (host side not connected yet), of `max_ports`; and their outputs.
     fn device(max_ports: u32) -> (Console, SharedBuffer, SharedBuffer) {
